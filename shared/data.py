@@ -1,0 +1,301 @@
+"""The data owner's training / evaluation files: reading, validation, packing and loss masking.
+
+Accepted files:
+- ``.txt``: the whole file is one text (kind ``text``).
+- ``.jsonl`` / ``.json``: one JSON object per line (a ``.json`` file holding a single JSON array of
+  objects is accepted too). The first record fixes the kind for the whole file:
+  ``{"text": ...}`` -> ``text``; ``{"prompt": ..., "completion": ...}`` -> ``prompt_completion``;
+  ``{"question": ..., "choices": [...], "answer": <index or exact choice>}`` -> ``multiple_choice``.
+  Extra keys are ignored.
+
+Every problem raises :class:`DataError` naming the file, the 1-based line and what to fix, because
+the data owner runs this on their own machine and must be able to repair the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+IGNORE_INDEX = -100  # label value ignored by the loss (torch / HF convention)
+
+Kind = Literal["text", "prompt_completion", "multiple_choice"]
+
+_EXPECTED = 'expected a JSON object with "text", or "prompt"+"completion", or "question"+"choices"+"answer"'
+_KIND_KEYS: dict[str, str] = {
+    "text": '"text"',
+    "prompt_completion": '"prompt"+"completion"',
+    "multiple_choice": '"question"+"choices"+"answer"',
+}
+
+
+class DataError(ValueError):
+    """A data file the user must fix. ``str(err)`` is the full message (file, line, what to do)."""
+
+    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None):
+        self.path = None if path is None else Path(path)
+        self.line = line
+        where = "" if path is None else (f"{path} line {line}: " if line is not None else f"{path}: ")
+        super().__init__(where + message)
+
+
+@dataclass
+class MultipleChoice:
+    question: str
+    choices: list[str]
+    answer: int  # index into choices
+
+
+@dataclass
+class Dataset:
+    path: Path
+    kind: Kind
+    records: list  # str | tuple[str, str] | MultipleChoice, by kind
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+@dataclass
+class Example:
+    input_ids: torch.LongTensor  # [T]
+    labels: torch.LongTensor  # [T], IGNORE_INDEX where no loss
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Read and validate a ``.txt`` / ``.jsonl`` / ``.json`` file; raise DataError on any problem."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".json"):
+        raise DataError(f"unsupported file type {path.suffix!r}; use .txt (plain text) or .jsonl (one JSON "
+                        "object per line)", path)
+    text = _read_utf8(path)
+    if suffix == ".txt":
+        if not text.strip():
+            raise DataError("the file is empty; put the training text in it", path)
+        return Dataset(path, "text", [text])
+
+    items = _json_items(path, text)
+    if not items:
+        raise DataError("the file has no records; write one JSON object per line", path)
+    kind: Kind | None = None
+    records: list = []
+    for line, obj in items:
+        if not isinstance(obj, dict):
+            raise DataError(f"{_EXPECTED}; got {type(obj).__name__} {_short(obj)}", path, line)
+        k = _detect_kind(obj)
+        if k is None:
+            raise DataError(f"{_EXPECTED}; got keys {sorted(obj)}", path, line)
+        if kind is None:
+            kind = k
+        elif k != kind:
+            raise DataError(f"every record must have the same form as the first ({_KIND_KEYS[kind]}); "
+                            f"this one has {_KIND_KEYS[k]} (keys {sorted(obj)})", path, line)
+        records.append(_parse_record(kind, obj, path, line))
+    assert kind is not None
+    return Dataset(path, kind, records)
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError("file not found; check the path", path) from None
+    except IsADirectoryError:
+        raise DataError("is a directory; give the path of a .txt or .jsonl file", path) from None
+    except OSError as e:
+        raise DataError(f"cannot read the file ({e.strerror})", path) from None
+    try:
+        return raw.decode("utf-8-sig")  # tolerate a BOM written by some Windows editors
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8", path, line) from None
+
+
+def _json_items(path: Path, text: str) -> list[tuple[int, Any]]:
+    """(line number, parsed value) per non-blank line. Split on '\\n' only: JSON strings may hold U+2028."""
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            arr = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON ({e.msg}); fix the syntax or write one JSON object per line",
+                            path, e.lineno) from None
+        # A JSON array has no per-record lines; report the record number instead (1-based).
+        return list(enumerate(arr, start=1))
+    items = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON ({e.msg} at column {e.colno}); each line must be one complete "
+                            "JSON object", path, n) from None
+    return items
+
+
+def _detect_kind(obj: dict) -> Kind | None:
+    if {"question", "choices", "answer"} <= obj.keys():
+        return "multiple_choice"
+    if {"prompt", "completion"} <= obj.keys():
+        return "prompt_completion"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def _parse_record(kind: Kind, obj: dict, path: Path, line: int) -> str | tuple[str, str] | MultipleChoice:
+    def string(key: str) -> str:
+        v = obj[key]
+        if not isinstance(v, str):
+            raise DataError(f'"{key}" must be a string; got {type(v).__name__} {_short(v)}', path, line)
+        if not v.strip():
+            raise DataError(f'"{key}" is empty; give it some text or remove the line', path, line)
+        return v
+
+    if kind == "text":
+        return string("text")
+    if kind == "prompt_completion":
+        return (string("prompt"), string("completion"))
+
+    question, choices, answer = string("question"), obj["choices"], obj["answer"]
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise DataError(f'"choices" must be a list of strings; got {_short(choices)}', path, line)
+    if len(choices) < 2:
+        raise DataError(f'"choices" needs at least 2 options; got {len(choices)}', path, line)
+    if any(not c.strip() for c in choices):
+        raise DataError('"choices" contains an empty string; every option needs text', path, line)
+    if len(set(choices)) != len(choices):
+        raise DataError(f'"choices" has duplicates {_short(choices)}; options must be distinct', path, line)
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+        raise DataError(f'"answer" must be a choice index (0-based int) or the exact text of a choice; '
+                        f"got {type(answer).__name__} {_short(answer)}", path, line)
+    if isinstance(answer, int):
+        if not 0 <= answer < len(choices):
+            raise DataError(f'"answer" index {answer} is out of range; use 0..{len(choices) - 1} '
+                            f"(0-based) for {len(choices)} choices", path, line)
+        idx = answer
+    else:
+        if answer not in choices:
+            raise DataError(f'"answer" {answer!r} is not one of the choices {choices}; it must match a '
+                            "choice exactly or be its 0-based index", path, line)
+        idx = choices.index(answer)
+    return MultipleChoice(question, list(choices), idx)
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    s = json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def format_mc_prompt(q: MultipleChoice) -> str:
+    """The context a multiple-choice question is scored / trained on (lm-evaluation-harness style)."""
+    return f"Question: {q.question}\nAnswer:"
+
+
+def format_mc_choice(choice: str) -> str:
+    """A choice as the continuation of :func:`format_mc_prompt` (leading space, as lm-eval does)."""
+    return " " + choice
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: we cut blocks ourselves, so the "longer than the model max length" warning is noise.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _eos_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; it is needed to separate texts and end completions")
+    return int(eos)
+
+
+def pack_text_blocks(tokenizer, texts: Sequence[str], seq_len: int) -> torch.LongTensor:
+    """Tokenise texts (no special tokens), join them with EOS, cut into full ``seq_len`` blocks.
+
+    The tail remainder is dropped; if there is less than one block, the one shorter block is returned
+    so small data still trains. Returns LongTensor [n_blocks, seq_len] (or [1, n] when short).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a next-token loss needs two tokens); got {seq_len}")
+    eos = _eos_id(tokenizer)
+    ids: list[int] = []
+    for i, t in enumerate(texts):
+        if i:
+            ids.append(eos)
+        ids.extend(_encode(tokenizer, t))
+    if not any(x != eos for x in ids):
+        raise DataError("the text has no tokens; give it some text")
+    n = len(ids) // seq_len
+    if n == 0:
+        return torch.tensor([ids], dtype=torch.long)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def encode_pair(tokenizer, prompt: str, completion: str, seq_len: int, add_eos: bool = True) -> Example:
+    """prompt + completion (+EOS) with labels only on the completion; fits ``seq_len``.
+
+    Prompt and completion are tokenised separately so the prompt/completion boundary is exact (and
+    identical in training and scoring). Too long: the prompt is cut from the left; if the completion
+    alone does not fit, it is cut on the right, keeping one prompt token so its first token is scored.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2; got {seq_len}")
+    p = _encode(tokenizer, prompt)
+    c = _encode(tokenizer, completion) + ([_eos_id(tokenizer)] if add_eos else [])
+    if len(p) + len(c) > seq_len:
+        keep_c = min(len(c), seq_len - 1 if p else seq_len)
+        c = c[:keep_c]
+        p = p[len(p) - (seq_len - keep_c):] if seq_len > keep_c else []
+    ids = torch.tensor(p + c, dtype=torch.long)
+    labels = ids.clone()
+    labels[: len(p)] = IGNORE_INDEX
+    return Example(ids, labels)
+
+
+def training_examples(dataset: Dataset, tokenizer, seq_len: int) -> list[Example]:
+    """Turn a dataset into fixed-length (text) or per-record (prompt/completion, MC) examples."""
+    if dataset.kind == "text":
+        blocks = pack_text_blocks(tokenizer, dataset.records, seq_len)
+        return [Example(b.clone(), b.clone()) for b in blocks]
+    if dataset.kind == "prompt_completion":
+        return [encode_pair(tokenizer, p, c, seq_len) for p, c in dataset.records]
+    if dataset.kind == "multiple_choice":
+        return [encode_pair(tokenizer, format_mc_prompt(q), format_mc_choice(q.choices[q.answer]), seq_len)
+                for q in dataset.records]
+    raise ValueError(f"unknown dataset kind {dataset.kind!r}")
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; labels are IGNORE_INDEX on padding."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    T = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = e.input_ids
+        attention_mask[i, :n] = 1
+        labels[i, :n] = e.labels
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_id_for(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else EOS (padding is masked anyway)."""
+    pid = tokenizer.pad_token_id
+    return int(pid) if pid is not None else _eos_id(tokenizer)
