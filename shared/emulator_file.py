@@ -32,6 +32,11 @@ from shared.architectures import family_for
 from shared.emulator_model import apply_plan
 from shared.layer_plan import LayerPlan
 
+try:  # transformers 5.x; harmless to lack (loading is then just slower)
+    from transformers.initialization import no_init_weights as _no_init_weights
+except ImportError:  # pragma: no cover
+    from contextlib import nullcontext as _no_init_weights
+
 FORMAT = "emulator/v1"
 _TOKENIZER_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -151,7 +156,9 @@ def build_skeleton(meta: dict[str, str]) -> tuple[nn.Module, LayerPlan]:
     family_for(config)  # clear error for an unsupported family before building anything
     plan = LayerPlan.from_dict(json.loads(meta["plan"]))
     dtype = getattr(torch, meta["dtype"])
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _no_init_weights():  # every value is overwritten from the file: skip the random init (seconds at 135M)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied embeddings must share storage before loading (the file stores them once)
     return apply_plan(model, plan, compress=False), plan
 
 
