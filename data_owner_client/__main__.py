@@ -1,0 +1,3 @@
+from data_owner_client.cli import main
+
+main()

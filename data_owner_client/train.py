@@ -1,0 +1,503 @@
+"""The tune recipe: fine-tune only the adapter layers of a verified emulator, then export them.
+
+Only `plan.adapter_layers` ever receive gradients; everything else is frozen and never leaves the
+machine. `full` trains those layers' weights directly; `lora` puts PEFT LoRA on their linear modules
+and merges it before export, so the server always receives plain adapter-layer tensors of exactly
+the issued names, shapes and dtypes (`shared.adapter.extract_adapter`).
+
+Checkpoints hold no pickle: tensors (trainable weights, optimizer moments, RNG state) in safetensors,
+everything else in JSON, so an interrupted run continues bit-for-bit with `--resume`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+from transformers import get_scheduler
+from transformers.pytorch_utils import Conv1D
+
+from shared.adapter import (
+    TensorSpec,
+    adapter_spec,
+    extract_adapter,
+    load_and_validate_adapter_file,
+    validate_adapter,
+)
+from shared.architectures import decoder_layers, layer_prefix
+from shared.data import Dataset, Example, collate, pad_id_for, training_examples
+from shared.evaluation import evaluate, lm_loss
+from shared.layer_plan import LayerPlan
+
+from .errors import BadInputError, ServerError
+
+Method = Literal["full", "lora"]
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+CHECKPOINT_DIR = "checkpoint"
+ADAPTER_FORMAT = "scaleot-adapter/v1"
+
+
+# ---------------------------------------------------------------- device
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA; None = plain fp32 (CPU autocast is slow and lossy)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_device(requested: str = "auto", *, cuda_available: bool | None = None,
+                   bf16_supported: bool | None = None) -> DeviceChoice:
+    """`auto` -> cuda when available else cpu; `cuda[:N]` must exist. bf16 autocast only on CUDA.
+
+    The availability probes are parameters so the switch is testable on machines without a GPU.
+    """
+    requested = (requested or "auto").strip().lower()
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if requested == "auto":
+        requested = "cuda" if cuda_available else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise BadInputError(f"--device {requested!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cpu":
+        return DeviceChoice(device, None)
+    if device.type != "cuda":
+        raise BadInputError(f"--device {requested!r} is not supported; use auto, cpu or cuda[:N]")
+    if not cuda_available:
+        raise BadInputError("--device cuda was requested but CUDA is not available on this machine; "
+                            "use --device cpu (or auto)")
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return DeviceChoice(device, torch.bfloat16 if bf16_supported else None)
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    method: Method = "full"
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    lr: float | None = None  # None: 1e-4 for full, 1e-3 for lora
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    seed: int = 0
+    scheduler: str = "cosine"  # any transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    save_every: int = 50  # checkpoint every N optimizer steps (and on Ctrl-C)
+
+    def __post_init__(self) -> None:
+        checks = [(self.method in ("full", "lora"), f"--method must be full or lora, not {self.method!r}"),
+                  (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.grad_accum >= 1, "--grad-accum must be >= 1"),
+                  (self.seq_len >= 2, "--seq-len must be >= 2"), (self.epochs > 0, "--epochs must be > 0"),
+                  (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
+                  (self.lr is None or self.lr > 0, "--lr must be > 0"),
+                  (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+                  (self.lora_r >= 1, "--lora-r must be >= 1"), (self.save_every >= 1, "--save-every must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise BadInputError(message)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 1e-4)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr"] = self.learning_rate
+        if self.method != "lora":
+            for k in ("lora_r", "lora_alpha", "lora_dropout"):
+                d.pop(k)
+        return d
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ---------------------------------------------------------------- what trains
+
+
+def freeze_except_adapter(model: nn.Module, layers: list[int]) -> list[str]:
+    """requires_grad only on the adapter layers' parameters; returns their names."""
+    model.requires_grad_(False)
+    blocks = decoder_layers(model)
+    names = []
+    for i in layers:
+        blocks[i].requires_grad_(True)
+        names += [layer_prefix(model, i) + n for n, _ in blocks[i].named_parameters()]
+    return names
+
+
+def lora_targets(model: nn.Module, layers: list[int]) -> list[str]:
+    """Full module names of every linear (nn.Linear, GPT-2 Conv1D) inside the adapter layers.
+
+    Full names, not suffixes like "q_proj": the same projections exist in frozen layers, which must
+    get no LoRA (their updates could never be exported).
+    """
+    blocks = decoder_layers(model)
+    names = []
+    for i in layers:
+        prefix = layer_prefix(model, i)
+        names += [prefix + n for n, m in blocks[i].named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if not names:
+        raise BadInputError(f"adapter layers {layers} contain no linear modules for LoRA; use --method full")
+    return names
+
+
+def add_lora(model: nn.Module, layers: list[int], cfg: TrainConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_targets(model, layers)
+    conv1d = any(isinstance(model.get_submodule(t), Conv1D) for t in targets)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=targets, fan_in_fan_out=conv1d)  # Conv1D stores weights transposed
+    model.requires_grad_(False)
+    return get_peft_model(model, lora)  # only lora_A / lora_B train
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA into the base weights and drop the PEFT wrapper (no-op for a plain model)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _batches(examples: list[Example], cfg: TrainConfig, pad_id: int, start_micro: int
+             ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro-batches, reshuffled per epoch from (seed, epoch) so any position can be resumed."""
+    n = len(examples)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    micro = start_micro
+    while True:
+        epoch, pos = divmod(micro, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+        idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
+        yield collate([examples[i] for i in idx], pad_id)
+        micro += 1
+
+
+def total_steps(n_examples: int, cfg: TrainConfig) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _atomic_dir_replace(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    losses: list[float], fingerprint: dict[str, Any]) -> None:
+    """Trainable weights + optimizer moments + RNG (safetensors) and step/losses/settings (JSON)."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+              tmp / "trainable.safetensors")
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    scalars: dict[str, Any] = {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {"step": step, "losses": losses, "fingerprint": fingerprint, "param_groups": sd["param_groups"],
+         "optimizer_scalars": scalars}, indent=2))
+    _atomic_dir_replace(tmp, ckpt)
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    fingerprint: dict[str, Any]) -> tuple[int, list[float]]:
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        weights = load_file(ckpt / "trainable.safetensors")
+        opt = load_file(ckpt / "optimizer.safetensors")
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{ckpt}: unreadable checkpoint ({exc}); delete it to start over") from None
+    differ = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
+    if differ:
+        changes = ", ".join(f"{k}: {a!r} now {b!r}" for k, (a, b) in differ.items())
+        raise BadInputError(f"{ckpt} was written by a different run ({changes}); rerun with the same settings, "
+                            "or without --resume (delete the checkpoint) to start over")
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != trainable:
+        raise BadInputError(f"{ckpt}: checkpoint tensors do not match the trainable parameters; "
+                            "delete it to start over")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, t in opt.items():
+        if key.startswith("state."):
+            _, idx, k = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[k] = t
+    for key, v in state["optimizer_scalars"].items():
+        idx, k = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[k] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    torch.set_rng_state(opt["rng.cpu"])
+    cuda_states = [opt[k] for k in sorted(k for k in opt if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return int(state["step"]), [float(x) for x in state["losses"]]
+
+
+# ---------------------------------------------------------------- training loop
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # one mean loss per optimizer step (including resumed ones)
+    seconds: float
+    resumed_from: int = 0
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+StepCallback = Callable[[int, float], None]
+
+
+def train(model: nn.Module, examples: list[Example], cfg: TrainConfig, choice: DeviceChoice, *, pad_id: int,
+          checkpoint_dir: Path | None = None, resume: bool = False, fingerprint: dict[str, Any] | None = None,
+          progress: bool = True, on_step: StepCallback | None = None) -> TrainResult:
+    """Train the parameters that require grad (prepared by the caller); checkpoint; resume.
+
+    Ctrl-C (KeyboardInterrupt) saves a checkpoint at the last finished step before re-raising.
+    """
+    if not examples:
+        raise BadInputError("no training examples: the data file produced no tokens")
+    fingerprint = {**(fingerprint or {}), **cfg.hyperparameters()}
+    fingerprint.pop("save_every", None)  # saving more or less often does not change the run
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    n_steps = total_steps(len(examples), cfg)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * n_steps),
+                              num_training_steps=n_steps)
+    step, losses = 0, []
+    if resume and checkpoint_dir is not None and (checkpoint_dir / "trainer_state.json").exists():
+        step, losses = load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended fast-forward
+            warnings.simplefilter("ignore")
+            for _ in range(step):
+                scheduler.step()
+    elif resume:
+        raise BadInputError(f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start")
+    resumed_from = step
+    batches = _batches(examples, cfg, pad_id, step * cfg.grad_accum)
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_steps, initial=step, desc=f"train ({cfg.method})", disable=not progress, leave=False)
+    try:
+        while step < n_steps:
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(choice.device) for k, v in next(batches).items()}
+                with choice.autocast():
+                    loss = lm_loss(model, batch)
+                (loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+            if not math.isfinite(step_loss):
+                raise BadInputError(f"training diverged at step {step + 1} (loss {step_loss}); lower --lr")
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if checkpoint_dir is not None and (step % cfg.save_every == 0 or step == n_steps):
+                save_checkpoint(checkpoint_dir, model, optimizer, step, losses, fingerprint)
+            if on_step is not None:
+                on_step(step, step_loss)
+    except KeyboardInterrupt:
+        if checkpoint_dir is not None and step > resumed_from:
+            save_checkpoint(checkpoint_dir, model, optimizer, step, losses, fingerprint)
+        raise
+    finally:
+        bar.close()
+        model.eval()
+    return TrainResult(step, losses, time.perf_counter() - t0, resumed_from)
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+@dataclass
+class TuneResult:
+    out_dir: Path
+    adapter_file: Path
+    config_file: Path
+    adapter_config: dict[str, Any]
+    metrics: dict[str, dict[str, float]]  # emulator_zero_shot / emulator_fine_tuned (when eval data)
+    train: TrainResult
+    n_adapter_params: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def _eval(model: nn.Module, tokenizer: Any, dataset: Dataset, cfg: TrainConfig, choice: DeviceChoice,
+          max_examples: int | None, progress: bool, desc: str) -> dict[str, float]:
+    bar = tqdm(desc=desc, disable=not progress, leave=False)
+
+    def tick(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        with choice.autocast():
+            return evaluate(model, tokenizer, dataset, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                            device=choice.device, max_examples=max_examples, progress=tick)
+    finally:
+        bar.close()
+
+
+def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Dataset, cfg: TrainConfig,
+                  choice: DeviceChoice, out_dir: Path, *, eval_data: Dataset | None = None,
+                  eval_max_examples: int | None = None, resume: bool = False,
+                  identity: dict[str, Any] | None = None, expected_spec: dict[str, TensorSpec] | None = None,
+                  progress: bool = True, on_step: StepCallback | None = None,
+                  log: Callable[[str], None] = lambda m: None) -> TuneResult:
+    """Evaluate zero-shot, train the adapter layers, evaluate again, export + validate the adapter.
+
+    `identity` (emulator id/sha256, model id) goes into adapter_config.json and the resume fingerprint.
+    """
+    identity = identity or {}
+    layers = plan.adapter_layers
+    if not layers:
+        raise BadInputError("the emulator has no adapter layers to train")
+    spec = adapter_spec(model, layers)  # from the verified file: the shapes/dtypes we must return
+    if expected_spec is not None and expected_spec != spec:
+        raise ServerError("the server's adapter_spec disagrees with the verified emulator file; ask the model owner")
+    set_seed(cfg.seed)
+    examples = training_examples(data, tokenizer, cfg.seq_len)
+    if not examples:
+        raise BadInputError(f"{data.path}: produced no training examples")
+    model.to(choice.device)
+    # Low-precision storage (bf16/fp16 emulators) would make AdamW updates vanish: train in fp32,
+    # cast back to the issued dtypes before evaluating and exporting.
+    storage_dtype = next(model.parameters()).dtype
+    if storage_dtype != torch.float32:
+        model.float()
+    metrics: dict[str, dict[str, float]] = {}
+    if eval_data is not None:
+        metrics["emulator_zero_shot"] = _eval(model, tokenizer, eval_data, cfg, choice, eval_max_examples,
+                                              progress, "eval zero-shot")
+        log(f"emulator zero-shot: {_fmt_metrics(metrics['emulator_zero_shot'])}")
+
+    if cfg.method == "lora":
+        model = add_lora(model, layers, cfg)
+    else:
+        freeze_except_adapter(model, layers)
+    fingerprint = {"emulator_sha256": identity.get("emulator_sha256"), "data_sha256": _file_sha256(data.path),
+                   "n_examples": len(examples)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and (out_dir / CHECKPOINT_DIR / "trainer_state.json").exists():
+        log(f"note: starting over; the checkpoint in {out_dir / CHECKPOINT_DIR} will be replaced "
+            "(pass --resume to continue it)")
+    result = train(model, examples, cfg, choice, pad_id=pad_id_for(tokenizer), checkpoint_dir=out_dir / CHECKPOINT_DIR,
+                   resume=resume, fingerprint=fingerprint, progress=progress, on_step=on_step)
+    model = merge_lora(model)
+    model.requires_grad_(False)
+    if storage_dtype != torch.float32:
+        model.to(storage_dtype)
+    log(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
+    if eval_data is not None:
+        metrics["emulator_fine_tuned"] = _eval(model, tokenizer, eval_data, cfg, choice, eval_max_examples,
+                                               progress, "eval fine-tuned")
+        log(f"emulator fine-tuned: {_fmt_metrics(metrics['emulator_fine_tuned'])}")
+
+    tensors = extract_adapter(model, layers)
+    validate_adapter(tensors, spec)
+    adapter_file = out_dir / ADAPTER_FILE
+    save_file(tensors, adapter_file, metadata={"format": "pt"})
+    load_and_validate_adapter_file(adapter_file, spec)  # exactly what the server will check
+    config = {
+        "format": ADAPTER_FORMAT,
+        **{k: identity.get(k) for k in ("emulator_id", "model_id", "emulator_sha256", "server")},
+        "adapter_layers": layers,
+        "method": cfg.method,
+        "merged": cfg.method == "lora",  # LoRA is folded in: the file holds plain layer weights
+        "lora_target_modules": lora_targets(model, layers) if cfg.method == "lora" else None,
+        "hyperparameters": cfg.hyperparameters(),
+        "device": str(choice.device),
+        "autocast": str(choice.autocast_dtype).removeprefix("torch.") if choice.autocast_dtype else None,
+        "training": {"steps": result.steps, "examples": len(examples), "first_loss": result.first_loss,
+                     "final_loss": result.final_loss, "seconds": round(result.seconds, 3),
+                     "resumed_from": result.resumed_from, "data_kind": data.kind},
+        "metrics": metrics,
+        "tensors": {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in spec.items()},
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    config_file = out_dir / CONFIG_FILE
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return TuneResult(out_dir, adapter_file, config_file, config, metrics, result,
+                      sum(t.numel() for t in tensors.values()), tensors)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fmt_metrics(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))

@@ -1,0 +1,152 @@
+"""The whole offsite-tuning round trip across two real processes on loopback.
+
+Model owner: `modelowner-server create-org / register-model / grant`, then `serve`, importance and
+emulator through the REST API (tiny model from shared/tiny.py). Data owner: the `dataowner-client tune`
+console script as a subprocess, pinning the server key by its fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from data_owner_client.cli import app
+from shared.tiny import save_tiny_model_dir
+
+from .conftest import TRAIN_TEXT
+
+pytest.importorskip("model_owner_server.main", reason="the model-owner server is not in this tree yet")
+
+BIN = Path(sys.executable).parent
+
+
+def _script(name: str) -> list[str]:
+    exe = BIN / name
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"console script {name} not installed (pip install -e . --no-deps)")
+    return [found]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def _wait_job(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            assert job["status"] == "succeeded", job
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+@pytest.fixture
+def real_server(tmp_path: Path):
+    """A migrated server with an admin org, a granted data-owner org and a registered tiny model."""
+    server = _script("modelowner-server")
+    env = {**os.environ, "SCALEOT_DATA_DIR": str(tmp_path / "server-data"), "SCALEOT_DEVICE": "cpu",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SCALEOT_EVAL_MAX_EXAMPLES": "8",
+           "SCALEOT_EVAL_SEQ_LEN": "64"}
+    for k in ("SCALEOT_API_KEY", "SCALEOT_SERVER_PUBKEY", "SCALEOT_DATABASE_URL", "SCALEOT_QUEUE_URL"):
+        env.pop(k, None)
+    model_dir = save_tiny_model_dir(tmp_path / "tiny-llama", "llama", n_layers=4, hidden=32)
+    admin_key = _run([*server, "create-org", "model-owner", "--role", "admin"], env, tmp_path).stdout.strip()
+    owner_key = _run([*server, "create-org", "acme", "--role", "data-owner"], env, tmp_path).stdout.strip()
+    model = json.loads(_run([*server, "register-model", "tiny", "--path", str(model_dir)], env, tmp_path).stdout)
+    _run([*server, "grant", "acme", "tiny"], env, tmp_path)
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([*server, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start:\n{(tmp_path / 'server.log').read_text()}")
+            time.sleep(0.2)
+        yield {"base": base, "admin_key": admin_key, "owner_key": owner_key, "model_id": model["id"],
+               "log": tmp_path / "server.log"}
+    finally:
+        proc.terminate()  # only the process this fixture started
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
+    base = real_server["base"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TRAIN_TEXT * 2)
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {real_server['admin_key']}"},
+                      timeout=60) as admin:
+        r = admin.post(f"/v1/models/{real_server['model_id']}/importance", json={"steps": 2, "corpus": str(corpus)})
+        assert r.status_code == 202, r.text
+        _wait_job(admin, r.json()["id"])
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {real_server['owner_key']}"},
+                      timeout=60) as owner:
+        r = owner.post("/v1/emulators", json={"model_id": real_server["model_id"], "n_adapter": 2,
+                                              "alpha": 0.5, "beta": 0.5})
+        assert r.status_code in (200, 202), r.text
+        created = r.json()
+        if created.get("job"):
+            _wait_job(owner, created["job"]["id"])
+        emulator_id = created["emulator"]["id"]
+        # The model owner tells the data owner its key fingerprint out of band; here we read it.
+        kid = owner.get("/v1/signing-keys").json()["keys"][0]["key_id"]
+
+    train = tmp_path / "train.txt"
+    train.write_text(TRAIN_TEXT)
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text("".join(json.dumps({"prompt": f"The cat sat on the mat number {i}.",
+                                         "completion": " The dog ran to the park."}) + "\n" for i in range(4)))
+    env = {**os.environ, "SCALEOT_API_KEY": real_server["owner_key"], "SCALEOT_SERVER_PUBKEY": kid,
+           "SCALEOT_CLIENT_CACHE": str(tmp_path / "client-cache"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "adapter"
+    r = subprocess.run([*_script("dataowner-client"), "tune", "--emulator-url", f"{base}/v1/emulators/{emulator_id}",
+                        "--data", str(train), "--eval-data", str(evalf), "--max-steps", "3", "--batch-size", "2",
+                        "--seq-len", "64", "--lr", "5e-3", "--device", "cpu", "--out", str(out), "--json"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n--- server log ---\n{real_server['log'].read_text()[-4000:]}"
+    doc = json.loads(r.stdout)
+    assert doc["adapter"]["status"] == "evaluated" and doc["job"]["status"] == "succeeded"
+    metrics = doc["metrics"]
+    for stage in ("emulator_zero_shot", "emulator_fine_tuned", "zero_shot", "plug_in"):
+        assert metrics[stage] and metrics[stage]["completion_loss"] > 0, (stage, metrics)
+    assert doc["adapter"]["client_metrics"]["emulator_fine_tuned"] == pytest.approx(metrics["emulator_fine_tuned"])
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    # The human-readable status of the same adapter (in-process: a second interpreter start costs seconds).
+    s = CliRunner().invoke(app, ["status", f"{base}/v1/adapters/{doc['adapter']['id']}"],
+                           env={"SCALEOT_API_KEY": real_server["owner_key"]})
+    assert s.exit_code == 0 and "plug-in" in s.stdout and "evaluated" in s.stdout, s.output

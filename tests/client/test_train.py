@@ -1,0 +1,167 @@
+"""Local training: only adapter layers learn, both methods export valid adapters, runs resume exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_owner_client.errors import BadInputError
+from data_owner_client.train import (
+    DeviceChoice,
+    TrainConfig,
+    add_lora,
+    freeze_except_adapter,
+    lora_targets,
+    resolve_device,
+    train,
+    tune_emulator,
+)
+from shared.adapter import adapter_spec, load_and_validate_adapter_file
+from shared.data import load_dataset, pad_id_for, training_examples
+from shared.emulator_file import load_emulator
+
+from .conftest import TRAIN_TEXT
+from .fake_server import build_tiny_emulator
+
+CPU = DeviceChoice(torch.device("cpu"), None)
+
+
+# ---------------------------------------------------------------- device switch
+
+
+def test_device_auto_picks_cpu_without_cuda_and_no_autocast():
+    choice = resolve_device("auto", cuda_available=False)
+    assert choice.device.type == "cpu" and choice.autocast_dtype is None
+    with choice.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_device_auto_picks_cuda_with_bf16_autocast_when_available():
+    choice = resolve_device("auto", cuda_available=True, bf16_supported=True)
+    assert choice.device.type == "cuda" and choice.autocast_dtype == torch.bfloat16
+    assert resolve_device("cuda:1", cuda_available=True, bf16_supported=False).autocast_dtype is None
+    assert resolve_device("cpu", cuda_available=True).autocast_dtype is None  # never autocast on CPU
+
+
+def test_device_cuda_requested_without_cuda_is_bad_input():
+    with pytest.raises(BadInputError, match="CUDA is not available"):
+        resolve_device("cuda", cuda_available=False)
+    with pytest.raises(BadInputError):
+        resolve_device("tpu", cuda_available=False)
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.fixture
+def emulator(emulator_build):
+    return load_emulator(emulator_build[0])
+
+
+@pytest.fixture
+def text_dataset(tmp_path):
+    p = tmp_path / "train.txt"
+    p.write_text(TRAIN_TEXT)
+    return load_dataset(p)
+
+
+def test_training_loss_goes_down(emulator, text_dataset):
+    cfg = TrainConfig(method="full", max_steps=8, lr=1e-2, batch_size=4, seq_len=64, warmup_ratio=0.0,
+                      scheduler="constant")
+    examples = training_examples(text_dataset, emulator.tokenizer, cfg.seq_len)
+    freeze_except_adapter(emulator.model, emulator.plan.adapter_layers)
+    result = train(emulator.model, examples, cfg, CPU, pad_id=pad_id_for(emulator.tokenizer), progress=False)
+    assert result.steps == 8
+    # A random tiny model starts near uniform (ln 257 = 5.55) and only two layers train: a clear, not huge, drop.
+    assert sum(result.losses[-3:]) / 3 < result.losses[0] - 0.1, result.losses
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_methods_export_valid_adapter_and_train_only_adapter_layers(emulator, text_dataset, tmp_path, method):
+    model, plan = emulator.model, emulator.plan
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = adapter_spec(model, plan.adapter_layers)
+    cfg = TrainConfig(method=method, max_steps=3, lr=1e-2, batch_size=4, seq_len=64)
+    res = tune_emulator(model, emulator.tokenizer, plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False)
+    tensors = load_and_validate_adapter_file(res.adapter_file, spec)  # uploadable: names/shapes/dtypes issued
+    assert set(tensors) == set(spec) and not any("lora" in k for k in tensors)
+    after = res.tensors
+    changed = {k for k in spec if not torch.equal(before[k], after[k])}
+    assert any(k.endswith("q_proj.weight") for k in changed)
+    if method == "lora":  # LoRA touches only linear weights; norms stay as issued
+        assert all(k.endswith("proj.weight") for k in changed)
+    # nothing outside the adapter layers moved (the model object was trained in place)
+    final = model.state_dict() if method == "full" else None
+    if final is not None:
+        assert all(torch.equal(before[k], final[k]) for k in before if k not in spec)
+    assert res.adapter_config["method"] == method and res.adapter_config["adapter_layers"] == plan.adapter_layers
+
+
+def test_lora_targets_only_adapter_layer_linears(emulator):
+    targets = lora_targets(emulator.model, emulator.plan.adapter_layers)
+    assert targets and all(t.startswith(("model.layers.0.", "model.layers.3.")) for t in targets)
+    assert "model.layers.0.self_attn.q_proj" in targets and "model.layers.3.mlp.down_proj" in targets
+    peft_model = add_lora(emulator.model, emulator.plan.adapter_layers, TrainConfig(method="lora"))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and (".layers.0." in n or ".layers.3." in n) for n in trainable)
+
+
+def test_lora_on_gpt2_conv1d(tmp_path, text_dataset):
+    path = tmp_path / "gpt2.safetensors"
+    build_tiny_emulator(path, "emu_gpt2", "gpt2_model", family="gpt2")
+    emu = load_emulator(path)
+    spec = adapter_spec(emu.model, emu.plan.adapter_layers)
+    cfg = TrainConfig(method="lora", max_steps=2, lr=1e-2, batch_size=2, seq_len=32)
+    res = tune_emulator(emu.model, emu.tokenizer, emu.plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False)
+    load_and_validate_adapter_file(res.adapter_file, spec)
+
+
+def test_low_precision_emulator_exports_issued_dtype(emulator, text_dataset, tmp_path):
+    model = emulator.model.to(torch.bfloat16)
+    spec = adapter_spec(model, emulator.plan.adapter_layers)
+    cfg = TrainConfig(max_steps=2, lr=1e-2, batch_size=2, seq_len=32)
+    res = tune_emulator(model, emulator.tokenizer, emulator.plan, text_dataset, cfg, CPU, tmp_path / "o",
+                        progress=False)
+    assert {s.dtype for s in spec.values()} == {"BF16"}
+    load_and_validate_adapter_file(res.adapter_file, spec)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _run(emulator_build, text_dataset, out, *, resume=False, stop_at=None, **overrides):
+    emu = load_emulator(emulator_build[0])
+    cfg = TrainConfig(**{"method": "full", "max_steps": 4, "lr": 5e-3, "batch_size": 2, "grad_accum": 2,
+                         "seq_len": 32, "save_every": 100, "lora_dropout": 0.1, **overrides})
+
+    def on_step(step, loss):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    res = tune_emulator(emu.model, emu.tokenizer, emu.plan, text_dataset, cfg, CPU, out, resume=resume,
+                        progress=False, on_step=on_step, identity={"emulator_sha256": "x"})
+    return res
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_interrupted_training_resumes_to_identical_weights(emulator_build, text_dataset, tmp_path, method):
+    straight = _run(emulator_build, text_dataset, tmp_path / "a", method=method)
+    with pytest.raises(KeyboardInterrupt):
+        _run(emulator_build, text_dataset, tmp_path / "b", method=method, stop_at=2)
+    ckpt = tmp_path / "b" / "checkpoint"
+    assert (ckpt / "trainer_state.json").exists() and not list(ckpt.glob("*.pt"))  # no pickle
+    resumed = _run(emulator_build, text_dataset, tmp_path / "b", method=method, resume=True)
+    assert resumed.train.resumed_from == 2 and resumed.train.steps == 4
+    assert resumed.train.losses == pytest.approx(straight.train.losses)
+    a, b = load_file(straight.adapter_file), load_file(resumed.adapter_file)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_different_settings_is_refused(emulator_build, text_dataset, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _run(emulator_build, text_dataset, tmp_path / "c", stop_at=1)
+    with pytest.raises(BadInputError, match="different run"):
+        _run(emulator_build, text_dataset, tmp_path / "c", resume=True, batch_size=3)
+    with pytest.raises(BadInputError, match="no checkpoint"):
+        _run(emulator_build, text_dataset, tmp_path / "d", resume=True)
