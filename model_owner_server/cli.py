@@ -138,5 +138,146 @@ def make_emulator_cmd(
     }, indent=2))
 
 
+# ---------------------------------------------------------------- service commands (server, DB)
+
+def _settings(**overrides: object):
+    from model_owner_server.core.config import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _db_session(settings):
+    """Apply migrations, then open a session (the commands work directly on the database)."""
+    from model_owner_server.core.db import make_engine, make_session_factory, run_migrations
+
+    run_migrations(settings.db_url)
+    return make_session_factory(make_engine(settings.db_url))()
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Optional[str] = typer.Option(None, "--host", help="default: SCALEOT_HOST or 127.0.0.1"),
+    port: Optional[int] = typer.Option(None, "--port", help="default: SCALEOT_PORT or 8000"),
+    worker: Optional[bool] = typer.Option(None, "--worker/--no-worker",
+                                          help="run the job worker inside the server "
+                                               "(default: SCALEOT_EMBEDDED_WORKER=true)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Apply database migrations, then serve the REST API (with an embedded job worker by default)."""
+    import logging
+
+    import uvicorn
+
+    from model_owner_server.core.db import run_migrations
+    from model_owner_server.main import create_app
+
+    settings = _settings(host=host, port=port, embedded_worker=worker)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    run_migrations(settings.db_url)
+    uvicorn.run(create_app(settings, migrate=False), host=settings.host, port=settings.port,
+                log_level=log_level.lower())
+
+
+@app.command("worker")
+def worker_cmd(threads: int = typer.Option(1, "--threads", help="jobs run at once in this process")) -> None:
+    """Run job workers outside the API process (same SCALEOT_DATABASE_URL / SCALEOT_QUEUE_URL / data dir)."""
+    import logging
+
+    from model_owner_server.core.db import make_engine, make_session_factory, run_migrations
+    from model_owner_server.jobs import JobQueue, fail_jobs_of_this_process, recover_interrupted_jobs
+    from model_owner_server.keyring import KeyRing
+    from model_owner_server.storage import Storage
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    settings = _settings()
+    if settings.queue_url == "immediate":
+        _fail("SCALEOT_QUEUE_URL=immediate runs jobs inside the server; a separate worker has nothing to do")
+    run_migrations(settings.db_url)
+    sessions = make_session_factory(make_engine(settings.db_url))
+    storage = Storage(settings.resolved_data_dir)
+    storage.ensure_layout()
+    # Sign only with the server's own key; a worker never invents one (the API signs lazily otherwise).
+    keyring = KeyRing(settings.signing_key_path) if settings.signing_key_path.exists() else None
+    queue = JobQueue(settings, sessions, storage, keyring)
+    recover_interrupted_jobs(sessions, settings, startup=True)
+    consumer = queue.huey.create_consumer(workers=threads, worker_type="thread", periodic=False)
+    try:
+        consumer.run()  # blocks; SIGINT/SIGTERM stop it
+    finally:
+        fail_jobs_of_this_process(sessions, "interrupted: the worker was stopped before the job finished; "
+                                  "submit the request again")
+
+
+@app.command("create-org")
+def create_org_cmd(
+    name: str = typer.Argument(..., help="organization name"),
+    role: str = typer.Option("data-owner", "--role", help="admin or data-owner"),
+) -> None:
+    """Create an organization and print its API key once (only a hash is stored)."""
+    from model_owner_server import crud
+
+    with _db_session(_settings()) as session:
+        try:
+            org, key = crud.create_org(session, name, role)
+            session.commit()
+        except (ValueError, crud.Conflict) as exc:
+            _fail(str(exc))
+        typer.secho(f"created {org.role} organization {org.name!r} ({org.id}); its API key (shown only once):",
+                    err=True)
+        typer.echo(key)
+
+
+@app.command("register-model")
+def register_model_cmd(
+    name: str = typer.Argument(..., help="name to register the model under"),
+    path: Path = typer.Option(..., "--path", help="local Hugging Face causal-LM folder (config.json + safetensors)"),
+) -> None:
+    """Register a local HF causal-LM folder as a base model."""
+    from model_owner_server import crud
+
+    with _db_session(_settings()) as session:
+        try:
+            model = crud.register_model(session, name, path)
+            session.commit()
+        except (ValueError, crud.Conflict) as exc:
+            _fail(str(exc))
+        typer.echo(json.dumps({"id": model.id, "name": model.name, "family": model.family,
+                               "n_layers": model.n_layers, "n_params": model.n_params}, indent=2))
+
+
+@app.command("grant")
+def grant_cmd(org: str = typer.Argument(..., help="organization name or id"),
+              model: str = typer.Argument(..., help="model name or id")) -> None:
+    """Let a data-owner organization request emulators of a model."""
+    from model_owner_server import crud
+
+    with _db_session(_settings()) as session:
+        try:
+            m, o = crud.find_model(session, model), crud.find_org(session, org)
+        except crud.NotFound as exc:
+            _fail(str(exc))
+        crud.grant(session, m, o)
+        crud.audit(session, None, "grant", "model", m.id, org_id=o.id, via="cli")
+        session.commit()
+        typer.echo(f"granted {o.name} ({o.id}) access to model {m.name} ({m.id})")
+
+
+@app.command("revoke-signing-key")
+def revoke_signing_key_cmd(key_id: str = typer.Argument(..., help="key id from GET /v1/signing-keys")) -> None:
+    """Mark a signing key revoked: clients stop trusting it; manifests it signed are re-signed on request.
+    Revoking the active key requires pointing SCALEOT_SIGNING_KEY at a new file before the next start."""
+    from model_owner_server.keyring import KeyRing
+
+    with _db_session(_settings()) as session:
+        try:
+            KeyRing.revoke(session, key_id)
+        except KeyError:
+            _fail(f"no signing key {key_id!r}")
+        session.commit()
+        typer.echo(f"revoked {key_id}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from model_owner_server import crud
+from model_owner_server.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
+from model_owner_server.api.errors import ApiError
+from model_owner_server.api.serialize import adapter_out, job_out
+from model_owner_server.api.upload import MULTIPART_OVERHEAD, PartSpec, ReceivedPart, check_content_length, \
+    discard, receive_parts
+from model_owner_server.jobs import QueueUnavailable
+from model_owner_server.models import Adapter, BaseModel, Emulator, Organization, new_id
+from shared import schemas
+
+router = APIRouter(tags=["adapters"])
+ERR = {s: {"model": schemas.ErrorBody} for s in (400, 401, 403, 404, 409, 413, 415, 422, 503)}
+EVAL_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _json_object(part: ReceivedPart | None) -> dict[str, Any] | None:
+    if part is None:
+        return None
+    try:
+        value = json.loads(bytes(part.data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(422, "validation_error", f"part {part.name!r} must be JSON text ({exc})") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "validation_error", f"part {part.name!r} must be a JSON object")
+    return value
+
+
+def _validate_files(parts: dict[str, ReceivedPart], emu: Emulator, has_default_eval: bool) -> None:
+    """Heavy checks, run in a worker thread before anything is stored."""
+    from shared.adapter import AdapterValidationError, load_and_validate_adapter_file, spec_from_json
+    from shared.data import DataError, load_dataset
+
+    try:
+        load_and_validate_adapter_file(parts["adapter"].path, spec_from_json(emu.adapter_spec), emu.max_adapter_bytes)
+    except AdapterValidationError as exc:
+        raise ApiError(422, "invalid_adapter", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is the uploader's problem, not a 500
+        raise ApiError(422, "invalid_adapter", f"the adapter is not a readable safetensors file ({exc})") from None
+    if "eval_data" in parts:
+        try:
+            load_dataset(parts["eval_data"].path)
+        except DataError as exc:
+            name = parts["eval_data"].filename or "eval_data"
+            raise ApiError(422, "invalid_eval_data", str(exc).replace(str(parts["eval_data"].path), name)) from None
+        except Exception as exc:  # noqa: BLE001
+            raise ApiError(422, "invalid_eval_data", f"the eval file could not be read ({exc})") from None
+    elif not has_default_eval:
+        raise ApiError(422, "no_eval_data", "this server has no default evaluation file; attach your eval file as "
+                       "the 'eval_data' part (.txt or .jsonl)")
+
+
+@router.post("/v1/emulators/{emulator_id}/adapters", status_code=202, response_model=schemas.AdapterCreated,
+             responses=ERR, openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+                 "schema": {"type": "object", "required": ["adapter"], "properties": {
+                     "adapter": {"type": "string", "format": "binary",
+                                 "description": "safetensors with exactly the emulator's adapter_spec tensors"},
+                     "eval_data": {"type": "string", "format": "binary", "description": ".txt or .jsonl eval file"},
+                     "metrics": {"type": "string", "description": "JSON object: the client's emulator-side metrics"},
+                     "adapter_config": {"type": "string", "description": "JSON object: training/PEFT settings; "
+                                        "its 'method' field (default 'full') is shown as the adapter's method"}}}}}}})
+async def upload_adapter(emulator_id: str, request: Request, session: SessionDep, org: OrgDep,
+                         settings: SettingsDep, storage: StorageDep) -> JSONResponse:
+    """Upload a fine-tuned adapter (multipart/form-data) and start its plug-in evaluation job.
+
+    Parts: `adapter` (required safetensors file), `eval_data` (optional .txt/.jsonl file; default: the
+    server's eval file), `metrics` and `adapter_config` (optional JSON text). The body is streamed under a
+    cap derived from the emulator's adapter layers; everything is validated before anything is stored.
+    """
+    emu = await run_in_threadpool(crud.get_visible_emulator, session, org, emulator_id)
+    if emu.status != "ready":
+        raise ApiError(409, "not_ready", f"emulator {emu.id} is not ready ({emu.status}); wait for its build job")
+    specs = {
+        "adapter": PartSpec(emu.max_adapter_bytes or 0, True),
+        "eval_data": PartSpec(settings.max_eval_bytes, True, EVAL_SUFFIXES),
+        "metrics": PartSpec(settings.max_json_part_bytes, False),
+        "adapter_config": PartSpec(settings.max_json_part_bytes, False),
+    }
+    total_cap = sum(s.cap for s in specs.values()) + MULTIPART_OVERHEAD
+    check_content_length(request, total_cap)
+    parts = await receive_parts(request, specs, total_cap, storage.temp_path)
+    try:
+        if "adapter" not in parts or parts["adapter"].path is None:
+            raise ApiError(422, "missing_part", "the 'adapter' file part (safetensors) is required")
+        metrics, config = _json_object(parts.get("metrics")), _json_object(parts.get("adapter_config"))
+        await run_in_threadpool(_validate_files, parts, emu, settings.default_eval is not None)
+        adapter, job = await run_in_threadpool(_store, session, storage, org, emu, parts, metrics, config)
+    finally:
+        discard(parts)  # temp files that were not moved into place
+    try:
+        await run_in_threadpool(request.app.state.queue.submit, request.app.state.sessions, job.id)
+    except QueueUnavailable:
+        raise ApiError(503, "unavailable", "adapter stored but the job queue is unreachable; its evaluation job "
+                       "failed, upload again later") from None
+    body = await run_in_threadpool(_created, session, adapter.id, job.id)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202)
+
+
+def _store(session, storage, org: Organization, emu: Emulator, parts: dict[str, ReceivedPart],
+           metrics: dict | None, config: dict | None) -> tuple[Adapter, Any]:
+    """Move the validated files into place and record adapter + job in one transaction."""
+    adapter_id = new_id("adp")
+    final_dir = storage.adapters / adapter_id
+    try:
+        storage.commit_file(parts["adapter"].path, final_dir / "adapter.safetensors")
+        eval_rel = None
+        if "eval_data" in parts:
+            suffix = parts["eval_data"].path.suffix
+            eval_rel = storage.rel(storage.commit_file(parts["eval_data"].path, final_dir / f"eval{suffix}"))
+        method = str((config or {}).get("method") or "full")[:50]
+        job = crud.create_job(session, "evaluation", org, {"adapter_id": adapter_id})
+        adapter = Adapter(id=adapter_id, emulator_id=emu.id, model_id=emu.model_id, org_id=org.id, status="evaluating",
+                          path=storage.rel(final_dir / "adapter.safetensors"), sha256=parts["adapter"].sha256,
+                          size_bytes=parts["adapter"].size, method=method, adapter_config=config,
+                          client_metrics=metrics, eval_path=eval_rel, job_id=job.id)
+        session.add(adapter)
+        crud.audit(session, org, "upload_adapter", "adapter", adapter_id, emulator_id=emu.id,
+                   sha256=adapter.sha256, size_bytes=adapter.size_bytes)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.remove(final_dir)
+        raise
+    return adapter, job
+
+
+def _created(session, adapter_id: str, job_id: str) -> schemas.AdapterCreated:
+    session.expire_all()
+    adapter = session.get(Adapter, adapter_id)
+    from model_owner_server.models import Job
+
+    return schemas.AdapterCreated(adapter=adapter_out(session, adapter), job=job_out(session.get(Job, job_id)))
+
+
+@router.get("/v1/adapters", response_model=schemas.AdapterList, responses=ERR)
+def list_adapters(session: SessionDep, org: OrgDep) -> schemas.AdapterList:
+    """Your organization's adapters, newest first."""
+    return schemas.AdapterList(adapters=[adapter_out(session, a)
+                                         for a in session.execute(crud.visible_adapters(org)).scalars()])
+
+
+@router.get("/v1/adapters/{adapter_id}", response_model=schemas.Adapter, responses=ERR)
+def get_adapter(adapter_id: str, session: SessionDep, org: OrgDep) -> schemas.Adapter:
+    """Status and evaluation side by side: zero-shot full model, plug-in M' and your reported emulator metrics."""
+    return adapter_out(session, crud.get_visible_adapter(session, org, adapter_id))
+
+
+@router.post("/v1/adapters/{adapter_id}/generate", response_model=schemas.GenerateResponse, responses=ERR)
+def generate(adapter_id: str, body: schemas.GenerateRequest, session: SessionDep, org: OrgDep,
+             settings: SettingsDep, storage: StorageDep) -> schemas.GenerateResponse:
+    """Greedy text from the plugged-in full model M' = [A', E]; only text leaves the server."""
+    import torch
+
+    from model_owner_server.model_cache import load_full_model, plugged_models
+    from model_owner_server.scaleot.plugin import plug_in
+    from shared.adapter import load_and_validate_adapter_file, spec_from_json
+
+    adapter = crud.get_visible_adapter(session, org, adapter_id)
+    if body.max_new_tokens > settings.max_new_tokens:
+        raise ApiError(422, "validation_error", f"max_new_tokens must be at most {settings.max_new_tokens} here")
+    emu = session.get(Emulator, adapter.emulator_id)
+    model_row = session.get(BaseModel, adapter.model_id)
+    device = settings.resolved_device()
+    model, tokenizer = load_full_model(model_row.path, device, settings.model_cache_size)
+
+    def build() -> Any:
+        spec = spec_from_json(emu.adapter_spec)
+        tensors = load_and_validate_adapter_file(storage.abs(adapter.path), spec)
+        return plug_in(model, tensors, list(emu.adapter_layers), spec)
+
+    plugged = plugged_models().get_or_load(adapter.id, build)
+    ids = tokenizer(body.prompt, return_tensors="pt").input_ids
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and ids.shape[1] + body.max_new_tokens > limit:
+        raise ApiError(422, "validation_error", f"prompt ({ids.shape[1]} tokens) + max_new_tokens exceeds the model's "
+                       f"context of {limit} tokens; shorten the prompt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = plugged.generate(input_ids=ids.to(next(plugged.parameters()).device),
+                               attention_mask=torch.ones_like(ids).to(next(plugged.parameters()).device),
+                               max_new_tokens=body.max_new_tokens, do_sample=False, pad_token_id=pad)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    crud.audit(session, org, "generate", "adapter", adapter.id, max_new_tokens=body.max_new_tokens)
+    session.commit()
+    return schemas.GenerateResponse(adapter_id=adapter.id, prompt=body.prompt, completion=text,
+                                    max_new_tokens=body.max_new_tokens)

@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from model_owner_server import crud
+from model_owner_server.api.deps import KeyRingDep, OrgDep, QueueDep, SessionDep, SettingsDep, StorageDep
+from model_owner_server.api.errors import ApiError
+from model_owner_server.api.serialize import base_url, emulator_out, job_out
+from model_owner_server.jobs import QueueUnavailable, manifest_for
+from model_owner_server.keyring import KeyRing
+from model_owner_server.models import Emulator, Job
+from shared import schemas
+
+router = APIRouter(prefix="/v1/emulators", tags=["emulators"])
+ERR = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 409, 416, 422)}
+CHUNK = 1 << 20
+
+
+def _ready(emu: Emulator) -> None:
+    if emu.status == "building":
+        raise ApiError(409, "not_ready", f"emulator {emu.id} is still building; poll GET /v1/jobs/{emu.job_id}")
+    if emu.status != "ready":
+        raise ApiError(409, "not_ready", f"emulator {emu.id} failed to build ({emu.error}); "
+                       "POST /v1/emulators again with the same parameters to retry")
+
+
+@router.post("", status_code=202, response_model=schemas.EmulatorCreated, responses=ERR)
+def create_emulator(body: schemas.EmulatorCreate, request: Request, response: Response, session: SessionDep,
+                    org: OrgDep, settings: SettingsDep, queue: QueueDep) -> schemas.EmulatorCreated:
+    """Create the emulator for (model, N_a, alpha, beta), or return the existing identical one.
+
+    202 + job while it builds; 200 when it is already ready. A failed build is retried by posting again.
+    """
+    model = crud.get_visible_model(session, org, body.model_id)
+    if model.n_layers and body.n_adapter >= model.n_layers:
+        raise ApiError(422, "validation_error", f"n_adapter must be less than the model's {model.n_layers} layers "
+                       "(the emulator must compress something)")
+    run = crud.latest_importance_run(session, model.id)
+    if run is None:
+        raise ApiError(409, "importance_missing", f"model {model.id} has no finished importance run yet; an admin "
+                       f"must run POST /v1/models/{model.id}/importance first (or wait for the running one)")
+    alpha, beta = round(body.alpha, 6), round(body.beta, 6)
+    key = (Emulator.model_id == model.id, Emulator.importance_run_id == run.id, Emulator.n_adapter == body.n_adapter,
+           Emulator.alpha == alpha, Emulator.beta == beta)
+    emu = session.execute(select(Emulator).where(*key)).scalar_one_or_none()
+    if emu is not None and emu.status in ("ready", "building"):
+        response.status_code = 200 if emu.status == "ready" else 202
+        job = session.get(Job, emu.job_id) if emu.job_id else None
+        return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)),
+                                       job=job_out(job) if job else None)
+    params = {"model_id": model.id}
+    try:
+        if emu is None:
+            emu = Emulator(model_id=model.id, importance_run_id=run.id, n_adapter=body.n_adapter, alpha=alpha,
+                           beta=beta, status="building", created_by=org.id)
+            session.add(emu)
+            session.flush()
+        job = crud.create_job(session, "emulator", org, {**params, "emulator_id": emu.id})
+        emu.status, emu.error, emu.job_id = "building", None, job.id
+        crud.audit(session, org, "create_emulator", "emulator", emu.id, n_adapter=body.n_adapter, alpha=alpha,
+                   beta=beta)
+        session.commit()
+    except IntegrityError:  # a concurrent identical request won the race: answer with its emulator
+        session.rollback()
+        emu = session.execute(select(Emulator).where(*key)).scalar_one()
+        job = session.get(Job, emu.job_id) if emu.job_id else None
+        return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)),
+                                       job=job_out(job) if job else None)
+    try:
+        queue.submit(request.app.state.sessions, job.id)
+    except QueueUnavailable:
+        raise ApiError(503, "unavailable", "the job queue is unreachable; try again later") from None
+    session.refresh(emu)
+    session.refresh(job)
+    if emu.status == "ready":  # immediate mode finished inline
+        response.status_code = 200
+    return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)), job=job_out(job))
+
+
+@router.get("", response_model=schemas.EmulatorList, responses=ERR)
+def list_emulators(request: Request, session: SessionDep, org: OrgDep, settings: SettingsDep) -> schemas.EmulatorList:
+    base = base_url(request, settings)
+    return schemas.EmulatorList(emulators=[emulator_out(e, base) for e in
+                                           session.execute(crud.visible_emulators(org)).scalars()])
+
+
+@router.get("/{emulator_id}", response_model=schemas.Emulator, responses=ERR)
+def get_emulator(emulator_id: str, request: Request, session: SessionDep, org: OrgDep,
+                 settings: SettingsDep) -> schemas.Emulator:
+    """Layer plan, sizes, sha256, adapter spec (the exact tensors an upload must contain) and status."""
+    return emulator_out(crud.get_visible_emulator(session, org, emulator_id), base_url(request, settings))
+
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
+    """One `bytes=` range -> (start, end inclusive); None = ignore the header (malformed or several ranges,
+    which RFC 9110 lets a server answer with the full 200); "unsatisfiable" -> 416."""
+    m = _RANGE.match(header)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix range: the last N bytes
+        n = int(last)
+        return "unsatisfiable" if n == 0 else (max(0, size - n), size - 1)
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if last and int(last) < start:
+        return None  # invalid range spec: ignore
+    if start >= size:
+        return "unsatisfiable"
+    return start, end
+
+
+def _iter_file(path: Path, start: int, end: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        remaining = end - start + 1
+        while remaining > 0:
+            chunk = f.read(min(CHUNK, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            yield chunk
+
+
+@router.head("/{emulator_id}/file", include_in_schema=False)
+@router.get("/{emulator_id}/file", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"}, **ERR})
+def download_emulator(emulator_id: str, request: Request, session: SessionDep, org: OrgDep,
+                      storage: StorageDep) -> Response:
+    """The emulator safetensors file, streamed from disk. `ETag` is its sha256; `Range: bytes=N-` resumes
+    (206 with Content-Range; 416 when the range starts past the end); `If-Range` with the ETag is honoured."""
+    emu = crud.get_visible_emulator(session, org, emulator_id)
+    _ready(emu)
+    path = storage.abs(emu.path)
+    size = path.stat().st_size
+    etag = f'"{emu.sha256}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, no-transform",
+               "Content-Disposition": f'attachment; filename="{emu.id}.safetensors"'}
+    start, end, status = 0, size - 1, 200
+    range_header, if_range = request.headers.get("range"), request.headers.get("if-range")
+    if range_header and (if_range is None or if_range.strip() in (etag, emu.sha256)):
+        parsed = parse_range(range_header, size)
+        if parsed == "unsatisfiable":
+            raise ApiError(416, "range_not_satisfiable", f"the file has {size} bytes; the requested range starts past "
+                           "the end (your copy may already be complete)", {"Content-Range": f"bytes */{size}"})
+        if parsed is not None:
+            start, end = parsed
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(end - start + 1)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+    crud.audit(session, org, "download_emulator", "emulator", emu.id, start=start, end=end)
+    session.commit()
+    return StreamingResponse(_iter_file(path, start, end), status_code=status, headers=headers,
+                             media_type="application/octet-stream")
+
+
+@router.get("/{emulator_id}/signature", responses={200: {"model": schemas.SignedManifest}, **ERR})
+def emulator_signature(emulator_id: str, session: SessionDep, org: OrgDep, keyring: KeyRingDep) -> JSONResponse:
+    """The signed manifest `{manifest, signature, key_id}`: Ed25519 over the manifest's canonical JSON bytes
+    (sorted keys, no spaces, UTF-8). Verify with the key from GET /v1/signing-keys you pinned."""
+    emu = crud.get_visible_emulator(session, org, emulator_id)
+    _ready(emu)
+    signed = emu.signed_manifest
+    if signed is None or KeyRing.is_revoked(session, str(signed.get("key_id"))):
+        signed = keyring.sign(manifest_for(emu))  # first request, or its key was revoked: sign with the current key
+        emu.signed_manifest = signed
+        session.commit()
+    return JSONResponse(signed)

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Query
+
+from model_owner_server import crud
+from model_owner_server.api.deps import OrgDep, SessionDep
+from model_owner_server.api.serialize import job_out
+from shared import schemas
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.get("", response_model=schemas.JobList)
+def list_jobs(session: SessionDep, org: OrgDep, limit: int = Query(50, ge=1, le=500)) -> schemas.JobList:
+    """Your organization's jobs, newest first (admins see all)."""
+    rows = session.execute(crud.visible_jobs(org).limit(limit)).scalars()
+    return schemas.JobList(jobs=[job_out(j) for j in rows])
+
+
+@router.get("/{job_id}", response_model=schemas.Job, responses={404: {"model": schemas.ErrorBody}})
+def get_job(job_id: str, session: SessionDep, org: OrgDep) -> schemas.Job:
+    """Status (queued, running, succeeded, failed), progress 0..1, message, live metrics, result ids."""
+    return job_out(crud.get_visible_job(session, org, job_id))

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from sqlalchemy.exc import IntegrityError
+
+from model_owner_server import crud
+from model_owner_server.api.deps import AdminDep, OrgDep, QueueDep, SessionDep, SettingsDep
+from model_owner_server.api.errors import ApiError
+from model_owner_server.api.serialize import job_out, model_out
+from model_owner_server.models import ImportanceRun
+from shared import schemas
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+ERR = {401: {"model": schemas.ErrorBody}, 403: {"model": schemas.ErrorBody}, 404: {"model": schemas.ErrorBody},
+       409: {"model": schemas.ErrorBody}, 422: {"model": schemas.ErrorBody}}
+
+
+@router.post("", status_code=201, response_model=schemas.Model, responses=ERR)
+def register_model(body: schemas.ModelCreate, session: SessionDep, admin: AdminDep) -> schemas.Model:
+    """Register a server-side Hugging Face causal-LM folder (config.json + safetensors) as a base model."""
+    try:
+        model = crud.register_model(session, body.name, body.path)
+        crud.audit(session, admin, "register_model", "model", model.id, name=model.name)
+        session.commit()
+    except crud.Conflict:
+        raise
+    except IntegrityError:
+        session.rollback()
+        raise crud.Conflict(f"a model named {body.name!r} is already registered") from None
+    except ValueError as exc:  # includes UnsupportedArchitectureError
+        raise ApiError(422, "invalid_model", str(exc)) from None
+    return model_out(session, model)
+
+
+@router.get("", response_model=schemas.ModelList, responses=ERR)
+def list_models(session: SessionDep, org: OrgDep) -> schemas.ModelList:
+    """Models your organization may use (admins: all)."""
+    rows = session.execute(crud.visible_models(org)).scalars()
+    return schemas.ModelList(models=[model_out(session, m) for m in rows])
+
+
+@router.get("/{model_id}", response_model=schemas.Model, responses=ERR)
+def get_model(model_id: str, session: SessionDep, org: OrgDep) -> schemas.Model:
+    return model_out(session, crud.get_visible_model(session, org, model_id))
+
+
+@router.post("/{model_id}/grants", status_code=201, response_model=schemas.Grant, responses=ERR)
+def grant_model(model_id: str, body: schemas.GrantCreate, session: SessionDep, admin: AdminDep) -> schemas.Grant:
+    """Let a data-owner organization (name or id) request emulators of this model. Idempotent."""
+    model = crud.get_visible_model(session, admin, model_id)
+    org = crud.find_org(session, body.org)
+    grant = crud.grant(session, model, org)
+    crud.audit(session, admin, "grant", "model", model.id, org_id=org.id)
+    session.commit()
+    return schemas.Grant(model_id=model.id, org_id=org.id, org_name=org.name, created_at=grant.created_at)
+
+
+@router.post("/{model_id}/importance", status_code=202, response_model=schemas.Job, responses=ERR)
+def start_importance(model_id: str, body: schemas.ImportanceRequest, session: SessionDep, admin: AdminDep,
+                     settings: SettingsDep, queue: QueueDep) -> schemas.Job:
+    """Start stage 1 (Dynamic LayerReplace importance estimation) as a job; poll GET /v1/jobs/{id}."""
+    model = crud.get_visible_model(session, admin, model_id)
+    corpus = Path(body.corpus).expanduser() if body.corpus else settings.default_corpus
+    if corpus is None:
+        raise ApiError(422, "no_corpus", "give a server-side corpus file in 'corpus' or configure "
+                       "SCALEOT_DEFAULT_CORPUS on the server")
+    if not corpus.is_file():
+        raise ApiError(422, "no_corpus", f"corpus file {str(corpus)!r} does not exist on the server")
+    if corpus.suffix.lower() not in (".txt", ".jsonl", ".json"):
+        raise ApiError(422, "no_corpus", f"corpus must be a .txt or .jsonl file, not {corpus.suffix or 'no suffix'}")
+    job = crud.create_job(session, "importance", admin, {"model_id": model.id, "steps": body.steps,
+                                                          "corpus": str(corpus.resolve())})
+    run = ImportanceRun(model_id=model.id, job_id=job.id, status="pending", steps=body.steps, corpus=str(corpus))
+    session.add(run)
+    session.flush()
+    job.params = {**job.params, "run_id": run.id}
+    session.commit()
+    queue.enqueue(job.id)
+    session.refresh(job)
+    return job_out(job)

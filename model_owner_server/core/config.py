@@ -1,0 +1,87 @@
+"""The server's one settings object (pydantic-settings, env prefix `SCALEOT_`).
+
+Every knob lives here so `serve`, `worker`, the CLI commands and the tests configure the server the
+same way: environment variables (`SCALEOT_DATA_DIR=...`), an optional `.env` file, or keyword
+arguments (`Settings(data_dir=tmp)`) in tests.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCALEOT_", env_file=".env", extra="ignore",
+                                      protected_namespaces=())
+
+    data_dir: Path = Field(default=Path("./data"), description="artifacts, default SQLite DB, queue, keys")
+    database_url: str | None = Field(default=None, description="default: sqlite:///<data_dir>/scaleot.db; "
+                                     "PostgreSQL: postgresql+psycopg://user@host/db")
+    signing_key: Path | None = Field(default=None, description="Ed25519 PEM; default <data_dir>/keys/signing_key.pem")
+    queue_url: str | None = Field(default=None, description="redis://... for RedisHuey, 'immediate' to run jobs "
+                                  "inline (tests), default: SqliteHuey file under the data dir")
+    queue_name: str = Field(default="scaleot", description="huey queue name (share it between serve and worker)")
+    default_corpus: Path | None = Field(default=None, description="text file used by importance runs without corpus")
+    default_eval: Path | None = Field(default=None, description=".txt/.jsonl used when an upload has no eval_data")
+    max_eval_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="cap for an uploaded eval file")
+    max_json_part_bytes: int = Field(default=256 * 1024, ge=1024, description="cap for metrics/adapter_config parts")
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = Field(default=None, description="base URL put into file_url/signature_url; "
+                                   "default: taken from the request")
+    embedded_worker: bool = Field(default=True, description="serve also runs a huey consumer in-process")
+    worker_threads: int = Field(default=1, ge=1, description="huey worker threads (jobs are CPU/GPU heavy)")
+    model_cache_size: int = Field(default=1, ge=1, le=4, description="full models kept loaded per process")
+    heartbeat_seconds: float = Field(default=10.0, gt=0, description="running jobs refresh heartbeat_at this often")
+    stale_after_heartbeats: int = Field(default=3, ge=2, description="a running job whose heartbeat is this "
+                                        "many intervals old is considered dead")
+    # Stage 1 / evaluation knobs (small defaults: CPU-friendly).
+    importance_seq_len: int = 128
+    importance_batch_size: int = 4
+    importance_max_blocks: int = 512
+    eval_seq_len: int = 256
+    eval_batch_size: int = 4
+    eval_max_examples: int = 64
+    max_new_tokens: int = Field(default=128, ge=1, le=2048, description="upper bound for /generate")
+
+    @field_validator("queue_url", "database_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    # ---- derived paths (not settings themselves)
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'scaleot.db'}"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return (self.signing_key or self.resolved_data_dir / "keys" / "signing_key.pem").expanduser()
+
+    @property
+    def queue_file(self) -> Path:
+        return self.resolved_data_dir / "queue" / "huey.db"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.resolved_data_dir / "tmp"
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # local import: config must stay cheap for CLI --help
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,238 @@
+"""Database operations shared by the API routes, the CLI commands and the job tasks.
+
+Visibility rules live here, in one place:
+- admins see everything;
+- a data owner sees models it is granted (and their emulators), and only its own adapters and jobs.
+Objects a caller may not see are reported exactly like missing ones (the routes answer 404), so
+ids of other organizations' objects reveal nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from model_owner_server.core.security import ROLES, issue_api_key
+from model_owner_server.models import (Adapter, AuditEvent, BaseModel, Emulator, Evaluation, Grant, ImportanceRun,
+                                       Job, Organization, utcnow)
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- organizations
+
+def create_org(session: Session, name: str, role: str) -> tuple[Organization, str]:
+    """Create an organization and its first API key (returned in plaintext, once)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    name = name.strip()
+    if not name:
+        raise ValueError("organization name must not be empty")
+    if session.execute(select(Organization).where(Organization.name == name)).scalar_one_or_none():
+        raise Conflict(f"organization {name!r} already exists")
+    org = Organization(name=name, role=role)
+    session.add(org)
+    session.flush()
+    return org, issue_api_key(session, org)
+
+
+def find_org(session: Session, name_or_id: str) -> Organization:
+    org = session.get(Organization, name_or_id) or session.execute(
+        select(Organization).where(Organization.name == name_or_id)).scalar_one_or_none()
+    if org is None:
+        raise NotFound(f"organization {name_or_id!r} not found; create it with `modelowner-server create-org`")
+    return org
+
+
+# ---------------------------------------------------------------- models and grants
+
+def inspect_model_folder(path: str | Path) -> dict[str, Any]:
+    """Check that `path` is a loadable local HF causal-LM folder of a supported family; return its facts.
+
+    Cheap: reads config.json and the safetensors headers, never the weights.
+    """
+    from transformers import AutoConfig
+
+    from shared.architectures import family_for
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"model folder {str(folder)!r} does not exist on the server (give a server-side path)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json; save the model with save_pretrained()")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ValueError(f"{folder} has no tokenizer files; save the tokenizer next to the model (save_pretrained)")
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise ValueError(f"{folder} has no *.safetensors weights; re-save with safe_serialization=True")
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any config problem is the user's to fix
+        raise ValueError(f"cannot read {folder}/config.json: {exc}") from None
+    family = family_for(config)  # raises UnsupportedArchitectureError (a ValueError-like message)
+    n_params = n_bytes = 0
+    for shard in shards:
+        header = _safetensors_header(shard)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+            n_params += numel
+            start, end = info["data_offsets"]
+            n_bytes += int(end) - int(start)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    return {"path": str(folder.resolve()), "family": getattr(family, "name", str(family)),
+            "n_layers": n_layers, "n_params": n_params, "n_bytes": n_bytes}
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size <= 0 or size > 100 * 1024 * 1024:
+            raise ValueError(f"{path} is not a safetensors file")
+        return json.loads(f.read(size))
+
+
+def register_model(session: Session, name: str, path: str | Path) -> BaseModel:
+    name = name.strip()
+    if not name:
+        raise ValueError("model name must not be empty")
+    if session.execute(select(BaseModel).where(BaseModel.name == name)).scalar_one_or_none():
+        raise Conflict(f"a model named {name!r} is already registered; pick another name")
+    facts = inspect_model_folder(path)
+    model = BaseModel(name=name, **facts)
+    session.add(model)
+    session.flush()
+    return model
+
+
+def find_model(session: Session, name_or_id: str) -> BaseModel:
+    model = session.get(BaseModel, name_or_id) or session.execute(
+        select(BaseModel).where(BaseModel.name == name_or_id)).scalar_one_or_none()
+    if model is None:
+        raise NotFound(f"model {name_or_id!r} not found; register it with `modelowner-server register-model`")
+    return model
+
+
+def grant(session: Session, model: BaseModel, org: Organization) -> Grant:
+    existing = session.execute(select(Grant).where(Grant.model_id == model.id, Grant.org_id == org.id)
+                               ).scalar_one_or_none()
+    if existing:
+        return existing
+    g = Grant(model_id=model.id, org_id=org.id)
+    session.add(g)
+    session.flush()
+    return g
+
+
+def is_granted(session: Session, org: Organization, model_id: str) -> bool:
+    if org.is_admin:
+        return True
+    return session.execute(select(Grant.id).where(Grant.model_id == model_id, Grant.org_id == org.id)
+                           ).first() is not None
+
+
+def visible_models(org: Organization) -> Select[tuple[BaseModel]]:
+    q = select(BaseModel).order_by(BaseModel.created_at)
+    if not org.is_admin:
+        q = q.join(Grant, Grant.model_id == BaseModel.id).where(Grant.org_id == org.id)
+    return q
+
+
+def get_visible_model(session: Session, org: Organization, model_id: str) -> BaseModel:
+    model = session.get(BaseModel, model_id)
+    if model is None or not is_granted(session, org, model_id):
+        raise NotFound(f"model {model_id!r} not found (or not granted to your organization)")
+    return model
+
+
+def latest_importance_run(session: Session, model_id: str, status: str | None = "succeeded"
+                          ) -> ImportanceRun | None:
+    q = select(ImportanceRun).where(ImportanceRun.model_id == model_id)
+    if status:
+        q = q.where(ImportanceRun.status == status)
+    return session.execute(q.order_by(ImportanceRun.created_at.desc()).limit(1)).scalar_one_or_none()
+
+
+# ---------------------------------------------------------------- jobs
+
+def create_job(session: Session, kind: str, org: Organization, params: dict[str, Any], message: str = "queued"
+               ) -> Job:
+    job = Job(kind=kind, org_id=org.id, params=params, message=message, status="queued", progress=0.0,
+              metrics={}, result={})
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_visible_job(session: Session, org: Organization, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or not (org.is_admin or job.org_id == org.id):
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def visible_jobs(org: Organization) -> Select[tuple[Job]]:
+    q = select(Job).order_by(Job.created_at.desc())
+    return q if org.is_admin else q.where(Job.org_id == org.id)
+
+
+# ---------------------------------------------------------------- emulators and adapters
+
+def get_visible_emulator(session: Session, org: Organization, emulator_id: str) -> Emulator:
+    emu = session.get(Emulator, emulator_id)
+    if emu is None or not is_granted(session, org, emu.model_id):
+        raise NotFound(f"emulator {emulator_id!r} not found (or its model is not granted to your organization)")
+    return emu
+
+
+def visible_emulators(org: Organization) -> Select[tuple[Emulator]]:
+    q = select(Emulator).order_by(Emulator.created_at.desc())
+    if not org.is_admin:
+        q = q.join(Grant, Grant.model_id == Emulator.model_id).where(Grant.org_id == org.id)
+    return q
+
+
+def get_visible_adapter(session: Session, org: Organization, adapter_id: str) -> Adapter:
+    adapter = session.get(Adapter, adapter_id)
+    if adapter is None or not (org.is_admin or adapter.org_id == org.id):
+        raise NotFound(f"adapter {adapter_id!r} not found")
+    return adapter
+
+
+def visible_adapters(org: Organization) -> Select[tuple[Adapter]]:
+    q = select(Adapter).order_by(Adapter.created_at.desc())
+    return q if org.is_admin else q.where(Adapter.org_id == org.id)
+
+
+def evaluations_for(session: Session, adapter_id: str) -> dict[str, Evaluation]:
+    rows = session.execute(select(Evaluation).where(Evaluation.adapter_id == adapter_id)).scalars()
+    return {e.kind: e for e in rows}
+
+
+# ---------------------------------------------------------------- audit
+
+def audit(session: Session, org: Organization | None, action: str, target_type: str, target_id: str,
+          **detail: Any) -> None:
+    session.add(AuditEvent(org_id=org.id if org else None, action=action, target_type=target_type,
+                           target_id=target_id, detail=detail, created_at=utcnow()))
+
+
+def row_counts(session: Session) -> dict[str, int]:
+    """Rows per table (tests compare these before/after a rejected request)."""
+    from model_owner_server.models import Base
+
+    return {t.name: session.execute(select(func.count()).select_from(t)).scalar_one()
+            for t in Base.metadata.sorted_tables}

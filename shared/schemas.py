@@ -1,0 +1,233 @@
+"""Pydantic models of the v1 wire format (server responses and request bodies).
+
+Both parties import these: the server to shape its JSON (and its OpenAPI schema), the client to
+parse it. Response models ignore unknown fields (`extra="ignore"`) so a newer server can add fields
+without breaking an older client; request models forbid them so typos are reported, not ignored.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+JobKind = Literal["importance", "emulator", "evaluation"]
+EmulatorStatus = Literal["building", "ready", "failed"]
+AdapterStatus = Literal["evaluating", "evaluated", "failed"]
+KeyStatus = Literal["active", "retired", "revoked"]
+Role = Literal["admin", "data-owner"]
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ---------------------------------------------------------------- errors
+
+class ErrorDetail(_Response):
+    code: str = Field(description="machine-readable, e.g. not_found, forbidden, validation_error")
+    message: str = Field(description="what went wrong and what to do next")
+
+
+class ErrorBody(_Response):
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------- jobs
+
+class Job(_Response):
+    id: str
+    kind: str
+    status: JobStatus
+    progress: float = Field(ge=0.0, le=1.0)
+    message: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict, description="live metrics while running")
+    result: dict[str, Any] = Field(default_factory=dict, description="ids of what the job produced")
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+
+class JobList(_Response):
+    jobs: list[Job]
+
+
+# ---------------------------------------------------------------- models
+
+class Model(_Response):
+    id: str
+    name: str
+    family: str | None = None
+    n_layers: int | None = None
+    n_params: int | None = None
+    importance_ready: bool = False
+    importance_job_id: str | None = None
+    created_at: datetime
+
+
+class ModelList(_Response):
+    models: list[Model]
+
+
+class ModelCreate(_Request):
+    name: str = Field(min_length=1, max_length=200)
+    path: str = Field(min_length=1, description="server-side local Hugging Face folder with safetensors")
+
+
+class GrantCreate(_Request):
+    org: str = Field(min_length=1, description="organization name or id")
+
+
+class Grant(_Response):
+    model_id: str
+    org_id: str
+    org_name: str
+    created_at: datetime
+
+
+class ImportanceRequest(_Request):
+    steps: int = Field(default=100, ge=1, le=1_000_000)
+    corpus: str | None = Field(default=None, description="server-side text file; default: SCALEOT_DEFAULT_CORPUS")
+
+
+# ---------------------------------------------------------------- signing
+
+class SigningKey(_Response):
+    key_id: str
+    algorithm: Literal["Ed25519"] = "Ed25519"
+    public_key: str = Field(description="base64 of the raw 32-byte Ed25519 public key")
+    status: KeyStatus
+    created_at: datetime
+
+
+class SigningKeyList(_Response):
+    keys: list[SigningKey]
+
+
+class Manifest(_Response):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    format: str
+    emulator_id: str
+    model_id: str
+    sha256: str
+    size_bytes: int
+    layer_plan: dict[str, Any]
+    key_id: str
+    issued_at: str
+
+
+class SignedManifest(_Response):
+    # Verify the raw JSON dict with shared.signing.verify_signed_manifest, not a re-serialised model:
+    # the signature covers the exact manifest fields.
+    manifest: Manifest
+    signature: str
+    key_id: str
+
+
+# ---------------------------------------------------------------- emulators
+
+class TensorSpecOut(_Response):
+    shape: list[int]
+    dtype: str
+
+
+class Emulator(_Response):
+    id: str
+    model_id: str
+    n_adapter: int
+    alpha: float
+    beta: float
+    status: EmulatorStatus
+    job_id: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+    n_params: int | None = None
+    full_model_params: int | None = None
+    full_model_bytes: int | None = None
+    plan: dict[str, Any] | None = None
+    adapter_layers: list[int] = Field(default_factory=list)
+    adapter_spec: dict[str, TensorSpecOut] = Field(default_factory=dict)
+    max_adapter_bytes: int | None = None
+    file_url: str
+    signature_url: str
+    error: str | None = None
+    created_at: datetime
+
+
+class EmulatorList(_Response):
+    emulators: list[Emulator]
+
+
+class EmulatorCreate(_Request):
+    model_id: str
+    n_adapter: int = Field(ge=1, description="number of adapter layers (the most important ones)")
+    alpha: float = Field(ge=0.0, le=1.0, description="fraction of the other layers replaced by harmonizers")
+    beta: float = Field(ge=0.0, lt=1.0, description="SRC ratio: share of attention rank removed")
+
+
+class EmulatorCreated(_Response):
+    emulator: Emulator
+    job: Job | None = None
+
+
+# ---------------------------------------------------------------- adapters
+
+class AdapterEvaluation(_Response):
+    zero_shot: dict[str, Any] | None = Field(default=None, description="full model M without the adapter")
+    plug_in: dict[str, Any] | None = Field(default=None, description="M' = [A', E]")
+    eval_source: str | None = Field(default=None, description="'upload' or the server's default eval file")
+
+
+class Adapter(_Response):
+    id: str
+    emulator_id: str
+    model_id: str
+    status: AdapterStatus
+    sha256: str
+    size_bytes: int
+    method: str | None = None
+    adapter_config: dict[str, Any] | None = None
+    client_metrics: dict[str, Any] | None = Field(default=None, description="the client's emulator-side metrics")
+    evaluation: AdapterEvaluation = Field(default_factory=AdapterEvaluation)
+    job_id: str | None = None
+    error: str | None = None
+    created_at: datetime
+
+
+class AdapterList(_Response):
+    adapters: list[Adapter]
+
+
+class AdapterCreated(_Response):
+    adapter: Adapter
+    job: Job
+
+
+class GenerateRequest(_Request):
+    prompt: str = Field(min_length=1, max_length=20_000)
+    max_new_tokens: int = Field(default=32, ge=1, le=256)
+
+
+class GenerateResponse(_Response):
+    adapter_id: str
+    prompt: str
+    completion: str
+    max_new_tokens: int
+
+
+# ---------------------------------------------------------------- misc
+
+class Health(_Response):
+    status: Literal["ok", "degraded"]
+    database: Literal["ok", "unreachable"]
+    version: str

@@ -1,0 +1,53 @@
+"""Helpers shared by the server tests (imported as a plain module: tests/ is not a package)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from model_owner_server.core.config import Settings
+
+
+def fast_settings(data_dir: Path, db_url: str, **overrides) -> Settings:
+    """Settings with tiny sequence lengths so jobs take well under a second on CPU."""
+    values = dict(data_dir=data_dir, database_url=db_url, device="cpu", queue_url="immediate",
+                  embedded_worker=False, importance_seq_len=32, importance_batch_size=2, eval_seq_len=32,
+                  eval_batch_size=2, eval_max_examples=4, max_eval_bytes=64 * 1024, max_new_tokens=32)
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def adapter_bytes(tensors) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def data_dir_listing(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class World:
+    client: TestClient
+    settings: Settings
+    keys: dict[str, str | None]
+    org_ids: dict[str, str] = field(default_factory=dict)
+    model_id: str = ""
+    importance_job_id: str = ""
+    emulator: dict = field(default_factory=dict)
+    emulator_bytes: bytes = b""
+    adapter_tensors: dict = field(default_factory=dict)
+    adapter_id: str = ""
+    eval_job_id: str = ""
+
+    def sessions(self):
+        return self.client.app.state.sessions()
+
+
