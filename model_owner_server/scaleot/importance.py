@@ -141,7 +141,7 @@ def _local_regression_step(model, stand_ins, ids, opt) -> float:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def estimate_importance(
