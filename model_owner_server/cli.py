@@ -72,9 +72,9 @@ def estimate_importance_cmd(
     from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance, save_importance
     from model_owner_server.scaleot.model_io import load_causal_lm, resolve_device
 
-    dev = resolve_device(device)
-    m, tok = load_causal_lm(_model_folder(model), device=dev)
     try:
+        dev = resolve_device(device)
+        m, tok = load_causal_lm(_model_folder(model), device=dev)
         train, val = corpus_blocks(tok, corpus, seq_len, val_corpus=val_corpus)
     except ValueError as exc:
         _fail(str(exc))
@@ -262,6 +262,26 @@ def grant_cmd(org: str = typer.Argument(..., help="organization name or id"),
         crud.audit(session, None, "grant", "model", m.id, org_id=o.id, via="cli")
         session.commit()
         typer.echo(f"granted {o.name} ({o.id}) access to model {m.name} ({m.id})")
+
+
+@app.command("rotate-signing-key")
+def rotate_signing_key_cmd(
+    revoke_old: bool = typer.Option(False, "--revoke-old",
+                                    help="revoke the replaced key instead of retiring it (if it leaked): clients "
+                                         "stop trusting it and its manifests are re-signed on request"),
+) -> None:
+    """Replace the signing key: a new Ed25519 key file (0600) becomes active; the old key is retired (its
+    manifests keep verifying through their key id) or revoked. Running servers pick the new file up on their
+    next signature; data owners who pin a key must pin the new key id."""
+    from model_owner_server.keyring import KeyRing
+
+    settings = _settings()
+    with _db_session(settings) as session:
+        new_id, replaced = KeyRing.rotate(session, settings.signing_key_path, revoke_old=revoke_old)
+    state = "revoked" if revoke_old else "retired"
+    typer.secho(f"wrote {settings.signing_key_path} (mode 0600)" +
+                (f"; {state}: {', '.join(replaced)}" if replaced else ""), err=True)
+    typer.echo(new_id)
 
 
 @app.command("revoke-signing-key")

@@ -65,9 +65,9 @@ def inspect_model_folder(path: str | Path) -> dict[str, Any]:
 
     from shared.architectures import family_for
 
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"model folder {str(folder)!r} does not exist on the server (give a server-side path)")
+    folder = expand_user(path)
+    if not is_dir(folder):
+        raise ValueError(f"model folder {str(folder)[:300]!r} does not exist on the server (give a server-side path)")
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json; save the model with save_pretrained()")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -95,6 +95,29 @@ def inspect_model_folder(path: str | Path) -> dict[str, Any]:
     n_layers = getattr(config, "num_hidden_layers", None)
     return {"path": str(folder.resolve()), "family": getattr(family, "name", str(family)),
             "n_layers": n_layers, "n_params": n_params, "n_bytes": n_bytes}
+
+
+def expand_user(path: str | Path) -> Path:
+    """`~/x` expanded; an unknown `~user` (which makes pathlib raise RuntimeError) stays as written."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
+def is_file(path: Path) -> bool:
+    """Path.is_file() that answers False instead of raising for names the OS refuses (too long, ...)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

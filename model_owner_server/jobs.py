@@ -35,7 +35,7 @@ from model_owner_server.core.config import Settings
 from model_owner_server.core.db import session_scope
 from model_owner_server.keyring import KeyRing
 from model_owner_server.models import (Adapter, BaseModel, Emulator, Evaluation, ImportanceRun, Job, utcnow)
-from model_owner_server.storage import Storage
+from model_owner_server.storage import Storage, is_disk_full
 
 log = logging.getLogger("scaleot.jobs")
 TASK_NAME = "scaleot.run_job"
@@ -228,6 +228,9 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - every failure must end visibly in the job row
             message = str(exc) if isinstance(exc, (JobFailure, ValueError, FileNotFoundError)) else \
                 f"{type(exc).__name__}: {exc}"
+            if is_disk_full(exc):  # the path and errno go to the log only
+                message = ("the server ran out of disk space while writing the job's result; nothing was kept. "
+                           "The model owner must free space in the data directory; then submit the request again")
             log.error("job %s (%s) failed: %s\n%s", job_id, kind, message, traceback.format_exc())
             with session_scope(self.sessions) as s:
                 job = s.get(Job, job_id)
@@ -246,6 +249,15 @@ class JobRunner:
 
 
 # ---------------------------------------------------------------- handlers
+
+def _still_ours(s: Session, ctx: JobContext) -> None:
+    """Before a handler records its result: the job must still be running under this worker. If the reaper
+    failed it meanwhile (heartbeats looked stale), nothing is recorded; the janitor removes its files."""
+    job = s.get(Job, ctx.job_id, with_for_update=True)
+    if job is None or job.status != "running" or job.worker_id != ctx.worker:
+        raise JobFailure("this job was marked failed while it was still running (its worker looked dead); "
+                         "nothing was recorded; submit the request again")
+
 
 def _importance(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     from model_owner_server.scaleot.importance import (ImportanceConfig, corpus_blocks, estimate_importance,
@@ -285,6 +297,7 @@ def _importance(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
         storage.remove(tmp if tmp.exists() else None)
     scores = [float(x) for x in result.scores.tolist()]
     with session_scope(runner.sessions) as s:
+        _still_ours(s, ctx)
         run = s.get(ImportanceRun, run_id)
         run.status, run.path, run.scores, run.finished_at = "succeeded", storage.rel(final), scores, utcnow()
     final_loss = next((h["loss"] for h in reversed(result.history) if h["phase"] == "dl"), None)
@@ -321,6 +334,7 @@ def _emulator(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dic
                   plan=info.plan.to_dict(), adapter_layers=layers, adapter_spec=spec_to_json(spec),
                   max_adapter_bytes=max_adapter_bytes(spec))
     with session_scope(runner.sessions) as s:
+        _still_ours(s, ctx)
         emu = s.get(Emulator, emu_id)
         for k, v in fields.items():
             setattr(emu, k, v)
@@ -375,6 +389,7 @@ def _evaluation(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
     plug = evaluate(plugged, tokenizer, dataset, progress=prog(0.55, 0.98, "plug-in"), **kw)
     plugged_models().get_or_load(adapter_id, lambda: plugged)  # /generate in this process starts warm
     with session_scope(runner.sessions) as s:
+        _still_ours(s, ctx)
         for kind, metrics in (("zero_shot", zero), ("plug_in", plug)):
             s.add(Evaluation(adapter_id=adapter_id, kind=kind, eval_source=eval_source, metrics=metrics))
         adapter = s.get(Adapter, adapter_id)
@@ -454,10 +469,11 @@ class JobQueue:
 
 
 class Reaper:
-    """Periodically fails jobs whose worker stopped heartbeating (e.g. a remote worker that crashed)."""
+    """Periodically fails jobs whose worker stopped heartbeating (e.g. a remote worker that crashed), then
+    removes what interrupted work left behind (janitor.sweep)."""
 
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings):
-        self.sessions, self.settings = sessions, settings
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, storage: Storage | None = None):
+        self.sessions, self.settings, self.storage = sessions, settings, storage
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="job-reaper")
 
@@ -472,5 +488,10 @@ class Reaper:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
                 recover_interrupted_jobs(self.sessions, self.settings, startup=False)
+                if self.storage is not None:
+                    from model_owner_server.janitor import sweep
+
+                    sweep(self.sessions, self.storage, startup=False,
+                          min_age_s=self.settings.heartbeat_seconds * self.settings.stale_after_heartbeats)
             except Exception:  # noqa: BLE001 - a DB hiccup must not kill the reaper
                 log.exception("job reaper pass failed")

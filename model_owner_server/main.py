@@ -15,9 +15,11 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from model_owner_server.api.errors import install_error_handlers
-from model_owner_server.api.routes import adapters, emulators, health, jobs, keys, models
+from model_owner_server.api.limits import BodySizeLimitMiddleware
+from model_owner_server.api.routes import adapters, audit, emulators, health, jobs, keys, models
 from model_owner_server.core.config import Settings
 from model_owner_server.core.db import make_engine, make_session_factory, run_migrations, session_scope
+from model_owner_server.janitor import sweep
 from model_owner_server.jobs import (JobQueue, Reaper, fail_jobs_of_this_process, recover_interrupted_jobs,
                                      requeue_queued_jobs)
 from model_owner_server.keyring import KeyRing
@@ -51,7 +53,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, embedd
                   lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
-    for module in (health, keys, models, jobs, emulators, adapters):
+    # Before routing and body parsing: oversized JSON bodies never reach a handler (uploads have own caps).
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    for module in (health, keys, models, jobs, emulators, adapters, audit):
         app.include_router(module.router)
     return app
 
@@ -71,6 +75,8 @@ def _startup(app: FastAPI, settings: Settings, migrate: bool, run_worker: bool) 
     app.state.keyring, app.state.queue = keyring, queue
     # Before our own consumer starts: whatever is "running" now cannot be ours.
     recover_interrupted_jobs(sessions, settings, startup=True)
+    # Then leftovers of interrupted writes (temp files, unpromoted builds, uncommitted uploads) go.
+    sweep(sessions, storage, startup=True, min_age_s=settings.heartbeat_seconds * settings.stale_after_heartbeats)
     if not queue.immediate:  # inline mode would run them during startup
         try:
             requeue_queued_jobs(sessions, queue)
@@ -78,7 +84,7 @@ def _startup(app: FastAPI, settings: Settings, migrate: bool, run_worker: bool) 
             log.exception("could not re-queue waiting jobs")
     if run_worker:
         queue.start_consumer()
-    app.state.reaper = Reaper(sessions, settings)
+    app.state.reaper = Reaper(sessions, settings, storage)
     app.state.reaper.start()
     log.info("model-owner server ready (data dir %s, signing key %s)", settings.resolved_data_dir, keyring.key_id)
 

@@ -109,8 +109,26 @@ def validate_adapter(tensors: dict[str, torch.Tensor], spec: dict[str, TensorSpe
             raise AdapterValidationError(f"{name}: contains NaN or infinite values")
 
 
+MAX_DIMS = 8  # adapter tensors are 1-D or 2-D; a header claiming more is refused before any arithmetic
+MAX_DIM_SIZE = 1 << 40
+
+
+def _plain_int(x: Any, lo: int, hi: int) -> int:
+    """A JSON integer within [lo, hi]; anything else (floats, bools, strings, inf) raises ValueError."""
+    if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+        raise ValueError(x)
+    return x
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def read_safetensors_header(path: str | Path) -> dict[str, Any]:
-    """Parse and sanity-check a safetensors header without trusting it (sizes, offsets, overlaps)."""
+    """Parse and sanity-check a safetensors header without trusting it (sizes, offsets, overlaps).
+
+    Raises only AdapterValidationError, whatever the bytes (huge declared lengths, non-JSON, deep nesting,
+    NaN/Infinity, odd types, overlapping or non-contiguous offsets)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -122,29 +140,36 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
             raise AdapterValidationError(f"not a safetensors file: declared header length {n} exceeds the file or the limit")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterValidationError(f"not a safetensors file: header is not JSON ({exc})") from exc
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise AdapterValidationError(f"not a safetensors file: header is not JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise AdapterValidationError("not a safetensors file: header is not a JSON object")
     header.pop("__metadata__", None)
     spans = []
     for name, entry in header.items():
         try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(int(x) for x in entry["shape"]), entry["data_offsets"]
-            start, end = int(start), int(end)
+            if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) \
+                    or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2 \
+                    or len(entry["shape"]) > MAX_DIMS:
+                raise ValueError(name)
+            dtype = entry["dtype"]
+            shape = tuple(_plain_int(x, 0, MAX_DIM_SIZE) for x in entry["shape"])
+            start, end = (_plain_int(x, 0, size) for x in entry["data_offsets"])
         except (TypeError, KeyError, ValueError) as exc:
-            raise AdapterValidationError(f"malformed header entry for {name!r}") from exc
-        if dtype not in DTYPE_SIZES:
-            raise AdapterValidationError(f"{name}: dtype {dtype!r} is not a floating dtype an adapter may use")
-        if any(d < 0 for d in shape) or not 0 <= start <= end or end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise AdapterValidationError(f"{name}: data offsets do not match its shape and dtype")
+            raise AdapterValidationError(f"malformed header entry for {name[:200]!r}: expected "
+                                         "{dtype, shape: [ints], data_offsets: [start, end]} within the file") from exc
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise AdapterValidationError(f"{name[:200]}: dtype {str(dtype)[:50]!r} is not a floating dtype an "
+                                         "adapter may use")
+        if not start <= end or end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise AdapterValidationError(f"{name[:200]}: data offsets do not match its shape and dtype")
         spans.append((start, end, name))
     spans.sort()
     pos = 0
     for start, end, name in spans:
         if start != pos:
-            raise AdapterValidationError(f"{name}: overlapping or non-contiguous tensor data")
+            raise AdapterValidationError(f"{name[:200]}: overlapping or non-contiguous tensor data")
         pos = end
     if 8 + n + pos != size:
         raise AdapterValidationError(f"file size {size} does not match its header (truncated or padded upload)")

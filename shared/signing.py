@@ -117,8 +117,10 @@ def trusted_keys_from_listing(listing: dict[str, Any], pins: list[str] | None = 
     With `pins` (base64 keys or key ids), only keys matching a pin are kept; a pinned full key is
     trusted even if the listing lacks it (the listing is not needed to verify then).
     """
+    entries = listing.get("keys") if isinstance(listing, dict) else None
+    entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
     published: dict[str, Ed25519PublicKey] = {}
-    for entry in listing.get("keys", []) if isinstance(listing, dict) else []:
+    for entry in entries:
         try:
             if entry.get("status") == "revoked" or entry.get("algorithm", ALGORITHM) != ALGORITHM:
                 continue
@@ -128,8 +130,7 @@ def trusted_keys_from_listing(listing: dict[str, Any], pins: list[str] | None = 
         published[key_id(key)] = key
     if not pins:
         return published
-    revoked = {str(e.get("key_id")) for e in listing.get("keys", [])
-               if isinstance(e, dict) and e.get("status") == "revoked"} if isinstance(listing, dict) else set()
+    revoked = {str(e.get("key_id")) for e in entries if e.get("status") == "revoked"}
     trusted: dict[str, Ed25519PublicKey] = {}
     for pin in pins:
         kid, key = parse_pinned_key(pin)
@@ -198,7 +199,11 @@ def verify_signed_manifest(signed: dict[str, Any], trusted: dict[str, Ed25519Pub
     except (binascii.Error, ValueError):
         raise SignatureError("signature is not valid base64") from None
     try:
-        key.verify(sig, canonical_bytes(manifest))
+        signed_bytes = canonical_bytes(manifest)
+    except (ValueError, TypeError, RecursionError):  # lone surrogates, absurd nesting: nothing we signed
+        raise SignatureError("malformed manifest: it has no canonical JSON form (invalid text or nesting)") from None
+    try:
+        key.verify(sig, signed_bytes)
     except InvalidSignature:
         raise SignatureError("signature does not match the manifest: it was altered or not signed by this key"
                              ) from None

@@ -12,15 +12,21 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError as SQLAlchemyDataError
+from sqlalchemy.exc import OperationalError as SQLAlchemyOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_owner_server import crud
+from model_owner_server.storage import is_disk_full
 
 log = logging.getLogger("scaleot.api")
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           409: "conflict", 411: "length_required", 413: "payload_too_large", 415: "unsupported_media_type",
-          416: "range_not_satisfiable", 422: "validation_error", 429: "too_many_requests", 503: "unavailable"}
+          416: "range_not_satisfiable", 422: "validation_error", 429: "too_many_requests", 503: "unavailable",
+          507: "insufficient_storage"}
+DISK_FULL_MESSAGE = ("the server ran out of disk space while storing your request; nothing was kept. "
+                     "Try again later (the model owner must free space in SCALEOT_DATA_DIR)")
 
 
 class ApiError(Exception):
@@ -72,6 +78,25 @@ def install_error_handlers(app: FastAPI) -> None:
             else:
                 problems.append(f"{_loc(tuple(err.get('loc', ())))}: {err.get('msg', 'invalid')}")
         return error_response(422, "validation_error", "invalid request: " + "; ".join(problems))
+
+    async def _disk_full(_: Request, exc: Exception) -> JSONResponse:
+        if not is_disk_full(exc):
+            raise exc  # -> the 500 handler below
+        log.error("disk full: %s", exc)
+        return error_response(507, "insufficient_storage", DISK_FULL_MESSAGE)
+
+    # Handled here (not in the catch-all) so a full disk is a clean, expected answer, not a logged crash.
+    app.add_exception_handler(OSError, _disk_full)
+    app.add_exception_handler(SQLAlchemyOperationalError, _disk_full)
+
+    @app.exception_handler(SQLAlchemyDataError)
+    async def _data_error(_: Request, exc: SQLAlchemyDataError) -> JSONResponse:
+        # The database refused a value the client sent (e.g. PostgreSQL: NUL in a text field). The failed
+        # statement's transaction is rolled back when the request's session closes; nothing was stored.
+        if "NUL" in str(exc.orig):
+            return error_response(422, "validation_error", "text fields must not contain NUL characters")
+        log.warning("database refused a request value: %s", exc.orig)
+        return error_response(422, "validation_error", "a value in the request is not valid for the database")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

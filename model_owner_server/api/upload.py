@@ -105,12 +105,13 @@ async def receive_parts(request: Request, specs: dict[str, PartSpec], total_cap:
             raise ApiError(422, "duplicate_part", f"form part {name!r} was sent twice")
         part = ReceivedPart(name, filename)
         if spec.is_file:
-            suffix = Path(filename or "").suffix.lower()
+            suffix = _suffix(filename)
             if spec.suffixes and suffix not in spec.suffixes:
                 raise ApiError(422, "unsupported_file_type",
                                f"part {name!r} must be a file named *{' or *'.join(spec.suffixes)} "
-                               f"(got {filename!r})")
-            part.path = temp_path(suffix)
+                               f"(got {filename!r:.200})")
+            # The client's file name never reaches the file system: only a whitelisted suffix does.
+            part.path = temp_path(suffix if spec.suffixes else ".part")
             part._fh = open(part.path, "wb")
         parts[name] = part
         current[0] = part
@@ -169,10 +170,21 @@ async def receive_parts(request: Request, specs: dict[str, PartSpec], total_cap:
     return parts
 
 
+def _suffix(filename: str | None) -> str:
+    """Lower-cased suffix of a client-supplied file name ('' when odd: NUL bytes, huge, path-like)."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    if "\x00" in name or len(name) > 255:
+        return ""
+    return Path(name).suffix.lower()
+
+
 def discard(parts: dict[str, ReceivedPart]) -> None:
     for p in parts.values():
         if p._fh is not None:
-            p._fh.close()
+            try:
+                p._fh.close()
+            except OSError:  # e.g. ENOSPC flushing the buffer: the file is removed anyway
+                pass
             p._fh = None
         if p.path is not None:
             p.path.unlink(missing_ok=True)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     default_eval: Path | None = Field(default=None, description=".txt/.jsonl used when an upload has no eval_data")
     max_eval_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="cap for an uploaded eval file")
     max_json_part_bytes: int = Field(default=256 * 1024, ge=1024, description="cap for metrics/adapter_config parts")
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024, description="cap for any request body other than "
+                                   "an adapter upload (JSON bodies); larger ones get 413 before the body is read")
     device: Literal["cpu", "cuda", "auto"] = "auto"
     host: str = "127.0.0.1"
     port: int = 8000

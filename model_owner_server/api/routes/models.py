@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter
 from sqlalchemy.exc import IntegrityError
 
@@ -62,12 +60,12 @@ def start_importance(model_id: str, body: schemas.ImportanceRequest, session: Se
                      settings: SettingsDep, queue: QueueDep) -> schemas.Job:
     """Start stage 1 (Dynamic LayerReplace importance estimation) as a job; poll GET /v1/jobs/{id}."""
     model = crud.get_visible_model(session, admin, model_id)
-    corpus = Path(body.corpus).expanduser() if body.corpus else settings.default_corpus
+    corpus = crud.expand_user(body.corpus) if body.corpus else settings.default_corpus
     if corpus is None:
         raise ApiError(422, "no_corpus", "give a server-side corpus file in 'corpus' or configure "
                        "SCALEOT_DEFAULT_CORPUS on the server")
-    if not corpus.is_file():
-        raise ApiError(422, "no_corpus", f"corpus file {str(corpus)!r} does not exist on the server")
+    if not crud.is_file(corpus):
+        raise ApiError(422, "no_corpus", f"corpus file {str(corpus)[:300]!r} does not exist on the server")
     if corpus.suffix.lower() not in (".txt", ".jsonl", ".json"):
         raise ApiError(422, "no_corpus", f"corpus must be a .txt or .jsonl file, not {corpus.suffix or 'no suffix'}")
     job = crud.create_job(session, "importance", admin, {"model_id": model.id, "steps": body.steps,
