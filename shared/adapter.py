@@ -176,11 +176,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
-def load_and_validate_adapter_file(
-    path: str | Path, spec: dict[str, TensorSpec], max_bytes: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Validate an uploaded adapter file against the issued spec; only then load its tensors."""
-    path = Path(path)
+def _check_file(path: Path, spec: dict[str, TensorSpec], max_bytes: int | None) -> dict[str, Any]:
+    """Size cap, header sanity, then exactly the issued names, shapes and dtypes. Returns the header."""
     limit = max_adapter_bytes(spec) if max_bytes is None else max_bytes
     if path.stat().st_size > limit:
         raise AdapterValidationError(f"adapter file is {path.stat().st_size} bytes; the limit for this emulator is {limit}")
@@ -188,6 +185,45 @@ def load_and_validate_adapter_file(
     _check_names(set(header), spec)
     for name, entry in header.items():
         _check_entry(name, tuple(int(x) for x in entry["shape"]), entry["dtype"], spec)
+    return header
+
+
+_TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def validate_adapter_file(path: str | Path, spec: dict[str, TensorSpec], max_bytes: int | None = None,
+                          chunk_bytes: int = 4 << 20) -> None:
+    """The same checks as load_and_validate_adapter_file in bounded memory: tensor data is streamed through
+    one reused buffer to check finiteness, so a 100 MB upload never costs 100 MB of server RAM."""
+    path = Path(path)
+    header = _check_file(path, spec, max_bytes)
+    buf = bytearray(chunk_bytes)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        base = 8 + n
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _TORCH_DTYPES[entry["dtype"]]
+            item = DTYPE_SIZES[entry["dtype"]]
+            start, end = entry["data_offsets"]
+            f.seek(base + start)
+            remaining = end - start
+            step = chunk_bytes - chunk_bytes % item
+            while remaining > 0:
+                got = f.readinto(memoryview(buf)[: min(step, remaining)])
+                if not got:
+                    raise AdapterValidationError(f"{name}: file ends inside its data (truncated upload)")
+                values = torch.frombuffer(buf, dtype=dtype, count=got // item)
+                if not torch.isfinite(values).all():
+                    raise AdapterValidationError(f"{name}: contains NaN or infinite values")
+                remaining -= got
+
+
+def load_and_validate_adapter_file(
+    path: str | Path, spec: dict[str, TensorSpec], max_bytes: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Validate an uploaded adapter file against the issued spec; only then load its tensors."""
+    path = Path(path)
+    _check_file(path, spec, max_bytes)
     try:
         tensors = load_file(str(path))
     except Exception as exc:

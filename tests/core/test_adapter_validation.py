@@ -9,7 +9,10 @@ from safetensors.torch import save_file
 
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import (AdapterValidationError, adapter_spec, extract_adapter, load_and_validate_adapter_file,
-                            max_adapter_bytes)
+                            max_adapter_bytes, validate_adapter_file)
+
+# Both file validators (loading, and streaming in bounded memory) must refuse exactly the same files.
+VALIDATORS = pytest.mark.parametrize("validate", [load_and_validate_adapter_file, validate_adapter_file])
 from shared.tiny import tiny_model
 
 LAYERS = [0, 2]
@@ -46,14 +49,15 @@ def test_plugin_rejects_bad_adapter_and_changes_nothing(model, case):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@VALIDATORS
 @pytest.mark.parametrize("case", ["wrong key", "missing", "extra", "shape", "dtype", "nan", "inf"])
-def test_file_validator_rejects_bad_adapter(tmp_path, model, case):
+def test_file_validator_rejects_bad_adapter(tmp_path, model, case, validate):
     bad, message = _mutations(extract_adapter(model, LAYERS))[case]
     path = tmp_path / "a.safetensors"
     save_file(bad, str(path))
     spec = adapter_spec(model, LAYERS)
     with pytest.raises(AdapterValidationError, match=message if case != "extra" else "unexpected|limit"):
-        load_and_validate_adapter_file(path, spec, max_bytes=max_adapter_bytes(spec) + 1000)
+        validate(path, spec, max_bytes=max_adapter_bytes(spec) + 1000)
 
 
 def test_file_validator_accepts_good_adapter(tmp_path, model):
@@ -70,6 +74,7 @@ def _raw(tmp_path, header: bytes, body: bytes = b"", declared: int | None = None
     return path
 
 
+@VALIDATORS
 @pytest.mark.parametrize("header,body,declared,message", [
     (b"", b"", None, "not JSON"),
     (b"not json", b"", None, "not JSON"),
@@ -82,10 +87,26 @@ def _raw(tmp_path, header: bytes, body: bytes = b"", declared: int | None = None
      b"\0" * 12, None, "overlapping"),
     (b'{"x":{"dtype":"F32","shape":[2]}}', b"\0" * 8, None, "malformed"),
 ])
-def test_header_validator_rejects_malformed_files(tmp_path, model, header, body, declared, message):
+def test_header_validator_rejects_malformed_files(tmp_path, model, header, body, declared, message, validate):
     path = _raw(tmp_path, header, body, declared)
     with pytest.raises(AdapterValidationError, match=message):
-        load_and_validate_adapter_file(path, adapter_spec(model, LAYERS), max_bytes=1 << 20)
+        validate(path, adapter_spec(model, LAYERS), max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_streaming_validator_finds_a_nan_in_any_chunk(tmp_path, dtype):
+    model = tiny_model("llama").to(dtype)
+    good = extract_adapter(model, LAYERS)
+    spec = adapter_spec(model, LAYERS)
+    path = tmp_path / "a.safetensors"
+    save_file(good, str(path))
+    validate_adapter_file(path, spec, chunk_bytes=64)  # many small chunks: every boundary is crossed
+    name = sorted(good)[-1]
+    bad = dict(good, **{name: good[name].clone().view(-1).index_fill_(0, torch.tensor([good[name].numel() - 1]),
+                                                                      float("nan")).view_as(good[name])})
+    save_file(bad, str(path))
+    with pytest.raises(AdapterValidationError, match="NaN"):
+        validate_adapter_file(path, spec, chunk_bytes=64)
 
 
 def test_file_validator_rejects_oversized_file(tmp_path, model):

@@ -36,11 +36,12 @@ def _json_object(part: ReceivedPart | None) -> dict[str, Any] | None:
 
 def _validate_files(parts: dict[str, ReceivedPart], emu: Emulator, has_default_eval: bool) -> None:
     """Heavy checks, run in a worker thread before anything is stored."""
-    from shared.adapter import AdapterValidationError, load_and_validate_adapter_file, spec_from_json
+    from shared.adapter import AdapterValidationError, spec_from_json, validate_adapter_file
     from shared.data import DataError, load_dataset
 
     try:
-        load_and_validate_adapter_file(parts["adapter"].path, spec_from_json(emu.adapter_spec), emu.max_adapter_bytes)
+        # Streaming check: the tensors are loaded later by the evaluation job, not held by the request.
+        validate_adapter_file(parts["adapter"].path, spec_from_json(emu.adapter_spec), emu.max_adapter_bytes)
     except AdapterValidationError as exc:
         raise ApiError(422, "invalid_adapter", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - anything unreadable is the uploader's problem, not a 500
