@@ -35,7 +35,7 @@ from model_owner_server.core.config import Settings
 from model_owner_server.core.db import session_scope
 from model_owner_server.keyring import KeyRing
 from model_owner_server.models import (Adapter, BaseModel, Emulator, Evaluation, ImportanceRun, Job, utcnow)
-from model_owner_server.storage import Storage, is_disk_full
+from model_owner_server.storage import Storage, is_disk_full, pid_alive
 
 log = logging.getLogger("scaleot.jobs")
 TASK_NAME = "scaleot.run_job"
@@ -48,16 +48,6 @@ def worker_id() -> str:
     if _wid is None or _wid[0] != os.getpid():
         _wid = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}")
     return _wid[1]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class QueueUnavailable(RuntimeError):
@@ -158,7 +148,7 @@ def recover_interrupted_jobs(sessions: sessionmaker[Session], settings: Settings
             reason = None
             if host == me_host and pid_text.isdigit():
                 pid = int(pid_text)
-                if (startup and pid == me_pid and job.worker_id != worker_id()) or not _pid_alive(pid):
+                if (startup and pid == me_pid and job.worker_id != worker_id()) or not pid_alive(pid):
                     reason = (f"interrupted by server restart: the worker process that ran this job ({job.worker_id}) "
                               "is gone; submit the request again")
             if reason is None and (job.heartbeat_at is None or now - job.heartbeat_at > stale):
