@@ -12,7 +12,8 @@ from torch import nn
 
 from shared.architectures import Projection, decoder_layers, family_for
 from shared.layer_plan import LayerPlan, Role
-from shared.modules import ConcatLinear, DroppedLayer, Harmonizer, HarmonizerLayer, LowRankLinear, src_rank
+from shared.modules import (ConcatLinear, DroppedLayer, Harmonizer, HarmonizerLayer, LowRankLinear, RankReducedLinear,
+                            factors_are_smaller, src_rank)
 
 
 def projection_weight(module: nn.Module, proj: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -39,10 +40,12 @@ def _low_rank(module: nn.Module, proj: Projection, ranks: list[int], compress: b
     for j, rank in enumerate(ranks):
         w = weight[j * block:(j + 1) * block]
         b = None if bias is None else bias[j * block:(j + 1) * block]
+        # Same rule on both sides: two factors where they are smaller, else the rank-reduced matrix kept dense.
+        cls = LowRankLinear if factors_are_smaller(in_f, block, rank) else RankReducedLinear
         if compress:
-            parts.append(LowRankLinear.from_weight(w, b, rank))
+            parts.append(cls.from_weight(w, b, rank))
         else:  # skeleton: right shapes, values come from the emulator file
-            parts.append(LowRankLinear(in_f, block, rank, bias is not None).to(weight.dtype))
+            parts.append(cls(in_f, block, rank, bias is not None).to(weight.dtype))
     return parts[0] if proj.splits == 1 else ConcatLinear(parts)
 
 

@@ -58,10 +58,36 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
 
+class RankReducedLinear(nn.Linear):
+    """A rank-r weight stored dense: used where two factors would be no smaller than the matrix itself
+    (r >= in*out / (in+out), e.g. beta < 0.5 on a square projection), so SRC never grows the file."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.rank = rank
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> "RankReducedLinear":
+        out_f, in_f = weight.shape
+        mod = cls(in_f, out_f, rank, bias is not None).to(dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            mod.weight.copy_(LowRankLinear.from_weight(weight.double(), None, rank).dense_weight().to(weight.dtype))
+            if bias is not None:
+                mod.bias.copy_(bias.detach())
+        return mod
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+
+def factors_are_smaller(in_features: int, out_features: int, rank: int) -> bool:
+    return rank * (in_features + out_features) < in_features * out_features
+
+
 class ConcatLinear(nn.Module):
     """Fused projection (GPT-2 c_attn = [q|k|v]) compressed block by block: outputs are concatenated."""
 
-    def __init__(self, parts: list[LowRankLinear]):
+    def __init__(self, parts: list[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(parts)
 

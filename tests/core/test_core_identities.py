@@ -65,7 +65,7 @@ def test_plugin_changes_only_adapter_layers(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("beta", [0.0, 0.5])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5])
 def test_emulator_file_round_trip(tmp_path, family, beta):
     model = tiny_model(family, n_layers=6)
     scores = torch.tensor([5.0, 1.0, -1.0, 0.0, -2.0, 3.0])

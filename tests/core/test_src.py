@@ -6,7 +6,7 @@ import torch
 from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
 from shared.architectures import decoder_layers, family_for
 from shared.emulator_model import projection_weight
-from shared.modules import ConcatLinear, LowRankLinear, src_rank
+from shared.modules import ConcatLinear, LowRankLinear, RankReducedLinear, src_rank
 from shared.tiny import FAMILIES, tiny_model
 
 
@@ -43,7 +43,7 @@ def test_src_touches_only_attention_projections(family):
         orig, new = decoder_layers(model)[i], decoder_layers(emu)[i]
         for proj in fam.projections:
             mod = new.get_submodule(proj.path)
-            assert isinstance(mod, (LowRankLinear, ConcatLinear))
+            assert isinstance(mod, (LowRankLinear, RankReducedLinear, ConcatLinear))
             w, _ = projection_weight(orig.get_submodule(proj.path), proj)
             parts = mod.parts if isinstance(mod, ConcatLinear) else [mod]
             assert [p.rank for p in parts] == plan.ranks[i][proj.path]
@@ -74,3 +74,24 @@ def test_beta_zero_is_lossless(family):
 def test_src_rank_rejects_out_of_range_beta():
     with pytest.raises(ValueError, match="beta"):
         src_rank(10, 1.5)
+
+
+@pytest.mark.parametrize("cls", [LowRankLinear, RankReducedLinear])
+def test_both_storages_keep_the_same_rank_k_approximation(cls):
+    torch.manual_seed(0)
+    w = torch.randn(24, 24, dtype=torch.float64)
+    k = src_rank(24, 0.25)
+    approx = cls.from_weight(w, None, k).dense_weight()
+    s = torch.linalg.svdvals(w)
+    assert torch.linalg.matrix_rank(approx).item() == k
+    assert torch.allclose(torch.linalg.matrix_norm(w - approx) ** 2, (s[k:] ** 2).sum(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_src_never_grows_the_emulator(family):
+    model = tiny_model(family, n_layers=4)
+    scores = torch.tensor([3.0, 0.0, 1.0, 2.0])
+    sizes = [sum(p.numel() for p in build_emulator(model, scaleot_plan(scores, 1, 0.0, b, model)).parameters())
+             for b in (0.0, 0.1, 0.25, 0.5, 0.8)]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    assert sizes[-1] < sizes[0]
