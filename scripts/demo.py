@@ -56,6 +56,7 @@ TINY = False  # set by main() for --tiny
 class DemoConfig:
     tiny: bool = False
     steps: int = 30  # stage-1 DL steps (an RL step comes every 10)
+    warmup_steps: int = 20  # local-regression warm start of the harmonizers (cheap; they start far less weak)
     train_steps: int = 60  # the data owner's optimizer steps on the emulator
     # Defaults measured on this budget (docs/walkthrough.md): alpha 0.25 and no SRC give a plug-in better than
     # the zero-shot model with a clear privacy gap; with only a short stage 1 the harmonizers are weak, and
@@ -77,7 +78,7 @@ class DemoConfig:
     @classmethod
     def for_args(cls, args: argparse.Namespace) -> DemoConfig:
         if args.tiny:
-            cfg = cls(tiny=True, steps=4, train_steps=4, n_adapter=2, alpha=0.5, beta=0.5, seq_len=64, batch_size=2,
+            cfg = cls(tiny=True, steps=4, warmup_steps=1, train_steps=4, n_adapter=2, alpha=0.5, beta=0.5, seq_len=64, batch_size=2,
                       eval_max_examples=8, wiki_train_chars=40_000, train_works=2, eval_works=1,
                       max_chars_per_work=12_000, model_name="tiny-llama")
         else:
@@ -87,7 +88,7 @@ class DemoConfig:
             raise SystemExit("SCALEOT_DEMO_SCALE / --scale must be > 0")
         cfg.steps = max(1, round(cfg.steps * scale))
         cfg.train_steps = max(1, round(cfg.train_steps * scale))
-        for name in ("steps", "train_steps", "n_adapter", "alpha", "beta", "seq_len", "batch_size",
+        for name in ("steps", "warmup_steps", "train_steps", "n_adapter", "alpha", "beta", "seq_len", "batch_size",
                      "eval_max_examples", "lr", "seed"):
             value = getattr(args, name, None)
             if value is not None:
@@ -546,20 +547,22 @@ def model_owner_flow(cfg: DemoConfig, *, server_url: str, cli_env: dict[str, str
     active = next(k for k in keys if k["status"] == "active")
     say(f"    server signing key {active['key_id']}: {active['public_key']}")
 
-    step(f"model owner: stage 1, importance estimation ({cfg.steps} DL steps, Dynamic LayerReplace)")
+    step(f"model owner: stage 1, importance estimation ({cfg.warmup_steps} warm-up + {cfg.steps} DL steps, "
+         "Dynamic LayerReplace)")
     t = time.monotonic()
     model = admin.call("GET", f"/v1/models/{model['id']}", show=False)
     importance: dict[str, Any] = {}
-    if model.get("importance_ready") and state.get("importance_steps") == cfg.steps:
+    budget = [cfg.steps, cfg.warmup_steps]
+    if model.get("importance_ready") and state.get("importance_budget") == budget:
         say("  importance of this model is estimated already; reusing it")
     else:
         job = admin.call("POST", f"/v1/models/{model['id']}/importance",
-                         {"steps": cfg.steps, "corpus": str(corpus.resolve())})
+                         {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "corpus": str(corpus.resolve())})
         job = admin.wait_job(job["id"], "importance")
         importance = job.get("result") or {}
         if importance.get("ranking"):
             say(f"  layers by importance (most important first): {importance['ranking']}")
-        state["importance_steps"] = cfg.steps
+        state["importance_budget"] = budget
         if state_file:
             state_file.write_text(json.dumps(state))
     timings["importance"] = time.monotonic() - t
@@ -734,6 +737,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="default: demo-run/ (demo-run/tiny with --tiny); holds model-owner/ and data-owner/")
     ap.add_argument("--steps", type=int, help="stage-1 DL steps (default 30; tiny 4)")
+    ap.add_argument("--warmup-steps", type=int, help="stage-1 harmonizer warm-start steps (default 20; tiny 1)")
     ap.add_argument("--train-steps", type=int, help="the data owner's training steps (default 60; tiny 4)")
     ap.add_argument("--scale", type=float, help="multiply both budgets (env SCALEOT_DEMO_SCALE)")
     ap.add_argument("--n-adapter", type=int, help="adapter layers N_a (default 4)")

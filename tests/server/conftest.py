@@ -102,7 +102,7 @@ def world(tmp_path_factory, new_database_url, files) -> Iterator[World]:
         for org in ("alice", "bob"):
             assert client.post(f"/v1/models/{w.model_id}/grants", headers=h, json={"org": org}).status_code == 201
         r = client.post(f"/v1/models/{w.model_id}/importance", headers=h,
-                        json={"steps": 4, "corpus": str(files["corpus"])})
+                        json={"steps": 4, "corpus": str(files["corpus"]), "warmup_steps": 1, "rl_interval": 2})
         assert r.status_code == 202, r.text
         w.importance_job_id = r.json()["id"]
         job = client.get(f"/v1/jobs/{w.importance_job_id}", headers=h).json()

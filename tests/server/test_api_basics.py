@@ -23,6 +23,8 @@ def test_error_shape_everywhere(world):
         (c.post("/v1/models", headers=h, content=b"{not json", ), 422),
         (c.post("/v1/models", headers=h, json={"name": ""}), 422),
         (c.post(f"/v1/models/{world.model_id}/importance", headers=h, json={"steps": 0}), 422),
+        (c.post(f"/v1/models/{world.model_id}/importance", headers=h, json={"steps": 2, "rl_interval": 0}), 422),
+        (c.post(f"/v1/models/{world.model_id}/importance", headers=h, json={"steps": 2, "warmup_steps": -1}), 422),
         (c.get("/v1/models/mdl_nope", headers=h), 404),
         (c.post(f"/v1/models/{world.model_id}/grants", headers=h, json={"org": "no-such-org"}), 404),
         (c.get("/v1/models"), 401),

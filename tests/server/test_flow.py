@@ -21,6 +21,7 @@ def test_importance_job_reports_scores(world):
     assert job.status == "succeeded" and job.progress == 1.0
     assert len(job.result["scores"]) == 4 and sorted(job.result["ranking"]) == [0, 1, 2, 3]
     assert "loss" in job.metrics and len(job.metrics["scores"]) == 4
+    assert job.metrics["phase"] == "rl"  # rl_interval=2 from the request: the last step was an RL update
     model = world.client.get(f"/v1/models/{world.model_id}", headers=auth(world.keys["alice"])).json()
     assert model["importance_ready"] is True and model["family"] == "llama" and model["n_layers"] == 4
     assert "path" not in model  # the server-side folder is never shown
