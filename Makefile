@@ -11,7 +11,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 COMPOSE_DIR := .cache/compose
 COMPOSE_ENV ?= $(COMPOSE_DIR)/compose.env
 
-.PHONY: help setup demo demo-tiny test test-sqlite test-postgres test-demo \
+.PHONY: help setup compose-tool demo demo-tiny test test-sqlite test-postgres test-demo \
         compose-secrets compose-config compose-up compose-gpu compose-down
 
 help:
@@ -30,7 +30,10 @@ demo: setup
 demo-tiny: setup
 	$(PY) scripts/demo.py --tiny $(DEMO_ARGS)
 
-test: setup test-sqlite test-postgres
+test: setup compose-tool test-sqlite test-postgres
+
+compose-tool:
+	@bash scripts/ensure_compose.sh
 
 test-sqlite:
 	$(PY) -m pytest -q
