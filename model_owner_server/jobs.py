@@ -273,7 +273,7 @@ def _importance(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
                            device=str(runner.device), **knobs)
 
     def progress(p: Any) -> None:
-        ctx.update(0.05 + 0.9 * p.fraction, f"{p.phase} step {p.step}/{p.total_steps}",
+        ctx.update(0.05 + 0.9 * p.fraction, p.label,
                    {"step": p.step, "total_steps": p.total_steps, "phase": p.phase, "loss": p.loss,
                     "reward_mean": p.reward_mean, "scores": [round(x, 5) for x in p.scores]})
 

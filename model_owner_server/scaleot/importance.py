@@ -57,10 +57,19 @@ class ImportanceProgress:
     loss: float
     scores: list[float]
     reward_mean: float | None = None
+    warmup_done: int = 0  # warm-start steps done (they come before the DL steps)
+    total_warmup: int = 0
 
     @property
     def fraction(self) -> float:
-        return self.step / max(1, self.total_steps)
+        """Share of all the work done, warm-start included (for progress bars and job progress)."""
+        return (self.warmup_done + self.step) / max(1, self.total_warmup + self.total_steps)
+
+    @property
+    def label(self) -> str:
+        if self.phase == "warmup":
+            return f"warmup step {self.warmup_done}/{self.total_warmup}"
+        return f"{self.phase} step {self.step}/{self.total_steps}"
 
 
 @dataclass
@@ -169,14 +178,17 @@ def estimate_importance(
     model.requires_grad_(False).eval()
     history: list[dict] = []
 
+    warmup_done = 0
+
     def report(step: int, phase: str, loss: float, reward_mean: float | None = None) -> None:
-        rec = ImportanceProgress(step, cfg.steps, phase, loss, scores.tolist(), reward_mean)
+        rec = ImportanceProgress(step, cfg.steps, phase, loss, scores.tolist(), reward_mean, warmup_done,
+                                 cfg.warmup_steps)
         history.append({"step": step, "phase": phase, "loss": loss, "reward_mean": reward_mean})
         if progress is not None:
             progress(rec)
 
     try:
-        for _ in range(cfg.warmup_steps):
+        for warmup_done in range(1, cfg.warmup_steps + 1):
             report(0, "warmup", _local_regression_step(model, stand_ins, _batch(train_blocks, cfg.batch_size, gen, device), opt))
         for step in range(1, cfg.steps + 1):
             # DL step: train the harmonizers of a sampled configuration through the frozen LLM.

@@ -68,9 +68,13 @@ def test_only_harmonizers_train_and_warmup_and_distillation_run():
     model = tiny_model("gpt2", n_layers=4)
     data = torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(0))
     cfg = ImportanceConfig(steps=3, batch_size=4, rl_interval=3, bottleneck=8, warmup_steps=2, distill_weight=0.5)
-    result = estimate_importance(model, data, data, cfg)
+    seen = []
+    result = estimate_importance(model, data, data, cfg, seen.append)
     assert any(h.up.weight.abs().sum() > 0 for h in result.harmonizers.values())  # they trained
     assert [h["phase"] for h in result.history][:2] == ["warmup", "warmup"]
+    assert [p.label for p in seen[:3]] == ["warmup step 1/2", "warmup step 2/2", "dl step 1/3"]
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.2 and fractions[-1] == 1.0
 
 
 def test_save_and_load_round_trip(tmp_path):
