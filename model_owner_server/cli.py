@@ -175,8 +175,30 @@ def serve_cmd(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     run_migrations(settings.db_url)
-    uvicorn.run(create_app(settings, migrate=False), host=settings.host, port=settings.port,
-                log_level=log_level.lower())
+    code = 0
+    try:
+        uvicorn.run(create_app(settings, migrate=False), host=settings.host, port=settings.port,
+                    log_level=log_level.lower())
+    except KeyboardInterrupt:
+        code = 130
+    _exit_past_busy_job_threads(code)
+
+
+def _exit_past_busy_job_threads(code: int) -> None:
+    """The shutdown hook has already marked this process's jobs failed; a job thread may still be inside torch,
+    and finalising the interpreter under it aborts the process (std::terminate, exit 134). Leave cleanly now."""
+    import logging
+    import os
+    import sys
+    import threading
+
+    if threading.active_count() > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("worker")

@@ -140,6 +140,13 @@ def test_serve_process_end_to_end_and_restart(server, files, tmp_path):
     assert alice.get(f"/v1/emulators/{emu_id}").json()["status"] == "ready"  # earlier results survive
     health = admin.get("/healthz").json()
     assert health["status"] == "ok" and health["database"] == "ok"
+    # Ctrl-C while a job thread is inside torch: a clean exit (not std::terminate, exit 134), the job failed.
+    r = admin.post(f"/v1/models/{model_id}/importance", json={"steps": 1_000_000})
+    _wait_job(admin, r.json()["id"], lambda j: j["status"] == "running" and j["progress"] > 0.05)
+    assert server.stop(signal.SIGINT) == 0, server.log.read_text()[-2000:]
+    server.start()
+    job = admin.get(f"/v1/jobs/{r.json()['id']}").json()
+    assert job["status"] == "failed" and "shutdown" in job["error"], job
     # Graceful stop (uvicorn re-raises SIGTERM after a clean shutdown, hence -15).
     assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in server.log.read_text()
