@@ -11,7 +11,6 @@ everything else in JSON, so an interrupted run continues bit-for-bit with `--res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,10 +39,11 @@ from shared.adapter import (
 )
 from shared.architectures import decoder_layers, layer_prefix
 from shared.data import Dataset, Example, collate, pad_id_for, training_examples
-from shared.evaluation import evaluate, lm_loss
-from shared.layer_plan import LayerPlan
 from shared.device import DeviceChoice, DeviceError
 from shared.device import resolve_device as _resolve_device
+from shared.evaluation import evaluate, lm_loss
+from shared.layer_plan import LayerPlan
+from shared.signing import sha256_file
 
 from .errors import BadInputError, ServerError
 
@@ -417,7 +417,7 @@ def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Datas
         model = add_lora(model, layers, cfg)
     else:
         freeze_except_adapter(model, layers)
-    fingerprint = {"emulator_sha256": identity.get("emulator_sha256"), "data_sha256": _file_sha256(data.path),
+    fingerprint = {"emulator_sha256": identity.get("emulator_sha256"), "data_sha256": sha256_file(data.path)[0],
                    "n_examples": len(examples)}
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and (out_dir / CHECKPOINT_DIR / "trainer_state.json").exists():
@@ -461,14 +461,6 @@ def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Datas
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     return TuneResult(out_dir, adapter_file, config_file, config, metrics, result,
                       sum(t.numel() for t in tensors.values()), tensors)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fmt_metrics(m: dict[str, float]) -> str:

@@ -3,7 +3,6 @@ and the database + data-dir consistency check that every fault run ends with."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import secrets
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from shared.signing import sha256_file
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,14 +256,6 @@ def adapter_bytes_for(emulator_file: Path) -> bytes:
 
 # ---------------------------------------------------------------- consistency
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def consistency_problems(db_url: str, data_dir: Path, *, allow_active: bool = False) -> list[str]:
     """Everything that would be wrong after a crash: rows pointing at missing/different files, files no row
     owns, temp files left behind, jobs stuck or failed without a reason, half-recorded evaluations.
@@ -303,7 +296,7 @@ def consistency_problems(db_url: str, data_dir: Path, *, allow_active: bool = Fa
         if e.status == "ready":
             if path is None or not path.is_file():
                 problems.append(f"emulator {e.id} is ready but its file {e.path} is missing")
-            elif path.stat().st_size != e.size_bytes or _sha256(path) != e.sha256:
+            elif path.stat().st_size != e.size_bytes or sha256_file(path)[0] != e.sha256:
                 problems.append(f"emulator {e.id}: file differs from its recorded size/sha256")
         elif e.status == "building":
             job = jobs.get(e.job_id or "")
@@ -314,7 +307,7 @@ def consistency_problems(db_url: str, data_dir: Path, *, allow_active: bool = Fa
     for a in adapters.values():
         if not (data_dir / a.path).is_file():
             problems.append(f"adapter {a.id}: file {a.path} is missing")
-        elif _sha256(data_dir / a.path) != a.sha256:
+        elif sha256_file(data_dir / a.path)[0] != a.sha256:
             problems.append(f"adapter {a.id}: file differs from its recorded sha256")
         if a.eval_path and not (data_dir / a.eval_path).is_file():
             problems.append(f"adapter {a.id}: eval file {a.eval_path} is missing")

@@ -13,7 +13,6 @@ The data owner rebuilds the module from the config + plan (shapes only) and load
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from shared.architectures import family_for
 from shared.emulator_model import apply_plan
 from shared.layer_plan import LayerPlan
+from shared.signing import sha256_file
 
 try:  # transformers 5.x; harmless to lack (loading is then just slower)
     from transformers.initialization import no_init_weights as _no_init_weights
@@ -61,14 +61,6 @@ class LoadedEmulator:
     tokenizer: PreTrainedTokenizerFast
     plan: LayerPlan
     metadata: dict[str, str]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def count_params(model: nn.Module) -> int:
@@ -126,7 +118,7 @@ def save_emulator(
     os.close(fd)
     try:
         save_model(model, tmp, metadata=metadata)
-        sha = file_sha256(tmp)
+        sha, _ = sha256_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
