@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shared.architectures import decoder_layers
+from shared.emulator_file import count_params
 from shared.modules import Harmonizer, HarmonizerLayer
 
 
@@ -219,8 +220,7 @@ def estimate_importance(
         model.train(was_training)
     for h in harmonizers.values():
         h.requires_grad_(False)
-    n_model = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return ImportanceResult(scores, harmonizers, cfg, history, time.perf_counter() - t0, n_model)
+    return ImportanceResult(scores, harmonizers, cfg, history, time.perf_counter() - t0, count_params(model))
 
 
 @torch.no_grad()
