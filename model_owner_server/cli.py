@@ -55,13 +55,14 @@ def estimate_importance_cmd(
     val_corpus: Optional[Path] = typer.Option(None, "--val-corpus", help="separate D^V (default: tail of --corpus)"),
     seq_len: int = typer.Option(256, "--seq-len"),
     batch_size: int = typer.Option(4, "--batch-size"),
-    group_size: int = typer.Option(2, "--group-size"),
-    rl_interval: int = typer.Option(10, "--rl-interval"),
-    candidates: int = typer.Option(3, "--candidates"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    score_lr: float = typer.Option(10.0, "--score-lr"),
+    replace_fraction: float = typer.Option(0.5, "--replace-fraction", help="share of layers a fresh policy replaces"),
+    rl_interval: int = typer.Option(4, "--rl-interval", help="an RL score update every this many DL steps"),
+    candidates: int = typer.Option(4, "--candidates", help="configurations scored per RL step (>= 2)"),
+    lr: float = typer.Option(1e-3, "--lr", help="harmonizer learning rate"),
+    score_lr: float = typer.Option(1.0, "--score-lr", help="REINFORCE step on the scores"),
     bottleneck: int = typer.Option(64, "--bottleneck"),
-    distill_weight: float = typer.Option(0.0, "--distill-weight"),
+    distill_weight: float = typer.Option(1.0, "--distill-weight", help="KL to the full model's logits"),
+    hidden_weight: float = typer.Option(1.0, "--hidden-weight", help="normalised MSE of the last hidden state"),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="local-regression warm-start steps"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto"),
@@ -78,9 +79,13 @@ def estimate_importance_cmd(
         train, val = corpus_blocks(tok, corpus, seq_len, val_corpus=val_corpus)
     except ValueError as exc:
         _fail(str(exc))
-    cfg = ImportanceConfig(steps=steps, batch_size=batch_size, group_size=group_size, rl_interval=rl_interval,
-                           n_candidates=candidates, lr=lr, score_lr=score_lr, bottleneck=bottleneck,
-                           distill_weight=distill_weight, warmup_steps=warmup_steps, seed=seed, device=str(dev))
+    try:
+        cfg = ImportanceConfig(steps=steps, batch_size=batch_size, replace_fraction=replace_fraction,
+                               rl_interval=rl_interval, n_candidates=candidates, lr=lr, score_lr=score_lr,
+                               bottleneck=bottleneck, distill_weight=distill_weight, hidden_weight=hidden_weight,
+                               warmup_steps=warmup_steps, seed=seed, device=str(dev))
+    except ValueError as exc:
+        _fail(str(exc))
     bar = tqdm(total=steps, desc="stage 1", unit="step")
 
     def progress(p) -> None:

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from shared.architectures import family_for
 from shared.emulator_model import apply_plan
 from shared.layer_plan import LayerPlan
+from shared.modules import count_params  # noqa: F401  (re-exported: callers take it from here too)
 from shared.signing import sha256_file
 
 try:  # transformers 5.x; harmless to lack (loading is then just slower)
@@ -61,11 +62,6 @@ class LoadedEmulator:
     tokenizer: PreTrainedTokenizerFast
     plan: LayerPlan
     metadata: dict[str, str]
-
-
-def count_params(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def config_json(config) -> str:

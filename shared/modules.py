@@ -118,3 +118,8 @@ def src_rank(full_rank: int, beta: float) -> int:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     return max(1, round((1.0 - beta) * full_rank))
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

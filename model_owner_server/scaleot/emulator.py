@@ -1,17 +1,21 @@
-"""Stage 2: from (M, S, H) to an emulator at (N_a, alpha, beta), with no further training.
+"""Stage 2: from (M, S, H) to an emulator at (N_a, alpha, beta).
 
-- N_a most important layers (by S) -> adapter: original, trainable, at their original positions.
-- the least important alpha share of the other layers -> their harmonizers.
+- N_a adapter layers: original, trainable, at their original positions. Where they sit is `placement`
+  [our choice, measured in docs/benchmarks.md]: "sandwich" (first and last N_a/2, as OT), "importance" (the
+  N_a most important by S, the paper's rule) or "spread" (evenly spaced).
+- the least important (by S) alpha share of the other layers -> their harmonizers.
 - the rest -> frozen originals whose attention q/k/v/o (never the FFN) keep round((1 - beta) * rank)
   singular values (Selective Rank Compression), stored as two factors so the file shrinks.
-Also the OT baseline: uniform LayerDrop (first/last 2 layers adapter, middle layers evenly dropped).
+Then, optionally, calibration for the fixed plan (calibrate.py) and the fidelity figure stored in the file.
+Also the baselines: OT uniform LayerDrop (first/last 2 layers adapter, middle layers evenly dropped) and
+CRaSh-style layer sharing (the same removed slots run the nearest kept layer again).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,11 +27,29 @@ from shared.emulator_model import apply_plan, src_ranks
 from shared.layer_plan import LayerPlan, Role
 from shared.modules import Harmonizer
 
+from .calibrate import CalibrationConfig, calibrate_emulator, measure_fidelity
 from .importance import ImportanceResult
+
+PLACEMENTS = ("sandwich", "importance", "spread")
+DEFAULT_PLACEMENT = "sandwich"
+
+
+def adapter_positions(scores: torch.Tensor, n_adapter: int, placement: str = DEFAULT_PLACEMENT) -> list[int]:
+    n = len(scores)
+    if placement == "importance":
+        return sorted(sorted(range(n), key=lambda i: (-float(scores[i]), i))[:n_adapter])
+    if placement == "sandwich":  # OT: the first ceil(N_a/2) and the last floor(N_a/2) layers
+        head = (n_adapter + 1) // 2
+        return sorted(set(range(head)) | set(range(n - (n_adapter - head), n)))
+    if placement == "spread":  # evenly spaced, first and last included
+        if n_adapter == 1:
+            return [0]
+        return sorted({round(j * (n - 1) / (n_adapter - 1)) for j in range(n_adapter)})
+    raise ValueError(f"unknown adapter placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
 
 
 def scaleot_plan(scores: torch.Tensor, n_adapter: int, alpha: float, beta: float, model: nn.Module,
-                 bottleneck: int = 64) -> LayerPlan:
+                 bottleneck: int = 64, placement: str = DEFAULT_PLACEMENT) -> LayerPlan:
     n = len(scores)
     if not 1 <= n_adapter <= n:
         raise ValueError(f"n_adapter must be between 1 and the number of layers ({n}), got {n_adapter}")
@@ -35,9 +57,9 @@ def scaleot_plan(scores: torch.Tensor, n_adapter: int, alpha: float, beta: float
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
+    adapter = set(adapter_positions(scores, n_adapter, placement))
     order = sorted(range(n), key=lambda i: (-float(scores[i]), i))  # most important first; ties by position
-    adapter = set(order[:n_adapter])
-    rest = order[n_adapter:][::-1]  # least important first
+    rest = [i for i in order if i not in adapter][::-1]  # least important first
     harmonized = set(rest[: round(alpha * len(rest))])
     roles = [Role.ADAPTER if i in adapter else Role.HARMONIZER if i in harmonized else Role.FROZEN for i in range(n)]
     return _with_ranks(LayerPlan(roles, {}, "scaleot", n_adapter, alpha, beta, bottleneck if harmonized else 0), model)
@@ -52,6 +74,18 @@ def uniform_layerdrop_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> La
     dropped = {middle[int((j + 0.5) * len(middle) / n_dropped)] for j in range(n_dropped)}
     roles = [Role.ADAPTER if i not in middle else Role.DROPPED if i in dropped else Role.FROZEN for i in range(n_layers)]
     return LayerPlan(roles, {}, "uniform_layerdrop", 2 * n_edge, n_dropped / max(1, len(middle)), 0.0, 0)
+
+
+def layer_sharing_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> tuple[LayerPlan, dict[int, int]]:
+    """CRaSh-style baseline: OT's dropped slots, each filled by the nearest kept layer run again.
+
+    Returns the plan (every slot a frozen original) and {slot: kept layer whose weights it runs}. Training-free,
+    no extra parameters; the file stores the shared weights once per slot (a baseline, not a product emulator)."""
+    drop = uniform_layerdrop_plan(n_layers, n_dropped, n_edge)
+    kept = drop.layers_with(Role.FROZEN)
+    sources = {i: min(kept, key=lambda k: (abs(k - i), k)) for i in drop.layers_with(Role.DROPPED)}
+    roles = [Role.FROZEN if r == Role.DROPPED else r for r in drop.roles]
+    return LayerPlan(roles, {}, "layer_sharing", drop.n_adapter, drop.alpha, 0.0, 0), sources
 
 
 def _with_ranks(plan: LayerPlan, model: nn.Module) -> LayerPlan:
@@ -93,25 +127,51 @@ def make_emulator(
     *,
     method: str = "scaleot",
     n_dropped: int | None = None,
+    placement: str = DEFAULT_PLACEMENT,
+    calibration: CalibrationConfig | None = None,
+    calibration_blocks: torch.Tensor | None = None,
+    fidelity_blocks: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    calibration_progress: Callable[[Any], None] | None = None,
 ) -> EmulatorFileInfo:
-    """Plan, build and save an emulator; the returned info carries sizes next to the full model's."""
+    """Plan, build, (calibrate,) measure and save an emulator; the info carries sizes next to the full model's.
+
+    `calibration` needs `calibration_blocks` (task-agnostic token blocks, e.g. stage 1's D^T); the fidelity
+    figure is measured on `fidelity_blocks` (e.g. stage 1's D^V) when given and stored in the file."""
+    n_layers = len(decoder_layers(model))
+    sources: dict[int, int] = {}
+    harmonizers = None
     if method == "scaleot":
         if importance is None:
             raise ValueError("ScaleOT emulators need a stage-1 importance run")
-        plan = scaleot_plan(importance.scores, n_adapter, alpha, beta, model, importance.config.bottleneck)
+        plan = scaleot_plan(importance.scores, n_adapter, alpha, beta, model, importance.config.bottleneck,
+                            placement)
         harmonizers = importance.harmonizers
     elif method == "uniform_layerdrop":
-        n_layers = len(decoder_layers(model))
         plan = uniform_layerdrop_plan(n_layers, n_dropped if n_dropped is not None else (n_layers - 4) // 2)
-        harmonizers = None
+    elif method == "layer_sharing":
+        plan, sources = layer_sharing_plan(n_layers, n_dropped if n_dropped is not None else (n_layers - 4) // 2)
     else:
-        raise ValueError(f"unknown emulator method {method!r}; use 'scaleot' or 'uniform_layerdrop'")
+        raise ValueError(f"unknown emulator method {method!r}; use 'scaleot', 'uniform_layerdrop' or "
+                         "'layer_sharing'")
     emu = build_emulator(model, plan, harmonizers)
+    if sources:
+        layers = decoder_layers(emu)
+        for slot, src in sources.items():
+            layers[slot].load_state_dict(decoder_layers(model)[src].state_dict())
+    meta: dict[str, Any] = {"placement": placement if method == "scaleot" else "sandwich"}
+    if calibration is not None and calibration.steps > 0:
+        if calibration_blocks is None:
+            raise ValueError("calibration needs calibration_blocks (task-agnostic token blocks)")
+        meta["calibration"] = calibrate_emulator(model, emu, plan, calibration_blocks, calibration,
+                                                 calibration_progress)
+    if fidelity_blocks is not None:
+        meta["fidelity"] = measure_fidelity(model, emu, plan, fidelity_blocks)
     if dtype is not None:
         emu.to(dtype)
     sizes = {"full_model_params": count_params(model), "full_model_bytes": param_bytes(model)}
-    info = save_emulator(emu, plan, tokenizer, output, {**sizes, **(extra_metadata or {})})
+    info = save_emulator(emu, plan, tokenizer, output, {**sizes, **meta, **(extra_metadata or {})})
     info.extra.update(sizes)
+    info.extra.update(meta)
     return info

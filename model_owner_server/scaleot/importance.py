@@ -1,11 +1,17 @@
 """Stage 1: importance estimation with Dynamic LayerReplace (ScaleOT §2 of docs/scaleot-spec.md).
 
-Every decoder layer i gets a harmonizer H_i and an importance score S_i (start 0). Each DL step samples a
-grouped LayerReplace configuration (in every group of consecutive layers about half are swapped for their
-harmonizers, less important layers more likely) and trains ONLY the harmonizers on the LM loss. Every
-`rl_interval` DL steps an RL step samples `n_candidates` configurations, scores each on a validation batch
-(reward exp(-loss), baseline-subtracted), and moves S by REINFORCE: up for layers a better-than-average
-configuration kept, down for layers it replaced. Layers whose replacement hurts end with high S.
+Every decoder layer i gets a harmonizer H_i and an importance score S_i (start 0). The LayerReplace policy
+replaces each layer independently with probability q_i = sigmoid(logit(f) - S_i) (f = `replace_fraction`, so
+fresh scores replace a share f of the layers), which gives every configuration a real log-probability.
+
+- DL step: sample a configuration, run the mixed network on a D^T batch, update ONLY the harmonizers on the
+  LM loss plus a fidelity term (KL to the full model's logits and normalised MSE of the final hidden state,
+  [our choice]: without it nothing asks a harmonizer to reproduce what its layer did).
+- RL step (every `rl_interval` DL steps): sample `n_candidates` configurations, score each on the same D^V
+  batch (reward exp(-loss)), and move S by REINFORCE with a leave-one-out baseline:
+  S_i += eta * mean_k(a_k * d log pi(c_k) / d S_i), where d log pi / d S_i = q_i if c_k kept layer i and
+  -(1 - q_i) if it replaced it. Layers whose replacement hurts end with high S. Scores are re-centred to
+  mean 0 after each RL step, so the replaced share stays near `replace_fraction`.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,30 +30,40 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shared.architectures import decoder_layers
-from shared.emulator_file import count_params
-from shared.modules import Harmonizer, HarmonizerLayer
+from shared.modules import Harmonizer, HarmonizerLayer, count_params
 
 
 @dataclass
 class ImportanceConfig:
     steps: int = 100  # DL steps (the budget); RL steps come on top, every rl_interval
     batch_size: int = 4
-    group_size: int = 2
-    replace_fraction: float = 0.5  # share of each group replaced per configuration
-    rl_interval: int = 10
-    n_candidates: int = 3
+    replace_fraction: float = 0.5  # share of layers a fresh policy (all S = 0) replaces
+    rl_interval: int = 2
+    n_candidates: int = 4  # configurations per RL step (>= 2: the baseline is the others' mean reward)
+    val_batch_size: int = 8  # D^V blocks every RL candidate is scored on (the same blocks for all of them)
     lr: float = 1e-3  # harmonizer AdamW learning rate
-    score_lr: float = 10.0  # eta, the REINFORCE step on the scores
-    # [our choice] rewards are exp(-loss) divided by the best candidate's: a positive per-step rescale that
-    # leaves the policy-gradient direction alone but makes eta meaningful when losses are large (small
-    # models with half their layers replaced sit at loss ~10, where raw exp(-loss) is ~1e-5).
-    relative_reward: bool = True
+    score_lr: float = 1.0  # eta, the REINFORCE step on the scores (advantages are standardised per RL step)
     bottleneck: int = 64
-    distill_weight: float = 0.0  # optional KL(full model || mixed model) on logits, added to the LM loss
+    distill_weight: float = 1.0  # KL(full model || mixed model) on logits, added to the LM loss
+    hidden_weight: float = 1.0  # normalised MSE of the final hidden state against the full model's
     distill_temperature: float = 1.0
     warmup_steps: int = 0  # optional local-regression warm start: each H_i fits its own layer's output
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.n_candidates < 2:
+            raise ValueError("n_candidates must be at least 2 (each candidate's baseline is the others' mean reward)")
+        if not 0.0 < self.replace_fraction < 1.0:
+            raise ValueError(f"replace_fraction must be in (0, 1), got {self.replace_fraction}")
+        if self.steps < 1 or self.rl_interval < 1 or self.batch_size < 1 or self.val_batch_size < 1:
+            raise ValueError("steps, rl_interval, batch_size and val_batch_size must be at least 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImportanceConfig":
+        """Tolerant of records written by older versions (unknown keys such as group_size are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -87,25 +103,27 @@ class ImportanceResult:
         return sum(p.numel() for h in self.harmonizers.values() for p in h.parameters())
 
     def ranking(self) -> list[int]:
-        """Layer indices, most important first."""
-        return sorted(range(len(self.scores)), key=lambda i: -float(self.scores[i]))
+        """Layer indices, most important first; ties broken by position."""
+        return sorted(range(len(self.scores)), key=lambda i: (-float(self.scores[i]), i))
 
 
-def sample_replacement(scores: torch.Tensor, group_size: int, fraction: float, gen: torch.Generator) -> list[bool]:
-    """Grouped LayerReplace: True = replace. In each group of consecutive layers, about `fraction` of them
-    (stochastic rounding) are drawn without replacement with probability ∝ sigmoid(-S_i)."""
-    n = len(scores)
-    replaced = [False] * n
-    for start in range(0, n, group_size):
-        idx = list(range(start, min(start + group_size, n)))
-        want = fraction * len(idx)
-        k = int(want) + int(torch.rand((), generator=gen).item() < want - int(want))
-        if k == 0:
-            continue
-        weights = torch.sigmoid(-scores[idx].float())
-        for j in torch.multinomial(weights, k, replacement=False, generator=gen).tolist():
-            replaced[idx[j]] = True
-    return replaced
+def replace_probabilities(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """q_i = P(layer i replaced) = sigmoid(logit(fraction) - S_i)."""
+    f = min(max(fraction, 1e-4), 1 - 1e-4)
+    return torch.sigmoid(math.log(f / (1 - f)) - scores.double())
+
+
+def sample_replacement(scores: torch.Tensor, fraction: float, gen: torch.Generator) -> list[bool]:
+    """One LayerReplace configuration: True = replace layer i (independently, with probability q_i)."""
+    q = replace_probabilities(scores, fraction)
+    return (torch.rand(len(scores), generator=gen, dtype=torch.float64) < q).tolist()
+
+
+def log_prob_grad(scores: torch.Tensor, fraction: float, replaced: list[bool]) -> torch.Tensor:
+    """d log pi(configuration) / d S: q_i where layer i was kept, -(1 - q_i) where it was replaced."""
+    q = replace_probabilities(scores, fraction)
+    r = torch.tensor(replaced, dtype=torch.bool)
+    return torch.where(r, -(1 - q), q)
 
 
 @contextlib.contextmanager
@@ -122,8 +140,39 @@ def swapped_layers(model: nn.Module, replacements: dict[int, nn.Module]) -> Iter
             layers[i] = mod
 
 
-def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def fidelity_loss(logits: torch.Tensor, hidden: torch.Tensor, t_logits: torch.Tensor, t_hidden: torch.Tensor,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(teacher || student) per token, normalised MSE of hidden states): how far a mixed network is from M."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits.float().flatten(0, 1) / t, -1),
+                  F.log_softmax(t_logits.float().flatten(0, 1) / t, -1), log_target=True,
+                  reduction="batchmean") * t * t
+    nmse = F.mse_loss(hidden.float(), t_hidden.float()) / t_hidden.float().pow(2).mean().clamp_min(1e-6)
+    return kl, nmse
+
+
+def forward_with_hidden(model: nn.Module, ids: torch.Tensor,
+                        positions: list[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """(logits, {i: output of decoder position i}) in one forward; default: the last position only.
+
+    Hooks sit on whatever module fills each position (a harmonizer stand-in included); transformers'
+    own output_hidden_states only records its decoder-layer class and would skip stand-ins."""
+    layers = decoder_layers(model)
+    positions = [len(layers) - 1] if positions is None else positions
+    outs: dict[int, torch.Tensor] = {}
+    hooks = [layers[i].register_forward_hook(
+        lambda mod, args, out, i=i: outs.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        for i in positions]
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, outs
 
 
 def _batch(blocks: torch.Tensor, size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -178,7 +227,6 @@ def estimate_importance(
     was_training = model.training
     model.requires_grad_(False).eval()
     history: list[dict] = []
-
     warmup_done = 0
 
     def report(step: int, phase: str, loss: float, reward_mean: float | None = None) -> None:
@@ -191,25 +239,25 @@ def estimate_importance(
     try:
         for warmup_done in range(1, cfg.warmup_steps + 1):
             report(0, "warmup", _local_regression_step(model, stand_ins, _batch(train_blocks, cfg.batch_size, gen, device), opt))
+        distill = cfg.distill_weight > 0 or cfg.hidden_weight > 0
         for step in range(1, cfg.steps + 1):
             # DL step: train the harmonizers of a sampled configuration through the frozen LLM.
-            replaced = sample_replacement(scores, cfg.group_size, cfg.replace_fraction, gen)
+            replaced = sample_replacement(scores, cfg.replace_fraction, gen)
             ids = _batch(train_blocks, cfg.batch_size, gen, device)
-            teacher = None
-            if cfg.distill_weight > 0:
+            if distill:
                 with torch.no_grad():
-                    teacher = model(input_ids=ids, use_cache=False).logits
+                    t_logits, t_hidden = forward_with_hidden(model, ids)
             with swapped_layers(model, {i: stand_ins[i] for i, r in enumerate(replaced) if r}):
-                logits = model(input_ids=ids, use_cache=False).logits
-            loss = _lm_loss(logits, ids)
-            if teacher is not None:
-                t = cfg.distill_temperature
-                kl = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
-                              log_target=True, reduction="batchmean") * t * t / ids.shape[1]
-                loss = loss + cfg.distill_weight * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                logits, hidden = forward_with_hidden(model, ids)
+            loss = lm_loss(logits, ids)
+            if distill:
+                last = n_layers - 1
+                kl, nmse = fidelity_loss(logits, hidden[last], t_logits, t_hidden[last], cfg.distill_temperature)
+                loss = loss + cfg.distill_weight * kl + cfg.hidden_weight * nmse
+            if any(replaced):  # a configuration that replaced nothing has no harmonizer to train
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             report(step, "dl", float(loss.detach()))
 
             if step % cfg.rl_interval == 0:
@@ -225,22 +273,27 @@ def estimate_importance(
 
 @torch.no_grad()
 def _rl_step(model, stand_ins, scores, val_blocks, cfg, gen, device) -> tuple[float, float]:
-    """REINFORCE on the scores: S_i += eta * a_k * sigma(S_i)(1 - sigma(S_i)) * (+1 kept / -1 replaced)."""
-    ids = _batch(val_blocks, cfg.batch_size, gen, device)  # one batch for all candidates: a fair comparison
+    """REINFORCE with a leave-one-out baseline on the scores (see the module docstring)."""
+    ids = _batch(val_blocks, cfg.val_batch_size, gen, device)  # one batch for all candidates: a fair comparison
     configs, losses = [], []
     for _ in range(cfg.n_candidates):
-        replaced = sample_replacement(scores, cfg.group_size, cfg.replace_fraction, gen)
+        replaced = sample_replacement(scores, cfg.replace_fraction, gen)
         with swapped_layers(model, {i: stand_ins[i] for i, r in enumerate(replaced) if r}):
-            losses.append(float(_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)))
+            losses.append(float(lm_loss(model(input_ids=ids, use_cache=False).logits, ids)))
         configs.append(replaced)
     loss_t = torch.tensor(losses, dtype=torch.float64)
-    rewards = torch.exp(-(loss_t - loss_t.min())) if cfg.relative_reward else torch.exp(-loss_t)
-    adv = rewards - rewards.mean()
-    sig = torch.sigmoid(scores.double())
-    grad = sig * (1 - sig)
+    # exp(-loss) relative to the best candidate: a positive rescale per step (raw exp(-10) would be ~0).
+    rewards = torch.exp(-(loss_t - loss_t.min()))
+    k = len(losses)
+    adv = rewards - (rewards.sum() - rewards) / (k - 1)  # leave-one-out baseline: unbiased
+    adv = adv / adv.std().clamp_min(1e-8) if k > 2 else adv / adv.abs().max().clamp_min(1e-8)
+    step = torch.zeros(len(scores), dtype=torch.float64)
     for a, replaced in zip(adv.tolist(), configs):
-        sign = torch.tensor([-1.0 if r else 1.0 for r in replaced], dtype=torch.float64)
-        scores += (cfg.score_lr * a * grad * sign).float()
+        step += a * log_prob_grad(scores, cfg.replace_fraction, replaced)
+    scores += (cfg.score_lr * step / k).float()
+    # [our choice] Scores are relative: centring keeps the replaced share near replace_fraction (a policy that
+    # learns "replace fewer layers" would stop training harmonizers) without changing the ranking.
+    scores -= scores.mean()
     return float(loss_t.mean()), float(rewards.mean())
 
 
@@ -286,7 +339,7 @@ def load_importance(out_dir: str | Path) -> ImportanceResult:
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{out} holds no importance run (importance.json + importance.safetensors); "
                                 "run `modelowner-server estimate-importance` first") from exc
-    cfg = ImportanceConfig(**record["config"])
+    cfg = ImportanceConfig.from_dict(record["config"])
     harmonizers = {}
     for i in range(record["n_layers"]):
         h = Harmonizer(record["hidden_size"], cfg.bottleneck)

@@ -3,7 +3,8 @@
 import torch
 
 from model_owner_server.scaleot.importance import (ImportanceConfig, estimate_importance, load_importance,
-                                                   sample_replacement, save_importance)
+                                                   log_prob_grad, replace_probabilities, sample_replacement,
+                                                   save_importance)
 from shared.architectures import decoder_layers
 from shared.tiny import tiny_model
 
@@ -33,8 +34,7 @@ def own_samples(model, n=48, length=24, seed=0):
     return ids
 
 
-CFG = ImportanceConfig(steps=40, batch_size=8, group_size=3, rl_interval=2, n_candidates=4, lr=1e-4,
-                       score_lr=10.0, bottleneck=8, seed=0)
+CFG = ImportanceConfig(steps=40, batch_size=8, rl_interval=2, bottleneck=8, seed=0)  # defaults otherwise
 
 
 def test_critical_layer_ranks_first_and_noop_ranks_low():
@@ -90,13 +90,57 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.config == result.config
 
 
-def test_grouped_sampling_replaces_about_half_of_each_group():
+def test_default_settings_rank_across_the_whole_model():
+    """Defaults only (but the budget): critical and no-op layers are neighbours, and no pair of scores mirrors."""
+    model = tiny_model("llama", n_layers=8, hidden=32, seed=1)
+    layers = decoder_layers(model)
+    critical, noop = 4, 5
+    with torch.no_grad():
+        layers[critical].mlp.down_proj.weight.mul_(30)
+        layers[noop].self_attn.o_proj.weight.zero_()
+        layers[noop].mlp.down_proj.weight.zero_()
+        model.model.norm.weight.mul_(4)
+    data = own_samples(model, n=64)
+    cfg = ImportanceConfig(steps=48, bottleneck=8, seed=0)
+    result = estimate_importance(model, data[:48], data[48:], cfg)
+    ranking = result.ranking()
+    assert ranking[0] == critical, result.scores
+    assert ranking.index(noop) >= 4, result.scores
+    s = result.scores
+    sums = (s[:, None] + s[None, :]).abs() + torch.eye(len(s)) * 1e9
+    assert float(sums.min()) > 1e-4, "two scores mirror each other exactly"
+
+
+def test_policy_has_a_real_log_probability():
+    scores = torch.tensor([0.0, 2.0, -1.0], dtype=torch.float64)
+    q = replace_probabilities(scores, 0.5)
+    assert torch.allclose(q, torch.sigmoid(-scores.double()))
+    # d log pi / dS by finite differences of log pi(c) = sum log(q_i if replaced else 1 - q_i)
+    config = [True, False, True]
+
+    def logp(sc):
+        qq = replace_probabilities(sc, 0.5)
+        return sum(float(torch.log(qq[i] if r else 1 - qq[i])) for i, r in enumerate(config))
+    eps = 1e-5
+    eye = torch.eye(3, dtype=torch.float64)
+    numeric = [(logp(scores + eps * eye[i]) - logp(scores - eps * eye[i])) / (2 * eps)
+               for i in range(3)]
+    assert torch.allclose(log_prob_grad(scores, 0.5, config), torch.tensor(numeric, dtype=torch.float64), atol=1e-6)
+
+
+def test_sampling_follows_the_scores():
     gen = torch.Generator().manual_seed(0)
     scores = torch.zeros(8)
-    for _ in range(20):
-        r = sample_replacement(scores, 2, 0.5, gen)
-        assert all(sum(r[g:g + 2]) == 1 for g in range(0, 8, 2))
-    # a very important layer is almost never replaced
-    scores[0] = 8.0
-    picks = sum(sample_replacement(scores, 2, 0.5, gen)[0] for _ in range(200))
-    assert picks < 5
+    share = sum(sum(sample_replacement(scores, 0.5, gen)) for _ in range(200)) / 1600
+    assert 0.45 < share < 0.55
+    scores[0] = 8.0  # a very important layer is almost never replaced
+    assert sum(sample_replacement(scores, 0.5, gen)[0] for _ in range(200)) < 5
+
+
+def test_bad_settings_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="n_candidates"):
+        ImportanceConfig(n_candidates=1)
+    with pytest.raises(ValueError, match="replace_fraction"):
+        ImportanceConfig(replace_fraction=1.0)

@@ -1,0 +1,152 @@
+"""Stage 2b [our choice]: calibrate an emulator for its own plan, and measure how well it will transfer.
+
+Stage 1 trains every harmonizer under random configurations; an emulator fixes one. An adapter tuned through
+an emulator that is far from M learns to repair the emulator, and that part does not transfer. So after the
+plan is fixed, the stand-ins (and optionally the kept frozen layers, as OT's distillation does) are fitted so
+that the emulator *with M's own adapter layers* reproduces M: KL to M's logits plus the normalised MSE of the
+residual stream after every position. The adapter layers are never touched (they are M's weights, which the
+data owner starts from and the server plugs back).
+
+`measure_fidelity` is the figure stored with every emulator: the perplexity ratio to M and the cosine between
+the adapter's gradients under the emulator and under M (GradOT / LLEOT: what transfers is the gradient).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from shared.architectures import decoder_layers
+from shared.layer_plan import LayerPlan, Role
+
+from .importance import fidelity_loss, forward_with_hidden, lm_loss
+
+
+@dataclass
+class CalibrationConfig:
+    steps: int = 100  # 0 = no calibration
+    batch_size: int = 4
+    lr: float = 1e-3  # harmonizers
+    kept_lr: float = 0.0  # > 0: also adjust the kept (frozen / SRC) layers at this rate (OT-style compensation)
+    kl_weight: float = 1.0
+    hidden_weight: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CalibrationProgress:
+    step: int
+    total_steps: int
+    kl: float
+    nmse: float
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+def calibration_params(emu: nn.Module, plan: LayerPlan, cfg: CalibrationConfig) -> list[dict[str, Any]]:
+    """Optimizer groups: harmonizer stand-ins at cfg.lr, kept layers at cfg.kept_lr (when > 0)."""
+    layers = decoder_layers(emu)
+    groups = [{"params": [p for i in plan.layers_with(Role.HARMONIZER) for p in layers[i].parameters()],
+               "lr": cfg.lr}]
+    if cfg.kept_lr > 0:
+        groups.append({"params": [p for i in plan.layers_with(Role.FROZEN) for p in layers[i].parameters()],
+                       "lr": cfg.kept_lr})
+    return [g for g in groups if g["params"]]
+
+
+def calibrate_emulator(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks: torch.Tensor,
+                       cfg: CalibrationConfig,
+                       progress: Callable[[CalibrationProgress], None] | None = None) -> dict[str, Any]:
+    """Fit the emulator's non-adapter parts to M on task-agnostic token blocks (N, T). In place; M untouched."""
+    groups = calibration_params(emu, plan, cfg)
+    if cfg.steps <= 0 or not groups:
+        return {"steps": 0, "seconds": 0.0, "config": cfg.to_dict()}
+    t0 = time.perf_counter()
+    device = next(emu.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    emu.requires_grad_(False).eval()
+    model.eval()
+    trainable = [p for g in groups for p in g["params"]]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    positions = list(range(plan.n_layers))
+    kl = nmse = torch.zeros(())
+    try:
+        for step in range(1, cfg.steps + 1):
+            ids = blocks[torch.randint(len(blocks), (min(cfg.batch_size, len(blocks)),), generator=gen)].to(device)
+            with torch.no_grad():
+                t_logits, t_hidden = forward_with_hidden(model, ids, positions)
+            logits, hidden = forward_with_hidden(emu, ids, positions)
+            kl, _ = fidelity_loss(logits, hidden[positions[-1]], t_logits, t_hidden[positions[-1]])
+            # The residual stream after every position: where each stand-in rejoins M, it should carry M's state.
+            nmse = sum(fidelity_loss(logits, hidden[i], t_logits, t_hidden[i])[1] for i in positions) / len(positions)
+            loss = cfg.kl_weight * kl + cfg.hidden_weight * nmse
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            sched.step()
+            if progress is not None:
+                progress(CalibrationProgress(step, cfg.steps, float(kl.detach()), float(nmse.detach())))
+    finally:
+        emu.requires_grad_(False)
+        for i in plan.adapter_layers:
+            decoder_layers(emu)[i].requires_grad_(True)
+    return {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 2), "final_kl": float(kl),
+            "final_nmse": float(nmse), "config": cfg.to_dict()}
+
+
+def _adapter_grad(net: nn.Module, layers: list[int], ids: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    blocks = decoder_layers(net)
+    params = [[p for p in blocks[i].parameters()] for i in layers]
+    flags = [[p.requires_grad for p in ps] for ps in params]
+    try:
+        for ps in params:
+            for p in ps:
+                p.requires_grad_(True)
+        loss = lm_loss(net(input_ids=ids, use_cache=False).logits, ids)
+        grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
+    finally:
+        for ps, fs in zip(params, flags):
+            for p, f in zip(ps, fs):
+                p.requires_grad_(f)
+    out, k = [], 0
+    for ps in params:
+        out.append(torch.cat([g.flatten().double() for g in grads[k:k + len(ps)]]))
+        k += len(ps)
+    return float(loss.detach()), out
+
+
+def measure_fidelity(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks: torch.Tensor,
+                     n_blocks: int = 8) -> dict[str, Any]:
+    """Perplexity ratio emulator / M and the adapter-gradient cosine (all adapter layers, and per layer) on
+    `n_blocks` held-out blocks; both with M's own adapter weights, i.e. what the data owner starts from."""
+    ids = blocks[:n_blocks].to(next(emu.parameters()).device)
+    layers = plan.adapter_layers
+    was = model.training, emu.training
+    model.eval()
+    emu.eval()
+    try:
+        m_loss, m_grads = _adapter_grad(model, layers, ids)
+        e_loss, e_grads = _adapter_grad(emu, layers, ids)
+    finally:
+        model.train(was[0])
+        emu.train(was[1])
+    cos = torch.nn.functional.cosine_similarity
+    per_layer = [float(cos(a, b, dim=0)) for a, b in zip(m_grads, e_grads)]
+    total = float(cos(torch.cat(m_grads), torch.cat(e_grads), dim=0))
+    return {"ppl_ratio": round(math.exp(e_loss - m_loss), 4), "grad_cosine": round(total, 4),
+            "grad_cosine_per_layer": {str(i): round(c, 4) for i, c in zip(layers, per_layer)},
+            "val_loss_model": round(m_loss, 4), "val_loss_emulator": round(e_loss, 4), "n_blocks": len(ids)}
