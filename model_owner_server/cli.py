@@ -114,32 +114,61 @@ def make_emulator_cmd(
     alpha: float = typer.Option(0.5, "--alpha"),
     beta: float = typer.Option(0.0, "--beta"),
     output: Path = typer.Option(..., "--output", help="emulator .safetensors file to write"),
-    method: str = typer.Option("scaleot", "--method", help="scaleot, or uniform_layerdrop (OT baseline)"),
-    n_dropped: Optional[int] = typer.Option(None, "--n-dropped", help="uniform_layerdrop: middle layers to drop"),
+    method: str = typer.Option("scaleot", "--method",
+                               help="scaleot; or the baselines uniform_layerdrop (OT) and layer_sharing (CRaSh)"),
+    n_dropped: Optional[int] = typer.Option(None, "--n-dropped", help="baselines: middle layers to remove"),
+    placement: str = typer.Option("sandwich", "--placement", help="adapter positions: sandwich, importance, spread"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="task-agnostic text for calibration and the "
+                                          "fidelity figure (default: the stage-1 corpus recorded in --importance)"),
+    calibration_steps: int = typer.Option(100, "--calibration-steps", help="fit the stand-ins to the full model "
+                                          "for this plan (0: none)"),
+    kept_lr: float = typer.Option(0.0, "--kept-lr", help="> 0: calibration also adjusts the kept layers"),
+    seq_len: int = typer.Option(128, "--seq-len"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="store as float32, bfloat16 or float16"),
 ) -> None:
-    """Stage 2: build an emulator at (N_a, alpha, beta) from a stage-1 run, without further training."""
+    """Stage 2: build an emulator at (N_a, alpha, beta) from a stage-1 run, calibrated for its plan."""
     import torch
+    from tqdm import tqdm
 
-    from model_owner_server.scaleot.emulator import make_emulator
+    from model_owner_server.scaleot.calibrate import CalibrationConfig
+    from model_owner_server.scaleot.emulator import build_blocks, make_emulator
     from model_owner_server.scaleot.importance import load_importance
     from model_owner_server.scaleot.model_io import load_causal_lm
 
     if method == "scaleot" and importance is None:
         _fail("--importance DIR is required for --method scaleot (run estimate-importance first)")
     m, tok = load_causal_lm(_model_folder(model))
+    bar = tqdm(total=calibration_steps, desc="calibrating", unit="step", disable=calibration_steps == 0)
+
+    def progress(p) -> None:
+        bar.update(1)
+        bar.set_postfix(kl=f"{p.kl:.3f}", nmse=f"{p.nmse:.3f}")
+
     try:
         imp = load_importance(importance) if importance is not None else None
+        if corpus is None and importance is not None:
+            recorded = json.loads((importance / "importance.json").read_text()).get("corpus")
+            corpus = Path(recorded) if recorded else None
+        blocks = build_blocks(tok, corpus, seq_len, 512)
+        if blocks is None and calibration_steps > 0:
+            _fail("calibration needs task-agnostic text: pass --corpus FILE (or --calibration-steps 0)")
+        cal = CalibrationConfig(steps=calibration_steps, kept_lr=kept_lr) if method == "scaleot" else None
         info = make_emulator(m, tok, imp, n_adapter, alpha, beta, output, method=method, n_dropped=n_dropped,
+                             placement=placement, calibration=cal,
+                             calibration_blocks=blocks[0] if blocks else None,
+                             fidelity_blocks=blocks[1][:8] if blocks else None, calibration_progress=progress,
                              dtype=getattr(torch, dtype) if dtype else None)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
+    finally:
+        bar.close()
     full_b = info.extra["full_model_bytes"]
     typer.echo(json.dumps({
         "output": str(info.path), "sha256": info.sha256, "plan": info.plan.summary(),
         "adapter_layers": info.plan.adapter_layers, "emulator_params": info.n_params,
         "full_model_params": info.extra["full_model_params"], "emulator_bytes": info.size_bytes,
         "full_model_bytes": full_b, "size_ratio": round(info.size_bytes / full_b, 4),
+        "fidelity": info.extra.get("fidelity"),
     }, indent=2))
 
 

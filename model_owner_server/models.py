@@ -147,6 +147,10 @@ class Emulator(Base):
     adapter_spec: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     max_adapter_bytes: Mapped[int | None] = mapped_column(BigInteger)
     signed_manifest: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # Measured at build time: perplexity ratio to M and adapter-gradient cosine (calibrate.measure_fidelity).
+    fidelity: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # How it was built: adapter placement and the calibration run (steps, seconds, final losses).
+    build_info: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

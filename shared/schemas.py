@@ -163,6 +163,10 @@ class Emulator(_Response):
     adapter_layers: list[int] = Field(default_factory=list)
     adapter_spec: dict[str, TensorSpecOut] = Field(default_factory=dict)
     max_adapter_bytes: int | None = None
+    fidelity: dict[str, Any] | None = Field(default=None, description="measured at build time on the stage-1 "
+                                            "validation blocks: ppl_ratio (emulator / full model perplexity) and "
+                                            "grad_cosine (adapter gradients under the emulator vs the full model)")
+    build_info: dict[str, Any] | None = Field(default=None, description="adapter placement and calibration run")
     file_url: str
     signature_url: str
     error: str | None = None

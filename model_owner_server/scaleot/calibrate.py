@@ -104,8 +104,8 @@ def calibrate_emulator(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks
         emu.requires_grad_(False)
         for i in plan.adapter_layers:
             decoder_layers(emu)[i].requires_grad_(True)
-    return {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 2), "final_kl": float(kl),
-            "final_nmse": float(nmse), "config": cfg.to_dict()}
+    return {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 2), "final_kl": float(kl.detach()),
+            "final_nmse": float(nmse.detach()), "config": cfg.to_dict()}
 
 
 def _adapter_grad(net: nn.Module, layers: list[int], ids: torch.Tensor) -> tuple[float, list[torch.Tensor]]:

@@ -112,6 +112,18 @@ def build_emulator(model: nn.Module, plan: LayerPlan, harmonizers: dict[int, Har
     return emu.eval()
 
 
+def build_blocks(tokenizer: PreTrainedTokenizerBase, corpus: str | Path | None, seq_len: int,
+                 max_blocks: int | None, need: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stage 1's task-agnostic (D^T, D^V) blocks again, for calibration and the fidelity figure.
+
+    None when not needed or when the corpus is gone (an emulator is still built, uncalibrated)."""
+    if not need or corpus is None or not Path(corpus).is_file():
+        return None
+    from .importance import corpus_blocks
+
+    return corpus_blocks(tokenizer, corpus, seq_len, max_blocks=max_blocks)
+
+
 def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 

@@ -146,12 +146,17 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def fidelity_loss(logits: torch.Tensor, hidden: torch.Tensor, t_logits: torch.Tensor, t_hidden: torch.Tensor,
                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL(teacher || student) per token, normalised MSE of hidden states): how far a mixed network is from M."""
+    """(KL(teacher || student) per token, per-token normalised MSE of hidden states): how far from M.
+
+    The MSE is normalised token by token: LLaMA-family residual streams carry "massive activations" (in
+    SmolLM2 the first position's norm is ~100x the others' after layer 11), which would otherwise be the
+    whole loss."""
     t = temperature
     kl = F.kl_div(F.log_softmax(logits.float().flatten(0, 1) / t, -1),
                   F.log_softmax(t_logits.float().flatten(0, 1) / t, -1), log_target=True,
                   reduction="batchmean") * t * t
-    nmse = F.mse_loss(hidden.float(), t_hidden.float()) / t_hidden.float().pow(2).mean().clamp_min(1e-6)
+    th = t_hidden.float()
+    nmse = ((hidden.float() - th).pow(2).sum(-1) / th.pow(2).sum(-1).clamp_min(1e-6)).mean()
     return kl, nmse
 
 
