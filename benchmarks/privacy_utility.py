@@ -314,7 +314,7 @@ def make_tasks(files: dict[str, Path], budget: Budget, only: list[str]) -> list[
 
 
 def run_stage1(model, tok, model_id: str, files: dict[str, Path], budget: Budget, args) -> tuple[Any, dict, str]:
-    icfg = ImportanceConfig(steps=budget.stage1_steps, batch_size=budget.stage1_batch, group_size=2,
+    icfg = ImportanceConfig(steps=budget.stage1_steps, batch_size=budget.stage1_batch,
                             rl_interval=budget.stage1_rl_interval, bottleneck=budget.bottleneck,
                             warmup_steps=budget.stage1_warmup, seed=SEED, device=args.device)
     key = digest({"model": model_id, "cfg": {k: v for k, v in asdict(icfg).items() if k != "device"},

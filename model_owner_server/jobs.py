@@ -268,7 +268,8 @@ def _importance(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
     train, val = corpus_blocks(tokenizer, params["corpus"], settings.importance_seq_len,
                                max_blocks=settings.importance_max_blocks)
     # Jobs queued before these knobs existed carry only steps: fall back to ImportanceConfig's defaults.
-    knobs = {k: params[k] for k in ("warmup_steps", "rl_interval", "distill_weight", "seed") if k in params}
+    knobs = {k: params[k] for k in ("warmup_steps", "rl_interval", "distill_weight", "hidden_weight", "seed")
+             if k in params}
     cfg = ImportanceConfig(steps=int(params["steps"]), batch_size=settings.importance_batch_size,
                            device=str(runner.device), **knobs)
 

@@ -100,8 +100,10 @@ class ImportanceRequest(_Request):
     corpus: str | None = Field(default=None, description="server-side text file; default: SCALEOT_DEFAULT_CORPUS")
     warmup_steps: int = Field(default=0, ge=0, le=100_000, description="local-regression warm start of the "
                               "harmonizers before Dynamic LayerReplace (cheap; helps short runs)")
-    rl_interval: int = Field(default=10, ge=1, le=10_000, description="an RL score update every this many DL steps")
-    distill_weight: float = Field(default=0.0, ge=0.0, le=100.0, description="KL to the full model's logits")
+    rl_interval: int = Field(default=2, ge=1, le=10_000, description="an RL score update every this many DL steps")
+    distill_weight: float = Field(default=1.0, ge=0.0, le=100.0, description="KL to the full model's logits")
+    hidden_weight: float = Field(default=1.0, ge=0.0, le=100.0, description="normalised MSE of the last hidden "
+                                 "state against the full model's")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 

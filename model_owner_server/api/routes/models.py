@@ -70,7 +70,8 @@ def start_importance(model_id: str, body: schemas.ImportanceRequest, session: Se
         raise ApiError(422, "no_corpus", f"corpus must be a .txt or .jsonl file, not {corpus.suffix or 'no suffix'}")
     job = crud.create_job(session, "importance", admin, {
         "model_id": model.id, "steps": body.steps, "corpus": str(corpus.resolve()), "warmup_steps": body.warmup_steps,
-        "rl_interval": body.rl_interval, "distill_weight": body.distill_weight, "seed": body.seed})
+        "rl_interval": body.rl_interval, "distill_weight": body.distill_weight,
+        "hidden_weight": body.hidden_weight, "seed": body.seed})
     run = ImportanceRun(model_id=model.id, job_id=job.id, status="pending", steps=body.steps, corpus=str(corpus))
     session.add(run)
     session.flush()

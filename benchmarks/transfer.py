@@ -1,0 +1,513 @@
+#!/usr/bin/env python
+"""Utility transfer benchmark: does an adapter tuned through our emulator make the *full* model better?
+
+Transfer ratio r = (zero-shot - plug-in) / (zero-shot - reference), where the reference is the same adapter
+layers tuned directly inside M with the same recipe, data, steps and seed (for perplexity the differences are
+taken in eval loss, i.e. nats; for accuracy in points). Every emulator row is run for each data-owner seed;
+the tables give the mean and the spread (half the max-min range over seeds), so a difference smaller than the
+spread is not claimed as a win.
+
+Compared at the same depth (N_a = 4, the same number of non-adapter layers removed):
+  ScaleOT (this project: stage-1 importance picks what is replaced, the stand-ins are calibrated for the plan)
+  OT uniform LayerDrop (first/last 2 layers adapter, evenly spaced middle layers dropped)
+  CRaSh-style layer sharing (the same slots run the nearest kept layer again; training-free)
+plus ablations (adapter placement, calibration off, SRC beta), a 128-step data owner, the fidelity figures
+stored with each emulator (perplexity ratio, adapter-gradient cosine) and which of them predicts r, and the
+stage-1 ranking's stability across two seeds.
+
+  .venv/bin/python benchmarks/transfer.py            # full run (docs/benchmarks.md)
+  .venv/bin/python benchmarks/transfer.py --quick    # fewer rows, smaller budgets
+  .venv/bin/python benchmarks/transfer.py --tiny     # random tiny LLaMA, seconds (tests)
+
+Everything is cached under --work-dir (stage 1, emulator files, rows), keyed by what produces it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse
+import copy
+import gc
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch
+
+from benchmarks.privacy_utility import Task, digest, load_model, log, make_tasks, prepare_data, write_json
+from data_owner_client.train import TrainConfig, freeze_except_adapter, resolve_device, set_seed, train, tune_emulator
+from model_owner_server.scaleot.calibrate import CalibrationConfig
+from model_owner_server.scaleot.emulator import make_emulator
+from model_owner_server.scaleot.importance import (ImportanceConfig, corpus_blocks, estimate_importance,
+                                                   load_importance, save_importance)
+from model_owner_server.scaleot.plugin import plug_in
+from shared.architectures import decoder_layers
+from shared.data import pad_id_for, training_examples
+from shared.emulator_file import load_emulator
+from shared.evaluation import evaluate
+
+RESULT_NAME = "transfer"
+
+
+@dataclass(frozen=True)
+class Budget:
+    profile: str
+    seq_len: int = 128
+    stage1_steps: int = 64
+    stage1_warmup: int = 10
+    stage1_seeds: tuple[int, ...] = (0, 1)  # the first builds the emulators; both give the ranking's stability
+    calibration_steps: int = 50
+    ft_steps: int = 32
+    long_ft_steps: int = 128
+    seeds: tuple[int, ...] = (0, 1)  # data-owner seeds for the main rows
+    text_batch: int = 4
+    mc_batch: int = 8
+    text_eval_blocks: int = 24
+    mc_eval_questions: int = 100
+    mc_train_questions: int = 2000
+    wiki_train_chars: int = 400_000
+    wiki_val_chars: int = 50_000
+    bottleneck: int = 64
+    n_adapter: int = 4
+    rows: str = "full"
+
+
+PROFILES = {
+    "full": Budget("full"),
+    "quick": Budget("quick", stage1_steps=16, stage1_warmup=4, stage1_seeds=(0,), calibration_steps=10,
+                    ft_steps=8, long_ft_steps=16, seeds=(0,), text_eval_blocks=8, mc_eval_questions=24,
+                    mc_train_questions=400, wiki_train_chars=120_000, wiki_val_chars=20_000, rows="quick"),
+    "tiny": Budget("tiny", seq_len=32, stage1_steps=6, stage1_warmup=2, stage1_seeds=(0, 1), calibration_steps=3,
+                   ft_steps=3, long_ft_steps=6, seeds=(0, 1), text_batch=2, mc_batch=4, text_eval_blocks=4,
+                   mc_eval_questions=8, mc_train_questions=24, wiki_train_chars=0, wiki_val_chars=0, bottleneck=8,
+                   rows="tiny"),
+}
+
+
+@dataclass(frozen=True)
+class EmuSpec:
+    name: str
+    label: str
+    method: str  # scaleot | uniform_layerdrop | layer_sharing
+    alpha: float
+    beta: float = 0.0
+    placement: str = "sandwich"
+    calibrate: bool = True
+
+
+def emulator_specs(budget: Budget) -> list[EmuSpec]:
+    specs = [
+        EmuSpec("scaleot_a0.5", "ScaleOT α=0.5", "scaleot", 0.5),
+        EmuSpec("ot_a0.5", "OT LayerDrop α=0.5", "uniform_layerdrop", 0.5),
+        EmuSpec("crash_a0.5", "CRaSh sharing α=0.5", "layer_sharing", 0.5),
+        EmuSpec("scaleot_a0.25", "ScaleOT α=0.25", "scaleot", 0.25),
+        EmuSpec("ot_a0.25", "OT LayerDrop α=0.25", "uniform_layerdrop", 0.25),
+        EmuSpec("crash_a0.25", "CRaSh sharing α=0.25", "layer_sharing", 0.25),
+    ]
+    if budget.rows != "quick":
+        specs += [
+            EmuSpec("scaleot_a0.5_nocal", "ScaleOT α=0.5, no calibration", "scaleot", 0.5, calibrate=False),
+            EmuSpec("scaleot_a0.5_importance", "ScaleOT α=0.5, adapters by importance", "scaleot", 0.5,
+                    placement="importance"),
+            EmuSpec("scaleot_a0.5_spread", "ScaleOT α=0.5, adapters spread", "scaleot", 0.5, placement="spread"),
+            EmuSpec("scaleot_a0.5_b0.5", "ScaleOT α=0.5 β=0.5", "scaleot", 0.5, 0.5),
+            EmuSpec("scaleot_a0.5_b0.8", "ScaleOT α=0.5 β=0.8", "scaleot", 0.5, 0.8),
+        ]
+    return specs
+
+
+# Which rows run with every seed / with the long budget / on which task (the rest: seed 0, Task A only).
+MAIN = {"scaleot_a0.5", "ot_a0.5", "crash_a0.5", "scaleot_a0.25"}
+LONG = {"scaleot_a0.5", "scaleot_a0.25"}
+TASK_B = {"scaleot_a0.5", "ot_a0.5", "crash_a0.5"}
+
+
+@dataclass
+class Row:
+    task: str
+    emulator: str
+    seed: int
+    steps: int
+    measured: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- stage 1 and emulators (model owner)
+
+
+def stage1(model, tok, model_id: str, files, budget: Budget, seed: int, work: Path):
+    cfg = ImportanceConfig(steps=budget.stage1_steps, warmup_steps=budget.stage1_warmup, bottleneck=budget.bottleneck,
+                           seed=seed)
+    key = digest({"model": model_id, "cfg": asdict(cfg), "seq": budget.seq_len,
+                  "wiki": [budget.wiki_train_chars, budget.wiki_val_chars], "v": 2})
+    out = work / "stage1" / f"transfer-{budget.profile}-{key}"
+    if (out / "importance.json").is_file():
+        log(f"stage 1 seed {seed}: cached")
+        return load_importance(out), json.loads((out / "importance.json").read_text())
+    train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
+    log(f"stage 1 seed {seed}: {cfg.warmup_steps} warm-up + {cfg.steps} DL steps on {tuple(train_b.shape)}")
+
+    def progress(p) -> None:
+        if p.phase == "rl" and p.step % 16 == 0:
+            log(f"  {p.label} loss {p.loss:.3f} top {sorted(range(len(p.scores)), key=lambda i: -p.scores[i])[:6]}")
+
+    result = estimate_importance(model, train_b, val_b, cfg, progress)
+    save_importance(result, out, {"seq_len": budget.seq_len})
+    log(f"stage 1 seed {seed}: {result.seconds:.0f} s, ranking {result.ranking()}")
+    return result, json.loads((out / "importance.json").read_text())
+
+
+def build_emulators(model, tok, model_id, importance, stage1_key, files, budget: Budget, work: Path) -> dict[str, dict]:
+    train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
+    n_layers = len(decoder_layers(model))
+    out: dict[str, dict] = {}
+    for spec in emulator_specs(budget):
+        key = digest({"spec": asdict(spec), "stage1": stage1_key, "cal": budget.calibration_steps, "v": 2})
+        path = work / "emulators" / f"transfer-{budget.profile}-{spec.name}-{key}.safetensors"
+        sidecar = path.with_suffix(".json")
+        if path.is_file() and sidecar.is_file():
+            out[spec.name] = json.loads(sidecar.read_text())
+            continue
+        t0 = time.perf_counter()
+        n_removed = round(spec.alpha * (n_layers - budget.n_adapter))
+        cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0)
+        info = make_emulator(model, tok, importance if spec.method == "scaleot" else None, budget.n_adapter,
+                             spec.alpha, spec.beta, path, method=spec.method, n_dropped=n_removed,
+                             placement=spec.placement, calibration=cal, calibration_blocks=train_b,
+                             fidelity_blocks=val_b[:8])
+        rec = {"path": str(path), "sha256": info.sha256, "bytes": info.size_bytes, "params": info.n_params,
+               "full_model_bytes": info.extra["full_model_bytes"], "plan": info.plan.summary(),
+               "adapter_layers": info.plan.adapter_layers, "fidelity": info.extra.get("fidelity"),
+               "calibration": info.extra.get("calibration"), "seconds": round(time.perf_counter() - t0, 1)}
+        write_json(sidecar, rec)
+        out[spec.name] = rec
+        fid = rec["fidelity"] or {}
+        log(f"  emulator {spec.name}: {rec['plan']} {rec['bytes'] / rec['full_model_bytes']:.0%} of M, "
+            f"ppl ratio {fid.get('ppl_ratio')}, grad cos {fid.get('grad_cosine')} ({rec['seconds']:.0f} s)")
+    return out
+
+
+# ---------------------------------------------------------------- rows (data owner + server)
+
+
+def _cfg(task: Task, budget: Budget, seed: int, steps: int) -> TrainConfig:
+    return TrainConfig(method="full", max_steps=steps, batch_size=task.batch, seq_len=budget.seq_len, seed=seed,
+                       save_every=10**9)
+
+
+def _eval(model, tok, task: Task, budget: Budget, choice) -> dict[str, float]:
+    return evaluate(model, tok, task.eval, seq_len=budget.seq_len, batch_size=task.batch, device=choice.device,
+                    max_examples=task.eval_max)
+
+
+def quality(task: Task, m: dict[str, float]) -> float:
+    """What r is computed on: eval loss (nats) for text, accuracy for multiple choice (higher = better)."""
+    return -m["loss"] if task.metric == "perplexity" else m["accuracy"]
+
+
+def run_reference(model, tok, task: Task, budget: Budget, choice, layers: list[int], seed: int, steps: int) -> dict:
+    m = copy.deepcopy(model)
+    freeze_except_adapter(m, layers)
+    cfg = _cfg(task, budget, seed, steps)
+    set_seed(seed)
+    res = train(m, training_examples(task.train, tok, cfg.seq_len), cfg, choice, pad_id=pad_id_for(tok), progress=False)
+    m.requires_grad_(False)
+    out = {"reference": _eval(m, tok, task, budget, choice), "train_seconds": res.seconds}
+    del m
+    return out
+
+
+def run_emulator(model, tok, task: Task, budget: Budget, choice, emu: dict, seed: int, steps: int, work: Path) -> dict:
+    loaded = load_emulator(emu["path"], device=choice.device)
+    out_dir = work / "runs" / f"transfer-{task.name}-{Path(emu['path']).stem}-{seed}-{steps}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tr = tune_emulator(loaded.model, loaded.tokenizer, loaded.plan, task.train, _cfg(task, budget, seed, steps),
+                       choice, out_dir, eval_data=task.eval, eval_max_examples=task.eval_max, progress=False)
+    plugged = plug_in(model, tr.tensors, loaded.plan.adapter_layers)
+    out = {"emulator_zero_shot": tr.metrics["emulator_zero_shot"], "emulator_ft": tr.metrics["emulator_fine_tuned"],
+           "plug_in": _eval(plugged, tok, task, budget, choice), "train_seconds": tr.train.seconds}
+    shutil.rmtree(out_dir, ignore_errors=True)
+    del plugged, loaded, tr
+    return out
+
+
+def cached(work: Path, key_obj: Any, fn) -> dict:
+    path = work / "rows" / f"transfer-{digest(key_obj)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    rec = fn()
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(path, rec)
+    gc.collect()
+    return rec
+
+
+def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, save) -> list[dict]:
+    rows: list[dict] = []
+    data_key = lambda t: [t.name, t.batch, t.eval_max, t.train.path.stat().st_size, t.eval.path.stat().st_size]
+    for task in tasks:
+        zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len],
+                    lambda: {"zero_shot": _eval(model, tok, task, budget, choice)})["zero_shot"]
+        log(f"== {task.name}: zero-shot {task.metric} {zs[task.metric]:.4g}")
+        plan_rows = [(name, seed, budget.ft_steps) for name in emulators
+                     for seed in (budget.seeds if name in MAIN else budget.seeds[:1])]
+        plan_rows += [(name, budget.seeds[0], budget.long_ft_steps) for name in emulators if name in LONG]
+        if task.name != "shakespeare":
+            plan_rows = [p for p in plan_rows if p[0] in TASK_B and p[2] == budget.ft_steps]
+        for name, seed, steps in plan_rows:
+            emu = emulators[name]
+            layers = emu["adapter_layers"]
+            ref = cached(work, ["ref", model_id, data_key(task), layers, seed, steps, budget.seq_len],
+                         lambda: run_reference(model, tok, task, budget, choice, layers, seed, steps))
+            m = cached(work, ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len],
+                       lambda: run_emulator(model, tok, task, budget, choice, emu, seed, steps, work))
+            q0, qp, qr = quality(task, zs), quality(task, m["plug_in"]), quality(task, ref["reference"])
+            r = (qp - q0) / (qr - q0) if abs(qr - q0) > 1e-9 else None
+            qe = quality(task, m["emulator_ft"])
+            row = {"task": task.name, "metric": task.metric, "emulator": name, "seed": seed, "steps": steps,
+                   "adapter_layers": layers, "plan": emu["plan"], "size_ratio": emu["bytes"] / emu["full_model_bytes"],
+                   "fidelity": emu["fidelity"], "zero_shot": zs[task.metric],
+                   "emulator_zero_shot": m["emulator_zero_shot"][task.metric],
+                   "emulator_ft": m["emulator_ft"][task.metric], "plug_in": m["plug_in"][task.metric],
+                   "reference": ref["reference"][task.metric], "r": r,
+                   # privacy gap: plug-in quality minus the data owner's (nats for text, points for accuracy)
+                   "privacy_gap": (qp - qe) * (100 if task.metric == "accuracy" else 1),
+                   "seconds": m["seconds"] + ref["seconds"]}
+            rows.append(row)
+            log(f"  {name} seed {seed} {steps} steps: plug-in {row['plug_in']:.4g} ref {row['reference']:.4g} "
+                f"emu FT {row['emulator_ft']:.4g} -> r {r if r is None else round(r, 3)}")
+            save(rows)
+    return rows
+
+
+# ---------------------------------------------------------------- summary
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def summarise(rows: list[dict], budget: Budget) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["emulator"], r["steps"]), []).append(r)
+    out = []
+    for (task, emu, steps), rs in groups.items():
+        vals = [r["r"] for r in rs if r["r"] is not None]
+        mean = sum(vals) / len(vals) if vals else None
+        spread = (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
+        avg = lambda k: sum(r[k] for r in rs) / len(rs)
+        out.append({"task": task, "emulator": emu, "steps": steps, "seeds": [r["seed"] for r in rs], "r_mean": mean,
+                    "r_spread": spread, "r_values": vals, "plug_in": avg("plug_in"), "reference": avg("reference"),
+                    "zero_shot": rs[0]["zero_shot"], "emulator_zero_shot": avg("emulator_zero_shot"),
+                    "emulator_ft": avg("emulator_ft"), "privacy_gap": avg("privacy_gap"), "plan": rs[0]["plan"],
+                    "adapter_layers": rs[0]["adapter_layers"], "size_ratio": rs[0]["size_ratio"],
+                    "fidelity": rs[0]["fidelity"]})
+    return out
+
+
+def _beats(a: dict | None, b: dict | None) -> bool | None:
+    """a's mean r above b's by more than the two spreads together (seed noise)."""
+    if not a or not b or a["r_mean"] is None or b["r_mean"] is None:
+        return None
+    noise = (a["r_spread"] or 0) + (b["r_spread"] or 0)
+    return a["r_mean"] - b["r_mean"] > noise
+
+
+def targets(summary: list[dict], stage1_spearman: float | None, stage1_s: float) -> list[dict]:
+    s = {(x["task"], x["emulator"], x["steps"]): x for x in summary}
+    ft = PROFILE.ft_steps
+    longs = PROFILE.long_ft_steps
+    out = []
+
+    def add(what: str, measured: str, met: bool | None) -> None:
+        out.append({"target": what, "measured": measured, "status": None if met is None else "met" if met else "missed"})
+
+    def fmt(x: dict | None) -> str:
+        if not x or x["r_mean"] is None:
+            return "–"
+        return f"{x['r_mean']:.2f}" + (f" ± {x['r_spread']:.2f}" if x["r_spread"] is not None else "")
+
+    for alpha, floor in (("0.25", 0.7), ("0.5", 0.5)):
+        x = s.get(("shakespeare", f"scaleot_a{alpha}", ft))
+        add(f"Task A: r ≥ {floor} at α = {alpha}", fmt(x), None if not x or x["r_mean"] is None else x["r_mean"] >= floor)
+        for base in ("ot", "crash"):
+            b = s.get(("shakespeare", f"{base}_a{alpha}", ft))
+            add(f"Task A α = {alpha}: ScaleOT r above {'OT LayerDrop' if base == 'ot' else 'CRaSh sharing'} by more "
+                "than the seed spread", f"{fmt(x)} vs {fmt(b)}", _beats(x, b))
+        lx = s.get(("shakespeare", f"scaleot_a{alpha}", longs))
+        if lx:
+            add(f"Task A α = {alpha}: with {longs} data-owner steps the plug-in still beats zero-shot",
+                f"plug-in {lx['plug_in']:.2f} vs zero-shot {lx['zero_shot']:.2f} (r {fmt(lx)})",
+                lx["plug_in"] < lx["zero_shot"])
+    b5 = s.get(("analogy", "scaleot_a0.5", ft))
+    add("Task B: r ≥ 0.5 at α = 0.5", fmt(b5), None if not b5 or b5["r_mean"] is None else b5["r_mean"] >= 0.5)
+    for base in ("ot", "crash"):
+        add(f"Task B: ScaleOT r above {'OT LayerDrop' if base == 'ot' else 'CRaSh sharing'} by more than the spread",
+            f"{fmt(b5)} vs {fmt(s.get(('analogy', f'{base}_a0.5', ft)))}", _beats(b5, s.get(("analogy", f"{base}_a0.5", ft))))
+    a5 = s.get(("shakespeare", "scaleot_a0.5", ft))
+    if a5:
+        add("Task A privacy gap (plug-in − emulator FT) ≥ 0.5 nats", f"{a5['privacy_gap']:.2f} nats",
+            a5["privacy_gap"] >= 0.5)
+    if b5:
+        add("Task B privacy gap ≥ 10 points", f"{b5['privacy_gap']:.1f} pts", b5["privacy_gap"] >= 10)
+    for beta in ("0.5", "0.8"):
+        x = s.get(("shakespeare", f"scaleot_a0.5_b{beta}", ft))
+        if x and a5:
+            move = x["plug_in"] / a5["plug_in"] - 1
+            add(f"SRC β = {beta}: privacy gap widens, plug-in moves < 1%",
+                f"gap {a5['privacy_gap']:.2f} → {x['privacy_gap']:.2f} nats; plug-in {move:+.1%}",
+                x["privacy_gap"] > a5["privacy_gap"] and abs(move) < 0.01)
+    add("Stage-1 ranking stable across 2 seeds (Spearman ≥ 0.6)",
+        "–" if stage1_spearman is None else f"{stage1_spearman:.2f}",
+        None if stage1_spearman is None else stage1_spearman >= 0.6)
+    add("Stage 1 ≤ 15 min on this machine", f"{stage1_s / 60:.1f} min", stage1_s <= 900)
+    return out
+
+
+def markdown(result: dict) -> str:
+    meta, summary = result["meta"], result["summary"]
+    lines = [f"Profile `{meta['profile']}` on {meta['model']}, {meta['torch_threads']} threads; wall time "
+             f"{meta['seconds'] / 60:.1f} min (compute incl. cached parts {meta['compute_seconds'] / 60:.1f} min). "
+             f"Data-owner recipe: the client's defaults (AdamW lr 1e-4, cosine), {meta['budget']['ft_steps']} steps "
+             f"(long rows {meta['budget']['long_ft_steps']}), seeds {list(meta['budget']['seeds'])} for the main rows. "
+             f"r = (zero-shot − plug-in) / (zero-shot − the same layers tuned in M), in eval loss for Task A and "
+             f"accuracy for Task B; ± is half the range over seeds.", ""]
+    for task, title in (("shakespeare", "Task A: Shakespeare (perplexity; r on eval loss)"),
+                        ("analogy", "Task B: analogies (accuracy)")):
+        rows = [x for x in summary if x["task"] == task]
+        if not rows:
+            continue
+        acc = task == "analogy"
+        f = (lambda v: f"{v:.1%}") if acc else (lambda v: f"{v:.2f}")
+        lines += [f"#### {title}", "",
+                  "| Emulator | Steps | Seeds | r | Plug-in | Same layers in M | Zero-shot M | Emulator ZS | Emulator FT | "
+                  "Privacy gap | Size / M | ppl ratio | grad cos | Plan |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for x in rows:
+            fid = x["fidelity"] or {}
+            r = "–" if x["r_mean"] is None else f"{x['r_mean']:.2f}" + (
+                f" ± {x['r_spread']:.2f}" if x["r_spread"] is not None else "")
+            gap = f"{x['privacy_gap']:.1f} pts" if acc else f"{x['privacy_gap']:.2f} nats"
+            ezs = f(x["emulator_zero_shot"]) if acc or x["emulator_zero_shot"] < 1e4 else f"{x['emulator_zero_shot']:.3g}"
+            lines.append(f"| {x['emulator']} | {x['steps']} | {len(x['seeds'])} | {r} | {f(x['plug_in'])} | "
+                         f"{f(x['reference'])} | {f(x['zero_shot'])} | {ezs} | {f(x['emulator_ft'])} | {gap} | "
+                         f"{x['size_ratio']:.0%} | {fid.get('ppl_ratio', '–')} | {fid.get('grad_cosine', '–')} | "
+                         f"`{x['plan']}` |")
+        lines.append("")
+    pred = result["fidelity_predicts_r"]
+    lines += [f"Which fidelity figure predicts r (Spearman across the Task A {meta['budget']['ft_steps']}-step rows): "
+              f"perplexity ratio {_n(pred.get('ppl_ratio'))} (a lower ratio should mean a higher r: negative is "
+              f"predictive), adapter-gradient cosine {_n(pred.get('grad_cosine'))} (positive is predictive).", "",
+              f"Stage 1: {result['stage1']['seconds'] / 60:.1f} min for seed 0 "
+              f"({result['stage1']['config']['warmup_steps']} warm-up + {result['stage1']['config']['steps']} DL steps, "
+              f"RL every {result['stage1']['config']['rl_interval']}); harmonizers "
+              f"{result['stage1']['harmonizer_fraction']:.2%} of M; ranking (seed 0) {result['stage1']['ranking']}; "
+              f"Spearman between seeds {_n(result['stage1'].get('spearman_between_seeds'))}; "
+              f"max |s_i + s_j| mirror check: min over pairs {result['stage1'].get('min_pair_sum')}.", "",
+              "#### Targets", "", "| Target | Measured | Status |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {t['status'] or 'n/a'} |" for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _n(v: float | None) -> str:
+    return "–" if v is None else f"{v:+.2f}"
+
+
+# ---------------------------------------------------------------- main
+
+
+PROFILE = PROFILES["full"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    global PROFILE
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true")
+    mode.add_argument("--tiny", action="store_true")
+    p.add_argument("--work-dir", default=str(REPO / ".cache" / "benchmarks"))
+    p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--tasks", default="shakespeare,analogy")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    budget = PROFILE = PROFILES[profile]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work, results = Path(args.work_dir), Path(args.results_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    suffix = "" if profile == "full" else f"_{profile}"
+    json_path, md_path = results / f"{RESULT_NAME}{suffix}.json", results / f"{RESULT_NAME}{suffix}.md"
+    choice = resolve_device(args.device)
+    t0 = time.perf_counter()
+    model, tok, model_id = load_model(argparse.Namespace(model_dir=args.model_dir, work_dir=args.work_dir,
+                                                         device=args.device), budget)
+    model.requires_grad_(False)
+    files = prepare_data(work, budget)
+    tasks = make_tasks(files, budget, [t.strip() for t in args.tasks.split(",") if t.strip()])
+
+    runs = [stage1(model, tok, model_id, files, budget, s, work) for s in budget.stage1_seeds]
+    importance, info = runs[0]
+    scores = [r[1]["scores"] for r in runs]
+    s0 = torch.tensor(scores[0])
+    pair = (s0[:, None] + s0[None, :]).abs() + torch.eye(len(s0)) * 1e9
+    stage1_rec = {**{k: info[k] for k in ("config", "scores", "ranking", "seconds", "harmonizer_fraction",
+                                          "n_harmonizer_params", "n_model_params")},
+                  "spearman_between_seeds": spearman(scores[0], scores[1]) if len(scores) > 1 else None,
+                  "scores_by_seed": scores, "min_pair_sum": round(float(pair.min()), 5)}
+    emulators = build_emulators(model, tok, model_id, importance, digest(info["scores"]), files, budget, work)
+    meta = {"profile": profile, "model": model_id, "budget": asdict(budget), "torch_threads": torch.get_num_threads(),
+            "device": str(choice.device), "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    result: dict[str, Any] = {"meta": meta, "stage1": stage1_rec, "emulators": emulators, "rows": [], "complete": False}
+
+    def save(rows: list[dict]) -> None:
+        result["rows"] = rows
+        meta["seconds"] = time.perf_counter() - t0
+        write_json(json_path, result)
+
+    rows = run_all(model, tok, model_id, emulators, tasks, budget, choice, work, save)
+    summary = summarise(rows, budget)
+    main_a = [x for x in summary if x["task"] == "shakespeare" and x["steps"] == budget.ft_steps
+              and x["r_mean"] is not None and x["fidelity"]]
+    result["summary"] = summary
+    result["fidelity_predicts_r"] = {
+        k: spearman([x["fidelity"][k] for x in main_a], [x["r_mean"] for x in main_a]) for k in ("ppl_ratio", "grad_cosine")}
+    result["targets"] = targets(summary, stage1_rec["spearman_between_seeds"], info["seconds"])
+    meta["seconds"] = time.perf_counter() - t0
+    meta["compute_seconds"] = (sum(r[1]["seconds"] for r in runs) + sum(e.get("seconds", 0) for e in emulators.values())
+                               + sum(r["seconds"] for r in rows))
+    meta["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    result["complete"] = True
+    write_json(json_path, result)
+    md = markdown(result)
+    md_path.write_text(md)
+    print("\n" + md, flush=True)
+    log(f"wrote {json_path} and {md_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
