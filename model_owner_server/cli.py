@@ -120,7 +120,7 @@ def make_emulator_cmd(
     placement: str = typer.Option("sandwich", "--placement", help="adapter positions: sandwich, importance, spread"),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="task-agnostic text for calibration and the "
                                           "fidelity figure (default: the stage-1 corpus recorded in --importance)"),
-    calibration_steps: int = typer.Option(100, "--calibration-steps", help="fit the stand-ins to the full model "
+    calibration_steps: int = typer.Option(50, "--calibration-steps", help="fit the stand-ins to the full model "
                                           "for this plan (0: none)"),
     kept_lr: float = typer.Option(0.0, "--kept-lr", help="> 0: calibration also adjusts the kept layers"),
     seq_len: int = typer.Option(128, "--seq-len"),

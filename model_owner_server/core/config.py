@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # Stage 2: where adapters sit, and calibration of each emulator for its own plan (docs/architecture.md).
     emulator_placement: Literal["sandwich", "importance", "spread"] = Field(
         default="sandwich", description="adapter positions: OT's first/last layers, the most important, or spread")
-    emulator_calibration_steps: int = Field(default=100, ge=0, le=100_000, description="steps fitting each "
+    emulator_calibration_steps: int = Field(default=50, ge=0, le=100_000, description="steps fitting each "
                                             "emulator's stand-ins to the full model (0: none)")
     emulator_calibration_kept_lr: float = Field(default=0.0, ge=0.0, le=1.0, description="> 0: calibration "
                                                 "also adjusts the kept layers (OT-style compensation)")

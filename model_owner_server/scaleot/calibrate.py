@@ -29,7 +29,7 @@ from .importance import fidelity_loss, forward_with_hidden, lm_loss
 
 @dataclass
 class CalibrationConfig:
-    steps: int = 100  # 0 = no calibration
+    steps: int = 50  # 0 = no calibration
     batch_size: int = 4
     lr: float = 1e-3  # harmonizers
     kept_lr: float = 0.0  # > 0: also adjust the kept (frozen / SRC) layers at this rate (OT-style compensation)
