@@ -1,16 +1,19 @@
 """`dataowner-client`: verify the model owner's emulator, fine-tune its adapter locally, upload only the adapter.
 
 Human output goes to stdout (results) and stderr (progress, notes); `--json` prints one JSON
-document on stdout for scripts. Every failure exits with a code from `errors.ExitCode`.
+document on stdout for scripts, also on failure (`{"error": {"code", "message", "exit_code", ...}}`, with the
+human message on stderr as usual). Every failure exits with a code from `errors.ExitCode`.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,7 +24,7 @@ from pydantic import ValidationError
 from shared import schemas
 from shared.signing import verify_file
 
-from .errors import EXIT_CODES_HELP, BadInputError, EvaluationFailedError, ServerError, exit_code_for
+from .errors import EXIT_CODES_HELP, BadInputError, EvaluationFailedError, ServerError, error_object, exit_code_for
 from .settings import ClientSettings
 from .transfer import (
     EmulatorRef,
@@ -47,6 +50,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # rich tracebacks print locals, which may include the API key
+    # Plain click help: rich's option table cuts long option names (--trust-on-first-use) at 80 columns;
+    # click's layout never does, and uses up to 120 columns where the terminal has them.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
 
@@ -98,26 +105,39 @@ def _show_progress(flag: bool | None) -> bool:
     return sys.stderr.isatty() if flag is None else flag
 
 
+_json_emitted: ContextVar[bool] = ContextVar("_json_emitted", default=False)
+
+
 @contextmanager
-def _handled() -> Iterator[None]:
-    """One place that turns expected failures into `error: ...` + the documented exit code."""
+def _handled(as_json: bool = False) -> Iterator[None]:
+    """One place that turns expected failures into `error: ...` on stderr + the documented exit code, and
+    with `--json` also into an `{"error": {...}}` document on stdout (unless the command already printed its
+    document, which then carries the error itself)."""
+    token = _json_emitted.set(False)
     try:
         yield
     except typer.Exit:
         raise
     except KeyboardInterrupt:
         _note("interrupted (a training checkpoint was saved if any step finished; rerun with --resume)")
+        if as_json and not _json_emitted.get():
+            _emit_json({"error": {"code": "interrupted", "message": "interrupted", "exit_code": 130}})
         raise typer.Exit(130) from None
     except Exception as exc:
         code = exit_code_for(exc)
         if code is None:
             raise  # a bug: keep the traceback
         _note(f"error: {exc}")
+        if as_json and not _json_emitted.get():
+            _emit_json(error_object(exc, code))
         raise typer.Exit(int(code)) from None
+    finally:
+        _json_emitted.reset(token)
 
 
 def _emit_json(doc: Any) -> None:
     typer.echo(json.dumps(doc, indent=2, default=str))
+    _json_emitted.set(True)
 
 
 # ---------------------------------------------------------------- result table
@@ -169,8 +189,11 @@ def _evaluation_failure(job: schemas.Job | None, adapter: schemas.Adapter | None
     return None
 
 
-def _report(*, as_json: bool, doc: dict[str, Any], columns: dict[str, dict | None], header: str) -> None:
+def _report(*, as_json: bool, doc: dict[str, Any], columns: dict[str, dict | None], header: str,
+            failure: EvaluationFailedError | None = None) -> None:
     if as_json:
+        if failure is not None:
+            doc = {**doc, **error_object(failure, failure.exit_code)}
         _emit_json(doc)
     else:
         typer.echo(header)
@@ -243,7 +266,7 @@ def tune(
 
     from .train import TrainConfig, resolve_device, tune_emulator
 
-    with _handled():
+    with _handled(as_json):
         settings = _settings(api_key=api_key, server_pubkey=server_pubkey, client_cache=cache_dir)
         show = _show_progress(progress)
         ref = parse_emulator_url(emulator_url)
@@ -257,6 +280,8 @@ def tune(
         eval_ds = load_dataset(eval_data) if eval_data is not None else None
         out_dir = out or Path(f"adapter-{ref.emulator_id}")
         with _client(ref.server, settings) as client:
+            if upload and eval_data is None:
+                _check_eval_data_not_required(client, ref)  # before the download and the training, not after
             ver = _fetch(ref, settings, client, trust_on_first_use, show)
             try:
                 emu = load_emulator(ver.path, device="cpu")
@@ -284,8 +309,11 @@ def tune(
             }
             job = adapter = None
             if upload:
-                created = upload_adapter(client, ref, result.adapter_file, eval_data=eval_data,
-                                         metrics=result.metrics or None, adapter_config=result.adapter_config)
+                try:
+                    created = upload_adapter(client, ref, result.adapter_file, eval_data=eval_data,
+                                             metrics=result.metrics or None, adapter_config=result.adapter_config)
+                except ServerError as exc:
+                    raise _with_upload_hint(exc, ref, result.out_dir) from None
                 (out_dir / "upload.json").write_text(created.model_dump_json(indent=2) + "\n")
                 _note(f"uploaded adapter {created.adapter.id}; evaluation job {created.job.id}")
                 doc["adapter"] = created.adapter.model_dump(mode="json")
@@ -294,12 +322,41 @@ def tune(
                     job, adapter = _await_evaluation(client, created, settings, show)
                     doc["adapter"], doc["job"] = adapter.model_dump(mode="json"), job.model_dump(mode="json")
                     doc["metrics"].update(zero_shot=adapter.evaluation.zero_shot, plug_in=adapter.evaluation.plug_in)
+        failure = _evaluation_failure(job, adapter)
         _report(as_json=as_json, doc=doc, columns=_columns(result.metrics, adapter),
                 header=f"adapter {doc['adapter']['id'] if doc['adapter'] else '(not uploaded)'}: "
-                       f"{adapter.status if adapter else 'evaluation not awaited'}")
-        failure = _evaluation_failure(job, adapter)
+                       f"{adapter.status if adapter else 'evaluation not awaited'}", failure=failure)
         if failure:
             raise failure
+
+
+def _upload_command(ref: EmulatorRef, adapter: Path) -> str:
+    return (f"dataowner-client upload --emulator-url {shlex.quote(ref.url)} "
+            f"--adapter {shlex.quote(str(adapter.resolve()))} --eval-data EVAL_FILE")
+
+
+def _check_eval_data_not_required(client: ServerClient, ref: EmulatorRef) -> None:
+    """Ask the server whether an upload without --eval-data would be refused; a server that does not say
+    (an older one) is not held to it: the upload itself then reports it, with the command to retry."""
+    info = client.upload_info(ref.emulator_id)
+    if info is not None and info.get("eval_data_required") is True:
+        kinds = [str(k) for k in info.get("eval_data_suffixes") or []] or [".txt", ".jsonl"]
+        suffixes = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+        raise BadInputError("this server has no default evaluation file, so it would refuse the adapter after "
+                            f"training (422 no_eval_data): pass --eval-data FILE ({suffixes}: the data the server "
+                            "scores the plug-in on), or --no-upload to train only",
+                            details={"eval_data_required": True})
+
+
+def _with_upload_hint(exc: ServerError, ref: EmulatorRef, adapter: Path) -> ServerError:
+    """An upload refused for lack of evaluation data: say how to upload the adapter the user already has."""
+    if exc.code != "no_eval_data":
+        return exc
+    command = _upload_command(ref, adapter)
+    return ServerError(f"{exc}\nthe adapter is saved in {adapter}; upload it with your evaluation data "
+                       f"(EVAL_FILE: a .txt or .jsonl file):\n  {command}",
+                       status_code=exc.status_code, code=exc.code,
+                       details={"adapter_dir": str(adapter.resolve()), "upload_command": command})
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -315,7 +372,7 @@ def download(
     progress: ProgressOpt = None,
 ) -> None:
     """Download the emulator into the cache (resumable), verify signature, sha256 and size; print its path."""
-    with _handled():
+    with _handled(as_json):
         settings = _settings(api_key=api_key, server_pubkey=server_pubkey, client_cache=cache_dir)
         ref = parse_emulator_url(emulator_url)
         with _client(ref.server, settings) as client:
@@ -343,7 +400,7 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Check a local emulator file against the server's signed manifest (signature, key, emulator id, sha256, size)."""
-    with _handled():
+    with _handled(as_json):
         settings = _settings(api_key=api_key, server_pubkey=server_pubkey, client_cache=cache_dir)
         ref = parse_emulator_url(emulator_url)
         with _client(ref.server, settings) as client:
@@ -384,7 +441,7 @@ def upload_cmd(
     from shared.adapter import load_and_validate_adapter_file, spec_from_json
     from shared.data import load_dataset
 
-    with _handled():
+    with _handled(as_json):
         settings = _settings(api_key=api_key, client_cache=cache_dir)
         ref = parse_emulator_url(emulator_url)
         adapter_file = adapter / "adapter_model.safetensors" if adapter.is_dir() else adapter
@@ -401,15 +458,19 @@ def upload_cmd(
             if info.adapter_spec:  # the server enforces the same spec; failing here is faster and clearer
                 spec = spec_from_json({k: v.model_dump() for k, v in info.adapter_spec.items()})
                 load_and_validate_adapter_file(adapter_file, spec, max_bytes=info.max_adapter_bytes)
-            created = upload_adapter(client, ref, adapter_file, eval_data=eval_data, metrics=client_metrics,
-                                     adapter_config=config)
+            try:
+                created = upload_adapter(client, ref, adapter_file, eval_data=eval_data, metrics=client_metrics,
+                                         adapter_config=config)
+            except ServerError as exc:
+                raise _with_upload_hint(exc, ref, adapter) from None
             _note(f"uploaded adapter {created.adapter.id}; evaluation job {created.job.id}")
             job, record = created.job, created.adapter
             if wait:
                 job, record = _await_evaluation(client, created, settings, show)
-        _report(as_json=as_json, doc={"adapter": record.model_dump(mode="json"), "job": job.model_dump(mode="json")},
-                columns=_columns(client_metrics, record), header=f"adapter {record.id}: {record.status}")
         failure = _evaluation_failure(job if wait else None, record if wait else None)
+        _report(as_json=as_json, doc={"adapter": record.model_dump(mode="json"), "job": job.model_dump(mode="json")},
+                columns=_columns(client_metrics, record), header=f"adapter {record.id}: {record.status}",
+                failure=failure)
         if failure:
             raise failure
 
@@ -425,7 +486,7 @@ def status(
     progress: ProgressOpt = None,
 ) -> None:
     """Show an adapter's evaluation (zero-shot / emulator / plug-in side by side) or a job's state."""
-    with _handled():
+    with _handled(as_json):
         settings = _settings(api_key=api_key, server_url=server)
         kind, base, ident = None, settings.server_url, target
         for collection in ("adapters", "jobs"):
@@ -434,15 +495,20 @@ def status(
         if not base:
             raise BadInputError("TARGET is a bare id: pass --server URL (or set SCALEOT_SERVER_URL), "
                                 "or give the full URL")
+        if kind is None:  # the server's ids say what they are: adp_... adapters, job_... jobs
+            kind = "adapters" if ident.startswith("adp_") else "jobs" if ident.startswith("job_") else None
         show = _show_progress(progress)
         with _client(base, settings) as client:
+            record, guessed = None, kind is None
             if kind in (None, "adapters"):
                 try:
                     record = client.adapter(ident)
                     kind = "adapters"
                 except ServerError as exc:
-                    if kind is not None or exc.status_code != 404:
+                    if exc.status_code != 404:
                         raise
+                    if kind == "adapters":
+                        raise _not_found(exc, f"adapter {ident}", base) from None
                     kind = "jobs"
             if kind == "adapters":
                 job = None
@@ -450,26 +516,41 @@ def status(
                     job = wait_for_job(client, record.job_id, poll_s=settings.poll_interval_s,
                                        timeout_s=settings.wait_timeout_s, progress=show, desc="plug-in evaluation")
                     record = client.adapter(ident)
-                _report(as_json=as_json, doc={"adapter": record.model_dump(mode="json")},
-                        columns=_columns(None, record), header=f"adapter {record.id}: {record.status}")
                 failure = _evaluation_failure(job, record)
+                _report(as_json=as_json, doc={"adapter": record.model_dump(mode="json")},
+                        columns=_columns(None, record), header=f"adapter {record.id}: {record.status}",
+                        failure=failure)
             else:
-                job = client.job(ident)
+                try:
+                    job = client.job(ident)
+                except ServerError as exc:
+                    if exc.status_code != 404:
+                        raise
+                    raise _not_found(exc, f"adapter or job {ident}" if guessed else f"job {ident}", base) from None
                 if wait and not job.finished:
                     job = wait_for_job(client, ident, poll_s=settings.poll_interval_s,
                                        timeout_s=settings.wait_timeout_s, progress=show)
-                if as_json:
-                    _emit_json({"job": job.model_dump(mode="json")})
-                else:
-                    typer.echo(f"job {job.id} ({job.kind}): {job.status} {job.progress:.0%} {job.message}".rstrip())
-                    if job.error:
-                        typer.echo(f"error: {job.error}")
                 failure = None
                 if job.status == "failed":
                     failure = _evaluation_failure(job, None) if job.kind == "evaluation" else \
                         ServerError(f"job {job.id} ({job.kind}) failed: {job.error or 'no reason given'}")
+                if as_json:
+                    doc: dict[str, Any] = {"job": job.model_dump(mode="json")}
+                    if failure is not None:
+                        doc.update(error_object(failure, failure.exit_code))
+                    _emit_json(doc)
+                else:
+                    typer.echo(f"job {job.id} ({job.kind}): {job.status} {job.progress:.0%} {job.message}".rstrip())
+                    if job.error:
+                        typer.echo(f"error: {job.error}")
         if failure:
             raise failure
+
+
+def _not_found(exc: ServerError, what: str, server: str) -> ServerError:
+    return ServerError(f"{what} not found on {server} (or not visible to your organization: adapters and jobs "
+                       "are visible only with the API key of the organization that created them)",
+                       status_code=exc.status_code, code=exc.code or "not_found")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -30,10 +30,11 @@ class ClientError(Exception):
 
     exit_code: ExitCode = ExitCode.SERVER
 
-    def __init__(self, message: str, exit_code: ExitCode | None = None):
+    def __init__(self, message: str, exit_code: ExitCode | None = None, details: dict | None = None):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        self.details = details or {}  # extra fields for the `--json` error object (e.g. upload_command)
 
 
 class BadInputError(ClientError):
@@ -49,14 +50,31 @@ class TrustError(ClientError):
 class ServerError(ClientError):
     exit_code = ExitCode.SERVER
 
-    def __init__(self, message: str, status_code: int | None = None, code: str | None = None):
-        super().__init__(message)
+    def __init__(self, message: str, status_code: int | None = None, code: str | None = None,
+                 details: dict | None = None):
+        super().__init__(message, details=details)
         self.status_code = status_code
         self.code = code
 
 
 class EvaluationFailedError(ClientError):
     exit_code = ExitCode.EVALUATION_FAILED
+
+
+# The `code` of the `--json` error object when the server gave none.
+ERROR_CODES = {ExitCode.BAD_INPUT: "bad_input", ExitCode.VERIFICATION: "verification_failed",
+               ExitCode.SERVER: "server_error", ExitCode.EVALUATION_FAILED: "evaluation_failed"}
+
+
+def error_object(exc: BaseException, code: ExitCode) -> dict:
+    """`{"error": {"code", "message", "exit_code", ...}}`: what `--json` prints on stdout for a failure."""
+    server_code = exc.code if isinstance(exc, ServerError) else None
+    err: dict = {"code": server_code or ERROR_CODES.get(code, "error"), "message": str(exc), "exit_code": int(code)}
+    if isinstance(exc, ServerError) and exc.status_code is not None:
+        err["http_status"] = exc.status_code
+    if isinstance(exc, ClientError):
+        err.update(exc.details)
+    return {"error": err}
 
 
 def exit_code_for(exc: BaseException) -> ExitCode | None:

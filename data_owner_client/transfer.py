@@ -102,7 +102,14 @@ def raise_for_status(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
     code, message = _error_message(response)
-    hint = " (check SCALEOT_API_KEY)" if response.status_code in (401, 403) else ""
+    if response.status_code == 401 and not response.request.headers.get("authorization"):
+        # The server's own hint names the model owner's admin command; the data owner needs a key from them.
+        raise ServerError(f"server answered 401 for {response.request.method} {response.request.url}: no API key "
+                          "was sent. Ask the model owner for an API key for your organization, then set "
+                          "SCALEOT_API_KEY (or pass --api-key)", status_code=401, code=code or "unauthorized")
+    hint = {401: " (the key in SCALEOT_API_KEY / --api-key was refused: ask the model owner for a valid one)",
+            403: " (check SCALEOT_API_KEY: your organization may lack access; ask the model owner)"}.get(
+        response.status_code, "")
     raise ServerError(f"server answered {response.status_code} {code or response.reason_phrase} for "
                       f"{response.request.method} {response.request.url}: {message}{hint}",
                       status_code=response.status_code, code=code)
@@ -175,6 +182,17 @@ class ServerClient:
 
     def adapter(self, adapter_id: str) -> schemas.Adapter:
         return parse_as(schemas.Adapter, self.get_json(f"/v1/adapters/{adapter_id}"), "adapter")
+
+    def upload_info(self, emulator_id: str) -> dict[str, Any] | None:
+        """What an adapter upload needs (`eval_data_required`, eval suffixes, size caps), asked before training;
+        None when the server does not say (a server without this endpoint): the caller must not rely on it."""
+        try:
+            data = self.get_json(f"/v1/emulators/{emulator_id}/upload-info")
+        except ServerError as exc:
+            if exc.status_code in (404, 405, 501):
+                return None
+            raise
+        return data if isinstance(data, dict) else None
 
 
 # ---------------------------------------------------------------- trust

@@ -71,6 +71,8 @@ class FakeState:
     fail_evaluation: bool = False
     building_polls: int = 0  # report "building" for this many GETs of the emulator
     redirect_file: str | None = None  # answer the file request with a redirect to this URL
+    default_eval: bool = True  # False: like a server without a default eval file (422 no_eval_data without one)
+    upload_info: bool = True  # False: like an older server without GET .../upload-info (404)
     # records
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     uploads: list[dict[str, Any]] = field(default_factory=list)
@@ -160,9 +162,22 @@ def make_app(state: FakeState) -> FastAPI:
         return {"keys": [{"key_id": key_id(pub), "algorithm": "Ed25519", "public_key": public_key_to_b64(pub),
                           "status": "active", "created_at": NOW}]}
 
+    @app.get("/v1/emulators/{eid}/upload-info")
+    def upload_info(eid: str):
+        if not state.upload_info:
+            return _error(404, "not_found", "no such endpoint; see /docs for the API")
+        if eid != state.emulator_id:
+            return _error(404, "not_found", f"no emulator {eid}")
+        return {"emulator_id": eid, "default_eval_data": state.default_eval,
+                "eval_data_required": not state.default_eval, "eval_data_suffixes": [".txt", ".jsonl", ".json"],
+                "max_adapter_bytes": None, "max_eval_bytes": 1 << 20}
+
     @app.post(f"{base_emulator}/adapters", status_code=202)
     async def upload(adapter: UploadFile = File(...), eval_data: UploadFile | None = File(None),
                      metrics: str | None = Form(None), adapter_config: str | None = Form(None)):
+        if eval_data is None and not state.default_eval:
+            return _error(422, "no_eval_data", "this server has no default evaluation file; attach your eval "
+                          "file as the 'eval_data' part (.txt or .jsonl)")
         raw = await adapter.read()
         eval_raw = await eval_data.read() if eval_data is not None else None
         record = {"adapter_bytes": raw, "adapter_filename": adapter.filename,

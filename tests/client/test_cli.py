@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import socket
 
 import pytest
@@ -11,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from data_owner_client.cli import app
 from data_owner_client.errors import ExitCode
+
+from .fake_server import API_KEY
 
 TUNE_FAST = ["--max-steps", "2", "--batch-size", "2", "--seq-len", "32"]
 
@@ -28,6 +31,24 @@ def test_help_documents_exit_codes(runner):
         assert r.exit_code == 0
         text = " ".join(r.output.split())
         assert "Exit codes" in text and "3 verification failure" in text and "5 the server's evaluation failed" in text
+
+
+@pytest.mark.parametrize("command", ["tune", "download", "verify", "upload", "status"])
+def test_help_never_cuts_option_names_at_80_columns(runner, command):
+    r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": None})
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.output
+    click_command = typer_main_command().get_command(None, command)
+    for param in click_command.params:
+        for opt in [*param.opts, *param.secondary_opts]:
+            if opt.startswith("--"):
+                assert opt in r.output, f"{command} --help lacks {opt}"
+
+
+def typer_main_command():
+    import typer.main
+
+    return typer.main.get_command(app)
 
 
 BAD_FILES = {
@@ -85,6 +106,76 @@ def test_network_and_server_errors_exit_4(runner, fake, client_env, train_file, 
     assert r.exit_code == ExitCode.SERVER and "401" in r.stderr and "SCALEOT_API_KEY" in r.stderr
 
 
+def test_missing_api_key_says_ask_the_model_owner(runner, fake, client_env, monkeypatch):
+    monkeypatch.delenv("SCALEOT_API_KEY")
+    r = runner.invoke(app, ["download", "--emulator-url", fake.emulator_url, "--json"])
+    assert r.exit_code == ExitCode.SERVER
+    assert "Ask the model owner for an API key" in r.stderr and "SCALEOT_API_KEY" in r.stderr
+    assert "--api-key" in r.stderr and "modelowner-server" not in r.stderr + r.stdout
+    err = json.loads(r.stdout)["error"]
+    assert err["code"] == "unauthorized" and err["http_status"] == 401 and err["exit_code"] == ExitCode.SERVER
+    assert "Ask the model owner" in err["message"]
+
+
+def test_json_failures_print_an_error_object_on_stdout(runner, fake, client_env, tmp_path):
+    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(tmp_path / "nope.txt"),
+                            "--json"])
+    assert r.exit_code == ExitCode.BAD_INPUT and "not found" in r.stderr
+    err = json.loads(r.stdout)["error"]
+    assert err["code"] == "bad_input" and err["exit_code"] == ExitCode.BAD_INPUT and "nope.txt" in err["message"]
+    r = runner.invoke(app, ["download", "--emulator-url", _closed_port_url(), "--json"])
+    assert r.exit_code == ExitCode.SERVER and json.loads(r.stdout)["error"]["code"] == "server_error"
+
+
+def test_status_of_an_unknown_adapter_says_adapter(runner, fake, client_env):
+    r = runner.invoke(app, ["status", "adp_0123456789abcdef", "--server", fake.url])
+    assert r.exit_code == ExitCode.SERVER
+    assert "adapter adp_0123456789abcdef not found" in r.stderr and "job" not in r.stderr.split("(")[0]
+    assert "not visible to your organization" in r.stderr
+    r = runner.invoke(app, ["status", f"{fake.url}/v1/adapters/ad_missing", "--json"])
+    assert r.exit_code == ExitCode.SERVER and "adapter ad_missing not found" in r.stderr
+    assert json.loads(r.stdout)["error"]["code"] == "not_found"
+    r = runner.invoke(app, ["status", "whatever", "--server", fake.url])
+    assert r.exit_code == ExitCode.SERVER and "adapter or job whatever not found" in r.stderr
+    r = runner.invoke(app, ["status", "job_missing", "--server", fake.url])
+    assert r.exit_code == ExitCode.SERVER and "job job_missing not found" in r.stderr
+
+
+def test_tune_without_eval_data_fails_before_training_when_the_server_needs_it(runner, fake, client_env,
+                                                                                 train_file, tmp_path):
+    fake.state.default_eval = False
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
+                            "--out", str(out), "--json"])
+    assert r.exit_code == ExitCode.BAD_INPUT, r.output
+    assert "--eval-data" in r.stderr and "no default evaluation file" in r.stderr
+    assert json.loads(r.stdout)["error"]["eval_data_required"] is True
+    assert not out.exists() and not fake.state.uploads
+    assert not any(path.endswith("/file") for _, path, _ in fake.state.requests), "the emulator was downloaded"
+
+
+def test_upload_refused_for_lack_of_eval_data_names_the_command_to_retry(runner, fake, client_env, train_file,
+                                                                         eval_file, tmp_path, monkeypatch):
+    """A server that cannot be asked beforehand (no upload-info): training runs, the upload is refused, and
+    the error gives the exact `dataowner-client upload` command for the adapter already on disk."""
+    fake.state.default_eval, fake.state.upload_info = False, False
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
+                            "--out", str(out), "--json"])
+    assert r.exit_code == ExitCode.SERVER, r.output
+    assert "no_eval_data" in r.stderr and (out / "adapter_model.safetensors").is_file()
+    err = json.loads(r.stdout)["error"]
+    assert err["code"] == "no_eval_data" and err["upload_command"] in r.stderr
+    argv = shlex.split(err["upload_command"])
+    assert argv[:2] == ["dataowner-client", "upload"] and "EVAL_FILE" in argv
+    argv[argv.index("EVAL_FILE")] = str(eval_file)
+    monkeypatch.chdir(tmp_path.parent)  # the command does not depend on the directory it runs in
+    r = runner.invoke(app, [*argv[1:], "--no-wait"])
+    assert r.exit_code == 0, r.output
+    assert fake.state.uploads[-1]["eval_filename"] == eval_file.name
+    assert fake.state.requests[-1][2].get("authorization") == f"Bearer {API_KEY}"
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_tune_prints_side_by_side_table(runner, fake, client_env, train_file, eval_file, tmp_path, method):
     r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), "--eval-data",
@@ -105,7 +196,9 @@ def test_server_evaluation_failure_exits_5(runner, fake, client_env, train_file,
                             "--out", str(tmp_path / "o"), "--json"])
     assert r.exit_code == ExitCode.EVALUATION_FAILED, r.output
     assert "simulated evaluation failure" in r.stderr
-    assert json.loads(r.stdout)["adapter"]["status"] == "failed"
+    doc = json.loads(r.stdout)
+    assert doc["adapter"]["status"] == "failed"
+    assert doc["error"]["code"] == "evaluation_failed" and doc["error"]["exit_code"] == ExitCode.EVALUATION_FAILED
 
 
 def test_upload_and_status_subcommands(runner, fake, client_env, train_file, eval_file, tmp_path):

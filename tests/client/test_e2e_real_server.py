@@ -20,12 +20,12 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+import model_owner_server.main  # noqa: F401 - a broken server import must fail these tests, not skip them
 from data_owner_client.cli import app
 from shared.tiny import save_tiny_model_dir
 
 from .conftest import TRAIN_TEXT
 
-pytest.importorskip("model_owner_server.main", reason="the model-owner server is not in this tree yet")
 
 BIN = Path(sys.executable).parent
 
@@ -70,7 +70,8 @@ def real_server(tmp_path: Path):
     env = {**os.environ, "SCALEOT_DATA_DIR": str(tmp_path / "server-data"), "SCALEOT_DEVICE": "cpu",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SCALEOT_EVAL_MAX_EXAMPLES": "8",
            "SCALEOT_EVAL_SEQ_LEN": "64"}
-    for k in ("SCALEOT_API_KEY", "SCALEOT_SERVER_PUBKEY", "SCALEOT_DATABASE_URL", "SCALEOT_QUEUE_URL"):
+    for k in ("SCALEOT_API_KEY", "SCALEOT_SERVER_PUBKEY", "SCALEOT_DATABASE_URL", "SCALEOT_QUEUE_URL",
+              "SCALEOT_DEFAULT_EVAL"):
         env.pop(k, None)
     model_dir = save_tiny_model_dir(tmp_path / "tiny-llama", "llama", n_layers=4, hidden=32)
     admin_key = _run([*server, "create-org", "model-owner", "--role", "admin"], env, tmp_path).stdout.strip()
@@ -133,6 +134,12 @@ def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
                                          "completion": " The dog ran to the park."}) + "\n" for i in range(4)))
     env = {**os.environ, "SCALEOT_API_KEY": real_server["owner_key"], "SCALEOT_SERVER_PUBKEY": kid,
            "SCALEOT_CLIENT_CACHE": str(tmp_path / "client-cache"), "HF_HUB_OFFLINE": "1"}
+    # This server has no default evaluation file: without --eval-data the client says so before training.
+    never = tmp_path / "never"
+    r = CliRunner().invoke(app, ["tune", "--emulator-url", f"{base}/v1/emulators/{emulator_id}", "--data", str(train),
+                                 "--device", "cpu", "--out", str(never)], env=env)
+    assert r.exit_code == 2 and "--eval-data" in r.stderr and "no default evaluation file" in r.stderr, r.output
+    assert not never.exists()
     out = tmp_path / "adapter"
     r = subprocess.run([*_script("dataowner-client"), "tune", "--emulator-url", f"{base}/v1/emulators/{emulator_id}",
                         "--data", str(train), "--eval-data", str(evalf), "--max-steps", "3", "--batch-size", "2",

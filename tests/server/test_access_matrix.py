@@ -31,6 +31,7 @@ MATRIX = [
     ("download emulator", "GET", "/v1/emulators/{emulator}/file", {}, (200, 200, 404, 401)),
     ("emulator file headers", "HEAD", "/v1/emulators/{emulator}/file", {}, (200, 200, 404, 401)),
     ("signature", "GET", "/v1/emulators/{emulator}/signature", {}, (200, 200, 404, 401)),
+    ("upload info", "GET", "/v1/emulators/{emulator}/upload-info", {}, (200, 200, 404, 401)),
     ("upload adapter (no adapter part)", "POST", "/v1/emulators/{emulator}/adapters",
      {"files": {"metrics": (None, "{}")}}, (422, 422, 404, 401)),
     ("list adapters", "GET", "/v1/adapters", {}, (200, 200, 200, 401)),

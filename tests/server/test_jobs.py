@@ -39,15 +39,26 @@ def fake_kind(monkeypatch):
     RELEASE.set()
 
 
+# Redis for the RedisHuey case. Without it the case skips, unless SCALEOT_REQUIRE_REDIS=1 (`make test`, CI):
+# then it fails, so a Redis that should be there but is not cannot pass unnoticed.
+REDIS_URL = os.environ.get("SCALEOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_REDIS = os.environ.get("SCALEOT_REQUIRE_REDIS", "") == "1"
+
+
 def _redis_up() -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(REDIS_URL)
     try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=0.5):
             return True
     except OSError:
         return False
 
 
-QUEUES = ["sqlite", pytest.param("redis", marks=pytest.mark.skipif(not _redis_up(), reason="no Redis on :6379"))]
+QUEUES = ["sqlite", pytest.param("redis", marks=pytest.mark.skipif(
+    not REQUIRE_REDIS and not _redis_up(),
+    reason=f"no Redis at {REDIS_URL} (SCALEOT_REQUIRE_REDIS=1 makes this a failure)"))]
 
 
 def _wait(client, job_id, headers, pred, timeout=15.0):
@@ -62,7 +73,10 @@ def _wait(client, job_id, headers, pred, timeout=15.0):
 
 @pytest.mark.parametrize("backend", QUEUES)
 def test_real_queue_runs_jobs_with_live_progress(tmp_path, new_database_url, fake_kind, backend):
-    queue_url = "redis://127.0.0.1:6379/0" if backend == "redis" else None
+    if backend == "redis" and not _redis_up():
+        pytest.fail(f"SCALEOT_REQUIRE_REDIS=1 but no Redis answers at {REDIS_URL}: start Redis "
+                    "(or unset SCALEOT_REQUIRE_REDIS to skip this case)")
+    queue_url = REDIS_URL if backend == "redis" else None
     settings = fast_settings(tmp_path / "data", new_database_url(), queue_url=queue_url, embedded_worker=True,
                              queue_name=f"scaleot-test-{secrets.token_hex(4)}", heartbeat_seconds=0.2)
     with TestClient(create_app(settings)) as client:

@@ -157,3 +157,20 @@ def test_valid_upload_changes_state_once(world):
     new_files = set(listing) - set(before_files)
     assert new_files == {f"adapters/{r.json()['adapter']['id']}/adapter.safetensors"}
     assert not any(p.startswith("tmp/") for p in listing)
+
+
+def test_upload_info_says_whether_eval_data_is_required(world, monkeypatch):
+    """A client asks before training; with no default evaluation file the answer and the upload agree."""
+    url = f"/v1/emulators/{world.emulator['id']}/upload-info"
+    info = world.client.get(url, headers=auth(world.keys["alice"])).json()
+    assert info["emulator_id"] == world.emulator["id"]
+    assert info["default_eval_data"] is True and info["eval_data_required"] is False
+    assert ".jsonl" in info["eval_data_suffixes"] and info["max_adapter_bytes"] == world.emulator["max_adapter_bytes"]
+    monkeypatch.setattr(world.settings, "default_eval", None)
+    info = world.client.get(url, headers=auth(world.keys["alice"])).json()
+    assert info["default_eval_data"] is False and info["eval_data_required"] is True
+    before = _snapshot(world)
+    r = world.client.post(f"/v1/emulators/{world.emulator['id']}/adapters", headers=auth(world.keys["alice"]),
+                          files={"adapter": ("a.safetensors", io.BytesIO(_valid(world)))})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "no_eval_data", r.text
+    assert _snapshot(world) == before

@@ -6,6 +6,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
 
 from model_owner_server import crud
 from model_owner_server.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
@@ -20,6 +22,25 @@ from shared import schemas
 router = APIRouter(tags=["adapters"])
 ERR = {s: {"model": schemas.ErrorBody} for s in (400, 401, 403, 404, 409, 413, 415, 422, 503)}
 EVAL_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+class UploadInfo(Schema):
+    """What an adapter upload to one emulator needs; a client asks before it trains, so that a missing
+    evaluation file is found in a second, not after training. (A candidate for shared/schemas.py.)"""
+
+    model_config = ConfigDict(extra="ignore")
+    emulator_id: str
+    default_eval_data: bool = Field(description="the server has a default evaluation file, so the 'eval_data' "
+                                                "part is optional")
+    eval_data_required: bool = Field(description="an upload without the 'eval_data' part is refused "
+                                                 "(422 no_eval_data)")
+    eval_data_suffixes: list[str] = Field(description="file types accepted for the 'eval_data' part")
+    max_adapter_bytes: int | None = Field(default=None, description="size cap of the 'adapter' part")
+    max_eval_bytes: int = Field(description="size cap of the 'eval_data' part")
+
+
+def _has_default_eval(settings) -> bool:
+    return settings.default_eval is not None
 
 
 def _json_object(part: ReceivedPart | None) -> dict[str, Any] | None:
@@ -92,7 +113,7 @@ async def upload_adapter(emulator_id: str, request: Request, session: SessionDep
         if "adapter" not in parts or parts["adapter"].path is None:
             raise ApiError(422, "missing_part", "the 'adapter' file part (safetensors) is required")
         metrics, config = _json_object(parts.get("metrics")), _json_object(parts.get("adapter_config"))
-        await run_in_threadpool(_validate_files, parts, emu, settings.default_eval is not None)
+        await run_in_threadpool(_validate_files, parts, emu, _has_default_eval(settings))
         adapter, job = await run_in_threadpool(_store, session, storage, org, emu, parts, metrics, config)
     finally:
         discard(parts)  # temp files that were not moved into place
@@ -103,6 +124,17 @@ async def upload_adapter(emulator_id: str, request: Request, session: SessionDep
                        "failed, upload again later") from None
     body = await run_in_threadpool(_created, session, adapter.id, job.id)
     return JSONResponse(body.model_dump(mode="json"), status_code=202)
+
+
+@router.get("/v1/emulators/{emulator_id}/upload-info", response_model=UploadInfo, responses=ERR)
+def upload_info(emulator_id: str, session: SessionDep, org: OrgDep, settings: SettingsDep) -> UploadInfo:
+    """What an adapter upload to this emulator needs: whether the 'eval_data' part is required (this server
+    has no default evaluation file), the accepted eval file types and the size caps. Ask before training."""
+    emu = crud.get_visible_emulator(session, org, emulator_id)
+    has_default = _has_default_eval(settings)
+    return UploadInfo(emulator_id=emu.id, default_eval_data=has_default, eval_data_required=not has_default,
+                      eval_data_suffixes=list(EVAL_SUFFIXES), max_adapter_bytes=emu.max_adapter_bytes,
+                      max_eval_bytes=settings.max_eval_bytes)
 
 
 def _store(session, storage, org: Organization, emu: Emulator, parts: dict[str, ReceivedPart],
