@@ -24,7 +24,7 @@ from torch import nn
 from shared.architectures import decoder_layers
 from shared.layer_plan import LayerPlan, Role
 
-from .importance import fidelity_loss, forward_with_hidden, lm_loss
+from .importance import forward_with_hidden, hidden_nmse, lm_loss, logit_kl
 
 
 @dataclass
@@ -89,9 +89,9 @@ def calibrate_emulator(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks
             with torch.no_grad():
                 t_logits, t_hidden = forward_with_hidden(model, ids, positions)
             logits, hidden = forward_with_hidden(emu, ids, positions)
-            kl, _ = fidelity_loss(logits, hidden[positions[-1]], t_logits, t_hidden[positions[-1]])
+            kl = logit_kl(logits, t_logits)
             # The residual stream after every position: where each stand-in rejoins M, it should carry M's state.
-            nmse = sum(fidelity_loss(logits, hidden[i], t_logits, t_hidden[i])[1] for i in positions) / len(positions)
+            nmse = sum(hidden_nmse(hidden[i], t_hidden[i]) for i in positions) / len(positions)
             loss = cfg.kl_weight * kl + cfg.hidden_weight * nmse
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -146,20 +146,27 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def hidden_nmse(hidden: torch.Tensor, t_hidden: torch.Tensor) -> torch.Tensor:
+    """Per-token normalised MSE of hidden states against the full model's.
+
+    Normalised token by token: LLaMA-family residual streams carry "massive activations" (in SmolLM2 the
+    first position's norm is ~100x the others' after layer 11), which would otherwise be the whole loss."""
+    th = t_hidden.float()
+    return ((hidden.float() - th).pow(2).sum(-1) / th.pow(2).sum(-1).clamp_min(1e-6)).mean()
+
+
+def logit_kl(logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per token, on temperature-scaled logits."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits.float().flatten(0, 1) / t, -1),
+                    F.log_softmax(t_logits.float().flatten(0, 1) / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
 def fidelity_loss(logits: torch.Tensor, hidden: torch.Tensor, t_logits: torch.Tensor, t_hidden: torch.Tensor,
                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL(teacher || student) per token, per-token normalised MSE of hidden states): how far from M.
-
-    The MSE is normalised token by token: LLaMA-family residual streams carry "massive activations" (in
-    SmolLM2 the first position's norm is ~100x the others' after layer 11), which would otherwise be the
-    whole loss."""
-    t = temperature
-    kl = F.kl_div(F.log_softmax(logits.float().flatten(0, 1) / t, -1),
-                  F.log_softmax(t_logits.float().flatten(0, 1) / t, -1), log_target=True,
-                  reduction="batchmean") * t * t
-    th = t_hidden.float()
-    nmse = ((hidden.float() - th).pow(2).sum(-1) / th.pow(2).sum(-1).clamp_min(1e-6)).mean()
-    return kl, nmse
+    """(logit KL, hidden-state NMSE): how far a mixed network is from M."""
+    return logit_kl(logits, t_logits, temperature), hidden_nmse(hidden, t_hidden)
 
 
 def forward_with_hidden(model: nn.Module, ids: torch.Tensor,

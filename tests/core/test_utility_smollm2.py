@@ -32,7 +32,7 @@ pytestmark = [
 ]
 
 SEQ = 64
-FLOOR = 0.30  # measured: see test_adapter_tuned_on_the_emulator_transfers_to_the_full_model's docstring
+FLOOR = 0.20  # measured 0.35 on the development machine (see the test's docstring); margin for noise
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,14 @@ def smollm2(tmp_path_factory):
 
 
 def test_adapter_tuned_on_the_emulator_transfers_to_the_full_model(smollm2, tmp_path):
-    """Measured on the development machine (2 CPU cores): see the assertion message for r."""
+    """Measured on the development machine: r = 0.352 (zero-shot 4.679, plug-in 4.599, in M 4.451; a 24-step
+    stage 1 gave r = 0.12: the floor also guards the stage-1 ranking)."""
     torch.manual_seed(0)
     model, tok = smollm2
     model.requires_grad_(False)
     wiki = corpora.write_wiki_files(tmp_path, train_chars=150_000, val_chars=20_000)
     train_b, val_b = corpus_blocks(tok, wiki["wiki_train"], SEQ, val_corpus=wiki["wiki_val"])
-    result = estimate_importance(model, train_b, val_b, ImportanceConfig(steps=24, warmup_steps=4, seed=0))
+    result = estimate_importance(model, train_b, val_b, ImportanceConfig(steps=48, warmup_steps=4, seed=0))
     info = make_emulator(model, tok, result, 4, 0.5, 0.0, tmp_path / "emu.safetensors",
                          calibration=CalibrationConfig(steps=10), calibration_blocks=train_b,
                          fidelity_blocks=val_b[:4])
@@ -57,10 +58,10 @@ def test_adapter_tuned_on_the_emulator_transfers_to_the_full_model(smollm2, tmp_
     task = corpora.write_shakespeare_files(tmp_path, n_train_works=1, n_eval_works=1, max_chars_per_work=60_000)
     data, held_out = load_dataset(task["shakespeare_train"]), load_dataset(task["shakespeare_eval"])
     choice = resolve_device("cpu")
-    cfg = TrainConfig(max_steps=24, batch_size=4, seq_len=SEQ, seed=0, save_every=10**9)
+    cfg = TrainConfig(max_steps=32, batch_size=4, seq_len=SEQ, seed=0, save_every=10**9)
 
     def loss(m) -> float:
-        return evaluate(m, tok, held_out, seq_len=SEQ, batch_size=8, max_examples=16)["loss"]
+        return evaluate(m, tok, held_out, seq_len=SEQ, batch_size=8, max_examples=32)["loss"]
 
     loaded = load_emulator(info.path)
     tuned = tune_emulator(loaded.model, loaded.tokenizer, loaded.plan, data, cfg, choice, tmp_path / "run",
