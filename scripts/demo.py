@@ -263,6 +263,8 @@ def _pump(stream, bar_interval_s: float = 10.0) -> None:
 
 
 def stop_children() -> None:
+    for server in list(_servers):
+        server.stop()  # graceful, and says so
     for proc in _children:
         if proc.poll() is None:
             proc.terminate()
@@ -271,6 +273,9 @@ def stop_children() -> None:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+_servers: list[LocalServer] = []
 
 
 class LocalServer:
@@ -293,12 +298,13 @@ class LocalServer:
         self.proc = subprocess.Popen(cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
+        _servers.append(self)  # main() stops it even if Ctrl-C lands before the with-block owns it
         try:
             wait_healthy(self.url, timeout_s=120, alive=self.check_alive)
+            say(f"    server up at {self.url}")
         except BaseException:
             self.stop()
             raise
-        say(f"    server up at {self.url}")
         return self
 
     def check_alive(self) -> None:
