@@ -138,7 +138,8 @@ def make_emulator_cmd(
     if method == "scaleot" and importance is None:
         _fail("--importance DIR is required for --method scaleot (run estimate-importance first)")
     m, tok = load_causal_lm(_model_folder(model))
-    bar = tqdm(total=calibration_steps, desc="calibrating", unit="step", disable=calibration_steps == 0)
+    calibrate = method == "scaleot" and calibration_steps > 0  # the baselines are never calibrated
+    bar = tqdm(total=calibration_steps, desc="calibrating", unit="step", disable=not calibrate)
 
     def progress(p) -> None:
         bar.update(1)
@@ -150,9 +151,9 @@ def make_emulator_cmd(
             recorded = json.loads((importance / "importance.json").read_text()).get("corpus")
             corpus = Path(recorded) if recorded else None
         blocks = build_blocks(tok, corpus, seq_len, 512)
-        if blocks is None and calibration_steps > 0:
+        if blocks is None and calibrate:
             _fail("calibration needs task-agnostic text: pass --corpus FILE (or --calibration-steps 0)")
-        cal = CalibrationConfig(steps=calibration_steps, kept_lr=kept_lr) if method == "scaleot" else None
+        cal = CalibrationConfig(steps=calibration_steps, kept_lr=kept_lr) if calibrate else None
         info = make_emulator(m, tok, imp, n_adapter, alpha, beta, output, method=method, n_dropped=n_dropped,
                              placement=placement, calibration=cal,
                              calibration_blocks=blocks[0] if blocks else None,
