@@ -28,7 +28,7 @@ from shared.layer_plan import LayerPlan, Role
 from shared.modules import Harmonizer
 
 from .calibrate import CalibrationConfig, calibrate_emulator, measure_fidelity
-from .importance import ImportanceResult
+from .importance import ImportanceResult, corpus_blocks
 
 PLACEMENTS = ("sandwich", "importance", "spread")
 DEFAULT_PLACEMENT = "sandwich"
@@ -119,8 +119,6 @@ def build_blocks(tokenizer: PreTrainedTokenizerBase, corpus: str | Path | None, 
     None when not needed or when the corpus is gone (an emulator is still built, uncalibrated)."""
     if not need or corpus is None or not Path(corpus).is_file():
         return None
-    from .importance import corpus_blocks
-
     return corpus_blocks(tokenizer, corpus, seq_len, max_blocks=max_blocks)
 
 
