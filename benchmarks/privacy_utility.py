@@ -60,10 +60,10 @@ import torch.nn.functional as F
 
 from data_owner_client.train import (
     TrainConfig,
-    freeze_except_adapter,
     resolve_device,
     set_seed,
     train,
+    train_layers_in_model,
     tune_emulator,
 )
 from model_owner_server.scaleot.emulator import make_emulator, param_bytes
@@ -427,12 +427,8 @@ def run_full_ft(model, tok, task: Task, budget: Budget, choice, work: Path) -> d
 def run_adapter_on_m(model, tok, task: Task, budget: Budget, choice, layers: list[int]) -> dict:
     """Diagnostic: the client's recipe on the same adapter layers, but inside M itself (a perfect emulator)."""
     cfg = train_config(task, budget)
-    m = copy.deepcopy(model)
-    freeze_except_adapter(m, layers)
-    set_seed(cfg.seed)
-    examples = training_examples(task.train, tok, cfg.seq_len)
-    res = train(m, examples, cfg, choice, pad_id=pad_id_for(tok), progress=False)
-    m.requires_grad_(False)
+    m, res = train_layers_in_model(model, layers, training_examples(task.train, tok, cfg.seq_len), cfg, choice,
+                                   pad_id=pad_id_for(tok))
     pm = evaluate_task(m, tok, task, budget, choice)
     out = {"plug_in": metric_of(task, pm), "plug_in_metrics": pm,
            "trainable_params": sum(p.numel() for i in layers for p in decoder_layers(m)[i].parameters()),

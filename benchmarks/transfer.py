@@ -32,10 +32,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse
-import copy
 import gc
 import json
-import math
 import shutil
 import sys
 import time
@@ -51,7 +49,7 @@ if str(REPO) not in sys.path:
 import torch
 
 from benchmarks.privacy_utility import Task, digest, load_model, log, make_tasks, prepare_data, write_json
-from data_owner_client.train import TrainConfig, freeze_except_adapter, resolve_device, set_seed, train, tune_emulator
+from data_owner_client.train import TrainConfig, resolve_device, train_layers_in_model, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.emulator import make_emulator
 from model_owner_server.scaleot.importance import (ImportanceConfig, corpus_blocks, estimate_importance,
@@ -222,12 +220,9 @@ def quality(task: Task, m: dict[str, float]) -> float:
 
 
 def run_reference(model, tok, task: Task, budget: Budget, choice, layers: list[int], seed: int, steps: int) -> dict:
-    m = copy.deepcopy(model)
-    freeze_except_adapter(m, layers)
     cfg = _cfg(task, budget, seed, steps)
-    set_seed(seed)
-    res = train(m, training_examples(task.train, tok, cfg.seq_len), cfg, choice, pad_id=pad_id_for(tok), progress=False)
-    m.requires_grad_(False)
+    m, res = train_layers_in_model(model, layers, training_examples(task.train, tok, cfg.seq_len), cfg, choice,
+                                   pad_id=pad_id_for(tok))
     out = {"reference": _eval(m, tok, task, budget, choice), "train_seconds": res.seconds}
     del m
     return out

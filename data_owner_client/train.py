@@ -11,6 +11,7 @@ everything else in JSON, so an interrupted run continues bit-for-bit with `--res
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -346,6 +347,18 @@ def train(model: nn.Module, examples: list[Example], cfg: TrainConfig, choice: D
         bar.close()
         model.eval()
     return TrainResult(step, losses, time.perf_counter() - t0, resumed_from)
+
+
+def train_layers_in_model(model: nn.Module, layers: list[int], examples: list[Example], cfg: TrainConfig,
+                          choice: DeviceChoice, *, pad_id: int) -> tuple[nn.Module, TrainResult]:
+    """The same recipe on `layers` of a copy of a full model (M untouched): the reference an emulator's plug-in
+    is measured against (the transfer ratio), used by the benchmarks, the demo and the utility test."""
+    tuned = copy.deepcopy(model)
+    freeze_except_adapter(tuned, layers)
+    set_seed(cfg.seed)
+    result = train(tuned, examples, cfg, choice, pad_id=pad_id, progress=False)
+    tuned.requires_grad_(False)
+    return tuned, result
 
 
 # ---------------------------------------------------------------- the recipe

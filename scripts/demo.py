@@ -854,11 +854,9 @@ def in_model_reference(cfg: DemoConfig, owner_dir: Path, client_dir: Path, clien
     """Demo-only diagnostic (it needs M and the private data together, which neither party has alone): the same
     adapter layers tuned directly inside M with the data owner's recipe, scored like the plug-in. It is the
     ceiling the plug-in is measured against (the transfer ratio)."""
-    import copy
-
     import torch
 
-    from data_owner_client.train import TrainConfig, freeze_except_adapter, set_seed, train
+    from data_owner_client.train import TrainConfig, train_layers_in_model
     from model_owner_server.scaleot.model_io import load_causal_lm
     from shared.data import load_dataset, pad_id_for, training_examples
     from shared.device import resolve_device
@@ -873,12 +871,8 @@ def in_model_reference(cfg: DemoConfig, owner_dir: Path, client_dir: Path, clien
     held_out = load_dataset(client_dir / "data" / "shakespeare_eval.txt")
     tcfg = TrainConfig(max_steps=cfg.train_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
                        lr=cfg.lr, save_every=10**9)
-    m = copy.deepcopy(model)
-    freeze_except_adapter(m, layers)
-    set_seed(cfg.seed)
-    train(m, training_examples(data, tok, cfg.seq_len), tcfg, resolve_device("cpu"), pad_id=pad_id_for(tok),
-          progress=False)
-    m.requires_grad_(False)
+    m, _ = train_layers_in_model(model, layers, training_examples(data, tok, cfg.seq_len), tcfg,
+                                 resolve_device("cpu"), pad_id=pad_id_for(tok))
     with torch.no_grad():
         metrics = evaluate(m, tok, held_out, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                            max_examples=cfg.eval_max_examples)

@@ -8,13 +8,12 @@ not noise. The old pipeline (pair-antisymmetric scores, uncalibrated harmonizers
 benchmark's budget.
 """
 
-import copy
 import importlib.util
 
 import pytest
 import torch
 
-from data_owner_client.train import TrainConfig, freeze_except_adapter, set_seed, train, tune_emulator
+from data_owner_client.train import TrainConfig, train_layers_in_model, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.emulator import make_emulator
 from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance
@@ -78,10 +77,8 @@ def test_adapter_tuned_on_the_emulator_transfers_to_the_full_model(smollm2, tmp_
     layers = info.plan.adapter_layers
     plug = loss(plug_in(model, tuned.tensors, layers))
 
-    in_m = copy.deepcopy(model)
-    freeze_except_adapter(in_m, layers)
-    set_seed(cfg.seed)
-    train(in_m, training_examples(data, tok, SEQ), cfg, choice, pad_id=pad_id_for(tok), progress=False)
+    in_m, _ = train_layers_in_model(model, layers, training_examples(data, tok, SEQ), cfg, choice,
+                                    pad_id=pad_id_for(tok))
     zero, ref = loss(model), loss(in_m)
     r = (zero - plug) / (zero - ref)
     assert ref < zero, f"tuning the adapter layers in M did not help (zero-shot {zero:.4f}, in M {ref:.4f})"
