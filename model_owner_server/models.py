@@ -151,6 +151,8 @@ class Emulator(Base):
     fidelity: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     # How it was built: adapter placement and the calibration run (steps, seconds, final losses).
     build_info: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # The latest privacy audit (model_owner_server/scaleot/attack.py via the audit job), or None.
+    privacy: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
