@@ -58,6 +58,10 @@ class JobFailure(Exception):
     """A failure whose message is meant for the user as-is (no traceback needed)."""
 
 
+class JobCancelled(Exception):
+    """Raised inside a task at its next progress update once POST /v1/jobs/{id}/cancel asked it to stop."""
+
+
 # ---------------------------------------------------------------- job state updates
 
 class JobContext:
@@ -70,6 +74,7 @@ class JobContext:
         self._pending: dict[str, Any] = {}
         self._metrics: dict[str, Any] = {}
         self._last_write = 0.0
+        self._cancelled = False  # set by a flush that finds the job's cancel request
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(heartbeat_seconds,), daemon=True,
@@ -96,6 +101,8 @@ class JobContext:
             # Throttle: a fast loop must not turn into hundreds of DB writes per second.
             if force or time.monotonic() - self._last_write >= 0.5:
                 self._flush_locked()
+            if self._cancelled:
+                raise JobCancelled("cancelled on request")
 
     def _flush_locked(self) -> None:
         values = {**self._pending, "heartbeat_at": utcnow(), "updated_at": utcnow()}
@@ -103,8 +110,11 @@ class JobContext:
         self._last_write = time.monotonic()
         try:
             with session_scope(self.sessions) as s:
-                s.execute(update(Job).where(Job.id == self.job_id, Job.status == "running",
-                                            Job.worker_id == self.worker).values(**values))
+                mine = (Job.id == self.job_id, Job.status == "running", Job.worker_id == self.worker)
+                written = s.execute(update(Job).where(*mine, Job.cancel_requested_at.is_(None)).values(**values))
+                if not written.rowcount:  # rare path: only then ask whether a cancel request is the reason
+                    self._cancelled = s.execute(select(Job.id).where(*mine, Job.cancel_requested_at.is_not(None))
+                                                ).first() is not None
         except Exception:  # noqa: BLE001 - progress is best effort; the task itself must go on
             log.exception("could not record progress of job %s", self.job_id)
 
@@ -114,9 +124,9 @@ class JobContext:
                 self._flush_locked()
 
 
-def fail_job(session: Session, job: Job, error: str) -> None:
-    """Mark a job failed and propagate the failure to the object it was producing."""
-    job.status, job.error, job.message = "failed", error, "failed"
+def fail_job(session: Session, job: Job, error: str, status: str = "failed") -> None:
+    """Mark a job failed (or cancelled) and propagate the failure to the object it was producing."""
+    job.status, job.error, job.message = status, error, status
     job.finished_at = job.updated_at = utcnow()
     kind, params = job.kind, job.params or {}
     target = {"importance": (ImportanceRun, "run_id"), "emulator": (Emulator, "emulator_id"),
@@ -128,6 +138,34 @@ def fail_job(session: Session, job: Job, error: str) -> None:
         row.status, row.error = "failed", error
     elif isinstance(row, Adapter):
         row.status, row.error = "failed", error
+
+
+CANCELLED_ERRORS = {"importance": "the importance run was cancelled; start a new one",
+                    "emulator": "the build was cancelled; POST /v1/emulators again with the same parameters to rebuild",
+                    "evaluation": "the evaluation was cancelled; upload the adapter again to evaluate it"}
+
+
+def request_cancel(session: Session, job: Job) -> bool:
+    """Cancel `job`: a queued job ends `cancelled` now (True); a running one gets a cancel request that its
+    worker honours at its next progress update (False). Raises crud.Conflict when it has already finished.
+
+    Conditional UPDATEs, not read-then-write: a worker claiming the job at the same moment either wins (the
+    job is running and gets the request) or loses (the claim finds it cancelled and skips it).
+    """
+    from model_owner_server.crud import Conflict
+
+    error = CANCELLED_ERRORS.get(job.kind, "cancelled on request")
+    if session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(status="cancelled")
+                       ).rowcount:
+        session.refresh(job)
+        fail_job(session, job, error, status="cancelled")
+        return True
+    if session.execute(update(Job).where(Job.id == job.id, Job.status == "running").values(
+            cancel_requested_at=utcnow(), updated_at=utcnow())).rowcount:
+        session.refresh(job)
+        return False
+    session.refresh(job)
+    raise Conflict(f"job {job.id} has already finished ({job.status}); there is nothing to cancel")
 
 
 def recover_interrupted_jobs(sessions: sessionmaker[Session], settings: Settings, *, startup: bool) -> list[str]:
@@ -206,6 +244,7 @@ class JobRunner:
             log.info("job %s is not queued any more; skipping", job_id)
             return
         handler = HANDLERS.get(kind)
+        outputs: list[Path] = []
         try:
             with JobContext(job_id, self.sessions, self.settings.heartbeat_seconds) as ctx:
                 if handler is None:
@@ -215,6 +254,15 @@ class JobRunner:
                 s.execute(update(Job).where(Job.id == job_id, Job.worker_id == me, Job.status == "running").values(
                     status="succeeded", progress=1.0, message="done", result=result, finished_at=utcnow(),
                     updated_at=utcnow(), heartbeat_at=utcnow()))
+        except JobCancelled:
+            log.info("job %s (%s) cancelled on request", job_id, kind)
+            with session_scope(self.sessions) as s:
+                job = s.get(Job, job_id)
+                if job is not None and job.status == "running" and job.worker_id == me:
+                    fail_job(s, job, CANCELLED_ERRORS.get(kind or "", "cancelled on request"), status="cancelled")
+                    outputs = self._unfinished_outputs(s, kind or "", params)
+            for path in outputs:  # nothing half-written stays (the janitor would get there later)
+                self.storage.remove(path)
         except Exception as exc:  # noqa: BLE001 - every failure must end visibly in the job row
             message = str(exc) if isinstance(exc, (JobFailure, ValueError, FileNotFoundError)) else \
                 f"{type(exc).__name__}: {exc}"
@@ -226,6 +274,16 @@ class JobRunner:
                 job = s.get(Job, job_id)
                 if job is not None and job.status == "running" and job.worker_id == me:
                     fail_job(s, job, message or type(exc).__name__)
+
+    def _unfinished_outputs(self, s: Session, kind: str, params: dict[str, Any]) -> list[Path]:
+        """Files a cancelled job may already have moved into place (its row was never marked done)."""
+        if kind == "importance" and params.get("run_id"):
+            return [self.storage.importance / params["run_id"]]
+        if kind == "emulator" and params.get("emulator_id"):
+            emu = s.get(Emulator, params["emulator_id"])
+            if emu is not None and emu.status != "ready":
+                return [self.storage.emulators / f"{emu.id}.safetensors"]
+        return []
 
     # helpers shared by handlers
     @property
@@ -244,6 +302,8 @@ def _still_ours(s: Session, ctx: JobContext) -> None:
     """Before a handler records its result: the job must still be running under this worker. If the reaper
     failed it meanwhile (heartbeats looked stale), nothing is recorded; the janitor removes its files."""
     job = s.get(Job, ctx.job_id, with_for_update=True)
+    if job is not None and job.status == "running" and job.cancel_requested_at is not None:
+        raise JobCancelled("cancelled on request")
     if job is None or job.status != "running" or job.worker_id != ctx.worker:
         raise JobFailure("this job was marked failed while it was still running (its worker looked dead); "
                          "nothing was recorded; submit the request again")
@@ -304,6 +364,8 @@ def _emulator(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dic
     from model_owner_server.scaleot.emulator import build_blocks, make_emulator
     from model_owner_server.scaleot.importance import load_importance
     from shared.adapter import adapter_spec, max_adapter_bytes, spec_to_json
+    from shared.emulator_file import emulator_dtype
+    from shared.lora import issue_lora
 
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
@@ -312,6 +374,8 @@ def _emulator(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dic
         run = s.get(ImportanceRun, emu.importance_run_id)
         emu_id, model_id, n_adapter, alpha, beta = emu.id, emu.model_id, emu.n_adapter, emu.alpha, emu.beta
         run_path, corpus = storage.abs(run.path), run.corpus
+        dtype_name = (emu.build_info or {}).get("dtype", "float32")  # set by POST /v1/emulators
+    dtype = emulator_dtype(dtype_name)
     ctx.update(0.05, "loading model", force=True)
     model, tokenizer = runner.full_model(model_row)
     importance = load_importance(run_path)
@@ -335,18 +399,19 @@ def _emulator(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dic
                          calibration_blocks=train_blocks,
                          fidelity_blocks=(val_blocks[:settings.emulator_fidelity_blocks]
                                           if val_blocks is not None and settings.emulator_fidelity_blocks else None),
-                         calibration_progress=progress,
+                         calibration_progress=progress, dtype=dtype,
                          extra_metadata={"model_id": model_id, "emulator_id": emu_id})
     ctx.update(0.9, "describing adapter layers", force=True)
     layers = list(info.plan.adapter_layers)
-    spec = adapter_spec(model, layers)
+    spec = adapter_spec(model, layers, dtype)  # uploads come back in the emulator's dtype
     fields = dict(path=storage.rel(out), sha256=info.sha256, size_bytes=info.size_bytes, n_params=info.n_params,
                   full_model_params=int(info.extra.get("full_model_params", 0)) or None,
                   full_model_bytes=int(info.extra.get("full_model_bytes", 0)) or None,
                   plan=info.plan.to_dict(), adapter_layers=layers, adapter_spec=spec_to_json(spec),
                   max_adapter_bytes=max_adapter_bytes(spec), fidelity=info.extra.get("fidelity"),
                   build_info={"placement": info.extra.get("placement"),
-                              "calibration": info.extra.get("calibration")})
+                              "calibration": info.extra.get("calibration"), "dtype": dtype_name,
+                              "lora": issue_lora(model, layers, dtype=dtype).to_json()})
     with session_scope(runner.sessions) as s:
         _still_ours(s, ctx)
         emu = s.get(Emulator, emu_id)
@@ -362,15 +427,19 @@ def _emulator(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dic
 def manifest_for(emu: Emulator) -> dict[str, Any]:
     from shared.signing import emulator_manifest
 
-    return emulator_manifest(emulator_id=emu.id, model_id=emu.model_id, sha256=emu.sha256,
-                             size_bytes=emu.size_bytes, layer_plan=emu.plan, key_id="")
+    manifest = emulator_manifest(emulator_id=emu.id, model_id=emu.model_id, sha256=emu.sha256,
+                                 size_bytes=emu.size_bytes, layer_plan=emu.plan, key_id="")
+    # Signed too: the storage dtype and the LoRA the server accepts (absent on emulators built before them).
+    issued = {k: (emu.build_info or {}).get(k) for k in ("dtype", "lora")}
+    return {**manifest, **{k: v for k, v in issued.items() if v is not None}}
 
 
 def _evaluation(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     from model_owner_server.model_cache import plugged_models
     from model_owner_server.scaleot.plugin import plug_in
-    from shared.adapter import load_and_validate_adapter_file, spec_from_json
+    from shared.adapter import spec_from_json
     from shared.data import load_dataset
+    from shared.lora import issued_lora, load_adapter
     from shared.evaluation import evaluate
 
     settings, storage = runner.settings, runner.storage
@@ -379,6 +448,7 @@ def _evaluation(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
         emu = s.get(Emulator, adapter.emulator_id)
         model_row = s.get(BaseModel, adapter.model_id)
         spec, layers = spec_from_json(emu.adapter_spec), list(emu.adapter_layers)
+        lora = issued_lora(emu.build_info)
         adapter_path = storage.abs(adapter.path)
         eval_path = storage.abs(adapter.eval_path) if adapter.eval_path else settings.default_eval
         eval_source = "upload" if adapter.eval_path else f"server default ({Path(str(eval_path)).name})"
@@ -386,7 +456,7 @@ def _evaluation(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
     if eval_path is None:
         raise JobFailure("no evaluation data: upload eval_data with the adapter or set SCALEOT_DEFAULT_EVAL")
     ctx.update(0.02, "validating adapter", force=True)
-    tensors = load_and_validate_adapter_file(adapter_path, spec)
+    tensors = load_adapter(adapter_path, spec, lora)  # whole layers or a PEFT LoRA, as issued
     dataset = load_dataset(eval_path)
     ctx.update(0.05, "loading full model", force=True)
     model, tokenizer = runner.full_model(model_row)
@@ -399,7 +469,7 @@ def _evaluation(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
     ctx.update(0.1, "evaluating the full model zero-shot", force=True)
     zero = evaluate(model, tokenizer, dataset, progress=prog(0.1, 0.5, "zero-shot"), **kw)
     ctx.update(0.5, "plugging the adapter into the full model", {"zero_shot": zero}, force=True)
-    plugged = plug_in(model, tensors, layers, spec)
+    plugged = plug_in(model, tensors, layers, spec, lora)
     plug = evaluate(plugged, tokenizer, dataset, progress=prog(0.55, 0.98, "plug-in"), **kw)
     plugged_models().get_or_load(adapter_id, lambda: plugged)  # /generate in this process starts warm
     with session_scope(runner.sessions) as s:

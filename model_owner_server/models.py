@@ -106,6 +106,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set by POST /v1/jobs/{id}/cancel on a running job; its worker stops at the next progress update.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ImportanceRun(Base):
@@ -208,3 +210,14 @@ class AuditEvent(Base):
     target_id: Mapped[str] = mapped_column(String(40))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ConsoleSession(Base):
+    """A web-console sign-in: the cookie holds a random token, the database only its sha256 (like API keys)."""
+
+    __tablename__ = "console_sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))  # echoed by every console form
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)  # server-side expiry, whatever the browser keeps

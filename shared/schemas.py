@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["importance", "emulator", "evaluation"]
 EmulatorStatus = Literal["building", "ready", "failed"]
 AdapterStatus = Literal["evaluating", "evaluated", "failed"]
@@ -50,12 +50,14 @@ class Job(_Response):
     metrics: dict[str, Any] = Field(default_factory=dict, description="live metrics while running")
     result: dict[str, Any] = Field(default_factory=dict, description="ids of what the job produced")
     error: str | None = None
+    cancel_requested: bool = Field(default=False, description="POST /v1/jobs/{id}/cancel was called while it "
+                                   "ran; it ends `cancelled` at its next step")
     created_at: datetime
     updated_at: datetime
 
     @property
     def finished(self) -> bool:
-        return self.status in ("succeeded", "failed")
+        return self.status in ("succeeded", "failed", "cancelled")
 
 
 class JobList(_Response):
@@ -184,6 +186,9 @@ class EmulatorCreate(_Request):
     n_adapter: int = Field(ge=1, description="number of adapter layers (the most important ones)")
     alpha: float = Field(ge=0.0, le=1.0, description="fraction of the other layers replaced by harmonizers")
     beta: float = Field(ge=0.0, lt=1.0, description="SRC ratio: share of attention rank removed")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="storage dtype of the emulator file (bf16/fp16: half the size); adapters "
+                                       "come back in it. Stored in build_info and the signed manifest")
 
 
 class EmulatorCreated(_Response):

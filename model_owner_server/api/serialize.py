@@ -19,7 +19,7 @@ def base_url(request: Request, settings: Settings) -> str:
 def job_out(job: Job) -> schemas.Job:
     return schemas.Job(id=job.id, kind=job.kind, status=job.status, progress=job.progress, message=job.message or "",
                        metrics=job.metrics or {}, result=job.result or {}, error=job.error,
-                       created_at=job.created_at, updated_at=job.updated_at)
+                       cancel_requested=job.cancel_requested_at is not None, created_at=job.created_at, updated_at=job.updated_at)
 
 
 def model_out(session: Session, model: BaseModel) -> schemas.Model:

@@ -1,0 +1,66 @@
+"""POST /v1/jobs/{id}/cancel on a real queue: a queued job ends cancelled at once; a running stage-1 run
+stops at its next step, ends cancelled and leaves no importance files; a finished job answers 409."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi.testclient import TestClient
+
+from model_owner_server import crud
+from model_owner_server.main import create_app
+from model_owner_server.models import AuditEvent, ImportanceRun, Job
+from server_helpers import auth, fast_settings
+
+
+def _wait(client: TestClient, job_id: str, headers: dict, pred, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if pred(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached the expected state: {job}")
+
+
+def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, files):
+    settings = fast_settings(tmp_path / "data", new_database_url(), queue_url=None, embedded_worker=True,
+                             queue_name=f"scaleot-test-{secrets.token_hex(4)}", heartbeat_seconds=0.5)
+    with TestClient(create_app(settings)) as client:
+        with client.app.state.sessions() as s:
+            _, key = crud.create_org(s, "ops", "admin")
+            _, other_key = crud.create_org(s, "acme", "data-owner")
+            s.commit()
+        h = auth(key)
+        model_id = client.post("/v1/models", headers=h, json={"name": "tiny", "path": str(files["model"])}).json()["id"]
+        # Two long runs on one worker thread: the first runs, the second waits in the queue.
+        body = {"steps": 100_000, "corpus": str(files["corpus"])}
+        first = client.post(f"/v1/models/{model_id}/importance", headers=h, json=body).json()
+        second = client.post(f"/v1/models/{model_id}/importance", headers=h, json=body).json()
+        _wait(client, first["id"], h, lambda j: j["status"] == "running" and j["metrics"].get("step", 0) >= 1)
+
+        # Another organization cannot see (so cannot cancel) the job.
+        assert client.post(f"/v1/jobs/{first['id']}/cancel", headers=auth(other_key)).status_code == 404
+
+        queued = client.post(f"/v1/jobs/{second['id']}/cancel", headers=h)
+        assert queued.status_code == 202 and queued.json()["status"] == "cancelled", queued.text
+
+        r = client.post(f"/v1/jobs/{first['id']}/cancel", headers=h)
+        assert r.status_code == 202 and r.json()["status"] == "running" and r.json()["cancel_requested"], r.text
+        done = _wait(client, first["id"], h, lambda j: j["status"] != "running", timeout=30)
+        assert done["status"] == "cancelled" and "cancelled" in done["error"], done
+        assert done["metrics"]["step"] < 100_000  # it stopped early, at a step
+
+        again = client.post(f"/v1/jobs/{first['id']}/cancel", headers=h)
+        assert again.status_code == 409 and "already finished" in again.json()["error"]["message"]
+        with client.app.state.sessions() as s:
+            runs = {r.job_id: r for r in s.query(ImportanceRun)}
+            assert runs[first["id"]].status == runs[second["id"]].status == "failed"
+            assert s.get(Job, second["id"]).started_at is None  # the worker never ran it
+            actions = [e.action for e in s.query(AuditEvent)]
+            assert actions.count("cancel_job") == 2
+        data = settings.resolved_data_dir
+        assert list((data / "importance").iterdir()) == []  # nothing half-written stays
+        assert list((data / "tmp").iterdir()) == []
+        assert client.get(f"/v1/models/{model_id}", headers=h).json()["importance_ready"] is False
