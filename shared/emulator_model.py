@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.architectures import Projection, decoder_layers, family_for
+from shared.architectures import Projection, decoder_layers, family_for, projection_blocks
 from shared.layer_plan import LayerPlan, Role
 from shared.modules import (ConcatLinear, DroppedLayer, Harmonizer, HarmonizerLayer, LowRankLinear, RankReducedLinear,
                             factors_are_smaller, src_rank)
@@ -25,28 +25,28 @@ def projection_weight(module: nn.Module, proj: Projection) -> tuple[torch.Tensor
 def projection_full_ranks(layer: nn.Module, proj: Projection) -> list[int]:
     weight, _ = projection_weight(layer.get_submodule(proj.path), proj)
     out_f, in_f = weight.shape
-    return [min(out_f // proj.splits, in_f)] * proj.splits
+    return [min(len(rows), in_f) for rows in projection_blocks(proj, layer, out_f)]
 
 
 def src_ranks(layer: nn.Module, projections: tuple[Projection, ...], beta: float) -> dict[str, list[int]]:
     return {p.path: [src_rank(r, beta) for r in projection_full_ranks(layer, p)] for p in projections}
 
 
-def _low_rank(module: nn.Module, proj: Projection, ranks: list[int], compress: bool) -> nn.Module:
-    weight, bias = projection_weight(module, proj)
+def _low_rank(layer: nn.Module, proj: Projection, ranks: list[int], compress: bool) -> nn.Module:
+    weight, bias = projection_weight(layer.get_submodule(proj.path), proj)
     out_f, in_f = weight.shape
-    block = out_f // proj.splits
+    blocks = projection_blocks(proj, layer, out_f)
     parts = []
-    for j, rank in enumerate(ranks):
-        w = weight[j * block:(j + 1) * block]
-        b = None if bias is None else bias[j * block:(j + 1) * block]
+    for rows, rank in zip(blocks, ranks, strict=True):
+        w = weight[rows]
+        b = None if bias is None else bias[rows]
         # Same rule on both sides: two factors where they are smaller, else the rank-reduced matrix kept dense.
-        cls = LowRankLinear if factors_are_smaller(in_f, block, rank) else RankReducedLinear
+        cls = LowRankLinear if factors_are_smaller(in_f, len(rows), rank) else RankReducedLinear
         if compress:
             parts.append(cls.from_weight(w, b, rank))
         else:  # skeleton: right shapes, values come from the emulator file
-            parts.append(cls(in_f, block, rank, bias is not None).to(weight.dtype))
-    return parts[0] if proj.splits == 1 else ConcatLinear(parts)
+            parts.append(cls(in_f, len(rows), rank, bias is not None).to(weight.dtype))
+    return parts[0] if len(parts) == 1 else ConcatLinear(parts, torch.cat(blocks))
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -83,8 +83,7 @@ def apply_plan(
             for path, ranks in plan.ranks[i].items():
                 if path not in projections:
                     raise ValueError(f"layer {i}: {path!r} is not an attention projection of {fam.name}")
-                module = layers[i].get_submodule(path)
-                _set_submodule(layers[i], path, _low_rank(module, projections[path], ranks, compress))
+                _set_submodule(layers[i], path, _low_rank(layers[i], projections[path], ranks, compress))
     # Harmonizer/dropped positions keep no KV cache; the emulator is for training and scoring, not generation.
     model.config.use_cache = False
     return model

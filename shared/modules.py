@@ -85,14 +85,21 @@ def factors_are_smaller(in_features: int, out_features: int, rank: int) -> bool:
 
 
 class ConcatLinear(nn.Module):
-    """Fused projection (GPT-2 c_attn = [q|k|v]) compressed block by block: outputs are concatenated."""
+    """Fused projection (GPT-2 c_attn = [q|k|v]) compressed block by block: outputs are concatenated.
 
-    def __init__(self, parts: list[nn.Module]):
+    `rows[i]` is the fused output row that concatenated output i stands for; when the blocks are not
+    contiguous (GPT-NeoX interleaves q, k, v per head) the outputs are put back in the fused order."""
+
+    def __init__(self, parts: list[nn.Module], rows: torch.Tensor | None = None):
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        order = None if rows is None or torch.equal(rows, torch.arange(len(rows))) else torch.argsort(rows)
+        # Derived from the family registry on both sides, so not part of the emulator file's tensors.
+        self.register_buffer("order", order, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+        out = torch.cat([p(x) for p in self.parts], dim=-1)
+        return out if self.order is None else out.index_select(-1, self.order)
 
 
 class HarmonizerLayer(nn.Module):

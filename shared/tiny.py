@@ -1,7 +1,8 @@
 """Tiny random-init models and a byte-level tokenizer, for tests, CI and the quick demo.
 
-Real GPT-2 / OPT weights are not available offline; these configs exercise each supported
-family's code path in milliseconds. Deterministic for a given seed.
+Real weights are not available offline; these configs exercise each supported family's code path
+(fused q/k/v, GQA, sliding-window layers, q/k norms, parallel residual) in milliseconds.
+Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     OPTConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
 EOS = "<|endoftext|>"
-FAMILIES = ("gpt2", "opt", "llama")
+FAMILIES = ("gpt2", "opt", "llama", "gemma2", "gemma3_text", "phi3", "gpt_neox")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -44,11 +49,24 @@ def tiny_config(family: str, n_layers: int = 4, hidden: int = 32, vocab: int = 2
         return OPTConfig(num_hidden_layers=n_layers, hidden_size=hidden, ffn_dim=2 * hidden, num_attention_heads=4,
                          vocab_size=vocab, max_position_embeddings=256, word_embed_proj_dim=hidden,
                          bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    # Shared by the families below: GQA (2 key/value heads for 4 query heads) and every special token = EOS.
+    common = dict(num_hidden_layers=n_layers, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                  bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     if family == "llama":
-        return LlamaConfig(num_hidden_layers=n_layers, hidden_size=hidden, intermediate_size=2 * hidden,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                           max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos,
-                           tie_word_embeddings=True)
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if family in ("gemma2", "gemma3_text"):
+        # Alternating sliding/full layers with a window shorter than the test sequences, so both masks matter.
+        layer_types = ["sliding_attention", "full_attention"] * (n_layers // 2) + ["sliding_attention"] * (n_layers % 2)
+        cls = Gemma2Config if family == "gemma2" else Gemma3TextConfig
+        return cls(**common, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=8,
+                   layer_types=layer_types)
+    if family == "phi3":  # fused qkv_proj with fewer k/v heads, fused gate_up_proj
+        return Phi3Config(**common, original_max_position_embeddings=256)
+    if family == "gpt_neox":  # fused per-head query_key_value, parallel residual, untied output embedding
+        return GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_attention_heads=4, vocab_size=vocab, max_position_embeddings=256,
+                             bos_token_id=eos, eos_token_id=eos, use_parallel_residual=True)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 
@@ -59,10 +77,18 @@ def tiny_model(family: str = "llama", n_layers: int = 4, hidden: int = 32, seed:
 
 
 def save_tiny_model_dir(path: str | Path, family: str = "llama", n_layers: int = 4, hidden: int = 32,
-                        seed: int = 0) -> Path:
-    """Write a tiny model + tokenizer as a normal local Hugging Face folder (safetensors)."""
+                        seed: int = 0, *, dtype: torch.dtype | None = None, max_shard_size: str | None = None,
+                        tokenizer: bool = True) -> Path:
+    """Write a tiny model + tokenizer as a normal local Hugging Face folder (safetensors).
+
+    dtype: store the weights in that dtype (a bf16/fp16 checkpoint); max_shard_size (e.g. "20KB"): write
+    sharded safetensors with model.safetensors.index.json, as large checkpoints come."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tiny_model(family, n_layers, hidden, seed).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    model = tiny_model(family, n_layers, hidden, seed)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if tokenizer:
+        byte_tokenizer().save_pretrained(path)
     return path

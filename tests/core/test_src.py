@@ -1,11 +1,12 @@
-"""Selective Rank Compression: exact rank, Eckart–Young error, attention-only, beta = 0 lossless."""
+"""Selective Rank Compression: exact rank, Eckart–Young error, attention-only, beta = 0 lossless, per-block
+fused q/k/v."""
 
 import pytest
 import torch
 
 from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
-from shared.architectures import decoder_layers, family_for
-from shared.emulator_model import projection_weight
+from shared.architectures import decoder_layers, family_for, projection_blocks
+from shared.emulator_model import projection_full_ranks, projection_weight
 from shared.modules import ConcatLinear, LowRankLinear, RankReducedLinear, src_rank
 from shared.tiny import FAMILIES, tiny_model
 
@@ -47,9 +48,11 @@ def test_src_touches_only_attention_projections(family):
             w, _ = projection_weight(orig.get_submodule(proj.path), proj)
             parts = mod.parts if isinstance(mod, ConcatLinear) else [mod]
             assert [p.rank for p in parts] == plan.ranks[i][proj.path]
-            block = w.shape[0] // proj.splits
-            for j, p in enumerate(parts):  # each block's error is its own discarded spectrum
-                wb = w[j * block:(j + 1) * block].double()
+            blocks = projection_blocks(proj, orig, w.shape[0])
+            assert len(blocks) == len(parts) == (3 if proj.fused else 1)
+            assert torch.equal(torch.cat(blocks).sort().values, torch.arange(w.shape[0]))  # a partition of the rows
+            for rows, p in zip(blocks, parts):  # each block's error is its own discarded spectrum
+                wb = w[rows].double()
                 k = p.rank
                 err = torch.linalg.matrix_norm(wb - p.dense_weight().double()) ** 2
                 assert torch.allclose(err, (torch.linalg.svdvals(wb)[k:] ** 2).sum(), rtol=1e-4, atol=1e-6)
@@ -69,6 +72,21 @@ def test_beta_zero_is_lossless(family):
     ids = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
         assert torch.equal(emu(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_rank_src_reproduces_the_model(family):
+    """Every block kept at full rank: the factored projections (fused q/k/v re-assembled in the family's own
+    row order, GPT-NeoX's per-head interleaving included) compute what the original ones did."""
+    model = tiny_model(family, n_layers=4)
+    plan = scaleot_plan(torch.tensor([3.0, 0.0, 1.0, 2.0]), 1, 0.0, 0.01, model)
+    ranks = plan.ranks[1]
+    assert all(r == full for p in family_for(model.config).projections
+               for r, full in zip(ranks[p.path], projection_full_ranks(decoder_layers(model)[1], p)))
+    emu = build_emulator(model, plan)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(emu(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
 
 
 def test_src_rank_rejects_out_of_range_beta():
