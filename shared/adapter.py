@@ -44,14 +44,15 @@ class TensorSpec:
         return {"shape": list(self.shape), "dtype": self.dtype}
 
 
-def adapter_spec(model: nn.Module, layers: list[int]) -> dict[str, TensorSpec]:
-    """Expected adapter tensors: every parameter of the given decoder layers, by full-model name."""
+def adapter_spec(model: nn.Module, layers: list[int], dtype: torch.dtype | None = None) -> dict[str, TensorSpec]:
+    """Expected adapter tensors: every parameter of the given decoder layers, by full-model name, in `dtype`
+    (default: the model's own; the server passes the emulator's storage dtype)."""
     blocks = decoder_layers(model)
     spec: dict[str, TensorSpec] = {}
     for i in layers:
         prefix = layer_prefix(model, i)
         for name, p in blocks[i].named_parameters():
-            spec[prefix + name] = TensorSpec(tuple(p.shape), DTYPE_NAMES[p.dtype])
+            spec[prefix + name] = TensorSpec(tuple(p.shape), DTYPE_NAMES[dtype or p.dtype])
     return spec
 
 

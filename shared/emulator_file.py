@@ -39,6 +39,9 @@ except ImportError:  # pragma: no cover
     from contextlib import nullcontext as _no_init_weights
 
 FORMAT = "emulator/v1"
+# Storage dtypes an emulator may be built in: half size for bf16/fp16 (the data owner trains in fp32 anyway).
+EMULATOR_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                           "float16": torch.float16}
 _TOKENIZER_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -62,6 +65,13 @@ class LoadedEmulator:
     tokenizer: PreTrainedTokenizerFast
     plan: LayerPlan
     metadata: dict[str, str]
+
+
+def emulator_dtype(name: str) -> torch.dtype:
+    """The torch dtype for an emulator dtype name; ValueError naming the choices otherwise."""
+    if name not in EMULATOR_DTYPES:
+        raise ValueError(f"emulator dtype {name!r} is not supported; use one of {', '.join(EMULATOR_DTYPES)}")
+    return EMULATOR_DTYPES[name]
 
 
 def config_json(config) -> str:

@@ -55,14 +55,17 @@ def _json_object(part: ReceivedPart | None) -> dict[str, Any] | None:
     return value
 
 
-def _validate_files(parts: dict[str, ReceivedPart], emu: Emulator, has_default_eval: bool) -> None:
-    """Heavy checks, run in a worker thread before anything is stored."""
-    from shared.adapter import AdapterValidationError, spec_from_json, validate_adapter_file
+def _validate_files(parts: dict[str, ReceivedPart], emu: Emulator, has_default_eval: bool,
+                    config: dict[str, Any] | None) -> str:
+    """Heavy checks, run in a worker thread before anything is stored; returns the adapter's kind."""
+    from shared.adapter import AdapterValidationError, spec_from_json
     from shared.data import DataError, load_dataset
+    from shared.lora import issued_lora, validate_upload
 
     try:
         # Streaming check: the tensors are loaded later by the evaluation job, not held by the request.
-        validate_adapter_file(parts["adapter"].path, spec_from_json(emu.adapter_spec), emu.max_adapter_bytes)
+        kind = validate_upload(parts["adapter"].path, spec_from_json(emu.adapter_spec), issued_lora(emu.build_info),
+                               config, emu.max_adapter_bytes)
     except AdapterValidationError as exc:
         raise ApiError(422, "invalid_adapter", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - anything unreadable is the uploader's problem, not a 500
@@ -78,17 +81,21 @@ def _validate_files(parts: dict[str, ReceivedPart], emu: Emulator, has_default_e
     elif not has_default_eval:
         raise ApiError(422, "no_eval_data", "this server has no default evaluation file; attach your eval file as "
                        "the 'eval_data' part (.txt or .jsonl)")
+    return kind
 
 
 @router.post("/v1/emulators/{emulator_id}/adapters", status_code=202, response_model=schemas.AdapterCreated,
              responses=ERR, openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
                  "schema": {"type": "object", "required": ["adapter"], "properties": {
                      "adapter": {"type": "string", "format": "binary",
-                                 "description": "safetensors with exactly the emulator's adapter_spec tensors"},
+                                 "description": "safetensors: exactly the emulator's adapter_spec tensors (whole "
+                                                "layers), or PEFT's adapter_model.safetensors for its issued LoRA "
+                                                "(build_info.lora)"},
                      "eval_data": {"type": "string", "format": "binary", "description": ".txt or .jsonl eval file"},
                      "metrics": {"type": "string", "description": "JSON object: the client's emulator-side metrics"},
                      "adapter_config": {"type": "string", "description": "JSON object: training/PEFT settings; "
-                                        "its 'method' field (default 'full') is shown as the adapter's method"}}}}}}})
+                                        "its 'method' field (default 'full') is shown as the adapter's method. "
+                                        "Required for a LoRA: PEFT's adapter_config.json, as is or under 'peft'"}}}}}}})
 async def upload_adapter(emulator_id: str, request: Request, session: SessionDep, org: OrgDep,
                          settings: SettingsDep, storage: StorageDep) -> JSONResponse:
     """Upload a fine-tuned adapter (multipart/form-data) and start its plug-in evaluation job.
@@ -113,7 +120,9 @@ async def upload_adapter(emulator_id: str, request: Request, session: SessionDep
         if "adapter" not in parts or parts["adapter"].path is None:
             raise ApiError(422, "missing_part", "the 'adapter' file part (safetensors) is required")
         metrics, config = _json_object(parts.get("metrics")), _json_object(parts.get("adapter_config"))
-        await run_in_threadpool(_validate_files, parts, emu, _has_default_eval(settings))
+        kind = await run_in_threadpool(_validate_files, parts, emu, _has_default_eval(settings), config)
+        if kind == "lora":  # the file is what counts, whatever a hand-written config says
+            config = {**(config or {}), "method": "lora"}
         adapter, job = await run_in_threadpool(_store, session, storage, org, emu, parts, metrics, config)
     finally:
         discard(parts)  # temp files that were not moved into place
@@ -193,8 +202,7 @@ def generate(adapter_id: str, body: schemas.GenerateRequest, session: SessionDep
     import torch
 
     from model_owner_server.model_cache import load_full_model, plugged_models
-    from model_owner_server.scaleot.plugin import plug_in
-    from shared.adapter import load_and_validate_adapter_file, spec_from_json
+    from model_owner_server.scaleot.plugin import plug_in_file
 
     adapter = crud.get_visible_adapter(session, org, adapter_id)
     if body.max_new_tokens > settings.max_new_tokens:
@@ -205,9 +213,7 @@ def generate(adapter_id: str, body: schemas.GenerateRequest, session: SessionDep
     model, tokenizer = load_full_model(model_row.path, device, settings.model_cache_size)
 
     def build() -> Any:
-        spec = spec_from_json(emu.adapter_spec)
-        tensors = load_and_validate_adapter_file(storage.abs(adapter.path), spec)
-        return plug_in(model, tensors, list(emu.adapter_layers), spec)
+        return plug_in_file(model, storage.abs(adapter.path), emu.adapter_layers, emu.adapter_spec, emu.build_info)
 
     plugged = plugged_models().get_or_load(adapter.id, build)
     ids = tokenizer(body.prompt, return_tensors="pt").input_ids

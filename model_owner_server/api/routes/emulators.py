@@ -51,6 +51,11 @@ def create_emulator(body: schemas.EmulatorCreate, request: Request, response: Re
            Emulator.alpha == alpha, Emulator.beta == beta)
     emu = session.execute(select(Emulator).where(*key)).scalar_one_or_none()
     if emu is not None and emu.status in ("ready", "building"):
+        built = (emu.build_info or {}).get("dtype", "float32")
+        if built != body.dtype:  # (model, run, N_a, alpha, beta) is the row's unique key; dtype is not in it
+            raise ApiError(409, "dtype_conflict", f"emulator {emu.id} already has these parameters in {built} "
+                           f"(one emulator per parameter set): post dtype {built!r} to use it, or other "
+                           f"n_adapter/alpha/beta for a {body.dtype} one")
         response.status_code = 200 if emu.status == "ready" else 202
         job = session.get(Job, emu.job_id) if emu.job_id else None
         return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)),
@@ -62,10 +67,11 @@ def create_emulator(body: schemas.EmulatorCreate, request: Request, response: Re
                            beta=beta, status="building", created_by=org.id)
             session.add(emu)
             session.flush()
+        emu.build_info = {"dtype": body.dtype}  # read by the build job, which completes build_info
         job = crud.create_job(session, "emulator", org, {**params, "emulator_id": emu.id})
         emu.status, emu.error, emu.job_id = "building", None, job.id
         crud.audit(session, org, "create_emulator", "emulator", emu.id, n_adapter=body.n_adapter, alpha=alpha,
-                   beta=beta)
+                   beta=beta, dtype=body.dtype)
         session.commit()
     except IntegrityError:  # a concurrent identical request won the race: answer with its emulator
         session.rollback()
