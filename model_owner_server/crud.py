@@ -63,18 +63,13 @@ def inspect_model_folder(path: str | Path) -> dict[str, Any]:
     """
     from transformers import AutoConfig
 
+    from model_owner_server.scaleot.model_io import check_model_folder
     from shared.architectures import family_for
 
     folder = expand_user(path)
     if not is_dir(folder):
         raise ValueError(f"model folder {str(folder)[:300]!r} does not exist on the server (give a server-side path)")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json; save the model with save_pretrained()")
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ValueError(f"{folder} has no tokenizer files; save the tokenizer next to the model (save_pretrained)")
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise ValueError(f"{folder} has no *.safetensors weights; re-save with safe_serialization=True")
+    shards = check_model_folder(folder)  # config.json, weights (one file or the index's shards), tokenizer
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any config problem is the user's to fix

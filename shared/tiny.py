@@ -23,6 +23,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 EOS = "<|endoftext|>"
@@ -55,6 +56,8 @@ def tiny_config(family: str, n_layers: int = 4, hidden: int = 32, vocab: int = 2
                   bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "qwen2":  # a llama-family variant (q/k/v biases), for the GGUF import tests
+        return Qwen2Config(**common, tie_word_embeddings=True)
     if family in ("gemma2", "gemma3_text"):
         # Alternating sliding/full layers with a window shorter than the test sequences, so both masks matter.
         layer_types = ["sliding_attention", "full_attention"] * (n_layers // 2) + ["sliding_attention"] * (n_layers % 2)
@@ -67,7 +70,7 @@ def tiny_config(family: str, n_layers: int = 4, hidden: int = 32, vocab: int = 2
         return GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=hidden, intermediate_size=2 * hidden,
                              num_attention_heads=4, vocab_size=vocab, max_position_embeddings=256,
                              bos_token_id=eos, eos_token_id=eos, use_parallel_residual=True)
-    raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+    raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES} or qwen2")
 
 
 def tiny_model(family: str = "llama", n_layers: int = 4, hidden: int = 32, seed: int = 0) -> PreTrainedModel:

