@@ -254,3 +254,27 @@ def row_counts(session: Session) -> dict[str, int]:
 
     return {t.name: session.execute(select(func.count()).select_from(t)).scalar_one()
             for t in Base.metadata.sorted_tables}
+
+
+# ---------------------------------------------------------------- what the web console lists
+
+def visible_grants(org: Organization) -> Select[tuple[Grant, Organization]]:
+    """Grants with their organization: all for admins, a data owner's own otherwise."""
+    q = select(Grant, Organization).join(Organization, Organization.id == Grant.org_id).order_by(Grant.created_at)
+    return q if org.is_admin else q.where(Grant.org_id == org.id)
+
+
+def visible_importance_runs(org: Organization) -> Select[tuple[ImportanceRun]]:
+    """Importance runs whose job the organization may see (so, like their scores over the API: admins)."""
+    jobs = visible_jobs(org).order_by(None).with_only_columns(Job.id)
+    return select(ImportanceRun).where(ImportanceRun.job_id.in_(jobs)).order_by(ImportanceRun.created_at.desc())
+
+
+def get_visible_importance_run(session: Session, org: Organization, run_id: str) -> tuple[ImportanceRun, Job]:
+    run = session.get(ImportanceRun, run_id)
+    if run is None or run.job_id is None:
+        raise NotFound(f"importance run {run_id!r} not found")
+    try:
+        return run, get_visible_job(session, org, run.job_id)
+    except NotFound:
+        raise NotFound(f"importance run {run_id!r} not found") from None

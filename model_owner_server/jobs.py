@@ -356,7 +356,9 @@ def _importance(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
     final_loss = next((h["loss"] for h in reversed(result.history) if h["phase"] == "dl"), None)
     return {"model_id": params["model_id"], "importance_run_id": run_id, "scores": scores,
             "ranking": result.ranking(), "final_loss": final_loss, "seconds": round(result.seconds, 2),
-            "n_harmonizer_params": result.n_harmonizer_params}
+            "n_harmonizer_params": result.n_harmonizer_params,
+            # The loss / reward curve for the console; a long run keeps every k-th record (at most 400).
+            "history": result.history[::max(1, -(-len(result.history) // 400))]}
 
 
 def _emulator(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from model_owner_server.api.errors import install_error_handlers
 from model_owner_server.api.limits import BodySizeLimitMiddleware
 from model_owner_server.api.routes import adapters, audit, emulators, health, jobs, keys, models
+from model_owner_server.console import mount_console
 from model_owner_server.core.config import Settings
 from model_owner_server.core.db import make_engine, make_session_factory, run_migrations, session_scope
 from model_owner_server.janitor import sweep
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, embedd
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     for module in (health, keys, models, jobs, emulators, adapters, audit):
         app.include_router(module.router)
+    mount_console(app)  # /console: the web console for both organizations (docs/console.md)
     return app
 
 

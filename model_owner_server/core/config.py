@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     eval_seq_len: int = 256
     eval_batch_size: int = 4
     eval_max_examples: int = 64
+    # Web console (/console): a sign-in lasts this long on the server, whatever the browser keeps.
+    console_session_minutes: int = Field(default=480, ge=1, le=30 * 24 * 60, description="console sign-in lifetime")
     max_new_tokens: int = Field(default=128, ge=1, le=2048, description="upper bound for /generate")
 
     @field_validator("queue_url", "database_url", mode="before")
