@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from model_owner_server.api.errors import install_error_handlers
 from model_owner_server.api.limits import BodySizeLimitMiddleware
-from model_owner_server.api.routes import adapters, audit, emulators, health, jobs, keys, models
+from model_owner_server.api.routes import adapters, audit, emulators, health, jobs, keys, models, openai_compat
 from model_owner_server.console import mount_console
 from model_owner_server.core.config import Settings
 from model_owner_server.core.db import make_engine, make_session_factory, run_migrations, session_scope
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, embedd
     install_error_handlers(app)
     # Before routing and body parsing: oversized JSON bodies never reach a handler (uploads have own caps).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    for module in (health, keys, models, jobs, emulators, adapters, audit):
+    for module in (health, keys, models, jobs, emulators, adapters, audit, openai_compat):
         app.include_router(module.router)
     mount_console(app)  # /console: the web console for both organizations (docs/console.md)
     return app
@@ -101,5 +101,7 @@ def _shutdown(app: FastAPI) -> None:
                                            "submit the request again")
         if failed:
             log.warning("server shutdown interrupted job(s): %s", ", ".join(failed))
+    if getattr(state, "generation_engine", None):
+        state.generation_engine.shutdown()
     if getattr(state, "engine", None):
         state.engine.dispose()

@@ -61,7 +61,13 @@ class Settings(BaseSettings):
     eval_max_examples: int = 64
     # Web console (/console): a sign-in lasts this long on the server, whatever the browser keeps.
     console_session_minutes: int = Field(default=480, ge=1, le=30 * 24 * 60, description="console sign-in lifetime")
-    max_new_tokens: int = Field(default=128, ge=1, le=2048, description="upper bound for /generate")
+    max_new_tokens: int = Field(default=128, ge=1, le=2048, description="upper bound for /generate and for "
+                                "max_tokens of the OpenAI-compatible API")
+    # OpenAI-compatible serving (model_owner_server/serving.py): bounded, so overload is a clear 429.
+    generation_concurrency: int = Field(default=1, ge=1, le=64, description="generations run at once (each "
+                                        "holds the CPU/GPU)")
+    generation_queue: int = Field(default=8, ge=0, le=10_000, description="requests that may wait for a "
+                                  "generation slot; beyond that they get 429 at once")
 
     @field_validator("queue_url", "database_url", mode="before")
     @classmethod

@@ -38,6 +38,12 @@ MATRIX = [
     ("get adapter", "GET", "/v1/adapters/{adapter}", {}, (200, 200, 404, 401)),
     ("generate", "POST", "/v1/adapters/{adapter}/generate", {"json": {"prompt": "the", "max_new_tokens": 2}},
      (200, 200, 404, 401)),
+    ("openai models", "GET", "/openai/v1/models", {}, (200, 200, 200, 401)),
+    ("openai model", "GET", "/openai/v1/models/{adapter}", {}, (200, 200, 404, 401)),
+    ("openai completion", "POST", "/openai/v1/completions",
+     {"json": {"model": "{adapter}", "prompt": "the", "max_tokens": 2}}, (200, 200, 404, 401)),
+    ("openai chat (the tiny tokenizer has no chat template)", "POST", "/openai/v1/chat/completions",
+     {"json": {"model": "{adapter}", "messages": [{"role": "user", "content": "hi"}]}}, (400, 400, 404, 401)),
     ("unknown job id", "GET", "/v1/jobs/job_doesnotexist", {}, (404, 404, 404, 401)),
     ("audit log", "GET", "/v1/audit", {}, (200, 403, 403, 401)),
 ]

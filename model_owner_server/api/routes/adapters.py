@@ -16,7 +16,7 @@ from model_owner_server.api.serialize import adapter_out, job_out
 from model_owner_server.api.upload import MULTIPART_OVERHEAD, PartSpec, ReceivedPart, check_content_length, \
     discard, receive_parts
 from model_owner_server.jobs import QueueUnavailable
-from model_owner_server.models import Adapter, BaseModel, Emulator, Organization, new_id
+from model_owner_server.models import Adapter, Emulator, Organization, new_id
 from shared import schemas
 
 router = APIRouter(tags=["adapters"])
@@ -201,23 +201,14 @@ def generate(adapter_id: str, body: schemas.GenerateRequest, session: SessionDep
     """Greedy text from the plugged-in full model M' = [A', E]; only text leaves the server."""
     import torch
 
-    from model_owner_server.model_cache import load_full_model, plugged_models
-    from model_owner_server.scaleot.plugin import plug_in_file
+    from model_owner_server.serving import context_limit, load_plugged
 
     adapter = crud.get_visible_adapter(session, org, adapter_id)
     if body.max_new_tokens > settings.max_new_tokens:
         raise ApiError(422, "validation_error", f"max_new_tokens must be at most {settings.max_new_tokens} here")
-    emu = session.get(Emulator, adapter.emulator_id)
-    model_row = session.get(BaseModel, adapter.model_id)
-    device = settings.resolved_device()
-    model, tokenizer = load_full_model(model_row.path, device, settings.model_cache_size)
-
-    def build() -> Any:
-        return plug_in_file(model, storage.abs(adapter.path), emu.adapter_layers, emu.adapter_spec, emu.build_info)
-
-    plugged = plugged_models().get_or_load(adapter.id, build)
+    plugged, tokenizer = load_plugged(session, adapter, settings, storage)
     ids = tokenizer(body.prompt, return_tensors="pt").input_ids
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = context_limit(plugged)
     if limit and ids.shape[1] + body.max_new_tokens > limit:
         raise ApiError(422, "validation_error", f"prompt ({ids.shape[1]} tokens) + max_new_tokens exceeds the model's "
                        f"context of {limit} tokens; shorten the prompt")

@@ -1,0 +1,359 @@
+"""OpenAI-compatible use of plugged-in adapters under /openai/v1 (so /v1/models stays ours).
+
+The model id is the adapter id; the bearer token is the organization's API key (the same dependency as every
+/v1 route); errors on these routes have OpenAI's shape `{"error": {"message", "type", "param", "code"}}` so
+OpenAI clients show them. Generation runs on the bounded engine (model_owner_server/serving.py), never on
+the event loop; a full queue is a 429 at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model_owner_server import crud
+from model_owner_server.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
+from model_owner_server.api.errors import ApiError
+from model_owner_server.serving import (
+    EngineBusy,
+    Generation,
+    GenerationEngine,
+    Sampling,
+    context_limit,
+    load_plugged,
+)
+
+log = logging.getLogger("scaleot.openai")
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 500: "server_error",
+          503: "server_error"}
+# Harmless OpenAI parameters accepted and ignored; any other unknown one with a non-empty value is refused.
+_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "logprobs", "echo", "frequency_penalty",
+                      "presence_penalty", "parallel_tool_calls"})
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _from_validation(exc: RequestValidationError) -> OpenAIError:
+    """Pydantic's errors as OpenAI's 400, naming the first offending top-level parameter."""
+    problems, param = [], None
+    for err in exc.errors()[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = param or (loc[0] if loc else None)
+        msg = "the request body is not valid JSON" if err.get("type") == "json_invalid" else err.get("msg", "invalid")
+        problems.append(f"{'.'.join(loc) or 'body'}: {msg}" if loc else msg)
+    return OpenAIError(400, "invalid request: " + "; ".join(problems), param=param, code="invalid_value")
+
+
+class OpenAIRoute(APIRoute):
+    """Turns every error of these routes (auth, lookup, validation, overload) into OpenAI's error shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenAIError as exc:
+                return exc.response()
+            except ApiError as exc:
+                return OpenAIError(exc.status, exc.message, code=exc.code, headers=exc.headers).response()
+            except crud.NotFound as exc:
+                return OpenAIError(404, f"{exc}; GET /openai/v1/models lists the adapters you can use",
+                                   param="model", code="model_not_found").response()
+            except RequestValidationError as exc:
+                return _from_validation(exc).response()
+            except StarletteHTTPException as exc:  # e.g. FastAPI's 400 for a body that is not UTF-8
+                code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+                return OpenAIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
+            except Exception:
+                log.exception("unhandled error in %s", request.url.path)
+                return OpenAIError(500, "internal server error; the server log has details",
+                                   code="internal_error").response()
+
+        return handle
+
+
+router = APIRouter(prefix="/openai/v1", tags=["openai"], route_class=OpenAIRoute)
+ERR = {s: {"description": "OpenAI error shape: {error: {message, type, param, code}}"}
+       for s in (400, 401, 404, 429)}
+_engine_lock = threading.Lock()
+
+
+def get_engine(request: Request) -> GenerationEngine:
+    """The app's one generation engine, made on first use from the settings."""
+    state = request.app.state
+    with _engine_lock:
+        if getattr(state, "generation_engine", None) is None:
+            s = state.settings
+            state.generation_engine = GenerationEngine(s.generation_concurrency, s.generation_queue)
+        return state.generation_engine
+
+
+EngineDep = Annotated[GenerationEngine, Depends(get_engine)]
+
+
+# ---------------------------------------------------------------- requests
+
+class StreamOptions(Schema):
+    include_usage: bool = False
+
+
+class _Common(Schema):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(max_length=200, description="an adapter id (GET /openai/v1/models)")
+    max_tokens: int | None = Field(default=None, ge=1, description="default: the server's cap or the room "
+                                   "left in the context, whichever is smaller")
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False, description="0: greedy; "
+                                      "default 1")
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, description="default 1")
+    stop: str | list[str] | None = Field(default=None, description="up to 4 strings that end the text")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="same seed, same request: "
+                             "same text")
+    n: int = Field(default=1, description="only 1")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported here; send n requests (with different seeds) for n choices")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or not all(0 < len(s) <= 200 for s in stops)):
+            raise ValueError("stop takes up to 4 non-empty strings of at most 200 characters")
+        return stops
+
+    def unsupported(self) -> OpenAIError | None:
+        for key, value in (self.model_extra or {}).items():
+            if key not in _IGNORED and value not in (None, False, 0, "", [], {}):
+                return OpenAIError(400, f"parameter {key!r} is not supported by this server; leave it out",
+                                   param=key, code="unsupported_parameter")
+        return None
+
+
+class TextPart(Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Schema):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer name of max_tokens")
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] = Field(description="one prompt (a list of exactly one is accepted too)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("one prompt per request here; send one request per prompt")
+            return v[0]
+        return v
+
+
+# ---------------------------------------------------------------- preparing a generation (worker thread)
+
+@dataclass
+class _Job:
+    adapter_id: str
+    generation: Generation
+
+    def usage(self) -> dict[str, int]:
+        p, c = len(self.generation.prompt_ids), self.generation.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError(400, "this adapter's base model has no chat template in its tokenizer, so messages cannot "
+                          "be turned into a prompt; use POST /openai/v1/completions with a prompt in the model's own "
+                          "format (or the model owner adds a chat_template to the model folder's tokenizer)",
+                          param="messages", code="chat_template_missing")
+    try:
+        return tokenizer.apply_chat_template([m.as_template_input() for m in messages], add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
+        raise OpenAIError(400, f"the model's chat template refused these messages: {exc}", param="messages",
+                          code="invalid_messages") from None
+
+
+def _max_tokens(requested: int | None, prompt_len: int, limit: int | None, cap: int, param: str) -> int:
+    if requested is not None and requested > cap:
+        raise OpenAIError(400, f"max_tokens must be at most {cap} on this server", param="max_tokens",
+                          code="invalid_value")
+    room = None if limit is None else limit - prompt_len
+    if room is not None and room < (requested or 1):
+        raise OpenAIError(400, f"this model's maximum context length is {limit} tokens; the prompt has {prompt_len} "
+                          f"tokens and {requested or 1} more were asked for; shorten the prompt or lower max_tokens",
+                          param=param, code="context_length_exceeded")
+    return requested or (cap if room is None else min(cap, room))
+
+
+def _prepare(session: Any, org: Any, settings: Any, storage: Any, body: ChatRequest | CompletionRequest) -> _Job:
+    """Everything that can fail with a 4xx, before the request takes a generation slot."""
+    if (problem := body.unsupported()) is not None:
+        raise problem
+    adapter = crud.get_visible_adapter(session, org, body.model)
+    model, tokenizer = load_plugged(session, adapter, settings, storage)
+    if isinstance(body, ChatRequest):
+        param, requested = "messages", body.max_completion_tokens or body.max_tokens
+        ids = tokenizer(_chat_prompt(tokenizer, body.messages), add_special_tokens=False).input_ids
+    else:
+        param, requested = "prompt", body.max_tokens
+        ids = tokenizer(body.prompt).input_ids
+    if not ids:
+        raise OpenAIError(400, "the prompt is empty", param=param, code="invalid_value")
+    sampling = Sampling(max_tokens=_max_tokens(requested, len(ids), context_limit(model), settings.max_new_tokens,
+                                               param),
+                        temperature=1.0 if body.temperature is None else body.temperature,
+                        top_p=1.0 if body.top_p is None else body.top_p, stop=tuple(body.stop or ()), seed=body.seed)
+    return _Job(adapter.id, Generation(model, tokenizer, list(ids), sampling))
+
+
+def _audit(session: Any, org: Any, job: _Job, endpoint: str, stream: bool) -> None:
+    crud.audit(session, org, "generate", "adapter", job.adapter_id, api=f"openai {endpoint}",
+               max_tokens=job.generation.sampling.max_tokens, stream=stream)
+    session.commit()
+
+
+# ---------------------------------------------------------------- responses
+
+def _chunk(meta: dict[str, Any], chat: bool, text: str | None, finish: str | None, first: bool = False) -> str:
+    if chat:
+        delta = {"role": "assistant", "content": text} if first else ({} if text is None else {"content": text})
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+    return _event({**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [choice]})
+
+
+def _event(doc: dict[str, Any]) -> str:
+    return f"data: {json.dumps(doc)}\n\n"
+
+
+async def _sse(stream: Any, job: _Job, meta: dict[str, Any], chat: bool, usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: a role chunk (chat), one chunk per text delta, a chunk with finish_reason, the usage
+    chunk if asked for, then `data: [DONE]`. A failure mid-stream is an error event (the status is sent)."""
+    try:
+        if chat:
+            yield _chunk(meta, chat, "", None, first=True)
+        async for delta in stream:
+            yield _chunk(meta, chat, delta, None)
+        yield _chunk(meta, chat, None, job.generation.finish_reason)
+        if usage:
+            yield _event({**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+                          "usage": job.usage()})
+    except Exception:
+        log.exception("generation failed mid-stream")
+        yield _event(OpenAIError(500, "generation failed; the server log has details", code="internal_error").body())
+    finally:
+        stream.cancelled.set()
+    yield "data: [DONE]\n\n"
+
+
+async def _serve(body: ChatRequest | CompletionRequest, session: Any, org: Any, settings: Any, storage: Any,
+                 engine: GenerationEngine) -> Response:
+    chat = isinstance(body, ChatRequest)
+    job = await run_in_threadpool(_prepare, session, org, settings, storage, body)
+    try:
+        stream = engine.open(job.generation.deltas())
+    except EngineBusy as exc:
+        raise OpenAIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from None
+    try:
+        await run_in_threadpool(_audit, session, org, job, "chat.completions" if chat else "completions", body.stream)
+    except BaseException:
+        stream.cancelled.set()
+        raise
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
+            "model": job.adapter_id, "system_fingerprint": None}
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(stream, job, meta, chat, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text = await stream.text()
+    finish = job.generation.finish_reason
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+               "logprobs": None} if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+    return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                         "usage": job.usage()})
+
+
+@router.post("/chat/completions", responses=ERR)
+async def chat_completions(body: ChatRequest, session: SessionDep, org: OrgDep, settings: SettingsDep,
+                           storage: StorageDep, engine: EngineDep) -> Response:
+    """OpenAI chat completion from the plugged-in model M' = [A', E]; the prompt is built with the chat
+    template of the base model's tokenizer. `stream: true` answers with server-sent events."""
+    return await _serve(body, session, org, settings, storage, engine)
+
+
+@router.post("/completions", responses=ERR)
+async def completions(body: CompletionRequest, session: SessionDep, org: OrgDep, settings: SettingsDep,
+                      storage: StorageDep, engine: EngineDep) -> Response:
+    """OpenAI text completion of one prompt from the plugged-in model M' = [A', E]."""
+    return await _serve(body, session, org, settings, storage, engine)
+
+
+def _model_entry(adapter: Any) -> dict[str, Any]:
+    created = adapter.created_at if adapter.created_at.tzinfo else adapter.created_at.replace(tzinfo=UTC)
+    return {"id": adapter.id, "object": "model", "created": int(created.timestamp()), "owned_by": adapter.org_id,
+            "base_model_id": adapter.model_id, "emulator_id": adapter.emulator_id, "status": adapter.status}
+
+
+@router.get("/models", responses=ERR)
+def list_models(session: SessionDep, org: OrgDep) -> dict[str, Any]:
+    """The adapters this organization may use; `id` is what `model` takes in the other calls."""
+    return {"object": "list", "data": [_model_entry(a) for a in session.execute(crud.visible_adapters(org)).scalars()]}
+
+
+@router.get("/models/{model}", responses=ERR)
+def get_model(model: str, session: SessionDep, org: OrgDep) -> dict[str, Any]:
+    """One adapter as an OpenAI model object."""
+    return _model_entry(crud.get_visible_adapter(session, org, model))

@@ -1,0 +1,223 @@
+"""Text generation from plugged-in models: sampling, the token loop, and a bounded engine that runs it.
+
+Why a dedicated engine: one generation holds the CPU/GPU for seconds. Run on the event loop it would stall
+every other request; run on an unbounded thread pool a burst of requests would thrash the device and every
+caller would wait longer. The engine runs at most `concurrency` generations at once, lets `queue_size` more
+wait for a slot and refuses the rest at once (`EngineBusy`, a 429 at the API), so overload is visible and
+latency stays bounded.
+
+Why our own token loop instead of `model.generate`: a seeded request must give the same text whatever else
+runs at the same time, so every request samples from its own `torch.Generator` (generate() only knows the
+process-global RNG); and streaming and stop strings need the text token by token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import secrets
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_END = object()  # end-of-stream marker passed from the worker thread to the event loop
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """OpenAI's sampling knobs. temperature 0 is greedy; top_p keeps the smallest set of tokens whose
+    probability mass reaches top_p; stop strings end the text (and are not part of it)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+def context_limit(model: Any) -> int | None:
+    """The model's context length in tokens (None when its config does not say)."""
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def load_plugged(session: Any, adapter: Any, settings: Any, storage: Any) -> tuple[Any, Any]:
+    """(M' = [A', E], tokenizer) for an adapter row, from the per-process caches (model_cache): the full
+    model is loaded once per (path, device), the plugged copy once per adapter."""
+    from model_owner_server.model_cache import load_full_model, plugged_models
+    from model_owner_server.models import BaseModel, Emulator
+    from model_owner_server.scaleot.plugin import plug_in_file
+
+    emu = session.get(Emulator, adapter.emulator_id)
+    model_row = session.get(BaseModel, adapter.model_id)
+    model, tokenizer = load_full_model(model_row.path, settings.resolved_device(), settings.model_cache_size)
+
+    def build() -> Any:
+        return plug_in_file(model, storage.abs(adapter.path), emu.adapter_layers, emu.adapter_spec, emu.build_info)
+
+    return plugged_models().get_or_load(adapter.id, build), tokenizer
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """One token from a 1-D row of logits (on the CPU, in float32: the same seed gives the same token)."""
+    if sampling.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Keep a token while the mass before it is below top_p: the most likely token always stays.
+        sorted_p = torch.where(torch.cumsum(sorted_p, 0) - sorted_p < sampling.top_p, sorted_p, 0.0)
+        return int(order[torch.multinomial(sorted_p, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters must wait: the start of a stop string, or an incomplete UTF-8
+    character (byte-level tokenizers decode half a character as U+FFFD)."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    while hold < len(text) and text[len(text) - hold - 1] == "\ufffd":
+        hold += 1
+    return hold
+
+
+@dataclass
+class Generation:
+    """One prompt's continuation as text deltas (iterate `deltas()`); afterwards `finish_reason`
+    ("stop": end of text or a stop string, "length": max_tokens) and `completion_tokens` are set."""
+
+    model: Any
+    tokenizer: Any
+    prompt_ids: list[int]
+    sampling: Sampling
+    finish_reason: str = "length"
+    completion_tokens: int = 0
+    _generated: list[int] = field(default_factory=list, repr=False)
+
+    def deltas(self) -> Iterator[str]:
+        s = self.sampling
+        generator = torch.Generator().manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
+        eos = _eos_ids(self.model, self.tokenizer)
+        device = next(self.model.parameters()).device
+        params = inspect.signature(self.model.forward).parameters
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
+        ids = torch.tensor([self.prompt_ids], device=device)
+        past, sent = None, 0
+        with torch.inference_mode():
+            for _ in range(s.max_tokens):
+                out = self.model(input_ids=ids, use_cache=True, **{cache_arg: past}, **extra)
+                past = out.get(cache_arg)
+                token = pick_token(out.logits[0, -1].float().cpu(), s, generator)
+                if token in eos:
+                    self.finish_reason = "stop"
+                    break
+                self._generated.append(token)
+                self.completion_tokens += 1
+                text = self.tokenizer.decode(self._generated, skip_special_tokens=True)
+                hits = [i for i in (text.find(stop, max(0, sent - len(stop))) for stop in s.stop) if i >= 0]
+                if hits:
+                    self.finish_reason = "stop"
+                    end = min(hits)
+                    if end > sent:
+                        yield text[sent:end]
+                    return
+                safe = len(text) - _held_back(text, s.stop)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+                ids = torch.tensor([[token]], device=device)
+        text = self.tokenizer.decode(self._generated, skip_special_tokens=True)
+        if len(text) > sent:
+            yield text[sent:]  # what was held back for a stop string that never came
+
+
+class EngineBusy(Exception):
+    """Every generation slot is taken and the waiting queue is full."""
+
+
+class TextStream:
+    """Text deltas produced in a worker thread, consumed on the event loop that opened the stream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.cancelled = threading.Event()  # set by the consumer; the worker stops at its next token
+
+    def put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening any more
+            self.cancelled.set()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancelled.set()  # a client that went away frees its slot at the next token
+
+    async def text(self) -> str:
+        return "".join([delta async for delta in self])
+
+
+class GenerationEngine:
+    """At most `concurrency` generations at once on a dedicated thread pool, `queue_size` more waiting."""
+
+    def __init__(self, concurrency: int, queue_size: int):
+        self.concurrency, self.queue_size = concurrency, queue_size
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="scaleot-generate")
+        self._slots = threading.BoundedSemaphore(concurrency + queue_size)  # running + waiting
+
+    def open(self, deltas: Iterator[str]) -> TextStream:
+        """Admit a generation (raises EngineBusy when full) and start it; call this on the event loop."""
+        if not self._slots.acquire(blocking=False):
+            raise EngineBusy(f"the server is busy: {self.concurrency} generation(s) running and {self.queue_size} "
+                             "waiting; retry in a moment (the model owner can raise SCALEOT_GENERATION_CONCURRENCY "
+                             "/ SCALEOT_GENERATION_QUEUE)")
+        stream = TextStream(asyncio.get_running_loop())
+        try:
+            self._pool.submit(self._drive, deltas, stream)
+        except BaseException:
+            self._slots.release()
+            raise
+        return stream
+
+    def _drive(self, deltas: Iterator[str], stream: TextStream) -> None:
+        try:
+            if not stream.cancelled.is_set():  # its client left while it waited in the queue
+                for delta in deltas:
+                    stream.put(delta)
+                    if stream.cancelled.is_set():
+                        break
+            stream.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the event loop, in the request
+            stream.put(exc)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

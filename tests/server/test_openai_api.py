@@ -1,0 +1,228 @@
+"""The OpenAI-compatible API (/openai/v1) through the real `openai` client, against a real HTTP server: uvicorn
+on loopback in a thread, serving the `world` app (tiny LLaMA, alice's evaluated adapter). Checks: models list
+and authz, non-streaming and streaming completions and chat, greedy text equal to the in-process model's,
+seeded sampling, stop strings, top_p, bad input in OpenAI's error shape, and the full-queue 429."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+import torch
+import uvicorn
+
+from model_owner_server.api.routes.openai_compat import get_engine
+from model_owner_server.model_cache import load_full_model, plugged_models
+from model_owner_server.models import BaseModel
+
+PROMPT = "the quick brown fox"
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def base_url(world) -> Iterator[str]:
+    """The world's app (already started by its TestClient, so lifespan off) behind a real uvicorn server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(world.client.app, host="127.0.0.1", port=port, lifespan="off",
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/openai/v1"
+    server.should_exit = True
+    thread.join(10)
+
+
+def client(world, base_url: str, org: str = "alice", key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=key or world.keys[org], max_retries=0, timeout=60)
+
+
+def complete(c: openai.OpenAI, adapter: str, **kw) -> tuple[str, str]:
+    """(text, finish_reason) of a non-streaming completion."""
+    r = c.completions.create(model=adapter, prompt=kw.pop("prompt", PROMPT), **kw)
+    assert r.model == adapter and len(r.choices) == 1
+    return r.choices[0].text, r.choices[0].finish_reason
+
+
+def stream_text(c: openai.OpenAI, adapter: str, **kw) -> tuple[str, str, list]:
+    """(joined text, finish_reason, chunks) of a streamed completion."""
+    chunks = list(c.completions.create(model=adapter, prompt=kw.pop("prompt", PROMPT), stream=True, **kw))
+    finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    return "".join(ch.choices[0].text for ch in chunks if ch.choices), finish[0], chunks
+
+
+def in_process_greedy(world, prompt: str, n: int) -> str:
+    """The same plugged-in model, called directly with Hugging Face generate (greedy)."""
+    plugged = plugged_models().get_or_load(world.adapter_id, lambda: pytest.fail("the API did not load M'"))
+    tokenizer = _tokenizer(world)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = plugged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                               pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _tokenizer(world):
+    with world.sessions() as s:
+        path = s.get(BaseModel, world.model_id).path
+    return load_full_model(path, world.settings.resolved_device(), world.settings.model_cache_size)[1]
+
+
+def error_of(exc: openai.APIStatusError) -> dict:
+    body = exc.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_models_lists_the_adapters_this_organization_may_use(world, base_url):
+    alice = client(world, base_url)
+    ids = [m.id for m in alice.models.list()]
+    assert world.adapter_id in ids and all(i.startswith("adp_") for i in ids)
+    assert alice.models.retrieve(world.adapter_id).owned_by == world.org_ids["alice"]
+    assert list(client(world, base_url, "mallory").models.list()) == []
+    assert world.adapter_id not in [m.id for m in client(world, base_url, "bob").models.list()]
+    with pytest.raises(openai.NotFoundError) as exc:
+        client(world, base_url, "bob").models.retrieve(world.adapter_id)
+    assert error_of(exc.value)["code"] == "model_not_found"
+
+
+def test_greedy_completion_equals_the_in_process_model_streamed_or_not(world, base_url):
+    c = client(world, base_url)
+    r = c.completions.create(model=world.adapter_id, prompt=PROMPT, max_tokens=12, temperature=0)
+    text, finish = r.choices[0].text, r.choices[0].finish_reason
+    assert text and text == in_process_greedy(world, PROMPT, 12) and r.object == "text_completion"
+    assert r.usage.prompt_tokens == len(PROMPT)  # byte-level tokenizer: one token per byte
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert (finish, r.usage.completion_tokens) == ("length", 12) or finish == "stop"
+    streamed, s_finish, chunks = stream_text(c, world.adapter_id, max_tokens=12, temperature=0,
+                                             stream_options={"include_usage": True})
+    assert (streamed, s_finish) == (text, finish) and len(chunks) > 2
+    assert chunks[-1].choices == [] and chunks[-1].usage == r.usage
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_near_zero_is_greedy(world, base_url):
+    c = client(world, base_url)
+    first, _ = complete(c, world.adapter_id, max_tokens=16, temperature=1.0, seed=7)
+    assert complete(c, world.adapter_id, max_tokens=16, temperature=1.0, seed=7)[0] == first
+    assert stream_text(c, world.adapter_id, max_tokens=16, temperature=1.0, seed=7)[0] == first
+    assert complete(c, world.adapter_id, max_tokens=16, temperature=1.0, seed=8)[0] != first
+    greedy, _ = complete(c, world.adapter_id, max_tokens=16, temperature=0)
+    assert complete(c, world.adapter_id, max_tokens=16, temperature=1.5, top_p=1e-6, seed=3)[0] == greedy
+
+
+def test_stop_strings_end_the_text_streamed_or_not(world, base_url):
+    c = client(world, base_url)
+    sampled = {"max_tokens": 24, "temperature": 1.0, "seed": 5}  # random bytes: varied text (greedy repeats)
+    full, _ = complete(c, world.adapter_id, **sampled)
+    i = next(i for i in range(1, len(full) - 2) if "\ufffd" not in full[i:i + 2] and full.find(full[i:i + 2]) == i)
+    stop = full[i:i + 2]
+    assert complete(c, world.adapter_id, stop=[stop, "\x00never"], **sampled) == (full[:i], "stop")
+    assert stream_text(c, world.adapter_id, stop=stop, **sampled)[:2] == (full[:i], "stop")
+
+
+@pytest.fixture
+def chat_template(world) -> Iterator[None]:
+    """Give the tiny model's (cached) tokenizer a chat template for one test; the model folder has none."""
+    tokenizer = _tokenizer(world)
+    tokenizer.chat_template = TEMPLATE
+    yield
+    tokenizer.chat_template = None
+
+
+def test_chat_without_a_chat_template_is_a_clear_error(world, base_url):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(world, base_url).chat.completions.create(model=world.adapter_id,
+                                                        messages=[{"role": "user", "content": "hi"}])
+    err = error_of(exc.value)
+    assert err["code"] == "chat_template_missing" and "/openai/v1/completions" in err["message"]
+
+
+def test_chat_renders_the_tokenizers_template(world, base_url, chat_template):
+    c = client(world, base_url)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick"}]
+    r = c.chat.completions.create(model=world.adapter_id, messages=messages, max_tokens=10, temperature=0)
+    rendered = "<system>be brief\n<user>the quick\n<assistant>"
+    assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+    assert r.choices[0].message.content == complete(c, world.adapter_id, prompt=rendered, max_tokens=10,
+                                                    temperature=0)[0]
+    assert r.usage.prompt_tokens == len(rendered)
+    chunks = list(c.chat.completions.create(model=world.adapter_id, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+
+
+@pytest.mark.parametrize("kwargs,error,code,param", [
+    ({"prompt": "x" * 300}, openai.BadRequestError, "context_length_exceeded", "prompt"),
+    ({"prompt": "x" * 250, "max_tokens": 10}, openai.BadRequestError, "context_length_exceeded", "prompt"),
+    ({"model": "adp_doesnotexist"}, openai.NotFoundError, "model_not_found", "model"),
+    ({"temperature": -0.5}, openai.BadRequestError, "invalid_value", "temperature"),
+    ({"top_p": 1.5}, openai.BadRequestError, "invalid_value", "top_p"),
+    ({"n": 2}, openai.BadRequestError, "invalid_value", "n"),
+    ({"max_tokens": 10_000}, openai.BadRequestError, "invalid_value", "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "invalid_value", "stop"),
+    ({"extra_body": {"tools": [{"type": "function"}]}}, openai.BadRequestError, "unsupported_parameter", "tools"),
+])
+def test_bad_input_is_an_openai_error(world, base_url, kwargs, error, code, param):
+    args = {"model": world.adapter_id, "prompt": PROMPT, "max_tokens": 4, **kwargs}
+    with pytest.raises(error) as exc:
+        client(world, base_url).completions.create(**args)
+    err = error_of(exc.value)
+    assert (err["code"], err["param"], err["type"]) == (code, param, "invalid_request_error"), err
+    assert err["message"]
+
+
+def test_keys_and_other_organizations_adapters(world, base_url):
+    with pytest.raises(openai.AuthenticationError) as exc:
+        client(world, base_url, key="not-a-key").models.list()
+    assert error_of(exc.value)["type"] == "authentication_error"
+    assert exc.value.response.headers["www-authenticate"] == "Bearer"
+    for org in ("bob", "mallory"):  # bob is granted the same model, mallory is not: neither sees alice's adapter
+        with pytest.raises(openai.NotFoundError) as exc:
+            complete(client(world, base_url, org), world.adapter_id, max_tokens=2)
+        assert error_of(exc.value)["code"] == "model_not_found"
+
+
+def test_a_full_queue_is_a_429_and_other_requests_are_still_served(world, base_url):
+    engine = get_engine(world.client)  # anything with .app: the engine of the app uvicorn serves
+    release = threading.Event()
+
+    def blocked() -> Iterator[str]:
+        release.wait(30)
+        yield "x"
+
+    loop = asyncio.new_event_loop()
+
+    async def fill() -> list:
+        return [engine.open(blocked()) for _ in range(engine.concurrency + engine.queue_size)]
+
+    try:
+        loop.run_until_complete(fill())
+        c = client(world, base_url)
+        for stream in (False, True):
+            with pytest.raises(openai.RateLimitError) as exc:
+                c.completions.create(model=world.adapter_id, prompt=PROMPT, max_tokens=2, stream=stream)
+            assert error_of(exc.value)["code"] == "queue_full" and exc.value.response.headers["retry-after"]
+        assert world.adapter_id in [m.id for m in c.models.list()]  # the event loop is not blocked
+    finally:
+        release.set()
+    deadline = time.monotonic() + 30
+    while True:  # the slots come back once the blocked generations end
+        try:
+            assert complete(client(world, base_url), world.adapter_id, max_tokens=2, temperature=0)[0] is not None
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "generation slots were not released"
+            time.sleep(0.05)
+    loop.close()
