@@ -7,6 +7,7 @@ stopped on success, on error and on Ctrl-C.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -146,3 +147,36 @@ def test_demo_roles_as_docker_compose_runs_them(demo, tmp_path):
         report = json.loads((client_dir / "report.json").read_text())
         assert report["adapter_status"] == "evaluated"
         assert report["metrics"]["plug-in: full model + adapter (server)"]["perplexity"] > 0
+
+
+def _load_docs_demo():
+    spec = importlib.util.spec_from_file_location("scaleot_docs_demo", ROOT / "scripts" / "docs_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_same_seed_twice_gives_the_same_figures(tmp_path):
+    """Two seeded runs in a row: same works, importance ranking, plan, losses and perplexities (what
+    `make docs-demo --runs 2` checks on the real model); a third with another seed differs."""
+    docs_demo = _load_docs_demo()
+    reports = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        path = tmp_path / f"{name}.json"
+        proc = _run_demo(["--workdir", str(tmp_path / name), "--report-json", str(path), "--seed", seed,
+                          "--no-reference"])
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        reports.append(docs_demo.reproducible_view(json.loads(path.read_text())))
+    assert "emulator_id" not in reports[0] and "total_s" not in reports[0]
+    assert docs_demo.differences(reports[0], reports[1]) == []
+    assert docs_demo.differences(reports[0], reports[2]), "another seed gave the very same figures"
+
+
+def test_docs_demo_markers_are_in_place():
+    """`make docs-demo` rewrites only what lies between these markers; without them it would refuse."""
+    readme = (ROOT / "README.md").read_text()
+    walkthrough = (ROOT / "docs" / "walkthrough.md").read_text()
+    assert readme.count("<!-- demo-report:start -->") == 1 and readme.count("<!-- demo-report:end -->") == 1
+    assert walkthrough.count("<!-- demo-run:start -->") == 1 and walkthrough.count("<!-- demo-run:end -->") == 1
+    docs_demo = _load_docs_demo()
+    assert docs_demo.clean_transcript("a\rab\r\nc\n") == "ab\nc"
