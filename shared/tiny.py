@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    GemmaConfig,
     Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -27,7 +28,7 @@ from transformers import (
 )
 
 EOS = "<|endoftext|>"
-FAMILIES = ("gpt2", "opt", "llama", "gemma2", "gemma3_text", "phi3", "gpt_neox")
+FAMILIES = ("gpt2", "opt", "llama", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -58,6 +59,8 @@ def tiny_config(family: str, n_layers: int = 4, hidden: int = 32, vocab: int = 2
         return LlamaConfig(**common, tie_word_embeddings=True)
     if family == "qwen2":  # a llama-family variant (q/k/v biases), for the GGUF import tests
         return Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "gemma":  # Gemma 1: LLaMA-like layers, embeddings scaled by sqrt(hidden), separate head_dim
+        return GemmaConfig(**common, head_dim=hidden // 4)
     if family in ("gemma2", "gemma3_text"):
         # Alternating sliding/full layers with a window shorter than the test sequences, so both masks matter.
         layer_types = ["sliding_attention", "full_attention"] * (n_layers // 2) + ["sliding_attention"] * (n_layers % 2)
