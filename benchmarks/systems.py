@@ -522,7 +522,7 @@ def bench_memory(w: World, prof: Profile, work: Path) -> list[dict[str, Any]]:
     loaded = load_emulator(w.emulator_path)
     tensors = extract_adapter(loaded.model, loaded.plan.adapter_layers)
     del loaded
-    adapter_file = w.root / "adapter_model.safetensors"
+    adapter_file = w.root / "adapter_layers.safetensors"
     save_file(tensors, adapter_file, metadata={"format": "pt"})
     del tensors
     adapter_bytes = adapter_file.stat().st_size

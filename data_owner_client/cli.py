@@ -7,6 +7,7 @@ human message on stderr as usual). Every failure exits with a code from `errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
@@ -241,8 +242,10 @@ def tune(
     scheduler: Annotated[str, typer.Option(
         help="LR schedule (transformers get_scheduler name): cosine, linear, ...")] = "cosine",
     warmup_ratio: Annotated[float, typer.Option(help="Fraction of steps spent warming up the LR.")] = 0.05,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank (--method lora).")] = 8,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (--method lora).")] = 16,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (--method lora; default: the emulator's issued "
+                                                  "rank, else 8).", show_default=False)] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (--method lora; default: the emulator's "
+                                                      "issued alpha, else 16).", show_default=False)] = None,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (--method lora).")] = 0.0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (also on Ctrl-C).")] = 50,
     eval_max_examples: Annotated[int | None, typer.Option(help="Cap local evaluation examples.",
@@ -263,17 +266,19 @@ def tune(
     from shared.adapter import spec_from_json
     from shared.data import load_dataset
     from shared.emulator_file import load_emulator
+    from shared.lora import LoraSpec
 
+    from .export import read_adapter
     from .train import TrainConfig, resolve_device, tune_emulator
 
     with _handled(as_json):
         settings = _settings(api_key=api_key, server_pubkey=server_pubkey, client_cache=cache_dir)
         show = _show_progress(progress)
         ref = parse_emulator_url(emulator_url)
+        lora_opts = {k: v for k, v in (("lora_r", lora_r), ("lora_alpha", lora_alpha)) if v is not None}
         cfg = TrainConfig(method=method.value, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
                           grad_accum=grad_accum, seq_len=seq_len, seed=seed, scheduler=scheduler,
-                          warmup_ratio=warmup_ratio, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          save_every=save_every)
+                          warmup_ratio=warmup_ratio, lora_dropout=lora_dropout, save_every=save_every, **lora_opts)
         choice = resolve_device(device)
         # Read the data first: a broken file should fail in a second, not after a long download.
         train_ds = load_dataset(data)
@@ -290,6 +295,9 @@ def tune(
             check_plan_matches(ver.manifest, emu.plan.to_dict())
             expected = spec_from_json({k: v.model_dump() for k, v in ver.info.adapter_spec.items()}) \
                 if ver.info.adapter_spec else None
+            lora = LoraSpec.from_json(ver.manifest["lora"]) if ver.manifest.get("lora") else None  # signed
+            if lora is not None and cfg.method == "lora":  # train the issued LoRA unless told otherwise
+                cfg = dataclasses.replace(cfg, **{"lora_r": lora.r, "lora_alpha": lora.alpha, **lora_opts})
             _note(f"layer plan {emu.plan.summary()} (A = adapter layers {emu.plan.adapter_layers}); "
                   f"training on {choice.device}"
                   + (f" with {choice.autocast_dtype} autocast" if choice.autocast_dtype else ""))
@@ -297,7 +305,7 @@ def tune(
                         "emulator_sha256": ver.manifest["sha256"], "server": ref.server}
             result = tune_emulator(emu.model, emu.tokenizer, emu.plan, train_ds, cfg, choice, out_dir,
                                    eval_data=eval_ds, eval_max_examples=eval_max_examples, resume=resume,
-                                   identity=identity, expected_spec=expected, progress=show, log=_note)
+                                   identity=identity, expected_spec=expected, lora=lora, progress=show, log=_note)
             _note(f"adapter written to {result.adapter_file} ({result.n_adapter_params} parameters, "
                   f"{result.adapter_file.stat().st_size} bytes)")
             doc: dict[str, Any] = {
@@ -310,8 +318,9 @@ def tune(
             job = adapter = None
             if upload:
                 try:
-                    created = upload_adapter(client, ref, result.adapter_file, eval_data=eval_data,
-                                             metrics=result.metrics or None, adapter_config=result.adapter_config)
+                    adapter_file, upload_config = read_adapter(result.adapter_file)  # as `upload` would send it
+                    created = upload_adapter(client, ref, adapter_file, eval_data=eval_data,
+                                             metrics=result.metrics or None, adapter_config=upload_config)
                 except ServerError as exc:
                     raise _with_upload_hint(exc, ref, result.out_dir) from None
                 (out_dir / "upload.json").write_text(created.model_dump_json(indent=2) + "\n")
@@ -424,12 +433,12 @@ def verify(
 @app.command("upload", epilog=EXIT_CODES_HELP)
 def upload_cmd(
     emulator_url: EmulatorUrlOpt,
-    adapter: Annotated[Path, typer.Option("--adapter", help="adapter_model.safetensors, or the folder holding it "
-                                          "(and adapter_config.json).")],
+    adapter: Annotated[Path, typer.Option("--adapter", help="the folder `tune` wrote (PEFT LoRA or whole layers), "
+                                          "or its adapter_model.safetensors / adapter_layers.safetensors.")],
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Evaluation file the server scores the "
                                                       "plug-in on.", show_default=False)] = None,
     metrics: Annotated[Path | None, typer.Option(
-        "--metrics", help="JSON file of emulator-side metrics (default: the 'metrics' of adapter_config.json).",
+        "--metrics", help="JSON file of emulator-side metrics (default: the 'metrics' of scaleot_adapter.json).",
         show_default=False)] = None,
     wait: WaitOpt = True,
     api_key: ApiKeyOpt = None,
@@ -438,26 +447,25 @@ def upload_cmd(
     progress: ProgressOpt = None,
 ) -> None:
     """Validate an adapter against the emulator's adapter spec and upload only it; optionally wait for evaluation."""
-    from shared.adapter import load_and_validate_adapter_file, spec_from_json
+    from shared.adapter import spec_from_json
     from shared.data import load_dataset
+    from shared.lora import issued_lora, validate_upload
+
+    from .export import read_adapter, read_json
 
     with _handled(as_json):
         settings = _settings(api_key=api_key, client_cache=cache_dir)
         ref = parse_emulator_url(emulator_url)
-        adapter_file = adapter / "adapter_model.safetensors" if adapter.is_dir() else adapter
-        config_file = adapter_file.with_name("adapter_config.json")
-        if not adapter_file.is_file():
-            raise BadInputError(f"{adapter_file}: no such adapter file")
-        config = _read_json(config_file) if config_file.is_file() else None
-        client_metrics = _read_json(metrics) if metrics is not None else (config or {}).get("metrics") or None
+        adapter_file, config = read_adapter(adapter)
+        client_metrics = read_json(metrics) if metrics is not None else (config or {}).get("metrics") or None
         if eval_data is not None:
             load_dataset(eval_data)  # refuse a broken eval file here, with its line number
         show = _show_progress(progress)
         with _client(ref.server, settings) as client:
             info = client.emulator(ref.emulator_id)
-            if info.adapter_spec:  # the server enforces the same spec; failing here is faster and clearer
+            if info.adapter_spec:  # the server runs the same checks; failing here is faster and clearer
                 spec = spec_from_json({k: v.model_dump() for k, v in info.adapter_spec.items()})
-                load_and_validate_adapter_file(adapter_file, spec, max_bytes=info.max_adapter_bytes)
+                validate_upload(adapter_file, spec, issued_lora(info.build_info), config, info.max_adapter_bytes)
             try:
                 created = upload_adapter(client, ref, adapter_file, eval_data=eval_data, metrics=client_metrics,
                                          adapter_config=config)
@@ -551,16 +559,6 @@ def _not_found(exc: ServerError, what: str, server: str) -> ServerError:
     return ServerError(f"{what} not found on {server} (or not visible to your organization: adapters and jobs "
                        "are visible only with the API key of the organization that created them)",
                        status_code=exc.status_code, code=exc.code or "not_found")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"{path}: expected a JSON object")
-    return data
 
 
 def main() -> None:  # `python -m data_owner_client`

@@ -1,9 +1,10 @@
 """The tune recipe: fine-tune only the adapter layers of a verified emulator, then export them.
 
 Only `plan.adapter_layers` ever receive gradients; everything else is frozen and never leaves the
-machine. `full` trains those layers' weights directly; `lora` puts PEFT LoRA on their linear modules
-and merges it before export, so the server always receives plain adapter-layer tensors of exactly
-the issued names, shapes and dtypes (`shared.adapter.extract_adapter`).
+machine. `full` trains those layers' weights directly and exports them (`shared.adapter.extract_adapter`);
+`lora` puts PEFT LoRA on their linear modules, as the emulator's LoRA spec issued, and exports PEFT's own
+adapter files (`export.py`), which the model owner loads with PEFT or merges. Either way the export has
+exactly the issued names, shapes and dtypes. Low-precision emulators train in fp32 (autocast on CUDA).
 
 Checkpoints hold no pickle: tensors (trainable weights, optimizer moments, RNG state) in safetensors,
 everything else in JSON, so an interrupted run continues bit-for-bit with `--resume`.
@@ -29,7 +30,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import get_scheduler
-from transformers.pytorch_utils import Conv1D
 
 from shared.adapter import (
     TensorSpec,
@@ -44,15 +44,14 @@ from shared.device import DeviceChoice, DeviceError
 from shared.device import resolve_device as _resolve_device
 from shared.evaluation import evaluate, lm_loss
 from shared.layer_plan import LayerPlan
+from shared.lora import DEFAULT_ALPHA, DEFAULT_R, LoraSpec, file_spec, issue_lora, linear_modules
 from shared.signing import sha256_file
 
 from .errors import BadInputError, ServerError
+from .export import ADAPTER_FORMAT, save_layers, save_peft_lora, write_record
 
 Method = Literal["full", "lora"]
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 CHECKPOINT_DIR = "checkpoint"
-ADAPTER_FORMAT = "scaleot-adapter/v1"
 
 
 # ---------------------------------------------------------------- device
@@ -84,8 +83,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = DEFAULT_R
+    lora_alpha: int = DEFAULT_ALPHA
     lora_dropout: float = 0.0
     save_every: int = 50  # checkpoint every N optimizer steps (and on Ctrl-C)
 
@@ -134,16 +133,8 @@ def freeze_except_adapter(model: nn.Module, layers: list[int]) -> list[str]:
 
 
 def lora_targets(model: nn.Module, layers: list[int]) -> list[str]:
-    """Full module names of every linear (nn.Linear, GPT-2 Conv1D) inside the adapter layers.
-
-    Full names, not suffixes like "q_proj": the same projections exist in frozen layers, which must
-    get no LoRA (their updates could never be exported).
-    """
-    blocks = decoder_layers(model)
-    names = []
-    for i in layers:
-        prefix = layer_prefix(model, i)
-        names += [prefix + n for n, m in blocks[i].named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    """Full module names of every linear inside the adapter layers (shared.lora.linear_modules)."""
+    names = list(linear_modules(model, layers))
     if not names:
         raise BadInputError(f"adapter layers {layers} contain no linear modules for LoRA; use --method full")
     return names
@@ -153,7 +144,7 @@ def add_lora(model: nn.Module, layers: list[int], cfg: TrainConfig) -> nn.Module
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(model, layers)
-    conv1d = any(isinstance(model.get_submodule(t), Conv1D) for t in targets)
+    conv1d = any(m.conv1d for m in linear_modules(model, layers).values())
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       target_modules=targets, fan_in_fan_out=conv1d)  # Conv1D stores weights transposed
     model.requires_grad_(False)
@@ -393,15 +384,30 @@ def _eval(model: nn.Module, tokenizer: Any, dataset: Dataset, cfg: TrainConfig, 
         bar.close()
 
 
+def _issued_lora(model: nn.Module, layers: list[int], cfg: TrainConfig, storage_dtype: torch.dtype,
+                 issued: LoraSpec | None) -> LoraSpec:
+    """The LoRA to export: the one the server issued (checked against the verified emulator and the
+    settings), or, offline, one from the settings in the emulator's dtype."""
+    if issued is None:
+        return issue_lora(model, layers, cfg.lora_r, cfg.lora_alpha, storage_dtype)
+    if issued.modules != linear_modules(model, layers):
+        raise ServerError("the server's LoRA spec disagrees with the verified emulator file; ask the model owner")
+    if (issued.r, issued.alpha) != (cfg.lora_r, cfg.lora_alpha):
+        raise BadInputError(f"the emulator accepts LoRA r={issued.r}, alpha={issued.alpha:g}; pass "
+                            f"--lora-r {issued.r} --lora-alpha {issued.alpha:g} (or leave them out)")
+    return issued
+
+
 def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Dataset, cfg: TrainConfig,
                   choice: DeviceChoice, out_dir: Path, *, eval_data: Dataset | None = None,
                   eval_max_examples: int | None = None, resume: bool = False,
                   identity: dict[str, Any] | None = None, expected_spec: dict[str, TensorSpec] | None = None,
-                  progress: bool = True, on_step: StepCallback | None = None,
+                  lora: LoraSpec | None = None, progress: bool = True, on_step: StepCallback | None = None,
                   log: Callable[[str], None] = lambda m: None) -> TuneResult:
     """Evaluate zero-shot, train the adapter layers, evaluate again, export + validate the adapter.
 
-    `identity` (emulator id/sha256, model id) goes into adapter_config.json and the resume fingerprint.
+    `identity` (emulator id/sha256, model id) goes into the training record and the resume fingerprint;
+    `expected_spec` / `lora` are what the server issued (checked against the verified emulator file).
     """
     identity = identity or {}
     layers = plan.adapter_layers
@@ -410,14 +416,15 @@ def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Datas
     spec = adapter_spec(model, layers)  # from the verified file: the shapes/dtypes we must return
     if expected_spec is not None and expected_spec != spec:
         raise ServerError("the server's adapter_spec disagrees with the verified emulator file; ask the model owner")
+    # Low-precision storage (bf16/fp16 emulators) would make AdamW updates vanish: train in fp32,
+    # export in the issued dtype.
+    storage_dtype = next(model.parameters()).dtype
+    lora_spec = _issued_lora(model, layers, cfg, storage_dtype, lora) if cfg.method == "lora" else None
     set_seed(cfg.seed)
     examples = training_examples(data, tokenizer, cfg.seq_len)
     if not examples:
         raise BadInputError(f"{data.path}: produced no training examples")
     model.to(choice.device)
-    # Low-precision storage (bf16/fp16 emulators) would make AdamW updates vanish: train in fp32,
-    # cast back to the issued dtypes before evaluating and exporting.
-    storage_dtype = next(model.parameters()).dtype
     if storage_dtype != torch.float32:
         model.float()
     metrics: dict[str, dict[str, float]] = {}
@@ -438,28 +445,31 @@ def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Datas
             "(pass --resume to continue it)")
     result = train(model, examples, cfg, choice, pad_id=pad_id_for(tokenizer), checkpoint_dir=out_dir / CHECKPOINT_DIR,
                    resume=resume, fingerprint=fingerprint, progress=progress, on_step=on_step)
+    log(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
+    if lora_spec is not None:  # PEFT's files before the merge (the merge is for the local evaluation)
+        adapter_file, peft_config = save_peft_lora(model, lora_spec, out_dir)
+        tensors = load_and_validate_adapter_file(adapter_file, file_spec(lora_spec))
     model = merge_lora(model)
     model.requires_grad_(False)
     if storage_dtype != torch.float32:
         model.to(storage_dtype)
-    log(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
     if eval_data is not None:
         metrics["emulator_fine_tuned"] = _eval(model, tokenizer, eval_data, cfg, choice, eval_max_examples,
                                                progress, "eval fine-tuned")
         log(f"emulator fine-tuned: {_fmt_metrics(metrics['emulator_fine_tuned'])}")
-
-    tensors = extract_adapter(model, layers)
-    validate_adapter(tensors, spec)
-    adapter_file = out_dir / ADAPTER_FILE
-    save_file(tensors, adapter_file, metadata={"format": "pt"})
-    load_and_validate_adapter_file(adapter_file, spec)  # exactly what the server will check
-    config = {
+    if lora_spec is None:
+        tensors = extract_adapter(model, layers)
+        validate_adapter(tensors, spec)
+        adapter_file = save_layers(tensors, out_dir)
+        load_and_validate_adapter_file(adapter_file, spec)  # exactly what the server will check
+    exported = spec if lora_spec is None else file_spec(lora_spec)
+    record = {
         "format": ADAPTER_FORMAT,
         **{k: identity.get(k) for k in ("emulator_id", "model_id", "emulator_sha256", "server")},
         "adapter_layers": layers,
         "method": cfg.method,
-        "merged": cfg.method == "lora",  # LoRA is folded in: the file holds plain layer weights
-        "lora_target_modules": lora_targets(model, layers) if cfg.method == "lora" else None,
+        "file": adapter_file.name,  # whole layers, or PEFT's LoRA (with PEFT's adapter_config.json beside it)
+        "lora": lora_spec.to_json() if lora_spec is not None else None,
         "hyperparameters": cfg.hyperparameters(),
         "device": str(choice.device),
         "autocast": str(choice.autocast_dtype).removeprefix("torch.") if choice.autocast_dtype else None,
@@ -467,12 +477,12 @@ def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Datas
                      "final_loss": result.final_loss, "seconds": round(result.seconds, 3),
                      "resumed_from": result.resumed_from, "data_kind": data.kind},
         "metrics": metrics,
-        "tensors": {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in spec.items()},
+        "tensors": {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in exported.items()},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    config_file = out_dir / CONFIG_FILE
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-    return TuneResult(out_dir, adapter_file, config_file, config, metrics, result,
+    config_file = write_record(out_dir, record)
+    upload_config = record if lora_spec is None else {**record, "peft": peft_config}
+    return TuneResult(out_dir, adapter_file, config_file, upload_config, metrics, result,
                       sum(t.numel() for t in tensors.values()), tensors)
 
 

@@ -465,7 +465,7 @@ def upload_adapter(client: ServerClient, ref: EmulatorRef, adapter_file: Path, *
     if adapter_config is not None:
         data["adapter_config"] = json.dumps(adapter_config)
     with ExitStack() as stack:
-        files = {"adapter": ("adapter_model.safetensors", stack.enter_context(open(adapter_file, "rb")),
+        files = {"adapter": (adapter_file.name, stack.enter_context(open(adapter_file, "rb")),
                              "application/octet-stream")}
         if eval_data is not None:  # keep the suffix: the server picks the reader by it
             files["eval_data"] = (eval_data.name, stack.enter_context(open(eval_data, "rb")),

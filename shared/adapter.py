@@ -180,13 +180,28 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
 def _check_file(path: Path, spec: dict[str, TensorSpec], max_bytes: int | None) -> dict[str, Any]:
     """Size cap, header sanity, then exactly the issued names, shapes and dtypes. Returns the header."""
     limit = max_adapter_bytes(spec) if max_bytes is None else max_bytes
-    if path.stat().st_size > limit:
-        raise AdapterValidationError(f"adapter file is {path.stat().st_size} bytes; the limit for this emulator is {limit}")
+    size = path.stat().st_size
+    if size > limit:
+        raise AdapterValidationError(f"adapter file is {size} bytes; the limit for this emulator is {limit}"
+                                     + _why_too_big(path, spec))
+    return _check_header(path, spec)
+
+
+def _check_header(path: Path, spec: dict[str, TensorSpec]) -> dict[str, Any]:
     header = read_safetensors_header(path)
     _check_names(set(header), spec)
     for name, entry in header.items():
         _check_entry(name, tuple(int(x) for x in entry["shape"]), entry["dtype"], spec)
     return header
+
+
+def _why_too_big(path: Path, spec: dict[str, TensorSpec]) -> str:
+    """The header's own mismatch, when it has one (e.g. fp32 tensors for a bf16 emulator); bounded reads only."""
+    try:
+        _check_header(path, spec)
+    except AdapterValidationError as exc:
+        return f" ({exc})"
+    return ""
 
 
 _TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}

@@ -124,7 +124,7 @@ async def receive_parts(request: Request, specs: dict[str, PartSpec], total_cap:
         if part.size > spec.cap:
             raise ApiError(413, "payload_too_large",
                            f"part {part.name!r} exceeds its limit of {spec.cap} bytes"
-                           + (" (the adapter must hold only the issued adapter-layer tensors)"
+                           + (" (the adapter must hold only the issued adapter-layer tensors, in the issued dtype)"
                               if part.name == "adapter" else ""))
         part._hash.update(chunk)
         if part._fh is not None:

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from shared.adapter import load_and_validate_adapter_file, spec_from_json
+from shared.adapter import spec_from_json
+from shared.lora import LoraSpec, is_lora, issue_lora, load_adapter, merge_lora
 from shared.architectures import decoder_layers, family_for
 from shared.data import load_dataset
 from shared.emulator_file import save_emulator
@@ -50,7 +51,8 @@ def build_tiny_emulator(path: Path, emulator_id: str, model_id: str, family: str
     from shared.adapter import adapter_spec, spec_to_json
 
     return {"plan": plan, "sha256": info.sha256, "size_bytes": info.size_bytes, "n_params": info.n_params,
-            "adapter_spec": spec_to_json(adapter_spec(emulator, plan.adapter_layers))}
+            "adapter_spec": spec_to_json(adapter_spec(emulator, plan.adapter_layers)),
+            "lora": issue_lora(emulator, plan.adapter_layers).to_json()}
 
 
 @dataclass
@@ -104,6 +106,7 @@ def make_app(state: FakeState) -> FastAPI:
                 "status": "ready", "job_id": None, "sha256": b["sha256"], "size_bytes": b["size_bytes"],
                 "n_params": b["n_params"], "plan": b["plan"].to_dict(), "adapter_layers": b["plan"].adapter_layers,
                 "adapter_spec": b["adapter_spec"], "max_adapter_bytes": None,
+                "build_info": {"dtype": "float32", "lora": b["lora"]},
                 "file_url": f"{base_emulator}/file", "signature_url": f"{base_emulator}/signature", "created_at": NOW}
 
     @app.get("/v1/emulators/{eid}")
@@ -151,7 +154,7 @@ def make_app(state: FakeState) -> FastAPI:
             emulator_id=state.manifest_emulator_id or state.emulator_id, model_id=state.model_id,
             sha256=state.built["sha256"], size_bytes=state.built["size_bytes"],
             layer_plan=state.built["plan"].to_dict(), key_id=key_id((state.sign_with or state.key).public_key()),
-            issued_at=NOW)
+            issued_at=NOW) | {"dtype": "float32", "lora": state.built["lora"]}
         signed = sign_manifest(state.sign_with or state.key, manifest)
         signed["manifest"].update(state.manifest_patch)
         return signed
@@ -233,7 +236,8 @@ def _finish(state: FakeState, job: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "adapter.safetensors"
         f.write_bytes(upload["adapter_bytes"])
-        tensors = load_and_validate_adapter_file(f, spec_from_json(state.built["adapter_spec"]))
+        lora = LoraSpec.from_json(state.built["lora"])
+        tensors = load_adapter(f, spec_from_json(state.built["adapter_spec"]), lora)
         full = tiny_model(state.family, n_layers=4, hidden=32)
         zero = plug = None
         if upload["eval_bytes"] is not None:
@@ -242,8 +246,11 @@ def _finish(state: FakeState, job: dict[str, Any]) -> None:
             ds = load_dataset(e)
             zero = evaluate(full, byte_tokenizer(), ds, seq_len=64)
             plugged = copy.deepcopy(full)
-            missing, unexpected = plugged.load_state_dict(tensors, strict=False)
-            assert not unexpected
+            if is_lora(tensors):
+                merge_lora(plugged, tensors, lora)
+            else:
+                missing, unexpected = plugged.load_state_dict(tensors, strict=False)
+                assert not unexpected
             plug = evaluate(plugged, byte_tokenizer(), ds, seq_len=64)
     job.update(status="succeeded", progress=1.0, message="done", metrics={"plug_in": plug})
     adapter.update(status="evaluated", evaluation={"zero_shot": zero, "plug_in": plug, "eval_source": "upload"})

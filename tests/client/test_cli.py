@@ -163,7 +163,7 @@ def test_upload_refused_for_lack_of_eval_data_names_the_command_to_retry(runner,
     r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
                             "--out", str(out), "--json"])
     assert r.exit_code == ExitCode.SERVER, r.output
-    assert "no_eval_data" in r.stderr and (out / "adapter_model.safetensors").is_file()
+    assert "no_eval_data" in r.stderr and (out / "adapter_layers.safetensors").is_file()
     err = json.loads(r.stdout)["error"]
     assert err["code"] == "no_eval_data" and err["upload_command"] in r.stderr
     argv = shlex.split(err["upload_command"])
@@ -185,9 +185,36 @@ def test_tune_prints_side_by_side_table(runner, fake, client_env, train_file, ev
     for column in ("emulator zero-shot", "emulator fine-tuned", "full zero-shot", "plug-in"):
         assert column in header
     assert "perplexity" in r.stdout
-    cfg = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    cfg = json.loads((tmp_path / "o" / "scaleot_adapter.json").read_text())
     assert cfg["emulator_id"] == "emu_test" and cfg["method"] == method and cfg["adapter_layers"] == [0, 3]
-    assert fake.state.uploads[0]["adapter_config"]["method"] == method
+    upload = fake.state.uploads[0]
+    assert upload["adapter_config"]["method"] == method
+    if method == "lora":  # PEFT's own files, the LoRA the emulator issued (signed manifest)
+        assert upload["adapter_filename"] == "adapter_model.safetensors" and cfg["lora"] == fake.state.built["lora"]
+        assert upload["adapter_config"]["peft"]["peft_type"] == "LORA"
+    else:
+        assert upload["adapter_filename"] == "adapter_layers.safetensors"
+
+
+def test_upload_subcommand_sends_a_peft_lora_folder(runner, fake, client_env, train_file, eval_file, tmp_path):
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), "--method",
+                            "lora", *TUNE_FAST, "--out", str(out), "--no-upload"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["upload", "--emulator-url", fake.emulator_url, "--adapter", str(out), "--eval-data",
+                            str(eval_file), "--json"])
+    assert r.exit_code == 0, r.output
+    upload = fake.state.uploads[0]
+    assert upload["adapter_bytes"] == (out / "adapter_model.safetensors").read_bytes()
+    assert upload["adapter_config"]["peft"] == json.loads((out / "adapter_config.json").read_text())
+    assert json.loads(r.stdout)["adapter"]["evaluation"]["plug_in"]["perplexity"] > 0
+
+
+def test_tune_refuses_lora_settings_the_emulator_did_not_issue(runner, fake, client_env, train_file, tmp_path):
+    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), "--method",
+                            "lora", "--lora-r", "4", *TUNE_FAST, "--out", str(tmp_path / "o")])
+    assert r.exit_code == ExitCode.BAD_INPUT and "--lora-r 8" in r.stderr, r.output
+    assert not fake.state.uploads
 
 
 def test_server_evaluation_failure_exits_5(runner, fake, client_env, train_file, tmp_path):
@@ -210,7 +237,7 @@ def test_upload_and_status_subcommands(runner, fake, client_env, train_file, eva
                             str(eval_file), "--no-wait", "--json"])
     assert r.exit_code == 0, r.output
     adapter_id = json.loads(r.stdout)["adapter"]["id"]
-    assert fake.state.uploads[0]["metrics"]["emulator_fine_tuned"]  # taken from adapter_config.json
+    assert fake.state.uploads[0]["metrics"]["emulator_fine_tuned"]  # taken from scaleot_adapter.json
     r = runner.invoke(app, ["status", adapter_id, "--server", fake.url, "--wait", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["adapter"]["evaluation"]["plug_in"]["perplexity"] > 0
@@ -225,7 +252,7 @@ def test_upload_refuses_an_adapter_that_does_not_match_the_spec(runner, fake, cl
     r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
                             "--out", str(out), "--no-upload"])
     assert r.exit_code == 0, r.output
-    tensors = load_file(out / "adapter_model.safetensors")
+    tensors = load_file(out / "adapter_layers.safetensors")
     tensors["model.norm.weight"] = torch.zeros(32)  # smuggling a non-adapter tensor
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, bad)

@@ -152,7 +152,7 @@ def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
     for stage in ("emulator_zero_shot", "emulator_fine_tuned", "zero_shot", "plug_in"):
         assert metrics[stage] and metrics[stage]["completion_loss"] > 0, (stage, metrics)
     assert doc["adapter"]["client_metrics"]["emulator_fine_tuned"] == pytest.approx(metrics["emulator_fine_tuned"])
-    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert (out / "adapter_layers.safetensors").is_file() and (out / "scaleot_adapter.json").is_file()
     # The human-readable status of the same adapter (in-process: a second interpreter start costs seconds).
     s = CliRunner().invoke(app, ["status", f"{base}/v1/adapters/{doc['adapter']['id']}"],
                            env={"SCALEOT_API_KEY": real_server["owner_key"]})

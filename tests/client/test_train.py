@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +21,8 @@ from data_owner_client.train import (
     train,
     tune_emulator,
 )
-from shared.adapter import adapter_spec, load_and_validate_adapter_file
+from shared.adapter import DTYPE_NAMES, adapter_spec, load_and_validate_adapter_file
+from shared.lora import check_peft_config, file_spec, issue_lora, merge_lora
 from shared.data import load_dataset, pad_id_for, training_examples
 from shared.emulator_file import load_emulator
 
@@ -77,25 +82,49 @@ def test_training_loss_goes_down(emulator, text_dataset):
     assert sum(result.losses[-3:]) / 3 < result.losses[0] - 0.1, result.losses
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_methods_export_valid_adapter_and_train_only_adapter_layers(emulator, text_dataset, tmp_path, method):
+def test_full_exports_whole_adapter_layers_and_trains_only_them(emulator, text_dataset, tmp_path):
     model, plan = emulator.model, emulator.plan
     before = {k: v.clone() for k, v in model.state_dict().items()}
     spec = adapter_spec(model, plan.adapter_layers)
-    cfg = TrainConfig(method=method, max_steps=3, lr=1e-2, batch_size=4, seq_len=64)
+    cfg = TrainConfig(method="full", max_steps=3, lr=1e-2, batch_size=4, seq_len=64)
     res = tune_emulator(model, emulator.tokenizer, plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False)
+    assert res.adapter_file.name == "adapter_layers.safetensors"  # not PEFT's name: these are not PEFT files
     tensors = load_and_validate_adapter_file(res.adapter_file, spec)  # uploadable: names/shapes/dtypes issued
-    assert set(tensors) == set(spec) and not any("lora" in k for k in tensors)
-    after = res.tensors
-    changed = {k for k in spec if not torch.equal(before[k], after[k])}
+    assert set(tensors) == set(spec)
+    changed = {k for k in spec if not torch.equal(before[k], tensors[k])}
     assert any(k.endswith("q_proj.weight") for k in changed)
-    if method == "lora":  # LoRA touches only linear weights; norms stay as issued
-        assert all(k.endswith("proj.weight") for k in changed)
-    # nothing outside the adapter layers moved (the model object was trained in place)
-    final = model.state_dict() if method == "full" else None
-    if final is not None:
-        assert all(torch.equal(before[k], final[k]) for k in before if k not in spec)
-    assert res.adapter_config["method"] == method and res.adapter_config["adapter_layers"] == plan.adapter_layers
+    final = model.state_dict()  # nothing outside the adapter layers moved (the model was trained in place)
+    assert all(torch.equal(before[k], final[k]) for k in before if k not in spec)
+    assert res.adapter_config["method"] == "full" and res.adapter_config["adapter_layers"] == plan.adapter_layers
+
+
+def test_lora_exports_peft_files_of_the_issued_lora(emulator, text_dataset, tmp_path):
+    model, plan = emulator.model, emulator.plan
+    before, original = copy.deepcopy(model), {k: v.clone() for k, v in model.state_dict().items()}
+    lora = issue_lora(model, plan.adapter_layers)
+    cfg = TrainConfig(method="lora", max_steps=3, lr=1e-2, batch_size=4, seq_len=64)
+    res = tune_emulator(model, emulator.tokenizer, plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False,
+                        lora=lora)
+    assert res.adapter_file.name == "adapter_model.safetensors"
+    tensors = load_and_validate_adapter_file(res.adapter_file, file_spec(lora))  # only lora_A/lora_B, as issued
+    check_peft_config(json.loads((tmp_path / "out" / "adapter_config.json").read_text()), lora)
+    # The export is what was trained: merged into the untouched emulator it gives the tuned emulator's weights.
+    merge_lora(before, tensors, lora)
+    after = model.state_dict()
+    for k, v in before.state_dict().items():
+        torch.testing.assert_close(v, after[k], rtol=0, atol=1e-6)
+    changed = {k for k in original if not torch.equal(original[k], after[k])}
+    assert changed and all(k.endswith("proj.weight") and (".layers.0." in k or ".layers.3." in k) for k in changed)
+    assert res.adapter_config["method"] == "lora" and res.adapter_config["peft"]["r"] == lora.r
+
+
+def test_lora_settings_other_than_issued_are_refused_before_training(emulator, text_dataset, tmp_path):
+    lora = issue_lora(emulator.model, emulator.plan.adapter_layers, r=4)
+    cfg = TrainConfig(method="lora", max_steps=1, lora_r=8)
+    with pytest.raises(BadInputError, match="--lora-r 4"):
+        tune_emulator(emulator.model, emulator.tokenizer, emulator.plan, text_dataset, cfg, CPU, tmp_path / "o",
+                      progress=False, lora=lora)
+    assert not (tmp_path / "o").exists()
 
 
 def test_lora_targets_only_adapter_layer_linears(emulator):
@@ -113,18 +142,26 @@ def test_lora_on_gpt2_conv1d(tmp_path, text_dataset):
     emu = load_emulator(path)
     spec = adapter_spec(emu.model, emu.plan.adapter_layers)
     cfg = TrainConfig(method="lora", max_steps=2, lr=1e-2, batch_size=2, seq_len=32)
+    lora = issue_lora(emu.model, emu.plan.adapter_layers)
     res = tune_emulator(emu.model, emu.tokenizer, emu.plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False)
-    load_and_validate_adapter_file(res.adapter_file, spec)
+    load_and_validate_adapter_file(res.adapter_file, file_spec(lora))
+    assert spec and all(".h.0." in k or ".h.3." in k for k in spec)
 
 
-def test_low_precision_emulator_exports_issued_dtype(emulator, text_dataset, tmp_path):
-    model = emulator.model.to(torch.bfloat16)
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_emulator_trains_in_fp32_and_exports_issued_dtype(emulator, text_dataset, tmp_path, method,
+                                                                       dtype):
+    model = emulator.model.to(dtype)
     spec = adapter_spec(model, emulator.plan.adapter_layers)
-    cfg = TrainConfig(max_steps=2, lr=1e-2, batch_size=2, seq_len=32)
+    lora = issue_lora(model, emulator.plan.adapter_layers)
+    cfg = TrainConfig(method=method, max_steps=2, lr=1e-2, batch_size=2, seq_len=32)
     res = tune_emulator(model, emulator.tokenizer, emulator.plan, text_dataset, cfg, CPU, tmp_path / "o",
-                        progress=False)
-    assert {s.dtype for s in spec.values()} == {"BF16"}
-    load_and_validate_adapter_file(res.adapter_file, spec)
+                        progress=False, lora=lora if method == "lora" else None)
+    assert {s.dtype for s in spec.values()} == {lora.dtype} == {DTYPE_NAMES[dtype]}
+    load_and_validate_adapter_file(res.adapter_file, spec if method == "full" else file_spec(lora))
+    assert next(model.parameters()).dtype == dtype  # trained in fp32 (CPU), handed back in the issued dtype
+    assert res.train.losses[-1] < res.train.losses[0] + 1.0 and all(map(math.isfinite, res.train.losses))
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -28,4 +28,4 @@ def test_tune_full_flow_uploads_only_the_adapter(runner, fake, client_env, train
     assert set(up["metrics"]) == {"emulator_zero_shot", "emulator_fine_tuned"}
     assert doc["metrics"]["plug_in"]["perplexity"] > 0
     assert doc["adapter"]["status"] == "evaluated"
-    assert (out / "adapter_model.safetensors").read_bytes() == up["adapter_bytes"]
+    assert (out / "adapter_layers.safetensors").read_bytes() == up["adapter_bytes"]

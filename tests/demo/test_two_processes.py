@@ -88,7 +88,7 @@ def test_client_needs_only_url_key_and_pinned_server_key(model_owner, client_dir
 
     # what went back is only the adapter layers' tensors
     layers = owner.emulator["adapter_layers"]
-    with safe_open(str(client_dir / "adapter" / "adapter_model.safetensors"), "pt") as f:
+    with safe_open(str(client_dir / "adapter" / "adapter_layers.safetensors"), "pt") as f:
         names = list(f.keys())
     assert names and all(any(f".layers.{i}." in n for i in layers) for n in names), names
 
