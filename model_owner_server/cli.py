@@ -147,17 +147,22 @@ def make_emulator_cmd(
                                           "for this plan (0: none)"),
     kept_lr: float = typer.Option(0.0, "--kept-lr", help="> 0: calibration also adjusts the kept layers"),
     seq_len: int = typer.Option(128, "--seq-len"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="store as float32, bfloat16 or float16"),
+    dtype: str = typer.Option("float32", "--dtype", help="storage dtype: float32, bfloat16 or float16 (half the "
+                              "size; the data owner trains in fp32 and uploads in this dtype)"),
 ) -> None:
     """Stage 2: build an emulator at (N_a, alpha, beta) from a stage-1 run, calibrated for its plan."""
-    import torch
     from tqdm import tqdm
 
     from model_owner_server.scaleot.calibrate import CalibrationConfig
     from model_owner_server.scaleot.emulator import build_blocks, make_emulator
     from model_owner_server.scaleot.importance import load_importance
     from model_owner_server.scaleot.model_io import load_causal_lm
+    from shared.emulator_file import emulator_dtype
 
+    try:
+        storage_dtype = emulator_dtype(dtype)  # before the model loads: a typo fails in a second
+    except ValueError as exc:
+        _fail(f"--dtype: {exc}")
     if method == "scaleot" and importance is None:
         _fail("--importance DIR is required for --method scaleot (run estimate-importance first)")
     m, tok = load_causal_lm(_model_folder(model))
@@ -181,7 +186,7 @@ def make_emulator_cmd(
                              placement=placement, calibration=cal,
                              calibration_blocks=blocks[0] if blocks else None,
                              fidelity_blocks=blocks[1][:8] if blocks else None, calibration_progress=progress,
-                             dtype=getattr(torch, dtype) if dtype else None)
+                             dtype=storage_dtype)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     finally:
