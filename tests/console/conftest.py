@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "server"))  # server_fixtures / server_helpers (plain modules)
+# server_fixtures / server_helpers / test_serve_process (tests/server) and test_security (tests/reliability):
+# plain modules, reused as they are.
+for _dir in ("server", "reliability"):
+    if str(Path(__file__).parents[1] / _dir) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parents[1] / _dir))
 
-from server_fixtures import BASE_DB_URL, files, new_database_url  # noqa: E402,F401 - fixtures for the tests here
+from server_fixtures import BASE_DB_URL, files, new_database_url, world  # noqa: E402,F401 - fixtures for the tests here
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -4,7 +4,6 @@ stops at its next step, ends cancelled and leaves no importance files; a finishe
 from __future__ import annotations
 
 import secrets
-import time
 
 from fastapi.testclient import TestClient
 
@@ -12,16 +11,7 @@ from model_owner_server import crud
 from model_owner_server.main import create_app
 from model_owner_server.models import AuditEvent, ImportanceRun, Job
 from server_helpers import auth, fast_settings
-
-
-def _wait(client: TestClient, job_id: str, headers: dict, pred, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if pred(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached the expected state: {job}")
+from test_jobs import _wait  # noqa: PLC2701 - the server tests' own poller
 
 
 def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, files):
@@ -38,7 +28,8 @@ def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, fil
         body = {"steps": 100_000, "corpus": str(files["corpus"])}
         first = client.post(f"/v1/models/{model_id}/importance", headers=h, json=body).json()
         second = client.post(f"/v1/models/{model_id}/importance", headers=h, json=body).json()
-        _wait(client, first["id"], h, lambda j: j["status"] == "running" and j["metrics"].get("step", 0) >= 1)
+        _wait(client, first["id"], h, lambda j: j["status"] == "running" and j["metrics"].get("step", 0) >= 1,
+              timeout=60)
 
         # Another organization cannot see (so cannot cancel) the job.
         assert client.post(f"/v1/jobs/{first['id']}/cancel", headers=auth(other_key)).status_code == 404

@@ -265,6 +265,7 @@ def test_cancelling_a_running_job_ends_it_cancelled(browser, srv, files, shots):
     while row.get_attribute("data-status") != "running" and time.monotonic() < deadline:
         time.sleep(0.1)
     job_id = row.get_attribute("id").removeprefix("job-")
+    snap(page, shots, "jobs-running")
     row.get_by_role("button", name=f"Cancel job {job_id}").click()
     page.wait_for_url("**/console/jobs?notice=*")
     row = page.locator(f"#job-{job_id}")

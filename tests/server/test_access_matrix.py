@@ -45,6 +45,7 @@ MATRIX = [
     ("openai chat (the tiny tokenizer has no chat template)", "POST", "/openai/v1/chat/completions",
      {"json": {"model": "{adapter}", "messages": [{"role": "user", "content": "hi"}]}}, (400, 400, 404, 401)),
     ("unknown job id", "GET", "/v1/jobs/job_doesnotexist", {}, (404, 404, 404, 401)),
+    ("cancel a finished job", "POST", "/v1/jobs/{eval_job}/cancel", {}, (409, 409, 404, 401)),
     ("audit log", "GET", "/v1/audit", {}, (200, 403, 403, 401)),
 ]
 
