@@ -25,24 +25,12 @@ Stage-1 results, prepared data, emulator files and finished rows are cached unde
 
 from __future__ import annotations
 
-import os
-
-# Threads that spin while waiting collapse throughput on a shared 2-core machine (measured: 4x slower forward
-# passes with the default policy when another process is busy). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 import argparse
 import copy
 import gc
-import hashlib
 import itertools
 import json
 import math
-import platform
-import random
 import shutil
 import sys
 import time
@@ -51,13 +39,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import (SEED, Task, digest, environment, load_model, log, make_tasks, prepare_data,
+                                write_json)
 from data_owner_client.train import (
     TrainConfig,
     resolve_device,
@@ -77,12 +68,11 @@ from model_owner_server.scaleot.importance import (
 )
 from model_owner_server.scaleot.plugin import plug_in
 from shared.architectures import decoder_layers
-from shared.data import Dataset, load_dataset, pad_id_for, training_examples
+from shared.data import pad_id_for, training_examples
 from shared.emulator_file import count_params, load_emulator
 from shared.evaluation import evaluate
 from shared.layer_plan import Role
 
-SEED = 0
 RESULT_NAME = "privacy_utility"
 
 
@@ -176,48 +166,6 @@ def row_specs(budget: Budget) -> list[RowSpec]:
     return rows
 
 
-@dataclass
-class Task:
-    name: str  # "shakespeare" | "analogy"
-    title: str
-    metric: str  # "perplexity" | "accuracy"
-    higher_is_better: bool
-    train: Dataset
-    eval: Dataset
-    batch: int
-    eval_max: int
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    el = time.perf_counter() - _T0
-    print(f"[{int(el // 60):3d}:{el % 60:04.1f}] {msg}", flush=True)
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
@@ -227,87 +175,6 @@ def metric_of(task: Task, metrics: dict[str, float]) -> float:
 
 
 # ---------------------------------------------------------------- model and data
-
-
-def load_model(args, budget: Budget):
-    if budget.profile == "tiny":
-        from shared.tiny import byte_tokenizer, tiny_model
-
-        return tiny_model("llama", n_layers=8, hidden=64, seed=SEED), byte_tokenizer(), "tiny-llama-8L-h64"
-    from model_owner_server.scaleot.model_io import load_causal_lm, prepare_smollm2
-
-    model_dir = Path(args.model_dir) if args.model_dir else prepare_smollm2(Path(args.work_dir) / "smollm2")
-    log(f"model: {model_dir}")
-    model, tok = load_causal_lm(model_dir, device=args.device)
-    return model, tok, "SmolLM2-135M-Instruct"
-
-
-def prepare_data(work: Path, budget: Budget) -> dict[str, Path]:
-    """Data files under work/data/<profile>; rewritten only when the settings that shape them change."""
-    out = work / "data" / budget.profile
-    settings = {"wiki": [budget.wiki_train_chars, budget.wiki_val_chars], "shakespeare": [4, 1],
-                "analogy": [budget.mc_train_questions, 500], "seed": SEED, "v": 1}
-    marker = out / "data.json"
-    names = ["wiki_train.txt", "wiki_val.txt", "shakespeare_train.txt", "shakespeare_eval.txt",
-             "analogy_train.jsonl", "analogy_eval.jsonl"]
-    if marker.is_file() and json.loads(marker.read_text()) == settings and all((out / n).is_file() for n in names):
-        return {n.split(".")[0]: out / n for n in names}
-    log(f"writing data files into {out}")
-    if budget.profile == "tiny":
-        _write_synthetic(out)
-    else:
-        from shared import corpora
-
-        corpora.write_wiki_files(out, budget.wiki_train_chars, budget.wiki_val_chars)
-        corpora.write_shakespeare_files(out, n_train_works=4, n_eval_works=1, seed=SEED)
-        corpora.write_analogy_files(out, n_train=budget.mc_train_questions, n_eval=500, seed=SEED)
-    write_json(marker, settings)
-    return {n.split(".")[0]: out / n for n in names}
-
-
-def _write_synthetic(out: Path) -> None:
-    """Tiny deterministic stand-ins for the three corpora (the tiny profile must not need gensim/shakespeare)."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SEED)
-    words = ["the", "river", "city", "king", "queen", "sun", "moon", "stone", "light", "water", "old", "new",
-             "house", "road", "field", "long", "short", "green", "red", "north", "south", "people", "language",
-             "music", "war", "peace", "year", "time"]
-
-    def prose(n_sentences: int) -> str:
-        return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                         for _ in range(n_sentences))
-
-    (out / "wiki_train.txt").write_text(prose(120) + "\n")
-    (out / "wiki_val.txt").write_text(prose(30) + "\n")
-    (out / "shakespeare_train.txt").write_text(prose(80) + "\n")
-    (out / "shakespeare_eval.txt").write_text(prose(20) + "\n")
-    pairs = [("Athens", "Greece"), ("Paris", "France"), ("Rome", "Italy"), ("Berlin", "Germany"),
-             ("Madrid", "Spain"), ("Oslo", "Norway"), ("Cairo", "Egypt"), ("Tokyo", "Japan"),
-             ("Lima", "Peru"), ("Kiev", "Ukraine")]
-    qs = []
-    for i, (a, b) in enumerate(pairs):
-        for j, (c, d) in enumerate(pairs):
-            if i == j:
-                continue
-            wrong = rng.sample([p[1] for k, p in enumerate(pairs) if k not in (i, j)], 3)
-            choices = wrong + [d]
-            rng.shuffle(choices)
-            qs.append({"question": f"{a} is to {b} as {c} is to", "choices": choices, "answer": choices.index(d)})
-    rng.shuffle(qs)
-    (out / "analogy_train.jsonl").write_text("\n".join(json.dumps(q) for q in qs[:60]) + "\n")
-    (out / "analogy_eval.jsonl").write_text("\n".join(json.dumps(q) for q in qs[60:90]) + "\n")
-
-
-def make_tasks(files: dict[str, Path], budget: Budget, only: list[str]) -> list[Task]:
-    tasks = [
-        Task("shakespeare", "Task A: Shakespeare language modelling (perplexity, lower is better)", "perplexity",
-             False, load_dataset(files["shakespeare_train"]), load_dataset(files["shakespeare_eval"]),
-             budget.text_batch, budget.text_eval_blocks),
-        Task("analogy", "Task B: 4-choice analogies (accuracy, higher is better)", "accuracy", True,
-             load_dataset(files["analogy_train"]), load_dataset(files["analogy_eval"]), budget.mc_batch,
-             budget.mc_eval_questions),
-    ]
-    return [t for t in tasks if t.name in only]
 
 
 # ---------------------------------------------------------------- stage 1
@@ -830,11 +697,8 @@ def main(argv: list[str] | None = None) -> dict:
     importance, imp_info, stage1_key = run_stage1(model, tok, model_id, files, budget, args)
     stage1 = stage1_record(imp_info, budget)
     meta = {
-        "profile": profile, "model": model_id, "n_layers": len(decoder_layers(model)),
-        "model_params": count_params(model), "model_bytes": param_bytes(model), "budget": asdict(budget),
-        "device": str(choice.device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "seed": SEED,
+        **environment(profile, model_id, budget, choice.device), "n_layers": len(decoder_layers(model)),
+        "model_params": count_params(model), "model_bytes": param_bytes(model), "seed": SEED,
         "privacy_gap_definition": "plug-in quality minus emulator-fine-tuned quality: ln(emulator_ft ppl) - "
                                   "ln(plug_in ppl) in nats for perplexity; plug_in - emulator_ft for accuracy",
     }

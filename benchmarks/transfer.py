@@ -24,17 +24,7 @@ Everything is cached under --work-dir (stage 1, emulator files, rows), keyed by 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 import argparse
-import gc
-import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,23 +32,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
 
 import torch
 
-from benchmarks.privacy_utility import Task, digest, load_model, log, make_tasks, prepare_data, write_json
-from data_owner_client.train import TrainConfig, resolve_device, train_layers_in_model, tune_emulator
-from model_owner_server.scaleot.calibrate import CalibrationConfig
-from model_owner_server.scaleot.emulator import make_emulator
-from model_owner_server.scaleot.importance import (ImportanceConfig, corpus_blocks, estimate_importance,
-                                                   load_importance, save_importance)
-from model_owner_server.scaleot.plugin import plug_in
-from shared.architectures import decoder_layers
-from shared.data import pad_id_for, training_examples
-from shared.emulator_file import load_emulator
-from shared.evaluation import evaluate
+from benchmarks.harness import (EmuSpec, build_emulators, cached, digest, evaluate_task, load_model, log,
+                                make_tasks, prepare_data, quality, run_emulator, run_reference, stage1, write_json)
+from data_owner_client.train import resolve_device
 
 RESULT_NAME = "transfer"
 
@@ -96,17 +79,6 @@ PROFILES = {
                    mc_eval_questions=8, mc_train_questions=24, wiki_train_chars=0, wiki_val_chars=0, bottleneck=8,
                    rows="tiny"),
 }
-
-
-@dataclass(frozen=True)
-class EmuSpec:
-    name: str
-    label: str
-    method: str  # scaleot | uniform_layerdrop | layer_sharing
-    alpha: float
-    beta: float = 0.0
-    placement: str = "sandwich"
-    calibrate: bool = True
 
 
 def emulator_specs(budget: Budget) -> list[EmuSpec]:
@@ -149,109 +121,7 @@ class Row:
 # ---------------------------------------------------------------- stage 1 and emulators (model owner)
 
 
-def stage1(model, tok, model_id: str, files, budget: Budget, seed: int, work: Path):
-    cfg = ImportanceConfig(steps=budget.stage1_steps, warmup_steps=budget.stage1_warmup, bottleneck=budget.bottleneck,
-                           seed=seed)
-    key = digest({"model": model_id, "cfg": asdict(cfg), "seq": budget.seq_len,
-                  "wiki": [budget.wiki_train_chars, budget.wiki_val_chars], "v": 2})
-    out = work / "stage1" / f"transfer-{budget.profile}-{key}"
-    if (out / "importance.json").is_file():
-        log(f"stage 1 seed {seed}: cached")
-        return load_importance(out), json.loads((out / "importance.json").read_text())
-    train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
-    log(f"stage 1 seed {seed}: {cfg.warmup_steps} warm-up + {cfg.steps} DL steps on {tuple(train_b.shape)}")
-
-    def progress(p) -> None:
-        if p.phase == "rl" and p.step % 16 == 0:
-            log(f"  {p.label} loss {p.loss:.3f} top {sorted(range(len(p.scores)), key=lambda i: -p.scores[i])[:6]}")
-
-    result = estimate_importance(model, train_b, val_b, cfg, progress)
-    save_importance(result, out, {"seq_len": budget.seq_len})
-    log(f"stage 1 seed {seed}: {result.seconds:.0f} s, ranking {result.ranking()}")
-    return result, json.loads((out / "importance.json").read_text())
-
-
-def build_emulators(model, tok, model_id, importance, stage1_key, files, budget: Budget, work: Path) -> dict[str, dict]:
-    train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
-    n_layers = len(decoder_layers(model))
-    out: dict[str, dict] = {}
-    for spec in emulator_specs(budget):
-        key = digest({"spec": asdict(spec), "stage1": stage1_key, "cal": budget.calibration_steps, "v": 2})
-        path = work / "emulators" / f"transfer-{budget.profile}-{spec.name}-{key}.safetensors"
-        sidecar = path.with_suffix(".json")
-        if path.is_file() and sidecar.is_file():
-            out[spec.name] = json.loads(sidecar.read_text())
-            continue
-        t0 = time.perf_counter()
-        n_removed = round(spec.alpha * (n_layers - budget.n_adapter))
-        cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0)
-        info = make_emulator(model, tok, importance if spec.method == "scaleot" else None, budget.n_adapter,
-                             spec.alpha, spec.beta, path, method=spec.method, n_dropped=n_removed,
-                             placement=spec.placement, calibration=cal, calibration_blocks=train_b,
-                             fidelity_blocks=val_b[:8])
-        rec = {"path": str(path), "sha256": info.sha256, "bytes": info.size_bytes, "params": info.n_params,
-               "full_model_bytes": info.extra["full_model_bytes"], "plan": info.plan.summary(),
-               "adapter_layers": info.plan.adapter_layers, "fidelity": info.extra.get("fidelity"),
-               "calibration": info.extra.get("calibration"), "seconds": round(time.perf_counter() - t0, 1)}
-        write_json(sidecar, rec)
-        out[spec.name] = rec
-        fid = rec["fidelity"] or {}
-        log(f"  emulator {spec.name}: {rec['plan']} {rec['bytes'] / rec['full_model_bytes']:.0%} of M, "
-            f"ppl ratio {fid.get('ppl_ratio')}, grad cos {fid.get('grad_cosine')} ({rec['seconds']:.0f} s)")
-    return out
-
-
 # ---------------------------------------------------------------- rows (data owner + server)
-
-
-def _cfg(task: Task, budget: Budget, seed: int, steps: int) -> TrainConfig:
-    return TrainConfig(method="full", max_steps=steps, batch_size=task.batch, seq_len=budget.seq_len, seed=seed,
-                       save_every=10**9)
-
-
-def _eval(model, tok, task: Task, budget: Budget, choice) -> dict[str, float]:
-    return evaluate(model, tok, task.eval, seq_len=budget.seq_len, batch_size=task.batch, device=choice.device,
-                    max_examples=task.eval_max)
-
-
-def quality(task: Task, m: dict[str, float]) -> float:
-    """What r is computed on: eval loss (nats) for text, accuracy for multiple choice (higher = better)."""
-    return -m["loss"] if task.metric == "perplexity" else m["accuracy"]
-
-
-def run_reference(model, tok, task: Task, budget: Budget, choice, layers: list[int], seed: int, steps: int) -> dict:
-    cfg = _cfg(task, budget, seed, steps)
-    m, res = train_layers_in_model(model, layers, training_examples(task.train, tok, cfg.seq_len), cfg, choice,
-                                   pad_id=pad_id_for(tok))
-    out = {"reference": _eval(m, tok, task, budget, choice), "train_seconds": res.seconds}
-    del m
-    return out
-
-
-def run_emulator(model, tok, task: Task, budget: Budget, choice, emu: dict, seed: int, steps: int, work: Path) -> dict:
-    loaded = load_emulator(emu["path"], device=choice.device)
-    out_dir = work / "runs" / f"transfer-{task.name}-{Path(emu['path']).stem}-{seed}-{steps}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tr = tune_emulator(loaded.model, loaded.tokenizer, loaded.plan, task.train, _cfg(task, budget, seed, steps),
-                       choice, out_dir, eval_data=task.eval, eval_max_examples=task.eval_max, progress=False)
-    plugged = plug_in(model, tr.tensors, loaded.plan.adapter_layers)
-    out = {"emulator_zero_shot": tr.metrics["emulator_zero_shot"], "emulator_ft": tr.metrics["emulator_fine_tuned"],
-           "plug_in": _eval(plugged, tok, task, budget, choice), "train_seconds": tr.train.seconds}
-    shutil.rmtree(out_dir, ignore_errors=True)
-    del plugged, loaded, tr
-    return out
-
-
-def cached(work: Path, key_obj: Any, fn) -> dict:
-    path = work / "rows" / f"transfer-{digest(key_obj)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    rec = fn()
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(path, rec)
-    gc.collect()
-    return rec
 
 
 def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, save) -> list[dict]:
@@ -259,7 +129,7 @@ def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, 
     data_key = lambda t: [t.name, t.batch, t.eval_max, t.train.path.stat().st_size, t.eval.path.stat().st_size]
     for task in tasks:
         zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len],
-                    lambda: {"zero_shot": _eval(model, tok, task, budget, choice)})["zero_shot"]
+                    lambda: {"zero_shot": evaluate_task(model, tok, task, budget, choice)})["zero_shot"]
         log(f"== {task.name}: zero-shot {task.metric} {zs[task.metric]:.4g}")
         plan_rows = [(name, seed, budget.ft_steps) for name in emulators
                      for seed in (budget.seeds if name in MAIN else budget.seeds[:1])]
@@ -474,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           "n_harmonizer_params", "n_model_params")},
                   "spearman_between_seeds": spearman(scores[0], scores[1]) if len(scores) > 1 else None,
                   "scores_by_seed": scores, "min_pair_sum": round(float(pair.min()), 5)}
-    emulators = build_emulators(model, tok, model_id, importance, digest(info["scores"]), files, budget, work)
+    emulators = build_emulators(model, tok, importance, digest(info["scores"]), emulator_specs(budget), files,
+                                budget, work)
     meta = {"profile": profile, "model": model_id, "budget": asdict(budget), "torch_threads": torch.get_num_threads(),
             "device": str(choice.device), "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
     result: dict[str, Any] = {"meta": meta, "stage1": stage1_rec, "emulators": emulators, "rows": [], "complete": False}

@@ -1,0 +1,346 @@
+"""What every benchmark here shares: environment, logging, caching, data, the product's stage 1 and emulator
+builds, the data owner's run and the server's plug-in, result files and docs blocks.
+
+A benchmark file says what it measures (its budgets, rows, targets and tables) and takes the rest from here,
+so the caching, the data and the code paths measured are the same for all of them. Everything runs through
+the product's own functions: importance.estimate_importance, emulator.make_emulator, train.tune_emulator,
+plugin.plug_in and shared.evaluation.evaluate.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Threads that spin while waiting collapse throughput on a shared 2-core machine (measured: 4x slower forward
+# passes with the default policy when another process is busy). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import gc
+import hashlib
+import json
+import platform
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch
+
+from data_owner_client.train import TrainConfig, train_layers_in_model, tune_emulator
+from model_owner_server.scaleot.calibrate import CalibrationConfig
+from model_owner_server.scaleot.emulator import make_emulator
+from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance, load_importance, save_importance
+from model_owner_server.scaleot.plugin import plug_in
+from shared.architectures import decoder_layers
+from shared.data import Dataset, load_dataset, pad_id_for, training_examples
+from shared.emulator_file import load_emulator
+from shared.evaluation import evaluate
+
+SEED = 0  # data selection and the tiny model
+
+
+@dataclass
+class Task:
+    name: str  # "shakespeare" | "analogy"
+    title: str
+    metric: str  # "perplexity" | "accuracy"
+    higher_is_better: bool
+    train: Dataset
+    eval: Dataset
+    batch: int
+    eval_max: int
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    el = time.perf_counter() - _T0
+    print(f"[{int(el // 60):3d}:{el % 60:04.1f}] {msg}", flush=True)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---------------------------------------------------------------- model and data
+
+
+def load_model(args, budget: Any) -> tuple[Any, Any, str]:
+    """The tiny random LLaMA for the tiny profile, else SmolLM2-135M (prepared once into the work dir)."""
+    if budget.profile == "tiny":
+        from shared.tiny import byte_tokenizer, tiny_model
+
+        return tiny_model("llama", n_layers=8, hidden=64, seed=SEED), byte_tokenizer(), "tiny-llama-8L-h64"
+    from model_owner_server.scaleot.model_io import load_causal_lm, prepare_smollm2
+
+    model_dir = Path(args.model_dir) if args.model_dir else prepare_smollm2(Path(args.work_dir) / "smollm2")
+    log(f"model: {model_dir}")
+    model, tok = load_causal_lm(model_dir, device=args.device)
+    return model, tok, "SmolLM2-135M-Instruct"
+
+
+def prepare_data(work: Path, budget: Any) -> dict[str, Path]:
+    """Data files under work/data/<profile>; rewritten only when the settings that shape them change."""
+    out = work / "data" / budget.profile
+    settings = {"wiki": [budget.wiki_train_chars, budget.wiki_val_chars], "shakespeare": [4, 1],
+                "analogy": [budget.mc_train_questions, 500], "seed": SEED, "v": 1}
+    marker = out / "data.json"
+    names = ["wiki_train.txt", "wiki_val.txt", "shakespeare_train.txt", "shakespeare_eval.txt",
+             "analogy_train.jsonl", "analogy_eval.jsonl"]
+    if marker.is_file() and json.loads(marker.read_text()) == settings and all((out / n).is_file() for n in names):
+        return {n.split(".")[0]: out / n for n in names}
+    log(f"writing data files into {out}")
+    if budget.profile == "tiny":
+        _write_synthetic(out)
+    else:
+        from shared import corpora
+
+        corpora.write_wiki_files(out, budget.wiki_train_chars, budget.wiki_val_chars)
+        corpora.write_shakespeare_files(out, n_train_works=4, n_eval_works=1, seed=SEED)
+        corpora.write_analogy_files(out, n_train=budget.mc_train_questions, n_eval=500, seed=SEED)
+    write_json(marker, settings)
+    return {n.split(".")[0]: out / n for n in names}
+
+
+def _write_synthetic(out: Path) -> None:
+    """Tiny deterministic stand-ins for the three corpora (the tiny profile must not need gensim/shakespeare)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SEED)
+    words = ["the", "river", "city", "king", "queen", "sun", "moon", "stone", "light", "water", "old", "new",
+             "house", "road", "field", "long", "short", "green", "red", "north", "south", "people", "language",
+             "music", "war", "peace", "year", "time"]
+
+    def prose(n_sentences: int) -> str:
+        return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                         for _ in range(n_sentences))
+
+    (out / "wiki_train.txt").write_text(prose(120) + "\n")
+    (out / "wiki_val.txt").write_text(prose(30) + "\n")
+    (out / "shakespeare_train.txt").write_text(prose(80) + "\n")
+    (out / "shakespeare_eval.txt").write_text(prose(20) + "\n")
+    pairs = [("Athens", "Greece"), ("Paris", "France"), ("Rome", "Italy"), ("Berlin", "Germany"),
+             ("Madrid", "Spain"), ("Oslo", "Norway"), ("Cairo", "Egypt"), ("Tokyo", "Japan"),
+             ("Lima", "Peru"), ("Kiev", "Ukraine")]
+    qs = []
+    for i, (a, b) in enumerate(pairs):
+        for j, (c, d) in enumerate(pairs):
+            if i == j:
+                continue
+            wrong = rng.sample([p[1] for k, p in enumerate(pairs) if k not in (i, j)], 3)
+            choices = wrong + [d]
+            rng.shuffle(choices)
+            qs.append({"question": f"{a} is to {b} as {c} is to", "choices": choices, "answer": choices.index(d)})
+    rng.shuffle(qs)
+    (out / "analogy_train.jsonl").write_text("\n".join(json.dumps(q) for q in qs[:60]) + "\n")
+    (out / "analogy_eval.jsonl").write_text("\n".join(json.dumps(q) for q in qs[60:90]) + "\n")
+
+
+def make_tasks(files: dict[str, Path], budget: Any, only: list[str]) -> list[Task]:
+    tasks = [
+        Task("shakespeare", "Task A: Shakespeare language modelling (perplexity, lower is better)", "perplexity",
+             False, load_dataset(files["shakespeare_train"]), load_dataset(files["shakespeare_eval"]),
+             budget.text_batch, budget.text_eval_blocks),
+        Task("analogy", "Task B: 4-choice analogies (accuracy, higher is better)", "accuracy", True,
+             load_dataset(files["analogy_train"]), load_dataset(files["analogy_eval"]), budget.mc_batch,
+             budget.mc_eval_questions),
+    ]
+    return [t for t in tasks if t.name in only]
+
+
+# ---------------------------------------------------------------- model owner: stage 1 and emulators
+
+
+def stage1(model, tok, model_id: str, files: dict[str, Path], budget: Any, seed: int, work: Path):
+    """Stage 1 on the Wikipedia excerpt, through the product's estimate_importance; cached by its settings."""
+    cfg = ImportanceConfig(steps=budget.stage1_steps, warmup_steps=budget.stage1_warmup, bottleneck=budget.bottleneck,
+                           seed=seed)
+    key = digest({"model": model_id, "cfg": asdict(cfg), "seq": budget.seq_len,
+                  "wiki": [budget.wiki_train_chars, budget.wiki_val_chars], "v": 2})
+    out = work / "stage1" / f"transfer-{budget.profile}-{key}"
+    if (out / "importance.json").is_file():
+        log(f"stage 1 seed {seed}: cached")
+        return load_importance(out), json.loads((out / "importance.json").read_text())
+    train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
+    log(f"stage 1 seed {seed}: {cfg.warmup_steps} warm-up + {cfg.steps} DL steps on {tuple(train_b.shape)}")
+
+    def progress(p) -> None:
+        if p.phase == "rl" and p.step % 16 == 0:
+            log(f"  {p.label} loss {p.loss:.3f} top {sorted(range(len(p.scores)), key=lambda i: -p.scores[i])[:6]}")
+
+    result = estimate_importance(model, train_b, val_b, cfg, progress)
+    save_importance(result, out, {"seq_len": budget.seq_len})
+    log(f"stage 1 seed {seed}: {result.seconds:.0f} s, ranking {result.ranking()}")
+    return result, json.loads((out / "importance.json").read_text())
+
+
+@dataclass(frozen=True)
+class EmuSpec:
+    name: str
+    label: str
+    method: str  # scaleot | uniform_layerdrop | layer_sharing
+    alpha: float
+    beta: float = 0.0
+    placement: str = "sandwich"
+    calibrate: bool = True
+
+
+def build_emulators(model, tok, importance, stage1_key: str, specs: list[EmuSpec], files: dict[str, Path],
+                    budget: Any, work: Path) -> dict[str, dict]:
+    """Each spec through the product's make_emulator (calibration and fidelity included); cached per spec."""
+    train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
+    n_layers = len(decoder_layers(model))
+    out: dict[str, dict] = {}
+    for spec in specs:
+        key = digest({"spec": asdict(spec), "stage1": stage1_key, "cal": budget.calibration_steps, "v": 2})
+        path = work / "emulators" / f"{budget.profile}-{spec.name}-{key}.safetensors"
+        sidecar = path.with_suffix(".json")
+        if path.is_file() and sidecar.is_file():
+            out[spec.name] = json.loads(sidecar.read_text())
+            continue
+        t0 = time.perf_counter()
+        n_removed = round(spec.alpha * (n_layers - budget.n_adapter))
+        cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0)
+        info = make_emulator(model, tok, importance if spec.method == "scaleot" else None, budget.n_adapter,
+                             spec.alpha, spec.beta, path, method=spec.method, n_dropped=n_removed,
+                             placement=spec.placement, calibration=cal, calibration_blocks=train_b,
+                             fidelity_blocks=val_b[:8])
+        rec = {"path": str(path), "sha256": info.sha256, "bytes": info.size_bytes, "params": info.n_params,
+               "full_model_bytes": info.extra["full_model_bytes"], "plan": info.plan.summary(),
+               "adapter_layers": info.plan.adapter_layers, "fidelity": info.extra.get("fidelity"),
+               "calibration": info.extra.get("calibration"), "seconds": round(time.perf_counter() - t0, 1)}
+        write_json(sidecar, rec)
+        out[spec.name] = rec
+        fid = rec["fidelity"] or {}
+        log(f"  emulator {spec.name}: {rec['plan']} {rec['bytes'] / rec['full_model_bytes']:.0%} of M, "
+            f"ppl ratio {fid.get('ppl_ratio')}, grad cos {fid.get('grad_cosine')} ({rec['seconds']:.0f} s)")
+    return out
+
+# ---------------------------------------------------------------- data owner and server
+
+
+def train_config(task: Task, budget: Any, seed: int, steps: int) -> TrainConfig:
+    """The data owner's recipe: whole adapter layers, the client's defaults otherwise."""
+    return TrainConfig(method="full", max_steps=steps, batch_size=task.batch, seq_len=budget.seq_len, seed=seed,
+                       save_every=10**9)
+
+
+def evaluate_task(model, tok, task: Task, budget: Any, choice: Any) -> dict[str, float]:
+    return evaluate(model, tok, task.eval, seq_len=budget.seq_len, batch_size=task.batch, device=choice.device,
+                    max_examples=task.eval_max)
+
+
+def quality(task: Task, m: dict[str, float]) -> float:
+    """What r is computed on: eval loss (nats) for text, accuracy for multiple choice (higher = better)."""
+    return -m["loss"] if task.metric == "perplexity" else m["accuracy"]
+
+
+def run_reference(model, tok, task: Task, budget: Any, choice, layers: list[int], seed: int, steps: int) -> dict:
+    cfg = train_config(task, budget, seed, steps)
+    m, res = train_layers_in_model(model, layers, training_examples(task.train, tok, cfg.seq_len), cfg, choice,
+                                   pad_id=pad_id_for(tok))
+    out = {"reference": evaluate_task(m, tok, task, budget, choice), "train_seconds": res.seconds}
+    del m
+    return out
+
+
+def run_emulator(model, tok, task: Task, budget: Any, choice, emu: dict, seed: int, steps: int, work: Path) -> dict:
+    loaded = load_emulator(emu["path"], device=choice.device)
+    out_dir = work / "runs" / f"{task.name}-{Path(emu['path']).stem}-{seed}-{steps}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tr = tune_emulator(loaded.model, loaded.tokenizer, loaded.plan, task.train, train_config(task, budget, seed, steps),
+                       choice, out_dir, eval_data=task.eval, eval_max_examples=task.eval_max, progress=False)
+    plugged = plug_in(model, tr.tensors, loaded.plan.adapter_layers)
+    out = {"emulator_zero_shot": tr.metrics["emulator_zero_shot"], "emulator_ft": tr.metrics["emulator_fine_tuned"],
+           "plug_in": evaluate_task(plugged, tok, task, budget, choice), "train_seconds": tr.train.seconds}
+    shutil.rmtree(out_dir, ignore_errors=True)
+    del plugged, loaded, tr
+    return out
+
+
+def cached(work: Path, key_obj: Any, fn: Callable[[], dict]) -> dict:
+    """fn()'s record, from work/rows/ when an earlier run stored it under the same key (with its seconds)."""
+    path = work / "rows" / f"{digest(key_obj)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    rec = fn()
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(path, rec)
+    gc.collect()
+    return rec
+
+
+# ---------------------------------------------------------------- results
+
+
+def environment(profile: str, model_id: str, budget: Any, device: Any) -> dict[str, Any]:
+    """The preamble every result file starts with: what ran, where, with which budget."""
+    return {"profile": profile, "model": model_id, "budget": asdict(budget), "device": str(device),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def result_paths(results_dir: Path, name: str, profile: str) -> tuple[Path, Path, Path]:
+    """<name>.json/.md/.png for the full profile, <name>_<profile>.* otherwise (quick runs never overwrite)."""
+    stem = name if profile == "full" else f"{name}_{profile}"
+    return tuple(results_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))  # type: ignore[return-value]
+
+
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on the Agg backend, or None (the PNG is skipped with a note) when not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: skipping the PNG (pip install matplotlib, or the project's dev extra)")
+        return None
+    return plt
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def update_docs_block(path: Path, marker: str, block: str) -> None:
+    """Replace the text between `<!-- marker:start -->` and `<!-- marker:end -->` (appended when absent)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    text = path.read_text() if path.is_file() else ""
+    new = f"{start}\n{block.strip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + new + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + new + "\n"
+    path.write_text(text)
