@@ -71,7 +71,8 @@ def family_for(config) -> Family:
     known = sorted(t for f in FAMILIES for t in f.model_types)
     raise UnsupportedArchitectureError(
         f"model_type {model_type!r} is not supported; supported: {', '.join(known)}. "
-        "Add a Family entry in shared/architectures.py naming its decoder-layer list and attention projections."
+        "Add a Family entry in shared/architectures.py naming its decoder-layer list and attention projections "
+        "(and a tiny config in shared/tiny.py, so the per-family tests cover it)."
     )
 
 

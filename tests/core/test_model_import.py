@@ -1,6 +1,7 @@
 """Models as model owners have them: sharded / half-precision / untied HF folders for register-model, GGUF files
 for import-gguf (dequantised), and loading errors that name the folder and what is missing."""
 
+import importlib.util
 import json
 
 import gguf
@@ -52,13 +53,20 @@ def test_registered_folder_kinds_load_in_the_requested_dtype(tmp_path, family, d
     assert tok("abc").input_ids == byte_tokenizer()("abc").input_ids
 
 
-def test_missing_pieces_are_named_with_what_to_do(tmp_path):
+def test_missing_pieces_are_named_with_what_to_do(tmp_path, monkeypatch):
     folder = save_tiny_model_dir(tmp_path / "m", "llama", tokenizer=False)
     with pytest.raises(ModelLoadError, match=rf"{folder}.*missing tokenizer files.*tokenizer.save_pretrained"):
         load_causal_lm(folder)
     (folder / "tokenizer_config.json").write_text("{}")  # config alone: transformers would ask for sentencepiece
     with pytest.raises(ModelLoadError, match="missing tokenizer files"):
         inspect_model_folder(folder)
+    (folder / "tokenizer.model").write_bytes(b"")  # SentencePiece only, and the package is not there
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece"
+                        else real_find_spec(name, *a))
+    with pytest.raises(ModelLoadError, match="tokenizer.model and sentencepiece is not installed.*pip install"):
+        check_model_folder(folder)
+    monkeypatch.undo()
     byte_tokenizer().save_pretrained(folder)
     (folder / "config.json").unlink()
     with pytest.raises(ModelLoadError, match=r"missing config.json; save the model with save_pretrained"):
