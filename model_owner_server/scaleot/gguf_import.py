@@ -62,15 +62,16 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     """Convert `gguf_file` (any architecture of a supported family that transformers reads) into `out_dir`:
     config.json, model.safetensors (dequantised, stored in `dtype`), the tokenizer and scaleot_source.json.
 
-    Idempotent: an `out_dir` already converted from a file of the same name is returned as is; any other
-    non-empty `out_dir` is refused rather than overwritten."""
+    Idempotent: an `out_dir` already converted from a file of the same name and size is returned as is; any
+    other non-empty `out_dir` is refused rather than overwritten."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, out = Path(gguf_file), Path(out_dir)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {str(path)[:300]!r} does not exist")
     if (out / SOURCE_FILE).is_file() and (out / "config.json").is_file():
-        if json.loads((out / SOURCE_FILE).read_text()).get("file") == path.name:
+        done = json.loads((out / SOURCE_FILE).read_text())
+        if done.get("file") == path.name and done.get("bytes", path.stat().st_size) == path.stat().st_size:
             return out
     if out.exists() and any(out.iterdir()):
         raise ModelLoadError(f"{out} already exists and is not a conversion of {path.name}; "
@@ -86,7 +87,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     shutil.rmtree(tmp, ignore_errors=True)  # a conversion interrupted earlier
     model.to(dtype).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    record = {**(source or {}), "file": path.name, **facts, "dequantised_to": str(dtype).removeprefix("torch.")}
+    record = {**(source or {}), "file": path.name, "bytes": path.stat().st_size, **facts, "dequantised_to": str(dtype).removeprefix("torch.")}
     (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
     if out.exists():
         out.rmdir()  # empty (checked above)

@@ -156,6 +156,10 @@ def test_import_gguf_dequantises_into_a_loadable_folder(tmp_path, family, arch):
     assert torch.allclose(logits(model), logits(original), atol=0.05)
     assert tok("hello there").input_ids == byte_tokenizer()("hello there").input_ids
     assert import_gguf(tmp_path / "tiny.gguf", out) == out  # converted already: the folder is reused as is
+    with (tmp_path / "tiny.gguf").open("ab") as f:  # another file under the same name is not mistaken for it
+        f.write(b"\0" * 32)
+    with pytest.raises(ModelLoadError, match="already exists and is not a conversion of tiny.gguf"):
+        import_gguf(tmp_path / "tiny.gguf", out)
 
 
 def test_import_gguf_refuses_what_it_cannot_convert(tmp_path):
