@@ -326,3 +326,21 @@ def write_corpus_files(out_dir: str | Path, *, wiki_train_chars: int = 400_000, 
                                   shakespeare_max_chars_per_work, seed),
         **write_analogy_files(out_dir, analogy_train, analogy_eval, seed),
     }
+
+
+def pydoc_text() -> str:
+    """Python's own reference documentation (``pydoc_data.topics``, ~465 kB, in every CPython): public text
+    with nothing in common with the Wikipedia excerpt (stage 1) or Shakespeare (the demo's task). The
+    privacy audit and benchmarks/privacy_attack.py use it as the attacker's public corpus."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def write_public_files(out_dir: str | Path, train_chars: int = 400_000, val_chars: int = 40_000) -> dict[str, Path]:
+    """``public_train.txt`` / ``public_val.txt``: the attacker's public text, train and held-out parts disjoint."""
+    out_dir, text = Path(out_dir), pydoc_text()
+    if train_chars + val_chars > len(text):
+        raise ValueError(f"pydoc_data has {len(text)} characters; ask for at most that many (train + val)")
+    return {"public_train": _write(out_dir / "public_train.txt", text[:train_chars] + "\n"),
+            "public_val": _write(out_dir / "public_val.txt", text[-val_chars:] + "\n")}
