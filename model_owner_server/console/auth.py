@@ -18,7 +18,6 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated
-from urllib.parse import quote
 
 from fastapi import Depends, Request
 from fastapi.responses import Response
@@ -84,7 +83,7 @@ def end_session(session: Session, request: Request) -> None:
 
 
 def current_console(request: Request, session: SessionDep) -> ConsoleAuth:
-    next_path = quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""), safe="/?=&")
+    next_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         raise LoginRequired(next_path, "Sign in with your organization's API key to use the console.")
@@ -106,15 +105,25 @@ def tokens_match(expected: str | None, given: object) -> bool:
     return bool(expected) and isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
 
 
-async def checked_form(request: Request, auth: ConsoleDep) -> dict[str, str]:
-    """The posted form's text fields, once its CSRF token matched the session's (else CsrfError)."""
+async def _form_with_token(request: Request, expected: str | None) -> dict[str, str]:
+    """The posted form's text fields, once its CSRF token matched `expected` (else CsrfError)."""
     form = await request.form()
-    if not tokens_match(auth.csrf_token, form.get(CSRF_FIELD)):
+    if not tokens_match(expected, form.get(CSRF_FIELD)):
         raise CsrfError()
     return {k: v for k, v in form.items() if isinstance(v, str) and k != CSRF_FIELD}
 
 
+async def checked_form(request: Request, auth: ConsoleDep) -> dict[str, str]:
+    return await _form_with_token(request, auth.csrf_token)
+
+
+async def login_form(request: Request) -> dict[str, str]:
+    """The sign-in form: no session yet, so its token is checked against the double-submit cookie."""
+    return await _form_with_token(request, request.cookies.get(LOGIN_CSRF_COOKIE))
+
+
 FormDep = Annotated[dict[str, str], Depends(checked_form)]
+LoginFormDep = Annotated[dict[str, str], Depends(login_form)]
 
 
 def safe_next(path: str | None) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
@@ -67,7 +67,7 @@ def cancel_job(job_id: str, session: SessionDep, auth: ConsoleDep, form: FormDep
 def _parse_time(text: str) -> datetime:
     """An <input type=datetime-local> value (or ISO 8601) as UTC."""
     t = datetime.fromisoformat(text.strip())
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 @router.get("/audit", response_class=HTMLResponse)

@@ -11,8 +11,16 @@ from model_owner_server import crud
 from model_owner_server.api.deps import SessionDep, SettingsDep
 from model_owner_server.core.security import organization_for_key
 
-from .auth import (LOGIN_CSRF_COOKIE, SESSION_COOKIE, CsrfError, FormDep, end_session, safe_next, set_cookie,
-                   start_session, tokens_match)
+from .auth import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    FormDep,
+    LoginFormDep,
+    end_session,
+    safe_next,
+    set_cookie,
+    start_session,
+)
 from .views import ConsoleRoute, page
 
 router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
@@ -41,11 +49,8 @@ def login_page(request: Request, settings: SettingsDep) -> HTMLResponse:
 
 
 @router.post("/login", response_class=HTMLResponse)
-async def login(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    form = await request.form()
-    if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE), form.get("csrf_token")):
-        raise CsrfError()
-    key = str(form.get("api_key") or "").strip()
+def login(request: Request, session: SessionDep, settings: SettingsDep, form: LoginFormDep) -> Response:
+    key = form.get("api_key", "").strip()
     org = organization_for_key(session, key) if key else None  # the REST API's own key check
     if org is None:
         return _login_page(request, settings, status=401, error=BAD_KEY if key else "Enter your organization's "
@@ -53,7 +58,7 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     token = start_session(session, org, settings)
     crud.audit(session, org, "console_sign_in", "organization", org.id)
     session.commit()
-    response = RedirectResponse(safe_next(str(form.get("next") or "")), status_code=303)
+    response = RedirectResponse(safe_next(form.get("next")), status_code=303)
     set_cookie(response, request, settings, SESSION_COOKIE, token, max_age=settings.console_session_minutes * 60)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/console")
     return response

@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -29,7 +30,7 @@ templates = Jinja2Templates(directory=str(HERE / "templates"))
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
-def human_bytes(n: int | float | None) -> str:
+def human_bytes(n: float | None) -> str:
     if n is None:
         return "–"
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -39,7 +40,7 @@ def human_bytes(n: int | float | None) -> str:
     return str(n)
 
 
-def human_count(n: int | float | None) -> str:
+def human_count(n: float | None) -> str:
     if n is None:
         return "–"
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -91,7 +92,8 @@ class ConsoleRoute(APIRoute):
             try:
                 return await handler(request)
             except LoginRequired as exc:
-                return RedirectResponse(f"/console/login?next={exc.next_path}&reason={exc.reason}", status_code=303)
+                query = urlencode({"next": exc.next_path, "reason": exc.reason})
+                return RedirectResponse(f"/console/login?{query}", status_code=303)
             except CsrfError:
                 return error_page(request, 403, "Form refused", "This form was not sent by a console page of this "
                                   "session (its CSRF token is missing or wrong). Reload the page and submit it again.")

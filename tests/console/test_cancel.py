@@ -6,12 +6,12 @@ from __future__ import annotations
 import secrets
 
 from fastapi.testclient import TestClient
+from server_helpers import auth, fast_settings
+from test_jobs import _wait
 
 from model_owner_server import crud
 from model_owner_server.main import create_app
 from model_owner_server.models import AuditEvent, ImportanceRun, Job
-from server_helpers import auth, fast_settings
-from test_jobs import _wait  # noqa: PLC2701 - the server tests' own poller
 
 
 def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, files):

@@ -8,9 +8,9 @@ import re
 from datetime import timedelta
 
 from sqlalchemy import update
+from test_security import app_routes
 
 from model_owner_server.models import ConsoleSession, utcnow
-from test_security import app_routes
 
 # Every console route and who may use it. A new route fails the first test until it is listed here.
 PUBLIC = {("GET", "/console"), ("GET", "/console/login"), ("POST", "/console/login")}

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from browser import launch_chromium, screenshot_dir
 from server_helpers import adapter_bytes
 from test_serve_process import Server, _free_port
