@@ -352,6 +352,66 @@ def grant_cmd(org: str = typer.Argument(..., help="organization name or id"),
         typer.echo(f"granted {o.name} ({o.id}) access to model {m.name} ({m.id})")
 
 
+@app.command("audit-emulator")
+def audit_emulator_cmd(
+    emulator_id: str = typer.Argument(..., help="emulator id (emu_...), as listed by GET /v1/emulators"),
+    attack: Optional[str] = typer.Option(None, "--attack", help="heal-lora (cheapest), heal-all or densify; "
+                                         "default SCALEOT_AUDIT_ATTACK"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="attack training steps; default SCALEOT_AUDIT_STEPS"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="the attacker's public text (.txt/.jsonl); "
+                                          "default SCALEOT_AUDIT_CORPUS, else Python's pydoc topics"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Attack an emulator the way a data owner could (heal it on public text) and store the residual gap to
+    the full model with the emulator, so it shows before a download is granted. Same code as the
+    POST /v1/emulators/{id}/privacy-audit job; works on the server's database and files."""
+    import sys
+
+    from tqdm import tqdm
+
+    from model_owner_server import crud
+    from model_owner_server.models import BaseModel, Emulator
+    from model_owner_server.privacy_audit import run_privacy_audit
+    from model_owner_server.scaleot.attack import AttackConfig
+    from model_owner_server.scaleot.model_io import load_causal_lm
+    from model_owner_server.storage import Storage
+
+    settings = _settings()
+    with _db_session(settings) as session:
+        emu = session.get(Emulator, emulator_id)
+        if emu is None:
+            _fail(f"no emulator {emulator_id!r} in {settings.db_url.split('://')[0]} database of this server; "
+                  "list them with GET /v1/emulators (admin key)")
+        if emu.status != "ready" or not emu.path:
+            _fail(f"emulator {emu.id} is {emu.status}; audit it once its build job has finished")
+        corpus = corpus or settings.audit_corpus
+        if corpus is not None and not crud.is_file(corpus):
+            _fail(f"corpus file {corpus} does not exist; give an existing .txt/.jsonl file or leave --corpus out")
+        try:
+            cfg = AttackConfig(kind=attack or settings.audit_attack, steps=steps or settings.audit_steps,
+                               batch_size=settings.importance_batch_size, seed=seed)
+        except ValueError as exc:
+            _fail(str(exc))
+        model_row = session.get(BaseModel, emu.model_id)
+        model, tokenizer = load_causal_lm(model_row.path, device=settings.resolved_device())
+        bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
+
+        def progress(fraction: float, message: str, metrics: dict) -> None:
+            bar.set_description(message + (f" loss {metrics['loss']:.3f}" if "loss" in metrics else ""))
+            bar.update(round(100 * fraction) - bar.n)
+
+        record = run_privacy_audit(model, tokenizer, Storage(settings.resolved_data_dir).abs(emu.path), cfg,
+                                   corpus=corpus, seq_len=settings.importance_seq_len,
+                                   max_blocks=settings.importance_max_blocks, val_blocks=settings.audit_val_blocks,
+                                   device=settings.resolved_device(), progress=progress)
+        bar.update(100 - bar.n)
+        bar.close()
+        emu.privacy = record
+        crud.audit(session, None, "privacy_audit", "emulator", emu.id, attack=cfg.kind, steps=cfg.steps, via="cli")
+        session.commit()
+    typer.echo(json.dumps(record, indent=2))
+
+
 @app.command("rotate-signing-key")
 def rotate_signing_key_cmd(
     revoke_old: bool = typer.Option(False, "--revoke-old",

@@ -483,7 +483,14 @@ def _evaluation(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> d
     return {"adapter_id": adapter_id, "zero_shot": zero, "plug_in": plug, "eval_source": eval_source}
 
 
-HANDLERS: dict[str, Handler] = {"importance": _importance, "emulator": _emulator, "evaluation": _evaluation}
+def _privacy_audit(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+    from model_owner_server.privacy_audit import audit_job
+
+    return audit_job(runner, ctx, params)
+
+
+HANDLERS: dict[str, Handler] = {"importance": _importance, "emulator": _emulator, "evaluation": _evaluation,
+                                "privacy_audit": _privacy_audit}
 
 
 # ---------------------------------------------------------------- the queue

@@ -109,6 +109,15 @@ class ImportanceRequest(_Request):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
+class PrivacyAuditRequest(_Request):
+    attack: Literal["heal-lora", "heal-all", "densify"] | None = Field(
+        default=None, description="heal-lora (cheapest), heal-all, densify; default: SCALEOT_AUDIT_ATTACK")
+    steps: int | None = Field(default=None, ge=1, le=100_000, description="default: SCALEOT_AUDIT_STEPS")
+    corpus: str | None = Field(default=None, description="server-side public text file for the attacker; default: "
+                               "SCALEOT_AUDIT_CORPUS, else Python's pydoc topics")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
 # ---------------------------------------------------------------- signing
 
 class SigningKey(_Response):
@@ -171,6 +180,9 @@ class Emulator(_Response):
                                             "validation blocks: ppl_ratio (emulator / full model perplexity) and "
                                             "grad_cosine (adapter gradients under the emulator vs the full model)")
     build_info: dict[str, Any] | None = Field(default=None, description="adapter placement and calibration run")
+    privacy: dict[str, Any] | None = Field(default=None, description="the latest privacy audit: an attacker heals "
+                                           "the emulator on public text; residual_gap_nats = its held-out loss "
+                                           "minus the full model's (> 0: still worse than M); None: not audited")
     file_url: str
     signature_url: str
     error: str | None = None

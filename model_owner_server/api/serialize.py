@@ -37,7 +37,8 @@ def emulator_out(emu: Emulator, base: str) -> schemas.Emulator:
         job_id=emu.job_id, sha256=emu.sha256, size_bytes=emu.size_bytes, n_params=emu.n_params,
         full_model_params=emu.full_model_params, full_model_bytes=emu.full_model_bytes, plan=emu.plan,
         adapter_layers=emu.adapter_layers or [], adapter_spec=emu.adapter_spec or {},
-        max_adapter_bytes=emu.max_adapter_bytes, fidelity=emu.fidelity, build_info=emu.build_info, file_url=f"{base}/v1/emulators/{emu.id}/file",
+        max_adapter_bytes=emu.max_adapter_bytes, fidelity=emu.fidelity, build_info=emu.build_info,
+        privacy=emu.privacy, file_url=f"{base}/v1/emulators/{emu.id}/file",
         signature_url=f"{base}/v1/emulators/{emu.id}/signature", error=emu.error, created_at=emu.created_at)
 
 

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
                                                 "also adjusts the kept layers (OT-style compensation)")
     emulator_fidelity_blocks: int = Field(default=8, ge=0, le=1024, description="validation blocks for the "
                                           "fidelity figure (0: not measured)")
+    # Privacy audit (POST /v1/emulators/{id}/privacy-audit, `audit-emulator`): a cheap recovery attack.
+    audit_attack: Literal["heal-lora", "heal-all", "densify"] = Field(
+        default="heal-lora", description="the attack an audit runs unless the request names one")
+    audit_steps: int = Field(default=32, ge=1, le=100_000, description="training steps of the audit's attack")
+    audit_val_blocks: int = Field(default=16, ge=1, le=1024, description="held-out public blocks it is scored on")
+    audit_corpus: Path | None = Field(default=None, description="the attacker's public text (.txt/.jsonl); "
+                                      "default: Python's pydoc topics, disjoint from stage-1 and task text")
     eval_seq_len: int = 256
     eval_batch_size: int = 4
     eval_max_examples: int = 64

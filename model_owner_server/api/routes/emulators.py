@@ -10,8 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from model_owner_server import crud
-from model_owner_server.api.deps import KeyRingDep, OrgDep, QueueDep, SessionDep, SettingsDep, StorageDep
+from model_owner_server.api.deps import AdminDep, KeyRingDep, OrgDep, QueueDep, SessionDep, SettingsDep, StorageDep
 from model_owner_server.api.errors import ApiError
+from model_owner_server.api.routes.models import server_text_file
 from model_owner_server.api.serialize import base_url, emulator_out, job_out
 from model_owner_server.jobs import QueueUnavailable, manifest_for
 from model_owner_server.keyring import KeyRing
@@ -184,3 +185,28 @@ def emulator_signature(emulator_id: str, session: SessionDep, org: OrgDep, keyri
         emu.signed_manifest = signed
         session.commit()
     return JSONResponse(signed)
+
+
+@router.post("/{emulator_id}/privacy-audit", status_code=202, response_model=schemas.Job, responses=ERR)
+def start_privacy_audit(emulator_id: str, body: schemas.PrivacyAuditRequest, request: Request, session: SessionDep,
+                        admin: AdminDep, settings: SettingsDep, queue: QueueDep) -> schemas.Job:
+    """Run a recovery attack on the emulator as a job (admins); the figure lands in the emulator's `privacy`.
+
+    The attacker heals the emulator on public text; `privacy.residual_gap_nats` is how far its held-out loss
+    stays above the full model's. Poll GET /v1/jobs/{id}; then GET /v1/emulators/{id}.
+    """
+    emu = crud.get_visible_emulator(session, admin, emulator_id)
+    _ready(emu)
+    corpus = crud.expand_user(body.corpus) if body.corpus else settings.audit_corpus
+    params = {"emulator_id": emu.id, "attack": body.attack or settings.audit_attack,
+              "steps": body.steps or settings.audit_steps, "seed": body.seed,
+              "corpus": str(server_text_file(corpus).resolve()) if corpus is not None else None}
+    job = crud.create_job(session, "privacy_audit", admin, params)
+    crud.audit(session, admin, "privacy_audit", "emulator", emu.id, attack=params["attack"], steps=params["steps"])
+    session.commit()
+    try:
+        queue.submit(request.app.state.sessions, job.id)
+    except QueueUnavailable:
+        raise ApiError(503, "unavailable", "the job queue is unreachable; try again later") from None
+    session.refresh(job)
+    return job_out(job)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter
 from sqlalchemy.exc import IntegrityError
 
@@ -55,6 +57,15 @@ def grant_model(model_id: str, body: schemas.GrantCreate, session: SessionDep, a
     return schemas.Grant(model_id=model.id, org_id=org.id, org_name=org.name, created_at=grant.created_at)
 
 
+def server_text_file(path: Path) -> Path:
+    """A corpus named in a request: an existing .txt/.jsonl file on the server, else 422 no_corpus."""
+    if not crud.is_file(path):
+        raise ApiError(422, "no_corpus", f"corpus file {str(path)[:300]!r} does not exist on the server")
+    if path.suffix.lower() not in (".txt", ".jsonl", ".json"):
+        raise ApiError(422, "no_corpus", f"corpus must be a .txt or .jsonl file, not {path.suffix or 'no suffix'}")
+    return path
+
+
 @router.post("/{model_id}/importance", status_code=202, response_model=schemas.Job, responses=ERR)
 def start_importance(model_id: str, body: schemas.ImportanceRequest, session: SessionDep, admin: AdminDep,
                      settings: SettingsDep, queue: QueueDep) -> schemas.Job:
@@ -64,10 +75,7 @@ def start_importance(model_id: str, body: schemas.ImportanceRequest, session: Se
     if corpus is None:
         raise ApiError(422, "no_corpus", "give a server-side corpus file in 'corpus' or configure "
                        "SCALEOT_DEFAULT_CORPUS on the server")
-    if not crud.is_file(corpus):
-        raise ApiError(422, "no_corpus", f"corpus file {str(corpus)[:300]!r} does not exist on the server")
-    if corpus.suffix.lower() not in (".txt", ".jsonl", ".json"):
-        raise ApiError(422, "no_corpus", f"corpus must be a .txt or .jsonl file, not {corpus.suffix or 'no suffix'}")
+    corpus = server_text_file(corpus)
     job = crud.create_job(session, "importance", admin, {
         "model_id": model.id, "steps": body.steps, "corpus": str(corpus.resolve()), "warmup_steps": body.warmup_steps,
         "rl_interval": body.rl_interval, "distill_weight": body.distill_weight,
