@@ -66,14 +66,14 @@ class Budget:
     wiki_train_chars: int = 400_000
     wiki_val_chars: int = 50_000
     # the data owner's task budget, and the attacker's (attack_steps >= 4 x ft_steps at the same batch)
-    ft_steps: int = 16
-    attack_steps: int = 64
+    ft_steps: int = 12
+    attack_steps: int = 48
     attack_batch: int = 4
     public_train_chars: int = 400_000
     public_val_blocks: int = 16
     text_batch: int = 4
     mc_batch: int = 8
-    text_eval_blocks: int = 24
+    text_eval_blocks: int = 16
     mc_eval_questions: int = 100
     mc_train_questions: int = 2000
     seed: int = 0
