@@ -48,7 +48,7 @@ compose-tool:
 
 # Redis runs on 127.0.0.1:6379 here and in CI: the Redis queue test must run, not skip.
 test-sqlite:
-	SCALEOT_REQUIRE_REDIS=1 $(PY) -m pytest -q
+	SCALEOT_REQUIRE_REDIS=1 $(PY) -m pytest -q --durations=15  # names the slowest tests at the end
 
 # The database-backed tests again, against PostgreSQL.
 test-postgres:
