@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from server_helpers import adapter_bytes, auth
+
 from shared.lora import LoraModule, LoraSpec, file_spec
 
 
