@@ -77,3 +77,38 @@ def test_sessions_expire_on_the_server(world):
     with world.sessions() as s:
         assert s.query(ConsoleSession).filter(ConsoleSession.org_id == world.org_ids["bob"]).count() == 0
     client.cookies.clear()
+
+
+def test_cookies_are_httponly_strict_and_secure_over_https(world):
+    from fastapi.testclient import TestClient
+
+    for base, secure in (("http://testserver", False), ("https://testserver", True)):
+        header = TestClient(world.client.app, base_url=base).get("/console/login").headers["set-cookie"].lower()
+        assert "httponly" in header and "samesite=strict" in header and "path=/console" in header
+        assert ("; secure" in header) is secure, (base, header)
+
+
+def test_hostile_ids_in_console_paths_are_clean_4xx_and_change_nothing(world):
+    """The API's hostile-id check (tests/reliability/test_hostile_api.py) for the console, signed in as admin
+    with a valid CSRF token: every id-bearing console route answers a 4xx page, never a 5xx, stores nothing."""
+    from urllib.parse import quote
+
+    from test_hostile_api import HOSTILE, _snapshot
+
+    client = world.client
+    client.cookies.clear()
+    csrf = sign_in(client, world.keys["admin"])
+    outside = world.settings.resolved_data_dir.parent
+    before = _snapshot(world, outside)
+    routes = sorted((m, p) for m, p in ADMIN | SIGNED_IN if "{" in p)
+    for method, template in routes:
+        for value in HOSTILE:
+            path = re.sub(r"\{[^}]+\}", lambda _: quote(value, safe=""), template)
+            r = client.request(method, path, data={"csrf_token": csrf, "prompt": "x", "org": "bob"},
+                               follow_redirects=False)
+            if r.request.url.raw_path.decode().split("?")[0] != path:
+                assert r.status_code < 500, (method, path, r.status_code)  # the client resolved "." / ".."
+                continue
+            assert 400 <= r.status_code < 500, f"{method} {path!r}: {r.status_code} {r.text[:300]}"
+    assert _snapshot(world, outside) == before, "a hostile id changed stored state or wrote a file"
+    client.cookies.clear()

@@ -96,9 +96,12 @@ def test_wrong_key_is_refused_with_a_clear_message(browser, srv, shots):
     page = browser.new_context(base_url=srv.url).new_page()
     response = page.goto("/console/models")
     assert "/console/login" in page.url and response.status == 200
-    page.get_by_label("API key").fill("sot_not-a-real-key")
+    page.keyboard.press("Tab")  # keyboard only: the skip link, then the key field, then Enter submits
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "api_key"
+    page.keyboard.type("sot_not-a-real-key")
     with page.expect_response("**/console/login") as answer:
-        page.get_by_role("button", name="Sign in").click()
+        page.keyboard.press("Enter")
     assert answer.value.status == 401
     assert "was not accepted" in page.get_by_role("alert").inner_text()
     snap(page, shots, "sign-in")
