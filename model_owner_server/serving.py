@@ -109,8 +109,11 @@ class Generation:
     prompt_ids: list[int]
     sampling: Sampling
     finish_reason: str = "length"
-    completion_tokens: int = 0
     _generated: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self._generated)
 
     def deltas(self) -> Iterator[str]:
         s = self.sampling
@@ -131,7 +134,6 @@ class Generation:
                     self.finish_reason = "stop"
                     break
                 self._generated.append(token)
-                self.completion_tokens += 1
                 text = self.tokenizer.decode(self._generated, skip_special_tokens=True)
                 hits = [i for i in (text.find(stop, max(0, sent - len(stop))) for stop in s.stop) if i >= 0]
                 if hits:
