@@ -123,23 +123,25 @@ def peft_config_of(config: dict[str, Any] | None) -> dict[str, Any]:
 def check_peft_config(config: dict[str, Any], lora: LoraSpec) -> None:
     """PEFT's adapter_config.json must describe exactly the issued LoRA: plain LoRA, issued r, alpha, modules."""
     if config.get("peft_type") != "LORA":
-        raise _fail(f"config has peft_type {config.get('peft_type')!r}, not 'LORA'")
+        raise _fail(f"config has peft_type {str(config.get('peft_type'))[:50]!r}, not 'LORA'")
     if config.get("r") != lora.r:
-        raise _fail(f"rank r={config.get('r')} was not issued: this emulator accepts r={lora.r}")
-    if config.get("lora_alpha") is None or float(config["lora_alpha"]) != lora.alpha:
-        raise _fail(f"lora_alpha={config.get('lora_alpha')} was not issued: this emulator accepts "
-                    f"lora_alpha={lora.alpha:g}")
+        raise _fail(f"rank r={str(config.get('r'))[:50]} was not issued: this emulator accepts r={lora.r}")
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or float(alpha) != lora.alpha:
+        raise _fail(f"lora_alpha={str(alpha)[:50]} was not issued: this emulator accepts lora_alpha={lora.alpha:g}")
     targets = config.get("target_modules")
-    got = set(targets) if isinstance(targets, list) else {targets}
+    got = {str(t) for t in targets} if isinstance(targets, list) else {str(targets)}
     if got != set(lora.modules):
         extra, missing = sorted(got - set(lora.modules)), sorted(set(lora.modules) - got)
         raise _fail(f"target modules were not issued (unexpected {extra[:3]}, missing {missing[:3]}): target "
                     "exactly the adapter layers' linear modules by full name")
     for key, plain in (("use_dora", False), ("use_rslora", False), ("bias", "none")):
         if config.get(key, plain) != plain:
-            raise _fail(f"option {key}={config[key]!r} is not supported (only plain LoRA merges as issued)")
-    if config.get("modules_to_save"):
-        raise _fail("modules_to_save would upload whole modules outside the issued LoRA")
+            raise _fail(f"option {key}={str(config[key])[:50]!r} is not supported (only plain LoRA merges as issued)")
+    # Per-module ranks/alphas would change the merge silently; whole modules would leave the issued layers.
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+        if config.get(key):
+            raise _fail(f"option {key} is not supported: one rank and alpha for exactly the issued modules")
 
 
 def merge_lora(model: nn.Module, tensors: dict[str, torch.Tensor], lora: LoraSpec) -> None:

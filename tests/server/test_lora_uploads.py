@@ -94,6 +94,9 @@ def _refusals(world) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any] 
         "target modules not issued": (_lora_tensors(qv), _peft_config(qv), "target modules were not issued"),
         "module outside the layers": (_lora_tensors(extra), _peft_config(extra), "target modules were not issued"),
         "DoRA": (_lora_tensors(lora), {**_peft_config(lora), "use_dora": True}, "use_dora"),
+        "per-module alpha": (_lora_tensors(lora), {**_peft_config(lora), "alpha_pattern": {"q_proj": 64}},
+                             "alpha_pattern"),
+        "alpha not a number": (_lora_tensors(lora), {**_peft_config(lora), "lora_alpha": "16"}, "lora_alpha=16"),
         "no PEFT config": (_lora_tensors(lora), {"method": "lora"}, "adapter_config.json"),
         "wrong dtype": ({k: v.half() for k, v in _lora_tensors(lora).items()}, _peft_config(lora), "dtype F16"),
     }
@@ -102,6 +105,7 @@ def _refusals(world) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any] 
 @pytest.mark.parametrize("case", ["another emulator's layers", "other layers, issued config", "rank not issued",
                                   "rank not issued, config claims it", "alpha not issued",
                                   "target modules not issued", "module outside the layers", "DoRA",
+                                  "per-module alpha", "alpha not a number",
                                   "no PEFT config", "wrong dtype"])
 def test_lora_not_as_issued_is_refused_with_a_clear_error(world, case):
     tensors, config, message = _refusals(world)[case]
