@@ -74,7 +74,7 @@ class JobContext:
         self._pending: dict[str, Any] = {}
         self._metrics: dict[str, Any] = {}
         self._last_write = 0.0
-        self._cancelled = False  # set by a flush that finds the job's cancel request
+        self._halt: Exception | None = None  # set by a flush that finds the task must stop (_why_stop)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(heartbeat_seconds,), daemon=True,
@@ -101,8 +101,8 @@ class JobContext:
             # Throttle: a fast loop must not turn into hundreds of DB writes per second.
             if force or time.monotonic() - self._last_write >= 0.5:
                 self._flush_locked()
-            if self._cancelled:
-                raise JobCancelled("cancelled on request")
+            if self._halt is not None:
+                raise self._halt
 
     def _flush_locked(self) -> None:
         values = {**self._pending, "heartbeat_at": utcnow(), "updated_at": utcnow()}
@@ -112,9 +112,8 @@ class JobContext:
             with session_scope(self.sessions) as s:
                 mine = (Job.id == self.job_id, Job.status == "running", Job.worker_id == self.worker)
                 written = s.execute(update(Job).where(*mine, Job.cancel_requested_at.is_(None)).values(**values))
-                if not written.rowcount:  # rare path: only then ask whether a cancel request is the reason
-                    self._cancelled = s.execute(select(Job.id).where(*mine, Job.cancel_requested_at.is_not(None))
-                                                ).first() is not None
+                if not written.rowcount:  # rare path: only then look at why
+                    self._halt = _why_stop(s.get(Job, self.job_id), self.worker)
         except Exception:  # noqa: BLE001 - progress is best effort; the task itself must go on
             log.exception("could not record progress of job %s", self.job_id)
 
@@ -296,17 +295,23 @@ class JobRunner:
         return load_full_model(model_row.path, self.device, self.settings.model_cache_size)
 
 
+def _why_stop(job: Job | None, worker: str) -> Exception | None:
+    """Why a task must stop now, if it must: a cancel request, or the job is no longer its own (the reaper or
+    a shutdown failed it meanwhile), so whatever it computed further would be discarded anyway."""
+    if job is not None and job.status == "running" and job.worker_id == worker:
+        return JobCancelled("cancelled on request") if job.cancel_requested_at is not None else None
+    return JobFailure("this job was marked failed while it was still running (its worker looked dead); "
+                      "nothing was recorded; submit the request again")
+
+
 # ---------------------------------------------------------------- handlers
 
 def _still_ours(s: Session, ctx: JobContext) -> None:
-    """Before a handler records its result: the job must still be running under this worker. If the reaper
-    failed it meanwhile (heartbeats looked stale), nothing is recorded; the janitor removes its files."""
-    job = s.get(Job, ctx.job_id, with_for_update=True)
-    if job is not None and job.status == "running" and job.cancel_requested_at is not None:
-        raise JobCancelled("cancelled on request")
-    if job is None or job.status != "running" or job.worker_id != ctx.worker:
-        raise JobFailure("this job was marked failed while it was still running (its worker looked dead); "
-                         "nothing was recorded; submit the request again")
+    """Before a handler records its result: the job must still be running under this worker and not cancelled.
+    Otherwise nothing is recorded (the runner or the janitor removes its files)."""
+    halt = _why_stop(s.get(Job, ctx.job_id, with_for_update=True), ctx.worker)
+    if halt is not None:
+        raise halt
 
 
 def _importance(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:

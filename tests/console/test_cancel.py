@@ -55,3 +55,35 @@ def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, fil
         assert list((data / "importance").iterdir()) == []  # nothing half-written stays
         assert list((data / "tmp").iterdir()) == []
         assert client.get(f"/v1/models/{model_id}", headers=h).json()["importance_ready"] is False
+
+
+def test_cancelled_emulator_build_leaves_no_file_and_can_be_rebuilt(tmp_path, new_database_url, files):
+    settings = fast_settings(tmp_path / "data", new_database_url(), queue_url=None, embedded_worker=True,
+                             queue_name=f"scaleot-test-{secrets.token_hex(4)}", heartbeat_seconds=0.5,
+                             emulator_calibration_steps=100_000)
+    with TestClient(create_app(settings)) as client:
+        with client.app.state.sessions() as s:
+            _, key = crud.create_org(s, "ops", "admin")
+            s.commit()
+        h = auth(key)
+        model_id = client.post("/v1/models", headers=h, json={"name": "tiny", "path": str(files["model"])}).json()["id"]
+        run = client.post(f"/v1/models/{model_id}/importance", headers=h,
+                          json={"steps": 2, "corpus": str(files["corpus"])}).json()
+        _wait(client, run["id"], h, lambda j: j["status"] == "succeeded", timeout=60)
+        body = {"model_id": model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5}
+        created = client.post("/v1/emulators", headers=h, json=body).json()
+        job_id, emu_id = created["job"]["id"], created["emulator"]["id"]
+        _wait(client, job_id, h, lambda j: j["metrics"].get("step", 0) >= 1, timeout=60)  # calibrating
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=h).status_code == 202
+        done = _wait(client, job_id, h, lambda j: j["status"] != "running", timeout=30)
+        assert done["status"] == "cancelled", done
+        emu = client.get(f"/v1/emulators/{emu_id}", headers=h).json()
+        assert emu["status"] == "failed" and "cancelled" in emu["error"] and emu["sha256"] is None
+        assert list((settings.resolved_data_dir / "emulators").iterdir()) == []
+        again = client.post("/v1/emulators", headers=h, json=body)  # the message said: post again to rebuild
+        assert again.status_code == 202 and again.json()["emulator"]["id"] == emu_id
+        assert again.json()["job"]["id"] != job_id
+        rebuild = again.json()["job"]["id"]
+        _wait(client, rebuild, h, lambda j: j["status"] == "running", timeout=30)
+        client.post(f"/v1/jobs/{rebuild}/cancel", headers=h)
+        assert _wait(client, rebuild, h, lambda j: j["status"] != "running", timeout=30)["status"] == "cancelled"
