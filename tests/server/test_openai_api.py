@@ -19,6 +19,7 @@ import uvicorn
 from model_owner_server.api.routes.openai_compat import get_engine
 from model_owner_server.model_cache import load_full_model, plugged_models
 from model_owner_server.models import BaseModel
+from model_owner_server.serving import EngineBusy, GenerationEngine
 
 PROMPT = "the quick brown fox"
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -226,3 +227,36 @@ def test_a_full_queue_is_a_429_and_other_requests_are_still_served(world, base_u
             assert time.monotonic() < deadline, "generation slots were not released"
             time.sleep(0.05)
     loop.close()
+
+
+def test_a_stream_whose_reader_leaves_frees_its_slot():
+    """A client that disconnects mid-stream (the response's iterator is closed) stops its generation at the next
+    token, so its slot is free again: the engine never keeps generating for nobody."""
+    engine = GenerationEngine(concurrency=1, queue_size=0)
+    produced: list[int] = []
+
+    def endless() -> Iterator[str]:
+        while True:
+            produced.append(1)
+            time.sleep(0.002)
+            yield "x"
+
+    async def leave_then_reuse() -> str:
+        reader = engine.open(endless()).__aiter__()
+        assert await reader.__anext__() == "x"
+        with pytest.raises(EngineBusy):
+            engine.open(iter(["never"]))
+        await reader.aclose()  # what Starlette does to the body iterator when the client goes away
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return await engine.open(iter(["again"])).text()
+            except EngineBusy:
+                assert time.monotonic() < deadline, "the slot was not released"
+                await asyncio.sleep(0.01)
+
+    assert asyncio.run(leave_then_reuse()) == "again"
+    stopped_at = len(produced)
+    time.sleep(0.05)
+    assert len(produced) == stopped_at  # the endless generation really stopped
+    engine.shutdown()
