@@ -31,6 +31,8 @@ MATRIX = [
     ("download emulator", "GET", "/v1/emulators/{emulator}/file", {}, (200, 200, 404, 401)),
     ("emulator file headers", "HEAD", "/v1/emulators/{emulator}/file", {}, (200, 200, 404, 401)),
     ("signature", "GET", "/v1/emulators/{emulator}/signature", {}, (200, 200, 404, 401)),
+    ("privacy audit (corpus missing)", "POST", "/v1/emulators/{emulator}/privacy-audit",
+     {"json": {"steps": 1, "corpus": "/nonexistent.txt"}}, (422, 403, 403, 401)),
     ("upload info", "GET", "/v1/emulators/{emulator}/upload-info", {}, (200, 200, 404, 401)),
     ("upload adapter (no adapter part)", "POST", "/v1/emulators/{emulator}/adapters",
      {"files": {"metrics": (None, "{}")}}, (422, 422, 404, 401)),
