@@ -5,6 +5,7 @@ the same from the command line. Bad requests change nothing."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -64,6 +65,16 @@ def test_audit_job_stores_the_residual_gap_with_the_emulator(world, files):
     with world.sessions() as s:
         events = s.query(AuditEvent).filter_by(action="privacy_audit", target_id=world.emulator["id"]).all()
         assert events and events[-1].org_id == world.org_ids["admin"]
+
+    # the console's emulator page shows the figure
+    client = world.client
+    client.cookies.clear()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/console/login").text).group(1)
+    client.post("/console/login", data={"api_key": world.keys["admin"], "csrf_token": token})
+    page = client.get(f"/console/emulators/{world.emulator['id']}").text
+    client.cookies.clear()
+    assert "Privacy audit: heal-lora, 3 steps on public.txt" in page and "residual gap to M" in page
+    assert f"{privacy['residual_gap_nats']:.4g}" in page
 
 
 def test_cli_audit_emulator_runs_the_same_audit(world):
