@@ -259,3 +259,23 @@ def test_upload_refuses_an_adapter_that_does_not_match_the_spec(runner, fake, cl
     r = runner.invoke(app, ["upload", "--emulator-url", fake.emulator_url, "--adapter", str(bad)])
     assert r.exit_code == ExitCode.BAD_INPUT and "unexpected" in r.stderr
     assert not fake.state.uploads
+
+
+def test_upload_reads_a_folder_written_by_an_older_client(runner, fake, client_env, train_file, eval_file, tmp_path):
+    """Before PEFT's names were kept for PEFT files: whole layers in adapter_model.safetensors, our record in
+    adapter_config.json. Such a folder still uploads, as whole layers with its recorded metrics."""
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
+                            "--out", str(out), "--no-upload"])
+    assert r.exit_code == 0, r.output
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "adapter_model.safetensors").write_bytes((out / "adapter_layers.safetensors").read_bytes())
+    record = json.loads((out / "scaleot_adapter.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps({**record, "metrics": {"emulator_fine_tuned": {"loss": 1.0}}}))
+    r = runner.invoke(app, ["upload", "--emulator-url", fake.emulator_url, "--adapter", str(old), "--eval-data",
+                            str(eval_file), "--no-wait"])
+    assert r.exit_code == 0, r.output
+    upload = fake.state.uploads[0]
+    assert upload["adapter_bytes"] == (out / "adapter_layers.safetensors").read_bytes()
+    assert upload["metrics"] == {"emulator_fine_tuned": {"loss": 1.0}} and upload["adapter_config"]["method"] == "full"
