@@ -96,7 +96,7 @@ def _json_default(o: Any) -> Any:
 def load_model(args, budget: Any) -> tuple[Any, Any, str]:
     """The tiny random LLaMA for the tiny profile, else SmolLM2-135M (prepared once into the work dir)."""
     if budget.profile == "tiny":
-        from shared.tiny import byte_tokenizer, tiny_model
+        from scaleot_samples.tiny import byte_tokenizer, tiny_model
 
         return tiny_model("llama", n_layers=8, hidden=64, seed=SEED), byte_tokenizer(), "tiny-llama-8L-h64"
     from model_owner_server.scaleot.model_io import load_causal_lm, prepare_smollm2
@@ -121,7 +121,7 @@ def prepare_data(work: Path, budget: Any) -> dict[str, Path]:
     if budget.profile == "tiny":
         _write_synthetic(out)
     else:
-        from shared import corpora
+        from scaleot_samples import corpora
 
         corpora.write_wiki_files(out, budget.wiki_train_chars, budget.wiki_val_chars)
         corpora.write_shakespeare_files(out, n_train_works=4, n_eval_works=1, seed=SEED)

@@ -111,7 +111,7 @@ def attacks_for(emu: dict, budget: Budget) -> list[str]:
 
 
 def public_blocks(tok, work: Path, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
-    from shared.corpora import write_public_files
+    from scaleot_samples.corpora import write_public_files
 
     out = work / "data" / budget.profile
     files = write_public_files(out, budget.public_train_chars, 40_000)

@@ -66,7 +66,7 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 def model_folder(tiny: bool, work: Path) -> tuple[Path, str]:
     if tiny:
-        from shared.tiny import byte_tokenizer, save_tiny_model_dir
+        from scaleot_samples.tiny import byte_tokenizer, save_tiny_model_dir
 
         path = save_tiny_model_dir(work / "tiny-llama", "llama", n_layers=4, hidden=32)
         tok = byte_tokenizer()

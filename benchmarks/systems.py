@@ -253,7 +253,7 @@ def synthetic_model_dir(work: Path, prof: Profile) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from shared.tiny import EOS, byte_tokenizer
+    from scaleot_samples.tiny import EOS, byte_tokenizer
 
     tok = byte_tokenizer()
     eos = tok.convert_tokens_to_ids(EOS)
@@ -609,7 +609,7 @@ def stage2(prof: Profile, work: Path, args: argparse.Namespace) -> tuple[list[di
                                                                                "smollm2")
         model_name = "SmolLM2-135M-Instruct"
     else:
-        from shared.tiny import save_tiny_model_dir
+        from scaleot_samples.tiny import save_tiny_model_dir
 
         model_dir = work / "tiny-llama-8L-h64"
         if not (model_dir / "model.safetensors").is_file():

@@ -20,7 +20,7 @@ from shared.modules import Harmonizer, HarmonizerLayer, DroppedLayer
 from shared.data import load_dataset, pad_id_for, training_examples
 from shared.evaluation import evaluate
 from data_owner_client.train import TrainConfig, freeze_except_adapter, train, resolve_device, set_seed
-from shared import corpora
+from scaleot_samples import corpora
 
 torch.set_num_threads(2)
 W = REPO / ".cache" / "lab"

@@ -25,6 +25,15 @@ from model_owner_server.scaleot.importance import corpus_blocks
 DEFAULT_CORPUS = "pydoc_data.topics"  # Python's reference docs: public, disjoint from stage-1 and task text
 
 
+def pydoc_text() -> str:
+    """Python's own reference documentation (``pydoc_data.topics``, ~465 kB, in every CPython): public text
+    with nothing in common with the Wikipedia excerpt (stage 1) or Shakespeare (the demo's task). The
+    privacy audit and benchmarks/privacy_attack.py use it as the attacker's public corpus."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
 def run_privacy_audit(full_model: nn.Module, tokenizer: Any, emulator_path: str | Path, cfg: AttackConfig, *,
                       corpus: str | Path | None = None, seq_len: int = 128, max_blocks: int = 512,
                       val_blocks: int = 16, device: str = "cpu",
@@ -39,8 +48,6 @@ def run_privacy_audit(full_model: nn.Module, tokenizer: Any, emulator_path: str 
     report(0.02, "tokenising the public corpus", {})
     with tempfile.TemporaryDirectory() as tmp:
         if corpus is None:
-            from shared.corpora import pydoc_text
-
             path = Path(tmp) / "public.txt"
             path.write_text(pydoc_text())
         else:

@@ -133,7 +133,7 @@ class ServerProcess:
 
 def make_inputs(root: Path, *, n_layers: int = 4, hidden: int = 32) -> dict[str, Path]:
     """A tiny LLaMA folder, a corpus and an eval text (like the tests' `files` fixture)."""
-    from shared.tiny import save_tiny_model_dir
+    from scaleot_samples.tiny import save_tiny_model_dir
 
     root.mkdir(parents=True, exist_ok=True)
     model = save_tiny_model_dir(root / f"tiny-llama-{n_layers}x{hidden}", "llama", n_layers=n_layers, hidden=hidden)

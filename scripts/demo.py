@@ -411,7 +411,7 @@ def model_owner_files(cfg: DemoConfig, owner_dir: Path) -> tuple[Path, Path]:
     models = owner_dir / "models"
     corpus_dir = owner_dir / "corpus"
     if cfg.tiny:
-        from shared.tiny import save_tiny_model_dir
+        from scaleot_samples.tiny import save_tiny_model_dir
 
         model_dir = models / cfg.model_name
         if not (model_dir / "config.json").is_file():
@@ -430,7 +430,7 @@ def model_owner_files(cfg: DemoConfig, owner_dir: Path) -> tuple[Path, Path]:
 
 
 def write_wiki(corpus_dir: Path, cfg: DemoConfig) -> Path:
-    from shared.corpora import CorpusNotInstalledError, write_wiki_files
+    from scaleot_samples.corpora import CorpusNotInstalledError, write_wiki_files
 
     try:
         return write_wiki_files(corpus_dir, train_chars=cfg.wiki_train_chars,
@@ -443,7 +443,7 @@ def write_wiki(corpus_dir: Path, cfg: DemoConfig) -> Path:
 
 def data_owner_files(cfg: DemoConfig, data_dir: Path) -> tuple[Path, Path, list[str], list[str]]:
     """The data owner's private task: Shakespeare, training works and a different held-out work."""
-    from shared.corpora import CorpusNotInstalledError, shakespeare_works
+    from scaleot_samples.corpora import CorpusNotInstalledError, shakespeare_works
 
     data_dir.mkdir(parents=True, exist_ok=True)
     train_path, eval_path = data_dir / "shakespeare_train.txt", data_dir / "shakespeare_eval.txt"

@@ -72,7 +72,7 @@ def family_for(config) -> Family:
     raise UnsupportedArchitectureError(
         f"model_type {model_type!r} is not supported; supported: {', '.join(known)}. "
         "Add a Family entry in shared/architectures.py naming its decoder-layer list and attention projections "
-        "(and a tiny config in shared/tiny.py, so the per-family tests cover it)."
+        "(and a tiny config in scaleot_samples/tiny.py, so the per-family tests cover it)."
     )
 
 

@@ -32,7 +32,7 @@ from shared.emulator_model import apply_plan, src_ranks
 from shared.evaluation import evaluate
 from shared.layer_plan import LayerPlan, Role
 from shared.signing import emulator_manifest, key_id, public_key_to_b64, sign_manifest
-from shared.tiny import byte_tokenizer, tiny_model
+from scaleot_samples.tiny import byte_tokenizer, tiny_model
 
 API_KEY = "test-api-key"
 NOW = "2025-01-01T00:00:00Z"

@@ -1,7 +1,7 @@
 """The whole offsite-tuning round trip across two real processes on loopback.
 
 Model owner: `modelowner-server create-org / register-model / grant`, then `serve`, importance and
-emulator through the REST API (tiny model from shared/tiny.py). Data owner: the `dataowner-client tune`
+emulator through the REST API (tiny model from scaleot_samples/tiny.py). Data owner: the `dataowner-client tune`
 console script as a subprocess, pinning the server key by its fingerprint.
 """
 
@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import model_owner_server.main  # noqa: F401 - a broken server import must fail these tests, not skip them
 from data_owner_client.cli import app
-from shared.tiny import save_tiny_model_dir
+from scaleot_samples.tiny import save_tiny_model_dir
 
 from .conftest import TRAIN_TEXT
 

@@ -13,7 +13,7 @@ from shared.adapter import (AdapterValidationError, adapter_spec, extract_adapte
 
 # Both file validators (loading, and streaming in bounded memory) must refuse exactly the same files.
 VALIDATORS = pytest.mark.parametrize("validate", [load_and_validate_adapter_file, validate_adapter_file])
-from shared.tiny import tiny_model
+from scaleot_samples.tiny import tiny_model
 
 LAYERS = [0, 2]
 

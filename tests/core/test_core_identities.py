@@ -12,7 +12,7 @@ from shared.architectures import UnsupportedArchitectureError, decoder_layers, f
 from shared.emulator_file import load_emulator, read_metadata, save_emulator
 from shared.layer_plan import Role
 from shared.modules import Harmonizer
-from shared.tiny import FAMILIES, byte_tokenizer, tiny_model
+from scaleot_samples.tiny import FAMILIES, byte_tokenizer, tiny_model
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from model_owner_server.cli import app
 from shared.emulator_file import load_emulator, read_metadata
-from shared.tiny import save_tiny_model_dir
+from scaleot_samples.tiny import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from shared.architectures import decoder_layers, family_for
 from shared.emulator_file import load_emulator
 from shared.layer_plan import Role
 from shared.modules import ConcatLinear, HarmonizerLayer
-from shared.tiny import FAMILIES, save_tiny_model_dir
+from scaleot_samples.tiny import FAMILIES, save_tiny_model_dir
 
 BLOCKS = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
 

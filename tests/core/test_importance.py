@@ -6,7 +6,7 @@ from model_owner_server.scaleot.importance import (ImportanceConfig, estimate_im
                                                    log_prob_grad, replace_probabilities, sample_replacement,
                                                    save_importance)
 from shared.architectures import decoder_layers
-from shared.tiny import tiny_model
+from scaleot_samples.tiny import tiny_model
 
 CRITICAL, NOOP = 2, 4
 

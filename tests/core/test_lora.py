@@ -17,7 +17,7 @@ from shared.device import DeviceChoice
 from shared.emulator_file import load_emulator, save_emulator
 from shared.lora import LoraSpec, issue_lora, load_adapter
 from shared.modules import Harmonizer
-from shared.tiny import byte_tokenizer, tiny_model
+from scaleot_samples.tiny import byte_tokenizer, tiny_model
 
 CPU = DeviceChoice(torch.device("cpu"), None)
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60

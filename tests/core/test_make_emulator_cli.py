@@ -6,7 +6,7 @@ import json
 from typer.testing import CliRunner
 
 from model_owner_server.cli import app
-from shared.tiny import save_tiny_model_dir
+from scaleot_samples.tiny import save_tiny_model_dir
 
 
 def test_baseline_needs_no_corpus_and_scaleot_without_one_is_refused(tmp_path):

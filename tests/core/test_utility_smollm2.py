@@ -19,7 +19,7 @@ from model_owner_server.scaleot.emulator import make_emulator
 from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance
 from model_owner_server.scaleot.model_io import load_causal_lm, prepare_smollm2
 from model_owner_server.scaleot.plugin import plug_in
-from shared import corpora
+from scaleot_samples import corpora
 from shared.data import load_dataset, pad_id_for, training_examples
 from shared.device import resolve_device
 from shared.emulator_file import load_emulator

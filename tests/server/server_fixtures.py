@@ -68,7 +68,7 @@ def new_database_url(tmp_path_factory) -> Iterator[Callable[[], str]]:
 @pytest.fixture(scope="session")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny LLaMA folder, a corpus and an eval text file."""
-    from shared.tiny import save_tiny_model_dir
+    from scaleot_samples.tiny import save_tiny_model_dir
 
     root = tmp_path_factory.mktemp("inputs")
     model_dir = save_tiny_model_dir(root / "tiny-llama", "llama", n_layers=4, hidden=32)

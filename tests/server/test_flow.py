@@ -144,7 +144,7 @@ def test_upload_with_eval_file_and_metrics_then_generate(world, files):
 
 
 def test_emulator_needs_importance_run(world, files, tmp_path):
-    from shared.tiny import save_tiny_model_dir
+    from scaleot_samples.tiny import save_tiny_model_dir
 
     c, h = world.client, auth(world.keys["admin"])
     folder = save_tiny_model_dir(tmp_path / "gpt2", "gpt2", n_layers=4)

