@@ -26,15 +26,13 @@ import json
 import os
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from reliability.fault_clients import CuttingTransport, SlowUpload, count_adapters
 from reliability.harness import (
     ServerProcess,
     adapter_bytes_for,
@@ -48,90 +46,6 @@ from reliability.harness import (
     wait_for,
     wait_job,
 )
-
-# ---------------------------------------------------------------- client-side helpers
-
-
-class _CutStream(httpx.SyncByteStream):
-    def __init__(self, inner: httpx.SyncByteStream, limit: int, on_cut: Any):
-        self.inner, self.limit, self.on_cut = inner, limit, on_cut
-
-    def __iter__(self) -> Iterator[bytes]:
-        sent = 0
-        for chunk in self.inner:
-            if sent + len(chunk) >= self.limit:
-                yield chunk[: self.limit - sent]
-                self.on_cut()
-                raise httpx.ReadError("connection lost (fault injection)")
-            sent += len(chunk)
-            yield chunk
-
-    def close(self) -> None:
-        try:
-            self.inner.close()
-        except httpx.HTTPError:
-            pass
-
-
-class CuttingTransport(httpx.BaseTransport):
-    """Real HTTP, except that the first emulator download is cut after `limit` bytes, calling `on_cut` (which
-    kills the server) at that moment."""
-
-    def __init__(self, limit: int, on_cut: Any):
-        self.inner, self.limit, self.on_cut, self.cut = httpx.HTTPTransport(), limit, on_cut, False
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.inner.handle_request(request)
-        if request.url.path.endswith("/file") and not self.cut:
-            self.cut = True
-            return httpx.Response(response.status_code, headers=response.headers, extensions=response.extensions,
-                                  stream=_CutStream(response.stream, self.limit, self.on_cut))
-        return response
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class SlowUpload:
-    """A multipart adapter upload that sends half of the file and then waits (until `release()`)."""
-
-    def __init__(self, url: str, key: str, emulator_id: str, payload: bytes):
-        self.url, self.key, self.emulator_id, self.payload = url, key, emulator_id, payload
-        self._release = threading.Event()
-        self.outcome: str | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True, name="slow-upload")
-
-    def _body(self) -> Iterator[bytes]:
-        yield (b"--B0UNDARY\r\nContent-Disposition: form-data; name=\"adapter\"; filename=\"adapter.safetensors\"\r\n"
-               b"Content-Type: application/octet-stream\r\n\r\n")
-        half = len(self.payload) // 2
-        for i in range(0, half, 8192):
-            yield self.payload[i:min(half, i + 8192)]
-        self._release.wait(120)
-        yield self.payload[half:]
-        yield b"\r\n--B0UNDARY--\r\n"
-
-    def _run(self) -> None:
-        try:
-            with client(self.url, self.key, timeout=120) as http:
-                r = http.post(f"/v1/emulators/{self.emulator_id}/adapters", content=self._body(),
-                              headers={"Content-Type": "multipart/form-data; boundary=B0UNDARY"})
-            self.outcome = f"HTTP {r.status_code}"
-        except httpx.HTTPError as exc:
-            self.outcome = f"{type(exc).__name__}"
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def release(self) -> None:
-        self._release.set()
-        self.thread.join(60)
-
-
-def _count_adapters(url: str, key: str) -> int:
-    with client(url, key) as http:
-        return len(http.get("/v1/adapters").json()["adapters"])
-
 
 # ---------------------------------------------------------------- the crash round
 
@@ -168,7 +82,7 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
     admin, alice = client(srv.url, keys["admin"]), client(srv.url, keys["alice"])
     report: dict[str, Any] = {"round": rnd}
     try:
-        adapters_before = _count_adapters(srv.url, keys["alice"])
+        adapters_before = count_adapters(srv.url, keys["alice"])
         for point in ("evaluate", "emulator_saved"):
             (pause / f"{point}.reached").unlink(missing_ok=True)
             (pause / point).touch()
@@ -232,7 +146,7 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
         assert alice.get(f"/v1/emulators/{build_emu}/file").status_code == 409
         assert not any((data_dir / "emulators").glob(f"*{build_emu}*")), "the interrupted build left a file"
         # the cut upload left no adapter (only the one whose evaluation was interrupted was stored)
-        assert _count_adapters(srv.url, keys["alice"]) == adapters_before + 1
+        assert count_adapters(srv.url, keys["alice"]) == adapters_before + 1
         report["interrupted_jobs"] = {"evaluation": "failed with reason", "emulator": "failed with reason"}
         # --- the client resumes its download from the partial file
         with ServerClient(srv.url, keys["alice"]) as c:
@@ -272,14 +186,14 @@ def small_filesystem(path: Path, size: str = "4m") -> Iterator[str | None]:
         yield "mounting a small tmpfs needs root (CAP_SYS_ADMIN); not running as root"
         return
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     if r.returncode != 0:
         yield f"mount -t tmpfs failed: {(r.stderr or r.stdout).strip()[:200]}"
         return
     try:
         yield None
     finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
 def fill_disk(folder: Path, leave_bytes: int) -> Path:
