@@ -104,5 +104,8 @@ def audit_job(runner: Any, ctx: Any, params: dict[str, Any]) -> dict[str, Any]:
                                progress=lambda f, m, x: ctx.update(f, m, x))
     with session_scope(runner.sessions) as s:
         _still_ours(s, ctx)
-        s.get(Emulator, emu_id).privacy = record
+        row = s.get(Emulator, emu_id)
+        if row is None:
+            raise JobFailure(f"emulator {emu_id} was deleted while it was being audited; nothing was stored")
+        row.privacy = record
     return {"emulator_id": emu_id, "privacy": record}

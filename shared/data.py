@@ -62,8 +62,8 @@ class Dataset:
 
 @dataclass
 class Example:
-    input_ids: torch.LongTensor  # [T]
-    labels: torch.LongTensor  # [T], IGNORE_INDEX where no loss
+    input_ids: torch.Tensor  # [T] int64
+    labels: torch.Tensor  # [T] int64, IGNORE_INDEX where no loss
 
 
 # ---------------------------------------------------------------- reading
@@ -223,7 +223,7 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def pack_text_blocks(tokenizer, texts: Sequence[str], seq_len: int) -> torch.LongTensor:
+def pack_text_blocks(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
     """Tokenise texts (no special tokens), join them with EOS, cut into full ``seq_len`` blocks.
 
     The tail remainder is dropped; if there is less than one block, the one shorter block is returned

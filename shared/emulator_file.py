@@ -33,10 +33,7 @@ from shared.layer_plan import LayerPlan
 from shared.modules import count_params  # noqa: F401  (re-exported: callers take it from here too)
 from shared.signing import sha256_file
 
-try:  # transformers 5.x; harmless to lack (loading is then just slower)
-    from transformers.initialization import no_init_weights as _no_init_weights
-except ImportError:  # pragma: no cover
-    from contextlib import nullcontext as _no_init_weights
+from transformers.initialization import no_init_weights as _no_init_weights  # transformers 5.x (pinned)
 
 FORMAT = "emulator/v1"
 # Storage dtypes an emulator may be built in: half size for bf16/fp16 (the data owner trains in fp32 anyway).

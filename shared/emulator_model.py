@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from shared.architectures import Projection, decoder_layers, family_for, projection_blocks
 from shared.layer_plan import LayerPlan, Role
@@ -18,8 +19,9 @@ from shared.modules import (ConcatLinear, DroppedLayer, Harmonizer, HarmonizerLa
 
 def projection_weight(module: nn.Module, proj: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight as (out, in), bias) of an nn.Linear or a GPT-2 Conv1D."""
-    weight = module.weight.T if proj.conv1d else module.weight
-    return weight, getattr(module, "bias", None)
+    weight: torch.Tensor = module.get_parameter("weight")
+    bias: torch.Tensor | None = getattr(module, "bias", None)
+    return (weight.T if proj.conv1d else weight), bias
 
 
 def projection_full_ranks(layer: nn.Module, proj: Projection) -> list[int]:
@@ -36,7 +38,7 @@ def _low_rank(layer: nn.Module, proj: Projection, ranks: list[int], compress: bo
     weight, bias = projection_weight(layer.get_submodule(proj.path), proj)
     out_f, in_f = weight.shape
     blocks = projection_blocks(proj, layer, out_f)
-    parts = []
+    parts: list[nn.Module] = []
     for rows, rank in zip(blocks, ranks, strict=True):
         w = weight[rows]
         b = None if bias is None else bias[rows]
@@ -55,12 +57,12 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def apply_plan(
-    model: nn.Module,
+    model: PreTrainedModel,
     plan: LayerPlan,
     harmonizers: dict[int, Harmonizer] | None = None,
     *,
     compress: bool = True,
-) -> nn.Module:
+) -> PreTrainedModel:
     """Rewrite `model` in place into the emulator structure of `plan` and return it.
 
     compress=True: SVD-compress real weights (model owner). compress=False: build shapes only (data owner,

@@ -150,7 +150,7 @@ def merge_lora(model: nn.Module, tensors: dict[str, torch.Tensor], lora: LoraSpe
         for name, m in lora.modules.items():
             a = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"].float()
             b = tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"].float()
-            weight = model.get_submodule(name).weight
+            weight = model.get_submodule(name).get_parameter("weight")
             delta = (b @ a).to(weight.device) * lora.scaling
             weight.copy_(weight.float() + (delta.T if m.conv1d else delta))
 

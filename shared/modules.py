@@ -90,6 +90,8 @@ class ConcatLinear(nn.Module):
     `rows[i]` is the fused output row that concatenated output i stands for; when the blocks are not
     contiguous (GPT-NeoX interleaves q, k, v per head) the outputs are put back in the fused order."""
 
+    order: torch.Tensor | None  # a non-persistent buffer: the fused order of the concatenated outputs
+
     def __init__(self, parts: list[nn.Module], rows: torch.Tensor | None = None):
         super().__init__()
         self.parts = nn.ModuleList(parts)

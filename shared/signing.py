@@ -133,11 +133,11 @@ def trusted_keys_from_listing(listing: dict[str, Any], pins: list[str] | None = 
     revoked = {str(e.get("key_id")) for e in entries if e.get("status") == "revoked"}
     trusted: dict[str, Ed25519PublicKey] = {}
     for pin in pins:
-        kid, key = parse_pinned_key(pin)
+        kid, pinned = parse_pinned_key(pin)
         if kid in revoked:
             continue
-        if key is not None:
-            trusted[kid] = key
+        if pinned is not None:
+            trusted[kid] = pinned
         elif kid in published:
             trusted[kid] = published[kid]
     return trusted

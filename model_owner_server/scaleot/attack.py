@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -149,7 +149,7 @@ def heal(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
         if progress:
             progress(step + 1, cfg.steps, history[-1])
     if cfg.kind == "heal-lora":
-        model = model.merge_and_unload()
+        model = cast(Any, model).merge_and_unload()  # a PeftModel here: the LoRA deltas go into the weights
     model.requires_grad_(False)
     model.eval()
     result = AttackResult(cfg, tokens=cfg.steps * cfg.batch_size * train_blocks.shape[1],

@@ -91,7 +91,7 @@ def calibrate_emulator(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks
             logits, hidden = forward_with_hidden(emu, ids, positions)
             kl = logit_kl(logits, t_logits)
             # The residual stream after every position: where each stand-in rejoins M, it should carry M's state.
-            nmse = sum(hidden_nmse(hidden[i], t_hidden[i]) for i in positions) / len(positions)
+            nmse = torch.stack([hidden_nmse(hidden[i], t_hidden[i]) for i in positions]).mean()
             loss = cfg.kl_weight * kl + cfg.hidden_weight * nmse
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.architectures import decoder_layers, family_for
 from shared.emulator_file import EmulatorFileInfo, count_params, save_emulator
@@ -84,7 +84,7 @@ def layer_sharing_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> tuple[
     drop = uniform_layerdrop_plan(n_layers, n_dropped, n_edge)
     kept = drop.layers_with(Role.FROZEN)
     sources = {i: min(kept, key=lambda k: (abs(k - i), k)) for i in drop.layers_with(Role.DROPPED)}
-    roles = [Role.FROZEN if r == Role.DROPPED else r for r in drop.roles]
+    roles: list[Role] = [Role.FROZEN if r == Role.DROPPED else r for r in drop.roles]
     return LayerPlan(roles, {}, "layer_sharing", drop.n_adapter, drop.alpha, 0.0, 0), sources
 
 
@@ -97,7 +97,8 @@ def _with_ranks(plan: LayerPlan, model: nn.Module) -> LayerPlan:
     return plan
 
 
-def build_emulator(model: nn.Module, plan: LayerPlan, harmonizers: dict[int, Harmonizer] | None = None) -> nn.Module:
+def build_emulator(model: PreTrainedModel, plan: LayerPlan,
+                   harmonizers: dict[int, Harmonizer] | None = None) -> PreTrainedModel:
     """A new emulator module for `plan` (M itself is untouched)."""
     if plan.layers_with(Role.HARMONIZER) and harmonizers is None:
         raise ValueError("this plan has harmonizer positions: pass the harmonizers from stage 1")
@@ -127,7 +128,7 @@ def param_bytes(model: nn.Module) -> int:
 
 
 def make_emulator(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     importance: ImportanceResult | None,
     n_adapter: int,
@@ -179,7 +180,7 @@ def make_emulator(
     if fidelity_blocks is not None:
         meta["fidelity"] = measure_fidelity(model, emu, plan, fidelity_blocks)
     if dtype is not None:  # after calibration and the fidelity figure, which are float32 (bf16 rounding moves
-        emu.to(dtype)      # the emulator's loss by < 0.01 nats on SmolLM2: docs/benchmarks.md, half-size emulators)
+        cast(nn.Module, emu).to(dtype)  # the emulator's loss by < 0.01 nats on SmolLM2: docs/benchmarks.md, half-size emulators)
     sizes = {"full_model_params": count_params(model), "full_model_bytes": param_bytes(model)}
     info = save_emulator(emu, plan, tokenizer, output, {**sizes, **meta, **(extra_metadata or {})})
     info.extra.update(sizes)

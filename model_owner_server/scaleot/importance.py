@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from shared.architectures import decoder_layers
 from shared.modules import Harmonizer, HarmonizerLayer, count_params
@@ -210,7 +211,7 @@ def _local_regression_step(model, stand_ins, ids, opt) -> float:
         for h in hooks:
             h.remove()
     # Normalised MSE so layers with large activations do not dominate.
-    loss = sum(F.mse_loss(stand_ins[i](x), y) / y.var().clamp_min(1e-6) for i, (x, y) in captured.items()) / len(captured)
+    loss = torch.stack([F.mse_loss(stand_ins[i](x), y) / y.var().clamp_min(1e-6) for i, (x, y) in captured.items()]).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -218,7 +219,7 @@ def _local_regression_step(model, stand_ins, ids, opt) -> float:
 
 
 def estimate_importance(
-    model: nn.Module,
+    model: PreTrainedModel,
     train_blocks: torch.Tensor,
     val_blocks: torch.Tensor,
     cfg: ImportanceConfig,

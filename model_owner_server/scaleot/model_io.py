@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.architectures import family_for
 from shared.device import DeviceError
@@ -88,15 +89,16 @@ def check_model_folder(path: str | Path) -> list[Path]:
 
 def load_causal_lm(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a local HF causal LM folder and its tokenizer in eval mode, in `dtype` (default float32) whatever
     dtype the checkpoint was saved in. One safetensors file or shards with model.safetensors.index.json."""
     path = Path(path)
     check_model_folder(path)
     family_for(AutoConfig.from_pretrained(path))  # clear error before loading weights
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), tokenizer
+    cast(nn.Module, model).to(device)  # in place; typed as a module (transformers' wrapper confuses mypy)
+    return model.eval(), tokenizer
 
 
 def smollm2_package_dir() -> Path:
