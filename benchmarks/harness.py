@@ -24,6 +24,7 @@ import json
 import platform
 import random
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +42,13 @@ import torch
 from data_owner_client.train import TrainConfig, train_layers_in_model, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.emulator import make_emulator
-from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance, load_importance, save_importance
+from model_owner_server.scaleot.importance import (
+    ImportanceConfig,
+    corpus_blocks,
+    estimate_importance,
+    load_importance,
+    save_importance,
+)
 from model_owner_server.scaleot.plugin import plug_in
 from shared.architectures import decoder_layers
 from shared.data import Dataset, load_dataset, pad_id_for, training_examples
@@ -49,6 +56,7 @@ from shared.emulator_file import load_emulator
 from shared.evaluation import evaluate
 
 SEED = 0  # data selection and the tiny model
+DOCS = REPO / "docs" / "benchmarks.md"
 
 
 @dataclass
@@ -287,12 +295,18 @@ def run_emulator(model, tok, task: Task, budget: Any, choice, emu: dict, seed: i
 
 def cached(work: Path, key_obj: Any, fn: Callable[[], dict]) -> dict:
     """fn()'s record, from work/rows/ when an earlier run stored it under the same key (with its seconds)."""
-    path = work / "rows" / f"{digest(key_obj)}.json"
-    if path.is_file():
+    return cached_file(work / "rows" / f"{digest(key_obj)}.json", fn)
+
+
+def cached_file(path: Path, fn: Callable[[], dict], *, fresh: bool = False, ndigits: int | None = 1) -> dict:
+    """fn()'s record, read from `path` when an earlier run stored it there (unless `fresh`); a new record gets
+    its wall time as "seconds" (rounded to `ndigits`, or as measured when None) before it is stored."""
+    if path.is_file() and not fresh:
         return json.loads(path.read_text())
     t0 = time.perf_counter()
     rec = fn()
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    seconds = time.perf_counter() - t0
+    rec["seconds"] = seconds if ndigits is None else round(seconds, ndigits)
     write_json(path, rec)
     gc.collect()
     return rec
@@ -334,13 +348,64 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def update_docs_block(path: Path, marker: str, block: str) -> None:
-    """Replace the text between `<!-- marker:start -->` and `<!-- marker:end -->` (appended when absent)."""
+    """Replace the text between `<!-- marker:start -->` and `<!-- marker:end -->` (appended when absent; the
+    block alone when the file is missing or empty); the rest of the file is untouched."""
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     text = path.read_text() if path.is_file() else ""
     new = f"{start}\n{block.strip()}\n{end}"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         text = head + new + rest.split(end, 1)[1]
-    else:
+    elif text.strip():
         text = text.rstrip() + "\n\n" + new + "\n"
-    path.write_text(text)
+    else:
+        text = new + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{marker}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def publish(results_dir: Path, name: str, profile: str, doc: dict, md: str, docs_marker: str | None = None,
+            ) -> tuple[Path, Path]:
+    """The result JSON and markdown (result_paths), and, given a marker, the same markdown as that block of
+    docs/benchmarks.md. Returns the JSON and markdown paths."""
+    json_path, md_path, _ = result_paths(results_dir, name, profile)
+    write_json(json_path, doc)
+    md_path.write_text(md)
+    if docs_marker is not None:
+        update_docs_block(DOCS, docs_marker, md)
+    return json_path, md_path
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def record(name: str, value: float, unit: str, *, baseline: float | None = None, ratio: float | None = None,
+           target: str | None = None, met: bool | None = None, **details: Any) -> dict[str, Any]:
+    """One measured row: value against an optional baseline measured in the same run, and its target."""
+    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio, "target": target,
+            "met": met, "details": details}
+
+
+def rounded(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a server this benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_name(default: str = "") -> str:
+    """The CPU model from /proc/cpuinfo, else platform.processor(), else `default`."""
+    cpu = platform.processor() or default
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return cpu

@@ -21,17 +21,15 @@ Usage:
 
 Stage-1 results, prepared data, emulator files and finished rows are cached under --work-dir
 (default .cache/benchmarks), so an interrupted or repeated run only redoes what is missing (--fresh ignores them).
+The rows themselves are in privacy_utility_rows.py, the targets, tables and plot in privacy_utility_report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
+import functools
 import itertools
 import json
-import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,21 +40,36 @@ from typing import Any
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
-
-import torch
-import torch.nn.functional as F
-
-from benchmarks.harness import (SEED, Task, digest, environment, load_model, log, make_tasks, prepare_data,
-                                write_json)
-from data_owner_client.train import (
-    TrainConfig,
-    resolve_device,
-    set_seed,
-    train,
-    train_layers_in_model,
-    tune_emulator,
+from benchmarks.harness import (
+    REPO,  # first: sets the thread and offline environment before torch loads
 )
+
+# isort: split
+import torch
+
+from benchmarks.harness import (
+    SEED,
+    cached_file,
+    digest,
+    environment,
+    load_model,
+    log,
+    make_tasks,
+    prepare_data,
+    result_paths,
+    write_json,
+)
+from benchmarks.privacy_utility_report import check_targets, fmt_metric, markdown, plot
+from benchmarks.privacy_utility_rows import (
+    ot_distillation_cost,
+    privacy_gap,
+    run_adapter_on_m,
+    run_emulator_row,
+    run_full_ft,
+    run_zero_shot,
+    stage1_record,
+)
+from data_owner_client.train import resolve_device
 from model_owner_server.scaleot.emulator import make_emulator, param_bytes
 from model_owner_server.scaleot.importance import (
     ImportanceConfig,
@@ -66,12 +79,8 @@ from model_owner_server.scaleot.importance import (
     load_importance,
     save_importance,
 )
-from model_owner_server.scaleot.plugin import plug_in
 from shared.architectures import decoder_layers
-from shared.data import pad_id_for, training_examples
-from shared.emulator_file import count_params, load_emulator
-from shared.evaluation import evaluate
-from shared.layer_plan import Role
+from shared.emulator_file import count_params
 
 RESULT_NAME = "privacy_utility"
 
@@ -166,16 +175,6 @@ def row_specs(budget: Budget) -> list[RowSpec]:
     return rows
 
 
-def _finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
-
-
-def metric_of(task: Task, metrics: dict[str, float]) -> float:
-    return float(metrics[task.metric])
-
-
-# ---------------------------------------------------------------- model and data
-
 
 # ---------------------------------------------------------------- stage 1
 
@@ -212,19 +211,6 @@ def run_stage1(model, tok, model_id: str, files: dict[str, Path], budget: Budget
     return result, json.loads((out / "importance.json").read_text()), key
 
 
-def stage1_record(info: dict, budget: Budget) -> dict:
-    return {
-        "corpus": "English Wikipedia excerpt (gensim test data), disjoint D^T/D^V articles",
-        "seq_len": budget.seq_len, "batch_size": info["config"]["batch_size"], "dl_steps": info["config"]["steps"],
-        "warmup_steps": info["config"]["warmup_steps"], "rl_interval": info["config"]["rl_interval"],
-        "n_candidates": info["config"]["n_candidates"], "bottleneck": info["config"]["bottleneck"],
-        "seconds": info["seconds"], "dl_seconds_per_step": info.get("dl_seconds_per_step"),
-        "trainable_params": info["n_harmonizer_params"], "model_params": info["n_model_params"],
-        "trainable_fraction": info["harmonizer_fraction"], "final_dl_loss": info.get("final_loss"),
-        "scores": info["scores"], "ranking": info["ranking"],
-    }
-
-
 # ---------------------------------------------------------------- emulators (server side, stage 2)
 
 
@@ -256,89 +242,19 @@ def ensure_emulator(model, tok, importance, spec: RowSpec, path: Path, args) -> 
     return rec
 
 
+
 # ---------------------------------------------------------------- rows
 
 
-def train_config(task: Task, budget: Budget) -> TrainConfig:
-    # The client's recipe (TrainConfig defaults: AdamW, cosine, 5% warmup, clip 1.0), one budget for every row.
-    return TrainConfig(method="full", max_steps=budget.ft_steps, lr=budget.lr, batch_size=task.batch,
-                       seq_len=budget.seq_len, seed=SEED, save_every=10**9)
-
-
-def evaluate_task(model, tok, task: Task, budget: Budget, choice) -> dict[str, float]:
-    return evaluate(model, tok, task.eval, seq_len=budget.seq_len, batch_size=task.batch, device=choice.device,
-                    max_examples=task.eval_max)
-
-
-def run_zero_shot(model, tok, task: Task, budget: Budget, choice) -> dict:
-    m = evaluate_task(model, tok, task, budget, choice)
-    return {"zero_shot": metric_of(task, m), "zero_shot_metrics": m}
-
-
-def run_full_ft(model, tok, task: Task, budget: Budget, choice, work: Path) -> dict:
-    cfg = train_config(task, budget)
-    ft = copy.deepcopy(model)
-    ft.requires_grad_(True)  # full fine-tuning: every parameter of M
-    set_seed(cfg.seed)
-    examples = training_examples(task.train, tok, cfg.seq_len)
-    res = train(ft, examples, cfg, choice, pad_id=pad_id_for(tok), progress=False)
-    ft.requires_grad_(False)
-    m = evaluate_task(ft, tok, task, budget, choice)
-    out = {"full_ft": metric_of(task, m), "full_ft_metrics": m, "trainable_params": count_params(ft),
-           "train_steps": res.steps, "train_seconds": res.seconds, "first_loss": res.first_loss,
-           "final_loss": res.final_loss, "hyperparameters": cfg.hyperparameters()}
-    del ft
-    return out
-
-
-def run_adapter_on_m(model, tok, task: Task, budget: Budget, choice, layers: list[int]) -> dict:
-    """Diagnostic: the client's recipe on the same adapter layers, but inside M itself (a perfect emulator)."""
-    cfg = train_config(task, budget)
-    m, res = train_layers_in_model(model, layers, training_examples(task.train, tok, cfg.seq_len), cfg, choice,
-                                   pad_id=pad_id_for(tok))
-    pm = evaluate_task(m, tok, task, budget, choice)
-    out = {"plug_in": metric_of(task, pm), "plug_in_metrics": pm,
-           "trainable_params": sum(p.numel() for i in layers for p in decoder_layers(m)[i].parameters()),
-           "train_steps": res.steps, "train_seconds": res.seconds, "first_loss": res.first_loss,
-           "final_loss": res.final_loss, "hyperparameters": cfg.hyperparameters()}
-    del m
-    return out
-
-
-def run_emulator_row(model, tok, task: Task, budget: Budget, choice, emu: dict, work: Path) -> dict:
-    """The client's tune recipe on the emulator file, then the server's plug-in and evaluation."""
-    cfg = train_config(task, budget)
-    loaded = load_emulator(emu["path"], device=choice.device)  # the client rebuilds it from the file alone
-    out_dir = work / "runs" / f"{budget.profile}-{task.name}-{Path(emu['path']).stem}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tr = tune_emulator(loaded.model, loaded.tokenizer, loaded.plan, task.train, cfg, choice, out_dir,
-                       eval_data=task.eval, eval_max_examples=task.eval_max, progress=False,
-                       log=lambda m: log(f"    client: {m}"))
-    plugged = plug_in(model, tr.tensors, loaded.plan.adapter_layers)  # validates against the full model
-    pm = evaluate_task(plugged, tok, task, budget, choice)
-    log(f"    server: plug-in {task.metric} {metric_of(task, pm):.4g}")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out = {"emulator_zero_shot": metric_of(task, tr.metrics["emulator_zero_shot"]),
-           "emulator_ft": metric_of(task, tr.metrics["emulator_fine_tuned"]),
-           "plug_in": metric_of(task, pm),
-           "emulator_zero_shot_metrics": tr.metrics["emulator_zero_shot"],
-           "emulator_ft_metrics": tr.metrics["emulator_fine_tuned"], "plug_in_metrics": pm,
-           "trainable_params": tr.n_adapter_params, "train_steps": tr.train.steps,
-           "train_seconds": tr.train.seconds, "first_loss": tr.train.first_loss, "final_loss": tr.train.final_loss,
-           "hyperparameters": cfg.hyperparameters()}
-    del plugged, loaded, tr
-    return out
-
-
-def privacy_gap(task: Task, rec: dict) -> float | None:
-    """Plug-in quality minus emulator-fine-tuned quality, in quality units: nats of eval loss for perplexity
-    (log emulator_ft - log plug_in), accuracy points (fraction) for accuracy. Positive = the plug-in is better."""
-    e, p = rec.get("emulator_ft"), rec.get("plug_in")
-    if e is None or p is None:
-        return None
-    if task.higher_is_better:
-        return p - e
-    return _finite(math.log(e) - math.log(p)) if e > 0 and p > 0 else None
+def run_row(spec: RowSpec, model, tok, task, budget: Budget, choice, work: Path, emu: dict | None) -> dict:
+    """One row on one task, measured (`emu`: the row's emulator, or the one whose adapter layers it trains on M)."""
+    if spec.method == "zero_shot":
+        return run_zero_shot(model, tok, task, budget, choice)
+    if spec.method == "full_ft":
+        return run_full_ft(model, tok, task, budget, choice, work)
+    if spec.method == "adapter_on_m":
+        return run_adapter_on_m(model, tok, task, budget, choice, emu["adapter_layers"])
+    return run_emulator_row(model, tok, task, budget, choice, emu, work)
 
 
 def run_rows(model, tok, model_id, importance, stage1_key, tasks, budget, args, choice, save_partial) -> list[dict]:
@@ -364,23 +280,9 @@ def run_rows(model, tok, model_id, importance, stage1_key, tasks, budget, args, 
                           "hp": hp_key, "emulator": (emu or ref) and (emu or ref)["sha256"], "model": model_id,
                           "data": [str(task.train.path.stat().st_size), str(task.eval.path.stat().st_size)]})
             cache = work / "rows" / f"{budget.profile}-{task.name}-{spec.name}-{key}.json"
-            if cache.is_file() and not args.fresh:
-                measured = json.loads(cache.read_text())
-                log(f"  {spec.label}: cached")
-            else:
-                log(f"  {spec.label} ...")
-                t0 = time.perf_counter()
-                if spec.method == "zero_shot":
-                    measured = run_zero_shot(model, tok, task, budget, choice)
-                elif spec.method == "full_ft":
-                    measured = run_full_ft(model, tok, task, budget, choice, work)
-                elif spec.method == "adapter_on_m":
-                    measured = run_adapter_on_m(model, tok, task, budget, choice, ref["adapter_layers"])
-                else:
-                    measured = run_emulator_row(model, tok, task, budget, choice, emu, work)
-                measured["seconds"] = time.perf_counter() - t0
-                write_json(cache, measured)
-                gc.collect()
+            log(f"  {spec.label}" + (": cached" if cache.is_file() and not args.fresh else " ..."))
+            run = functools.partial(run_row, spec, model, tok, task, budget, choice, work, emu or ref)
+            measured = cached_file(cache, run, fresh=args.fresh, ndigits=None)
             rec = {
                 "method": spec.method, "name": spec.name, "label": spec.label, "task": task.name,
                 "n_adapter": spec.n_adapter, "alpha": spec.alpha, "beta": spec.beta,
@@ -401,253 +303,10 @@ def run_rows(model, tok, model_id, importance, stage1_key, tasks, budget, args, 
             records.append(rec)
             own = {"zero_shot": ("zero_shot",), "full_ft": ("full_ft",)}.get(
                 spec.method, ("emulator_zero_shot", "emulator_ft", "plug_in"))
-            log(f"  {spec.label}: " + ", ".join(f"{k} {_fmt(rec[k], task)}" for k in own)
+            log(f"  {spec.label}: " + ", ".join(f"{k} {fmt_metric(rec[k], task)}" for k in own)
                 + f"  ({rec['seconds']:.0f} s)")
             save_partial(records)
     return records
-
-
-# ---------------------------------------------------------------- OT distillation cost probe
-
-
-def ot_distillation_cost(model, tok, files, budget: Budget, emu: dict, args, choice) -> dict:
-    """A few steps of OT-style emulator distillation (what ScaleOT avoids): the LayerDrop emulator's kept middle
-    layers are trained to match the full model's logits (KL) on the stage-1 corpus. Not part of the project's
-    pipeline (the project never distils); measured here only for its cost on this machine."""
-    cache = Path(args.work_dir) / "rows" / f"{budget.profile}-ot_kd_cost-{digest([emu['sha256'], budget.kd_steps, budget.seq_len, budget.stage1_batch])}.json"
-    if cache.is_file() and not args.fresh:
-        log("OT distillation cost: cached")
-        return json.loads(cache.read_text())
-    loaded = load_emulator(emu["path"], device=choice.device)
-    student = loaded.model.float()
-    student.requires_grad_(False)
-    for i in loaded.plan.layers_with(Role.FROZEN):
-        decoder_layers(student)[i].requires_grad_(True)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    blocks, _ = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
-    bs = budget.stage1_batch
-    student.train()
-    times, losses = [], []
-    for step in range(budget.kd_steps + 1):  # step 0 is a warm-up, not timed
-        ids = blocks[(step * bs) % len(blocks):][:bs].to(choice.device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            teacher = model(input_ids=ids, use_cache=False).logits.float()
-        logits = student(input_ids=ids, use_cache=False).logits.float()
-        loss = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
-                        log_target=True, reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step:
-            times.append(time.perf_counter() - t0)
-            losses.append(float(loss.detach()))
-    rec = {"seconds_per_step": sum(times) / len(times), "steps_timed": len(times), "batch_size": bs,
-           "seq_len": budget.seq_len, "trainable_params": sum(p.numel() for p in params),
-           "model_params": count_params(model), "kl": losses}
-    write_json(cache, rec)
-    log(f"OT distillation: {rec['seconds_per_step']:.2f} s/step, {rec['trainable_params'] / 1e6:.1f} M trainable params")
-    del loaded, student, opt
-    return rec
-
-
-# ---------------------------------------------------------------- targets
-
-
-def _rows_by(records: list[dict], task: str) -> dict[str, dict]:
-    return {r["name"]: r for r in records if r["task"] == task}
-
-
-def check_targets(records: list[dict], stage1: dict, tasks: list[Task]) -> list[dict]:
-    """The paper's claims as pass/fail checks on the measured rows ('met' / 'missed'; None when not measurable)."""
-    out: list[dict] = []
-
-    def add(target: str, task: str | None, measured: str, met: bool | None) -> None:
-        out.append({"target": target, "task": task, "measured": measured,
-                    "status": None if met is None else ("met" if met else "missed")})
-
-    for task in tasks:
-        rows = _rows_by(records, task.name)
-        s, ot, full = rows.get("scaleot_a0.5_b0"), rows.get("ot_layerdrop"), rows.get("full_ft")
-        pct = task.metric == "accuracy"
-        if s and full and s["plug_in"] is not None:
-            if pct:
-                diff = s["plug_in"] - full["full_ft"]
-                add("ScaleOT plug-in within 1 point of full fine-tuning accuracy", task.name,
-                    f"{s['plug_in']:.1%} vs {full['full_ft']:.1%} ({diff * 100:+.1f} pts)", diff >= -0.01)
-            else:
-                rel = s["plug_in"] / full["full_ft"] - 1
-                add("ScaleOT plug-in within 1% of full fine-tuning perplexity", task.name,
-                    f"{s['plug_in']:.2f} vs {full['full_ft']:.2f} ({rel:+.1%})", rel <= 0.01)
-        if s and ot:
-            better = s["plug_in"] > ot["plug_in"] if task.higher_is_better else s["plug_in"] < ot["plug_in"]
-            add("ScaleOT plug-in better than OT plug-in", task.name,
-                f"{_fmt(s['plug_in'], task)} vs {_fmt(ot['plug_in'], task)}", better)
-            gs, go = s.get("privacy_gap"), ot.get("privacy_gap")
-            unit = "pts" if pct else "nats"
-            scale = 100 if pct else 1
-            add("ScaleOT privacy gap (plug-in − emulator FT) at least OT's", task.name,
-                f"{_num(gs, scale)} vs {_num(go, scale)} {unit}", None if gs is None or go is None else gs >= go)
-        for beta in (0.5, 0.8):
-            b = rows.get(f"scaleot_a0.5_b{beta:g}")
-            if not (s and b):
-                continue
-            emu_worse = b["emulator_ft"] < s["emulator_ft"] if task.higher_is_better else b["emulator_ft"] > s["emulator_ft"]
-            if pct:
-                move = b["plug_in"] - s["plug_in"]
-                moved, small = f"{move * 100:+.1f} pts", abs(move) < 0.01
-            else:
-                move = b["plug_in"] / s["plug_in"] - 1
-                moved, small = f"{move:+.1%}", abs(move) < 0.01
-            add(f"SRC β={beta:g} lowers emulator FT quality, plug-in moves < 1{' pt' if pct else '%'}", task.name,
-                f"emulator FT {_fmt(s['emulator_ft'], task)} → {_fmt(b['emulator_ft'], task)}; plug-in {moved}",
-                emu_worse and small)
-    if stage1:
-        frac = stage1["trainable_fraction"]
-        add("Stage 1 trains < 2% of the parameters", None,
-            f"{stage1['trainable_params'] / 1e6:.2f} M of {stage1['model_params'] / 1e6:.1f} M ({frac:.2%})", frac < 0.02)
-    return out
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def _fmt(v: float | None, task: Task | str) -> str:
-    metric = task.metric if isinstance(task, Task) else task
-    if v is None:
-        return "–"
-    if metric == "accuracy":
-        return f"{v:.1%}"
-    if not math.isfinite(v):
-        return "inf"
-    return f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
-
-
-def _num(v: float | None, scale: float = 1) -> str:
-    return "–" if v is None else f"{v * scale:+.2f}"
-
-
-def markdown(result: dict, tasks: list[Task]) -> str:
-    meta, stage1, kd = result["meta"], result["stage1"], result["ot_distillation"]
-    b = meta["budget"]
-    lr = TrainConfig(method="full", lr=b["lr"]).learning_rate
-    lines = [(f"Profile `{meta['profile']}` on {meta['model']} ({meta['n_layers']} layers), "
-              f"{meta['torch_threads']} torch threads, device {meta['device']}; total wall time "
-              f"{meta['seconds'] / 60:.1f} min (this invocation; stage 1 + rows measured: "
-              f"{meta.get('compute_seconds', 0) / 60:.1f} min). Fine-tuning budget per row: {b['ft_steps']} optimizer steps, "
-              f"seq_len {b['seq_len']}, batch {b['text_batch']} (Task A) / {b['mc_batch']} (Task B), the client's "
-              f"recipe (AdamW lr {lr:g}, cosine, 5% warm-up). Eval: first {b['text_eval_blocks']} blocks of the "
-              f"held-out work (Task A), first {b['mc_eval_questions']} held-out questions (Task B). Seed {SEED}."), ""]
-    for task in tasks:
-        rows = [r for r in result["rows"] if r["task"] == task.name]
-        if not rows:
-            continue
-        gap_unit = "pts" if task.metric == "accuracy" else "nats"
-        lines += [f"#### {task.title}", "",
-                  ("| Method | N_a | α | β | Emulator params / size | Emulator zero-shot | Emulator FT | Plug-in | "
-                   f"Full model M | Privacy gap ({gap_unit}) | Trainable params | Train s/step | Row s |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            size = (f"{r['emulator_params'] / 1e6:.1f} M / {r['emulator_bytes'] / 2**20:.0f} MiB"
-                    if r.get("emulator_params") else "–")
-            if r["method"] == "zero_shot":
-                size = f"(M: {meta['model_params'] / 1e6:.1f} M)"
-            scale = 100 if task.metric == "accuracy" else 1
-            sps = (f"{r['train_seconds'] / r['train_steps']:.2f}" if r.get("train_steps") else "–")
-            full_model = {"zero_shot": r["zero_shot"], "full_ft": r["full_ft"]}.get(r["method"])
-            trainable = f"{r['trainable_params'] / 1e6:.1f} M" if r.get("trainable_params") else "–"
-            alpha = "–" if r["alpha"] is None else f"{r['alpha']:g}"
-            beta = "–" if r["beta"] is None else f"{r['beta']:g}"
-            lines.append(
-                f"| {r['label']} | {r['n_adapter'] or '–'} | {alpha} | {beta} | {size} | "
-                f"{_fmt(r['emulator_zero_shot'], task)} | {_fmt(r['emulator_ft'], task)} | "
-                f"{_fmt(r['plug_in'], task)} | {_fmt(full_model, task)} | {_num(r.get('privacy_gap'), scale)} | "
-                f"{trainable} | {sps} | {r['seconds']:.0f} |")
-        lines.append("")
-        plans = [r for r in rows if r.get("emulator_plan")]
-        if plans:
-            lines += ["Layer plans (A adapter, H harmonizer, F frozen, f frozen+SRC, . dropped):", "", "```"]
-            lines += [f"{r['label']:<24} {r['emulator_plan']}" for r in plans]
-            lines += ["```", ""]
-    lines += ["#### Cost", "", "| Step | Trainable params | Wall time |", "|---|---|---|"]
-    if stage1:
-        lines.append(f"| ScaleOT stage 1 (Dynamic LayerReplace, {stage1['warmup_steps']} warm-up + {stage1['dl_steps']} DL "
-                     f"steps, RL every {stage1['rl_interval']}, batch {stage1['batch_size']}×{stage1['seq_len']}) | "
-                     f"{stage1['trainable_params'] / 1e6:.2f} M ({stage1['trainable_fraction']:.2%} of M) | "
-                     f"{stage1['seconds']:.0f} s total, {stage1['dl_seconds_per_step'] or float('nan'):.2f} s/DL step |")
-    if kd:
-        lines.append(f"| OT emulator distillation (KD of the LayerDrop emulator on M's logits, batch "
-                     f"{kd['batch_size']}×{kd['seq_len']}) | {kd['trainable_params'] / 1e6:.1f} M "
-                     f"({kd['trainable_params'] / kd['model_params']:.1%} of M) | {kd['seconds_per_step']:.2f} s/step "
-                     f"({kd['steps_timed']} steps timed) |")
-    if stage1:
-        lines += ["", f"Stage-1 importance ranking (most important first): {stage1['ranking']}"]
-    lines += ["", "#### Targets (from the paper)", "", "| Target | Task | Measured | Status |", "|---|---|---|---|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['target']} | {t['task'] or 'all'} | {t['measured']} | {t['status'] or 'n/a'} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, tasks: list[Task], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: skipping the PNG (pip install matplotlib, or the project's dev extra)")
-        return None
-    tasks = [t for t in tasks if any(r["task"] == t.name for r in result["rows"])]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 5.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = _rows_by(result["rows"], task.name)
-        scale = 100 if task.metric == "accuracy" else 1
-        sweep = sorted((r for r in rows.values() if r["method"] == "scaleot" and r["beta"] == 0), key=lambda r: r["alpha"])
-        if sweep:
-            xs = [r["alpha"] for r in sweep]
-            ax.plot(xs, [r["emulator_ft"] * scale for r in sweep], "o--", color="tab:red", label="ScaleOT emulator FT (β=0)")
-            ax.plot(xs, [r["plug_in"] * scale for r in sweep], "o-", color="tab:blue", label="ScaleOT plug-in (β=0)")
-        for beta, marker, dx in ((0.5, "^", -0.02), (0.8, "v", 0.02)):  # nudged sideways so markers stay visible
-            r = rows.get(f"scaleot_a0.5_b{beta:g}")
-            if r:
-                ax.plot([0.5 + dx], [r["emulator_ft"] * scale], marker, color="tab:red", mfc="none", ms=9,
-                        label=f"ScaleOT emulator FT (α=0.5, β={beta:g})")
-                ax.plot([0.5 + dx], [r["plug_in"] * scale], marker, color="tab:blue", mfc="none", ms=9,
-                        label=f"ScaleOT plug-in (α=0.5, β={beta:g})")
-        ot = rows.get("ot_layerdrop")
-        if ot:
-            ax.plot([0.5], [ot["emulator_ft"] * scale], "X", color="tab:orange", ms=10, label="OT LayerDrop emulator FT")
-            ax.plot([0.5], [ot["plug_in"] * scale], "P", color="tab:green", ms=10, label="OT LayerDrop plug-in")
-        full = rows.get("full_ft")
-        if full:
-            ax.axhline(full["full_ft"] * scale, color="black", ls="--", lw=1, label="full fine-tuning")
-        oracle = rows.get("adapter_on_m")
-        if oracle:
-            ax.axhline(oracle["plug_in"] * scale, color="tab:purple", ls="-.", lw=1,
-                       label="ScaleOT adapter layers tuned on M (diagnostic)")
-        zs = rows.get("zero_shot")
-        if zs:
-            ax.axhline(zs["zero_shot"] * scale, color="gray", ls=":", lw=1, label="zero-shot M")
-        ax.set_xlabel("α (share of non-adapter layers replaced; OT: share of middle layers dropped)")
-        ax.set_ylabel("accuracy (%)" if task.metric == "accuracy" else "perplexity (log scale)")
-        if task.metric == "perplexity":
-            ax.set_yscale("log")
-        ax.set_title(task.title, fontsize=10)
-        ax.grid(alpha=0.3)
-    # One legend under both panels, so it never covers a curve.
-    legend: dict[str, Any] = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"Privacy–utility on {result['meta']['model']} ({result['meta']['profile']} profile)")
-    fig.tight_layout(rect=(0, 0.2, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    log(f"wrote {path}")
-    return path
 
 
 # ---------------------------------------------------------------- main
@@ -678,10 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(SEED)
     work, results_dir = Path(args.work_dir), Path(args.results_dir)
     work.mkdir(parents=True, exist_ok=True)
-    suffix = "" if profile == "full" else f"_{profile}"
-    json_path = results_dir / f"{RESULT_NAME}{suffix}.json"
-    md_path = results_dir / f"{RESULT_NAME}{suffix}.md"
-    png_path = results_dir / f"{RESULT_NAME}{suffix}.png"
+    json_path, md_path, png_path = result_paths(results_dir, RESULT_NAME, profile)
     choice = resolve_device(args.device)
     t_start = time.perf_counter()
     log(f"privacy-utility benchmark, profile {profile}, {torch.get_num_threads()} threads, device {choice.device}")

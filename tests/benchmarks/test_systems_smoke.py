@@ -28,18 +28,20 @@ def _number(x) -> bool:
 
 
 def test_docs_block_is_replaced_or_appended(tmp_path):
-    bench = _load()
-    block = f"{bench.DOCS_START}\nnew\n{bench.DOCS_END}"
+    from benchmarks.harness import update_docs_block
+
+    start, end = "<!-- systems:start -->", "<!-- systems:end -->"
+    block = f"{start}\nnew\n{end}"
     missing = tmp_path / "missing.md"
-    bench.update_docs(missing, block)
+    update_docs_block(missing, "systems", "new")
     assert missing.read_text() == block + "\n"
     other = tmp_path / "other.md"
     other.write_text("# Benchmarks\n\nprivacy section\n")
-    bench.update_docs(other, block)
+    update_docs_block(other, "systems", "new")
     assert other.read_text() == "# Benchmarks\n\nprivacy section\n\n" + block + "\n"
     both = tmp_path / "both.md"
-    both.write_text(f"# B\n\nbefore\n{bench.DOCS_START}\nold\nold\n{bench.DOCS_END}\nafter\n")
-    bench.update_docs(both, block)
+    both.write_text(f"# B\n\nbefore\n{start}\nold\nold\n{end}\nafter\n")
+    update_docs_block(both, "systems", "new")
     assert both.read_text() == f"# B\n\nbefore\n{block}\nafter\n"
 
 
@@ -66,6 +68,6 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
 
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n")
-    assert text.count(bench.DOCS_START) == 1 and text.count(bench.DOCS_END) == 1
+    assert text.count("<!-- systems:start -->") == 1 and text.count("<!-- systems:end -->") == 1
     assert "| Measurement | Value | Baseline | Ratio | Target | Met |" in text
     assert "benchmarks/systems.py --tiny" in text
