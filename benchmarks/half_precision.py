@@ -31,17 +31,29 @@ from typing import Any
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
+from benchmarks.harness import (
+    REPO,  # first: sets the thread and offline environment before torch loads
+)
 
 # isort: split
 import torch
 
-from benchmarks.harness import (environment, load_model, log, markdown_table, prepare_data, result_paths,
-                                update_docs_block, write_json)
+from benchmarks.harness import (
+    environment,
+    load_model,
+    log,
+    markdown_table,
+    prepare_data,
+    publish,
+)
 from data_owner_client.train import TrainConfig, resolve_device, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.emulator import make_emulator
-from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance
+from model_owner_server.scaleot.importance import (
+    ImportanceConfig,
+    corpus_blocks,
+    estimate_importance,
+)
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import adapter_spec
 from shared.data import load_dataset
@@ -240,12 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"meta": {**environment(budget.profile, model_id, budget, choice.device), "load_average": load,
                     "seconds": round(time.perf_counter() - t0, 1)},
            "rows": rows, "comparison": compare(rows, zero, budget.seeds)}
-    json_path, md_path, _ = result_paths(Path(args.results_dir), RESULT_NAME, budget.profile)
-    write_json(json_path, doc)
     md = markdown(doc)
-    md_path.write_text(md)
-    if budget.profile == "full":
-        update_docs_block(REPO / "docs" / "benchmarks.md", "half-precision", md)
+    publish(Path(args.results_dir), RESULT_NAME, budget.profile, doc, md,
+            "half-precision" if budget.profile == "full" else None)
     print(md)
     return doc
 

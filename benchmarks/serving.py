@@ -32,7 +32,6 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
 import argparse
 import io
 import platform
-import socket
 import statistics
 import tempfile
 import threading
@@ -44,10 +43,11 @@ from typing import Any
 
 from benchmarks.harness import (
     REPO,  # first: sets the thread and offline environment before torch loads
+    cpu_name,
+    free_port,
     log,
     markdown_table,
-    update_docs_block,
-    write_json,
+    publish,
 )
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "
@@ -117,9 +117,7 @@ def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
         del full
         files = {"adapter": ("adapter.safetensors", io.BytesIO(save(tensors)))}
         adapter = _ok(c.post(f"/v1/emulators/{emu['id']}/adapters", headers=o, files=files))["adapter"]
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -202,12 +200,7 @@ def _not_cached() -> Any:
 def machine() -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(platform.machine()), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -299,7 +292,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     add_special_tokens=False).input_ids)
     ratio = (measured["API completion"]["tokens_per_s"]["median"]
              / measured["in-process generate"]["tokens_per_s"]["median"])
-    name = "serving_tiny" if args.tiny else "serving"
     doc = {"benchmark": "serving", "model": model_name, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
            "command": ".venv/bin/python benchmarks/serving.py" + (" --tiny" if args.tiny else ""),
            "setup": {"max_tokens": max_tokens, "repeats": repeats, "prompt_tokens": prompt_tokens, "sampling":
@@ -308,11 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "machine": info,
            "paths": measured, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET,
            "seconds": time.perf_counter() - t0}
-    out = Path(args.results_dir)
-    write_json(out / f"{name}.json", doc)
-    (out / f"{name}.md").write_text(markdown(doc))
-    if not args.tiny and not args.no_docs:
-        update_docs_block(REPO / "docs" / "benchmarks.md", "serving", markdown(doc))
+    publish(Path(args.results_dir), "serving", "tiny" if args.tiny else "full", doc, markdown(doc),
+            None if args.tiny or args.no_docs else "serving")
     print("\n".join(table(doc)))
     print(f"\nAPI / in-process: {ratio:.2f}x (target >= {TARGET})")
     return doc

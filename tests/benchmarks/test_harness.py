@@ -1,0 +1,35 @@
+"""benchmarks/harness.py's result helpers: cached records, result files, measured rows."""
+
+import json
+
+from benchmarks.harness import cached_file, publish, record, rounded
+
+
+def test_cached_file_runs_once_and_stores_the_seconds(tmp_path):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"x": len(calls)}
+
+    path = tmp_path / "rows" / "a.json"
+    first = cached_file(path, fn)
+    assert first["x"] == 1 and isinstance(first["seconds"], float)
+    assert json.loads(path.read_text()) == first
+    assert cached_file(path, fn) == first and len(calls) == 1  # from the file
+    assert cached_file(path, fn, fresh=True)["x"] == 2  # --fresh measures again and stores the new record
+    assert json.loads(path.read_text())["x"] == 2
+
+
+def test_publish_writes_json_and_markdown_by_profile(tmp_path):
+    json_path, md_path = publish(tmp_path, "bench", "tiny", {"a": 1}, "| t |\n")
+    assert (json_path.name, md_path.name) == ("bench_tiny.json", "bench_tiny.md")
+    assert json.loads(json_path.read_text()) == {"a": 1} and md_path.read_text() == "| t |\n"
+    assert publish(tmp_path, "bench", "full", {}, "")[0].name == "bench.json"
+
+
+def test_record_keeps_details_apart():
+    r = record("x", 1.5, "s", baseline=1.0, ratio=rounded(1.5 / 1.0, 2), target="ratio <= 2", met=True, reps=3)
+    assert r == {"name": "x", "value": 1.5, "unit": "s", "baseline": 1.0, "ratio": 1.5, "target": "ratio <= 2",
+                 "met": True, "details": {"reps": 3}}
+    assert rounded(None) is None and rounded(1.23456, 2) == 1.23
