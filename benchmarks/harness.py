@@ -293,8 +293,8 @@ def run_emulator(model, tok, task: Task, budget: Any, choice, emu: dict, seed: i
     return out
 
 
-def cached(work: Path, key_obj: Any, fn: Callable[[], dict]) -> dict:
-    """fn()'s record, from work/rows/ when an earlier run stored it under the same key (with its seconds)."""
+def cached(work: Path, key_obj: Any, fn: Callable[..., dict], *args: Any) -> dict:
+    """fn(*args)'s record, from work/rows/ when an earlier run stored it under the same key (with its seconds)."""
     return cached_file(work / "rows" / f"{digest(key_obj)}.json", fn)
 
 
@@ -304,7 +304,7 @@ def cached_file(path: Path, fn: Callable[[], dict], *, fresh: bool = False, ndig
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
     t0 = time.perf_counter()
-    rec = fn()
+    rec = fn(*args)
     seconds = time.perf_counter() - t0
     rec["seconds"] = seconds if ndigits is None else round(seconds, ndigits)
     write_json(path, rec)
