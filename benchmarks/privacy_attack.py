@@ -35,14 +35,35 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
 
 from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
 
+# isort: split
 import torch
 
-from benchmarks.harness import (EmuSpec, Task, build_emulators, cached, digest, environment, evaluate_task,
-                                load_model, log, make_tasks, markdown_table, prepare_data, pyplot, quality,
-                                result_paths, run_emulator, stage1, train_config, update_docs_block, write_json)
+from benchmarks.harness import (
+    EmuSpec,
+    Task,
+    build_emulators,
+    cached,
+    data_key,
+    digest,
+    environment,
+    load_model,
+    log,
+    make_tasks,
+    markdown_table,
+    prepare_data,
+    pyplot,
+    quality,
+    result_paths,
+    run_emulator,
+    stage1,
+    train_config,
+    update_docs_block,
+    write_json,
+    zero_shot,
+)
 from data_owner_client.train import resolve_device, tune_emulator
 from model_owner_server.scaleot.attack import AttackConfig, heal
-from model_owner_server.scaleot.importance import corpus_blocks
+from model_owner_server.scaleot.corpus import corpus_blocks
 from shared.emulator_file import load_emulator
 from shared.modules import LowRankLinear
 
@@ -153,23 +174,22 @@ def share_of_gain(task: Task, attacker: dict, plug: dict, zero_shot: dict) -> fl
 def run_rows(model, tok, model_id, emulators: dict[str, dict], tasks: list[Task], budget: Budget, choice,
              public: tuple, work: Path, save) -> list[dict]:
     rows: list[dict] = []
-    data_key = lambda t: [t.name, t.batch, t.eval_max, t.train.path.stat().st_size, t.eval.path.stat().st_size]
     pub_key = [budget.public_train_chars, budget.public_val_blocks, tuple(public[0].shape)]
     for task in tasks:
-        zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len],
-                    lambda: {"zero_shot": evaluate_task(model, tok, task, budget, choice)})["zero_shot"]
+        zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget,
+                    choice)["zero_shot"]
         log(f"== {task.name}: zero-shot {task.metric} {zs[task.metric]:.4g}")
         plan = [(name, budget.seed) for name in emulators]
         plan += [("scaleot_a0.5", s) for s in budget.spread_seeds if "scaleot_a0.5" in emulators]
         for name, seed in plan:
             emu = emulators[name]
             base = cached(work, ["emu", emu["sha256"], data_key(task), seed, budget.ft_steps, budget.seq_len],
-                          lambda: run_emulator(model, tok, task, budget, choice, emu, seed, budget.ft_steps, work))
+                          run_emulator, model, tok, task, budget, choice, emu, seed, budget.ft_steps, work)
             attacks = {}
             for kind in attacks_for(emu, budget):
                 attacks[kind] = cached(work, ["attack", emu["sha256"], kind, budget.attack_steps, budget.attack_batch,
                                               pub_key, data_key(task), seed, budget.ft_steps, budget.seq_len],
-                                       lambda: run_attack(task, budget, choice, emu, kind, seed, public, work))
+                                       run_attack, task, budget, choice, emu, kind, seed, public, work)
             best_kind = max(attacks, key=lambda k: quality(task, attacks[k]["attacker"]))
             best = attacks[best_kind]["attacker"]
             plug, eft = base["plug_in"], base["emulator_ft"]
@@ -196,9 +216,9 @@ def spread(rows: list[dict]) -> dict[str, Any] | None:
     seeds = [r for r in rows if r["emulator"] == "scaleot_a0.5" and r["task"] == "shakespeare"]
     if len(seeds) < 2:
         return None
-    half = lambda k: (max(r[k] for r in seeds) - min(r[k] for r in seeds)) / 2
     return {"emulator": "scaleot_a0.5", "seeds": [r["seed"] for r in seeds],
-            **{k: round(half(k), 4) for k in ("residual_gap", "gap_before_attack", "plug_in_gain")}}
+            **{k: round((max(r[k] for r in seeds) - min(r[k] for r in seeds)) / 2, 4)
+               for k in ("residual_gap", "gap_before_attack", "plug_in_gain")}}
 
 
 def verdict(row: dict, noise: float) -> str:
@@ -241,7 +261,7 @@ def markdown(result: dict) -> str:
             share = "–" if r["share_of_gain"] is None else f"{r['share_of_gain']:.2f}"
             body.append([r["emulator"], f"{r['size_ratio']:.0%}", f"{r['plug_in']:.4g}", f"{r['emulator_ft']:.4g}", *att,
                          f"{r['gap_before_attack']:+.3f}", f"{r['residual_gap']:+.3f}", share, verdict(r, noise)])
-        lines += markdown_table(header, body) + [""]
+        lines += [*markdown_table(header, body), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +287,7 @@ def plot(result: dict, path: Path) -> Path | None:
     ax.set_xlabel("residual privacy gap after the best attack (nats; arrows start at the gap before it)")
     ax.set_ylabel("plug-in perplexity (lower is better)")
     ax.set_title(f"Privacy–utility frontier under attack, {result['meta']['model']}", fontsize=10)
-    handles = [plt.Line2D([], [], marker=m, color=c, ls="", label=l) for m, c, l in (
+    handles = [plt.Line2D([], [], marker=m, color=c, ls="", label=label) for m, c, label in (
         ("s", "tab:orange", "OT LayerDrop"), ("o", "tab:blue", "ScaleOT β=0"), ("o", "tab:green", "ScaleOT β=0.5"),
         ("o", "tab:red", "ScaleOT β=0.8"))]
     ax.legend(handles=handles + ax.get_legend_handles_labels()[0][:1], fontsize=8)

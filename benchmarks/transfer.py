@@ -37,10 +37,26 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
 
 from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
 
+# isort: split
 import torch
 
-from benchmarks.harness import (EmuSpec, build_emulators, cached, digest, evaluate_task, load_model, log,
-                                make_tasks, prepare_data, quality, run_emulator, run_reference, stage1, write_json)
+from benchmarks.harness import (
+    EmuSpec,
+    build_emulators,
+    cached,
+    data_key,
+    digest,
+    load_model,
+    log,
+    make_tasks,
+    prepare_data,
+    quality,
+    run_emulator,
+    run_reference,
+    stage1,
+    write_json,
+    zero_shot,
+)
 from data_owner_client.train import resolve_device
 
 RESULT_NAME = "transfer"
@@ -126,10 +142,9 @@ class Row:
 
 def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, save) -> list[dict]:
     rows: list[dict] = []
-    data_key = lambda t: [t.name, t.batch, t.eval_max, t.train.path.stat().st_size, t.eval.path.stat().st_size]
     for task in tasks:
-        zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len],
-                    lambda: {"zero_shot": evaluate_task(model, tok, task, budget, choice)})["zero_shot"]
+        zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget,
+                    choice)["zero_shot"]
         log(f"== {task.name}: zero-shot {task.metric} {zs[task.metric]:.4g}")
         plan_rows = [(name, seed, budget.ft_steps) for name in emulators
                      for seed in (budget.seeds if name in MAIN else budget.seeds[:1])]
@@ -140,9 +155,9 @@ def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, 
             emu = emulators[name]
             layers = emu["adapter_layers"]
             ref = cached(work, ["ref", model_id, data_key(task), layers, seed, steps, budget.seq_len],
-                         lambda: run_reference(model, tok, task, budget, choice, layers, seed, steps))
+                         run_reference, model, tok, task, budget, choice, layers, seed, steps)
             m = cached(work, ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len],
-                       lambda: run_emulator(model, tok, task, budget, choice, emu, seed, steps, work))
+                       run_emulator, model, tok, task, budget, choice, emu, seed, steps, work)
             q0, qp, qr = quality(task, zs), quality(task, m["plug_in"]), quality(task, ref["reference"])
             r = (qp - q0) / (qr - q0) if abs(qr - q0) > 1e-9 else None
             qe = quality(task, m["emulator_ft"])
@@ -182,11 +197,12 @@ def summarise(rows: list[dict], budget: Budget) -> list[dict]:
         vals = [r["r"] for r in rs if r["r"] is not None]
         mean = sum(vals) / len(vals) if vals else None
         spread = (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
-        avg = lambda k: sum(r[k] for r in rs) / len(rs)
+        avg = {k: sum(r[k] for r in rs) / len(rs) for k in
+               ("plug_in", "reference", "emulator_zero_shot", "emulator_ft", "privacy_gap")}
         out.append({"task": task, "emulator": emu, "steps": steps, "seeds": [r["seed"] for r in rs], "r_mean": mean,
-                    "r_spread": spread, "r_values": vals, "plug_in": avg("plug_in"), "reference": avg("reference"),
-                    "zero_shot": rs[0]["zero_shot"], "emulator_zero_shot": avg("emulator_zero_shot"),
-                    "emulator_ft": avg("emulator_ft"), "privacy_gap": avg("privacy_gap"), "plan": rs[0]["plan"],
+                    "r_spread": spread, "r_values": vals, "plug_in": avg["plug_in"], "reference": avg["reference"],
+                    "zero_shot": rs[0]["zero_shot"], "emulator_zero_shot": avg["emulator_zero_shot"],
+                    "emulator_ft": avg["emulator_ft"], "privacy_gap": avg["privacy_gap"], "plan": rs[0]["plan"],
                     "adapter_layers": rs[0]["adapter_layers"], "size_ratio": rs[0]["size_ratio"],
                     "fidelity": rs[0]["fidelity"]})
     return out

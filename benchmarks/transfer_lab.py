@@ -3,30 +3,42 @@ middle layers replaced), OT sandwich adapters. Not the product path (benchmarks/
 exploratory numbers can be reproduced:  .venv/bin/python benchmarks/transfer_lab.py drop harm100 kept100
 (REPSET=loo picks the 13 least important layers by leave-one-out: run the loo step first).
 """
+
 import os
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-import copy, json, sys, time, math
-from pathlib import Path
+import copy
+import json
+import math
+import sys
+import time
+
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import torch
 import torch.nn.functional as F
+
+from data_owner_client.train import TrainConfig, freeze_except_adapter, resolve_device, set_seed, train
+from model_owner_server.scaleot.corpus import corpus_blocks
+from model_owner_server.scaleot.importance import swapped_layers
 from model_owner_server.scaleot.model_io import load_causal_lm, prepare_smollm2
-from model_owner_server.scaleot.importance import corpus_blocks, swapped_layers
+from scaleot_samples import corpora
 from shared.architectures import decoder_layers
-from shared.modules import Harmonizer, HarmonizerLayer, DroppedLayer
 from shared.data import load_dataset, pad_id_for, training_examples
 from shared.evaluation import evaluate
-from data_owner_client.train import TrainConfig, freeze_except_adapter, train, resolve_device, set_seed
-from scaleot_samples import corpora
+from shared.modules import DroppedLayer, Harmonizer, HarmonizerLayer
 
 torch.set_num_threads(2)
 W = REPO / ".cache" / "lab"
 W.mkdir(parents=True, exist_ok=True)
 T0 = time.perf_counter()
-def log(m): print(f"[{time.perf_counter()-T0:7.1f}s] {m}", flush=True)
+
+
+def log(m):
+    print(f"[{time.perf_counter() - T0:7.1f}s] {m}", flush=True)
+
 
 model_dir = prepare_smollm2(W / "smollm2")
 M, tok = load_causal_lm(model_dir)
@@ -53,7 +65,11 @@ def tune(model, layers, steps=FT_STEPS, seed=0):
     freeze_except_adapter(model, layers)
     train(model, ex, cfg, choice, pad_id=pad_id_for(tok), progress=False)
     model.requires_grad_(False)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if any(n.startswith(f"model.layers.{i}.") for i in layers)}
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if any(n.startswith(f"model.layers.{i}.") for i in layers)
+    }
 
 
 def plug(adapter, base=M):
@@ -67,12 +83,15 @@ def plug(adapter, base=M):
 
 def capture(model, ids):
     outs = {}
-    hooks = [l.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-             for i, l in enumerate(decoder_layers(model))]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        for i, layer in enumerate(decoder_layers(model))
+    ]
     try:
         logits = model(input_ids=ids, use_cache=False).logits
     finally:
-        for h in hooks: h.remove()
+        for h in hooks:
+            h.remove()
     return logits, outs
 
 
@@ -89,7 +108,8 @@ def distill(E, params, steps, lr=1e-3, kl_w=1.0, mse_w=1.0, bs=4, seed=0, only=N
     g = torch.Generator().manual_seed(seed)
     groups = params if isinstance(params[0], dict) else [{"params": params}]
     flat = [p for gr in groups for p in gr["params"]]
-    for p in flat: p.requires_grad_(True)
+    for p in flat:
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     for s in range(steps):
@@ -97,14 +117,25 @@ def distill(E, params, steps, lr=1e-3, kl_w=1.0, mse_w=1.0, bs=4, seed=0, only=N
         with torch.no_grad():
             tl, th = capture(M, ids)
         sl, sh = capture(E, ids)
-        kl = F.kl_div(F.log_softmax(sl.float(), -1).flatten(0, 1), F.log_softmax(tl.float(), -1).flatten(0, 1), log_target=True, reduction="batchmean")
+        kl = F.kl_div(
+            F.log_softmax(sl.float(), -1).flatten(0, 1),
+            F.log_softmax(tl.float(), -1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
         keys = only if only is not None else list(range(L))
-        mse = sum((((sh[i] - th[i]) ** 2).sum(-1) / (th[i] ** 2).sum(-1).clamp_min(1e-6)).mean() for i in keys) / len(keys)
+        mse = sum((((sh[i] - th[i]) ** 2).sum(-1) / (th[i] ** 2).sum(-1).clamp_min(1e-6)).mean() for i in keys) / len(
+            keys
+        )
         loss = kl_w * kl + mse_w * mse
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
         if s % 20 == 0 or s == steps - 1:
             log(f"  distill {s}: kl {float(kl):.3f} nmse {float(mse):.4f}")
-    for p in flat: p.requires_grad_(False)
+    for p in flat:
+        p.requires_grad_(False)
 
 
 def grad_cos(E, layers, n=4):
@@ -112,28 +143,36 @@ def grad_cos(E, layers, n=4):
     for model in (M, E):
         model.requires_grad_(False)
         ps = [p for i in layers for p in decoder_layers(model)[i].parameters()]
-        for p in ps: p.requires_grad_(True)
-        ids = wval[:n * 2]
+        for p in ps:
+            p.requires_grad_(True)
+        ids = wval[: n * 2]
         logits = model(input_ids=ids, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         gr = torch.autograd.grad(loss, ps)
         vs.append(torch.cat([x.flatten() for x in gr]))
-        for p in ps: p.requires_grad_(False)
-    per_layer = None
+        for p in ps:
+            p.requires_grad_(False)
     return float(F.cosine_similarity(vs[0], vs[1], dim=0))
 
 
 def val_ratio(E):
     with torch.no_grad():
-        def l(m):
+
+        def loss_of(m):
             ids = wval[:16]
-            return float(F.cross_entropy(m(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
-        return math.exp(l(E) - l(M))
+            return float(
+                F.cross_entropy(m(input_ids=ids, use_cache=False).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            )
+
+        return math.exp(loss_of(E) - loss_of(M))
 
 
 RES = W / "results.jsonl"
+
+
 def record(**kw):
-    with open(RES, "a") as f: f.write(json.dumps(kw) + "\n")
+    with open(RES, "a") as f:
+        f.write(json.dumps(kw) + "\n")
     log(f"RESULT {kw}")
 
 
@@ -144,7 +183,7 @@ def reference(layers):
         return json.loads(cache.read_text())
     zs = ev(M)
     Mc = copy.deepcopy(M)
-    ad = tune(Mc, layers)
+    tune(Mc, layers)
     ref = ev(Mc)
     out = {"zs": zs, "ref": ref}
     cache.write_text(json.dumps(out))
@@ -155,13 +194,18 @@ def reference(layers):
 def tune_generic(E, layers, steps, lr=1e-4, seed=0):
     """Model owner: tune the adapter on the emulator with generic text (absorbs the emulator's repair)."""
     from shared.data import Example
+
     ex = [Example(b.clone(), b.clone()) for b in wtrain]
     cfg = TrainConfig(max_steps=steps, batch_size=4, seq_len=128, seed=seed, lr=lr)
     set_seed(seed)
     freeze_except_adapter(E, layers)
     train(E, ex, cfg, choice, pad_id=pad_id_for(tok), progress=False)
     E.requires_grad_(False)
-    return {n: p.detach().clone() for n, p in E.named_parameters() if any(n.startswith(f"model.layers.{i}.") for i in layers)}
+    return {
+        n: p.detach().clone()
+        for n, p in E.named_parameters()
+        if any(n.startswith(f"model.layers.{i}.") for i in layers)
+    }
 
 
 def run(name, layers, replaced, mode, steps=0, kept=False, delta=0, **kw):
@@ -173,13 +217,27 @@ def run(name, layers, replaced, mode, steps=0, kept=False, delta=0, **kw):
     if steps:
         params = [{"params": [p for h in hs.values() for p in h.parameters()]}]
         if kept:
-            params.append({"params": [p for i, l in enumerate(decoder_layers(E)) if i not in replaced and i not in layers for p in l.parameters()], "lr": 1e-4})
+            params.append(
+                {
+                    "params": [
+                        p
+                        for i, layer in enumerate(decoder_layers(E))
+                        if i not in replaced and i not in layers
+                        for p in layer.parameters()
+                    ],
+                    "lr": 1e-4,
+                }
+            )
         distill(E, params, steps, **kw)
     dt = time.perf_counter() - t
     ratio, gc = val_ratio(E), grad_cos(E, layers)
     extra = {}
     if delta:
-        orig = {n: p.detach().clone() for n, p in E.named_parameters() if any(n.startswith(f"model.layers.{i}.") for i in layers)}
+        orig = {
+            n: p.detach().clone()
+            for n, p in E.named_parameters()
+            if any(n.startswith(f"model.layers.{i}.") for i in layers)
+        }
         cal = tune_generic(E, layers, delta)
         extra["cal_ratio"], extra["cal_grad_cos"] = val_ratio(E), grad_cos(E, layers)
     ezs = ev(E)
@@ -189,8 +247,27 @@ def run(name, layers, replaced, mode, steps=0, kept=False, delta=0, **kw):
         ad = {n: orig[n] + (ad[n] - cal[n]) for n in ad}
     pl = ev(plug(ad))
     r = (R["zs"] - pl) / (R["zs"] - R["ref"])
-    record(name=name, layers=layers, replaced=sorted(replaced), mode=mode, steps=steps, kept=kept, ft_steps=FT_STEPS,
-           distill_s=round(dt, 1), ppl_ratio=ratio, grad_cos=gc, emu_zs=ezs, emu_ft=eft, plug=pl, zs=R["zs"], ref=R["ref"], r=r, delta=delta, **extra, **kw)
+    record(
+        name=name,
+        layers=layers,
+        replaced=sorted(replaced),
+        mode=mode,
+        steps=steps,
+        kept=kept,
+        ft_steps=FT_STEPS,
+        distill_s=round(dt, 1),
+        ppl_ratio=ratio,
+        grad_cos=gc,
+        emu_zs=ezs,
+        emu_ft=eft,
+        plug=pl,
+        zs=R["zs"],
+        ref=R["ref"],
+        r=r,
+        delta=delta,
+        **extra,
+        **kw,
+    )
 
 
 if __name__ == "__main__":
@@ -205,6 +282,7 @@ if __name__ == "__main__":
     for exp in sys.argv[1:]:
         if exp == "loo":  # leave-one-out: the loss increase when each layer alone is dropped
             from model_owner_server.scaleot.importance import lm_loss
+
             ids = wval[:8]
             with torch.no_grad():
                 base = float(lm_loss(M(input_ids=ids, use_cache=False).logits, ids))

@@ -18,9 +18,9 @@ import json
 import random
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 from shared.data import MultipleChoice
 

@@ -26,14 +26,13 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.initialization import no_init_weights as _no_init_weights  # transformers 5.x (pinned)
 
 from shared.architectures import family_for
 from shared.emulator_model import apply_plan
 from shared.layer_plan import LayerPlan
-from shared.modules import count_params  # noqa: F401  (re-exported: callers take it from here too)
+from shared.modules import count_params
 from shared.signing import sha256_file
-
-from transformers.initialization import no_init_weights as _no_init_weights  # transformers 5.x (pinned)
 
 FORMAT = "emulator/v1"
 # Storage dtypes an emulator may be built in: half size for bf16/fp16 (the data owner trains in fp32 anyway).

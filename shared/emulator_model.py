@@ -13,8 +13,16 @@ from transformers import PreTrainedModel
 
 from shared.architectures import Projection, decoder_layers, family_for, projection_blocks
 from shared.layer_plan import LayerPlan, Role
-from shared.modules import (ConcatLinear, DroppedLayer, Harmonizer, HarmonizerLayer, LowRankLinear, RankReducedLinear,
-                            factors_are_smaller, src_rank)
+from shared.modules import (
+    ConcatLinear,
+    DroppedLayer,
+    Harmonizer,
+    HarmonizerLayer,
+    LowRankLinear,
+    RankReducedLinear,
+    factors_are_smaller,
+    src_rank,
+)
 
 
 def projection_weight(module: nn.Module, proj: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -44,7 +44,7 @@ class LayerPlan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
+    def from_dict(cls, d: dict[str, Any]) -> LayerPlan:
         try:
             return cls(
                 roles=[Role(r) for r in d["roles"]],

@@ -19,8 +19,14 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from shared.adapter import (DTYPE_NAMES, AdapterValidationError, TensorSpec, load_and_validate_adapter_file,
-                            read_safetensors_header, validate_adapter_file)
+from shared.adapter import (
+    DTYPE_NAMES,
+    AdapterValidationError,
+    TensorSpec,
+    load_and_validate_adapter_file,
+    read_safetensors_header,
+    validate_adapter_file,
+)
 from shared.architectures import decoder_layers, layer_prefix
 
 DEFAULT_R = 8

@@ -38,7 +38,7 @@ class LowRankLinear(nn.Module):
         return self.down.out_features
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> "LowRankLinear":
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> LowRankLinear:
         """Truncated SVD of `weight` (out, in) keeping the top `rank` singular values (Eckart–Young optimal)."""
         out_f, in_f = weight.shape
         mod = cls(in_f, out_f, rank, bias is not None).to(dtype=weight.dtype, device=weight.device)
@@ -67,7 +67,7 @@ class RankReducedLinear(nn.Linear):
         self.rank = rank
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> "RankReducedLinear":
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int) -> RankReducedLinear:
         out_f, in_f = weight.shape
         mod = cls(in_f, out_f, rank, bias is not None).to(dtype=weight.dtype, device=weight.device)
         with torch.no_grad():

@@ -17,7 +17,7 @@ import binascii
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ def canonical_bytes(manifest: dict[str, Any]) -> bytes:
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def emulator_manifest(*, emulator_id: str, model_id: str, sha256: str, size_bytes: int,

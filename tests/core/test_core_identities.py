@@ -7,12 +7,12 @@ import torch
 
 from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan, uniform_layerdrop_plan
 from model_owner_server.scaleot.plugin import plug_in
-from shared.adapter import AdapterValidationError, adapter_spec, extract_adapter
+from scaleot_samples.tiny import FAMILIES, byte_tokenizer, tiny_model
+from shared.adapter import adapter_spec, extract_adapter
 from shared.architectures import UnsupportedArchitectureError, decoder_layers, family_for
 from shared.emulator_file import load_emulator, read_metadata, save_emulator
 from shared.layer_plan import Role
 from shared.modules import Harmonizer
-from scaleot_samples.tiny import FAMILIES, byte_tokenizer, tiny_model
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 

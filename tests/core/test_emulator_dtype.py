@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from model_owner_server.cli import app
-from shared.emulator_file import load_emulator, read_metadata
 from scaleot_samples.tiny import save_tiny_model_dir
+from shared.emulator_file import load_emulator, read_metadata
 
 
 @pytest.fixture(scope="module")

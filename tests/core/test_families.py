@@ -12,12 +12,12 @@ from model_owner_server.scaleot.emulator import make_emulator
 from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
 from model_owner_server.scaleot.model_io import load_causal_lm
 from model_owner_server.scaleot.plugin import plug_in
+from scaleot_samples.tiny import FAMILIES, save_tiny_model_dir
 from shared.adapter import adapter_spec, extract_adapter
 from shared.architectures import decoder_layers, family_for
 from shared.emulator_file import load_emulator
 from shared.layer_plan import Role
 from shared.modules import ConcatLinear, HarmonizerLayer
-from scaleot_samples.tiny import FAMILIES, save_tiny_model_dir
 
 BLOCKS = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
 

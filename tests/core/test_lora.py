@@ -11,13 +11,13 @@ import torch
 from data_owner_client.train import TrainConfig, tune_emulator
 from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
 from model_owner_server.scaleot.plugin import plug_in, plug_in_file
+from scaleot_samples.tiny import byte_tokenizer, tiny_model
 from shared.adapter import AdapterValidationError, adapter_spec, spec_to_json
 from shared.data import load_dataset
 from shared.device import DeviceChoice
 from shared.emulator_file import load_emulator, save_emulator
 from shared.lora import LoraSpec, issue_lora, load_adapter
 from shared.modules import Harmonizer
-from scaleot_samples.tiny import byte_tokenizer, tiny_model
 
 CPU = DeviceChoice(torch.device("cpu"), None)
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60

@@ -14,8 +14,8 @@ from model_owner_server.cli import app
 from model_owner_server.crud import inspect_model_folder
 from model_owner_server.scaleot.gguf_import import import_gguf
 from model_owner_server.scaleot.model_io import ModelLoadError, check_model_folder, load_causal_lm
-from shared.modules import count_params
 from scaleot_samples.tiny import byte_tokenizer, save_tiny_model_dir, tiny_model
+from shared.modules import count_params
 
 IDS = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
 

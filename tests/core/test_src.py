@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
+from scaleot_samples.tiny import FAMILIES, tiny_model
 from shared.architectures import decoder_layers, family_for, projection_blocks
 from shared.emulator_model import projection_full_ranks, projection_weight
 from shared.modules import ConcatLinear, LowRankLinear, RankReducedLinear, src_rank
-from scaleot_samples.tiny import FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.25, 0.5, 0.8, 0.95])

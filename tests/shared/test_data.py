@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scaleot_samples.tiny import byte_tokenizer
 from shared.data import (
     IGNORE_INDEX,
     DataError,
@@ -21,7 +22,6 @@ from shared.data import (
     pack_text_blocks,
     training_examples,
 )
-from scaleot_samples.tiny import byte_tokenizer
 
 TOK = byte_tokenizer()
 EOS = TOK.eos_token_id

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from scaleot_samples.tiny import byte_tokenizer, tiny_model
 from shared.data import IGNORE_INDEX, Dataset, MultipleChoice, collate, encode_pair
 from shared.evaluation import evaluate, lm_loss
-from scaleot_samples.tiny import byte_tokenizer, tiny_model
 
 TOK = byte_tokenizer()
 V = len(TOK)  # 257
