@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import functools
 import gc
 import hashlib
 import json
@@ -41,14 +42,10 @@ import torch
 
 from data_owner_client.train import TrainConfig, train_layers_in_model, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
+from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator
-from model_owner_server.scaleot.importance import (
-    ImportanceConfig,
-    corpus_blocks,
-    estimate_importance,
-    load_importance,
-    save_importance,
-)
+from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
+from model_owner_server.scaleot.importance_io import load_importance, save_importance
 from model_owner_server.scaleot.plugin import plug_in
 from shared.architectures import decoder_layers
 from shared.data import Dataset, load_dataset, pad_id_for, training_examples
@@ -163,7 +160,7 @@ def _write_synthetic(out: Path) -> None:
             if i == j:
                 continue
             wrong = rng.sample([p[1] for k, p in enumerate(pairs) if k not in (i, j)], 3)
-            choices = wrong + [d]
+            choices = [*wrong, d]
             rng.shuffle(choices)
             qs.append({"question": f"{a} is to {b} as {c} is to", "choices": choices, "answer": choices.index(d)})
     rng.shuffle(qs)
@@ -265,6 +262,16 @@ def evaluate_task(model, tok, task: Task, budget: Any, choice: Any) -> dict[str,
                     max_examples=task.eval_max)
 
 
+def zero_shot(model, tok, task: Task, budget: Any, choice: Any) -> dict[str, dict[str, float]]:
+    """The full model before any tuning: the row every gain is measured from."""
+    return {"zero_shot": evaluate_task(model, tok, task, budget, choice)}
+
+
+def data_key(task: Task) -> list[Any]:
+    """What identifies a task's data in cache keys: its name, batch, eval cap and the two files' sizes."""
+    return [task.name, task.batch, task.eval_max, task.train.path.stat().st_size, task.eval.path.stat().st_size]
+
+
 def quality(task: Task, m: dict[str, float]) -> float:
     """What r is computed on: eval loss (nats) for text, accuracy for multiple choice (higher = better)."""
     return -m["loss"] if task.metric == "perplexity" else m["accuracy"]
@@ -295,7 +302,7 @@ def run_emulator(model, tok, task: Task, budget: Any, choice, emu: dict, seed: i
 
 def cached(work: Path, key_obj: Any, fn: Callable[..., dict], *args: Any) -> dict:
     """fn(*args)'s record, from work/rows/ when an earlier run stored it under the same key (with its seconds)."""
-    return cached_file(work / "rows" / f"{digest(key_obj)}.json", fn)
+    return cached_file(work / "rows" / f"{digest(key_obj)}.json", functools.partial(fn, *args))
 
 
 def cached_file(path: Path, fn: Callable[[], dict], *, fresh: bool = False, ndigits: int | None = 1) -> dict:
@@ -304,7 +311,7 @@ def cached_file(path: Path, fn: Callable[[], dict], *, fresh: bool = False, ndig
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
     t0 = time.perf_counter()
-    rec = fn(*args)
+    rec = fn()
     seconds = time.perf_counter() - t0
     rec["seconds"] = seconds if ndigits is None else round(seconds, ndigits)
     write_json(path, rec)
