@@ -48,12 +48,9 @@ from benchmarks.harness import (
 )
 from data_owner_client.train import TrainConfig, resolve_device, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
+from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator
-from model_owner_server.scaleot.importance import (
-    ImportanceConfig,
-    corpus_blocks,
-    estimate_importance,
-)
+from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import adapter_spec
 from shared.data import load_dataset

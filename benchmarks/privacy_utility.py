@@ -70,15 +70,10 @@ from benchmarks.privacy_utility_rows import (
     stage1_record,
 )
 from data_owner_client.train import resolve_device
+from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator, param_bytes
-from model_owner_server.scaleot.importance import (
-    ImportanceConfig,
-    ImportanceProgress,
-    corpus_blocks,
-    estimate_importance,
-    load_importance,
-    save_importance,
-)
+from model_owner_server.scaleot.importance import ImportanceConfig, ImportanceProgress, estimate_importance
+from model_owner_server.scaleot.importance_io import load_importance, save_importance
 from shared.architectures import decoder_layers
 from shared.emulator_file import count_params
 

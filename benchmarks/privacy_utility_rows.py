@@ -24,7 +24,7 @@ from data_owner_client.train import (
     train_layers_in_model,
     tune_emulator,
 )
-from model_owner_server.scaleot.importance import corpus_blocks
+from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.plugin import plug_in
 from shared.architectures import decoder_layers
 from shared.data import pad_id_for, training_examples

@@ -21,14 +21,10 @@ from benchmarks.systems_world import corpus_file
 def stage2(prof: Any, work: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     import torch
 
+    from model_owner_server.scaleot.corpus import corpus_blocks
     from model_owner_server.scaleot.emulator import make_emulator
-    from model_owner_server.scaleot.importance import (
-        ImportanceConfig,
-        corpus_blocks,
-        estimate_importance,
-        load_importance,
-        save_importance,
-    )
+    from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
+    from model_owner_server.scaleot.importance_io import load_importance, save_importance
     from model_owner_server.scaleot.model_io import load_causal_lm, prepare_smollm2
 
     if prof.smollm2:

@@ -93,7 +93,9 @@ def estimate_importance_cmd(
     """Stage 1: importance scores + harmonizers by Dynamic LayerReplace."""
     from tqdm import tqdm
 
-    from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance, save_importance
+    from model_owner_server.scaleot.corpus import corpus_blocks
+    from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
+    from model_owner_server.scaleot.importance_io import save_importance
     from model_owner_server.scaleot.model_io import load_causal_lm, resolve_device
 
     try:
@@ -155,7 +157,7 @@ def make_emulator_cmd(
 
     from model_owner_server.scaleot.calibrate import CalibrationConfig
     from model_owner_server.scaleot.emulator import build_blocks, make_emulator
-    from model_owner_server.scaleot.importance import load_importance
+    from model_owner_server.scaleot.importance_io import load_importance
     from model_owner_server.scaleot.model_io import load_causal_lm
     from shared.emulator_file import emulator_dtype
 
@@ -270,7 +272,8 @@ def worker_cmd(threads: int = typer.Option(1, "--threads", help="jobs run at onc
     import logging
 
     from model_owner_server.core.db import make_engine, make_session_factory, run_migrations
-    from model_owner_server.jobs import JobQueue, fail_jobs_of_this_process, recover_interrupted_jobs
+    from model_owner_server.jobs.queue import JobQueue
+    from model_owner_server.jobs.recovery import fail_jobs_of_this_process, recover_interrupted_jobs
     from model_owner_server.keyring import KeyRing
     from model_owner_server.storage import Storage
 

@@ -21,8 +21,9 @@ from model_owner_server.console import mount_console
 from model_owner_server.core.config import Settings
 from model_owner_server.core.db import make_engine, make_session_factory, run_migrations, session_scope
 from model_owner_server.janitor import sweep
-from model_owner_server.jobs import (JobQueue, Reaper, fail_jobs_of_this_process, recover_interrupted_jobs,
-                                     requeue_queued_jobs)
+from model_owner_server.jobs.queue import JobQueue
+from model_owner_server.jobs.recovery import (Reaper, fail_jobs_of_this_process, recover_interrupted_jobs,
+                                              requeue_queued_jobs)
 from model_owner_server.keyring import KeyRing
 from model_owner_server.storage import Storage
 

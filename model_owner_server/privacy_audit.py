@@ -5,8 +5,8 @@ A data owner holds the emulator file and public text. The audit heals the emulat
 full model M: the *residual gap* in nats per token (> 0: the attacker's copy is still worse than M). The
 model owner sees it (GET /v1/emulators/{id}, the console) before granting a download.
 
-Run by the `privacy_audit` job (POST /v1/emulators/{id}/privacy-audit, admins) and by
-`modelowner-server audit-emulator EMULATOR_ID`; both store the same record in `emulators.privacy`.
+Run by the `privacy_audit` job (jobs/tasks/privacy_audit.py; POST /v1/emulators/{id}/privacy-audit, admins) and
+by `modelowner-server audit-emulator EMULATOR_ID`; both store the same record in `emulators.privacy`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from model_owner_server.scaleot.attack import AttackConfig, heal, mean_lm_loss
-from model_owner_server.scaleot.importance import corpus_blocks
+from model_owner_server.scaleot.corpus import corpus_blocks
 
 DEFAULT_CORPUS = "pydoc_data.topics"  # Python's reference docs: public, disjoint from stage-1 and task text
 
@@ -75,37 +75,3 @@ def run_privacy_audit(full_model: nn.Module, tokenizer: Any, emulator_path: str 
         "seconds": round(res.seconds, 1), "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
-
-def audit_job(runner: Any, ctx: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """The `privacy_audit` job body: audit one ready emulator and store the record on its row."""
-    from model_owner_server.core.db import session_scope
-    from model_owner_server.jobs import JobFailure, _still_ours
-    from model_owner_server.models import BaseModel, Emulator
-
-    settings = runner.settings
-    with session_scope(runner.sessions) as s:
-        emu = s.get(Emulator, params["emulator_id"])
-        if emu is None or emu.status != "ready" or not emu.path:
-            raise JobFailure(f"emulator {params['emulator_id']} was deleted or is not ready any more")
-        model_row = s.get(BaseModel, emu.model_id)
-        if model_row is None:
-            raise JobFailure(f"the model of emulator {emu.id} was deleted")
-        emu_id, path = emu.id, runner.storage.abs(emu.path)
-    if not path.is_file():
-        raise JobFailure(f"the file of emulator {emu_id} is missing from the server's storage ({path}); "
-                         "rebuild it with POST /v1/emulators")
-    ctx.update(0.01, "loading the full model", force=True)
-    model, tokenizer = runner.full_model(model_row)
-    cfg = AttackConfig(kind=params["attack"], steps=int(params["steps"]), batch_size=settings.importance_batch_size,
-                       seed=int(params.get("seed", 0)))
-    record = run_privacy_audit(model, tokenizer, path, cfg, corpus=params.get("corpus"),
-                               seq_len=settings.importance_seq_len, max_blocks=settings.importance_max_blocks,
-                               val_blocks=settings.audit_val_blocks, device=str(runner.device),
-                               progress=lambda f, m, x: ctx.update(f, m, x))
-    with session_scope(runner.sessions) as s:
-        _still_ours(s, ctx)
-        row = s.get(Emulator, emu_id)
-        if row is None:
-            raise JobFailure(f"emulator {emu_id} was deleted while it was being audited; nothing was stored")
-        row.privacy = record
-    return {"emulator_id": emu_id, "privacy": record}

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from model_owner_server.core.config import Settings
 from model_owner_server.core.security import organization_for_key
-from model_owner_server.jobs import JobQueue
+from model_owner_server.jobs.queue import JobQueue
 from model_owner_server.keyring import KeyRing
 from model_owner_server.models import Organization
 from model_owner_server.storage import Storage

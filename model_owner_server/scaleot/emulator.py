@@ -28,7 +28,8 @@ from shared.layer_plan import LayerPlan, Role
 from shared.modules import Harmonizer
 
 from .calibrate import CalibrationConfig, calibrate_emulator, measure_fidelity
-from .importance import ImportanceResult, corpus_blocks
+from .corpus import corpus_blocks
+from .importance import ImportanceResult
 
 PLACEMENTS = ("sandwich", "importance", "spread")
 DEFAULT_PLACEMENT = "sandwich"

@@ -17,16 +17,13 @@ fresh scores replace a share f of the layers), which gives every configuration a
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -310,83 +307,3 @@ def _rl_step(model, stand_ins, scores, val_blocks, cfg, gen, device) -> tuple[fl
     # learns "replace fewer layers" would stop training harmonizers) without changing the ranking.
     scores -= scores.mean()
     return float(loss_t.mean()), float(rewards.mean())
-
-
-# ---- persistence: safetensors for tensors, JSON for settings; nothing pickled ----
-
-def save_importance(result: ImportanceResult, out_dir: str | Path, extra: dict | None = None) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {"scores": result.scores.float().contiguous()}
-    for i, h in result.harmonizers.items():
-        for name, t in h.state_dict().items():
-            tensors[f"harmonizers.{i}.{name}"] = t.detach().float().cpu().contiguous()
-    n_layers = len(result.scores)
-    hidden = next(iter(result.harmonizers.values())).norm.normalized_shape[0]
-    record = {
-        "format": "scaleot-importance/v1",
-        "config": asdict(result.config),
-        "n_layers": n_layers,
-        "hidden_size": hidden,
-        "scores": result.scores.tolist(),
-        "ranking": result.ranking(),
-        "seconds": round(result.seconds, 3),
-        "n_model_params": result.n_model_params,
-        "n_harmonizer_params": result.n_harmonizer_params,
-        "harmonizer_fraction": result.n_harmonizer_params / max(1, result.n_model_params),
-        "final_loss": next((h["loss"] for h in reversed(result.history) if h["phase"] == "dl"), None),
-        **(extra or {}),
-    }
-    tmp = out / ".importance.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(out / "importance.safetensors")
-    tmp_json = out / ".importance.json.tmp"
-    tmp_json.write_text(json.dumps(record, indent=2))
-    tmp_json.replace(out / "importance.json")
-    return out
-
-
-def load_importance(out_dir: str | Path) -> ImportanceResult:
-    out = Path(out_dir)
-    try:
-        record = json.loads((out / "importance.json").read_text())
-        tensors = load_file(str(out / "importance.safetensors"))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{out} holds no importance run (importance.json + importance.safetensors); "
-                                "run `modelowner-server estimate-importance` first") from exc
-    cfg = ImportanceConfig.from_dict(record["config"])
-    harmonizers = {}
-    for i in range(record["n_layers"]):
-        h = Harmonizer(record["hidden_size"], cfg.bottleneck)
-        h.load_state_dict({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"harmonizers.{i}.")})
-        harmonizers[i] = h.requires_grad_(False)
-    return ImportanceResult(tensors["scores"], harmonizers, cfg, [], record.get("seconds", 0.0),
-                            record.get("n_model_params", 0))
-
-
-def corpus_blocks(tokenizer, corpus: str | Path, seq_len: int = 256, val_fraction: float = 0.1,
-                  val_corpus: str | Path | None = None, max_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage-1 data: a task-agnostic text file cut into D^T / D^V token blocks (N, seq_len).
-
-    Without a separate validation file, the last `val_fraction` of the blocks is D^V (contiguous, so no text
-    is shared between the two)."""
-    from shared.data import load_dataset, pack_text_blocks  # text files only; DataError names the file
-
-    def blocks(path) -> torch.Tensor:
-        ds = load_dataset(path)
-        if ds.kind != "text":
-            raise ValueError(f"{path}: the stage-1 corpus must be plain text (.txt or JSONL {{\"text\"}}), got {ds.kind}")
-        return pack_text_blocks(tokenizer, ds.records, seq_len)
-
-    train = blocks(corpus)
-    if val_corpus is not None:
-        val = blocks(val_corpus)
-    else:
-        if len(train) < 2:
-            raise ValueError(f"{corpus}: too little text for a train/validation split at seq_len {seq_len}; "
-                             "give a longer corpus, a smaller --seq-len or a --val-corpus")
-        n_val = max(1, int(len(train) * val_fraction))
-        train, val = train[:-n_val], train[-n_val:]
-    if max_blocks:
-        train = train[:max_blocks]
-    return train, val

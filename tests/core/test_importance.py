@@ -2,9 +2,9 @@
 
 import torch
 
-from model_owner_server.scaleot.importance import (ImportanceConfig, estimate_importance, load_importance,
-                                                   log_prob_grad, replace_probabilities, sample_replacement,
-                                                   save_importance)
+from model_owner_server.scaleot.importance import (ImportanceConfig, estimate_importance, log_prob_grad,
+                                                   replace_probabilities, sample_replacement)
+from model_owner_server.scaleot.importance_io import load_importance, save_importance
 from shared.architectures import decoder_layers
 from scaleot_samples.tiny import tiny_model
 

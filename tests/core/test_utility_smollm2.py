@@ -15,8 +15,9 @@ import torch
 
 from data_owner_client.train import TrainConfig, train_layers_in_model, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
+from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator
-from model_owner_server.scaleot.importance import ImportanceConfig, corpus_blocks, estimate_importance
+from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
 from model_owner_server.scaleot.model_io import load_causal_lm, prepare_smollm2
 from model_owner_server.scaleot.plugin import plug_in
 from scaleot_samples import corpora

@@ -43,7 +43,7 @@ def test_disk_full_simulated(tmp_path, new_database_url, files, monkeypatch):
     """The same checks with the writers patched to fail with ENOSPC after writing part of their data
     (works anywhere, no root needed)."""
     from model_owner_server.api import upload
-    from model_owner_server.scaleot import importance
+    from model_owner_server.scaleot import importance_io
     from shared import emulator_file
 
     def enospc(path=None):
@@ -78,7 +78,7 @@ def test_disk_full_simulated(tmp_path, new_database_url, files, monkeypatch):
 
     def make_full(_data_dir):
         patches = [(upload, "open", FullFile), (emulator_file, "save_model", full_save_model),
-                   (importance, "save_importance", full_save_importance)]
+                   (importance_io, "save_importance", full_save_importance)]
         for target, name, value in patches:
             monkeypatch.setattr(target, name, value, raising=False)
         return monkeypatch.undo
@@ -141,7 +141,8 @@ def test_leftovers_of_interrupted_work_are_swept_never_promoted(world):
 def test_a_job_failed_while_it_ran_records_nothing(world):
     """If the reaper failed a job whose worker only looked dead, the worker must not record its result
     afterwards (an emulator `ready` with a job `failed`, or a file the janitor already removed)."""
-    from model_owner_server import crud, jobs
+    from model_owner_server import crud
+    from model_owner_server.jobs import context as jobs
     from model_owner_server.models import Job
 
     sessions = world.client.app.state.sessions
@@ -152,9 +153,9 @@ def test_a_job_failed_while_it_ran_records_nothing(world):
         job_id = job.id
     ctx = jobs.JobContext(job_id, sessions, heartbeat_seconds=60)
     with sessions() as s:
-        jobs._still_ours(s, ctx)  # running under this worker: fine
+        jobs.still_ours(s, ctx)  # running under this worker: fine
     with sessions() as s:
         jobs.fail_job(s, s.get(Job, job_id), "interrupted: the worker stopped sending heartbeats")
         s.commit()
     with sessions() as s, pytest.raises(jobs.JobFailure, match="nothing was recorded"):
-        jobs._still_ours(s, ctx)
+        jobs.still_ours(s, ctx)

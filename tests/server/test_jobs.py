@@ -13,7 +13,9 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-from model_owner_server import crud, jobs
+from model_owner_server import crud
+from model_owner_server.jobs import recovery
+from model_owner_server.jobs.runner import HANDLERS
 from model_owner_server.main import create_app
 from model_owner_server.models import Job, utcnow
 from server_helpers import auth, fast_settings
@@ -33,7 +35,7 @@ def _slow(runner, ctx, params):
 
 @pytest.fixture
 def fake_kind(monkeypatch):
-    monkeypatch.setitem(jobs.HANDLERS, "fake", _slow)
+    monkeypatch.setitem(HANDLERS, "fake", _slow)
     RELEASE.clear()
     yield "fake"
     RELEASE.set()
@@ -142,7 +144,7 @@ def test_recovery_fails_jobs_of_dead_workers(world):
         live_local = _running_job(s, admin, f"{host}:{os.getpid()}:other", 0)  # e.g. a worker thread right now
         ids = (dead_local.id, stale_remote.id, live_local.id, run.id)
         s.commit()
-    failed = jobs.recover_interrupted_jobs(sessions, world.settings, startup=False)
+    failed = recovery.recover_interrupted_jobs(sessions, world.settings, startup=False)
     assert set(ids[:2]) <= set(failed) and ids[2] not in failed
     h = auth(world.keys["admin"])
     j1 = world.client.get(f"/v1/jobs/{ids[0]}", headers=h).json()
@@ -155,7 +157,7 @@ def test_recovery_fails_jobs_of_dead_workers(world):
         # At startup, a job recorded under our own pid by another incarnation is dead too (containers reuse pids).
         s.get(Job, ids[2]).heartbeat_at = utcnow()
         s.commit()
-    assert ids[2] in jobs.recover_interrupted_jobs(sessions, world.settings, startup=True)
+    assert ids[2] in recovery.recover_interrupted_jobs(sessions, world.settings, startup=True)
 
 
 def _dead_pid() -> int:

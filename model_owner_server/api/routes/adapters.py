@@ -15,7 +15,7 @@ from model_owner_server.api.errors import ApiError
 from model_owner_server.api.serialize import adapter_out, job_out
 from model_owner_server.api.upload import MULTIPART_OVERHEAD, PartSpec, ReceivedPart, check_content_length, \
     discard, receive_parts
-from model_owner_server.jobs import QueueUnavailable
+from model_owner_server.jobs.queue import QueueUnavailable
 from model_owner_server.models import Adapter, Emulator, Organization, new_id
 from shared import schemas
 

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query
 from model_owner_server import crud
 from model_owner_server.api.deps import OrgDep, SessionDep
 from model_owner_server.api.serialize import job_out
-from model_owner_server.jobs import request_cancel
+from model_owner_server.jobs.cancel import request_cancel
 from shared import schemas
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

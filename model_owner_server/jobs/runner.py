@@ -1,0 +1,104 @@
+"""JobRunner: execute one job by id. Claim it atomically, run the handler of its kind, record the outcome."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from model_owner_server.core.config import Settings
+from model_owner_server.core.db import session_scope
+from model_owner_server.jobs.cancel import cancelled_error
+from model_owner_server.jobs.context import JobCancelled, JobContext, JobFailure, fail_job, worker_id
+from model_owner_server.jobs.tasks.emulator import emulator_job
+from model_owner_server.jobs.tasks.evaluation import evaluation_job
+from model_owner_server.jobs.tasks.importance import importance_job
+from model_owner_server.jobs.tasks.privacy_audit import privacy_audit_job
+from model_owner_server.keyring import KeyRing
+from model_owner_server.models import BaseModel, Emulator, Job, utcnow
+from model_owner_server.storage import Storage, is_disk_full
+
+log = logging.getLogger("scaleot.jobs")
+
+Handler = Callable[["JobRunner", JobContext, dict[str, Any]], dict[str, Any]]
+
+# Job kind -> task body. The kinds and their params are part of the API (GET /v1/jobs/{id} shows both).
+HANDLERS: dict[str, Handler] = {"importance": importance_job, "emulator": emulator_job, "evaluation": evaluation_job,
+                                "privacy_audit": privacy_audit_job}
+
+
+class JobRunner:
+    """Executes one job by id: claim it, run its handler, record success or failure."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], storage: Storage,
+                 keyring: KeyRing | None):
+        self.settings, self.sessions, self.storage, self.keyring = settings, sessions, storage, keyring
+
+    def run(self, job_id: str) -> None:
+        me = worker_id()
+        with session_scope(self.sessions) as s:
+            # Atomic claim: a duplicate delivery (or a job already failed by the reaper) is skipped.
+            claimed = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+                status="running", worker_id=me, started_at=utcnow(), heartbeat_at=utcnow(), updated_at=utcnow(),
+                message="started")).rowcount
+            job = s.get(Job, job_id) if claimed else None
+            kind, params = (job.kind, dict(job.params or {})) if job else (None, {})
+        if not claimed:
+            log.info("job %s is not queued any more; skipping", job_id)
+            return
+        handler = HANDLERS.get(kind or "")
+        outputs: list[Path] = []
+        try:
+            with JobContext(job_id, self.sessions, self.settings.heartbeat_seconds) as ctx:
+                if handler is None:
+                    raise JobFailure(f"unknown job kind {kind!r}")
+                result = handler(self, ctx, params)
+            with session_scope(self.sessions) as s:
+                s.execute(update(Job).where(Job.id == job_id, Job.worker_id == me, Job.status == "running").values(
+                    status="succeeded", progress=1.0, message="done", result=result, finished_at=utcnow(),
+                    updated_at=utcnow(), heartbeat_at=utcnow()))
+        except JobCancelled:
+            log.info("job %s (%s) cancelled on request", job_id, kind)
+            with session_scope(self.sessions) as s:
+                job = s.get(Job, job_id)
+                if job is not None and job.status == "running" and job.worker_id == me:
+                    fail_job(s, job, cancelled_error(kind), status="cancelled")
+                    outputs = self._unfinished_outputs(s, kind or "", params)
+            for path in outputs:  # nothing half-written stays (the janitor would get there later)
+                self.storage.remove(path)
+        except Exception as exc:  # every failure must end visibly in the job row
+            message = str(exc) if isinstance(exc, (JobFailure, ValueError, FileNotFoundError)) else \
+                f"{type(exc).__name__}: {exc}"
+            if is_disk_full(exc):  # the path and errno go to the log only
+                message = ("the server ran out of disk space while writing the job's result; nothing was kept. "
+                           "The model owner must free space in the data directory; then submit the request again")
+            log.error("job %s (%s) failed: %s\n%s", job_id, kind, message, traceback.format_exc())
+            with session_scope(self.sessions) as s:
+                job = s.get(Job, job_id)
+                if job is not None and job.status == "running" and job.worker_id == me:
+                    fail_job(s, job, message or type(exc).__name__)
+
+    def _unfinished_outputs(self, s: Session, kind: str, params: dict[str, Any]) -> list[Path]:
+        """Files a cancelled job may already have moved into place (its row was never marked done)."""
+        if kind == "importance" and params.get("run_id"):
+            return [self.storage.importance / params["run_id"]]
+        if kind == "emulator" and params.get("emulator_id"):
+            emu = s.get(Emulator, params["emulator_id"])
+            if emu is not None and emu.status != "ready":
+                return [self.storage.emulators / f"{emu.id}.safetensors"]
+        return []
+
+    # helpers shared by the task bodies
+    @property
+    def device(self) -> str:
+        return self.settings.resolved_device()
+
+    def full_model(self, model_row: BaseModel) -> tuple[Any, Any]:
+        from model_owner_server.model_cache import load_full_model
+
+        return load_full_model(model_row.path, self.device, self.settings.model_cache_size)

@@ -1,0 +1,94 @@
+"""The `emulator` job: stage 2, build the emulator a POST /v1/emulators asked for, and sign its manifest.
+
+Reads the emulator row (model, importance run, N_a, alpha, beta, storage dtype), calibrates the stand-ins on
+the stage-1 corpus, writes the emulator file, describes the adapter layers the data owner may train and
+upload, and marks the row ready.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from model_owner_server.core.db import session_scope
+from model_owner_server.jobs.context import JobContext, still_ours
+from model_owner_server.models import BaseModel, Emulator, ImportanceRun
+
+if TYPE_CHECKING:
+    from model_owner_server.jobs.runner import JobRunner
+
+
+def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+    from model_owner_server.scaleot.calibrate import CalibrationConfig
+    from model_owner_server.scaleot.emulator import build_blocks, make_emulator
+    from model_owner_server.scaleot.importance_io import load_importance
+    from shared.adapter import adapter_spec, max_adapter_bytes, spec_to_json
+    from shared.emulator_file import emulator_dtype
+    from shared.lora import issue_lora
+
+    settings, storage = runner.settings, runner.storage
+    with session_scope(runner.sessions) as s:
+        emu = s.get(Emulator, params["emulator_id"])
+        model_row = s.get(BaseModel, emu.model_id)
+        run = s.get(ImportanceRun, emu.importance_run_id)
+        emu_id, model_id, n_adapter, alpha, beta = emu.id, emu.model_id, emu.n_adapter, emu.alpha, emu.beta
+        run_path, corpus = storage.abs(run.path), run.corpus
+        dtype_name = (emu.build_info or {}).get("dtype", "float32")  # set by POST /v1/emulators
+    dtype = emulator_dtype(dtype_name)
+    ctx.update(0.05, "loading model", force=True)
+    model, tokenizer = runner.full_model(model_row)
+    importance = load_importance(run_path)
+    calibration = CalibrationConfig(steps=settings.emulator_calibration_steps,
+                                    batch_size=settings.importance_batch_size,
+                                    kept_lr=settings.emulator_calibration_kept_lr)
+    # Calibration and the fidelity figure use the stage-1 corpus (task-agnostic, the model owner's own).
+    blocks = build_blocks(tokenizer, corpus, settings.importance_seq_len, settings.importance_max_blocks,
+                          need=calibration.steps > 0 or settings.emulator_fidelity_blocks > 0)
+    train_blocks, val_blocks = blocks if blocks is not None else (None, None)
+
+    def progress(p: Any) -> None:
+        ctx.update(0.1 + 0.75 * p.fraction, f"calibrating step {p.step}/{p.total_steps}",
+                   {"step": p.step, "total_steps": p.total_steps, "kl": p.kl, "nmse": p.nmse})
+
+    ctx.update(0.1, "building emulator", force=True)
+    out = storage.emulators / f"{emu_id}.safetensors"  # save_emulator writes a temp name and renames
+    info = make_emulator(model, tokenizer, importance, n_adapter, alpha, beta, out,
+                         placement=settings.emulator_placement,
+                         calibration=calibration if train_blocks is not None else None,
+                         calibration_blocks=train_blocks,
+                         fidelity_blocks=(val_blocks[:settings.emulator_fidelity_blocks]
+                                          if val_blocks is not None and settings.emulator_fidelity_blocks else None),
+                         calibration_progress=progress, dtype=dtype,
+                         extra_metadata={"model_id": model_id, "emulator_id": emu_id})
+
+    ctx.update(0.9, "describing adapter layers", force=True)
+    layers = list(info.plan.adapter_layers)
+    spec = adapter_spec(model, layers, dtype)  # uploads come back in the emulator's dtype
+    fields = dict(path=storage.rel(out), sha256=info.sha256, size_bytes=info.size_bytes, n_params=info.n_params,
+                  full_model_params=int(info.extra.get("full_model_params", 0)) or None,
+                  full_model_bytes=int(info.extra.get("full_model_bytes", 0)) or None,
+                  plan=info.plan.to_dict(), adapter_layers=layers, adapter_spec=spec_to_json(spec),
+                  max_adapter_bytes=max_adapter_bytes(spec), fidelity=info.extra.get("fidelity"),
+                  build_info={"placement": info.extra.get("placement"),
+                              "calibration": info.extra.get("calibration"), "dtype": dtype_name,
+                              "lora": issue_lora(model, layers, dtype=dtype).to_json()})
+    with session_scope(runner.sessions) as s:
+        still_ours(s, ctx)
+        emu = s.get(Emulator, emu_id)
+        for k, v in fields.items():
+            setattr(emu, k, v)
+        if runner.keyring is not None:  # a worker without the key leaves signing to the API (lazy)
+            emu.signed_manifest = runner.keyring.sign(manifest_for(emu))
+        emu.status, emu.error = "ready", None
+    return {"emulator_id": emu_id, "sha256": info.sha256, "size_bytes": info.size_bytes,
+            "plan_summary": info.plan.summary(), "fidelity": info.extra.get("fidelity")}
+
+
+def manifest_for(emu: Emulator) -> dict[str, Any]:
+    """The manifest the server signs for a ready emulator (here at build time, or lazily by the API)."""
+    from shared.signing import emulator_manifest
+
+    manifest = emulator_manifest(emulator_id=emu.id, model_id=emu.model_id, sha256=emu.sha256,
+                                 size_bytes=emu.size_bytes, layer_plan=emu.plan, key_id="")
+    # Signed too: the storage dtype and the LoRA the server accepts (absent on emulators built before them).
+    issued = {k: (emu.build_info or {}).get(k) for k in ("dtype", "lora")}
+    return {**manifest, **{k: v for k, v in issued.items() if v is not None}}

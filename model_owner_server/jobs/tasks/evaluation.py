@@ -1,0 +1,66 @@
+"""The `evaluation` job: plug an uploaded adapter into the full model and score it against zero-shot.
+
+Validates the upload against the adapter spec the emulator issued, evaluates the full model zero-shot and
+with the adapter plugged in on the uploaded (or the server's default) evaluation data, and stores both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from model_owner_server.core.db import session_scope
+from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
+from model_owner_server.models import Adapter, BaseModel, Emulator, Evaluation
+
+if TYPE_CHECKING:
+    from model_owner_server.jobs.runner import JobRunner
+
+
+def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+    from model_owner_server.model_cache import plugged_models
+    from model_owner_server.scaleot.plugin import plug_in
+    from shared.adapter import spec_from_json
+    from shared.data import load_dataset
+    from shared.evaluation import evaluate
+    from shared.lora import issued_lora, load_adapter
+
+    settings, storage = runner.settings, runner.storage
+    with session_scope(runner.sessions) as s:
+        adapter = s.get(Adapter, params["adapter_id"])
+        emu = s.get(Emulator, adapter.emulator_id)
+        model_row = s.get(BaseModel, adapter.model_id)
+        spec, layers = spec_from_json(emu.adapter_spec), list(emu.adapter_layers)
+        lora = issued_lora(emu.build_info)
+        adapter_path = storage.abs(adapter.path)
+        eval_path = storage.abs(adapter.eval_path) if adapter.eval_path else settings.default_eval
+        eval_source = "upload" if adapter.eval_path else f"server default ({Path(str(eval_path)).name})"
+        adapter_id = adapter.id
+    if eval_path is None:
+        raise JobFailure("no evaluation data: upload eval_data with the adapter or set SCALEOT_DEFAULT_EVAL")
+    ctx.update(0.02, "validating adapter", force=True)
+    tensors = load_adapter(adapter_path, spec, lora)  # whole layers or a PEFT LoRA, as issued
+    dataset = load_dataset(eval_path)
+    ctx.update(0.05, "loading full model", force=True)
+    model, tokenizer = runner.full_model(model_row)
+    kw = dict(seq_len=settings.eval_seq_len, batch_size=settings.eval_batch_size,
+              device=next(model.parameters()).device, max_examples=settings.eval_max_examples)
+
+    def prog(lo: float, hi: float, label: str) -> Callable[[int, int], None]:
+        return lambda done, total: ctx.update(lo + (hi - lo) * done / max(1, total), f"{label} {done}/{total}")
+
+    ctx.update(0.1, "evaluating the full model zero-shot", force=True)
+    zero = evaluate(model, tokenizer, dataset, progress=prog(0.1, 0.5, "zero-shot"), **kw)
+    ctx.update(0.5, "plugging the adapter into the full model", {"zero_shot": zero}, force=True)
+    plugged = plug_in(model, tensors, layers, spec, lora)
+    plug = evaluate(plugged, tokenizer, dataset, progress=prog(0.55, 0.98, "plug-in"), **kw)
+    plugged_models().get_or_load(adapter_id, lambda: plugged)  # /generate in this process starts warm
+
+    with session_scope(runner.sessions) as s:
+        still_ours(s, ctx)
+        for kind, metrics in (("zero_shot", zero), ("plug_in", plug)):
+            s.add(Evaluation(adapter_id=adapter_id, kind=kind, eval_source=eval_source, metrics=metrics))
+        adapter = s.get(Adapter, adapter_id)
+        adapter.status, adapter.error = "evaluated", None
+    return {"adapter_id": adapter_id, "zero_shot": zero, "plug_in": plug, "eval_source": eval_source}
