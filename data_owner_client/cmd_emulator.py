@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +18,7 @@ from .transfer import (
     EmulatorRef,
     KnownServers,
     ServerClient,
+    Trust,
     VerifiedEmulator,
     cache_path,
     fetch_verified_emulator,
@@ -36,6 +37,10 @@ def fetch(ref: EmulatorRef, settings: ClientSettings, client: ServerClient, tofu
          f"sha256 {ver.manifest['sha256'][:16]}..., key {ver.manifest['key_id']}); "
          f"{'reused cached file' if ver.reused else 'downloaded'} {ver.path}")
     return ver
+
+
+FileOpt = Annotated[Path | None, typer.Option("--file", help="The file to check (default: the cached download).",
+                                             show_default=False)]
 
 
 @connection_options("api_key", "server_pubkey", "trust_on_first_use", "cache_dir", "as_json", "progress")
@@ -64,18 +69,12 @@ def download(
 @connection_options("api_key", "server_pubkey", "trust_on_first_use", "cache_dir", "as_json")
 def verify(
     emulator_url: EmulatorUrlOpt,
-    file: Annotated[Path | None, typer.Option("--file", help="The file to check (default: the cached download).",
-                                                 show_default=False)] = None,
+    file: FileOpt = None,
     *, conn: Connection,
 ) -> None:
     """Check a local emulator file against the server's signed manifest (signature, key, emulator id, sha256, size)."""
     with handled(conn.as_json):
-        settings, ref, client = emulator_client(conn, emulator_url)
-        with client:
-            signed = client.signed_manifest(ref.emulator_id)
-            trust = resolve_trust(client, pinned=settings.server_pubkey, trust_on_first_use=conn.trust_on_first_use,
-                                  signed=signed, known=KnownServers(settings.cache_dir / "known_servers.json"))
-            manifest = verify_manifest(ref, signed, trust)
+        settings, manifest, trust = _signed_manifest(conn, emulator_url)
         path = file or cache_path(settings.cache_dir, manifest["sha256"])
         if not path.is_file():
             raise BadInputError(f"{path}: no such file; run `dataowner-client download --emulator-url {emulator_url}` "
@@ -87,3 +86,13 @@ def verify(
             typer.echo(f"OK {path}: signed by {manifest['key_id']} ({trust.source}), "
                        f"emulator {manifest['emulator_id']}, "
                        f"model {manifest['model_id']}, sha256 {manifest['sha256']}, {manifest['size_bytes']} bytes")
+
+
+def _signed_manifest(conn: Connection, emulator_url: str) -> tuple[ClientSettings, dict[str, Any], Trust]:
+    """The emulator's manifest, its signature checked with the key the user trusts (and that trust)."""
+    settings, ref, client = emulator_client(conn, emulator_url)
+    with client:
+        signed = client.signed_manifest(ref.emulator_id)
+        trust = resolve_trust(client, pinned=settings.server_pubkey, trust_on_first_use=conn.trust_on_first_use,
+                              signed=signed, known=KnownServers(settings.cache_dir / "known_servers.json"))
+        return settings, verify_manifest(ref, signed, trust), trust
