@@ -87,7 +87,7 @@ def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
     from model_owner_server import crud
     from model_owner_server.core.config import Settings
     from model_owner_server.main import create_app
-    from model_owner_server.models import BaseModel
+    from model_owner_server.models import RegisteredModel
     from model_owner_server.scaleot.model_io import load_causal_lm
     from shared.adapter import extract_adapter
 
@@ -125,7 +125,7 @@ def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
             time.sleep(0.05)
         try:
             with app.state.sessions() as s:  # the path as registered: the key of the server's model cache
-                model_path = s.get(BaseModel, model_id).path
+                model_path = s.get(RegisteredModel, model_id).path
             yield {"base_url": f"http://127.0.0.1:{port}/openai/v1", "key": owner, "adapter": adapter["id"],
                    "settings": settings, "model_path": model_path}
         finally:

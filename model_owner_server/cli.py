@@ -373,7 +373,7 @@ def audit_emulator_cmd(
     from tqdm import tqdm
 
     from model_owner_server import crud
-    from model_owner_server.models import BaseModel, Emulator
+    from model_owner_server.models import EmulatorRow, RegisteredModel
     from model_owner_server.privacy_audit import run_privacy_audit
     from model_owner_server.scaleot.attack import AttackConfig
     from model_owner_server.scaleot.model_io import load_causal_lm
@@ -381,7 +381,7 @@ def audit_emulator_cmd(
 
     settings = _settings()
     with _db_session(settings) as session:
-        emu = session.get(Emulator, emulator_id)
+        emu = session.get(EmulatorRow, emulator_id)
         if emu is None:
             _fail(f"no emulator {emulator_id!r} in {settings.db_url.split('://')[0]} database of this server; "
                   "list them with GET /v1/emulators (admin key)")
@@ -395,7 +395,7 @@ def audit_emulator_cmd(
                                batch_size=settings.importance_batch_size, seed=seed)
         except ValueError as exc:
             _fail(str(exc))
-        model_row = session.get(BaseModel, emu.model_id)
+        model_row = session.get(RegisteredModel, emu.model_id)
         model, tokenizer = load_causal_lm(model_row.path, device=settings.resolved_device())
         bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
 

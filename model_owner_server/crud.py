@@ -17,8 +17,8 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from model_owner_server.core.security import ROLES, issue_api_key
-from model_owner_server.models import (Adapter, AuditEvent, BaseModel, Emulator, Evaluation, Grant, ImportanceRun,
-                                       Job, Organization, utcnow)
+from model_owner_server.models import (AdapterRow, AuditEvent, EmulatorRow, Evaluation, GrantRow, ImportanceRun, JobRow,
+                                       Organization, RegisteredModel, utcnow)
 
 
 class NotFound(LookupError):
@@ -123,33 +123,33 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         return json.loads(f.read(size))
 
 
-def register_model(session: Session, name: str, path: str | Path) -> BaseModel:
+def register_model(session: Session, name: str, path: str | Path) -> RegisteredModel:
     name = name.strip()
     if not name:
         raise ValueError("model name must not be empty")
-    if session.execute(select(BaseModel).where(BaseModel.name == name)).scalar_one_or_none():
+    if session.execute(select(RegisteredModel).where(RegisteredModel.name == name)).scalar_one_or_none():
         raise Conflict(f"a model named {name!r} is already registered; pick another name")
     facts = inspect_model_folder(path)
-    model = BaseModel(name=name, **facts)
+    model = RegisteredModel(name=name, **facts)
     session.add(model)
     session.flush()
     return model
 
 
-def find_model(session: Session, name_or_id: str) -> BaseModel:
-    model = session.get(BaseModel, name_or_id) or session.execute(
-        select(BaseModel).where(BaseModel.name == name_or_id)).scalar_one_or_none()
+def find_model(session: Session, name_or_id: str) -> RegisteredModel:
+    model = session.get(RegisteredModel, name_or_id) or session.execute(
+        select(RegisteredModel).where(RegisteredModel.name == name_or_id)).scalar_one_or_none()
     if model is None:
         raise NotFound(f"model {name_or_id!r} not found; register it with `modelowner-server register-model`")
     return model
 
 
-def grant(session: Session, model: BaseModel, org: Organization) -> Grant:
-    existing = session.execute(select(Grant).where(Grant.model_id == model.id, Grant.org_id == org.id)
+def grant(session: Session, model: RegisteredModel, org: Organization) -> GrantRow:
+    existing = session.execute(select(GrantRow).where(GrantRow.model_id == model.id, GrantRow.org_id == org.id)
                                ).scalar_one_or_none()
     if existing:
         return existing
-    g = Grant(model_id=model.id, org_id=org.id)
+    g = GrantRow(model_id=model.id, org_id=org.id)
     session.add(g)
     session.flush()
     return g
@@ -158,19 +158,19 @@ def grant(session: Session, model: BaseModel, org: Organization) -> Grant:
 def is_granted(session: Session, org: Organization, model_id: str) -> bool:
     if org.is_admin:
         return True
-    return session.execute(select(Grant.id).where(Grant.model_id == model_id, Grant.org_id == org.id)
+    return session.execute(select(GrantRow.id).where(GrantRow.model_id == model_id, GrantRow.org_id == org.id)
                            ).first() is not None
 
 
-def visible_models(org: Organization) -> Select[tuple[BaseModel]]:
-    q = select(BaseModel).order_by(BaseModel.created_at)
+def visible_models(org: Organization) -> Select[tuple[RegisteredModel]]:
+    q = select(RegisteredModel).order_by(RegisteredModel.created_at)
     if not org.is_admin:
-        q = q.join(Grant, Grant.model_id == BaseModel.id).where(Grant.org_id == org.id)
+        q = q.join(GrantRow, GrantRow.model_id == RegisteredModel.id).where(GrantRow.org_id == org.id)
     return q
 
 
-def get_visible_model(session: Session, org: Organization, model_id: str) -> BaseModel:
-    model = session.get(BaseModel, model_id)
+def get_visible_model(session: Session, org: Organization, model_id: str) -> RegisteredModel:
+    model = session.get(RegisteredModel, model_id)
     if model is None or not is_granted(session, org, model_id):
         raise NotFound(f"model {model_id!r} not found (or not granted to your organization)")
     return model
@@ -187,52 +187,52 @@ def latest_importance_run(session: Session, model_id: str, status: str | None = 
 # ---------------------------------------------------------------- jobs
 
 def create_job(session: Session, kind: str, org: Organization, params: dict[str, Any], message: str = "queued"
-               ) -> Job:
-    job = Job(kind=kind, org_id=org.id, params=params, message=message, status="queued", progress=0.0,
+               ) -> JobRow:
+    job = JobRow(kind=kind, org_id=org.id, params=params, message=message, status="queued", progress=0.0,
               metrics={}, result={})
     session.add(job)
     session.flush()
     return job
 
 
-def get_visible_job(session: Session, org: Organization, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+def get_visible_job(session: Session, org: Organization, job_id: str) -> JobRow:
+    job = session.get(JobRow, job_id)
     if job is None or not (org.is_admin or job.org_id == org.id):
         raise NotFound(f"job {job_id!r} not found")
     return job
 
 
-def visible_jobs(org: Organization) -> Select[tuple[Job]]:
-    q = select(Job).order_by(Job.created_at.desc())
-    return q if org.is_admin else q.where(Job.org_id == org.id)
+def visible_jobs(org: Organization) -> Select[tuple[JobRow]]:
+    q = select(JobRow).order_by(JobRow.created_at.desc())
+    return q if org.is_admin else q.where(JobRow.org_id == org.id)
 
 
 # ---------------------------------------------------------------- emulators and adapters
 
-def get_visible_emulator(session: Session, org: Organization, emulator_id: str) -> Emulator:
-    emu = session.get(Emulator, emulator_id)
+def get_visible_emulator(session: Session, org: Organization, emulator_id: str) -> EmulatorRow:
+    emu = session.get(EmulatorRow, emulator_id)
     if emu is None or not is_granted(session, org, emu.model_id):
         raise NotFound(f"emulator {emulator_id!r} not found (or its model is not granted to your organization)")
     return emu
 
 
-def visible_emulators(org: Organization) -> Select[tuple[Emulator]]:
-    q = select(Emulator).order_by(Emulator.created_at.desc())
+def visible_emulators(org: Organization) -> Select[tuple[EmulatorRow]]:
+    q = select(EmulatorRow).order_by(EmulatorRow.created_at.desc())
     if not org.is_admin:
-        q = q.join(Grant, Grant.model_id == Emulator.model_id).where(Grant.org_id == org.id)
+        q = q.join(GrantRow, GrantRow.model_id == EmulatorRow.model_id).where(GrantRow.org_id == org.id)
     return q
 
 
-def get_visible_adapter(session: Session, org: Organization, adapter_id: str) -> Adapter:
-    adapter = session.get(Adapter, adapter_id)
+def get_visible_adapter(session: Session, org: Organization, adapter_id: str) -> AdapterRow:
+    adapter = session.get(AdapterRow, adapter_id)
     if adapter is None or not (org.is_admin or adapter.org_id == org.id):
         raise NotFound(f"adapter {adapter_id!r} not found")
     return adapter
 
 
-def visible_adapters(org: Organization) -> Select[tuple[Adapter]]:
-    q = select(Adapter).order_by(Adapter.created_at.desc())
-    return q if org.is_admin else q.where(Adapter.org_id == org.id)
+def visible_adapters(org: Organization) -> Select[tuple[AdapterRow]]:
+    q = select(AdapterRow).order_by(AdapterRow.created_at.desc())
+    return q if org.is_admin else q.where(AdapterRow.org_id == org.id)
 
 
 def evaluations_for(session: Session, adapter_id: str) -> dict[str, Evaluation]:
@@ -258,19 +258,19 @@ def row_counts(session: Session) -> dict[str, int]:
 
 # ---------------------------------------------------------------- what the web console lists
 
-def visible_grants(org: Organization) -> Select[tuple[Grant, Organization]]:
+def visible_grants(org: Organization) -> Select[tuple[GrantRow, Organization]]:
     """Grants with their organization: all for admins, a data owner's own otherwise."""
-    q = select(Grant, Organization).join(Organization, Organization.id == Grant.org_id).order_by(Grant.created_at)
-    return q if org.is_admin else q.where(Grant.org_id == org.id)
+    q = select(GrantRow, Organization).join(Organization, Organization.id == GrantRow.org_id).order_by(GrantRow.created_at)
+    return q if org.is_admin else q.where(GrantRow.org_id == org.id)
 
 
 def visible_importance_runs(org: Organization) -> Select[tuple[ImportanceRun]]:
     """Importance runs whose job the organization may see (so, like their scores over the API: admins)."""
-    jobs = visible_jobs(org).order_by(None).with_only_columns(Job.id)
+    jobs = visible_jobs(org).order_by(None).with_only_columns(JobRow.id)
     return select(ImportanceRun).where(ImportanceRun.job_id.in_(jobs)).order_by(ImportanceRun.created_at.desc())
 
 
-def get_visible_importance_run(session: Session, org: Organization, run_id: str) -> tuple[ImportanceRun, Job]:
+def get_visible_importance_run(session: Session, org: Organization, run_id: str) -> tuple[ImportanceRun, JobRow]:
     run = session.get(ImportanceRun, run_id)
     if run is None or run.job_id is None:
         raise NotFound(f"importance run {run_id!r} not found")

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from model_owner_server.core.db import session_scope
-from model_owner_server.models import Adapter, Emulator
+from model_owner_server.models import AdapterRow, EmulatorRow
 from model_owner_server.storage import Storage
 
 log = logging.getLogger("scaleot.janitor")
@@ -60,9 +60,9 @@ def sweep(sessions: sessionmaker[Session], storage: Storage, *, startup: bool, m
     known: set[str] = set()
     with session_scope(sessions) as s:
         for ids in _chunks(sorted({_emulator_id_of(p) for p in emu_files})):
-            status.update(s.execute(select(Emulator.id, Emulator.status).where(Emulator.id.in_(ids))).all())
+            status.update(s.execute(select(EmulatorRow.id, EmulatorRow.status).where(EmulatorRow.id.in_(ids))).all())
         for names in _chunks(sorted(p.name for p in adapter_dirs)):
-            known.update(s.execute(select(Adapter.id).where(Adapter.id.in_(names))).scalars())
+            known.update(s.execute(select(AdapterRow.id).where(AdapterRow.id.in_(names))).scalars())
     for p in emu_files:
         st = status.get(_emulator_id_of(p))
         temp = p.name.startswith(".")

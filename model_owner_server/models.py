@@ -3,6 +3,10 @@
 Ids are random strings (`org_…`, `mdl_…`, …) rather than sequential integers, so an id never reveals
 how many objects other organizations have. JSON columns hold structured results (layer plans,
 metrics) that the API returns as-is.
+
+Names: a class whose noun is also an API schema (shared/schemas.py: Job, Emulator, Adapter, Grant) ends in
+`Row` (JobRow, EmulatorRow, AdapterRow, GrantRow), and a registered base LLM is a RegisteredModel (never
+`BaseModel`, which is pydantic's). Table names are unchanged.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
-class BaseModel(Base):
+class RegisteredModel(Base):
     __tablename__ = "base_models"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -79,7 +83,7 @@ class BaseModel(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Grant(Base):
+class GrantRow(Base):
     __tablename__ = "grants"
     __table_args__ = (UniqueConstraint("model_id", "org_id", name="uq_grant_model_org"),)
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("grt"))
@@ -88,7 +92,7 @@ class Grant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Job(Base):
+class JobRow(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     kind: Mapped[str] = mapped_column(String(20))  # importance | emulator | evaluation
@@ -124,7 +128,7 @@ class ImportanceRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
-class Emulator(Base):
+class EmulatorRow(Base):
     __tablename__ = "emulators"
     # Idempotency: one emulator per (model, importance run, N_a, alpha, beta); alpha/beta rounded to 6 places.
     __table_args__ = (UniqueConstraint("model_id", "importance_run_id", "n_adapter", "alpha", "beta",
@@ -159,7 +163,7 @@ class Emulator(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Adapter(Base):
+class AdapterRow(Base):
     __tablename__ = "adapters"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("adp"))
     emulator_id: Mapped[str] = mapped_column(ForeignKey("emulators.id", ondelete="CASCADE"), index=True)

@@ -36,7 +36,7 @@ def registered_model_path(name_or_id: str, settings: Settings | None = None) -> 
     (bad credentials, unreachable server, unreadable file) raises RegistryError: it must not look like
     "not registered"."""
     from model_owner_server.core.db import make_engine
-    from model_owner_server.models import BaseModel
+    from model_owner_server.models import RegisteredModel
 
     settings = settings or Settings()
     url = make_url(settings.db_url)
@@ -46,8 +46,8 @@ def registered_model_path(name_or_id: str, settings: Settings | None = None) -> 
     engine = make_engine(settings.db_url)
     try:
         with engine.connect() as conn:
-            row = conn.execute(select(BaseModel.path).where(
-                (BaseModel.name == name_or_id) | (BaseModel.id == name_or_id))).first()
+            row = conn.execute(select(RegisteredModel.path).where(
+                (RegisteredModel.name == name_or_id) | (RegisteredModel.id == name_or_id))).first()
         return row[0] if row else None
     except SQLAlchemyError as exc:
         if _missing_table(exc):

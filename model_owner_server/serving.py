@@ -49,11 +49,11 @@ def load_plugged(session: Any, adapter: Any, settings: Any, storage: Any) -> tup
     """(M' = [A', E], tokenizer) for an adapter row, from the per-process caches (model_cache): the full
     model is loaded once per (path, device), the plugged copy once per adapter."""
     from model_owner_server.model_cache import load_full_model, plugged_models
-    from model_owner_server.models import BaseModel, Emulator
+    from model_owner_server.models import EmulatorRow, RegisteredModel
     from model_owner_server.scaleot.plugin import plug_in_file
 
-    emu = session.get(Emulator, adapter.emulator_id)
-    model_row = session.get(BaseModel, adapter.model_id)
+    emu = session.get(EmulatorRow, adapter.emulator_id)
+    model_row = session.get(RegisteredModel, adapter.model_id)
     model, tokenizer = load_full_model(model_row.path, settings.resolved_device(), settings.model_cache_size)
 
     def build() -> Any:

@@ -264,11 +264,11 @@ def consistency_problems(db_url: str, data_dir: Path, *, allow_active: bool = Fa
 
     from model_owner_server.core.db import make_engine, make_session_factory
     from model_owner_server.models import (
-        Adapter,
-        Emulator,
+        AdapterRow,
+        EmulatorRow,
         Evaluation,
         ImportanceRun,
-        Job,
+        JobRow,
     )
 
     data_dir = Path(data_dir).resolve()
@@ -276,9 +276,9 @@ def consistency_problems(db_url: str, data_dir: Path, *, allow_active: bool = Fa
     engine = make_engine(db_url)
     try:
         with make_session_factory(engine)() as s:
-            jobs = {j.id: j for j in s.execute(select(Job)).scalars()}
-            emus = {e.id: e for e in s.execute(select(Emulator)).scalars()}
-            adapters = {a.id: a for a in s.execute(select(Adapter)).scalars()}
+            jobs = {j.id: j for j in s.execute(select(JobRow)).scalars()}
+            emus = {e.id: e for e in s.execute(select(EmulatorRow)).scalars()}
+            adapters = {a.id: a for a in s.execute(select(AdapterRow)).scalars()}
             evals: dict[str, set[str]] = {}
             for e in s.execute(select(Evaluation)).scalars():
                 evals.setdefault(e.adapter_id, set()).add(e.kind)

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from model_owner_server import crud
 from model_owner_server.core.config import Settings
-from model_owner_server.models import Adapter, BaseModel, Emulator, ImportanceRun, Job
+from model_owner_server.models import AdapterRow, EmulatorRow, ImportanceRun, JobRow, RegisteredModel
 from shared import schemas
 
 
@@ -16,13 +16,13 @@ def base_url(request: Request, settings: Settings) -> str:
     return (settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def job_out(job: Job) -> schemas.Job:
+def job_out(job: JobRow) -> schemas.Job:
     return schemas.Job(id=job.id, kind=job.kind, status=job.status, progress=job.progress, message=job.message or "",
                        metrics=job.metrics or {}, result=job.result or {}, error=job.error,
                        cancel_requested=job.cancel_requested_at is not None, created_at=job.created_at, updated_at=job.updated_at)
 
 
-def model_out(session: Session, model: BaseModel) -> schemas.Model:
+def model_out(session: Session, model: RegisteredModel) -> schemas.Model:
     ready = crud.latest_importance_run(session, model.id) is not None
     latest = session.execute(select(ImportanceRun).where(ImportanceRun.model_id == model.id)
                              .order_by(ImportanceRun.created_at.desc()).limit(1)).scalar_one_or_none()
@@ -31,7 +31,7 @@ def model_out(session: Session, model: BaseModel) -> schemas.Model:
                          importance_job_id=latest.job_id if latest else None, created_at=model.created_at)
 
 
-def emulator_out(emu: Emulator, base: str) -> schemas.Emulator:
+def emulator_out(emu: EmulatorRow, base: str) -> schemas.Emulator:
     return schemas.Emulator(
         id=emu.id, model_id=emu.model_id, n_adapter=emu.n_adapter, alpha=emu.alpha, beta=emu.beta, status=emu.status,
         job_id=emu.job_id, sha256=emu.sha256, size_bytes=emu.size_bytes, n_params=emu.n_params,
@@ -42,7 +42,7 @@ def emulator_out(emu: Emulator, base: str) -> schemas.Emulator:
         signature_url=f"{base}/v1/emulators/{emu.id}/signature", error=emu.error, created_at=emu.created_at)
 
 
-def adapter_out(session: Session, adapter: Adapter) -> schemas.Adapter:
+def adapter_out(session: Session, adapter: AdapterRow) -> schemas.Adapter:
     evals = crud.evaluations_for(session, adapter.id)
     source = next((e.eval_source for e in evals.values()), None)
     evaluation = schemas.AdapterEvaluation(

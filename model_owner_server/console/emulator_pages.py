@@ -15,7 +15,7 @@ from model_owner_server.api.routes import adapters as api_adapters
 from model_owner_server.api.routes import emulators as api_emulators
 from model_owner_server.api.routes import models as api_models
 from model_owner_server.api.serialize import base_url
-from model_owner_server.models import AuditEvent, BaseModel
+from model_owner_server.models import AuditEvent, RegisteredModel
 from shared import schemas
 
 from .auth import ConsoleAuth, ConsoleDep, FormDep
@@ -73,7 +73,7 @@ def emulator_page(emulator_id: str, request: Request, session: SessionDep, auth:
                   settings: SettingsDep) -> HTMLResponse:
     row = crud.get_visible_emulator(session, auth.org, emulator_id)
     emu = api_emulators.get_emulator(emulator_id, request, session, auth.org, settings)
-    model = session.get(BaseModel, emu.model_id)
+    model = session.get(RegisteredModel, emu.model_id)
     url = f"{base_url(request, settings)}/v1/emulators/{emu.id}"
     cells = plan_cells(emu.plan)
     counts = {k: sum(1 for c in cells if c["kind"] == k) for k in ("adapter", "harmonizer", "src", "frozen", "dropped")}

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from model_owner_server import crud
 from model_owner_server.api.deps import QueueDep, SessionDep, SettingsDep, require_admin
 from model_owner_server.api.routes import models as api_models
-from model_owner_server.models import BaseModel, Organization
+from model_owner_server.models import Organization, RegisteredModel
 from shared import schemas
 
 from .auth import ConsoleAuth, ConsoleDep, FormDep
@@ -90,7 +90,7 @@ def start_importance(model_id: str, request: Request, session: SessionDep, auth:
 @router.get("/importance", response_class=HTMLResponse)
 def importance_list(request: Request, session: SessionDep, auth: ConsoleDep) -> HTMLResponse:
     runs = list(session.execute(crud.visible_importance_runs(auth.org)).scalars())
-    names = dict(session.execute(select(BaseModel.id, BaseModel.name)).all()) if runs else {}
+    names = dict(session.execute(select(RegisteredModel.id, RegisteredModel.name)).all()) if runs else {}
     return page(request, auth, "importance_list.html", runs=runs, names=names)
 
 
@@ -104,7 +104,7 @@ def _history(job_result: dict[str, Any]) -> tuple[list[tuple[float, float]], lis
 @router.get("/importance/{run_id}", response_class=HTMLResponse)
 def importance_page(run_id: str, request: Request, session: SessionDep, auth: ConsoleDep) -> HTMLResponse:
     run, job = crud.get_visible_importance_run(session, auth.org, run_id)
-    model = session.get(BaseModel, run.model_id)
+    model = session.get(RegisteredModel, run.model_id)
     scores = run.scores or (job.metrics or {}).get("scores") or []
     labels = [f"L{i}" for i in range(len(scores))]
     loss, reward = _history(job.result or {})

@@ -14,7 +14,7 @@ from model_owner_server import crud
 from model_owner_server.api.deps import SessionDep, require_admin
 from model_owner_server.api.routes import audit as api_audit
 from model_owner_server.api.routes import jobs as api_jobs
-from model_owner_server.models import AuditEvent, Job, Organization, SigningKeyRecord
+from model_owner_server.models import AuditEvent, JobRow, Organization, SigningKeyRecord
 
 from .auth import ConsoleAuth, ConsoleDep, FormDep
 from .models_pages import redirect
@@ -25,7 +25,7 @@ JOB_LIMIT = 50
 ACTIVE = ("queued", "running")
 
 
-def _target(job: Job) -> tuple[str, str] | None:
+def _target(job: JobRow) -> tuple[str, str] | None:
     """Where a job's product is shown: (label, console URL)."""
     params = job.params or {}
     if job.kind == "importance" and params.get("run_id"):

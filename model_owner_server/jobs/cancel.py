@@ -6,7 +6,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from model_owner_server.jobs.context import fail_job
-from model_owner_server.models import Job, utcnow
+from model_owner_server.models import JobRow, utcnow
 
 CANCELLED_ERRORS = {"importance": "the importance run was cancelled; start a new one",
                     "emulator": "the build was cancelled; POST /v1/emulators again with the same parameters to rebuild",
@@ -18,7 +18,7 @@ def cancelled_error(kind: str | None) -> str:
     return CANCELLED_ERRORS.get(kind or "", "cancelled on request")
 
 
-def request_cancel(session: Session, job: Job) -> bool:
+def request_cancel(session: Session, job: JobRow) -> bool:
     """Cancel `job`: a queued job ends `cancelled` now (True); a running one gets a cancel request that its
     worker honours at its next progress update (False). Raises crud.Conflict when it has already finished.
 
@@ -27,12 +27,12 @@ def request_cancel(session: Session, job: Job) -> bool:
     """
     from model_owner_server.crud import Conflict
 
-    if session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(status="cancelled")
+    if session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status == "queued").values(status="cancelled")
                        ).rowcount:
         session.refresh(job)
         fail_job(session, job, cancelled_error(job.kind), status="cancelled")
         return True
-    if session.execute(update(Job).where(Job.id == job.id, Job.status == "running").values(
+    if session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status == "running").values(
             cancel_requested_at=utcnow(), updated_at=utcnow())).rowcount:
         session.refresh(job)
         return False

@@ -20,7 +20,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from model_owner_server.core.db import session_scope
-from model_owner_server.models import Adapter, Emulator, ImportanceRun, Job, utcnow
+from model_owner_server.models import AdapterRow, EmulatorRow, ImportanceRun, JobRow, utcnow
 
 log = logging.getLogger("scaleot.jobs")
 _wid: tuple[int, str] | None = None
@@ -88,10 +88,10 @@ class JobContext:
         self._last_write = time.monotonic()
         try:
             with session_scope(self.sessions) as s:
-                mine = (Job.id == self.job_id, Job.status == "running", Job.worker_id == self.worker)
-                written = s.execute(update(Job).where(*mine, Job.cancel_requested_at.is_(None)).values(**values))
+                mine = (JobRow.id == self.job_id, JobRow.status == "running", JobRow.worker_id == self.worker)
+                written = s.execute(update(JobRow).where(*mine, JobRow.cancel_requested_at.is_(None)).values(**values))
                 if not written.rowcount:  # rare path: only then look at why
-                    self._halt = why_stop(s.get(Job, self.job_id), self.worker)
+                    self._halt = why_stop(s.get(JobRow, self.job_id), self.worker)
         except Exception:  # progress is best effort; the task itself must go on
             log.exception("could not record progress of job %s", self.job_id)
 
@@ -101,7 +101,7 @@ class JobContext:
                 self._flush_locked()
 
 
-def why_stop(job: Job | None, worker: str) -> Exception | None:
+def why_stop(job: JobRow | None, worker: str) -> Exception | None:
     """Why a task must stop now, if it must: a cancel request, or the job is no longer its own (the reaper or
     a shutdown failed it meanwhile), so whatever it computed further would be discarded anyway."""
     if job is not None and job.status == "running" and job.worker_id == worker:
@@ -113,20 +113,20 @@ def why_stop(job: Job | None, worker: str) -> Exception | None:
 def still_ours(s: Session, ctx: JobContext) -> None:
     """Before a task records its result: the job must still be running under this worker and not cancelled.
     Otherwise nothing is recorded (the runner or the janitor removes its files)."""
-    halt = why_stop(s.get(Job, ctx.job_id, with_for_update=True), ctx.worker)
+    halt = why_stop(s.get(JobRow, ctx.job_id, with_for_update=True), ctx.worker)
     if halt is not None:
         raise halt
 
 
-def fail_job(session: Session, job: Job, error: str, status: str = "failed") -> None:
+def fail_job(session: Session, job: JobRow, error: str, status: str = "failed") -> None:
     """Mark a job failed (or cancelled) and propagate the failure to the object it was producing."""
     job.status, job.error, job.message = status, error, status
     job.finished_at = job.updated_at = utcnow()
     kind, params = job.kind, job.params or {}
-    target = {"importance": (ImportanceRun, "run_id"), "emulator": (Emulator, "emulator_id"),
-              "evaluation": (Adapter, "adapter_id")}.get(kind)
+    target = {"importance": (ImportanceRun, "run_id"), "emulator": (EmulatorRow, "emulator_id"),
+              "evaluation": (AdapterRow, "adapter_id")}.get(kind)
     row = session.get(target[0], params[target[1]]) if target and params.get(target[1]) else None
     if isinstance(row, ImportanceRun):
         row.status, row.finished_at = "failed", utcnow()
-    elif isinstance(row, Adapter) or (isinstance(row, Emulator) and row.job_id == job.id):
+    elif isinstance(row, AdapterRow) or (isinstance(row, EmulatorRow) and row.job_id == job.id):
         row.status, row.error = "failed", error  # an emulator only while this job owns it: a retry may by now

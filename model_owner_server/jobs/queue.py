@@ -17,7 +17,7 @@ from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import fail_job
 from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.keyring import KeyRing
-from model_owner_server.models import Job
+from model_owner_server.models import JobRow
 from model_owner_server.storage import Storage
 
 log = logging.getLogger("scaleot.jobs")
@@ -74,7 +74,7 @@ class JobQueue:
         except Exception as exc:  # e.g. Redis down
             log.exception("could not enqueue job %s", job_id)
             with session_scope(sessions) as s:
-                job = s.get(Job, job_id)
+                job = s.get(JobRow, job_id)
                 if job is not None and job.status == "queued":
                     fail_job(s, job, f"could not queue the job ({type(exc).__name__}: {exc}); try again later")
             raise QueueUnavailable(str(exc)) from exc

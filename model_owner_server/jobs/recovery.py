@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from model_owner_server.core.config import Settings
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import fail_job, worker_id
-from model_owner_server.models import Job, utcnow
+from model_owner_server.models import JobRow, utcnow
 from model_owner_server.storage import Storage, pid_alive
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def recover_interrupted_jobs(sessions: sessionmaker[Session], settings: Settings
     now = utcnow()
     failed: list[str] = []
     with session_scope(sessions) as s:
-        for job in s.execute(select(Job).where(Job.status == "running").with_for_update()).scalars():
+        for job in s.execute(select(JobRow).where(JobRow.status == "running").with_for_update()).scalars():
             host, _, rest = (job.worker_id or "").partition(":")
             pid_text = rest.partition(":")[0]
             reason = None
@@ -61,7 +61,7 @@ def requeue_queued_jobs(sessions: sessionmaker[Session], queue: JobQueue) -> lis
     """Enqueue every job still `queued` (its message may have been lost, e.g. a crash between commit and
     enqueue). Duplicates are harmless: the atomic claim in JobRunner.run skips a job already taken."""
     with session_scope(sessions) as s:
-        ids = list(s.execute(select(Job.id).where(Job.status == "queued").order_by(Job.created_at)).scalars())
+        ids = list(s.execute(select(JobRow.id).where(JobRow.status == "queued").order_by(JobRow.created_at)).scalars())
     for job_id in ids:
         queue.submit(sessions, job_id)
     return ids
@@ -70,7 +70,7 @@ def requeue_queued_jobs(sessions: sessionmaker[Session], queue: JobQueue) -> lis
 def fail_jobs_of_this_process(sessions: sessionmaker[Session], reason: str) -> list[str]:
     me = worker_id()
     with session_scope(sessions) as s:
-        jobs = list(s.execute(select(Job).where(Job.status == "running", Job.worker_id == me)).scalars())
+        jobs = list(s.execute(select(JobRow).where(JobRow.status == "running", JobRow.worker_id == me)).scalars())
         for job in jobs:
             fail_job(s, job, reason)
         return [j.id for j in jobs]

@@ -20,7 +20,7 @@ from model_owner_server.jobs.tasks.evaluation import evaluation_job
 from model_owner_server.jobs.tasks.importance import importance_job
 from model_owner_server.jobs.tasks.privacy_audit import privacy_audit_job
 from model_owner_server.keyring import KeyRing
-from model_owner_server.models import BaseModel, Emulator, Job, utcnow
+from model_owner_server.models import EmulatorRow, JobRow, RegisteredModel, utcnow
 from model_owner_server.storage import Storage, is_disk_full
 
 log = logging.getLogger("scaleot.jobs")
@@ -43,10 +43,10 @@ class JobRunner:
         me = worker_id()
         with session_scope(self.sessions) as s:
             # Atomic claim: a duplicate delivery (or a job already failed by the reaper) is skipped.
-            claimed = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+            claimed = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
                 status="running", worker_id=me, started_at=utcnow(), heartbeat_at=utcnow(), updated_at=utcnow(),
                 message="started")).rowcount
-            job = s.get(Job, job_id) if claimed else None
+            job = s.get(JobRow, job_id) if claimed else None
             kind, params = (job.kind, dict(job.params or {})) if job else (None, {})
         if not claimed:
             log.info("job %s is not queued any more; skipping", job_id)
@@ -59,13 +59,13 @@ class JobRunner:
                     raise JobFailure(f"unknown job kind {kind!r}")
                 result = handler(self, ctx, params)
             with session_scope(self.sessions) as s:
-                s.execute(update(Job).where(Job.id == job_id, Job.worker_id == me, Job.status == "running").values(
+                s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker_id == me, JobRow.status == "running").values(
                     status="succeeded", progress=1.0, message="done", result=result, finished_at=utcnow(),
                     updated_at=utcnow(), heartbeat_at=utcnow()))
         except JobCancelled:
             log.info("job %s (%s) cancelled on request", job_id, kind)
             with session_scope(self.sessions) as s:
-                job = s.get(Job, job_id)
+                job = s.get(JobRow, job_id)
                 if job is not None and job.status == "running" and job.worker_id == me:
                     fail_job(s, job, cancelled_error(kind), status="cancelled")
                     outputs = self._unfinished_outputs(s, kind or "", params)
@@ -79,7 +79,7 @@ class JobRunner:
                            "The model owner must free space in the data directory; then submit the request again")
             log.error("job %s (%s) failed: %s\n%s", job_id, kind, message, traceback.format_exc())
             with session_scope(self.sessions) as s:
-                job = s.get(Job, job_id)
+                job = s.get(JobRow, job_id)
                 if job is not None and job.status == "running" and job.worker_id == me:
                     fail_job(s, job, message or type(exc).__name__)
 
@@ -88,7 +88,7 @@ class JobRunner:
         if kind == "importance" and params.get("run_id"):
             return [self.storage.importance / params["run_id"]]
         if kind == "emulator" and params.get("emulator_id"):
-            emu = s.get(Emulator, params["emulator_id"])
+            emu = s.get(EmulatorRow, params["emulator_id"])
             if emu is not None and emu.status != "ready":
                 return [self.storage.emulators / f"{emu.id}.safetensors"]
         return []
@@ -98,7 +98,7 @@ class JobRunner:
     def device(self) -> str:
         return self.settings.resolved_device()
 
-    def full_model(self, model_row: BaseModel) -> tuple[Any, Any]:
+    def full_model(self, model_row: RegisteredModel) -> tuple[Any, Any]:
         from model_owner_server.model_cache import load_full_model
 
         return load_full_model(model_row.path, self.device, self.settings.model_cache_size)

@@ -11,7 +11,7 @@ from test_jobs import _wait
 
 from model_owner_server import crud
 from model_owner_server.main import create_app
-from model_owner_server.models import AuditEvent, ImportanceRun, Job
+from model_owner_server.models import AuditEvent, ImportanceRun, JobRow
 
 
 def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, files):
@@ -48,7 +48,7 @@ def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, fil
         with client.app.state.sessions() as s:
             runs = {r.job_id: r for r in s.query(ImportanceRun)}
             assert runs[first["id"]].status == runs[second["id"]].status == "failed"
-            assert s.get(Job, second["id"]).started_at is None  # the worker never ran it
+            assert s.get(JobRow, second["id"]).started_at is None  # the worker never ran it
             actions = [e.action for e in s.query(AuditEvent)]
             assert actions.count("cancel_job") == 2
         data = settings.resolved_data_dir

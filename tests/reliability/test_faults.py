@@ -143,7 +143,7 @@ def test_a_job_failed_while_it_ran_records_nothing(world):
     afterwards (an emulator `ready` with a job `failed`, or a file the janitor already removed)."""
     from model_owner_server import crud
     from model_owner_server.jobs import context as jobs
-    from model_owner_server.models import Job
+    from model_owner_server.models import JobRow
 
     sessions = world.client.app.state.sessions
     with sessions() as s:
@@ -155,7 +155,7 @@ def test_a_job_failed_while_it_ran_records_nothing(world):
     with sessions() as s:
         jobs.still_ours(s, ctx)  # running under this worker: fine
     with sessions() as s:
-        jobs.fail_job(s, s.get(Job, job_id), "interrupted: the worker stopped sending heartbeats")
+        jobs.fail_job(s, s.get(JobRow, job_id), "interrupted: the worker stopped sending heartbeats")
         s.commit()
     with sessions() as s, pytest.raises(jobs.JobFailure, match="nothing was recorded"):
         jobs.still_ours(s, ctx)

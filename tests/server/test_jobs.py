@@ -17,7 +17,7 @@ from model_owner_server import crud
 from model_owner_server.jobs import recovery
 from model_owner_server.jobs.runner import HANDLERS
 from model_owner_server.main import create_app
-from model_owner_server.models import Job, utcnow
+from model_owner_server.models import JobRow, utcnow
 from server_helpers import auth, fast_settings
 
 RELEASE = threading.Event()
@@ -99,7 +99,7 @@ def test_real_queue_runs_jobs_with_live_progress(tmp_path, new_database_url, fak
         failed = _wait(client, bad.id, h, lambda j: j["status"] == "failed")
         assert "failed on purpose" in failed["error"]
         with client.app.state.sessions() as s:
-            assert s.get(Job, ok.id).worker_id.startswith(socket.gethostname())
+            assert s.get(JobRow, ok.id).worker_id.startswith(socket.gethostname())
         if backend == "redis":
             client.app.state.queue.huey.flush()
 
@@ -115,11 +115,11 @@ def test_shutdown_fails_jobs_still_running(tmp_path, new_database_url, fake_kind
         _wait(client, job.id, auth(key), lambda j: j["status"] == "running")
         sessions = client.app.state.sessions
     with sessions() as s:  # the app has shut down while the job was still waiting
-        row = s.get(Job, job.id)
+        row = s.get(JobRow, job.id)
         assert row.status == "failed" and "interrupted by server shutdown" in row.error
 
 
-def _running_job(s, org, worker_id, heartbeat_age_s: float, kind="importance", params=None) -> Job:
+def _running_job(s, org, worker_id, heartbeat_age_s: float, kind="importance", params=None) -> JobRow:
     job = crud.create_job(s, kind, org, params or {})
     job.status, job.worker_id = "running", worker_id
     job.heartbeat_at = utcnow() - timedelta(seconds=heartbeat_age_s)
@@ -155,7 +155,7 @@ def test_recovery_fails_jobs_of_dead_workers(world):
     with sessions() as s:
         assert s.get(ImportanceRun, ids[3]).status == "failed"
         # At startup, a job recorded under our own pid by another incarnation is dead too (containers reuse pids).
-        s.get(Job, ids[2]).heartbeat_at = utcnow()
+        s.get(JobRow, ids[2]).heartbeat_at = utcnow()
         s.commit()
     assert ids[2] in recovery.recover_interrupted_jobs(sessions, world.settings, startup=True)
 

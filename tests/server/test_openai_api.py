@@ -18,7 +18,7 @@ import uvicorn
 
 from model_owner_server.api.routes.openai_compat import get_engine
 from model_owner_server.model_cache import load_full_model, plugged_models
-from model_owner_server.models import BaseModel
+from model_owner_server.models import RegisteredModel
 from model_owner_server.serving import EngineBusy, GenerationEngine
 
 PROMPT = "the quick brown fox"
@@ -76,7 +76,7 @@ def in_process_greedy(world, prompt: str, n: int) -> str:
 
 def _tokenizer(world):
     with world.sessions() as s:
-        path = s.get(BaseModel, world.model_id).path
+        path = s.get(RegisteredModel, world.model_id).path
     return load_full_model(path, world.settings.resolved_device(), world.settings.model_cache_size)[1]
 
 

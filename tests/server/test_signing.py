@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from model_owner_server import crud
 from model_owner_server.main import create_app
-from model_owner_server.models import BaseModel, Emulator, ImportanceRun
+from model_owner_server.models import EmulatorRow, ImportanceRun, RegisteredModel
 from server_helpers import auth, fast_settings
 from shared import signing
 
@@ -106,13 +106,13 @@ def test_key_rotation_and_revocation_through_the_server(tmp_path, new_database_u
     with TestClient(create_app(first)) as c1:
         with c1.app.state.sessions() as s:
             org, key = crud.create_org(s, "ops", "admin")
-            model = BaseModel(name="m", path="/nowhere")
+            model = RegisteredModel(name="m", path="/nowhere")
             s.add(model)
             s.flush()
             run = ImportanceRun(model_id=model.id, status="succeeded", steps=1)
             s.add(run)
             s.flush()
-            emu = Emulator(model_id=model.id, importance_run_id=run.id, n_adapter=1, alpha=0.5, beta=0.0,
+            emu = EmulatorRow(model_id=model.id, importance_run_id=run.id, n_adapter=1, alpha=0.5, beta=0.0,
                            status="ready", sha256="cd" * 32, size_bytes=10, plan={"roles": ["adapter"]})
             s.add(emu)
             s.commit()

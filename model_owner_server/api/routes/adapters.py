@@ -16,7 +16,7 @@ from model_owner_server.api.serialize import adapter_out, job_out
 from model_owner_server.api.upload import MULTIPART_OVERHEAD, PartSpec, ReceivedPart, check_content_length, \
     discard, receive_parts
 from model_owner_server.jobs.queue import QueueUnavailable
-from model_owner_server.models import Adapter, Emulator, Organization, new_id
+from model_owner_server.models import AdapterRow, EmulatorRow, Organization, new_id
 from shared import schemas
 
 router = APIRouter(tags=["adapters"])
@@ -55,7 +55,7 @@ def _json_object(part: ReceivedPart | None) -> dict[str, Any] | None:
     return value
 
 
-def _validate_files(parts: dict[str, ReceivedPart], emu: Emulator, has_default_eval: bool,
+def _validate_files(parts: dict[str, ReceivedPart], emu: EmulatorRow, has_default_eval: bool,
                     config: dict[str, Any] | None) -> str:
     """Heavy checks, run in a worker thread before anything is stored; returns the adapter's kind."""
     from shared.adapter import AdapterValidationError, spec_from_json
@@ -146,8 +146,8 @@ def upload_info(emulator_id: str, session: SessionDep, org: OrgDep, settings: Se
                       max_eval_bytes=settings.max_eval_bytes)
 
 
-def _store(session, storage, org: Organization, emu: Emulator, parts: dict[str, ReceivedPart],
-           metrics: dict | None, config: dict | None) -> tuple[Adapter, Any]:
+def _store(session, storage, org: Organization, emu: EmulatorRow, parts: dict[str, ReceivedPart],
+           metrics: dict | None, config: dict | None) -> tuple[AdapterRow, Any]:
     """Move the validated files into place and record adapter + job in one transaction."""
     adapter_id = new_id("adp")
     final_dir = storage.adapters / adapter_id
@@ -159,7 +159,7 @@ def _store(session, storage, org: Organization, emu: Emulator, parts: dict[str, 
             eval_rel = storage.rel(storage.commit_file(parts["eval_data"].path, final_dir / f"eval{suffix}"))
         method = str((config or {}).get("method") or "full")[:50]
         job = crud.create_job(session, "evaluation", org, {"adapter_id": adapter_id})
-        adapter = Adapter(id=adapter_id, emulator_id=emu.id, model_id=emu.model_id, org_id=org.id, status="evaluating",
+        adapter = AdapterRow(id=adapter_id, emulator_id=emu.id, model_id=emu.model_id, org_id=org.id, status="evaluating",
                           path=storage.rel(final_dir / "adapter.safetensors"), sha256=parts["adapter"].sha256,
                           size_bytes=parts["adapter"].size, method=method, adapter_config=config,
                           client_metrics=metrics, eval_path=eval_rel, job_id=job.id)
@@ -176,10 +176,10 @@ def _store(session, storage, org: Organization, emu: Emulator, parts: dict[str, 
 
 def _created(session, adapter_id: str, job_id: str) -> schemas.AdapterCreated:
     session.expire_all()
-    adapter = session.get(Adapter, adapter_id)
-    from model_owner_server.models import Job
+    adapter = session.get(AdapterRow, adapter_id)
+    from model_owner_server.models import JobRow
 
-    return schemas.AdapterCreated(adapter=adapter_out(session, adapter), job=job_out(session.get(Job, job_id)))
+    return schemas.AdapterCreated(adapter=adapter_out(session, adapter), job=job_out(session.get(JobRow, job_id)))
 
 
 @router.get("/v1/adapters", response_model=schemas.AdapterList, responses=ERR)

@@ -17,7 +17,7 @@ from model_owner_server.api.serialize import base_url, emulator_out, job_out
 from model_owner_server.jobs.queue import QueueUnavailable
 from model_owner_server.jobs.tasks.emulator import manifest_for
 from model_owner_server.keyring import KeyRing
-from model_owner_server.models import Emulator, Job
+from model_owner_server.models import EmulatorRow, JobRow
 from shared import schemas
 
 router = APIRouter(prefix="/v1/emulators", tags=["emulators"])
@@ -25,7 +25,7 @@ ERR = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 409, 416, 422)}
 CHUNK = 1 << 20
 
 
-def _ready(emu: Emulator) -> None:
+def _ready(emu: EmulatorRow) -> None:
     if emu.status == "building":
         raise ApiError(409, "not_ready", f"emulator {emu.id} is still building; poll GET /v1/jobs/{emu.job_id}")
     if emu.status != "ready":
@@ -49,9 +49,9 @@ def create_emulator(body: schemas.EmulatorCreate, request: Request, response: Re
         raise ApiError(409, "importance_missing", f"model {model.id} has no finished importance run yet; an admin "
                        f"must run POST /v1/models/{model.id}/importance first (or wait for the running one)")
     alpha, beta = round(body.alpha, 6), round(body.beta, 6)
-    key = (Emulator.model_id == model.id, Emulator.importance_run_id == run.id, Emulator.n_adapter == body.n_adapter,
-           Emulator.alpha == alpha, Emulator.beta == beta)
-    emu = session.execute(select(Emulator).where(*key)).scalar_one_or_none()
+    key = (EmulatorRow.model_id == model.id, EmulatorRow.importance_run_id == run.id, EmulatorRow.n_adapter == body.n_adapter,
+           EmulatorRow.alpha == alpha, EmulatorRow.beta == beta)
+    emu = session.execute(select(EmulatorRow).where(*key)).scalar_one_or_none()
     if emu is not None and emu.status in ("ready", "building"):
         built = (emu.build_info or {}).get("dtype", "float32")
         if built != body.dtype:  # (model, run, N_a, alpha, beta) is the row's unique key; dtype is not in it
@@ -59,13 +59,13 @@ def create_emulator(body: schemas.EmulatorCreate, request: Request, response: Re
                            f"(one emulator per parameter set): post dtype {built!r} to use it, or other "
                            f"n_adapter/alpha/beta for a {body.dtype} one")
         response.status_code = 200 if emu.status == "ready" else 202
-        job = session.get(Job, emu.job_id) if emu.job_id else None
+        job = session.get(JobRow, emu.job_id) if emu.job_id else None
         return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)),
                                        job=job_out(job) if job else None)
     params = {"model_id": model.id}
     try:
         if emu is None:
-            emu = Emulator(model_id=model.id, importance_run_id=run.id, n_adapter=body.n_adapter, alpha=alpha,
+            emu = EmulatorRow(model_id=model.id, importance_run_id=run.id, n_adapter=body.n_adapter, alpha=alpha,
                            beta=beta, status="building", created_by=org.id)
             session.add(emu)
             session.flush()
@@ -77,8 +77,8 @@ def create_emulator(body: schemas.EmulatorCreate, request: Request, response: Re
         session.commit()
     except IntegrityError:  # a concurrent identical request won the race: answer with its emulator
         session.rollback()
-        emu = session.execute(select(Emulator).where(*key)).scalar_one()
-        job = session.get(Job, emu.job_id) if emu.job_id else None
+        emu = session.execute(select(EmulatorRow).where(*key)).scalar_one()
+        job = session.get(JobRow, emu.job_id) if emu.job_id else None
         return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)),
                                        job=job_out(job) if job else None)
     try:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, still_ours
-from model_owner_server.models import BaseModel, Emulator, ImportanceRun
+from model_owner_server.models import EmulatorRow, ImportanceRun, RegisteredModel
 
 if TYPE_CHECKING:
     from model_owner_server.jobs.runner import JobRunner
@@ -27,8 +27,8 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
 
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
-        emu = s.get(Emulator, params["emulator_id"])
-        model_row = s.get(BaseModel, emu.model_id)
+        emu = s.get(EmulatorRow, params["emulator_id"])
+        model_row = s.get(RegisteredModel, emu.model_id)
         run = s.get(ImportanceRun, emu.importance_run_id)
         emu_id, model_id, n_adapter, alpha, beta = emu.id, emu.model_id, emu.n_adapter, emu.alpha, emu.beta
         run_path, corpus = storage.abs(run.path), run.corpus
@@ -73,7 +73,7 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
                               "lora": issue_lora(model, layers, dtype=dtype).to_json()})
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
-        emu = s.get(Emulator, emu_id)
+        emu = s.get(EmulatorRow, emu_id)
         for k, v in fields.items():
             setattr(emu, k, v)
         if runner.keyring is not None:  # a worker without the key leaves signing to the API (lazy)
@@ -83,7 +83,7 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
             "plan_summary": info.plan.summary(), "fidelity": info.extra.get("fidelity")}
 
 
-def manifest_for(emu: Emulator) -> dict[str, Any]:
+def manifest_for(emu: EmulatorRow) -> dict[str, Any]:
     """The manifest the server signs for a ready emulator (here at build time, or lazily by the API)."""
     from shared.signing import emulator_manifest
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
-from model_owner_server.models import Adapter, BaseModel, Emulator, Evaluation
+from model_owner_server.models import AdapterRow, EmulatorRow, Evaluation, RegisteredModel
 
 if TYPE_CHECKING:
     from model_owner_server.jobs.runner import JobRunner
@@ -28,9 +28,9 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
 
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
-        adapter = s.get(Adapter, params["adapter_id"])
-        emu = s.get(Emulator, adapter.emulator_id)
-        model_row = s.get(BaseModel, adapter.model_id)
+        adapter = s.get(AdapterRow, params["adapter_id"])
+        emu = s.get(EmulatorRow, adapter.emulator_id)
+        model_row = s.get(RegisteredModel, adapter.model_id)
         spec, layers = spec_from_json(emu.adapter_spec), list(emu.adapter_layers)
         lora = issued_lora(emu.build_info)
         adapter_path = storage.abs(adapter.path)
@@ -61,6 +61,6 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         still_ours(s, ctx)
         for kind, metrics in (("zero_shot", zero), ("plug_in", plug)):
             s.add(Evaluation(adapter_id=adapter_id, kind=kind, eval_source=eval_source, metrics=metrics))
-        adapter = s.get(Adapter, adapter_id)
+        adapter = s.get(AdapterRow, adapter_id)
         adapter.status, adapter.error = "evaluated", None
     return {"adapter_id": adapter_id, "zero_shot": zero, "plug_in": plug, "eval_source": eval_source}

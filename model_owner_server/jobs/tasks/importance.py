@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
-from model_owner_server.models import BaseModel, ImportanceRun, utcnow
+from model_owner_server.models import ImportanceRun, RegisteredModel, utcnow
 
 if TYPE_CHECKING:
     from model_owner_server.jobs.runner import JobRunner
@@ -24,7 +24,7 @@ def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
 
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
-        model_row = s.get(BaseModel, params["model_id"])
+        model_row = s.get(RegisteredModel, params["model_id"])
         if model_row is None:
             raise JobFailure("the model was deleted")
         model_path, run_id = model_row.path, params["run_id"]

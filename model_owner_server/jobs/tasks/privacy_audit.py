@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
-from model_owner_server.models import BaseModel, Emulator
+from model_owner_server.models import EmulatorRow, RegisteredModel
 
 if TYPE_CHECKING:
     from model_owner_server.jobs.runner import JobRunner
@@ -23,10 +23,10 @@ def privacy_audit_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]
 
     settings = runner.settings
     with session_scope(runner.sessions) as s:
-        emu = s.get(Emulator, params["emulator_id"])
+        emu = s.get(EmulatorRow, params["emulator_id"])
         if emu is None or emu.status != "ready" or not emu.path:
             raise JobFailure(f"emulator {params['emulator_id']} was deleted or is not ready any more")
-        model_row = s.get(BaseModel, emu.model_id)
+        model_row = s.get(RegisteredModel, emu.model_id)
         if model_row is None:
             raise JobFailure(f"the model of emulator {emu.id} was deleted")
         emu_id, path = emu.id, runner.storage.abs(emu.path)
@@ -43,7 +43,7 @@ def privacy_audit_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]
                                progress=lambda f, m, x: ctx.update(f, m, x))
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
-        row = s.get(Emulator, emu_id)
+        row = s.get(EmulatorRow, emu_id)
         if row is None:
             raise JobFailure(f"emulator {emu_id} was deleted while it was being audited; nothing was stored")
         row.privacy = record
