@@ -49,7 +49,7 @@ def model_owner(demo, tmp_path_factory):
     cfg = demo.DemoConfig(tiny=True, steps=2, train_steps=2, n_adapter=2, alpha=0.5, beta=0.5, seq_len=32,
                           batch_size=2, eval_max_examples=4, wiki_train_chars=20_000,
                           model_name=f"tiny-{secrets.token_hex(4)}")  # unique: the PostgreSQL database is shared
-    demo.TINY = True
+    demo.processes.TINY = True
     server_env = {"SCALEOT_EVAL_SEQ_LEN": "32", "SCALEOT_EVAL_MAX_EXAMPLES": "4", "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
                   "SCALEOT_IMPORTANCE_MAX_BLOCKS": "32"}
     if os.environ.get("SCALEOT_TEST_DATABASE_URL"):
