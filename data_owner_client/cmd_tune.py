@@ -94,7 +94,8 @@ def tune(
                 if ver.info.adapter_spec else None
             lora = LoraSpec.from_json(ver.manifest["lora"]) if ver.manifest.get("lora") else None  # signed
             if lora is not None and cfg.method == "lora":  # train the issued LoRA unless told otherwise
-                cfg = dataclasses.replace(cfg, **{"lora_r": lora.r, "lora_alpha": lora.alpha, **lora_opts})
+                cfg = dataclasses.replace(cfg, lora_r=lora_r if lora_r is not None else lora.r,
+                                          lora_alpha=lora_alpha if lora_alpha is not None else lora.alpha)
             note(f"layer plan {emu.plan.summary()} (A = adapter layers {emu.plan.adapter_layers}); "
                   f"training on {choice.device}"
                   + (f" with {choice.autocast_dtype} autocast" if choice.autocast_dtype else ""))
