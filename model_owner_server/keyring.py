@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from model_owner_server.models import SigningKeyRecord, utcnow
+from model_owner_server.models import EmulatorRow, SigningKeyRecord, utcnow
 from shared import signing
 
 log = logging.getLogger("scaleot.keyring")
@@ -147,3 +147,12 @@ class KeyRing:
     def is_revoked(session: Session, key_id: str) -> bool:
         rec = session.get(SigningKeyRecord, key_id)
         return rec is None or rec.status == "revoked"
+
+
+def manifest_for(emu: EmulatorRow) -> dict[str, Any]:
+    """The manifest the server signs for a ready emulator (at build time by its job, or lazily by the API)."""
+    manifest = signing.emulator_manifest(emulator_id=emu.id, model_id=emu.model_id, sha256=emu.sha256,
+                                         size_bytes=emu.size_bytes, layer_plan=emu.plan, key_id="")
+    # Signed too: the storage dtype and the LoRA the server accepts (absent on emulators built before them).
+    issued = {k: (emu.build_info or {}).get(k) for k in ("dtype", "lora")}
+    return {**manifest, **{k: v for k, v in issued.items() if v is not None}}

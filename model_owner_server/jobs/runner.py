@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import traceback
 from collections.abc import Callable
@@ -15,10 +16,6 @@ from model_owner_server.core.config import Settings
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.cancel import cancelled_error
 from model_owner_server.jobs.context import JobCancelled, JobContext, JobFailure, fail_job, worker_id
-from model_owner_server.jobs.tasks.emulator import emulator_job
-from model_owner_server.jobs.tasks.evaluation import evaluation_job
-from model_owner_server.jobs.tasks.importance import importance_job
-from model_owner_server.jobs.tasks.privacy_audit import privacy_audit_job
 from model_owner_server.keyring import KeyRing
 from model_owner_server.models import EmulatorRow, JobRow, RegisteredModel, utcnow
 from model_owner_server.storage import Storage, is_disk_full
@@ -26,10 +23,6 @@ from model_owner_server.storage import Storage, is_disk_full
 log = logging.getLogger("scaleot.jobs")
 
 Handler = Callable[["JobRunner", JobContext, dict[str, Any]], dict[str, Any]]
-
-# Job kind -> task body. The kinds and their params are part of the API (GET /v1/jobs/{id} shows both).
-HANDLERS: dict[str, Handler] = {"importance": importance_job, "emulator": emulator_job, "evaluation": evaluation_job,
-                                "privacy_audit": privacy_audit_job}
 
 
 class JobRunner:
@@ -59,7 +52,8 @@ class JobRunner:
                     raise JobFailure(f"unknown job kind {kind!r}")
                 result = handler(self, ctx, params)
             with session_scope(self.sessions) as s:
-                s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker_id == me, JobRow.status == "running").values(
+                mine = (JobRow.id == job_id, JobRow.worker_id == me, JobRow.status == "running")
+                s.execute(update(JobRow).where(*mine).values(
                     status="succeeded", progress=1.0, message="done", result=result, finished_at=utcnow(),
                     updated_at=utcnow(), heartbeat_at=utcnow()))
         except JobCancelled:
@@ -102,3 +96,21 @@ class JobRunner:
         from model_owner_server.model_cache import load_full_model
 
         return load_full_model(model_row.path, self.device, self.settings.model_cache_size)
+
+
+def _task(module: str, function: str) -> Handler:
+    """The task body `function` of jobs/tasks/`module`.py, imported at its first run: the task modules load the
+    algorithm (torch, transformers), which the API process does not need until it runs a job."""
+
+    def handler(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+        body: Handler = getattr(importlib.import_module(f"model_owner_server.jobs.tasks.{module}"), function)
+        return body(runner, ctx, params)
+
+    return handler
+
+
+# Job kind -> task body. The kinds and their params are part of the API (GET /v1/jobs/{id} shows both).
+HANDLERS: dict[str, Handler] = {"importance": _task("importance", "importance_job"),
+                                "emulator": _task("emulator", "emulator_job"),
+                                "evaluation": _task("evaluation", "evaluation_job"),
+                                "privacy_audit": _task("privacy_audit", "privacy_audit_job")}

@@ -43,7 +43,7 @@ def test_disk_full_simulated(tmp_path, new_database_url, files, monkeypatch):
     """The same checks with the writers patched to fail with ENOSPC after writing part of their data
     (works anywhere, no root needed)."""
     from model_owner_server.api import upload
-    from model_owner_server.scaleot import importance_io
+    from model_owner_server.jobs.tasks import importance as importance_task
     from shared import emulator_file
 
     def enospc(path=None):
@@ -78,7 +78,7 @@ def test_disk_full_simulated(tmp_path, new_database_url, files, monkeypatch):
 
     def make_full(_data_dir):
         patches = [(upload, "open", FullFile), (emulator_file, "save_model", full_save_model),
-                   (importance_io, "save_importance", full_save_importance)]
+                   (importance_task, "save_importance", full_save_importance)]
         for target, name, value in patches:
             monkeypatch.setattr(target, name, value, raising=False)
         return monkeypatch.undo

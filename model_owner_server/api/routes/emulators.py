@@ -15,8 +15,7 @@ from model_owner_server.api.errors import ApiError
 from model_owner_server.api.routes.models import server_text_file
 from model_owner_server.api.serialize import base_url, emulator_out, job_out
 from model_owner_server.jobs.queue import QueueUnavailable
-from model_owner_server.jobs.tasks.emulator import manifest_for
-from model_owner_server.keyring import KeyRing
+from model_owner_server.keyring import KeyRing, manifest_for
 from model_owner_server.models import EmulatorRow, JobRow
 from shared import schemas
 

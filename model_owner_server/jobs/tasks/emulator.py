@@ -7,24 +7,23 @@ upload, and marks the row ready.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, still_ours
+from model_owner_server.jobs.runner import JobRunner
+from model_owner_server.keyring import manifest_for
 from model_owner_server.models import EmulatorRow, ImportanceRun, RegisteredModel
-
-if TYPE_CHECKING:
-    from model_owner_server.jobs.runner import JobRunner
+from model_owner_server.scaleot.calibrate import CalibrationConfig
+from model_owner_server.scaleot.emulator import build_blocks, make_emulator
+from model_owner_server.scaleot.importance_io import load_importance
+from shared.adapter import adapter_spec, max_adapter_bytes, spec_to_json
+from shared.emulator_file import emulator_dtype
+from shared.lora import issue_lora
 
 
 def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
-    from model_owner_server.scaleot.calibrate import CalibrationConfig
-    from model_owner_server.scaleot.emulator import build_blocks, make_emulator
-    from model_owner_server.scaleot.importance_io import load_importance
-    from shared.adapter import adapter_spec, max_adapter_bytes, spec_to_json
-    from shared.emulator_file import emulator_dtype
-    from shared.lora import issue_lora
-
+    """Build emulator `params["emulator_id"]`: calibrate, write the file, describe its adapter, mark it ready."""
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
         emu = s.get(EmulatorRow, params["emulator_id"])
@@ -82,13 +81,3 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
     return {"emulator_id": emu_id, "sha256": info.sha256, "size_bytes": info.size_bytes,
             "plan_summary": info.plan.summary(), "fidelity": info.extra.get("fidelity")}
 
-
-def manifest_for(emu: EmulatorRow) -> dict[str, Any]:
-    """The manifest the server signs for a ready emulator (here at build time, or lazily by the API)."""
-    from shared.signing import emulator_manifest
-
-    manifest = emulator_manifest(emulator_id=emu.id, model_id=emu.model_id, sha256=emu.sha256,
-                                 size_bytes=emu.size_bytes, layer_plan=emu.plan, key_id="")
-    # Signed too: the storage dtype and the LoRA the server accepts (absent on emulators built before them).
-    issued = {k: (emu.build_info or {}).get(k) for k in ("dtype", "lora")}
-    return {**manifest, **{k: v for k, v in issued.items() if v is not None}}

@@ -8,24 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
+from model_owner_server.jobs.runner import JobRunner
+from model_owner_server.model_cache import plugged_models
 from model_owner_server.models import AdapterRow, EmulatorRow, Evaluation, RegisteredModel
-
-if TYPE_CHECKING:
-    from model_owner_server.jobs.runner import JobRunner
+from model_owner_server.scaleot.plugin import plug_in
+from shared.adapter import spec_from_json
+from shared.data import load_dataset
+from shared.evaluation import evaluate
+from shared.lora import issued_lora, load_adapter
 
 
 def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
-    from model_owner_server.model_cache import plugged_models
-    from model_owner_server.scaleot.plugin import plug_in
-    from shared.adapter import spec_from_json
-    from shared.data import load_dataset
-    from shared.evaluation import evaluate
-    from shared.lora import issued_lora, load_adapter
-
+    """Evaluate adapter `params["adapter_id"]`: validate the upload against what its emulator issued, score the
+    full model zero-shot and with the adapter plugged in, store both and mark the adapter evaluated."""
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
         adapter = s.get(AdapterRow, params["adapter_id"])

@@ -6,22 +6,20 @@ folder (scores + harmonizers) under the data dir, recorded on its `importance_ru
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
+from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.models import ImportanceRun, RegisteredModel, utcnow
-
-if TYPE_CHECKING:
-    from model_owner_server.jobs.runner import JobRunner
+from model_owner_server.scaleot.corpus import corpus_blocks
+from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
+from model_owner_server.scaleot.importance_io import save_importance
+from model_owner_server.scaleot.model_io import load_causal_lm
 
 
 def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
-    from model_owner_server.scaleot.corpus import corpus_blocks
-    from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
-    from model_owner_server.scaleot.importance_io import save_importance
-    from model_owner_server.scaleot.model_io import load_causal_lm
-
+    """Stage 1 for importance run `params["run_id"]`: tokenise the corpus, estimate, save, record the scores."""
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
         model_row = s.get(RegisteredModel, params["model_id"])

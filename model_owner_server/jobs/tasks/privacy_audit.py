@@ -6,21 +6,18 @@ model_owner_server/privacy_audit.py.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
+from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.models import EmulatorRow, RegisteredModel
-
-if TYPE_CHECKING:
-    from model_owner_server.jobs.runner import JobRunner
+from model_owner_server.privacy_audit import run_privacy_audit
+from model_owner_server.scaleot.attack import AttackConfig
 
 
 def privacy_audit_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     """Audit one ready emulator and store the record on its row (`emulators.privacy`)."""
-    from model_owner_server.privacy_audit import run_privacy_audit
-    from model_owner_server.scaleot.attack import AttackConfig
-
     settings = runner.settings
     with session_scope(runner.sessions) as s:
         emu = s.get(EmulatorRow, params["emulator_id"])
