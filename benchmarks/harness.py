@@ -25,7 +25,6 @@ import json
 import platform
 import random
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -383,36 +382,3 @@ def publish(results_dir: Path, name: str, profile: str, doc: dict, md: str, docs
     if docs_marker is not None:
         update_docs_block(DOCS, docs_marker, md)
     return json_path, md_path
-
-
-# ---------------------------------------------------------------- measurements
-
-
-def record(name: str, value: float, unit: str, *, baseline: float | None = None, ratio: float | None = None,
-           target: str | None = None, met: bool | None = None, **details: Any) -> dict[str, Any]:
-    """One measured row: value against an optional baseline measured in the same run, and its target."""
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio, "target": target,
-            "met": met, "details": details}
-
-
-def rounded(x: float | None, nd: int = 4) -> float | None:
-    return None if x is None else round(float(x), nd)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a server this benchmark starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_name(default: str = "") -> str:
-    """The CPU model from /proc/cpuinfo, else platform.processor(), else `default`."""
-    cpu = platform.processor() or default
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return cpu

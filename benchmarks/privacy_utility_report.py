@@ -153,7 +153,7 @@ def plot(result: dict, tasks: list[Task], path: Path) -> Path | None:
         return None
     tasks = [t for t in tasks if any(r["task"] == t.name for r in result["rows"])]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 5.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         rows = rows_by(result["rows"], task.name)
         scale = 100 if task.metric == "accuracy" else 1
         sweep = sorted((r for r in rows.values() if r["method"] == "scaleot" and r["beta"] == 0), key=lambda r: r["alpha"])

@@ -43,12 +43,11 @@ from typing import Any
 
 from benchmarks.harness import (
     REPO,  # first: sets the thread and offline environment before torch loads
-    cpu_name,
-    free_port,
     log,
     markdown_table,
     publish,
 )
+from benchmarks.measure import cpu_name, free_port
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "
                                         "bottle. Describe the sea, the weather and the keeper's thoughts."}]

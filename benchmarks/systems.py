@@ -60,12 +60,11 @@ import psutil
 
 from benchmarks.harness import (
     DOCS,
-    cpu_name,
     log,
-    rounded,
     update_docs_block,
     write_json,
 )
+from benchmarks.measure import cpu_name, rounded
 from benchmarks.systems_http import bench_download, bench_memory, bench_verify
 from benchmarks.systems_report import markdown, table
 from benchmarks.systems_training import bench_train, stage2

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.harness import free_port, log, record, rounded
+from benchmarks.harness import log
+from benchmarks.measure import free_port, record, rounded
 from benchmarks.systems_world import (
     MB,
     World,
@@ -96,7 +97,7 @@ def bench_download(w: World, prof: Any) -> list[dict[str, Any]]:
         shutil.rmtree(w.root / "downloads", ignore_errors=True)
     tp = {k: w.size / statistics.median(v) / MB for k, v in times.items()}
     ratio = tp[("api", "file")] / tp[("static", "file")]
-    paired = statistics.median(s / a for a, s in zip(times[("api", "file")], times[("static", "file")]))
+    paired = statistics.median(s / a for a, s in zip(times[("api", "file")], times[("static", "file")], strict=True))
     best = min(times[("static", "file")]) / min(times[("api", "file")])
     return [record("download_throughput_api", rounded(tp[("api", "file")], 1), "MB/s",
                    baseline=rounded(tp[("static", "file")], 1), ratio=rounded(ratio, 3), target="ratio >= 0.8",

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO, log, record, rounded
+from benchmarks.harness import REPO, log
+from benchmarks.measure import record, rounded
 from benchmarks.systems_world import corpus_file
 
 

@@ -19,7 +19,8 @@ from typing import Any, Self
 import httpx
 import psutil
 
-from benchmarks.harness import REPO, free_port, rounded
+from benchmarks.harness import REPO
+from benchmarks.measure import free_port, rounded
 
 MB = 1024 * 1024
 SERVED_EMULATOR = {"n_adapter": 1, "alpha": 0.5, "beta": 0.0}  # one adapter layer: the >= 100 MB upload

@@ -3,6 +3,7 @@ upload that sends half its body and waits, and the adapter count the round check
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -27,10 +28,8 @@ class _CutStream(httpx.SyncByteStream):
             yield chunk
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             self.inner.close()
-        except httpx.HTTPError:
-            pass
 
 
 class CuttingTransport(httpx.BaseTransport):

@@ -78,8 +78,8 @@ class ServerProcess:
         t0 = time.monotonic()
         with open(self.log, "ab") as log:
             log.write(f"\n===== start #{self.starts + 1}\n".encode())
-            self.proc = subprocess.Popen(_server_command(self.hooks) + ["serve", "--host", LOOPBACK, "--port",
-                                                                         str(self.port), "--log-level", "warning"],
+            self.proc = subprocess.Popen([*_server_command(self.hooks), "serve", "--host", LOOPBACK, "--port",
+                                          str(self.port), "--log-level", "warning"],
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         self.starts += 1
         while time.monotonic() - t0 < timeout:

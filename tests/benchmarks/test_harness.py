@@ -1,8 +1,9 @@
-"""benchmarks/harness.py's result helpers: cached records, result files, measured rows."""
+"""benchmarks/harness.py's result helpers (cached records, result files) and measure.py's measured rows."""
 
 import json
 
-from benchmarks.harness import cached_file, publish, record, rounded
+from benchmarks.harness import cached_file, publish
+from benchmarks.measure import record, rounded
 
 
 def test_cached_file_runs_once_and_stores_the_seconds(tmp_path):

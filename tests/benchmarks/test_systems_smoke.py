@@ -57,7 +57,7 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     names = [r["name"] for r in data["records"]]
     assert set(names) == EXPECTED and len(names) == len(set(names))
     for r in data["records"]:
-        assert KEYS <= r.keys(), r
+        assert r.keys() >= KEYS, r
         assert _number(r["value"]) and isinstance(r["unit"], str) and r["unit"]
         assert r["baseline"] is None or _number(r["baseline"])
         assert r["ratio"] is None or _number(r["ratio"])

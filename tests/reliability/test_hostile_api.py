@@ -158,13 +158,13 @@ def test_hostile_ids_in_every_path_parameter(world):
         body = next((b for suffix, b in BODIES.items() if template.endswith(suffix)), {})
         raw_body = json.dumps(body.get("json", {})).encode()
         for value in HOSTILE:
-            path = re.sub(r"\{[^}]+\}", lambda _: value, template)
+            path = re.sub(r"\{[^}]+\}", lambda _, v=value: v, template)
             status, err, _ = _raw_request(app, method, path, {**admin, "content-type": "application/json",
                                                               "content-length": str(len(raw_body))}, [raw_body])
             assert 400 <= status < 500, f"raw {method} {path!r}: {status} {err}"
             assert method == "HEAD" or err["error"]["code"], err
             for encoded in {quote(value, safe=""), quote(value, safe="/%")}:
-                path = re.sub(r"\{[^}]+\}", lambda _: encoded, template)
+                path = re.sub(r"\{[^}]+\}", lambda _, v=encoded: v, template)
                 r = world.client.request(method, path, headers=admin, follow_redirects=False, **body)
                 if r.request.url.raw_path.decode().split("?")[0] != path:
                     # The client itself resolved "." / ".." segments: another URL reached the server.
