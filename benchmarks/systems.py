@@ -51,19 +51,9 @@ from typing import Any
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import (
-    REPO,  # first: sets the thread and offline environment before torch loads
-)
-
-# isort: split
 import psutil
 
-from benchmarks.harness import (
-    DOCS,
-    log,
-    update_docs_block,
-    write_json,
-)
+from benchmarks.harness import DOCS, REPO, log, update_docs_block, write_json  # sets the thread environment first
 from benchmarks.measure import cpu_name, rounded
 from benchmarks.systems_http import bench_download, bench_memory, bench_verify
 from benchmarks.systems_report import markdown, table
