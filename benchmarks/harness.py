@@ -114,11 +114,22 @@ def load_model(args, budget: Any) -> tuple[Any, Any, str]:
 def prepare_data(work: Path, budget: Any) -> dict[str, Path]:
     """Data files under work/data/<profile>; rewritten only when the settings that shape them change."""
     out = work / "data" / budget.profile
-    settings = {"wiki": [budget.wiki_train_chars, budget.wiki_val_chars], "shakespeare": [4, 1],
-                "analogy": [budget.mc_train_questions, 500], "seed": SEED, "v": 1}
+    settings = {
+        "wiki": [budget.wiki_train_chars, budget.wiki_val_chars],
+        "shakespeare": [4, 1],
+        "analogy": [budget.mc_train_questions, 500],
+        "seed": SEED,
+        "v": 1,
+    }
     marker = out / "data.json"
-    names = ["wiki_train.txt", "wiki_val.txt", "shakespeare_train.txt", "shakespeare_eval.txt",
-             "analogy_train.jsonl", "analogy_eval.jsonl"]
+    names = [
+        "wiki_train.txt",
+        "wiki_val.txt",
+        "shakespeare_train.txt",
+        "shakespeare_eval.txt",
+        "analogy_train.jsonl",
+        "analogy_eval.jsonl",
+    ]
     if marker.is_file() and json.loads(marker.read_text()) == settings and all((out / n).is_file() for n in names):
         return {n.split(".")[0]: out / n for n in names}
     log(f"writing data files into {out}")
@@ -138,21 +149,59 @@ def _write_synthetic(out: Path) -> None:
     """Tiny deterministic stand-ins for the three corpora (the tiny profile must not need gensim/shakespeare)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)
-    words = ["the", "river", "city", "king", "queen", "sun", "moon", "stone", "light", "water", "old", "new",
-             "house", "road", "field", "long", "short", "green", "red", "north", "south", "people", "language",
-             "music", "war", "peace", "year", "time"]
+    words = [
+        "the",
+        "river",
+        "city",
+        "king",
+        "queen",
+        "sun",
+        "moon",
+        "stone",
+        "light",
+        "water",
+        "old",
+        "new",
+        "house",
+        "road",
+        "field",
+        "long",
+        "short",
+        "green",
+        "red",
+        "north",
+        "south",
+        "people",
+        "language",
+        "music",
+        "war",
+        "peace",
+        "year",
+        "time",
+    ]
 
     def prose(n_sentences: int) -> str:
-        return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                         for _ in range(n_sentences))
+        return "\n".join(
+            " ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
+            for _ in range(n_sentences)
+        )
 
     (out / "wiki_train.txt").write_text(prose(120) + "\n")
     (out / "wiki_val.txt").write_text(prose(30) + "\n")
     (out / "shakespeare_train.txt").write_text(prose(80) + "\n")
     (out / "shakespeare_eval.txt").write_text(prose(20) + "\n")
-    pairs = [("Athens", "Greece"), ("Paris", "France"), ("Rome", "Italy"), ("Berlin", "Germany"),
-             ("Madrid", "Spain"), ("Oslo", "Norway"), ("Cairo", "Egypt"), ("Tokyo", "Japan"),
-             ("Lima", "Peru"), ("Kiev", "Ukraine")]
+    pairs = [
+        ("Athens", "Greece"),
+        ("Paris", "France"),
+        ("Rome", "Italy"),
+        ("Berlin", "Germany"),
+        ("Madrid", "Spain"),
+        ("Oslo", "Norway"),
+        ("Cairo", "Egypt"),
+        ("Tokyo", "Japan"),
+        ("Lima", "Peru"),
+        ("Kiev", "Ukraine"),
+    ]
     qs = []
     for i, (a, b) in enumerate(pairs):
         for j, (c, d) in enumerate(pairs):
@@ -169,12 +218,26 @@ def _write_synthetic(out: Path) -> None:
 
 def make_tasks(files: dict[str, Path], budget: Any, only: list[str]) -> list[Task]:
     tasks = [
-        Task("shakespeare", "Task A: Shakespeare language modelling (perplexity, lower is better)", "perplexity",
-             False, load_dataset(files["shakespeare_train"]), load_dataset(files["shakespeare_eval"]),
-             budget.text_batch, budget.text_eval_blocks),
-        Task("analogy", "Task B: 4-choice analogies (accuracy, higher is better)", "accuracy", True,
-             load_dataset(files["analogy_train"]), load_dataset(files["analogy_eval"]), budget.mc_batch,
-             budget.mc_eval_questions),
+        Task(
+            "shakespeare",
+            "Task A: Shakespeare language modelling (perplexity, lower is better)",
+            "perplexity",
+            False,
+            load_dataset(files["shakespeare_train"]),
+            load_dataset(files["shakespeare_eval"]),
+            budget.text_batch,
+            budget.text_eval_blocks,
+        ),
+        Task(
+            "analogy",
+            "Task B: 4-choice analogies (accuracy, higher is better)",
+            "accuracy",
+            True,
+            load_dataset(files["analogy_train"]),
+            load_dataset(files["analogy_eval"]),
+            budget.mc_batch,
+            budget.mc_eval_questions,
+        ),
     ]
     return [t for t in tasks if t.name in only]
 
@@ -184,10 +247,18 @@ def make_tasks(files: dict[str, Path], budget: Any, only: list[str]) -> list[Tas
 
 def stage1(model, tok, model_id: str, files: dict[str, Path], budget: Any, seed: int, work: Path):
     """Stage 1 on the Wikipedia excerpt, through the product's estimate_importance; cached by its settings."""
-    cfg = ImportanceConfig(steps=budget.stage1_steps, warmup_steps=budget.stage1_warmup, bottleneck=budget.bottleneck,
-                           seed=seed)
-    key = digest({"model": model_id, "cfg": asdict(cfg), "seq": budget.seq_len,
-                  "wiki": [budget.wiki_train_chars, budget.wiki_val_chars], "v": 2})
+    cfg = ImportanceConfig(
+        steps=budget.stage1_steps, warmup_steps=budget.stage1_warmup, bottleneck=budget.bottleneck, seed=seed
+    )
+    key = digest(
+        {
+            "model": model_id,
+            "cfg": asdict(cfg),
+            "seq": budget.seq_len,
+            "wiki": [budget.wiki_train_chars, budget.wiki_val_chars],
+            "v": 2,
+        }
+    )
     out = work / "stage1" / f"transfer-{budget.profile}-{key}"
     if (out / "importance.json").is_file():
         log(f"stage 1 seed {seed}: cached")
@@ -216,8 +287,9 @@ class EmuSpec:
     calibrate: bool = True
 
 
-def build_emulators(model, tok, importance, stage1_key: str, specs: list[EmuSpec], files: dict[str, Path],
-                    budget: Any, work: Path) -> dict[str, dict]:
+def build_emulators(
+    model, tok, importance, stage1_key: str, specs: list[EmuSpec], files: dict[str, Path], budget: Any, work: Path
+) -> dict[str, dict]:
     """Each spec through the product's make_emulator (calibration and fidelity included); cached per spec."""
     train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
     n_layers = len(decoder_layers(model))
@@ -232,33 +304,63 @@ def build_emulators(model, tok, importance, stage1_key: str, specs: list[EmuSpec
         t0 = time.perf_counter()
         n_removed = round(spec.alpha * (n_layers - budget.n_adapter))
         cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0)
-        info = make_emulator(model, tok, importance if spec.method == "scaleot" else None, budget.n_adapter,
-                             spec.alpha, spec.beta, path, method=spec.method, n_dropped=n_removed,
-                             placement=spec.placement, calibration=cal, calibration_blocks=train_b,
-                             fidelity_blocks=val_b[:8])
-        rec = {"path": str(path), "sha256": info.sha256, "bytes": info.size_bytes, "params": info.n_params,
-               "full_model_bytes": info.extra["full_model_bytes"], "plan": info.plan.summary(),
-               "adapter_layers": info.plan.adapter_layers, "fidelity": info.extra.get("fidelity"),
-               "calibration": info.extra.get("calibration"), "seconds": round(time.perf_counter() - t0, 1)}
+        info = make_emulator(
+            model,
+            tok,
+            importance if spec.method == "scaleot" else None,
+            budget.n_adapter,
+            spec.alpha,
+            spec.beta,
+            path,
+            method=spec.method,
+            n_dropped=n_removed,
+            placement=spec.placement,
+            calibration=cal,
+            calibration_blocks=train_b,
+            fidelity_blocks=val_b[:8],
+        )
+        rec = {
+            "path": str(path),
+            "sha256": info.sha256,
+            "bytes": info.size_bytes,
+            "params": info.n_params,
+            "full_model_bytes": info.extra["full_model_bytes"],
+            "plan": info.plan.summary(),
+            "adapter_layers": info.plan.adapter_layers,
+            "fidelity": info.extra.get("fidelity"),
+            "calibration": info.extra.get("calibration"),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         write_json(sidecar, rec)
         out[spec.name] = rec
         fid = rec["fidelity"] or {}
-        log(f"  emulator {spec.name}: {rec['plan']} {rec['bytes'] / rec['full_model_bytes']:.0%} of M, "
-            f"ppl ratio {fid.get('ppl_ratio')}, grad cos {fid.get('grad_cosine')} ({rec['seconds']:.0f} s)")
+        log(
+            f"  emulator {spec.name}: {rec['plan']} {rec['bytes'] / rec['full_model_bytes']:.0%} of M, "
+            f"ppl ratio {fid.get('ppl_ratio')}, grad cos {fid.get('grad_cosine')} ({rec['seconds']:.0f} s)"
+        )
     return out
+
 
 # ---------------------------------------------------------------- data owner and server
 
 
 def train_config(task: Task, budget: Any, seed: int, steps: int) -> TrainConfig:
     """The data owner's recipe: whole adapter layers, the client's defaults otherwise."""
-    return TrainConfig(method="full", max_steps=steps, batch_size=task.batch, seq_len=budget.seq_len, seed=seed,
-                       save_every=10**9)
+    return TrainConfig(
+        method="full", max_steps=steps, batch_size=task.batch, seq_len=budget.seq_len, seed=seed, save_every=10**9
+    )
 
 
 def evaluate_task(model, tok, task: Task, budget: Any, choice: Any) -> dict[str, float]:
-    return evaluate(model, tok, task.eval, seq_len=budget.seq_len, batch_size=task.batch, device=choice.device,
-                    max_examples=task.eval_max)
+    return evaluate(
+        model,
+        tok,
+        task.eval,
+        seq_len=budget.seq_len,
+        batch_size=task.batch,
+        device=choice.device,
+        max_examples=task.eval_max,
+    )
 
 
 def zero_shot(model, tok, task: Task, budget: Any, choice: Any) -> dict[str, dict[str, float]]:
@@ -278,8 +380,9 @@ def quality(task: Task, m: dict[str, float]) -> float:
 
 def run_reference(model, tok, task: Task, budget: Any, choice, layers: list[int], seed: int, steps: int) -> dict:
     cfg = train_config(task, budget, seed, steps)
-    m, res = train_layers_in_model(model, layers, training_examples(task.train, tok, cfg.seq_len), cfg, choice,
-                                   pad_id=pad_id_for(tok))
+    m, res = train_layers_in_model(
+        model, layers, training_examples(task.train, tok, cfg.seq_len), cfg, choice, pad_id=pad_id_for(tok)
+    )
     out = {"reference": evaluate_task(m, tok, task, budget, choice), "train_seconds": res.seconds}
     del m
     return out
@@ -289,11 +392,25 @@ def run_emulator(model, tok, task: Task, budget: Any, choice, emu: dict, seed: i
     loaded = load_emulator(emu["path"], device=choice.device)
     out_dir = work / "runs" / f"{task.name}-{Path(emu['path']).stem}-{seed}-{steps}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    tr = tune_emulator(loaded.model, loaded.tokenizer, loaded.plan, task.train, train_config(task, budget, seed, steps),
-                       choice, out_dir, eval_data=task.eval, eval_max_examples=task.eval_max, progress=False)
+    tr = tune_emulator(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.plan,
+        task.train,
+        train_config(task, budget, seed, steps),
+        choice,
+        out_dir,
+        eval_data=task.eval,
+        eval_max_examples=task.eval_max,
+        progress=False,
+    )
     plugged = plug_in(model, tr.tensors, loaded.plan.adapter_layers)
-    out = {"emulator_zero_shot": tr.metrics["emulator_zero_shot"], "emulator_ft": tr.metrics["emulator_fine_tuned"],
-           "plug_in": evaluate_task(plugged, tok, task, budget, choice), "train_seconds": tr.train.seconds}
+    out = {
+        "emulator_zero_shot": tr.metrics["emulator_zero_shot"],
+        "emulator_ft": tr.metrics["emulator_fine_tuned"],
+        "plug_in": evaluate_task(plugged, tok, task, budget, choice),
+        "train_seconds": tr.train.seconds,
+    }
     shutil.rmtree(out_dir, ignore_errors=True)
     del plugged, loaded, tr
     return out
@@ -323,10 +440,18 @@ def cached_file(path: Path, fn: Callable[[], dict], *, fresh: bool = False, ndig
 
 def environment(profile: str, model_id: str, budget: Any, device: Any) -> dict[str, Any]:
     """The preamble every result file starts with: what ran, where, with which budget."""
-    return {"profile": profile, "model": model_id, "budget": asdict(budget), "device": str(device),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    return {
+        "profile": profile,
+        "model": model_id,
+        "budget": asdict(budget),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def result_paths(results_dir: Path, name: str, profile: str) -> tuple[Path, Path, Path]:
@@ -350,7 +475,8 @@ def pyplot() -> Any | None:
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows
+    ]
 
 
 def update_docs_block(path: Path, marker: str, block: str) -> None:
@@ -372,8 +498,14 @@ def update_docs_block(path: Path, marker: str, block: str) -> None:
     tmp.replace(path)
 
 
-def publish(results_dir: Path, name: str, profile: str, doc: dict, md: str, docs_marker: str | None = None,
-            ) -> tuple[Path, Path]:
+def publish(
+    results_dir: Path,
+    name: str,
+    profile: str,
+    doc: dict,
+    md: str,
+    docs_marker: str | None = None,
+) -> tuple[Path, Path]:
     """The result JSON and markdown (result_paths), and, given a marker, the same markdown as that block of
     docs/benchmarks.md. Returns the JSON and markdown paths."""
     json_path, md_path, _ = result_paths(results_dir, name, profile)

@@ -9,11 +9,28 @@ from pathlib import Path
 from typing import Any
 
 
-def record(name: str, value: float, unit: str, *, baseline: float | None = None, ratio: float | None = None,
-           target: str | None = None, met: bool | None = None, **details: Any) -> dict[str, Any]:
+def record(
+    name: str,
+    value: float,
+    unit: str,
+    *,
+    baseline: float | None = None,
+    ratio: float | None = None,
+    target: str | None = None,
+    met: bool | None = None,
+    **details: Any,
+) -> dict[str, Any]:
     """One measured row: value against an optional baseline measured in the same run, and its target."""
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": ratio, "target": target,
-            "met": met, "details": details}
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+        "details": details,
+    }
 
 
 def rounded(x: float | None, nd: int = 4) -> float | None:

@@ -103,21 +103,56 @@ class Budget:
 
 PROFILES = {
     "full": Budget("full"),
-    "quick": Budget("quick", alphas=(0.5,), betas=(0.0, 0.8), stage1_steps=16, stage1_warmup=4, calibration_steps=10,
-                    ft_steps=8, attack_steps=32, public_train_chars=120_000, public_val_blocks=8, text_eval_blocks=8,
-                    mc_eval_questions=24, mc_train_questions=400, wiki_train_chars=120_000, wiki_val_chars=20_000,
-                    spread_seeds=()),
-    "tiny": Budget("tiny", alphas=(0.5,), betas=(0.0, 0.8), seq_len=32, stage1_steps=4, stage1_warmup=2,
-                   calibration_steps=2, bottleneck=8, ft_steps=2, attack_steps=8, attack_batch=2,
-                   public_train_chars=20_000, public_val_blocks=4, text_batch=2, mc_batch=4, text_eval_blocks=4,
-                   mc_eval_questions=8, mc_train_questions=24, wiki_train_chars=0, wiki_val_chars=0),
+    "quick": Budget(
+        "quick",
+        alphas=(0.5,),
+        betas=(0.0, 0.8),
+        stage1_steps=16,
+        stage1_warmup=4,
+        calibration_steps=10,
+        ft_steps=8,
+        attack_steps=32,
+        public_train_chars=120_000,
+        public_val_blocks=8,
+        text_eval_blocks=8,
+        mc_eval_questions=24,
+        mc_train_questions=400,
+        wiki_train_chars=120_000,
+        wiki_val_chars=20_000,
+        spread_seeds=(),
+    ),
+    "tiny": Budget(
+        "tiny",
+        alphas=(0.5,),
+        betas=(0.0, 0.8),
+        seq_len=32,
+        stage1_steps=4,
+        stage1_warmup=2,
+        calibration_steps=2,
+        bottleneck=8,
+        ft_steps=2,
+        attack_steps=8,
+        attack_batch=2,
+        public_train_chars=20_000,
+        public_val_blocks=4,
+        text_batch=2,
+        mc_batch=4,
+        text_eval_blocks=4,
+        mc_eval_questions=8,
+        mc_train_questions=24,
+        wiki_train_chars=0,
+        wiki_val_chars=0,
+    ),
 }
 
 
 def emulator_specs(budget: Budget) -> list[EmuSpec]:
     specs = [EmuSpec(f"ot_a{a:g}", f"OT LayerDrop α={a:g}", "uniform_layerdrop", a) for a in budget.alphas]
-    specs += [EmuSpec(f"scaleot_a{a:g}" + (f"_b{b:g}" if b else ""), f"ScaleOT α={a:g} β={b:g}", "scaleot", a, b)
-              for a in budget.alphas for b in budget.betas]
+    specs += [
+        EmuSpec(f"scaleot_a{a:g}" + (f"_b{b:g}" if b else ""), f"ScaleOT α={a:g} β={b:g}", "scaleot", a, b)
+        for a in budget.alphas
+        for b in budget.betas
+    ]
     return specs
 
 
@@ -137,7 +172,7 @@ def public_blocks(tok, work: Path, budget: Budget) -> tuple[torch.Tensor, torch.
     out = work / "data" / budget.profile
     files = write_public_files(out, budget.public_train_chars, 40_000)
     train_b, val_b = corpus_blocks(tok, files["public_train"], budget.seq_len, val_corpus=files["public_val"])
-    return train_b, val_b[:budget.public_val_blocks]
+    return train_b, val_b[: budget.public_val_blocks]
 
 
 def run_attack(task: Task, budget: Budget, choice, emu: dict, kind: str, seed: int, public: tuple, work: Path) -> dict:
@@ -147,11 +182,24 @@ def run_attack(task: Task, budget: Budget, choice, emu: dict, kind: str, seed: i
     healed, res = heal(loaded.model, public[0], public[1], cfg)
     out_dir = work / "runs" / f"attack-{task.name}-{Path(emu['path']).stem}-{kind}-{seed}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    tr = tune_emulator(healed, loaded.tokenizer, loaded.plan, task.train, train_config(task, budget, seed, budget.ft_steps),
-                       choice, out_dir, eval_data=task.eval, eval_max_examples=task.eval_max, progress=False)
+    tr = tune_emulator(
+        healed,
+        loaded.tokenizer,
+        loaded.plan,
+        task.train,
+        train_config(task, budget, seed, budget.ft_steps),
+        choice,
+        out_dir,
+        eval_data=task.eval,
+        eval_max_examples=task.eval_max,
+        progress=False,
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
-    rec = {"heal": {k: v for k, v in res.to_dict().items() if k != "history"}, "healed_zero_shot":
-           tr.metrics["emulator_zero_shot"], "attacker": tr.metrics["emulator_fine_tuned"]}
+    rec = {
+        "heal": {k: v for k, v in res.to_dict().items() if k != "history"},
+        "healed_zero_shot": tr.metrics["emulator_zero_shot"],
+        "attacker": tr.metrics["emulator_fine_tuned"],
+    }
     del healed, loaded, tr
     gc.collect()
     return rec
@@ -171,42 +219,104 @@ def share_of_gain(task: Task, attacker: dict, plug: dict, zero_shot: dict) -> fl
     return None if abs(g) < 1e-9 else (quality(task, attacker) - quality(task, zero_shot)) / g
 
 
-def run_rows(model, tok, model_id, emulators: dict[str, dict], tasks: list[Task], budget: Budget, choice,
-             public: tuple, work: Path, save) -> list[dict]:
+def run_rows(
+    model,
+    tok,
+    model_id,
+    emulators: dict[str, dict],
+    tasks: list[Task],
+    budget: Budget,
+    choice,
+    public: tuple,
+    work: Path,
+    save,
+) -> list[dict]:
     rows: list[dict] = []
     pub_key = [budget.public_train_chars, budget.public_val_blocks, tuple(public[0].shape)]
     for task in tasks:
-        zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget,
-                    choice)["zero_shot"]
+        zs = cached(
+            work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget, choice
+        )["zero_shot"]
         log(f"== {task.name}: zero-shot {task.metric} {zs[task.metric]:.4g}")
         plan = [(name, budget.seed) for name in emulators]
         plan += [("scaleot_a0.5", s) for s in budget.spread_seeds if "scaleot_a0.5" in emulators]
         for name, seed in plan:
             emu = emulators[name]
-            base = cached(work, ["emu", emu["sha256"], data_key(task), seed, budget.ft_steps, budget.seq_len],
-                          run_emulator, model, tok, task, budget, choice, emu, seed, budget.ft_steps, work)
+            base = cached(
+                work,
+                ["emu", emu["sha256"], data_key(task), seed, budget.ft_steps, budget.seq_len],
+                run_emulator,
+                model,
+                tok,
+                task,
+                budget,
+                choice,
+                emu,
+                seed,
+                budget.ft_steps,
+                work,
+            )
             attacks = {}
             for kind in attacks_for(emu, budget):
-                attacks[kind] = cached(work, ["attack", emu["sha256"], kind, budget.attack_steps, budget.attack_batch,
-                                              pub_key, data_key(task), seed, budget.ft_steps, budget.seq_len],
-                                       run_attack, task, budget, choice, emu, kind, seed, public, work)
+                attacks[kind] = cached(
+                    work,
+                    [
+                        "attack",
+                        emu["sha256"],
+                        kind,
+                        budget.attack_steps,
+                        budget.attack_batch,
+                        pub_key,
+                        data_key(task),
+                        seed,
+                        budget.ft_steps,
+                        budget.seq_len,
+                    ],
+                    run_attack,
+                    task,
+                    budget,
+                    choice,
+                    emu,
+                    kind,
+                    seed,
+                    public,
+                    work,
+                )
             best_kind = max(attacks, key=lambda k: quality(task, attacks[k]["attacker"]))
             best = attacks[best_kind]["attacker"]
             plug, eft = base["plug_in"], base["emulator_ft"]
-            row = {"task": task.name, "metric": task.metric, "emulator": name, "seed": seed,
-                   "size_ratio": emu["bytes"] / emu["full_model_bytes"], "plan": emu["plan"],
-                   "fidelity": emu["fidelity"], "zero_shot": zs[task.metric], "plug_in": plug[task.metric],
-                   "emulator_ft": eft[task.metric],
-                   "attackers": {k: {"attacker": a["attacker"][task.metric], "healed_zero_shot":
-                                     a["healed_zero_shot"][task.metric], "heal": a["heal"],
-                                     "seconds": a["seconds"]} for k, a in attacks.items()},
-                   "best_attack": best_kind, "attacker": best[task.metric],
-                   "gap_before_attack": gap(task, eft, plug), "residual_gap": gap(task, best, plug),
-                   "share_of_gain": share_of_gain(task, best, plug, zs),
-                   "plug_in_gain": quality(task, plug) - quality(task, zs)}
+            row = {
+                "task": task.name,
+                "metric": task.metric,
+                "emulator": name,
+                "seed": seed,
+                "size_ratio": emu["bytes"] / emu["full_model_bytes"],
+                "plan": emu["plan"],
+                "fidelity": emu["fidelity"],
+                "zero_shot": zs[task.metric],
+                "plug_in": plug[task.metric],
+                "emulator_ft": eft[task.metric],
+                "attackers": {
+                    k: {
+                        "attacker": a["attacker"][task.metric],
+                        "healed_zero_shot": a["healed_zero_shot"][task.metric],
+                        "heal": a["heal"],
+                        "seconds": a["seconds"],
+                    }
+                    for k, a in attacks.items()
+                },
+                "best_attack": best_kind,
+                "attacker": best[task.metric],
+                "gap_before_attack": gap(task, eft, plug),
+                "residual_gap": gap(task, best, plug),
+                "share_of_gain": share_of_gain(task, best, plug, zs),
+                "plug_in_gain": quality(task, plug) - quality(task, zs),
+            }
             rows.append(row)
-            log(f"  {name} seed {seed}: plug-in {row['plug_in']:.4g}  emulator FT {row['emulator_ft']:.4g}  "
-                f"best attack {best_kind} {row['attacker']:.4g}  residual gap {row['residual_gap']:+.3f}")
+            log(
+                f"  {name} seed {seed}: plug-in {row['plug_in']:.4g}  emulator FT {row['emulator_ft']:.4g}  "
+                f"best attack {best_kind} {row['attacker']:.4g}  residual gap {row['residual_gap']:+.3f}"
+            )
             save(rows)
     return rows
 
@@ -216,9 +326,14 @@ def spread(rows: list[dict]) -> dict[str, Any] | None:
     seeds = [r for r in rows if r["emulator"] == "scaleot_a0.5" and r["task"] == "shakespeare"]
     if len(seeds) < 2:
         return None
-    return {"emulator": "scaleot_a0.5", "seeds": [r["seed"] for r in seeds],
-            **{k: round((max(r[k] for r in seeds) - min(r[k] for r in seeds)) / 2, 4)
-               for k in ("residual_gap", "gap_before_attack", "plug_in_gain")}}
+    return {
+        "emulator": "scaleot_a0.5",
+        "seeds": [r["seed"] for r in seeds],
+        **{
+            k: round((max(r[k] for r in seeds) - min(r[k] for r in seeds)) / 2, 4)
+            for k in ("residual_gap", "gap_before_attack", "plug_in_gain")
+        },
+    }
 
 
 def verdict(row: dict, noise: float) -> str:
@@ -237,30 +352,57 @@ def verdict(row: dict, noise: float) -> str:
 def markdown(result: dict) -> str:
     meta, b = result["meta"], result["meta"]["budget"]
     noise = result["noise"]
-    lines = [f"### Privacy under attack ({meta['model']}, {meta['profile']} profile)", "",
-             f"Data owner: {b['ft_steps']} steps × {b['text_batch']} × {b['seq_len']} tokens of Shakespeare "
-             f"({result['budgets']['task_tokens']:,} tokens). Attacker: each attack trains {b['attack_steps']} steps × "
-             f"{b['attack_batch']} × {b['seq_len']} = {result['budgets']['attack_tokens']:,} tokens of public text "
-             f"(pydoc; {result['budgets']['attack_tokens'] / result['budgets']['task_tokens']:.0f}× the task budget, "
-             f"{result['budgets']['attack_share_of_stage1_tokens']:.0%} of stage 1's training tokens), then the same "
-             f"task fine-tune. Seed {b['seed']}; a gap within ±{noise:.3f} nats counts as closed "
-             + (f"(the larger of 0.02 and twice the residual gap's spread over seeds {result['spread']['seeds']} "
-                f"on ScaleOT α=0.5, {result['spread']['residual_gap']:.3f})."
-                if result["spread"] else "(0.02; no seed spread measured in this profile)."),
-             f"Wall time {meta['seconds'] / 60:.0f} min ({meta['torch_threads']} threads, {meta['device']}).", ""]
+    lines = [
+        f"### Privacy under attack ({meta['model']}, {meta['profile']} profile)",
+        "",
+        f"Data owner: {b['ft_steps']} steps × {b['text_batch']} × {b['seq_len']} tokens of Shakespeare "
+        f"({result['budgets']['task_tokens']:,} tokens). Attacker: each attack trains {b['attack_steps']} steps × "
+        f"{b['attack_batch']} × {b['seq_len']} = {result['budgets']['attack_tokens']:,} tokens of public text "
+        f"(pydoc; {result['budgets']['attack_tokens'] / result['budgets']['task_tokens']:.0f}× the task budget, "
+        f"{result['budgets']['attack_share_of_stage1_tokens']:.0%} of stage 1's training tokens), then the same "
+        f"task fine-tune. Seed {b['seed']}; a gap within ±{noise:.3f} nats counts as closed "
+        + (
+            f"(the larger of 0.02 and twice the residual gap's spread over seeds {result['spread']['seeds']} "
+            f"on ScaleOT α=0.5, {result['spread']['residual_gap']:.3f})."
+            if result["spread"]
+            else "(0.02; no seed spread measured in this profile)."
+        ),
+        f"Wall time {meta['seconds'] / 60:.0f} min ({meta['torch_threads']} threads, {meta['device']}).",
+        "",
+    ]
     for task in sorted({r["task"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["task"] == task and r["seed"] == b["seed"]]
         unit = "nats" if rows[0]["metric"] == "perplexity" else "points"
         lines += [f"Task {task} ({rows[0]['metric']}; zero-shot M {rows[0]['zero_shot']:.4g}):", ""]
         attacks = [a for a in b["attacks"] if any(a in r["attackers"] for r in rows)]
-        header = ["emulator", "size of M", "plug-in", "emulator FT", *[f"after {a}" for a in attacks],
-                  f"gap before ({unit})", f"residual gap ({unit})", "attacker's share of the gain", "verdict"]
+        header = [
+            "emulator",
+            "size of M",
+            "plug-in",
+            "emulator FT",
+            *[f"after {a}" for a in attacks],
+            f"gap before ({unit})",
+            f"residual gap ({unit})",
+            "attacker's share of the gain",
+            "verdict",
+        ]
         body = []
         for r in rows:
             att = [f"{r['attackers'][a]['attacker']:.4g}" if a in r["attackers"] else "= heal-all" for a in attacks]
             share = "–" if r["share_of_gain"] is None else f"{r['share_of_gain']:.2f}"
-            body.append([r["emulator"], f"{r['size_ratio']:.0%}", f"{r['plug_in']:.4g}", f"{r['emulator_ft']:.4g}", *att,
-                         f"{r['gap_before_attack']:+.3f}", f"{r['residual_gap']:+.3f}", share, verdict(r, noise)])
+            body.append(
+                [
+                    r["emulator"],
+                    f"{r['size_ratio']:.0%}",
+                    f"{r['plug_in']:.4g}",
+                    f"{r['emulator_ft']:.4g}",
+                    *att,
+                    f"{r['gap_before_attack']:+.3f}",
+                    f"{r['residual_gap']:+.3f}",
+                    share,
+                    verdict(r, noise),
+                ]
+            )
         lines += [*markdown_table(header, body), ""]
     return "\n".join(lines) + "\n"
 
@@ -275,21 +417,41 @@ def plot(result: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for r in rows:
         ot = r["emulator"].startswith("ot_")
-        color = "tab:orange" if ot else {0.0: "tab:blue", 0.5: "tab:green", 0.8: "tab:red"}.get(
-            float(r["emulator"].split("_b")[1]) if "_b" in r["emulator"] else 0.0, "tab:gray")
-        ax.annotate("", (r["residual_gap"], r["plug_in"]), (r["gap_before_attack"], r["plug_in"]),
-                    arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.4})
+        color = (
+            "tab:orange"
+            if ot
+            else {0.0: "tab:blue", 0.5: "tab:green", 0.8: "tab:red"}.get(
+                float(r["emulator"].split("_b")[1]) if "_b" in r["emulator"] else 0.0, "tab:gray"
+            )
+        )
+        ax.annotate(
+            "",
+            (r["residual_gap"], r["plug_in"]),
+            (r["gap_before_attack"], r["plug_in"]),
+            arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.4},
+        )
         ax.plot(r["residual_gap"], r["plug_in"], "s" if ot else "o", color=color, ms=8)
-        ax.annotate(r["emulator"].replace("scaleot_", "").replace("ot_", "OT "), (r["residual_gap"], r["plug_in"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(
+            r["emulator"].replace("scaleot_", "").replace("ot_", "OT "),
+            (r["residual_gap"], r["plug_in"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+        )
     ax.axvline(0, color="black", lw=1, ls="--")
     ax.axhline(rows[0]["zero_shot"], color="gray", lw=1, ls=":", label="zero-shot M")
     ax.set_xlabel("residual privacy gap after the best attack (nats; arrows start at the gap before it)")
     ax.set_ylabel("plug-in perplexity (lower is better)")
     ax.set_title(f"Privacy–utility frontier under attack, {result['meta']['model']}", fontsize=10)
-    handles = [plt.Line2D([], [], marker=m, color=c, ls="", label=label) for m, c, label in (
-        ("s", "tab:orange", "OT LayerDrop"), ("o", "tab:blue", "ScaleOT β=0"), ("o", "tab:green", "ScaleOT β=0.5"),
-        ("o", "tab:red", "ScaleOT β=0.8"))]
+    handles = [
+        plt.Line2D([], [], marker=m, color=c, ls="", label=label)
+        for m, c, label in (
+            ("s", "tab:orange", "OT LayerDrop"),
+            ("o", "tab:blue", "ScaleOT β=0"),
+            ("o", "tab:green", "ScaleOT β=0.5"),
+            ("o", "tab:red", "ScaleOT β=0.8"),
+        )
+    ]
     ax.legend(handles=handles + ax.get_legend_handles_labels()[0][:1], fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -322,25 +484,36 @@ def main(argv: list[str] | None = None) -> dict:
     json_path, md_path, png_path = result_paths(Path(args.results_dir), RESULT_NAME, profile)
     choice = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tok, model_id = load_model(argparse.Namespace(model_dir=args.model_dir, work_dir=args.work_dir,
-                                                         device=args.device), budget)
+    model, tok, model_id = load_model(
+        argparse.Namespace(model_dir=args.model_dir, work_dir=args.work_dir, device=args.device), budget
+    )
     model.requires_grad_(False)
     files = prepare_data(work, budget)
     tasks = make_tasks(files, budget, [t.strip() for t in args.tasks.split(",") if t.strip()])
     importance, info = stage1(model, tok, model_id, files, budget, budget.seed, work)
-    emulators = build_emulators(model, tok, importance, digest(info["scores"]), emulator_specs(budget), files,
-                                budget, work)
+    emulators = build_emulators(
+        model, tok, importance, digest(info["scores"]), emulator_specs(budget), files, budget, work
+    )
     public = public_blocks(tok, work, budget)
     icfg = info["config"]
     stage1_tokens = (icfg["warmup_steps"] + icfg["steps"]) * icfg["batch_size"] * budget.seq_len
     attack_tokens = budget.attack_steps * budget.attack_batch * budget.seq_len
     result: dict[str, Any] = {
         "meta": environment(profile, model_id, budget, choice.device),
-        "budgets": {"task_tokens": budget.ft_steps * budget.text_batch * budget.seq_len, "attack_tokens": attack_tokens,
-                    "stage1_tokens": stage1_tokens, "attack_share_of_stage1_tokens": attack_tokens / stage1_tokens,
-                    "stage1_seconds": info["seconds"], "public_corpus": "pydoc_data.topics",
-                    "public_train_blocks": len(public[0]), "public_val_blocks": len(public[1])},
-        "emulators": emulators, "rows": [], "complete": False}
+        "budgets": {
+            "task_tokens": budget.ft_steps * budget.text_batch * budget.seq_len,
+            "attack_tokens": attack_tokens,
+            "stage1_tokens": stage1_tokens,
+            "attack_share_of_stage1_tokens": attack_tokens / stage1_tokens,
+            "stage1_seconds": info["seconds"],
+            "public_corpus": "pydoc_data.topics",
+            "public_train_blocks": len(public[0]),
+            "public_val_blocks": len(public[1]),
+        },
+        "emulators": emulators,
+        "rows": [],
+        "complete": False,
+    }
 
     def save(rows: list[dict]) -> None:
         result["rows"] = rows
@@ -362,8 +535,16 @@ def main(argv: list[str] | None = None) -> dict:
     md_path.write_text(md)
     result["plot"] = str(plot(result, png_path) or "")
     if args.docs:
-        update_docs_block(DOCS, "privacy-attack", md + (f"\n![privacy-utility frontier under attack]"
-                                                        f"(../benchmarks/results/{png_path.name})\n" if result["plot"] else ""))
+        update_docs_block(
+            DOCS,
+            "privacy-attack",
+            md
+            + (
+                f"\n![privacy-utility frontier under attack](../benchmarks/results/{png_path.name})\n"
+                if result["plot"]
+                else ""
+            ),
+        )
     print("\n" + md, flush=True)
     log(f"wrote {json_path}, {md_path}" + (f", {png_path}" if result["plot"] else ""))
     return result

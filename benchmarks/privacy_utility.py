@@ -111,17 +111,64 @@ class Budget:
 
 
 PROFILES = {
-    "full": Budget("full", seq_len=128, stage1_steps=64, stage1_warmup=20, stage1_rl_interval=4, stage1_batch=4,
-                   bottleneck=64, wiki_train_chars=400_000, wiki_val_chars=50_000, ft_steps=32, text_batch=4,
-                   mc_batch=8, lr=None, text_eval_blocks=24, mc_eval_questions=100, mc_train_questions=2000,
-                   kd_steps=3),
-    "quick": Budget("quick", seq_len=128, stage1_steps=12, stage1_warmup=4, stage1_rl_interval=4, stage1_batch=4,
-                    bottleneck=64, wiki_train_chars=120_000, wiki_val_chars=20_000, ft_steps=6, text_batch=4,
-                    mc_batch=8, lr=None, text_eval_blocks=8, mc_eval_questions=24, mc_train_questions=400,
-                    kd_steps=2, rows="quick"),
-    "tiny": Budget("tiny", seq_len=32, stage1_steps=6, stage1_warmup=2, stage1_rl_interval=2, stage1_batch=2,
-                   bottleneck=8, wiki_train_chars=0, wiki_val_chars=0, ft_steps=3, text_batch=2, mc_batch=4,
-                   lr=None, text_eval_blocks=4, mc_eval_questions=8, mc_train_questions=24, kd_steps=2),
+    "full": Budget(
+        "full",
+        seq_len=128,
+        stage1_steps=64,
+        stage1_warmup=20,
+        stage1_rl_interval=4,
+        stage1_batch=4,
+        bottleneck=64,
+        wiki_train_chars=400_000,
+        wiki_val_chars=50_000,
+        ft_steps=32,
+        text_batch=4,
+        mc_batch=8,
+        lr=None,
+        text_eval_blocks=24,
+        mc_eval_questions=100,
+        mc_train_questions=2000,
+        kd_steps=3,
+    ),
+    "quick": Budget(
+        "quick",
+        seq_len=128,
+        stage1_steps=12,
+        stage1_warmup=4,
+        stage1_rl_interval=4,
+        stage1_batch=4,
+        bottleneck=64,
+        wiki_train_chars=120_000,
+        wiki_val_chars=20_000,
+        ft_steps=6,
+        text_batch=4,
+        mc_batch=8,
+        lr=None,
+        text_eval_blocks=8,
+        mc_eval_questions=24,
+        mc_train_questions=400,
+        kd_steps=2,
+        rows="quick",
+    ),
+    "tiny": Budget(
+        "tiny",
+        seq_len=32,
+        stage1_steps=6,
+        stage1_warmup=2,
+        stage1_rl_interval=2,
+        stage1_batch=2,
+        bottleneck=8,
+        wiki_train_chars=0,
+        wiki_val_chars=0,
+        ft_steps=3,
+        text_batch=2,
+        mc_batch=4,
+        lr=None,
+        text_eval_blocks=4,
+        mc_eval_questions=8,
+        mc_train_questions=24,
+        kd_steps=2,
+    ),
 }
 
 
@@ -147,9 +194,12 @@ class RowSpec:
     def label(self) -> str:
         if self.method == "scaleot":
             return f"ScaleOT α={self.alpha:g} β={self.beta:g}"
-        return {"zero_shot": "Zero-shot M", "full_ft": "Full fine-tuning",
-                "uniform_layerdrop": "OT uniform LayerDrop",
-                "adapter_on_m": "ScaleOT adapter tuned on M (diagnostic)"}[self.method]
+        return {
+            "zero_shot": "Zero-shot M",
+            "full_ft": "Full fine-tuning",
+            "uniform_layerdrop": "OT uniform LayerDrop",
+            "adapter_on_m": "ScaleOT adapter tuned on M (diagnostic)",
+        }[self.method]
 
     @property
     def uses_emulator(self) -> bool:
@@ -158,8 +208,12 @@ class RowSpec:
 
 def row_specs(budget: Budget) -> list[RowSpec]:
     n_a = budget.n_adapter
-    rows = [RowSpec("zero_shot"), RowSpec("full_ft"), RowSpec("uniform_layerdrop", n_a, 0.5, 0.0),
-            RowSpec("scaleot", n_a, 0.5, 0.0)]
+    rows = [
+        RowSpec("zero_shot"),
+        RowSpec("full_ft"),
+        RowSpec("uniform_layerdrop", n_a, 0.5, 0.0),
+        RowSpec("scaleot", n_a, 0.5, 0.0),
+    ]
     betas = [0.8] if budget.rows == "quick" else [0.5, 0.8]
     rows += [RowSpec("scaleot", n_a, 0.5, b) for b in betas]
     if budget.rows != "quick":
@@ -170,23 +224,36 @@ def row_specs(budget: Budget) -> list[RowSpec]:
     return rows
 
 
-
 # ---------------------------------------------------------------- stage 1
 
 
 def run_stage1(model, tok, model_id: str, files: dict[str, Path], budget: Budget, args) -> tuple[Any, dict, str]:
-    icfg = ImportanceConfig(steps=budget.stage1_steps, batch_size=budget.stage1_batch,
-                            rl_interval=budget.stage1_rl_interval, bottleneck=budget.bottleneck,
-                            warmup_steps=budget.stage1_warmup, seed=SEED, device=args.device)
-    key = digest({"model": model_id, "cfg": {k: v for k, v in asdict(icfg).items() if k != "device"},
-                  "seq_len": budget.seq_len, "wiki": [budget.wiki_train_chars, budget.wiki_val_chars]})
+    icfg = ImportanceConfig(
+        steps=budget.stage1_steps,
+        batch_size=budget.stage1_batch,
+        rl_interval=budget.stage1_rl_interval,
+        bottleneck=budget.bottleneck,
+        warmup_steps=budget.stage1_warmup,
+        seed=SEED,
+        device=args.device,
+    )
+    key = digest(
+        {
+            "model": model_id,
+            "cfg": {k: v for k, v in asdict(icfg).items() if k != "device"},
+            "seq_len": budget.seq_len,
+            "wiki": [budget.wiki_train_chars, budget.wiki_val_chars],
+        }
+    )
     out = Path(args.work_dir) / "stage1" / f"{budget.profile}-{key}"
     if (out / "importance.json").is_file() and not args.fresh:
         log(f"stage 1: cached in {out}")
         return load_importance(out), json.loads((out / "importance.json").read_text()), key
     train_blocks, val_blocks = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
-    log(f"stage 1: Dynamic LayerReplace on Wikipedia D^T {tuple(train_blocks.shape)} / D^V {tuple(val_blocks.shape)}, "
-        f"{icfg.warmup_steps} warm-up + {icfg.steps} DL steps, RL every {icfg.rl_interval}")
+    log(
+        f"stage 1: Dynamic LayerReplace on Wikipedia D^T {tuple(train_blocks.shape)} / D^V {tuple(val_blocks.shape)}, "
+        f"{icfg.warmup_steps} warm-up + {icfg.steps} DL steps, RL every {icfg.rl_interval}"
+    )
     stamps: list[tuple[str, int, float]] = []
 
     def progress(p: ImportanceProgress) -> None:
@@ -200,8 +267,17 @@ def run_stage1(model, tok, model_id: str, files: dict[str, Path], budget: Budget
     # s/DL step: gaps between consecutive DL reports with no RL step in between.
     gaps = [b[2] - a[2] for a, b in itertools.pairwise(stamps) if a[0] == "dl" and b[0] == "dl"]
     dl_step = sum(gaps) / len(gaps) if gaps else (time.perf_counter() - t0) / max(1, icfg.steps)
-    save_importance(result, out, {"model": model_id, "seq_len": budget.seq_len, "dl_seconds_per_step": dl_step,
-                                  "train_blocks": len(train_blocks), "val_blocks": len(val_blocks)})
+    save_importance(
+        result,
+        out,
+        {
+            "model": model_id,
+            "seq_len": budget.seq_len,
+            "dl_seconds_per_step": dl_step,
+            "train_blocks": len(train_blocks),
+            "val_blocks": len(val_blocks),
+        },
+    )
     log(f"stage 1 done in {result.seconds:.0f} s ({dl_step:.2f} s/DL step); ranking {result.ranking()}")
     return result, json.loads((out / "importance.json").read_text()), key
 
@@ -210,8 +286,14 @@ def run_stage1(model, tok, model_id: str, files: dict[str, Path], budget: Budget
 
 
 def emulator_path(spec: RowSpec, budget: Budget, stage1_key: str, args, model_id: str) -> Path:
-    key = digest({"spec": asdict(spec), "stage1": stage1_key if spec.method == "scaleot" else None,
-                  "model": model_id, "profile": budget.profile})
+    key = digest(
+        {
+            "spec": asdict(spec),
+            "stage1": stage1_key if spec.method == "scaleot" else None,
+            "model": model_id,
+            "profile": budget.profile,
+        }
+    )
     return Path(args.work_dir) / "emulators" / f"{budget.profile}-{spec.name}-{key}.safetensors"
 
 
@@ -225,17 +307,26 @@ def ensure_emulator(model, tok, importance, spec: RowSpec, path: Path, args) -> 
         info = make_emulator(model, tok, importance, spec.n_adapter, spec.alpha, spec.beta, path)
     else:  # OT: first/last 2 adapter layers, the same number of middle layers dropped as ScaleOT replaces
         n_dropped = round(spec.alpha * (n_layers - spec.n_adapter))
-        info = make_emulator(model, tok, None, spec.n_adapter, 0.0, 0.0, path, method="uniform_layerdrop",
-                             n_dropped=n_dropped)
-    rec = {"path": str(path), "sha256": info.sha256, "bytes": info.size_bytes, "params": info.n_params,
-           "full_model_params": info.extra["full_model_params"], "full_model_bytes": info.extra["full_model_bytes"],
-           "plan": info.plan.summary(), "adapter_layers": info.plan.adapter_layers,
-           "seconds": time.perf_counter() - t0}
+        info = make_emulator(
+            model, tok, None, spec.n_adapter, 0.0, 0.0, path, method="uniform_layerdrop", n_dropped=n_dropped
+        )
+    rec = {
+        "path": str(path),
+        "sha256": info.sha256,
+        "bytes": info.size_bytes,
+        "params": info.n_params,
+        "full_model_params": info.extra["full_model_params"],
+        "full_model_bytes": info.extra["full_model_bytes"],
+        "plan": info.plan.summary(),
+        "adapter_layers": info.plan.adapter_layers,
+        "seconds": time.perf_counter() - t0,
+    }
     write_json(sidecar, rec)
-    log(f"  emulator {spec.name}: {rec['plan']}  {rec['params'] / 1e6:.1f} M params, {rec['bytes'] / 2**20:.0f} MiB "
-        f"({rec['seconds']:.1f} s)")
+    log(
+        f"  emulator {spec.name}: {rec['plan']}  {rec['params'] / 1e6:.1f} M params, {rec['bytes'] / 2**20:.0f} MiB "
+        f"({rec['seconds']:.1f} s)"
+    )
     return rec
-
 
 
 # ---------------------------------------------------------------- rows
@@ -262,30 +353,54 @@ def run_rows(model, tok, model_id, importance, stage1_key, tasks, budget, args, 
     full_ft: dict[str, float] = {}
     for spec in specs:
         if spec.uses_emulator:
-            emulators[spec.name] = ensure_emulator(model, tok, importance, spec,
-                                                   emulator_path(spec, budget, stage1_key, args, model_id), args)
+            emulators[spec.name] = ensure_emulator(
+                model, tok, importance, spec, emulator_path(spec, budget, stage1_key, args, model_id), args
+            )
     hp_key = {"seq_len": budget.seq_len, "ft_steps": budget.ft_steps, "lr": budget.lr, "seed": SEED}
     for task in tasks:
-        log(f"== {task.title}: train {len(task.train)} records, eval first {task.eval_max} "
-            f"{'blocks' if task.metric == 'perplexity' else 'questions'}")
+        log(
+            f"== {task.title}: train {len(task.train)} records, eval first {task.eval_max} "
+            f"{'blocks' if task.metric == 'perplexity' else 'questions'}"
+        )
         for spec in specs:
             emu = emulators.get(spec.name)
             ref = emulators.get(spec.reference_emulator) if spec.reference_emulator else None
-            key = digest({"spec": asdict(spec), "task": task.name, "batch": task.batch, "eval": task.eval_max,
-                          "hp": hp_key, "emulator": (emu or ref) and (emu or ref)["sha256"], "model": model_id,
-                          "data": [str(task.train.path.stat().st_size), str(task.eval.path.stat().st_size)]})
+            key = digest(
+                {
+                    "spec": asdict(spec),
+                    "task": task.name,
+                    "batch": task.batch,
+                    "eval": task.eval_max,
+                    "hp": hp_key,
+                    "emulator": (emu or ref) and (emu or ref)["sha256"],
+                    "model": model_id,
+                    "data": [str(task.train.path.stat().st_size), str(task.eval.path.stat().st_size)],
+                }
+            )
             cache = work / "rows" / f"{budget.profile}-{task.name}-{spec.name}-{key}.json"
             log(f"  {spec.label}" + (": cached" if cache.is_file() and not args.fresh else " ..."))
             run = functools.partial(run_row, spec, model, tok, task, budget, choice, work, emu or ref)
             measured = cached_file(cache, run, fresh=args.fresh, ndigits=None)
             rec = {
-                "method": spec.method, "name": spec.name, "label": spec.label, "task": task.name,
-                "n_adapter": spec.n_adapter, "alpha": spec.alpha, "beta": spec.beta,
-                "emulator_params": emu and emu["params"], "emulator_bytes": emu and emu["bytes"],
-                "emulator_plan": emu and emu["plan"], "adapter_layers": (emu or ref) and (emu or ref)["adapter_layers"],
+                "method": spec.method,
+                "name": spec.name,
+                "label": spec.label,
+                "task": task.name,
+                "n_adapter": spec.n_adapter,
+                "alpha": spec.alpha,
+                "beta": spec.beta,
+                "emulator_params": emu and emu["params"],
+                "emulator_bytes": emu and emu["bytes"],
+                "emulator_plan": emu and emu["plan"],
+                "adapter_layers": (emu or ref) and (emu or ref)["adapter_layers"],
                 "n_layers": n_layers,
-                "metric": task.metric, "higher_is_better": task.higher_is_better,
-                "zero_shot": None, "emulator_zero_shot": None, "emulator_ft": None, "plug_in": None, "full_ft": None,
+                "metric": task.metric,
+                "higher_is_better": task.higher_is_better,
+                "zero_shot": None,
+                "emulator_zero_shot": None,
+                "emulator_ft": None,
+                "plug_in": None,
+                "full_ft": None,
                 **measured,
             }
             if spec.method == "zero_shot":
@@ -297,9 +412,13 @@ def run_rows(model, tok, model_id, importance, stage1_key, tasks, budget, args, 
             rec["privacy_gap"] = privacy_gap(task, rec)
             records.append(rec)
             own = {"zero_shot": ("zero_shot",), "full_ft": ("full_ft",)}.get(
-                spec.method, ("emulator_zero_shot", "emulator_ft", "plug_in"))
-            log(f"  {spec.label}: " + ", ".join(f"{k} {fmt_metric(rec[k], task)}" for k in own)
-                + f"  ({rec['seconds']:.0f} s)")
+                spec.method, ("emulator_zero_shot", "emulator_ft", "plug_in")
+            )
+            log(
+                f"  {spec.label}: "
+                + ", ".join(f"{k} {fmt_metric(rec[k], task)}" for k in own)
+                + f"  ({rec['seconds']:.0f} s)"
+            )
             save_partial(records)
     return records
 
@@ -308,13 +427,17 @@ def run_rows(model, tok, model_id, importance, stage1_key, tasks, budget, args, 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="reduced rows and budgets (< 10 min on 2 cores)")
     mode.add_argument("--tiny", action="store_true", help="random tiny LLaMA + synthetic data (seconds; tests)")
     p.add_argument("--work-dir", default=str(REPO / ".cache" / "benchmarks"), help="caches (default .cache/benchmarks)")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--model-dir", default=None, help="a prepared SmolLM2 folder (default: prepare_smollm2 into the work dir)")
+    p.add_argument(
+        "--model-dir", default=None, help="a prepared SmolLM2 folder (default: prepare_smollm2 into the work dir)"
+    )
     p.add_argument("--tasks", default="shakespeare,analogy", help="comma-separated subset of shakespeare,analogy")
     p.add_argument("--device", default="cpu", help="cpu (reference numbers) or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -348,13 +471,22 @@ def main(argv: list[str] | None = None) -> dict:
     importance, imp_info, stage1_key = run_stage1(model, tok, model_id, files, budget, args)
     stage1 = stage1_record(imp_info, budget)
     meta = {
-        **environment(profile, model_id, budget, choice.device), "n_layers": len(decoder_layers(model)),
-        "model_params": count_params(model), "model_bytes": param_bytes(model), "seed": SEED,
+        **environment(profile, model_id, budget, choice.device),
+        "n_layers": len(decoder_layers(model)),
+        "model_params": count_params(model),
+        "model_bytes": param_bytes(model),
+        "seed": SEED,
         "privacy_gap_definition": "plug-in quality minus emulator-fine-tuned quality: ln(emulator_ft ppl) - "
-                                  "ln(plug_in ppl) in nats for perplexity; plug_in - emulator_ft for accuracy",
+        "ln(plug_in ppl) in nats for perplexity; plug_in - emulator_ft for accuracy",
     }
-    result: dict[str, Any] = {"meta": meta, "stage1": stage1, "ot_distillation": None, "rows": [], "targets": [],
-                              "complete": False}
+    result: dict[str, Any] = {
+        "meta": meta,
+        "stage1": stage1,
+        "ot_distillation": None,
+        "rows": [],
+        "targets": [],
+        "complete": False,
+    }
 
     def save_partial(records: list[dict]) -> None:
         result["rows"] = records
@@ -368,8 +500,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["rows"] = records
     result["targets"] = check_targets(records, stage1, tasks)
     # Stable across cached reruns (meta.seconds is this invocation's wall time, tiny when everything was cached).
-    result["meta"]["compute_seconds"] = (stage1["seconds"] + sum(r["seconds"] for r in records)
-                                         + result["ot_distillation"]["seconds_per_step"] * budget.kd_steps)
+    result["meta"]["compute_seconds"] = (
+        stage1["seconds"]
+        + sum(r["seconds"] for r in records)
+        + result["ot_distillation"]["seconds_per_step"] * budget.kd_steps
+    )
     result["meta"]["seconds"] = time.perf_counter() - t_start
     result["meta"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["complete"] = True

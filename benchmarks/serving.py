@@ -49,19 +49,33 @@ from benchmarks.harness import (
 )
 from benchmarks.measure import cpu_name, free_port
 
-MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "
-                                        "bottle. Describe the sea, the weather and the keeper's thoughts."}]
+MESSAGES = [
+    {
+        "role": "user",
+        "content": "Write a short story about a lighthouse keeper who finds a message in a "
+        "bottle. Describe the sea, the weather and the keeper's thoughts.",
+    }
+]
 TARGET = 0.9  # API tokens/s over in-process generate tokens/s
-CORPUS = ("the quick brown fox jumps over a lazy dog while seven merry kings sing of ancient ships and silver "
-          "rivers under the pale moon. ") * 200
+CORPUS = (
+    "the quick brown fox jumps over a lazy dog while seven merry kings sing of ancient ships and silver "
+    "rivers under the pale moon. "
+) * 200
 
 
 def summary(xs: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(xs), "mean": statistics.fmean(xs), "min": min(xs), "max": max(xs),
-            "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+    return {
+        "median": statistics.median(xs),
+        "mean": statistics.fmean(xs),
+        "min": min(xs),
+        "max": max(xs),
+        "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "n": len(xs),
+    }
 
 
 # ---------------------------------------------------------------- the served world
+
 
 def model_folder(tiny: bool, work: Path) -> tuple[Path, str]:
     if tiny:
@@ -92,10 +106,23 @@ def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus.txt").write_text(CORPUS)
-    settings = Settings(_env_file=None, data_dir=root / "data", queue_url="immediate", embedded_worker=False,
-                        device="cpu", importance_seq_len=32, importance_batch_size=2, importance_max_blocks=32,
-                        emulator_calibration_steps=0, emulator_fidelity_blocks=0, eval_seq_len=32,
-                        eval_batch_size=2, eval_max_examples=2, default_eval=root / "corpus.txt", max_new_tokens=512)
+    settings = Settings(
+        _env_file=None,
+        data_dir=root / "data",
+        queue_url="immediate",
+        embedded_worker=False,
+        device="cpu",
+        importance_seq_len=32,
+        importance_batch_size=2,
+        importance_max_blocks=32,
+        emulator_calibration_steps=0,
+        emulator_fidelity_blocks=0,
+        eval_seq_len=32,
+        eval_batch_size=2,
+        eval_max_examples=2,
+        default_eval=root / "corpus.txt",
+        max_new_tokens=512,
+    )
     app = create_app(settings)
     with TestClient(app) as c:
         with app.state.sessions() as s:
@@ -105,10 +132,16 @@ def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
         a, o = {"Authorization": f"Bearer {admin}"}, {"Authorization": f"Bearer {owner}"}
         model_id = _ok(c.post("/v1/models", headers=a, json={"name": "served", "path": str(model_dir)}))["id"]
         _ok(c.post(f"/v1/models/{model_id}/grants", headers=a, json={"org": "acme"}))
-        _ok(c.post(f"/v1/models/{model_id}/importance", headers=a,
-                   json={"steps": 2, "corpus": str(root / "corpus.txt"), "rl_interval": 2}))
-        emu = _ok(c.post("/v1/emulators", headers=o, json={"model_id": model_id, "n_adapter": 2, "alpha": 0.5,
-                                                           "beta": 0.0}))["emulator"]
+        _ok(
+            c.post(
+                f"/v1/models/{model_id}/importance",
+                headers=a,
+                json={"steps": 2, "corpus": str(root / "corpus.txt"), "rl_interval": 2},
+            )
+        )
+        emu = _ok(
+            c.post("/v1/emulators", headers=o, json={"model_id": model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.0})
+        )["emulator"]
         from safetensors.torch import save
 
         full, _ = load_causal_lm(model_dir)
@@ -125,8 +158,13 @@ def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
         try:
             with app.state.sessions() as s:  # the path as registered: the key of the server's model cache
                 model_path = s.get(RegisteredModel, model_id).path
-            yield {"base_url": f"http://127.0.0.1:{port}/openai/v1", "key": owner, "adapter": adapter["id"],
-                   "settings": settings, "model_path": model_path}
+            yield {
+                "base_url": f"http://127.0.0.1:{port}/openai/v1",
+                "key": owner,
+                "adapter": adapter["id"],
+                "settings": settings,
+                "model_path": model_path,
+            }
         finally:
             server.should_exit = True
             thread.join(10)
@@ -139,6 +177,7 @@ def _ok(r: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the measured calls
+
 
 def paths(world: dict[str, Any], max_tokens: int) -> dict[str, Callable[[], dict[str, float]]]:
     """name -> one measured call returning {tokens, seconds[, ttft]}."""
@@ -160,8 +199,14 @@ def paths(world: dict[str, Any], max_tokens: int) -> dict[str, Callable[[], dict
     def hf_generate() -> dict[str, float]:
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = plugged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                   min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            out = plugged.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
+            )
         return {"tokens": out.shape[1] - ids.shape[1], "seconds": time.perf_counter() - t0}
 
     def engine_loop() -> dict[str, float]:
@@ -177,10 +222,18 @@ def paths(world: dict[str, Any], max_tokens: int) -> dict[str, Callable[[], dict
 
     def streamed(chat: bool) -> dict[str, float]:
         t0, first, usage = time.perf_counter(), None, None
-        kw = {"model": adapter, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-              "stream_options": {"include_usage": True}}
-        chunks = (client.chat.completions.create(messages=MESSAGES, **kw) if chat
-                  else client.completions.create(prompt=prompt, **kw))
+        kw = {
+            "model": adapter,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        chunks = (
+            client.chat.completions.create(messages=MESSAGES, **kw)
+            if chat
+            else client.completions.create(prompt=prompt, **kw)
+        )
         for ch in chunks:
             text = (ch.choices[0].delta.content if chat else ch.choices[0].text) if ch.choices else None
             if first is None and text:
@@ -188,8 +241,13 @@ def paths(world: dict[str, Any], max_tokens: int) -> dict[str, Callable[[], dict
             usage = ch.usage or usage
         return {"tokens": usage.completion_tokens, "seconds": time.perf_counter() - t0, "ttft": first}
 
-    return {"in-process generate": hf_generate, "in-process engine": engine_loop, "API completion": api,
-            "API stream": lambda: streamed(False), "API chat stream": lambda: streamed(True)}
+    return {
+        "in-process generate": hf_generate,
+        "in-process engine": engine_loop,
+        "API completion": api,
+        "API stream": lambda: streamed(False),
+        "API chat stream": lambda: streamed(True),
+    }
 
 
 def _not_cached() -> Any:
@@ -199,8 +257,13 @@ def _not_cached() -> Any:
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"cpu": cpu_name(platform.machine()), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpu": cpu_name(platform.machine()),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def run(world: dict[str, Any], max_tokens: int, repeats: int) -> dict[str, dict[str, Any]]:
@@ -209,15 +272,20 @@ def run(world: dict[str, Any], max_tokens: int, repeats: int) -> dict[str, dict[
         call()
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
     for i in range(repeats):  # interleaved: slow phases of a shared machine hit every path alike
-        order = list(calls)[i % len(calls):] + list(calls)[:i % len(calls)]  # each path in each position
+        order = list(calls)[i % len(calls) :] + list(calls)[: i % len(calls)]  # each path in each position
         for name in order:
             samples[name].append(calls[name]())
-        log(f"round {i + 1}/{repeats}: " + ", ".join(f"{n} {s[-1]['tokens'] / s[-1]['seconds']:.1f} tok/s"
-                                                       for n, s in samples.items()))
+        log(
+            f"round {i + 1}/{repeats}: "
+            + ", ".join(f"{n} {s[-1]['tokens'] / s[-1]['seconds']:.1f} tok/s" for n, s in samples.items())
+        )
     out = {}
     for name, rows in samples.items():
-        out[name] = {"tokens_per_s": summary([r["tokens"] / r["seconds"] for r in rows]),
-                     "tokens": [r["tokens"] for r in rows], "seconds": [round(r["seconds"], 4) for r in rows]}
+        out[name] = {
+            "tokens_per_s": summary([r["tokens"] / r["seconds"] for r in rows]),
+            "tokens": [r["tokens"] for r in rows],
+            "seconds": [round(r["seconds"], 4) for r in rows],
+        }
         if rows[0].get("ttft") is not None:
             out[name]["ttft_s"] = summary([r["ttft"] for r in rows])
     return out
@@ -225,36 +293,56 @@ def run(world: dict[str, Any], max_tokens: int, repeats: int) -> dict[str, dict[
 
 # ---------------------------------------------------------------- report
 
+
 def table(doc: dict[str, Any]) -> list[str]:
     base = doc["paths"]["in-process generate"]["tokens_per_s"]["median"]
     rows = []
     for name, p in doc["paths"].items():
         t, ttft = p["tokens_per_s"], p.get("ttft_s")
-        rows.append([name, f"{t['median']:.1f} ({t['min']:.1f}–{t['max']:.1f}, sd {t['stdev']:.1f})",
-                     f"{t['median'] / base:.2f}×",
-                     f"{ttft['median'] * 1000:.0f} ms ({ttft['min'] * 1000:.0f}–{ttft['max'] * 1000:.0f})" if ttft else "–"])
-    return markdown_table(["path", "tokens/s median (min–max, sd)", "vs in-process generate",
-                           "time to first token median (min–max)"], rows)
+        rows.append(
+            [
+                name,
+                f"{t['median']:.1f} ({t['min']:.1f}–{t['max']:.1f}, sd {t['stdev']:.1f})",
+                f"{t['median'] / base:.2f}×",
+                f"{ttft['median'] * 1000:.0f} ms ({ttft['min'] * 1000:.0f}–{ttft['max'] * 1000:.0f})" if ttft else "–",
+            ]
+        )
+    return markdown_table(
+        ["path", "tokens/s median (min–max, sd)", "vs in-process generate", "time to first token median (min–max)"],
+        rows,
+    )
 
 
 def markdown(doc: dict[str, Any]) -> str:
     """The results file, and the same block in docs/benchmarks.md."""
     m, s = doc["machine"], doc["setup"]
     verdict = "met" if doc["met"] else "missed"
-    return "\n".join([
-        f"## Serving: the OpenAI-compatible API against in-process generation ({doc['model']})", "",
-        ("`benchmarks/serving.py`: the `openai` client against `/openai/v1` on loopback (uvicorn, one process) vs "
-         "Hugging Face `generate` called directly on the same plugged-in model object the server caches; greedy, "
-         f"{s['max_tokens']} new tokens, a {s['prompt_tokens']}-token prompt (the chat template applied to one user "
-         f"message), {s['repeats']} measured rounds after a warm-up round, the paths interleaved with the order "
-         f"rotated each round; tokens/s = completion tokens / wall time of the call."), "",
-        *table(doc), "",
-        (f"API completion / in-process generate: **{doc['ratio']:.2f}×** (target ≥ {TARGET}: {verdict}). "
-         f"Machine: {m['cpu']}, {m['cores']} logical cores shared with other work (load average "
-         f"{m['load_avg_start']} at the start: the spread is mostly the neighbours), torch {m['torch']} with "
-         f"{m['torch_threads']} thread(s); {doc['date']}, {doc['seconds']:.0f} s in all. "
-         f"Reproduce: `{doc['command']}`."),
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"## Serving: the OpenAI-compatible API against in-process generation ({doc['model']})",
+                "",
+                (
+                    "`benchmarks/serving.py`: the `openai` client against `/openai/v1` on loopback (uvicorn, one process) vs "
+                    "Hugging Face `generate` called directly on the same plugged-in model object the server caches; greedy, "
+                    f"{s['max_tokens']} new tokens, a {s['prompt_tokens']}-token prompt (the chat template applied to one user "
+                    f"message), {s['repeats']} measured rounds after a warm-up round, the paths interleaved with the order "
+                    f"rotated each round; tokens/s = completion tokens / wall time of the call."
+                ),
+                "",
+                *table(doc),
+                "",
+                (
+                    f"API completion / in-process generate: **{doc['ratio']:.2f}×** (target ≥ {TARGET}: {verdict}). "
+                    f"Machine: {m['cpu']}, {m['cores']} logical cores shared with other work (load average "
+                    f"{m['load_avg_start']} at the start: the spread is mostly the neighbours), torch {m['torch']} with "
+                    f"{m['torch_threads']} thread(s); {doc['date']}, {doc['seconds']:.0f} s in all. "
+                    f"Reproduce: `{doc['command']}`."
+                ),
+            ]
+        )
+        + "\n"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -287,20 +375,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(model_dir)
-            prompt_tokens = len(tok(tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
-                                    add_special_tokens=False).input_ids)
-    ratio = (measured["API completion"]["tokens_per_s"]["median"]
-             / measured["in-process generate"]["tokens_per_s"]["median"])
-    doc = {"benchmark": "serving", "model": model_name, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-           "command": ".venv/bin/python benchmarks/serving.py" + (" --tiny" if args.tiny else ""),
-           "setup": {"max_tokens": max_tokens, "repeats": repeats, "prompt_tokens": prompt_tokens, "sampling":
-                     "greedy (temperature 0)", "torch_seed": 0, "device": "cpu",
-                     "generation_concurrency": world["settings"].generation_concurrency},
-           "machine": info,
-           "paths": measured, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET,
-           "seconds": time.perf_counter() - t0}
-    publish(Path(args.results_dir), "serving", "tiny" if args.tiny else "full", doc, markdown(doc),
-            None if args.tiny or args.no_docs else "serving")
+            prompt_tokens = len(
+                tok(
+                    tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False,
+                ).input_ids
+            )
+    ratio = (
+        measured["API completion"]["tokens_per_s"]["median"] / measured["in-process generate"]["tokens_per_s"]["median"]
+    )
+    doc = {
+        "benchmark": "serving",
+        "model": model_name,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": ".venv/bin/python benchmarks/serving.py" + (" --tiny" if args.tiny else ""),
+        "setup": {
+            "max_tokens": max_tokens,
+            "repeats": repeats,
+            "prompt_tokens": prompt_tokens,
+            "sampling": "greedy (temperature 0)",
+            "torch_seed": 0,
+            "device": "cpu",
+            "generation_concurrency": world["settings"].generation_concurrency,
+        },
+        "machine": info,
+        "paths": measured,
+        "ratio": ratio,
+        "target": TARGET,
+        "met": ratio >= TARGET,
+        "seconds": time.perf_counter() - t0,
+    }
+    publish(
+        Path(args.results_dir),
+        "serving",
+        "tiny" if args.tiny else "full",
+        doc,
+        markdown(doc),
+        None if args.tiny or args.no_docs else "serving",
+    )
     print("\n".join(table(doc)))
     print(f"\nAPI / in-process: {ratio:.2f}x (target >= {TARGET})")
     return doc

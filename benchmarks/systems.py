@@ -94,18 +94,74 @@ class Profile:
 
 PROFILES = {
     # adapter layer: 4*1536^2 + 3*1536*4096 = 28.3 M params = 113 MB fp32 (>= 100 MB)
-    "full": Profile("full", hidden=1536, ffn=4096, heads=12, n_layers=4, download_reps=7, verify_reps=7, uploads=2,
-                    parallel=8, smollm2=True, stage1_steps=4, stage1_seq_len=64, n_adapter=4, alpha=0.5, beta=0.5,
-                    train_batch=4, train_seq_len=128, train_rounds=3, train_steps=6, train_warmup=2),
+    "full": Profile(
+        "full",
+        hidden=1536,
+        ffn=4096,
+        heads=12,
+        n_layers=4,
+        download_reps=7,
+        verify_reps=7,
+        uploads=2,
+        parallel=8,
+        smollm2=True,
+        stage1_steps=4,
+        stage1_seq_len=64,
+        n_adapter=4,
+        alpha=0.5,
+        beta=0.5,
+        train_batch=4,
+        train_seq_len=128,
+        train_rounds=3,
+        train_steps=6,
+        train_warmup=2,
+    ),
     # adapter layer: 4*768^2 + 3*768*2048 = 7.1 M params = 28 MB
-    "quick": Profile("quick", hidden=768, ffn=2048, heads=12, n_layers=4, download_reps=3, verify_reps=3, uploads=1,
-                     parallel=8, smollm2=True, stage1_steps=4, stage1_seq_len=64, n_adapter=4, alpha=0.5, beta=0.5,
-                     train_batch=2, train_seq_len=64, train_rounds=2, train_steps=4, train_warmup=1),
-    "tiny": Profile("tiny", hidden=64, ffn=128, heads=4, n_layers=4, download_reps=2, verify_reps=2, uploads=1,
-                    parallel=8, smollm2=False, stage1_steps=2, stage1_seq_len=32, n_adapter=2, alpha=0.5, beta=0.5,
-                    train_batch=2, train_seq_len=32, train_rounds=2, train_steps=3, train_warmup=1),
+    "quick": Profile(
+        "quick",
+        hidden=768,
+        ffn=2048,
+        heads=12,
+        n_layers=4,
+        download_reps=3,
+        verify_reps=3,
+        uploads=1,
+        parallel=8,
+        smollm2=True,
+        stage1_steps=4,
+        stage1_seq_len=64,
+        n_adapter=4,
+        alpha=0.5,
+        beta=0.5,
+        train_batch=2,
+        train_seq_len=64,
+        train_rounds=2,
+        train_steps=4,
+        train_warmup=1,
+    ),
+    "tiny": Profile(
+        "tiny",
+        hidden=64,
+        ffn=128,
+        heads=4,
+        n_layers=4,
+        download_reps=2,
+        verify_reps=2,
+        uploads=1,
+        parallel=8,
+        smollm2=False,
+        stage1_steps=2,
+        stage1_seq_len=32,
+        n_adapter=2,
+        alpha=0.5,
+        beta=0.5,
+        train_batch=2,
+        train_seq_len=32,
+        train_rounds=2,
+        train_steps=3,
+        train_warmup=1,
+    ),
 }
-
 
 
 # ---------------------------------------------------------------- main
@@ -114,10 +170,17 @@ PROFILES = {
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False), "cpu": cpu_name(),
-            "memory_gb": rounded(psutil.virtual_memory().total / 1024 ** 3, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "load_avg_start": [rounded(x, 2) for x in os.getloadavg()]}
+    return {
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "cpu": cpu_name(),
+        "memory_gb": rounded(psutil.virtual_memory().total / 1024**3, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "load_avg_start": [rounded(x, 2) for x in os.getloadavg()],
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,14 +189,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--quick", action="store_true", help="smaller files and fewer repetitions")
     g.add_argument("--tiny", action="store_true", help="tiny random models, small files (smoke test)")
     p.add_argument("--work-dir", default=str(REPO / ".cache" / "benchmarks" / "systems"), help="caches")
-    p.add_argument("--model-dir", default=None, help="a prepared SmolLM2 folder (default: prepare_smollm2 into "
-                                                    ".cache/benchmarks/smollm2)")
-    p.add_argument("--render", default=None, metavar="JSON",
-                   help="only re-render: print the table of an existing results JSON and update --docs from it")
-    p.add_argument("--out", default=None, help="JSON output (full: benchmarks/results/systems.json; "
-                                               "else <work-dir>/systems_<profile>.json)")
-    p.add_argument("--docs", default=None, help="markdown file whose systems block is replaced "
-                                                "(full: docs/benchmarks.md; else none)")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="a prepared SmolLM2 folder (default: prepare_smollm2 into .cache/benchmarks/smollm2)",
+    )
+    p.add_argument(
+        "--render",
+        default=None,
+        metavar="JSON",
+        help="only re-render: print the table of an existing results JSON and update --docs from it",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON output (full: benchmarks/results/systems.json; else <work-dir>/systems_<profile>.json)",
+    )
+    p.add_argument(
+        "--docs",
+        default=None,
+        help="markdown file whose systems block is replaced (full: docs/benchmarks.md; else none)",
+    )
     p.add_argument("--no-docs", action="store_true", help="do not touch any markdown file")
     return p.parse_args(argv)
 
@@ -142,8 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render:
         doc = json.loads(Path(args.render).read_text())
-        docs = None if args.no_docs else Path(args.docs) if args.docs else (
-            DOCS if doc["profile"] == "full" else None)
+        docs = None if args.no_docs else Path(args.docs) if args.docs else (DOCS if doc["profile"] == "full" else None)
         if docs is not None:
             update_docs_block(docs, DOCS_MARKER, markdown(doc))
         print(table(doc["records"]))
@@ -151,10 +226,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prof = PROFILES["tiny" if args.tiny else "quick" if args.quick else "full"]
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else (REPO / "benchmarks" / "results" / "systems.json" if prof.name == "full"
-                                           else work / f"systems_{prof.name}.json")
-    docs = None if args.no_docs else (Path(args.docs) if args.docs else
-                                      (DOCS if prof.name == "full" else None))
+    out = (
+        Path(args.out)
+        if args.out
+        else (
+            REPO / "benchmarks" / "results" / "systems.json"
+            if prof.name == "full"
+            else work / f"systems_{prof.name}.json"
+        )
+    )
+    docs = None if args.no_docs else (Path(args.docs) if args.docs else (DOCS if prof.name == "full" else None))
     cmd = ".venv/bin/python benchmarks/systems.py" + {"full": "", "quick": " --quick", "tiny": " --tiny"}[prof.name]
     t_start = time.perf_counter()
     info = machine()
@@ -182,20 +263,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     records += bench_train(prof, emulator_path, work)
     records += s2
     seconds = time.perf_counter() - t_start
-    doc = {"benchmark": "systems", "profile": prof.name, "created_at": datetime.now(UTC).isoformat(
-        timespec="seconds"), "command": cmd, "seconds": round(seconds, 1), "machine": info,
+    doc = {
+        "benchmark": "systems",
+        "profile": prof.name,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": cmd,
+        "seconds": round(seconds, 1),
+        "machine": info,
         "load_avg_end": [rounded(x, 2) for x in os.getloadavg()],
-        "served_model": {"family": "llama", "hidden": prof.hidden, "ffn": prof.ffn, "layers": prof.n_layers,
-                         "heads": prof.heads, "emulator": SERVED_EMULATOR},
-        "records": records, "complete": True}
+        "served_model": {
+            "family": "llama",
+            "hidden": prof.hidden,
+            "ffn": prof.ffn,
+            "layers": prof.n_layers,
+            "heads": prof.heads,
+            "emulator": SERVED_EMULATOR,
+        },
+        "records": records,
+        "complete": True,
+    }
     write_json(out, doc)
     block = markdown(doc)
     if docs is not None:
         update_docs_block(docs, DOCS_MARKER, block)
     print(table(records))
     targets = [r for r in records if r["met"] is not None]
-    print(f"\n{sum(r['met'] for r in targets)}/{len(targets)} targets met; {out}"
-          + (f"; {docs}" if docs is not None else "") + f"; {seconds:.0f}s")
+    print(
+        f"\n{sum(r['met'] for r in targets)}/{len(targets)} targets met; {out}"
+        + (f"; {docs}" if docs is not None else "")
+        + f"; {seconds:.0f}s"
+    )
     return doc
 
 

@@ -45,8 +45,11 @@ def bench_download(w: World, prof: Any) -> list[dict[str, Any]]:
         shutil.copyfile(w.emulator_path, target)
     port = free_port()
     with open(w.root / "http.server.log", "w") as static_log:
-        static = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                                   "--directory", str(static_root)], stdout=static_log, stderr=subprocess.STDOUT)
+        static = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(static_root)],
+            stdout=static_log,
+            stderr=subprocess.STDOUT,
+        )
     static_base = f"http://127.0.0.1:{port}"
     # "file": the client's own download function (stream to a .part file); "discard": the same httpx stream
     # with the bytes dropped, which isolates the servers from the client's disk writes.
@@ -70,14 +73,14 @@ def bench_download(w: World, prof: Any) -> list[dict[str, Any]]:
             _fetch_into(c, EmulatorRef(c.server, w.emulator_id), out / f"warm-{which}", 0, w.sha256, w.size, False)
             (out / f"warm-{which}").unlink()
         for rep in range(prof.download_reps):
-            for which in (("api", "static") if rep % 2 == 0 else ("static", "api")):
+            for which in ("api", "static") if rep % 2 == 0 else ("static", "api"):
                 c = clients[which]
                 part = out / f"{which}.part"
                 part.unlink(missing_ok=True)
                 c0, t0 = cpu_s(procs[which]), time.perf_counter()
                 _fetch_into(c, EmulatorRef(c.server, w.emulator_id), part, 0, w.sha256, w.size, False)
                 times[(which, "file")].append(time.perf_counter() - t0)
-                cpu[which].append((cpu_s(procs[which]) - c0) / (w.size / 1024 ** 3))
+                cpu[which].append((cpu_s(procs[which]) - c0) / (w.size / 1024**3))
                 if part.stat().st_size != w.size:
                     raise RuntimeError(f"{which} download wrote {part.stat().st_size} of {w.size} bytes")
                 part.unlink()
@@ -99,22 +102,37 @@ def bench_download(w: World, prof: Any) -> list[dict[str, Any]]:
     ratio = tp[("api", "file")] / tp[("static", "file")]
     paired = statistics.median(s / a for a, s in zip(times[("api", "file")], times[("static", "file")], strict=True))
     best = min(times[("static", "file")]) / min(times[("api", "file")])
-    return [record("download_throughput_api", rounded(tp[("api", "file")], 1), "MB/s",
-                   baseline=rounded(tp[("static", "file")], 1), ratio=rounded(ratio, 3), target="ratio >= 0.8",
-                   met=ratio >= 0.8, file_bytes=w.size, reps=prof.download_reps,
-                   api_seconds=[rounded(t, 3) for t in times[("api", "file")]],
-                   static_seconds=[rounded(t, 3) for t in times[("static", "file")]],
-                   client="data_owner_client.transfer._fetch_into (httpx stream, iter_bytes, write to a .part file)",
-                   baseline_server="python -m http.server (same file, same URL path, loopback)",
-                   ratio_paired_median=rounded(paired, 3), ratio_best_of=rounded(best, 3),
-                   server_cpu_s_per_gb={"api": rounded(statistics.median(cpu["api"]), 3),
-                                        "static": rounded(statistics.median(cpu["static"]), 3)},
-                   transport_only={"api_mb_s": rounded(tp[("api", "discard")], 1),
-                                   "static_mb_s": rounded(tp[("static", "discard")], 1),
-                                   "ratio": rounded(tp[("api", "discard")] / tp[("static", "discard")], 3),
-                                   "api_seconds": [rounded(t, 3) for t in times[("api", "discard")]],
-                                   "static_seconds": [rounded(t, 3) for t in times[("static", "discard")]],
-                                   "how": "same httpx stream, bytes discarded (no disk writes on the client)"})]
+    return [
+        record(
+            "download_throughput_api",
+            rounded(tp[("api", "file")], 1),
+            "MB/s",
+            baseline=rounded(tp[("static", "file")], 1),
+            ratio=rounded(ratio, 3),
+            target="ratio >= 0.8",
+            met=ratio >= 0.8,
+            file_bytes=w.size,
+            reps=prof.download_reps,
+            api_seconds=[rounded(t, 3) for t in times[("api", "file")]],
+            static_seconds=[rounded(t, 3) for t in times[("static", "file")]],
+            client="data_owner_client.transfer._fetch_into (httpx stream, iter_bytes, write to a .part file)",
+            baseline_server="python -m http.server (same file, same URL path, loopback)",
+            ratio_paired_median=rounded(paired, 3),
+            ratio_best_of=rounded(best, 3),
+            server_cpu_s_per_gb={
+                "api": rounded(statistics.median(cpu["api"]), 3),
+                "static": rounded(statistics.median(cpu["static"]), 3),
+            },
+            transport_only={
+                "api_mb_s": rounded(tp[("api", "discard")], 1),
+                "static_mb_s": rounded(tp[("static", "discard")], 1),
+                "ratio": rounded(tp[("api", "discard")] / tp[("static", "discard")], 3),
+                "api_seconds": [rounded(t, 3) for t in times[("api", "discard")]],
+                "static_seconds": [rounded(t, 3) for t in times[("static", "discard")]],
+                "how": "same httpx stream, bytes discarded (no disk writes on the client)",
+            },
+        )
+    ]
 
 
 # ---------------------------------------------------------------- 2. verification throughput
@@ -145,18 +163,30 @@ def bench_verify(w: World, prof: Any) -> list[dict[str, Any]]:
     times: dict[str, list[float]] = {"verify": [], "raw": []}
     for rep in range(prof.verify_reps):
         order = (("verify", client_verify), ("raw", raw_hash))
-        for which, fn in (order if rep % 2 == 0 else order[::-1]):
+        for which, fn in order if rep % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             fn()
             times[which].append(time.perf_counter() - t0)
     v, r = statistics.median(times["verify"]), statistics.median(times["raw"])
     v_tp, r_tp = w.size / v / MB, w.size / r / MB
     ratio = v_tp / r_tp
-    return [record("verify_throughput_client", rounded(v_tp, 1), "MB/s", baseline=rounded(r_tp, 1), ratio=rounded(ratio, 3),
-                   target="ratio >= 0.9", met=ratio >= 0.9, file_bytes=w.size, reps=prof.verify_reps,
-                   verify_seconds=[rounded(t, 4) for t in times["verify"]], raw_seconds=[rounded(t, 4) for t in times["raw"]],
-                   path="shared.signing.verify_signed_manifest + verify_file",
-                   baseline_path="hashlib.file_digest(f, 'sha256') (page-cached file)")]
+    return [
+        record(
+            "verify_throughput_client",
+            rounded(v_tp, 1),
+            "MB/s",
+            baseline=rounded(r_tp, 1),
+            ratio=rounded(ratio, 3),
+            target="ratio >= 0.9",
+            met=ratio >= 0.9,
+            file_bytes=w.size,
+            reps=prof.verify_reps,
+            verify_seconds=[rounded(t, 4) for t in times["verify"]],
+            raw_seconds=[rounded(t, 4) for t in times["raw"]],
+            path="shared.signing.verify_signed_manifest + verify_file",
+            baseline_path="hashlib.file_digest(f, 'sha256') (page-cached file)",
+        )
+    ]
 
 
 # ---------------------------------------------------------------- 3. server memory
@@ -194,8 +224,10 @@ def bench_memory(w: World, prof: Any, work: Path) -> list[dict[str, Any]]:
                 raise
         uploads = []
         for _ in range(prof.uploads):
-            rss, created = measure_rss(w.server.pid, lambda: upload_adapter(client, ref, adapter_file,
-                                                                           eval_data=eval_file, metrics={"bench": 1.0}))
+            rss, created = measure_rss(
+                w.server.pid,
+                lambda: upload_adapter(client, ref, adapter_file, eval_data=eval_file, metrics={"bench": 1.0}),
+            )
             if created.adapter.status not in ("evaluating", "queued", "pending", "evaluated"):
                 log(f"unexpected adapter status {created.adapter.status}")
             rss["adapter_id"] = created.adapter.id
@@ -215,7 +247,7 @@ def bench_memory(w: World, prof: Any, work: Path) -> list[dict[str, Any]]:
                     for chunk in r.iter_bytes():
                         n += len(chunk)
                 got.append(n)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(repr(exc))
 
     def parallel() -> None:
@@ -230,11 +262,27 @@ def bench_memory(w: World, prof: Any, work: Path) -> list[dict[str, Any]]:
         raise RuntimeError(f"parallel downloads failed: {errors or got}")
     agg = prof.parallel * w.size / dl["seconds"] / MB
     return [
-        record("server_rss_growth_adapter_upload", upload_growth, "MB", target="< 64 MB", met=upload_growth < 64,
-               adapter_bytes=adapter_bytes, adapter_mb=rounded(adapter_bytes / MB, 1), uploads=uploads,
-               how="psutil RSS of the serve process every 20 ms; growth = peak during the request - median before; "
-                   "client: data_owner_client.transfer.upload_adapter (multipart, with a small eval file)"),
-        record("server_rss_growth_parallel_downloads", dl["growth_mb"], "MB", target="< 64 MB",
-               met=dl["growth_mb"] < 64, parallel=prof.parallel, file_bytes=w.size, aggregate_mb_s=rounded(agg, 1), **dl),
+        record(
+            "server_rss_growth_adapter_upload",
+            upload_growth,
+            "MB",
+            target="< 64 MB",
+            met=upload_growth < 64,
+            adapter_bytes=adapter_bytes,
+            adapter_mb=rounded(adapter_bytes / MB, 1),
+            uploads=uploads,
+            how="psutil RSS of the serve process every 20 ms; growth = peak during the request - median before; "
+            "client: data_owner_client.transfer.upload_adapter (multipart, with a small eval file)",
+        ),
+        record(
+            "server_rss_growth_parallel_downloads",
+            dl["growth_mb"],
+            "MB",
+            target="< 64 MB",
+            met=dl["growth_mb"] < 64,
+            parallel=prof.parallel,
+            file_bytes=w.size,
+            aggregate_mb_s=rounded(agg, 1),
+            **dl,
+        ),
     ]
-

@@ -30,8 +30,9 @@ def stage2(prof: Any, work: Path, args: argparse.Namespace) -> tuple[list[dict[s
 
     if prof.smollm2:
         # The same prepared folder benchmarks/privacy_utility.py uses by default (prepare_smollm2 is idempotent).
-        model_dir = Path(args.model_dir) if args.model_dir else prepare_smollm2(REPO / ".cache" / "benchmarks" /
-                                                                               "smollm2")
+        model_dir = (
+            Path(args.model_dir) if args.model_dir else prepare_smollm2(REPO / ".cache" / "benchmarks" / "smollm2")
+        )
         model_name = "SmolLM2-135M-Instruct"
     else:
         from scaleot_samples.tiny import save_tiny_model_dir
@@ -44,14 +45,23 @@ def stage2(prof: Any, work: Path, args: argparse.Namespace) -> tuple[list[dict[s
     model, tok = load_causal_lm(model_dir)
     load_s = time.perf_counter() - t0
     corpus = corpus_file(work)
-    key = hashlib.sha256(json.dumps([model_name, prof.stage1_steps, prof.stage1_seq_len,
-                                     hashlib.sha256(corpus.read_bytes()).hexdigest()]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps(
+            [model_name, prof.stage1_steps, prof.stage1_seq_len, hashlib.sha256(corpus.read_bytes()).hexdigest()]
+        ).encode()
+    ).hexdigest()[:12]
     stage1_dir = work / "stage1" / f"{model_name}-{key}"
     if not ((stage1_dir / "importance.json").is_file() and (stage1_dir / "importance.safetensors").is_file()):
         log(f"stage 1 ({prof.stage1_steps} steps) -> {stage1_dir}")
         train_b, val_b = corpus_blocks(tok, corpus, prof.stage1_seq_len, max_blocks=64)
-        cfg = ImportanceConfig(steps=prof.stage1_steps, batch_size=2, rl_interval=2, n_candidates=2,
-                               bottleneck=64 if prof.smollm2 else 8, device="cpu")
+        cfg = ImportanceConfig(
+            steps=prof.stage1_steps,
+            batch_size=2,
+            rl_interval=2,
+            n_candidates=2,
+            bottleneck=64 if prof.smollm2 else 8,
+            device="cpu",
+        )
         result = estimate_importance(model, train_b, val_b, cfg)
         tmp = stage1_dir.with_name(stage1_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,22 +76,49 @@ def stage2(prof: Any, work: Path, args: argparse.Namespace) -> tuple[list[dict[s
     build_s = time.perf_counter() - t0
     full_params, full_bytes = int(info.extra["full_model_params"]), int(info.extra["full_model_bytes"])
     n_layers = len(info.plan.roles)
-    plan = {r: sum(1 for x in info.plan.roles if str(getattr(x, "value", x)) == r)
-            for r in ("adapter", "harmonizer", "frozen", "dropped")}
-    common = {"model": model_name, "n_layers": n_layers, "n_adapter": prof.n_adapter, "alpha": prof.alpha,
-              "beta": prof.beta, "plan": plan}
+    plan = {
+        r: sum(1 for x in info.plan.roles if str(getattr(x, "value", x)) == r)
+        for r in ("adapter", "harmonizer", "frozen", "dropped")
+    }
+    common = {
+        "model": model_name,
+        "n_layers": n_layers,
+        "n_adapter": prof.n_adapter,
+        "alpha": prof.alpha,
+        "beta": prof.beta,
+        "plan": plan,
+    }
     del model
     torch.set_grad_enabled(True)
     return [
-        record("stage2_build_seconds", rounded(build_s, 2), "s", stage1_cache=str(stage1_dir),
-               model_load_seconds=rounded(load_s, 2), includes="load_importance + make_emulator (plan, SRC, build, save)",
-               **common),
-        record("emulator_size_bytes", info.size_bytes, "bytes", baseline=full_bytes,
-               ratio=rounded(info.size_bytes / full_bytes, 4), full_model_bytes=full_bytes,
-               note="baseline: the full model's parameter bytes (fp32, tied embeddings once); value: the emulator "
-                    "file as served (safetensors + metadata)", **common),
-        record("emulator_params", info.n_params, "params", baseline=full_params, ratio=rounded(info.n_params / full_params, 4),
-               **common),
+        record(
+            "stage2_build_seconds",
+            rounded(build_s, 2),
+            "s",
+            stage1_cache=str(stage1_dir),
+            model_load_seconds=rounded(load_s, 2),
+            includes="load_importance + make_emulator (plan, SRC, build, save)",
+            **common,
+        ),
+        record(
+            "emulator_size_bytes",
+            info.size_bytes,
+            "bytes",
+            baseline=full_bytes,
+            ratio=rounded(info.size_bytes / full_bytes, 4),
+            full_model_bytes=full_bytes,
+            note="baseline: the full model's parameter bytes (fp32, tied embeddings once); value: the emulator "
+            "file as served (safetensors + metadata)",
+            **common,
+        ),
+        record(
+            "emulator_params",
+            info.n_params,
+            "params",
+            baseline=full_params,
+            ratio=rounded(info.n_params / full_params, 4),
+            **common,
+        ),
     ], out
 
 
@@ -112,17 +149,26 @@ def bench_train(prof: Any, emulator_path: Path, work: Path) -> list[dict[str, An
     freeze_except_adapter(model, plan.adapter_layers)  # the client's own freezing
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    cfg = TrainConfig(method="full", max_steps=prof.train_steps, batch_size=prof.train_batch,
-                      seq_len=prof.train_seq_len, seed=0)
-    batch = collate(examples[:prof.train_batch], pad_id)  # same shape as every batch `train` draws
+    cfg = TrainConfig(
+        method="full", max_steps=prof.train_steps, batch_size=prof.train_batch, seq_len=prof.train_seq_len, seed=0
+    )
+    batch = collate(examples[: prof.train_batch], pad_id)  # same shape as every batch `train` draws
 
     def client_round() -> list[float]:
         stamps: list[float] = []
         set_seed(0)
-        train(model, examples, cfg, choice, pad_id=pad_id, checkpoint_dir=None, progress=False,
-              on_step=lambda step, loss: stamps.append(time.perf_counter()))
+        train(
+            model,
+            examples,
+            cfg,
+            choice,
+            pad_id=pad_id,
+            checkpoint_dir=None,
+            progress=False,
+            on_step=lambda step, loss: stamps.append(time.perf_counter()),
+        )
         dts = [b - a for a, b in itertools.pairwise(stamps)]  # steps 2..S (step 1 has no start stamp)
-        return dts[max(0, prof.train_warmup - 1):]  # steps W+1..S, as in plain_round
+        return dts[max(0, prof.train_warmup - 1) :]  # steps W+1..S, as in plain_round
 
     def plain_round() -> list[float]:
         model.train()
@@ -138,23 +184,40 @@ def bench_train(prof: Any, emulator_path: Path, work: Path) -> list[dict[str, An
             opt.zero_grad(set_to_none=True)
             dts.append(time.perf_counter() - t0)
         model.eval()
-        return dts[prof.train_warmup:]
+        return dts[prof.train_warmup :]
 
     client: list[float] = []
     plain: list[float] = []
     for rnd in range(prof.train_rounds):
-        for which in (("client", "plain") if rnd % 2 == 0 else ("plain", "client")):
+        for which in ("client", "plain") if rnd % 2 == 0 else ("plain", "client"):
             (client if which == "client" else plain).extend(client_round() if which == "client" else plain_round())
-        log(f"train round {rnd + 1}/{prof.train_rounds}: client median {statistics.median(client):.3f}s, "
-            f"plain median {statistics.median(plain):.3f}s")
+        log(
+            f"train round {rnd + 1}/{prof.train_rounds}: client median {statistics.median(client):.3f}s, "
+            f"plain median {statistics.median(plain):.3f}s"
+        )
     c, p = statistics.median(client), statistics.median(plain)
     ratio = c / p
-    return [record("train_step_client", rounded(c, 4), "s/step", baseline=rounded(p, 4), ratio=rounded(ratio, 3),
-                   target="ratio <= 1.05", met=ratio <= 1.05, method="full", batch=prof.train_batch,
-                   seq_len=prof.train_seq_len, rounds=prof.train_rounds, steps_per_round=prof.train_steps,
-                   warmup_skipped_per_round=prof.train_warmup, trainable_params=n_trainable,
-                   adapter_layers=list(plan.adapter_layers), emulator=emulator_path.name,
-                   client_step_seconds=[rounded(x, 4) for x in client], plain_step_seconds=[rounded(x, 4) for x in plain],
-                   path="data_owner_client.train.train (no checkpoint dir, progress off)",
-                   baseline_path="forward, cross-entropy, backward, AdamW step, zero_grad on the same parameters")]
-
+    return [
+        record(
+            "train_step_client",
+            rounded(c, 4),
+            "s/step",
+            baseline=rounded(p, 4),
+            ratio=rounded(ratio, 3),
+            target="ratio <= 1.05",
+            met=ratio <= 1.05,
+            method="full",
+            batch=prof.train_batch,
+            seq_len=prof.train_seq_len,
+            rounds=prof.train_rounds,
+            steps_per_round=prof.train_steps,
+            warmup_skipped_per_round=prof.train_warmup,
+            trainable_params=n_trainable,
+            adapter_layers=list(plan.adapter_layers),
+            emulator=emulator_path.name,
+            client_step_seconds=[rounded(x, 4) for x in client],
+            plain_step_seconds=[rounded(x, 4) for x in plain],
+            path="data_owner_client.train.train (no checkpoint dir, progress off)",
+            baseline_path="forward, cross-entropy, backward, AdamW step, zero_grad on the same parameters",
+        )
+    ]

@@ -108,9 +108,14 @@ def measure_rss(pid: int, action: Callable[[], Any], settle: float = 0.5) -> tup
     after = sampler.between(t1, float("inf"))
     base = statistics.median(before)
     peak = max(during)
-    return {"baseline_mb": rounded(base / MB, 1), "peak_mb": rounded(peak / MB, 1), "growth_mb": rounded((peak - base) / MB, 1),
-            "after_mb": rounded(statistics.median(after) / MB, 1) if after else None, "samples": len(during),
-            "seconds": rounded(t1 - t0, 3)}, result
+    return {
+        "baseline_mb": rounded(base / MB, 1),
+        "peak_mb": rounded(peak / MB, 1),
+        "growth_mb": rounded((peak - base) / MB, 1),
+        "after_mb": rounded(statistics.median(after) / MB, 1) if after else None,
+        "samples": len(during),
+        "seconds": rounded(t1 - t0, 3),
+    }, result
 
 
 # ---------------------------------------------------------------- inputs
@@ -120,8 +125,11 @@ def corpus_file(work: Path) -> Path:
     """A plain-text corpus (stage 1 and training data) from the repository's own documentation."""
     out = work / "corpus.txt"
     if not out.is_file():
-        parts = [p.read_text(errors="replace") for p in sorted(REPO.glob("*.md")) + sorted((REPO / "docs").glob("*.md"))
-                 if p.name != "benchmarks.md"]
+        parts = [
+            p.read_text(errors="replace")
+            for p in sorted(REPO.glob("*.md")) + sorted((REPO / "docs").glob("*.md"))
+            if p.name != "benchmarks.md"
+        ]
         text = "\n\n".join(parts)
         while len(text) < 60_000:
             text += "\n\n" + text
@@ -130,7 +138,6 @@ def corpus_file(work: Path) -> Path:
         tmp.write_text(text)
         os.replace(tmp, out)
     return out
-
 
 
 def synthetic_model_dir(work: Path, prof: Any) -> Path:
@@ -145,9 +152,18 @@ def synthetic_model_dir(work: Path, prof: Any) -> Path:
 
     tok = byte_tokenizer()
     eos = tok.convert_tokens_to_ids(EOS)
-    cfg = LlamaConfig(num_hidden_layers=prof.n_layers, hidden_size=prof.hidden, intermediate_size=prof.ffn,
-                      num_attention_heads=prof.heads, num_key_value_heads=prof.heads, vocab_size=len(tok),
-                      max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        num_hidden_layers=prof.n_layers,
+        hidden_size=prof.hidden,
+        intermediate_size=prof.ffn,
+        num_attention_heads=prof.heads,
+        num_key_value_heads=prof.heads,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     tmp = out.with_name(out.name + ".tmp")
@@ -193,11 +209,27 @@ def start_world(prof: Any, work: Path, root: Path) -> World:
     model_dir = synthetic_model_dir(work, prof)
     corpus = corpus_file(work)
     data_dir = root / "server-data"
-    env = {**os.environ, "SCALEOT_DATA_DIR": str(data_dir), "SCALEOT_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "SCALEOT_IMPORTANCE_SEQ_LEN": "32", "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
-           "SCALEOT_IMPORTANCE_MAX_BLOCKS": "64", "SCALEOT_EMBEDDED_WORKER": "false"}
-    for k in ("SCALEOT_API_KEY", "SCALEOT_SERVER_PUBKEY", "SCALEOT_DATABASE_URL", "SCALEOT_QUEUE_URL",
-              "SCALEOT_SIGNING_KEY", "SCALEOT_PUBLIC_URL", "SCALEOT_DEFAULT_EVAL", "SCALEOT_DEFAULT_CORPUS"):
+    env = {
+        **os.environ,
+        "SCALEOT_DATA_DIR": str(data_dir),
+        "SCALEOT_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
+        "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
+        "SCALEOT_IMPORTANCE_MAX_BLOCKS": "64",
+        "SCALEOT_EMBEDDED_WORKER": "false",
+    }
+    for k in (
+        "SCALEOT_API_KEY",
+        "SCALEOT_SERVER_PUBKEY",
+        "SCALEOT_DATABASE_URL",
+        "SCALEOT_QUEUE_URL",
+        "SCALEOT_SIGNING_KEY",
+        "SCALEOT_PUBLIC_URL",
+        "SCALEOT_DEFAULT_EVAL",
+        "SCALEOT_DEFAULT_CORPUS",
+    ):
         env.pop(k, None)
     # Organisations: what `modelowner-server create-org` does, in-process (saves two interpreter starts).
     settings = Settings(_env_file=None, data_dir=data_dir)
@@ -213,15 +245,30 @@ def start_world(prof: Any, work: Path, root: Path) -> World:
     base = f"http://127.0.0.1:{port}"
     log_file = root / "server.log"
     with open(log_file, "w") as server_log:  # the child keeps its own copy of the descriptor
-        server = subprocess.Popen([*script("modelowner-server"), "serve", "--host", "127.0.0.1", "--port", str(port),
-                                   "--no-worker", "--log-level", "warning"],
-                                  env=env, cwd=root, stdout=server_log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                *script("modelowner-server"),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-worker",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=root,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+        )
     worker = None
     try:
         wait_http(f"{base}/healthz", server, log_file)
         with open(root / "worker.log", "w") as worker_log:
-            worker = subprocess.Popen([*script("modelowner-server"), "worker"], env=env, cwd=root,
-                                      stdout=worker_log, stderr=subprocess.STDOUT)
+            worker = subprocess.Popen(
+                [*script("modelowner-server"), "worker"], env=env, cwd=root, stdout=worker_log, stderr=subprocess.STDOUT
+            )
         admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=120)
         owner = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {owner_key}"}, timeout=120)
         with admin, owner:
@@ -250,8 +297,21 @@ def start_world(prof: Any, work: Path, root: Path) -> World:
     if not path.is_file():
         matches = list(data_dir.rglob(f"{emu_id}*.safetensors"))
         path = matches[0]
-    return World(base, admin_key, owner_key, server, emu_id, path, int(emu["size_bytes"]), emu["sha256"], signed,
-                 listing, root, log_file, time.perf_counter() - t_setup)
+    return World(
+        base,
+        admin_key,
+        owner_key,
+        server,
+        emu_id,
+        path,
+        int(emu["size_bytes"]),
+        emu["sha256"],
+        signed,
+        listing,
+        root,
+        log_file,
+        time.perf_counter() - t_setup,
+    )
 
 
 def wait_job(http: httpx.Client, job_id: str, worker: subprocess.Popen, worker_log: Path, timeout: float = 900) -> None:
@@ -263,4 +323,3 @@ def wait_job(http: httpx.Client, job_id: str, worker: subprocess.Popen, worker_l
         if job["status"] == "failed" or worker.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"job {job_id} {job['status']}: {job.get('message')}\n{worker_log.read_text()[-3000:]}")
         time.sleep(0.3)
-

@@ -87,13 +87,42 @@ class Budget:
 
 PROFILES = {
     "full": Budget("full"),
-    "quick": Budget("quick", stage1_steps=16, stage1_warmup=4, stage1_seeds=(0,), calibration_steps=10,
-                    ft_steps=8, long_ft_steps=16, seeds=(0,), text_eval_blocks=8, mc_eval_questions=24,
-                    mc_train_questions=400, wiki_train_chars=120_000, wiki_val_chars=20_000, rows="quick"),
-    "tiny": Budget("tiny", seq_len=32, stage1_steps=6, stage1_warmup=2, stage1_seeds=(0, 1), calibration_steps=3,
-                   ft_steps=3, long_ft_steps=6, seeds=(0, 1), text_batch=2, mc_batch=4, text_eval_blocks=4,
-                   mc_eval_questions=8, mc_train_questions=24, wiki_train_chars=0, wiki_val_chars=0, bottleneck=8,
-                   rows="tiny"),
+    "quick": Budget(
+        "quick",
+        stage1_steps=16,
+        stage1_warmup=4,
+        stage1_seeds=(0,),
+        calibration_steps=10,
+        ft_steps=8,
+        long_ft_steps=16,
+        seeds=(0,),
+        text_eval_blocks=8,
+        mc_eval_questions=24,
+        mc_train_questions=400,
+        wiki_train_chars=120_000,
+        wiki_val_chars=20_000,
+        rows="quick",
+    ),
+    "tiny": Budget(
+        "tiny",
+        seq_len=32,
+        stage1_steps=6,
+        stage1_warmup=2,
+        stage1_seeds=(0, 1),
+        calibration_steps=3,
+        ft_steps=3,
+        long_ft_steps=6,
+        seeds=(0, 1),
+        text_batch=2,
+        mc_batch=4,
+        text_eval_blocks=4,
+        mc_eval_questions=8,
+        mc_train_questions=24,
+        wiki_train_chars=0,
+        wiki_val_chars=0,
+        bottleneck=8,
+        rows="tiny",
+    ),
 }
 
 
@@ -109,8 +138,13 @@ def emulator_specs(budget: Budget) -> list[EmuSpec]:
     if budget.rows != "quick":
         specs += [
             EmuSpec("scaleot_a0.5_nocal", "ScaleOT α=0.5, no calibration", "scaleot", 0.5, calibrate=False),
-            EmuSpec("scaleot_a0.5_importance", "ScaleOT α=0.5, adapters by importance", "scaleot", 0.5,
-                    placement="importance"),
+            EmuSpec(
+                "scaleot_a0.5_importance",
+                "ScaleOT α=0.5, adapters by importance",
+                "scaleot",
+                0.5,
+                placement="importance",
+            ),
             EmuSpec("scaleot_a0.5_spread", "ScaleOT α=0.5, adapters spread", "scaleot", 0.5, placement="spread"),
             EmuSpec("scaleot_a0.5_b0.5", "ScaleOT α=0.5 β=0.5", "scaleot", 0.5, 0.5),
             EmuSpec("scaleot_a0.5_b0.8", "ScaleOT α=0.5 β=0.8", "scaleot", 0.5, 0.8),
@@ -143,36 +177,76 @@ class Row:
 def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, save) -> list[dict]:
     rows: list[dict] = []
     for task in tasks:
-        zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget,
-                    choice)["zero_shot"]
+        zs = cached(
+            work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget, choice
+        )["zero_shot"]
         log(f"== {task.name}: zero-shot {task.metric} {zs[task.metric]:.4g}")
-        plan_rows = [(name, seed, budget.ft_steps) for name in emulators
-                     for seed in (budget.seeds if name in MAIN else budget.seeds[:1])]
+        plan_rows = [
+            (name, seed, budget.ft_steps)
+            for name in emulators
+            for seed in (budget.seeds if name in MAIN else budget.seeds[:1])
+        ]
         plan_rows += [(name, budget.seeds[0], budget.long_ft_steps) for name in emulators if name in LONG]
         if task.name != "shakespeare":
             plan_rows = [p for p in plan_rows if p[0] in TASK_B and p[2] == budget.ft_steps and p[1] == budget.seeds[0]]
         for name, seed, steps in plan_rows:
             emu = emulators[name]
             layers = emu["adapter_layers"]
-            ref = cached(work, ["ref", model_id, data_key(task), layers, seed, steps, budget.seq_len],
-                         run_reference, model, tok, task, budget, choice, layers, seed, steps)
-            m = cached(work, ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len],
-                       run_emulator, model, tok, task, budget, choice, emu, seed, steps, work)
+            ref = cached(
+                work,
+                ["ref", model_id, data_key(task), layers, seed, steps, budget.seq_len],
+                run_reference,
+                model,
+                tok,
+                task,
+                budget,
+                choice,
+                layers,
+                seed,
+                steps,
+            )
+            m = cached(
+                work,
+                ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len],
+                run_emulator,
+                model,
+                tok,
+                task,
+                budget,
+                choice,
+                emu,
+                seed,
+                steps,
+                work,
+            )
             q0, qp, qr = quality(task, zs), quality(task, m["plug_in"]), quality(task, ref["reference"])
             r = (qp - q0) / (qr - q0) if abs(qr - q0) > 1e-9 else None
             qe = quality(task, m["emulator_ft"])
-            row = {"task": task.name, "metric": task.metric, "emulator": name, "seed": seed, "steps": steps,
-                   "adapter_layers": layers, "plan": emu["plan"], "size_ratio": emu["bytes"] / emu["full_model_bytes"],
-                   "fidelity": emu["fidelity"], "zero_shot": zs[task.metric],
-                   "emulator_zero_shot": m["emulator_zero_shot"][task.metric],
-                   "emulator_ft": m["emulator_ft"][task.metric], "plug_in": m["plug_in"][task.metric],
-                   "reference": ref["reference"][task.metric], "r": r,
-                   # privacy gap: plug-in quality minus the data owner's (nats for text, points for accuracy)
-                   "privacy_gap": (qp - qe) * (100 if task.metric == "accuracy" else 1),
-                   "seconds": m["seconds"] + ref["seconds"]}
+            row = {
+                "task": task.name,
+                "metric": task.metric,
+                "emulator": name,
+                "seed": seed,
+                "steps": steps,
+                "adapter_layers": layers,
+                "plan": emu["plan"],
+                "size_ratio": emu["bytes"] / emu["full_model_bytes"],
+                "fidelity": emu["fidelity"],
+                "zero_shot": zs[task.metric],
+                "emulator_zero_shot": m["emulator_zero_shot"][task.metric],
+                "emulator_ft": m["emulator_ft"][task.metric],
+                "plug_in": m["plug_in"][task.metric],
+                "reference": ref["reference"][task.metric],
+                "r": r,
+                # privacy gap: plug-in quality minus the data owner's (nats for text, points for accuracy)
+                "privacy_gap": (qp - qe) * (100 if task.metric == "accuracy" else 1),
+                "seconds": m["seconds"] + ref["seconds"],
+            }
             rows.append(row)
-            log(f"  {name} seed {seed} {steps} steps: plug-in {row['plug_in']:.4g} ref {row['reference']:.4g} "
-                f"emu FT {row['emulator_ft']:.4g} -> r {r if r is None else round(r, 3)}")
+            log(
+                f"  {name} seed {seed} {steps} steps: plug-in {row['plug_in']:.4g} ref {row['reference']:.4g} "
+                f"emu FT {row['emulator_ft']:.4g} -> r {r if r is None else round(r, 3)}"
+            )
             save(rows)
     return rows
 
@@ -197,14 +271,31 @@ def summarise(rows: list[dict], budget: Budget) -> list[dict]:
         vals = [r["r"] for r in rs if r["r"] is not None]
         mean = sum(vals) / len(vals) if vals else None
         spread = (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
-        avg = {k: sum(r[k] for r in rs) / len(rs) for k in
-               ("plug_in", "reference", "emulator_zero_shot", "emulator_ft", "privacy_gap")}
-        out.append({"task": task, "emulator": emu, "steps": steps, "seeds": [r["seed"] for r in rs], "r_mean": mean,
-                    "r_spread": spread, "r_values": vals, "plug_in": avg["plug_in"], "reference": avg["reference"],
-                    "zero_shot": rs[0]["zero_shot"], "emulator_zero_shot": avg["emulator_zero_shot"],
-                    "emulator_ft": avg["emulator_ft"], "privacy_gap": avg["privacy_gap"], "plan": rs[0]["plan"],
-                    "adapter_layers": rs[0]["adapter_layers"], "size_ratio": rs[0]["size_ratio"],
-                    "fidelity": rs[0]["fidelity"]})
+        avg = {
+            k: sum(r[k] for r in rs) / len(rs)
+            for k in ("plug_in", "reference", "emulator_zero_shot", "emulator_ft", "privacy_gap")
+        }
+        out.append(
+            {
+                "task": task,
+                "emulator": emu,
+                "steps": steps,
+                "seeds": [r["seed"] for r in rs],
+                "r_mean": mean,
+                "r_spread": spread,
+                "r_values": vals,
+                "plug_in": avg["plug_in"],
+                "reference": avg["reference"],
+                "zero_shot": rs[0]["zero_shot"],
+                "emulator_zero_shot": avg["emulator_zero_shot"],
+                "emulator_ft": avg["emulator_ft"],
+                "privacy_gap": avg["privacy_gap"],
+                "plan": rs[0]["plan"],
+                "adapter_layers": rs[0]["adapter_layers"],
+                "size_ratio": rs[0]["size_ratio"],
+                "fidelity": rs[0]["fidelity"],
+            }
+        )
     return out
 
 
@@ -223,7 +314,9 @@ def targets(summary: list[dict], stage1_spearman: float | None, stage1_s: float)
     out = []
 
     def add(what: str, measured: str, met: bool | None) -> None:
-        out.append({"target": what, "measured": measured, "status": None if met is None else "met" if met else "missed"})
+        out.append(
+            {"target": what, "measured": measured, "status": None if met is None else "met" if met else "missed"}
+        )
 
     def fmt(x: dict | None) -> str:
         if not x or x["r_mean"] is None:
@@ -232,82 +325,124 @@ def targets(summary: list[dict], stage1_spearman: float | None, stage1_s: float)
 
     for alpha, floor in (("0.25", 0.7), ("0.5", 0.5)):
         x = s.get(("shakespeare", f"scaleot_a{alpha}", ft))
-        add(f"Task A: r ≥ {floor} at α = {alpha}", fmt(x), None if not x or x["r_mean"] is None else x["r_mean"] >= floor)
+        add(
+            f"Task A: r ≥ {floor} at α = {alpha}",
+            fmt(x),
+            None if not x or x["r_mean"] is None else x["r_mean"] >= floor,
+        )
         for base in ("ot", "crash"):
             b = s.get(("shakespeare", f"{base}_a{alpha}", ft))
-            add(f"Task A α = {alpha}: ScaleOT r above {'OT LayerDrop' if base == 'ot' else 'CRaSh sharing'} by more "
-                "than the seed spread", f"{fmt(x)} vs {fmt(b)}", _beats(x, b))
+            add(
+                f"Task A α = {alpha}: ScaleOT r above {'OT LayerDrop' if base == 'ot' else 'CRaSh sharing'} by more "
+                "than the seed spread",
+                f"{fmt(x)} vs {fmt(b)}",
+                _beats(x, b),
+            )
         lx = s.get(("shakespeare", f"scaleot_a{alpha}", longs))
         if lx:
-            add(f"Task A α = {alpha}: with {longs} data-owner steps the plug-in still beats zero-shot",
+            add(
+                f"Task A α = {alpha}: with {longs} data-owner steps the plug-in still beats zero-shot",
                 f"plug-in {lx['plug_in']:.2f} vs zero-shot {lx['zero_shot']:.2f} (r {fmt(lx)})",
-                lx["plug_in"] < lx["zero_shot"])
+                lx["plug_in"] < lx["zero_shot"],
+            )
     b5 = s.get(("analogy", "scaleot_a0.5", ft))
     add("Task B: r ≥ 0.5 at α = 0.5", fmt(b5), None if not b5 or b5["r_mean"] is None else b5["r_mean"] >= 0.5)
     for base in ("ot", "crash"):
-        add(f"Task B: ScaleOT r above {'OT LayerDrop' if base == 'ot' else 'CRaSh sharing'} by more than the spread",
-            f"{fmt(b5)} vs {fmt(s.get(('analogy', f'{base}_a0.5', ft)))}", _beats(b5, s.get(("analogy", f"{base}_a0.5", ft))))
+        add(
+            f"Task B: ScaleOT r above {'OT LayerDrop' if base == 'ot' else 'CRaSh sharing'} by more than the spread",
+            f"{fmt(b5)} vs {fmt(s.get(('analogy', f'{base}_a0.5', ft)))}",
+            _beats(b5, s.get(("analogy", f"{base}_a0.5", ft))),
+        )
     a5 = s.get(("shakespeare", "scaleot_a0.5", ft))
     if a5:
-        add("Task A privacy gap (plug-in − emulator FT) ≥ 0.5 nats", f"{a5['privacy_gap']:.2f} nats",
-            a5["privacy_gap"] >= 0.5)
+        add(
+            "Task A privacy gap (plug-in − emulator FT) ≥ 0.5 nats",
+            f"{a5['privacy_gap']:.2f} nats",
+            a5["privacy_gap"] >= 0.5,
+        )
     if b5:
         add("Task B privacy gap ≥ 10 points", f"{b5['privacy_gap']:.1f} pts", b5["privacy_gap"] >= 10)
     for beta in ("0.5", "0.8"):
         x = s.get(("shakespeare", f"scaleot_a0.5_b{beta}", ft))
         if x and a5:
             move = x["plug_in"] / a5["plug_in"] - 1
-            add(f"SRC β = {beta}: privacy gap widens, plug-in moves < 1%",
+            add(
+                f"SRC β = {beta}: privacy gap widens, plug-in moves < 1%",
                 f"gap {a5['privacy_gap']:.2f} → {x['privacy_gap']:.2f} nats; plug-in {move:+.1%}",
-                x["privacy_gap"] > a5["privacy_gap"] and abs(move) < 0.01)
-    add("Stage-1 ranking stable across 2 seeds (Spearman ≥ 0.6)",
+                x["privacy_gap"] > a5["privacy_gap"] and abs(move) < 0.01,
+            )
+    add(
+        "Stage-1 ranking stable across 2 seeds (Spearman ≥ 0.6)",
         "–" if stage1_spearman is None else f"{stage1_spearman:.2f}",
-        None if stage1_spearman is None else stage1_spearman >= 0.6)
+        None if stage1_spearman is None else stage1_spearman >= 0.6,
+    )
     add("Stage 1 ≤ 15 min on this machine", f"{stage1_s / 60:.1f} min", stage1_s <= 900)
     return out
 
 
 def markdown(result: dict) -> str:
     meta, summary = result["meta"], result["summary"]
-    lines = [f"Profile `{meta['profile']}` on {meta['model']}, {meta['torch_threads']} threads; wall time "
-             f"{meta['seconds'] / 60:.1f} min (compute incl. cached parts {meta['compute_seconds'] / 60:.1f} min). "
-             f"Data-owner recipe: the client's defaults (AdamW lr 1e-4, cosine), {meta['budget']['ft_steps']} steps "
-             f"(long rows {meta['budget']['long_ft_steps']}), seeds {list(meta['budget']['seeds'])} for the main rows. "
-             f"r = (zero-shot − plug-in) / (zero-shot − the same layers tuned in M), in eval loss for Task A and "
-             f"accuracy for Task B; ± is half the range over seeds.", ""]
-    for task, title in (("shakespeare", "Task A: Shakespeare (perplexity; r on eval loss)"),
-                        ("analogy", "Task B: analogies (accuracy)")):
+    lines = [
+        f"Profile `{meta['profile']}` on {meta['model']}, {meta['torch_threads']} threads; wall time "
+        f"{meta['seconds'] / 60:.1f} min (compute incl. cached parts {meta['compute_seconds'] / 60:.1f} min). "
+        f"Data-owner recipe: the client's defaults (AdamW lr 1e-4, cosine), {meta['budget']['ft_steps']} steps "
+        f"(long rows {meta['budget']['long_ft_steps']}), seeds {list(meta['budget']['seeds'])} for the main rows. "
+        f"r = (zero-shot − plug-in) / (zero-shot − the same layers tuned in M), in eval loss for Task A and "
+        f"accuracy for Task B; ± is half the range over seeds.",
+        "",
+    ]
+    for task, title in (
+        ("shakespeare", "Task A: Shakespeare (perplexity; r on eval loss)"),
+        ("analogy", "Task B: analogies (accuracy)"),
+    ):
         rows = [x for x in summary if x["task"] == task]
         if not rows:
             continue
         acc = task == "analogy"
         f = (lambda v: f"{v:.1%}") if acc else (lambda v: f"{v:.2f}")
-        lines += [f"#### {title}", "",
-                  "| Emulator | Steps | Seeds | r | Plug-in | Same layers in M | Zero-shot M | Emulator ZS | Emulator FT | "
-                  "Privacy gap | Size / M | ppl ratio | grad cos | Plan |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"#### {title}",
+            "",
+            "| Emulator | Steps | Seeds | r | Plug-in | Same layers in M | Zero-shot M | Emulator ZS | Emulator FT | "
+            "Privacy gap | Size / M | ppl ratio | grad cos | Plan |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for x in rows:
             fid = x["fidelity"] or {}
-            r = "–" if x["r_mean"] is None else f"{x['r_mean']:.2f}" + (
-                f" ± {x['r_spread']:.2f}" if x["r_spread"] is not None else "")
+            r = (
+                "–"
+                if x["r_mean"] is None
+                else f"{x['r_mean']:.2f}" + (f" ± {x['r_spread']:.2f}" if x["r_spread"] is not None else "")
+            )
             gap = f"{x['privacy_gap']:.1f} pts" if acc else f"{x['privacy_gap']:.2f} nats"
-            ezs = f(x["emulator_zero_shot"]) if acc or x["emulator_zero_shot"] < 1e4 else f"{x['emulator_zero_shot']:.3g}"
-            lines.append(f"| {x['emulator']} | {x['steps']} | {len(x['seeds'])} | {r} | {f(x['plug_in'])} | "
-                         f"{f(x['reference'])} | {f(x['zero_shot'])} | {ezs} | {f(x['emulator_ft'])} | {gap} | "
-                         f"{x['size_ratio']:.0%} | {fid.get('ppl_ratio', '–')} | {fid.get('grad_cosine', '–')} | "
-                         f"`{x['plan']}` |")
+            ezs = (
+                f(x["emulator_zero_shot"]) if acc or x["emulator_zero_shot"] < 1e4 else f"{x['emulator_zero_shot']:.3g}"
+            )
+            lines.append(
+                f"| {x['emulator']} | {x['steps']} | {len(x['seeds'])} | {r} | {f(x['plug_in'])} | "
+                f"{f(x['reference'])} | {f(x['zero_shot'])} | {ezs} | {f(x['emulator_ft'])} | {gap} | "
+                f"{x['size_ratio']:.0%} | {fid.get('ppl_ratio', '–')} | {fid.get('grad_cosine', '–')} | "
+                f"`{x['plan']}` |"
+            )
         lines.append("")
     pred = result["fidelity_predicts_r"]
-    lines += [f"Which fidelity figure predicts r (Spearman across the Task A {meta['budget']['ft_steps']}-step rows): "
-              f"perplexity ratio {_n(pred.get('ppl_ratio'))} (a lower ratio should mean a higher r: negative is "
-              f"predictive), adapter-gradient cosine {_n(pred.get('grad_cosine'))} (positive is predictive).", "",
-              f"Stage 1: {result['stage1']['seconds'] / 60:.1f} min for seed 0 "
-              f"({result['stage1']['config']['warmup_steps']} warm-up + {result['stage1']['config']['steps']} DL steps, "
-              f"RL every {result['stage1']['config']['rl_interval']}); harmonizers "
-              f"{result['stage1']['harmonizer_fraction']:.2%} of M; ranking (seed 0) {result['stage1']['ranking']}; "
-              f"Spearman between seeds {_n(result['stage1'].get('spearman_between_seeds'))}; "
-              f"max |s_i + s_j| mirror check: min over pairs {result['stage1'].get('min_pair_sum')}.", "",
-              "#### Targets", "", "| Target | Measured | Status |", "|---|---|---|"]
+    lines += [
+        f"Which fidelity figure predicts r (Spearman across the Task A {meta['budget']['ft_steps']}-step rows): "
+        f"perplexity ratio {_n(pred.get('ppl_ratio'))} (a lower ratio should mean a higher r: negative is "
+        f"predictive), adapter-gradient cosine {_n(pred.get('grad_cosine'))} (positive is predictive).",
+        "",
+        f"Stage 1: {result['stage1']['seconds'] / 60:.1f} min for seed 0 "
+        f"({result['stage1']['config']['warmup_steps']} warm-up + {result['stage1']['config']['steps']} DL steps, "
+        f"RL every {result['stage1']['config']['rl_interval']}); harmonizers "
+        f"{result['stage1']['harmonizer_fraction']:.2%} of M; ranking (seed 0) {result['stage1']['ranking']}; "
+        f"Spearman between seeds {_n(result['stage1'].get('spearman_between_seeds'))}; "
+        f"max |s_i + s_j| mirror check: min over pairs {result['stage1'].get('min_pair_sum')}.",
+        "",
+        "#### Targets",
+        "",
+        "| Target | Measured | Status |",
+        "|---|---|---|",
+    ]
     lines += [f"| {t['target']} | {t['measured']} | {t['status'] or 'n/a'} |" for t in result["targets"]]
     return "\n".join(lines) + "\n"
 
@@ -345,8 +480,9 @@ def main(argv: list[str] | None = None) -> dict:
     json_path, md_path = results / f"{RESULT_NAME}{suffix}.json", results / f"{RESULT_NAME}{suffix}.md"
     choice = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tok, model_id = load_model(argparse.Namespace(model_dir=args.model_dir, work_dir=args.work_dir,
-                                                         device=args.device), budget)
+    model, tok, model_id = load_model(
+        argparse.Namespace(model_dir=args.model_dir, work_dir=args.work_dir, device=args.device), budget
+    )
     model.requires_grad_(False)
     files = prepare_data(work, budget)
     tasks = make_tasks(files, budget, [t.strip() for t in args.tasks.split(",") if t.strip()])
@@ -356,14 +492,34 @@ def main(argv: list[str] | None = None) -> dict:
     scores = [r[1]["scores"] for r in runs]
     s0 = torch.tensor(scores[0])
     pair = (s0[:, None] + s0[None, :]).abs() + torch.eye(len(s0)) * 1e9
-    stage1_rec = {**{k: info[k] for k in ("config", "scores", "ranking", "seconds", "harmonizer_fraction",
-                                          "n_harmonizer_params", "n_model_params")},
-                  "spearman_between_seeds": spearman(scores[0], scores[1]) if len(scores) > 1 else None,
-                  "scores_by_seed": scores, "min_pair_sum": round(float(pair.min()), 5)}
-    emulators = build_emulators(model, tok, importance, digest(info["scores"]), emulator_specs(budget), files,
-                                budget, work)
-    meta = {"profile": profile, "model": model_id, "budget": asdict(budget), "torch_threads": torch.get_num_threads(),
-            "device": str(choice.device), "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    stage1_rec = {
+        **{
+            k: info[k]
+            for k in (
+                "config",
+                "scores",
+                "ranking",
+                "seconds",
+                "harmonizer_fraction",
+                "n_harmonizer_params",
+                "n_model_params",
+            )
+        },
+        "spearman_between_seeds": spearman(scores[0], scores[1]) if len(scores) > 1 else None,
+        "scores_by_seed": scores,
+        "min_pair_sum": round(float(pair.min()), 5),
+    }
+    emulators = build_emulators(
+        model, tok, importance, digest(info["scores"]), emulator_specs(budget), files, budget, work
+    )
+    meta = {
+        "profile": profile,
+        "model": model_id,
+        "budget": asdict(budget),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(choice.device),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     result: dict[str, Any] = {"meta": meta, "stage1": stage1_rec, "emulators": emulators, "rows": [], "complete": False}
 
     def save(rows: list[dict]) -> None:
@@ -373,15 +529,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = run_all(model, tok, model_id, emulators, tasks, budget, choice, work, save)
     summary = summarise(rows, budget)
-    main_a = [x for x in summary if x["task"] == "shakespeare" and x["steps"] == budget.ft_steps
-              and x["r_mean"] is not None and x["fidelity"]]
+    main_a = [
+        x
+        for x in summary
+        if x["task"] == "shakespeare" and x["steps"] == budget.ft_steps and x["r_mean"] is not None and x["fidelity"]
+    ]
     result["summary"] = summary
     result["fidelity_predicts_r"] = {
-        k: spearman([x["fidelity"][k] for x in main_a], [x["r_mean"] for x in main_a]) for k in ("ppl_ratio", "grad_cosine")}
+        k: spearman([x["fidelity"][k] for x in main_a], [x["r_mean"] for x in main_a])
+        for k in ("ppl_ratio", "grad_cosine")
+    }
     result["targets"] = targets(summary, stage1_rec["spearman_between_seeds"], info["seconds"])
     meta["seconds"] = time.perf_counter() - t0
-    meta["compute_seconds"] = (sum(r[1]["seconds"] for r in runs) + sum(e.get("seconds", 0) for e in emulators.values())
-                               + sum(r["seconds"] for r in rows))
+    meta["compute_seconds"] = (
+        sum(r[1]["seconds"] for r in runs)
+        + sum(e.get("seconds", 0) for e in emulators.values())
+        + sum(r["seconds"] for r in rows)
+    )
     meta["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["complete"] = True
     write_json(json_path, result)

@@ -41,8 +41,10 @@ def parse_emulator_url(url: str) -> EmulatorRef:
     parts = urlsplit(url.strip())
     m = re.fullmatch(r"(?P<prefix>.*?)/v1/emulators/(?P<id>[A-Za-z0-9_.~-]+)/?", parts.path)
     if parts.scheme not in ("http", "https") or not parts.netloc or m is None:
-        raise BadInputError(f"--emulator-url {url!r} is not an emulator URL; expected "
-                            "http(s)://SERVER/v1/emulators/ID (copy it from the model owner)")
+        raise BadInputError(
+            f"--emulator-url {url!r} is not an emulator URL; expected "
+            "http(s)://SERVER/v1/emulators/ID (copy it from the model owner)"
+        )
     server = urlunsplit((parts.scheme, parts.netloc, m["prefix"], "", "")).rstrip("/")
     return EmulatorRef(server, m["id"])
 
@@ -70,23 +72,33 @@ def _error_message(response: httpx.Response) -> tuple[str | None, str]:
 
 def raise_for_status(response: httpx.Response) -> None:
     if 300 <= response.status_code < 400:  # not followed: the API key must go only to the server the user named
-        raise ServerError(f"server redirected {response.request.method} {response.request.url} to "
-                          f"{response.headers.get('location')!r}; redirects are not followed",
-                          status_code=response.status_code)
+        raise ServerError(
+            f"server redirected {response.request.method} {response.request.url} to "
+            f"{response.headers.get('location')!r}; redirects are not followed",
+            status_code=response.status_code,
+        )
     if response.status_code < 400:
         return
     code, message = _error_message(response)
     if response.status_code == 401 and not response.request.headers.get("authorization"):
         # The server's own hint names the model owner's admin command; the data owner needs a key from them.
-        raise ServerError(f"server answered 401 for {response.request.method} {response.request.url}: no API key "
-                          "was sent. Ask the model owner for an API key for your organization, then set "
-                          "SCALEOT_API_KEY (or pass --api-key)", status_code=401, code=code or "unauthorized")
-    hint = {401: " (the key in SCALEOT_API_KEY / --api-key was refused: ask the model owner for a valid one)",
-            403: " (check SCALEOT_API_KEY: your organization may lack access; ask the model owner)"}.get(
-        response.status_code, "")
-    raise ServerError(f"server answered {response.status_code} {code or response.reason_phrase} for "
-                      f"{response.request.method} {response.request.url}: {message}{hint}",
-                      status_code=response.status_code, code=code)
+        raise ServerError(
+            f"server answered 401 for {response.request.method} {response.request.url}: no API key "
+            "was sent. Ask the model owner for an API key for your organization, then set "
+            "SCALEOT_API_KEY (or pass --api-key)",
+            status_code=401,
+            code=code or "unauthorized",
+        )
+    hint = {
+        401: " (the key in SCALEOT_API_KEY / --api-key was refused: ask the model owner for a valid one)",
+        403: " (check SCALEOT_API_KEY: your organization may lack access; ask the model owner)",
+    }.get(response.status_code, "")
+    raise ServerError(
+        f"server answered {response.status_code} {code or response.reason_phrase} for "
+        f"{response.request.method} {response.request.url}: {message}{hint}",
+        status_code=response.status_code,
+        code=code,
+    )
 
 
 @contextmanager
@@ -102,20 +114,27 @@ def parse_as(model: type[M], data: Any, what: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ServerError(f"unexpected {what} from the server: {exc.error_count()} invalid field(s): "
-                          f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
+        raise ServerError(
+            f"unexpected {what} from the server: {exc.error_count()} invalid field(s): "
+            f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}"
+        ) from None
 
 
 class ServerClient:
     """Thin httpx wrapper: bearer auth, JSON errors -> ServerError, transport errors -> ServerError."""
 
-    def __init__(self, server: str, api_key: str | None, *, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self, server: str, api_key: str | None, *, timeout: float = 60.0, transport: httpx.BaseTransport | None = None
+    ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.server = server.rstrip("/")
         # Redirects are not followed: the API key must only go to the server the user named.
-        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                                 transport=transport, follow_redirects=False)
+        self.http = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+            follow_redirects=False,
+        )
 
     def close(self) -> None:
         self.http.close()

@@ -25,14 +25,22 @@ def _atomic_dir_replace(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    losses: list[float], fingerprint: dict[str, Any]) -> None:
+def save_checkpoint(
+    ckpt: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    losses: list[float],
+    fingerprint: dict[str, Any],
+) -> None:
     """Trainable weights + optimizer moments + RNG (safetensors) and step/losses/settings (JSON)."""
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-              tmp / "trainable.safetensors")
+    save_file(
+        {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+        tmp / "trainable.safetensors",
+    )
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -45,14 +53,24 @@ def save_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             else:
                 scalars[f"{idx}.{k}"] = v
     save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps(
-        {"step": step, "losses": losses, "fingerprint": fingerprint, "param_groups": sd["param_groups"],
-         "optimizer_scalars": scalars}, indent=2))
+    (tmp / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "step": step,
+                "losses": losses,
+                "fingerprint": fingerprint,
+                "param_groups": sd["param_groups"],
+                "optimizer_scalars": scalars,
+            },
+            indent=2,
+        )
+    )
     _atomic_dir_replace(tmp, ckpt)
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    fingerprint: dict[str, Any]) -> tuple[int, list[float]]:
+def load_checkpoint(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: dict[str, Any]
+) -> tuple[int, list[float]]:
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         weights = load_file(ckpt / "trainable.safetensors")
@@ -62,13 +80,16 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     differ = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
     if differ:
         changes = ", ".join(f"{k}: {a!r} now {b!r}" for k, (a, b) in differ.items())
-        raise BadInputError(f"{ckpt} was written by a different run ({changes}); rerun with the same settings, "
-                            "or without --resume (delete the checkpoint) to start over")
+        raise BadInputError(
+            f"{ckpt} was written by a different run ({changes}); rerun with the same settings, "
+            "or without --resume (delete the checkpoint) to start over"
+        )
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != trainable:
-        raise BadInputError(f"{ckpt}: checkpoint tensors do not match the trainable parameters; "
-                            "delete it to start over")
+        raise BadInputError(
+            f"{ckpt}: checkpoint tensors do not match the trainable parameters; delete it to start over"
+        )
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)

@@ -22,7 +22,7 @@ __all__ = ["app", "main"]
 app = typer.Typer(
     name="dataowner-client",
     help="ScaleOT data-owner client: download and verify a signed emulator, fine-tune its adapter layers "
-         "locally, upload only the adapter, and report the model owner's plug-in evaluation.",
+    "locally, upload only the adapter, and report the model owner's plug-in evaluation.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
@@ -33,8 +33,13 @@ app = typer.Typer(
     context_settings={"max_content_width": 120},
 )
 
-for _name, _command in (("tune", tune), ("download", download), ("verify", verify), ("upload", upload),
-                        ("status", status)):
+for _name, _command in (
+    ("tune", tune),
+    ("download", download),
+    ("verify", verify),
+    ("upload", upload),
+    ("status", status),
+):
     app.command(_name, epilog=EXIT_CODES_HELP)(_command)
 
 

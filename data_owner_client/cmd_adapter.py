@@ -18,8 +18,10 @@ from .transfer import EmulatorRef, ServerClient, parse_emulator_url, split_resou
 
 
 def upload_command(ref: EmulatorRef, adapter: Path) -> str:
-    return (f"dataowner-client upload --emulator-url {shlex.quote(ref.url)} "
-            f"--adapter {shlex.quote(str(adapter.resolve()))} --eval-data EVAL_FILE")
+    return (
+        f"dataowner-client upload --emulator-url {shlex.quote(ref.url)} "
+        f"--adapter {shlex.quote(str(adapter.resolve()))} --eval-data EVAL_FILE"
+    )
 
 
 def with_upload_hint(exc: ServerError, ref: EmulatorRef, adapter: Path) -> ServerError:
@@ -27,24 +29,41 @@ def with_upload_hint(exc: ServerError, ref: EmulatorRef, adapter: Path) -> Serve
     if exc.code != "no_eval_data":
         return exc
     command = upload_command(ref, adapter)
-    return ServerError(f"{exc}\nthe adapter is saved in {adapter}; upload it with your evaluation data "
-                       f"(EVAL_FILE: a .txt or .jsonl file):\n  {command}",
-                       status_code=exc.status_code, code=exc.code,
-                       details={"adapter_dir": str(adapter.resolve()), "upload_command": command})
+    return ServerError(
+        f"{exc}\nthe adapter is saved in {adapter}; upload it with your evaluation data "
+        f"(EVAL_FILE: a .txt or .jsonl file):\n  {command}",
+        status_code=exc.status_code,
+        code=exc.code,
+        details={"adapter_dir": str(adapter.resolve()), "upload_command": command},
+    )
 
 
 @connection_options("api_key", "cache_dir", "as_json", "progress")
 def upload(
     emulator_url: EmulatorUrlOpt,
-    adapter: Annotated[Path, typer.Option("--adapter", help="the folder `tune` wrote (PEFT LoRA or whole layers), "
-                                          "or its adapter_model.safetensors / adapter_layers.safetensors.")],
-    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Evaluation file the server scores the "
-                                                      "plug-in on.", show_default=False)] = None,
-    metrics: Annotated[Path | None, typer.Option(
-        "--metrics", help="JSON file of emulator-side metrics (default: the 'metrics' of scaleot_adapter.json).",
-        show_default=False)] = None,
+    adapter: Annotated[
+        Path,
+        typer.Option(
+            "--adapter",
+            help="the folder `tune` wrote (PEFT LoRA or whole layers), "
+            "or its adapter_model.safetensors / adapter_layers.safetensors.",
+        ),
+    ],
+    eval_data: Annotated[
+        Path | None,
+        typer.Option("--eval-data", help="Evaluation file the server scores the plug-in on.", show_default=False),
+    ] = None,
+    metrics: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics",
+            help="JSON file of emulator-side metrics (default: the 'metrics' of scaleot_adapter.json).",
+            show_default=False,
+        ),
+    ] = None,
     wait: WaitOpt = True,
-    *, conn: Connection,
+    *,
+    conn: Connection,
 ) -> None:
     """Validate an adapter against the emulator's adapter spec and upload only it; optionally wait for evaluation."""
     from shared.adapter import spec_from_json
@@ -66,8 +85,9 @@ def upload(
                 spec = spec_from_json({k: v.model_dump() for k, v in info.adapter_spec.items()})
                 validate_upload(adapter_file, spec, issued_lora(info.build_info), config, info.max_adapter_bytes)
             try:
-                created = upload_adapter(client, ref, adapter_file, eval_data=eval_data, metrics=client_metrics,
-                                         adapter_config=config)
+                created = upload_adapter(
+                    client, ref, adapter_file, eval_data=eval_data, metrics=client_metrics, adapter_config=config
+                )
             except ServerError as exc:
                 raise with_upload_hint(exc, ref, adapter) from None
             note(f"uploaded adapter {created.adapter.id}; evaluation job {created.job.id}")
@@ -75,9 +95,13 @@ def upload(
             if wait:
                 job, record = await_evaluation(client, created, settings, conn.show_progress)
         failure = evaluation_failure(job if wait else None, record if wait else None)
-        report(as_json=conn.as_json, doc={"adapter": record.model_dump(mode="json"), "job": job.model_dump(mode="json")},
-               columns=columns(client_metrics, record), header=f"adapter {record.id}: {record.status}",
-               failure=failure)
+        report(
+            as_json=conn.as_json,
+            doc={"adapter": record.model_dump(mode="json"), "job": job.model_dump(mode="json")},
+            columns=columns(client_metrics, record),
+            header=f"adapter {record.id}: {record.status}",
+            failure=failure,
+        )
         if failure:
             raise failure
 
@@ -85,10 +109,15 @@ def upload(
 @connection_options("api_key", "as_json", "progress")
 def status(
     target: Annotated[str, typer.Argument(help="An adapter id or URL (SERVER/v1/adapters/ID), or a job id or URL.")],
-    server: Annotated[str | None, typer.Option("--server", help="Server base URL when TARGET is a bare id "
-                                                  "(env SCALEOT_SERVER_URL).", show_default=False)] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server", help="Server base URL when TARGET is a bare id (env SCALEOT_SERVER_URL).", show_default=False
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the job / evaluation finishes.")] = False,
-    *, conn: Connection,
+    *,
+    conn: Connection,
 ) -> None:
     """Show an adapter's evaluation (zero-shot / emulator / plug-in side by side) or a job's state."""
     with handled(conn.as_json):
@@ -98,8 +127,9 @@ def status(
             if (found := split_resource_url(target, collection)) is not None:
                 kind, (base, ident) = collection, found
         if not base:
-            raise BadInputError("TARGET is a bare id: pass --server URL (or set SCALEOT_SERVER_URL), "
-                                "or give the full URL")
+            raise BadInputError(
+                "TARGET is a bare id: pass --server URL (or set SCALEOT_SERVER_URL), or give the full URL"
+            )
         if kind is None:  # the server's ids say what they are: adp_... adapters, job_... jobs
             kind = "adapters" if ident.startswith("adp_") else "jobs" if ident.startswith("job_") else None
         with server_client(base, settings) as client:
@@ -124,21 +154,41 @@ def _find_adapter(client: ServerClient, ident: str, base: str, *, sure: bool) ->
         return None
 
 
-def _adapter_status(client: ServerClient, settings: ClientSettings, conn: Connection, record: schemas.Adapter,
-                    wait: bool) -> ClientError | None:
+def _adapter_status(
+    client: ServerClient, settings: ClientSettings, conn: Connection, record: schemas.Adapter, wait: bool
+) -> ClientError | None:
     job = None
     if wait and record.status == "evaluating" and record.job_id:
-        job = wait_for_job(client, record.job_id, poll_s=settings.poll_interval_s,
-                           timeout_s=settings.wait_timeout_s, progress=conn.show_progress, desc="plug-in evaluation")
+        job = wait_for_job(
+            client,
+            record.job_id,
+            poll_s=settings.poll_interval_s,
+            timeout_s=settings.wait_timeout_s,
+            progress=conn.show_progress,
+            desc="plug-in evaluation",
+        )
         record = client.adapter(record.id)
     failure = evaluation_failure(job, record)
-    report(as_json=conn.as_json, doc={"adapter": record.model_dump(mode="json")},
-           columns=columns(None, record), header=f"adapter {record.id}: {record.status}", failure=failure)
+    report(
+        as_json=conn.as_json,
+        doc={"adapter": record.model_dump(mode="json")},
+        columns=columns(None, record),
+        header=f"adapter {record.id}: {record.status}",
+        failure=failure,
+    )
     return failure
 
 
-def _job_status(client: ServerClient, settings: ClientSettings, conn: Connection, ident: str, base: str,
-                wait: bool, *, guessed: bool) -> ClientError | None:
+def _job_status(
+    client: ServerClient,
+    settings: ClientSettings,
+    conn: Connection,
+    ident: str,
+    base: str,
+    wait: bool,
+    *,
+    guessed: bool,
+) -> ClientError | None:
     try:
         job = client.job(ident)
     except ServerError as exc:
@@ -146,12 +196,20 @@ def _job_status(client: ServerClient, settings: ClientSettings, conn: Connection
             raise
         raise _not_found(exc, f"adapter or job {ident}" if guessed else f"job {ident}", base) from None
     if wait and not job.finished:
-        job = wait_for_job(client, ident, poll_s=settings.poll_interval_s,
-                           timeout_s=settings.wait_timeout_s, progress=conn.show_progress)
+        job = wait_for_job(
+            client,
+            ident,
+            poll_s=settings.poll_interval_s,
+            timeout_s=settings.wait_timeout_s,
+            progress=conn.show_progress,
+        )
     failure: ClientError | None = None
     if job.status == "failed":
-        failure = evaluation_failure(job, None) if job.kind == "evaluation" else \
-            ServerError(f"job {job.id} ({job.kind}) failed: {job.error or 'no reason given'}")
+        failure = (
+            evaluation_failure(job, None)
+            if job.kind == "evaluation"
+            else ServerError(f"job {job.id} ({job.kind}) failed: {job.error or 'no reason given'}")
+        )
     if conn.as_json:
         doc: dict[str, Any] = {"job": job.model_dump(mode="json")}
         if failure is not None:
@@ -165,6 +223,9 @@ def _job_status(client: ServerClient, settings: ClientSettings, conn: Connection
 
 
 def _not_found(exc: ServerError, what: str, server: str) -> ServerError:
-    return ServerError(f"{what} not found on {server} (or not visible to your organization: adapters and jobs "
-                       "are visible only with the API key of the organization that created them)",
-                       status_code=exc.status_code, code=exc.code or "not_found")
+    return ServerError(
+        f"{what} not found on {server} (or not visible to your organization: adapters and jobs "
+        "are visible only with the API key of the organization that created them)",
+        status_code=exc.status_code,
+        code=exc.code or "not_found",
+    )

@@ -20,42 +20,75 @@ from .transfer import EmulatorRef, ServerClient, check_plan_matches, parse_emula
 @connection_options("api_key", "server_pubkey", "trust_on_first_use", "cache_dir", "as_json", "progress")
 def tune(
     emulator_url: EmulatorUrlOpt,
-    data: Annotated[Path, typer.Option("--data", help="Training data: .txt, or .jsonl with {text} / "
-                                       "{prompt, completion} / {question, choices, answer}.")],
-    eval_data: Annotated[Path | None, typer.Option(
-        "--eval-data", help="Evaluation data (same formats); scored locally on the emulator and uploaded so the "
-                            "server scores the plug-in on the same data.", show_default=False)] = None,
-    method: Annotated[Method, typer.Option("--method", help="full: train the adapter layers' weights; lora: LoRA on "
-                                           "their linear modules, merged before export.")] = Method.full,
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="Training data: .txt, or .jsonl with {text} / {prompt, completion} / {question, choices, answer}.",
+        ),
+    ],
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval-data",
+            help="Evaluation data (same formats); scored locally on the emulator and uploaded so the "
+            "server scores the plug-in on the same data.",
+            show_default=False,
+        ),
+    ] = None,
+    method: Annotated[
+        Method,
+        typer.Option(
+            "--method",
+            help="full: train the adapter layers' weights; lora: LoRA on their linear modules, merged before export.",
+        ),
+    ] = Method.full,
     epochs: Annotated[float, typer.Option(help="Passes over the training data (ignored with --max-steps).")] = 1.0,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).",
-                                                  show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-4 full, 1e-3 lora).",
-                                             show_default=False)] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps (overrides --epochs).", show_default=False)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (default 1e-4 full, 1e-3 lora).", show_default=False)
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 4,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order (runs are reproducible).")] = 0,
-    device: Annotated[str, typer.Option(
-        help="auto (CUDA with bf16 autocast when present, else CPU), cpu, cuda[:N].")] = "auto",
-    out: Annotated[Path | None, typer.Option("--out", help="Adapter output folder (default ./adapter-EMULATOR_ID).",
-                                                show_default=False)] = None,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA with bf16 autocast when present, else CPU), cpu, cuda[:N].")
+    ] = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Adapter output folder (default ./adapter-EMULATOR_ID).", show_default=False),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
-    scheduler: Annotated[str, typer.Option(
-        help="LR schedule (transformers get_scheduler name): cosine, linear, ...")] = "cosine",
+    scheduler: Annotated[
+        str, typer.Option(help="LR schedule (transformers get_scheduler name): cosine, linear, ...")
+    ] = "cosine",
     warmup_ratio: Annotated[float, typer.Option(help="Fraction of steps spent warming up the LR.")] = 0.05,
-    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (--method lora; default: the emulator's issued "
-                                                  "rank, else 8).", show_default=False)] = None,
-    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (--method lora; default: the emulator's "
-                                                      "issued alpha, else 16).", show_default=False)] = None,
+    lora_r: Annotated[
+        int | None,
+        typer.Option(
+            help="LoRA rank (--method lora; default: the emulator's issued rank, else 8).", show_default=False
+        ),
+    ] = None,
+    lora_alpha: Annotated[
+        int | None,
+        typer.Option(
+            help="LoRA alpha (--method lora; default: the emulator's issued alpha, else 16).", show_default=False
+        ),
+    ] = None,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (--method lora).")] = 0.0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (also on Ctrl-C).")] = 50,
-    eval_max_examples: Annotated[int | None, typer.Option(help="Cap local evaluation examples.",
-                                                          show_default=False)] = None,
-    upload: Annotated[bool, typer.Option("--upload/--no-upload",
-                                         help="Upload the adapter when training is done.")] = True,
+    eval_max_examples: Annotated[
+        int | None, typer.Option(help="Cap local evaluation examples.", show_default=False)
+    ] = None,
+    upload: Annotated[
+        bool, typer.Option("--upload/--no-upload", help="Upload the adapter when training is done.")
+    ] = True,
     wait: WaitOpt = True,
-    *, conn: Connection,
+    *,
+    conn: Connection,
 ) -> None:
     """Download + verify the emulator, fine-tune its adapter layers locally, upload only the adapter,
     wait for the server's plug-in evaluation, and print zero-shot / emulator fine-tuned / plug-in side by side."""
@@ -73,9 +106,21 @@ def tune(
         show = conn.show_progress
         ref = parse_emulator_url(emulator_url)
         lora_opts = {k: v for k, v in (("lora_r", lora_r), ("lora_alpha", lora_alpha)) if v is not None}
-        cfg = TrainConfig(method=method.value, epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size,
-                          grad_accum=grad_accum, seq_len=seq_len, seed=seed, scheduler=scheduler,
-                          warmup_ratio=warmup_ratio, lora_dropout=lora_dropout, save_every=save_every, **lora_opts)
+        cfg = TrainConfig(
+            method=method.value,
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            seq_len=seq_len,
+            seed=seed,
+            scheduler=scheduler,
+            warmup_ratio=warmup_ratio,
+            lora_dropout=lora_dropout,
+            save_every=save_every,
+            **lora_opts,
+        )
         choice = resolve_device(device)
         # Read the data first: a broken file should fail in a second, not after a long download.
         train_ds = load_dataset(data)
@@ -90,35 +135,77 @@ def tune(
             except Exception as exc:  # verified bytes the shared loader cannot read: the server's problem
                 raise ServerError(f"the verified emulator file could not be loaded: {exc}") from exc
             check_plan_matches(ver.manifest, emu.plan.to_dict())
-            expected = spec_from_json({k: v.model_dump() for k, v in ver.info.adapter_spec.items()}) \
-                if ver.info.adapter_spec else None
+            expected = (
+                spec_from_json({k: v.model_dump() for k, v in ver.info.adapter_spec.items()})
+                if ver.info.adapter_spec
+                else None
+            )
             lora = LoraSpec.from_json(ver.manifest["lora"]) if ver.manifest.get("lora") else None  # signed
             if lora is not None and cfg.method == "lora":  # train the issued LoRA unless told otherwise
-                cfg = dataclasses.replace(cfg, lora_r=lora_r if lora_r is not None else lora.r,
-                                          lora_alpha=lora_alpha if lora_alpha is not None else lora.alpha)
-            note(f"layer plan {emu.plan.summary()} (A = adapter layers {emu.plan.adapter_layers}); "
-                  f"training on {choice.device}"
-                  + (f" with {choice.autocast_dtype} autocast" if choice.autocast_dtype else ""))
-            identity = {"emulator_id": ref.emulator_id, "model_id": ver.manifest["model_id"],
-                        "emulator_sha256": ver.manifest["sha256"], "server": ref.server}
-            result = tune_emulator(emu.model, emu.tokenizer, emu.plan, train_ds, cfg, choice, out_dir,
-                                   eval_data=eval_ds, eval_max_examples=eval_max_examples, resume=resume,
-                                   identity=identity, expected_spec=expected, lora=lora, progress=show, log=note)
-            note(f"adapter written to {result.adapter_file} ({result.n_adapter_params} parameters, "
-                  f"{result.adapter_file.stat().st_size} bytes)")
+                cfg = dataclasses.replace(
+                    cfg,
+                    lora_r=lora_r if lora_r is not None else lora.r,
+                    lora_alpha=lora_alpha if lora_alpha is not None else lora.alpha,
+                )
+            note(
+                f"layer plan {emu.plan.summary()} (A = adapter layers {emu.plan.adapter_layers}); "
+                f"training on {choice.device}"
+                + (f" with {choice.autocast_dtype} autocast" if choice.autocast_dtype else "")
+            )
+            identity = {
+                "emulator_id": ref.emulator_id,
+                "model_id": ver.manifest["model_id"],
+                "emulator_sha256": ver.manifest["sha256"],
+                "server": ref.server,
+            }
+            result = tune_emulator(
+                emu.model,
+                emu.tokenizer,
+                emu.plan,
+                train_ds,
+                cfg,
+                choice,
+                out_dir,
+                eval_data=eval_ds,
+                eval_max_examples=eval_max_examples,
+                resume=resume,
+                identity=identity,
+                expected_spec=expected,
+                lora=lora,
+                progress=show,
+                log=note,
+            )
+            note(
+                f"adapter written to {result.adapter_file} ({result.n_adapter_params} parameters, "
+                f"{result.adapter_file.stat().st_size} bytes)"
+            )
             doc: dict[str, Any] = {
-                "emulator": {"id": ref.emulator_id, "model_id": ver.manifest["model_id"],
-                             "sha256": ver.manifest["sha256"], "path": str(ver.path), "reused": ver.reused},
-                "adapter_dir": str(result.out_dir), "adapter_file": str(result.adapter_file),
-                "training": result.adapter_config["training"], "metrics": dict(result.metrics),
-                "adapter": None, "job": None,
+                "emulator": {
+                    "id": ref.emulator_id,
+                    "model_id": ver.manifest["model_id"],
+                    "sha256": ver.manifest["sha256"],
+                    "path": str(ver.path),
+                    "reused": ver.reused,
+                },
+                "adapter_dir": str(result.out_dir),
+                "adapter_file": str(result.adapter_file),
+                "training": result.adapter_config["training"],
+                "metrics": dict(result.metrics),
+                "adapter": None,
+                "job": None,
             }
             job = adapter = None
             if upload:
                 try:
                     adapter_file, upload_config = read_adapter(result.adapter_file)  # as `upload` would send it
-                    created = upload_adapter(client, ref, adapter_file, eval_data=eval_data,
-                                             metrics=result.metrics or None, adapter_config=upload_config)
+                    created = upload_adapter(
+                        client,
+                        ref,
+                        adapter_file,
+                        eval_data=eval_data,
+                        metrics=result.metrics or None,
+                        adapter_config=upload_config,
+                    )
                 except ServerError as exc:
                     raise with_upload_hint(exc, ref, result.out_dir) from None
                 (out_dir / "upload.json").write_text(created.model_dump_json(indent=2) + "\n")
@@ -130,9 +217,14 @@ def tune(
                     doc["adapter"], doc["job"] = adapter.model_dump(mode="json"), job.model_dump(mode="json")
                     doc["metrics"].update(zero_shot=adapter.evaluation.zero_shot, plug_in=adapter.evaluation.plug_in)
         failure = evaluation_failure(job, adapter)
-        report(as_json=conn.as_json, doc=doc, columns=columns(result.metrics, adapter),
-                header=f"adapter {doc['adapter']['id'] if doc['adapter'] else '(not uploaded)'}: "
-                       f"{adapter.status if adapter else 'evaluation not awaited'}", failure=failure)
+        report(
+            as_json=conn.as_json,
+            doc=doc,
+            columns=columns(result.metrics, adapter),
+            header=f"adapter {doc['adapter']['id'] if doc['adapter'] else '(not uploaded)'}: "
+            f"{adapter.status if adapter else 'evaluation not awaited'}",
+            failure=failure,
+        )
         if failure:
             raise failure
 
@@ -144,7 +236,9 @@ def _check_eval_data_not_required(client: ServerClient, ref: EmulatorRef) -> Non
     if info is not None and info.get("eval_data_required") is True:
         kinds = [str(k) for k in info.get("eval_data_suffixes") or []] or [".txt", ".jsonl"]
         suffixes = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
-        raise BadInputError("this server has no default evaluation file, so it would refuse the adapter after "
-                            f"training (422 no_eval_data): pass --eval-data FILE ({suffixes}: the data the server "
-                            "scores the plug-in on), or --no-upload to train only",
-                            details={"eval_data_required": True})
+        raise BadInputError(
+            "this server has no default evaluation file, so it would refuse the adapter after "
+            f"training (422 no_eval_data): pass --eval-data FILE ({suffixes}: the data the server "
+            "scores the plug-in on), or --no-upload to train only",
+            details={"eval_data_required": True},
+        )

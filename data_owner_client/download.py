@@ -26,8 +26,9 @@ def _etag_sha(response: httpx.Response) -> str | None:
     return etag.removeprefix("W/").strip().strip('"').lower()
 
 
-def download_emulator(client: ServerClient, ref: EmulatorRef, manifest: dict[str, Any], cache_dir: Path,
-                      *, progress: bool = True) -> tuple[Path, bool]:
+def download_emulator(
+    client: ServerClient, ref: EmulatorRef, manifest: dict[str, Any], cache_dir: Path, *, progress: bool = True
+) -> tuple[Path, bool]:
     """Stream the emulator into the sha256-keyed cache, resuming a `.part` file; verify; return (path, reused).
 
     An interrupted download keeps its `.part` file and the next call asks for `Range: bytes=N-`.
@@ -59,21 +60,26 @@ def download_emulator(client: ServerClient, ref: EmulatorRef, manifest: dict[str
     return final, False
 
 
-def _fetch_into(client: ServerClient, ref: EmulatorRef, part: Path, offset: int, sha: str, size: int,
-                progress: bool) -> None:
+def _fetch_into(
+    client: ServerClient, ref: EmulatorRef, part: Path, offset: int, sha: str, size: int, progress: bool
+) -> None:
     url = client.url(f"/v1/emulators/{ref.emulator_id}/file")
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     written = offset
     with network_errors(f"download of {url} failed"), client.http.stream("GET", url, headers=headers) as r:
         if r.status_code == 416 and offset:  # our .part is not a prefix the server can continue
             part.unlink()
-            raise ServerError(f"server refused to resume at byte {offset}; the partial file was removed, "
-                              "run the command again to download from the start")
+            raise ServerError(
+                f"server refused to resume at byte {offset}; the partial file was removed, "
+                "run the command again to download from the start"
+            )
         raise_for_status(r)
         served = _etag_sha(r)
         if served is not None and served != sha:
-            raise TrustError(f"the server is serving a file with ETag {served}, but the signed manifest "
-                             f"says sha256 {sha}; refusing it")
+            raise TrustError(
+                f"the server is serving a file with ETag {served}, but the signed manifest "
+                f"says sha256 {sha}; refusing it"
+            )
         if r.status_code == 206:
             rng = r.headers.get("content-range", "")
             if not rng.startswith(f"bytes {offset}-"):
@@ -81,8 +87,16 @@ def _fetch_into(client: ServerClient, ref: EmulatorRef, part: Path, offset: int,
             mode = "ab"
         else:  # 200: the server ignored the Range header; start over
             mode, written = "wb", 0
-        bar = tqdm(total=size, initial=written, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc="emulator", disable=not progress, leave=False)
+        bar = tqdm(
+            total=size,
+            initial=written,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="emulator",
+            disable=not progress,
+            leave=False,
+        )
         try:
             with open(part, mode) as f:
                 try:
@@ -94,8 +108,10 @@ def _fetch_into(client: ServerClient, ref: EmulatorRef, part: Path, offset: int,
                         bar.update(len(chunk))
                 except httpx.TransportError as exc:
                     f.flush()
-                    raise ServerError(f"download interrupted at {written} of {size} bytes "
-                                      f"({type(exc).__name__}); run the command again to resume") from exc
+                    raise ServerError(
+                        f"download interrupted at {written} of {size} bytes "
+                        f"({type(exc).__name__}); run the command again to resume"
+                    ) from exc
         finally:
             bar.close()
     if written != size:

@@ -50,8 +50,9 @@ class TrustError(ClientError):
 class ServerError(ClientError):
     exit_code = ExitCode.SERVER
 
-    def __init__(self, message: str, status_code: int | None = None, code: str | None = None,
-                 details: dict | None = None):
+    def __init__(
+        self, message: str, status_code: int | None = None, code: str | None = None, details: dict | None = None
+    ):
         super().__init__(message, details=details)
         self.status_code = status_code
         self.code = code
@@ -62,8 +63,12 @@ class EvaluationFailedError(ClientError):
 
 
 # The `code` of the `--json` error object when the server gave none.
-ERROR_CODES = {ExitCode.BAD_INPUT: "bad_input", ExitCode.VERIFICATION: "verification_failed",
-               ExitCode.SERVER: "server_error", ExitCode.EVALUATION_FAILED: "evaluation_failed"}
+ERROR_CODES = {
+    ExitCode.BAD_INPUT: "bad_input",
+    ExitCode.VERIFICATION: "verification_failed",
+    ExitCode.SERVER: "server_error",
+    ExitCode.EVALUATION_FAILED: "evaluation_failed",
+}
 
 
 def error_object(exc: BaseException, code: ExitCode) -> dict:

@@ -30,20 +30,40 @@ class Method(StrEnum):
 
 
 EmulatorUrlOpt = Annotated[str, typer.Option("--emulator-url", help="The emulator resource: SERVER/v1/emulators/ID.")]
-ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key (prefer env SCALEOT_API_KEY).",
-                                                  show_default=False)]
-PubkeyOpt = Annotated[str | None, typer.Option(
-    "--server-pubkey", help="Pinned server signing key: base64 Ed25519 public key or its 16-hex key id "
-                            "(env SCALEOT_SERVER_PUBKEY).", show_default=False)]
-TofuOpt = Annotated[bool, typer.Option(
-    "--trust-on-first-use", help="No pinned key: trust and record the key the server presents now (loud warning).")]
-CacheOpt = Annotated[Path | None, typer.Option(
-    "--cache-dir", help="Download cache and trust records (env SCALEOT_CLIENT_CACHE, default ~/.cache/scaleot).",
-    show_default=False)]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option("--api-key", help="API key (prefer env SCALEOT_API_KEY).", show_default=False)
+]
+PubkeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server-pubkey",
+        help="Pinned server signing key: base64 Ed25519 public key or its 16-hex key id (env SCALEOT_SERVER_PUBKEY).",
+        show_default=False,
+    ),
+]
+TofuOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-on-first-use", help="No pinned key: trust and record the key the server presents now (loud warning)."
+    ),
+]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Download cache and trust records (env SCALEOT_CLIENT_CACHE, default ~/.cache/scaleot).",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts).")]
-ProgressOpt = Annotated[bool | None, typer.Option(
-    "--progress/--no-progress", help="Progress bars on stderr (default: when stderr is a terminal).",
-    show_default=False)]
+ProgressOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="Progress bars on stderr (default: when stderr is a terminal).",
+        show_default=False,
+    ),
+]
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the server's plug-in evaluation.")]
 
 # name -> (annotation, default), in the order `--help` lists them
@@ -71,8 +91,9 @@ class Connection:
     def settings(self, **overrides: Any) -> ClientSettings:
         """Flags over `SCALEOT_*` environment variables over defaults."""
         try:
-            return ClientSettings().with_overrides(api_key=self.api_key, server_pubkey=self.server_pubkey,
-                                                   client_cache=self.cache_dir, **overrides)
+            return ClientSettings().with_overrides(
+                api_key=self.api_key, server_pubkey=self.server_pubkey, client_cache=self.cache_dir, **overrides
+            )
         except ValidationError as exc:
             raise BadInputError(f"invalid SCALEOT_* environment setting: {exc}") from None
 
@@ -95,8 +116,10 @@ def connection_options(*names: str) -> Callable[[Callable[..., None]], Callable[
 
     def decorate(command: Callable[..., None]) -> Callable[..., None]:
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "conn"]
-        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=_SHARED[n][0],
-                                    default=_SHARED[n][1]) for n in ordered]
+        shared = [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=_SHARED[n][0], default=_SHARED[n][1])
+            for n in ordered
+        ]
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> None:

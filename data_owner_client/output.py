@@ -85,32 +85,51 @@ def comparison_table(columns: dict[str, dict[str, Any] | None]) -> str:
 def columns(client_metrics: dict[str, Any] | None, adapter: schemas.Adapter | None) -> dict[str, dict | None]:
     cm = client_metrics or (adapter.client_metrics if adapter else None) or {}
     ev = adapter.evaluation if adapter else None
-    return {"emulator zero-shot": cm.get("emulator_zero_shot"), "emulator fine-tuned": cm.get("emulator_fine_tuned"),
-            "full zero-shot": ev.zero_shot if ev else None, "plug-in": ev.plug_in if ev else None}
+    return {
+        "emulator zero-shot": cm.get("emulator_zero_shot"),
+        "emulator fine-tuned": cm.get("emulator_fine_tuned"),
+        "full zero-shot": ev.zero_shot if ev else None,
+        "plug-in": ev.plug_in if ev else None,
+    }
 
 
 # ---------------------------------------------------------------- the server's evaluation
 
 
-def await_evaluation(client: ServerClient, created: schemas.AdapterCreated, settings: ClientSettings,
-                     progress: bool) -> tuple[schemas.Job, schemas.Adapter]:
-    job = wait_for_job(client, created.job.id, poll_s=settings.poll_interval_s, timeout_s=settings.wait_timeout_s,
-                       progress=progress, desc="plug-in evaluation")
+def await_evaluation(
+    client: ServerClient, created: schemas.AdapterCreated, settings: ClientSettings, progress: bool
+) -> tuple[schemas.Job, schemas.Adapter]:
+    job = wait_for_job(
+        client,
+        created.job.id,
+        poll_s=settings.poll_interval_s,
+        timeout_s=settings.wait_timeout_s,
+        progress=progress,
+        desc="plug-in evaluation",
+    )
     return job, client.adapter(created.adapter.id)
 
 
 def evaluation_failure(job: schemas.Job | None, adapter: schemas.Adapter | None) -> EvaluationFailedError | None:
     if job is not None and job.status == "failed":
-        return EvaluationFailedError(f"the server's evaluation job {job.id} failed: "
-                                     f"{job.error or job.message or 'no reason given'}")
+        return EvaluationFailedError(
+            f"the server's evaluation job {job.id} failed: {job.error or job.message or 'no reason given'}"
+        )
     if adapter is not None and adapter.status == "failed":
-        return EvaluationFailedError(f"the server's evaluation of adapter {adapter.id} failed: "
-                                     f"{adapter.error or 'no reason given'}")
+        return EvaluationFailedError(
+            f"the server's evaluation of adapter {adapter.id} failed: {adapter.error or 'no reason given'}"
+        )
     return None
 
 
-def report(*, as_json: bool, doc: dict[str, Any], columns: dict[str, dict | None], header: str,
-           failure: ClientError | None = None) -> None:
+def report(
+    *,
+    as_json: bool,
+    doc: dict[str, Any],
+    columns: dict[str, dict | None],
+    header: str,
+    failure: ClientError | None = None,
+) -> None:
     """The command's result: its JSON document (carrying `failure`, if any), or a header and the metrics table."""
     if as_json:
         if failure is not None:

@@ -53,8 +53,9 @@ CHECKPOINT_DIR = "checkpoint"
 # ---------------------------------------------------------------- device
 
 
-def resolve_device(requested: str = "auto", *, cuda_available: bool | None = None,
-                   bf16_supported: bool | None = None) -> DeviceChoice:
+def resolve_device(
+    requested: str = "auto", *, cuda_available: bool | None = None, bf16_supported: bool | None = None
+) -> DeviceChoice:
     """shared.device.resolve_device, with a bad --device reported as bad input (exit code 2)."""
     try:
         return _resolve_device(requested, cuda_available=cuda_available, bf16_supported=bf16_supported)
@@ -85,14 +86,18 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every N optimizer steps (and on Ctrl-C)
 
     def __post_init__(self) -> None:
-        checks = [(self.method in ("full", "lora"), f"--method must be full or lora, not {self.method!r}"),
-                  (self.batch_size >= 1, "--batch-size must be >= 1"),
-                  (self.grad_accum >= 1, "--grad-accum must be >= 1"),
-                  (self.seq_len >= 2, "--seq-len must be >= 2"), (self.epochs > 0, "--epochs must be > 0"),
-                  (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
-                  (self.lr is None or self.lr > 0, "--lr must be > 0"),
-                  (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-                  (self.lora_r >= 1, "--lora-r must be >= 1"), (self.save_every >= 1, "--save-every must be >= 1")]
+        checks = [
+            (self.method in ("full", "lora"), f"--method must be full or lora, not {self.method!r}"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.grad_accum >= 1, "--grad-accum must be >= 1"),
+            (self.seq_len >= 2, "--seq-len must be >= 2"),
+            (self.epochs > 0, "--epochs must be > 0"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
+            (self.lr is None or self.lr > 0, "--lr must be > 0"),
+            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+            (self.lora_r >= 1, "--lora-r must be >= 1"),
+            (self.save_every >= 1, "--save-every must be >= 1"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise BadInputError(message)
@@ -141,8 +146,14 @@ def add_lora(model: nn.Module, layers: list[int], cfg: TrainConfig) -> nn.Module
 
     targets = lora_targets(model, layers)
     conv1d = any(m.conv1d for m in linear_modules(model, layers).values())
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=targets, fan_in_fan_out=conv1d)  # Conv1D stores weights transposed
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        target_modules=targets,
+        fan_in_fan_out=conv1d,
+    )  # Conv1D stores weights transposed
     model.requires_grad_(False)
     return get_peft_model(model, lora)  # only lora_A / lora_B train
 
@@ -155,8 +166,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- batches
 
 
-def _batches(examples: list[Example], cfg: TrainConfig, pad_id: int, start_micro: int
-             ) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(
+    examples: list[Example], cfg: TrainConfig, pad_id: int, start_micro: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches, reshuffled per epoch from (seed, epoch) so any position can be resumed."""
     n = len(examples)
     per_epoch = math.ceil(n / cfg.batch_size)
@@ -164,7 +176,7 @@ def _batches(examples: list[Example], cfg: TrainConfig, pad_id: int, start_micro
     while True:
         epoch, pos = divmod(micro, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
+        idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size].tolist()
         yield collate([examples[i] for i in idx], pad_id)
         micro += 1
 
@@ -197,9 +209,19 @@ class TrainResult:
 StepCallback = Callable[[int, float], None]
 
 
-def train(model: nn.Module, examples: list[Example], cfg: TrainConfig, choice: DeviceChoice, *, pad_id: int,
-          checkpoint_dir: Path | None = None, resume: bool = False, fingerprint: dict[str, Any] | None = None,
-          progress: bool = True, on_step: StepCallback | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    examples: list[Example],
+    cfg: TrainConfig,
+    choice: DeviceChoice,
+    *,
+    pad_id: int,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    fingerprint: dict[str, Any] | None = None,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
     """Train the parameters that require grad (prepared by the caller); checkpoint; resume.
 
     Ctrl-C (KeyboardInterrupt) saves a checkpoint at the last finished step before re-raising.
@@ -211,8 +233,9 @@ def train(model: nn.Module, examples: list[Example], cfg: TrainConfig, choice: D
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     n_steps = total_steps(len(examples), cfg)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * n_steps),
-                              num_training_steps=n_steps)
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * n_steps), num_training_steps=n_steps
+    )
     step, losses = 0, []
     if resume and checkpoint_dir is not None and (checkpoint_dir / "trainer_state.json").exists():
         step, losses = load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
@@ -261,8 +284,9 @@ def train(model: nn.Module, examples: list[Example], cfg: TrainConfig, choice: D
     return TrainResult(step, losses, time.perf_counter() - t0, resumed_from)
 
 
-def train_layers_in_model(model: nn.Module, layers: list[int], examples: list[Example], cfg: TrainConfig,
-                          choice: DeviceChoice, *, pad_id: int) -> tuple[nn.Module, TrainResult]:
+def train_layers_in_model(
+    model: nn.Module, layers: list[int], examples: list[Example], cfg: TrainConfig, choice: DeviceChoice, *, pad_id: int
+) -> tuple[nn.Module, TrainResult]:
     """The same recipe on `layers` of a copy of a full model (M untouched): the reference an emulator's plug-in
     is measured against (the transfer ratio), used by the benchmarks, the demo and the utility test."""
     tuned = copy.deepcopy(model)
@@ -288,8 +312,16 @@ class TuneResult:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
-def _eval(model: nn.Module, tokenizer: Any, dataset: Dataset, cfg: TrainConfig, choice: DeviceChoice,
-          max_examples: int | None, progress: bool, desc: str) -> dict[str, float]:
+def _eval(
+    model: nn.Module,
+    tokenizer: Any,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    choice: DeviceChoice,
+    max_examples: int | None,
+    progress: bool,
+    desc: str,
+) -> dict[str, float]:
     bar = tqdm(desc=desc, disable=not progress, leave=False)
 
     def tick(done: int, total: int) -> None:
@@ -299,14 +331,23 @@ def _eval(model: nn.Module, tokenizer: Any, dataset: Dataset, cfg: TrainConfig, 
 
     try:
         with choice.autocast():
-            return evaluate(model, tokenizer, dataset, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                            device=choice.device, max_examples=max_examples, progress=tick)
+            return evaluate(
+                model,
+                tokenizer,
+                dataset,
+                seq_len=cfg.seq_len,
+                batch_size=cfg.batch_size,
+                device=choice.device,
+                max_examples=max_examples,
+                progress=tick,
+            )
     finally:
         bar.close()
 
 
-def _issued_lora(model: nn.Module, layers: list[int], cfg: TrainConfig, storage_dtype: torch.dtype,
-                 issued: LoraSpec | None) -> LoraSpec:
+def _issued_lora(
+    model: nn.Module, layers: list[int], cfg: TrainConfig, storage_dtype: torch.dtype, issued: LoraSpec | None
+) -> LoraSpec:
     """The LoRA to export: the one the server issued (checked against the verified emulator and the
     settings), or, offline, one from the settings in the emulator's dtype."""
     if issued is None:
@@ -314,17 +355,32 @@ def _issued_lora(model: nn.Module, layers: list[int], cfg: TrainConfig, storage_
     if issued.modules != linear_modules(model, layers):
         raise ServerError("the server's LoRA spec disagrees with the verified emulator file; ask the model owner")
     if (issued.r, issued.alpha) != (cfg.lora_r, cfg.lora_alpha):
-        raise BadInputError(f"the emulator accepts LoRA r={issued.r}, alpha={issued.alpha:g}; pass "
-                            f"--lora-r {issued.r} --lora-alpha {issued.alpha:g} (or leave them out)")
+        raise BadInputError(
+            f"the emulator accepts LoRA r={issued.r}, alpha={issued.alpha:g}; pass "
+            f"--lora-r {issued.r} --lora-alpha {issued.alpha:g} (or leave them out)"
+        )
     return issued
 
 
-def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Dataset, cfg: TrainConfig,
-                  choice: DeviceChoice, out_dir: Path, *, eval_data: Dataset | None = None,
-                  eval_max_examples: int | None = None, resume: bool = False,
-                  identity: dict[str, Any] | None = None, expected_spec: dict[str, TensorSpec] | None = None,
-                  lora: LoraSpec | None = None, progress: bool = True, on_step: StepCallback | None = None,
-                  log: Callable[[str], None] = lambda m: None) -> TuneResult:
+def tune_emulator(
+    model: nn.Module,
+    tokenizer: Any,
+    plan: LayerPlan,
+    data: Dataset,
+    cfg: TrainConfig,
+    choice: DeviceChoice,
+    out_dir: Path,
+    *,
+    eval_data: Dataset | None = None,
+    eval_max_examples: int | None = None,
+    resume: bool = False,
+    identity: dict[str, Any] | None = None,
+    expected_spec: dict[str, TensorSpec] | None = None,
+    lora: LoraSpec | None = None,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> TuneResult:
     """Evaluate zero-shot, train the adapter layers, evaluate again, export + validate the adapter.
 
     `identity` (emulator id/sha256, model id) goes into the training record and the resume fingerprint;
@@ -350,22 +406,38 @@ def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Datas
         model.float()
     metrics: dict[str, dict[str, float]] = {}
     if eval_data is not None:
-        metrics["emulator_zero_shot"] = _eval(model, tokenizer, eval_data, cfg, choice, eval_max_examples,
-                                              progress, "eval zero-shot")
+        metrics["emulator_zero_shot"] = _eval(
+            model, tokenizer, eval_data, cfg, choice, eval_max_examples, progress, "eval zero-shot"
+        )
         log(f"emulator zero-shot: {_fmt_metrics(metrics['emulator_zero_shot'])}")
 
     if cfg.method == "lora":
         model = add_lora(model, layers, cfg)
     else:
         freeze_except_adapter(model, layers)
-    fingerprint = {"emulator_sha256": identity.get("emulator_sha256"), "data_sha256": sha256_file(data.path)[0],
-                   "n_examples": len(examples)}
+    fingerprint = {
+        "emulator_sha256": identity.get("emulator_sha256"),
+        "data_sha256": sha256_file(data.path)[0],
+        "n_examples": len(examples),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and (out_dir / CHECKPOINT_DIR / "trainer_state.json").exists():
-        log(f"note: starting over; the checkpoint in {out_dir / CHECKPOINT_DIR} will be replaced "
-            "(pass --resume to continue it)")
-    result = train(model, examples, cfg, choice, pad_id=pad_id_for(tokenizer), checkpoint_dir=out_dir / CHECKPOINT_DIR,
-                   resume=resume, fingerprint=fingerprint, progress=progress, on_step=on_step)
+        log(
+            f"note: starting over; the checkpoint in {out_dir / CHECKPOINT_DIR} will be replaced "
+            "(pass --resume to continue it)"
+        )
+    result = train(
+        model,
+        examples,
+        cfg,
+        choice,
+        pad_id=pad_id_for(tokenizer),
+        checkpoint_dir=out_dir / CHECKPOINT_DIR,
+        resume=resume,
+        fingerprint=fingerprint,
+        progress=progress,
+        on_step=on_step,
+    )
     log(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
     if lora_spec is not None:  # PEFT's files before the merge (the merge is for the local evaluation)
         adapter_file, peft_config = save_peft_lora(model, lora_spec, out_dir)
@@ -375,8 +447,9 @@ def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Datas
     if storage_dtype != torch.float32:
         model.to(storage_dtype)
     if eval_data is not None:
-        metrics["emulator_fine_tuned"] = _eval(model, tokenizer, eval_data, cfg, choice, eval_max_examples,
-                                               progress, "eval fine-tuned")
+        metrics["emulator_fine_tuned"] = _eval(
+            model, tokenizer, eval_data, cfg, choice, eval_max_examples, progress, "eval fine-tuned"
+        )
         log(f"emulator fine-tuned: {_fmt_metrics(metrics['emulator_fine_tuned'])}")
     if lora_spec is None:
         tensors = extract_adapter(model, layers)
@@ -394,17 +467,31 @@ def tune_emulator(model: nn.Module, tokenizer: Any, plan: LayerPlan, data: Datas
         "hyperparameters": cfg.hyperparameters(),
         "device": str(choice.device),
         "autocast": str(choice.autocast_dtype).removeprefix("torch.") if choice.autocast_dtype else None,
-        "training": {"steps": result.steps, "examples": len(examples), "first_loss": result.first_loss,
-                     "final_loss": result.final_loss, "seconds": round(result.seconds, 3),
-                     "resumed_from": result.resumed_from, "data_kind": data.kind},
+        "training": {
+            "steps": result.steps,
+            "examples": len(examples),
+            "first_loss": result.first_loss,
+            "final_loss": result.final_loss,
+            "seconds": round(result.seconds, 3),
+            "resumed_from": result.resumed_from,
+            "data_kind": data.kind,
+        },
         "metrics": metrics,
         "tensors": {n: {"shape": list(s.shape), "dtype": s.dtype} for n, s in exported.items()},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     config_file = write_record(out_dir, record)
     upload_config = record if lora_spec is None else {**record, "peft": peft_config}
-    return TuneResult(out_dir, adapter_file, config_file, upload_config, metrics, result,
-                      sum(t.numel() for t in tensors.values()), tensors)
+    return TuneResult(
+        out_dir,
+        adapter_file,
+        config_file,
+        upload_config,
+        metrics,
+        result,
+        sum(t.numel() for t in tensors.values()),
+        tensors,
+    )
 
 
 def _fmt_metrics(m: dict[str, float]) -> str:

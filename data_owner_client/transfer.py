@@ -34,10 +34,27 @@ from .trust import KnownServers, Trust, check_plan_matches, resolve_trust, tofu_
 from .upload import upload_adapter
 
 __all__ = [
-    "EmulatorRef", "KnownServers", "ServerClient", "Trust", "VerifiedEmulator", "_fetch_into", "cache_path",
-    "check_plan_matches", "download_emulator", "fetch_verified_emulator", "network_errors", "parse_as",
-    "parse_emulator_url", "raise_for_status", "resolve_trust", "split_resource_url", "tofu_warning",
-    "upload_adapter", "verify_manifest", "wait_for_emulator", "wait_for_job",
+    "EmulatorRef",
+    "KnownServers",
+    "ServerClient",
+    "Trust",
+    "VerifiedEmulator",
+    "_fetch_into",
+    "cache_path",
+    "check_plan_matches",
+    "download_emulator",
+    "fetch_verified_emulator",
+    "network_errors",
+    "parse_as",
+    "parse_emulator_url",
+    "raise_for_status",
+    "resolve_trust",
+    "split_resource_url",
+    "tofu_warning",
+    "upload_adapter",
+    "verify_manifest",
+    "wait_for_emulator",
+    "wait_for_job",
 ]
 
 
@@ -50,13 +67,26 @@ class VerifiedEmulator:
     reused: bool
 
 
-def fetch_verified_emulator(client: ServerClient, ref: EmulatorRef, *, cache_dir: Path, pinned: str | None,
-                            trust_on_first_use: bool, progress: bool = True, poll_s: float = 1.0,
-                            timeout_s: float = 3600.0) -> VerifiedEmulator:
+def fetch_verified_emulator(
+    client: ServerClient,
+    ref: EmulatorRef,
+    *,
+    cache_dir: Path,
+    pinned: str | None,
+    trust_on_first_use: bool,
+    progress: bool = True,
+    poll_s: float = 1.0,
+    timeout_s: float = 3600.0,
+) -> VerifiedEmulator:
     info = wait_for_emulator(client, ref, poll_s=poll_s, timeout_s=timeout_s, progress=progress)
     signed = client.signed_manifest(ref.emulator_id)
-    trust = resolve_trust(client, pinned=pinned, trust_on_first_use=trust_on_first_use, signed=signed,
-                          known=KnownServers(cache_dir / "known_servers.json"))
+    trust = resolve_trust(
+        client,
+        pinned=pinned,
+        trust_on_first_use=trust_on_first_use,
+        signed=signed,
+        known=KnownServers(cache_dir / "known_servers.json"),
+    )
     manifest = verify_manifest(ref, signed, trust)
     path, reused = download_emulator(client, ref, manifest, cache_dir, progress=progress)
     return VerifiedEmulator(ref, info, manifest, path, reused)

@@ -64,8 +64,11 @@ class KnownServers:
 
     def record(self, server: str, key: Ed25519PublicKey) -> None:
         data = self._load()
-        data[server] = {"key_id": key_id(key), "public_key": public_key_to_b64(key),
-                        "first_seen": datetime.now(UTC).isoformat(timespec="seconds")}
+        data[server] = {
+            "key_id": key_id(key),
+            "public_key": public_key_to_b64(key),
+            "first_seen": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -80,16 +83,24 @@ class Trust:
 
 def tofu_warning(server: str, kid: str, public_key_b64: str, record_path: Path) -> str:
     bar = "!" * 78
-    return (f"\n{bar}\n!! WARNING: TRUST ON FIRST USE -- trusting a NEW, UNVERIFIED signing key\n"
-            f"!!   server:     {server}\n!!   key id:     {kid}\n!!   public key: {public_key_b64}\n"
-            f"!! Anyone able to intercept this connection could have supplied this key. Confirm the key id\n"
-            f"!! with the model owner out of band, then pin it: SCALEOT_SERVER_PUBKEY={kid}\n"
-            f"!! Recorded in {record_path}; a different key from this server will be refused.\n{bar}\n")
+    return (
+        f"\n{bar}\n!! WARNING: TRUST ON FIRST USE -- trusting a NEW, UNVERIFIED signing key\n"
+        f"!!   server:     {server}\n!!   key id:     {kid}\n!!   public key: {public_key_b64}\n"
+        f"!! Anyone able to intercept this connection could have supplied this key. Confirm the key id\n"
+        f"!! with the model owner out of band, then pin it: SCALEOT_SERVER_PUBKEY={kid}\n"
+        f"!! Recorded in {record_path}; a different key from this server will be refused.\n{bar}\n"
+    )
 
 
-def resolve_trust(client: ServerClient, *, pinned: str | None, trust_on_first_use: bool,
-                  signed: dict[str, Any], known: KnownServers,
-                  warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Trust:
+def resolve_trust(
+    client: ServerClient,
+    *,
+    pinned: str | None,
+    trust_on_first_use: bool,
+    signed: dict[str, Any],
+    known: KnownServers,
+    warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> Trust:
     """The keys to verify `signed` with: pinned key > recorded TOFU key > (TOFU) the server's key now."""
     if pinned:
         try:
@@ -101,22 +112,28 @@ def resolve_trust(client: ServerClient, *, pinned: str | None, trust_on_first_us
         # Only a fingerprint: take the published key whose *computed* id matches it.
         keys = trusted_keys_from_listing(client.signing_keys(), [pinned])
         if not keys:
-            raise TrustError(f"the pinned key id {kid} is not among the server's published (non-revoked) "
-                             "signing keys; the server may be an impostor, or the key was rotated: "
-                             "ask the model owner for the current key id")
+            raise TrustError(
+                f"the pinned key id {kid} is not among the server's published (non-revoked) "
+                "signing keys; the server may be an impostor, or the key was rotated: "
+                "ask the model owner for the current key id"
+            )
         return Trust(keys, f"pinned key {kid}")
     recorded = known.get(client.server)
     if recorded is not None:
         return Trust({recorded[0]: recorded[1]}, f"key {recorded[0]} recorded on first use in {known.path}")
     if not trust_on_first_use:
-        raise BadInputError("no trusted server key: set SCALEOT_SERVER_PUBKEY (or --server-pubkey) to the "
-                            "server's public key or key id, or pass --trust-on-first-use to accept and record "
-                            "the key the server presents now")
+        raise BadInputError(
+            "no trusted server key: set SCALEOT_SERVER_PUBKEY (or --server-pubkey) to the "
+            "server's public key or key id, or pass --trust-on-first-use to accept and record "
+            "the key the server presents now"
+        )
     published = trusted_keys_from_listing(client.signing_keys())
     kid = str(signed.get("key_id"))
     if kid not in published:
-        raise TrustError(f"the manifest is signed by key {kid!r}, which the server does not publish "
-                         "(or has revoked) at /v1/signing-keys; refusing it")
+        raise TrustError(
+            f"the manifest is signed by key {kid!r}, which the server does not publish "
+            "(or has revoked) at /v1/signing-keys; refusing it"
+        )
     key = published[kid]
     known.record(client.server, key)
     warn(tofu_warning(client.server, kid, public_key_to_b64(key), known.path))
@@ -132,8 +149,10 @@ def verify_manifest(ref: EmulatorRef, signed: dict[str, Any], trust: Trust) -> d
     if manifest.get("format") != MANIFEST_FORMAT:
         raise TrustError(f"manifest format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}")
     if manifest.get("emulator_id") != ref.emulator_id:
-        raise TrustError(f"the signed manifest is for emulator {manifest.get('emulator_id')!r}, but the URL "
-                         f"names {ref.emulator_id!r}; refusing a substituted emulator")
+        raise TrustError(
+            f"the signed manifest is for emulator {manifest.get('emulator_id')!r}, but the URL "
+            f"names {ref.emulator_id!r}; refusing a substituted emulator"
+        )
     sha = str(manifest.get("sha256", "")).lower()
     if not _SHA256_RE.match(sha):  # it names the cache file: never let it be a path
         raise TrustError(f"manifest sha256 {manifest.get('sha256')!r} is not 64 hex digits")
@@ -149,5 +168,7 @@ def check_plan_matches(manifest: dict[str, Any], file_plan: dict[str, Any]) -> N
     """The signed layer plan must be the plan inside the (hash-verified) file: a server-side mix-up guard."""
     signed_roles = (manifest.get("layer_plan") or {}).get("roles")
     if signed_roles is not None and list(signed_roles) != list(file_plan.get("roles", [])):
-        raise TrustError(f"the signed layer plan {signed_roles} differs from the plan inside the emulator file "
-                         f"{file_plan.get('roles')}; refusing it")
+        raise TrustError(
+            f"the signed layer plan {signed_roles} differs from the plan inside the emulator file "
+            f"{file_plan.get('roles')}; refusing it"
+        )

@@ -32,8 +32,7 @@ def _url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=True)
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -48,8 +47,9 @@ def run_migrations_online() -> None:
                 connection.commit()
             try:
                 # render_as_batch: SQLite cannot ALTER most things; batch mode recreates tables.
-                context.configure(connection=connection, target_metadata=target_metadata,
-                                  render_as_batch=True, compare_type=True)
+                context.configure(
+                    connection=connection, target_metadata=target_metadata, render_as_batch=True, compare_type=True
+                )
                 with context.begin_transaction():
                     context.run_migrations()
             finally:

@@ -43,8 +43,12 @@ class CuttingTransport(httpx.BaseTransport):
         response = self.inner.handle_request(request)
         if request.url.path.endswith("/file") and not self.cut:
             self.cut = True
-            return httpx.Response(response.status_code, headers=response.headers, extensions=response.extensions,
-                                  stream=_CutStream(response.stream, self.limit, self.on_cut))
+            return httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                extensions=response.extensions,
+                stream=_CutStream(response.stream, self.limit, self.on_cut),
+            )
         return response
 
     def close(self) -> None:
@@ -61,11 +65,13 @@ class SlowUpload:
         self.thread = threading.Thread(target=self._run, daemon=True, name="slow-upload")
 
     def _body(self) -> Iterator[bytes]:
-        yield (b"--B0UNDARY\r\nContent-Disposition: form-data; name=\"adapter\"; filename=\"adapter.safetensors\"\r\n"
-               b"Content-Type: application/octet-stream\r\n\r\n")
+        yield (
+            b'--B0UNDARY\r\nContent-Disposition: form-data; name="adapter"; filename="adapter.safetensors"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n"
+        )
         half = len(self.payload) // 2
         for i in range(0, half, 8192):
-            yield self.payload[i:min(half, i + 8192)]
+            yield self.payload[i : min(half, i + 8192)]
         self._release.wait(120)
         yield self.payload[half:]
         yield b"\r\n--B0UNDARY--\r\n"
@@ -73,8 +79,11 @@ class SlowUpload:
     def _run(self) -> None:
         try:
             with client(self.url, self.key, timeout=120) as http:
-                r = http.post(f"/v1/emulators/{self.emulator_id}/adapters", content=self._body(),
-                              headers={"Content-Type": "multipart/form-data; boundary=B0UNDARY"})
+                r = http.post(
+                    f"/v1/emulators/{self.emulator_id}/adapters",
+                    content=self._body(),
+                    headers={"Content-Type": "multipart/form-data; boundary=B0UNDARY"},
+                )
             self.outcome = f"HTTP {r.status_code}"
         except httpx.HTTPError as exc:
             self.outcome = f"{type(exc).__name__}"

@@ -49,13 +49,15 @@ from reliability.harness import (
 
 # ---------------------------------------------------------------- the crash round
 
+
 def setup_server(work: Path, files: dict[str, Path], db_url: str) -> tuple[ServerProcess, dict[str, Any]]:
     """A fault-hook server with alice granted the tiny model and a ready emulator; returns (server, ctx)."""
     data_dir, pause = work / "data", work / "pause"
     pause.mkdir(parents=True, exist_ok=True)
     boot = bootstrap(db_url, files["model"])
-    env = server_env(data_dir, db_url, corpus=files["corpus"], eval_file=files["eval"], pause_dir=pause,
-                     SCALEOT_WORKER_THREADS="2")
+    env = server_env(
+        data_dir, db_url, corpus=files["corpus"], eval_file=files["eval"], pause_dir=pause, SCALEOT_WORKER_THREADS="2"
+    )
     srv = ServerProcess(env, work / "server.log", hooks=True)
     srv.start()
     emu = importance_and_emulator(srv.url, boot["keys"], boot["model_id"])
@@ -63,8 +65,17 @@ def setup_server(work: Path, files: dict[str, Path], db_url: str) -> tuple[Serve
         emu_bytes = alice.get(f"/v1/emulators/{emu['id']}/file").content
     tmp_emu = work / "emulator-for-adapter.safetensors"
     tmp_emu.write_bytes(emu_bytes)
-    ctx = {"work": work, "data_dir": data_dir, "pause": pause, "db_url": db_url, "keys": boot["keys"],
-           "model_id": boot["model_id"], "emulator": emu, "adapter": adapter_bytes_for(tmp_emu), "round": 0}
+    ctx = {
+        "work": work,
+        "data_dir": data_dir,
+        "pause": pause,
+        "db_url": db_url,
+        "keys": boot["keys"],
+        "model_id": boot["model_id"],
+        "emulator": emu,
+        "adapter": adapter_bytes_for(tmp_emu),
+        "round": 0,
+    }
     return srv, ctx
 
 
@@ -87,8 +98,10 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
             (pause / f"{point}.reached").unlink(missing_ok=True)
             (pause / point).touch()
         # 1. an evaluation that has started scoring
-        r = alice.post(f"/v1/emulators/{emu['id']}/adapters",
-                       files={"adapter": ("adapter.safetensors", io.BytesIO(ctx["adapter"]))})
+        r = alice.post(
+            f"/v1/emulators/{emu['id']}/adapters",
+            files={"adapter": ("adapter.safetensors", io.BytesIO(ctx["adapter"]))},
+        )
         assert r.status_code == 202, r.text
         eval_adapter, eval_job = r.json()["adapter"]["id"], r.json()["job"]["id"]
         wait_for((pause / "evaluate.reached").exists, 60, "the evaluation to start")
@@ -103,8 +116,11 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
         # 3. an upload with half of its body on the server
         upload = SlowUpload(srv.url, keys["alice"], emu["id"], ctx["adapter"])
         upload.start()
-        wait_for(lambda: any(p.stat().st_size > 0 for p in (data_dir / "tmp").iterdir()), 60,
-                 "the upload to reach the server's tmp/")
+        wait_for(
+            lambda: any(p.stat().st_size > 0 for p in (data_dir / "tmp").iterdir()),
+            60,
+            "the upload to reach the server's tmp/",
+        )
         # 4. a download, cut (and the server killed) after 4 KiB
         cache = ctx["work"] / f"client-cache-{rnd}"
         killed_at = {}
@@ -118,9 +134,8 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
         first_error = None
         with ServerClient(srv.url, keys["alice"], transport=CuttingTransport(4096, kill)) as c:
             try:
-                fetch_verified_emulator(c, ref, cache_dir=cache, pinned=pin, trust_on_first_use=False,
-                                        progress=False)
-            except Exception as exc:  # noqa: BLE001 - the cut must surface as the client's own error
+                fetch_verified_emulator(c, ref, cache_dir=cache, pinned=pin, trust_on_first_use=False, progress=False)
+            except Exception as exc:
                 first_error = f"{type(exc).__name__}: {exc}"
         assert "t" in killed_at and first_error and "interrupted" in first_error, first_error
         upload.release()
@@ -150,11 +165,11 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
         report["interrupted_jobs"] = {"evaluation": "failed with reason", "emulator": "failed with reason"}
         # --- the client resumes its download from the partial file
         with ServerClient(srv.url, keys["alice"]) as c:
-            ver = fetch_verified_emulator(c, ref, cache_dir=cache, pinned=pin, trust_on_first_use=False,
-                                          progress=False)
+            ver = fetch_verified_emulator(c, ref, cache_dir=cache, pinned=pin, trust_on_first_use=False, progress=False)
         assert not ver.reused and ver.path.stat().st_size == emu["size_bytes"]
-        audit = admin.get("/v1/audit", params={"action": "download_emulator", "target_id": emu["id"],
-                                                "org": "alice", "limit": 1}).json()["events"]
+        audit = admin.get(
+            "/v1/audit", params={"action": "download_emulator", "target_id": emu["id"], "org": "alice", "limit": 1}
+        ).json()["events"]
         assert audit and audit[0]["detail"]["start"] == 4096, audit
         report["download_resumed_from"] = 4096
         # --- re-running the interrupted work succeeds
@@ -162,8 +177,10 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
         assert r.status_code == 202 and r.json()["job"]["id"] != build_job, r.text
         assert wait_job(alice, r.json()["job"]["id"])["status"] == "succeeded"
         assert alice.get(f"/v1/emulators/{build_emu}").json()["status"] == "ready"
-        r = alice.post(f"/v1/emulators/{emu['id']}/adapters",
-                       files={"adapter": ("adapter.safetensors", io.BytesIO(ctx["adapter"]))})
+        r = alice.post(
+            f"/v1/emulators/{emu['id']}/adapters",
+            files={"adapter": ("adapter.safetensors", io.BytesIO(ctx["adapter"]))},
+        )
         assert r.status_code == 202, r.text
         assert wait_job(alice, r.json()["job"]["id"])["status"] == "succeeded"
         report["rerun"] = "emulator ready, adapter evaluated"
@@ -178,6 +195,7 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- disk full
 
+
 @contextmanager
 def small_filesystem(path: Path, size: str = "4m") -> Iterator[str | None]:
     """Mount a size-limited tmpfs at `path`; yields None on success, else the reason it is not possible."""
@@ -185,8 +203,12 @@ def small_filesystem(path: Path, size: str = "4m") -> Iterator[str | None]:
     if os.geteuid() != 0:
         yield "mounting a small tmpfs needs root (CAP_SYS_ADMIN); not running as root"
         return
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                       check=False, capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         yield f"mount -t tmpfs failed: {(r.stderr or r.stdout).strip()[:200]}"
         return
@@ -210,8 +232,9 @@ def fill_disk(folder: Path, leave_bytes: int) -> Path:
     return filler
 
 
-def disk_full_run(data_dir: Path, db_url: str, files: dict[str, Path],
-                  make_full: Callable[[Path], Callable[[], None]]) -> dict[str, Any]:
+def disk_full_run(
+    data_dir: Path, db_url: str, files: dict[str, Path], make_full: Callable[[Path], Callable[[], None]]
+) -> dict[str, Any]:
     """In-process server whose data dir is `data_dir`. After setting up an emulator it calls
     `make_full(data_dir)` (fill a small filesystem, or patch the writers to raise ENOSPC), which returns
     the function that frees the space again. Returns what happened; raises AssertionError on a bad outcome."""
@@ -221,10 +244,21 @@ def disk_full_run(data_dir: Path, db_url: str, files: dict[str, Path],
     from model_owner_server.core.config import Settings
     from model_owner_server.main import create_app
 
-    settings = Settings(_env_file=None, data_dir=data_dir, database_url=db_url, device="cpu", queue_url="immediate",
-                        embedded_worker=False, importance_seq_len=32, importance_batch_size=2, eval_seq_len=32,
-                        eval_batch_size=2, eval_max_examples=4, default_eval=files["eval"],
-                        default_corpus=files["corpus"])
+    settings = Settings(
+        _env_file=None,
+        data_dir=data_dir,
+        database_url=db_url,
+        device="cpu",
+        queue_url="immediate",
+        embedded_worker=False,
+        importance_seq_len=32,
+        importance_batch_size=2,
+        eval_seq_len=32,
+        eval_batch_size=2,
+        eval_max_examples=4,
+        default_eval=files["eval"],
+        default_corpus=files["corpus"],
+    )
     report: dict[str, Any] = {}
     with TestClient(create_app(settings)) as c:
         with c.app.state.sessions() as s:
@@ -236,8 +270,9 @@ def disk_full_run(data_dir: Path, db_url: str, files: dict[str, Path],
             model_id = model.id
         admin_h, alice_h = {"Authorization": f"Bearer {key}"}, {"Authorization": f"Bearer {alice_key}"}
         assert c.post(f"/v1/models/{model_id}/importance", headers=admin_h, json={"steps": 2}).status_code == 202
-        r = c.post("/v1/emulators", headers=alice_h, json={"model_id": model_id, "n_adapter": 1, "alpha": 0.5,
-                                                           "beta": 0.3})
+        r = c.post(
+            "/v1/emulators", headers=alice_h, json={"model_id": model_id, "n_adapter": 1, "alpha": 0.5, "beta": 0.3}
+        )
         emu = r.json()["emulator"]
         assert emu["status"] == "ready", r.json()
         emu_path = Path(tempfile.mkdtemp()) / "emu.safetensors"
@@ -247,8 +282,11 @@ def disk_full_run(data_dir: Path, db_url: str, files: dict[str, Path],
         def snapshot() -> tuple[dict, list[str]]:
             with c.app.state.sessions() as s:
                 counts = crud.row_counts(s)
-            listing = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*")
-                             if p.is_file() and p.name != "filler.bin" and not p.name.startswith("scaleot.db"))
+            listing = sorted(
+                str(p.relative_to(data_dir))
+                for p in data_dir.rglob("*")
+                if p.is_file() and p.name != "filler.bin" and not p.name.startswith("scaleot.db")
+            )
             return counts, listing
 
         before = snapshot()
@@ -256,14 +294,18 @@ def disk_full_run(data_dir: Path, db_url: str, files: dict[str, Path],
         report["free_bytes_left"] = os.statvfs(data_dir).f_bavail * os.statvfs(data_dir).f_frsize
         report["adapter_bytes"] = len(adapter)
         # adapter upload: 507, nothing kept
-        r = c.post(f"/v1/emulators/{emu['id']}/adapters", headers=alice_h,
-                   files={"adapter": ("adapter.safetensors", io.BytesIO(adapter))})
+        r = c.post(
+            f"/v1/emulators/{emu['id']}/adapters",
+            headers=alice_h,
+            files={"adapter": ("adapter.safetensors", io.BytesIO(adapter))},
+        )
         assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
         report["upload"] = f"{r.status_code} {r.json()['error']['code']}"
         assert snapshot() == before, "a refused upload changed stored state"
         # emulator build: the job fails with a disk-space reason, nothing kept
-        r = c.post("/v1/emulators", headers=alice_h, json={"model_id": model_id, "n_adapter": 2, "alpha": 0.5,
-                                                           "beta": 0.5})
+        r = c.post(
+            "/v1/emulators", headers=alice_h, json={"model_id": model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5}
+        )
         job, emu2 = r.json()["job"], r.json()["emulator"]
         assert job["status"] == "failed" and "disk space" in job["error"], job
         assert emu2["status"] == "failed" and "disk space" in (emu2["error"] or ""), emu2
@@ -278,11 +320,15 @@ def disk_full_run(data_dir: Path, db_url: str, files: dict[str, Path],
         assert not list((data_dir / "tmp").iterdir()), "temp files left behind"
         # space freed: everything works again
         free_space()
-        r = c.post("/v1/emulators", headers=alice_h, json={"model_id": model_id, "n_adapter": 2, "alpha": 0.5,
-                                                           "beta": 0.5})
+        r = c.post(
+            "/v1/emulators", headers=alice_h, json={"model_id": model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5}
+        )
         assert r.json()["emulator"]["status"] == "ready", r.json()
-        r = c.post(f"/v1/emulators/{emu['id']}/adapters", headers=alice_h,
-                   files={"adapter": ("adapter.safetensors", io.BytesIO(adapter))})
+        r = c.post(
+            f"/v1/emulators/{emu['id']}/adapters",
+            headers=alice_h,
+            files={"adapter": ("adapter.safetensors", io.BytesIO(adapter))},
+        )
         assert r.status_code == 202, r.text
         report["after_freeing_space"] = "emulator ready, upload accepted"
     problems = consistency_problems(db_url, data_dir)
@@ -292,11 +338,15 @@ def disk_full_run(data_dir: Path, db_url: str, files: dict[str, Path],
 
 # ---------------------------------------------------------------- script
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="crash rounds (each: kill -9 + restart + checks)")
-    ap.add_argument("--database-url", default="", help="default: a SQLite file in the work dir; a PostgreSQL URL "
-                    "gets a fresh schema, dropped afterwards")
+    ap.add_argument(
+        "--database-url",
+        default="",
+        help="default: a SQLite file in the work dir; a PostgreSQL URL gets a fresh schema, dropped afterwards",
+    )
     ap.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = ap.parse_args()
@@ -316,12 +366,20 @@ def main() -> None:
         if reason:
             disk = {"skipped": reason}
         else:
-            disk = disk_full_run(work / "small-fs", f"sqlite:///{work / 'disk-full.db'}", files,
-                                 make_full=lambda d: fill_disk(d, leave_bytes=16 * 1024).unlink)
+            disk = disk_full_run(
+                work / "small-fs",
+                f"sqlite:///{work / 'disk-full.db'}",
+                files,
+                make_full=lambda d: fill_disk(d, leave_bytes=16 * 1024).unlink,
+            )
     print(json.dumps({"disk_full": disk}), flush=True)
     restarts = [r["restart_s"] for r in rounds]
-    report = {"rounds": rounds, "disk_full": disk, "seconds": round(time.monotonic() - t0, 1),
-              "restart_s": {"min": min(restarts), "max": max(restarts)} if restarts else None}
+    report = {
+        "rounds": rounds,
+        "disk_full": disk,
+        "seconds": round(time.monotonic() - t0, 1),
+        "restart_s": {"min": min(restarts), "max": max(restarts)} if restarts else None,
+    }
     print("\n| check | result |\n|---|---|")
     print(f"| crash rounds (kill -9 with upload + build + evaluation + download in flight) | {len(rounds)} passed |")
     if restarts:
@@ -330,7 +388,9 @@ def main() -> None:
     print("| consistency problems (rows vs files, stuck jobs, half evaluations) | 0 |")
     print("| interrupted jobs | all failed with a reason; re-run succeeded |")
     print("| client download | resumed at byte 4096 via Range, verified |")
-    print(f"| disk full | {disk.get('skipped') or disk['upload'] + ' on upload; build and importance failed cleanly'} |")
+    print(
+        f"| disk full | {disk.get('skipped') or disk['upload'] + ' on upload; build and importance failed cleanly'} |"
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -23,7 +23,32 @@ from shared.signing import sha256_file
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "merry", "kings", "sing", "of", "ancient", "ships", "and", "silver", "rivers", "under", "the", "pale", "moon"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "merry",
+    "kings",
+    "sing",
+    "of",
+    "ancient",
+    "ships",
+    "and",
+    "silver",
+    "rivers",
+    "under",
+    "the",
+    "pale",
+    "moon",
+]
 
 
 def free_port() -> int:
@@ -42,16 +67,30 @@ def _server_command(hooks: bool) -> list[str]:
     return [found] if found else [sys.executable, "-m", "model_owner_server.cli"]
 
 
-def server_env(data_dir: Path, db_url: str, *, corpus: Path, eval_file: Path, pause_dir: Path | None = None,
-               **extra: str) -> dict[str, str]:
+def server_env(
+    data_dir: Path, db_url: str, *, corpus: Path, eval_file: Path, pause_dir: Path | None = None, **extra: str
+) -> dict[str, str]:
     """Environment of a small CPU server: tiny sequence lengths, 1 s heartbeats, SqliteHuey queue."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "SCALEOT_DATA_DIR": str(data_dir), "SCALEOT_DATABASE_URL": db_url, "SCALEOT_DEVICE": "cpu",
-           "SCALEOT_QUEUE_URL": "", "SCALEOT_EMBEDDED_WORKER": "true", "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
-           "SCALEOT_IMPORTANCE_BATCH_SIZE": "2", "SCALEOT_EVAL_SEQ_LEN": "32", "SCALEOT_EVAL_MAX_EXAMPLES": "4",
-           "SCALEOT_DEFAULT_CORPUS": str(corpus), "SCALEOT_DEFAULT_EVAL": str(eval_file),
-           "SCALEOT_HEARTBEAT_SECONDS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "SCALEOT_DATA_DIR": str(data_dir),
+        "SCALEOT_DATABASE_URL": db_url,
+        "SCALEOT_DEVICE": "cpu",
+        "SCALEOT_QUEUE_URL": "",
+        "SCALEOT_EMBEDDED_WORKER": "true",
+        "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
+        "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
+        "SCALEOT_EVAL_SEQ_LEN": "32",
+        "SCALEOT_EVAL_MAX_EXAMPLES": "4",
+        "SCALEOT_DEFAULT_CORPUS": str(corpus),
+        "SCALEOT_DEFAULT_EVAL": str(eval_file),
+        "SCALEOT_HEARTBEAT_SECONDS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
     if pause_dir is not None:
         env["SCALEOT_FAULT_PAUSE_DIR"] = str(pause_dir)
     env.update(extra)
@@ -78,9 +117,22 @@ class ServerProcess:
         t0 = time.monotonic()
         with open(self.log, "ab") as log:
             log.write(f"\n===== start #{self.starts + 1}\n".encode())
-            self.proc = subprocess.Popen([*_server_command(self.hooks), "serve", "--host", LOOPBACK, "--port",
-                                          str(self.port), "--log-level", "warning"],
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+            self.proc = subprocess.Popen(
+                [
+                    *_server_command(self.hooks),
+                    "serve",
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(ROOT),
+            )
         self.starts += 1
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -130,6 +182,7 @@ class ServerProcess:
 
 
 # ---------------------------------------------------------------- setup
+
 
 def make_inputs(root: Path, *, n_layers: int = 4, hidden: int = 32) -> dict[str, Path]:
     """A tiny LLaMA folder, a corpus and an eval text (like the tests' `files` fixture)."""
@@ -190,8 +243,9 @@ def fresh_database(url: str, work: Path) -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'CREATE SCHEMA "{name}"'))
     try:
-        yield make_url(url).update_query_dict({"options": f"-csearch_path={name}"}).render_as_string(
-            hide_password=False)
+        yield (
+            make_url(url).update_query_dict({"options": f"-csearch_path={name}"}).render_as_string(hide_password=False)
+        )
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
@@ -202,8 +256,9 @@ def client(url: str, key: str | None, timeout: float = 60.0) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=timeout)
 
 
-def wait_job(http: httpx.Client, job_id: str, pred: Callable[[dict], bool] | None = None,
-             timeout: float = 120.0) -> dict:
+def wait_job(
+    http: httpx.Client, job_id: str, pred: Callable[[dict], bool] | None = None, timeout: float = 120.0
+) -> dict:
     pred = pred or (lambda j: j["status"] in ("succeeded", "failed"))
     deadline = time.monotonic() + timeout
     job: dict = {}
@@ -224,16 +279,25 @@ def wait_for(pred: Callable[[], bool], timeout: float = 60.0, what: str = "condi
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def importance_and_emulator(url: str, keys: dict[str, str], model_id: str, *, owner: str = "alice",
-                            n_adapter: int = 1, alpha: float = 0.5, beta: float = 0.3) -> dict:
+def importance_and_emulator(
+    url: str,
+    keys: dict[str, str],
+    model_id: str,
+    *,
+    owner: str = "alice",
+    n_adapter: int = 1,
+    alpha: float = 0.5,
+    beta: float = 0.3,
+) -> dict:
     """Stage 1 (3 steps, default corpus) then an emulator; returns the ready emulator's description."""
     with client(url, keys["admin"]) as admin, client(url, keys[owner]) as alice:
         r = admin.post(f"/v1/models/{model_id}/importance", json={"steps": 3})
         r.raise_for_status()
         job = wait_job(admin, r.json()["id"])
         assert job["status"] == "succeeded", job
-        r = alice.post("/v1/emulators", json={"model_id": model_id, "n_adapter": n_adapter, "alpha": alpha,
-                                              "beta": beta})
+        r = alice.post(
+            "/v1/emulators", json={"model_id": model_id, "n_adapter": n_adapter, "alpha": alpha, "beta": beta}
+        )
         r.raise_for_status()
         emu = r.json()["emulator"]
         if r.json().get("job"):
@@ -255,6 +319,7 @@ def adapter_bytes_for(emulator_file: Path) -> bytes:
 
 
 # ---------------------------------------------------------------- consistency
+
 
 def consistency_problems(db_url: str, data_dir: Path, *, allow_active: bool = False) -> list[str]:
     """Everything that would be wrong after a crash: rows pointing at missing/different files, files no row

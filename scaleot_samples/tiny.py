@@ -45,16 +45,41 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_config(family: str, n_layers: int = 4, hidden: int = 32, vocab: int = 257) -> PretrainedConfig:
     eos = vocab - 1
     if family == "gpt2":
-        return GPT2Config(n_layer=n_layers, n_embd=hidden, n_head=4, vocab_size=vocab, n_positions=256,
-                          bos_token_id=eos, eos_token_id=eos)
+        return GPT2Config(
+            n_layer=n_layers,
+            n_embd=hidden,
+            n_head=4,
+            vocab_size=vocab,
+            n_positions=256,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
     if family == "opt":
-        return OPTConfig(num_hidden_layers=n_layers, hidden_size=hidden, ffn_dim=2 * hidden, num_attention_heads=4,
-                         vocab_size=vocab, max_position_embeddings=256, word_embed_proj_dim=hidden,
-                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+        return OPTConfig(
+            num_hidden_layers=n_layers,
+            hidden_size=hidden,
+            ffn_dim=2 * hidden,
+            num_attention_heads=4,
+            vocab_size=vocab,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
     # Shared by the families below: GQA (2 key/value heads for 4 query heads) and every special token = EOS.
-    common = dict(num_hidden_layers=n_layers, hidden_size=hidden, intermediate_size=2 * hidden,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
-                  bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    common = dict(
+        num_hidden_layers=n_layers,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)
     if family == "qwen2":  # a llama-family variant (q/k/v biases), for the GGUF import tests
@@ -65,14 +90,23 @@ def tiny_config(family: str, n_layers: int = 4, hidden: int = 32, vocab: int = 2
         # Alternating sliding/full layers with a window shorter than the test sequences, so both masks matter.
         layer_types = ["sliding_attention", "full_attention"] * (n_layers // 2) + ["sliding_attention"] * (n_layers % 2)
         cls = Gemma2Config if family == "gemma2" else Gemma3TextConfig
-        return cls(**common, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=8,
-                   layer_types=layer_types)
+        return cls(
+            **common, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=8, layer_types=layer_types
+        )
     if family == "phi3":  # fused qkv_proj with fewer k/v heads, fused gate_up_proj
         return Phi3Config(**common, original_max_position_embeddings=256)
     if family == "gpt_neox":  # fused per-head query_key_value, parallel residual, untied output embedding
-        return GPTNeoXConfig(num_hidden_layers=n_layers, hidden_size=hidden, intermediate_size=2 * hidden,
-                             num_attention_heads=4, vocab_size=vocab, max_position_embeddings=256,
-                             bos_token_id=eos, eos_token_id=eos, use_parallel_residual=True)
+        return GPTNeoXConfig(
+            num_hidden_layers=n_layers,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_attention_heads=4,
+            vocab_size=vocab,
+            max_position_embeddings=256,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            use_parallel_residual=True,
+        )
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES} or qwen2")
 
 
@@ -82,9 +116,17 @@ def tiny_model(family: str = "llama", n_layers: int = 4, hidden: int = 32, seed:
     return model.eval()
 
 
-def save_tiny_model_dir(path: str | Path, family: str = "llama", n_layers: int = 4, hidden: int = 32,
-                        seed: int = 0, *, dtype: torch.dtype | None = None, max_shard_size: str | None = None,
-                        tokenizer: bool = True) -> Path:
+def save_tiny_model_dir(
+    path: str | Path,
+    family: str = "llama",
+    n_layers: int = 4,
+    hidden: int = 32,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | None = None,
+    tokenizer: bool = True,
+) -> Path:
     """Write a tiny model + tokenizer as a normal local Hugging Face folder (safetensors).
 
     dtype: store the weights in that dtype (a bf16/fp16 checkpoint); max_shard_size (e.g. "20KB"): write

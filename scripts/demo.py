@@ -49,16 +49,29 @@ from demo_lib.processes import LocalServer, stop_children, wait_healthy
 from demo_lib.report import build_report, print_report
 
 # The parts live in scripts/demo_lib/ (see its __init__); the tests use these names from this script.
-__all__ = ["ClientResult", "DemoConfig", "DemoError", "Invitation", "LocalServer", "OwnerResult", "main",
-           "model_owner_flow", "processes"]
+__all__ = [
+    "ClientResult",
+    "DemoConfig",
+    "DemoError",
+    "Invitation",
+    "LocalServer",
+    "OwnerResult",
+    "main",
+    "model_owner_flow",
+    "processes",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--role", choices=("both", "model-owner", "data-owner"), default="both")
     ap.add_argument("--tiny", action="store_true", help="tiny random model and small data: the same flow in seconds")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="default: demo-run/ (demo-run/tiny with --tiny); holds model-owner/ and data-owner/")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="default: demo-run/ (demo-run/tiny with --tiny); holds model-owner/ and data-owner/",
+    )
     ap.add_argument("--steps", type=int, help="stage-1 DL steps (default 48; tiny 4)")
     ap.add_argument("--warmup-steps", type=int, help="stage-1 harmonizer warm-start steps (default 10; tiny 1)")
     ap.add_argument("--train-steps", type=int, help="the data owner's training steps (default 60; tiny 4)")
@@ -74,11 +87,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="the data owner's device: auto, cpu, cuda")
     ap.add_argument("--port", type=int, default=0, help="--role both: server port (default: a free one)")
     ap.add_argument("--server-url", help="--role model-owner: the running server (e.g. http://server:8000)")
-    ap.add_argument("--invitation", type=Path, help="model-owner writes / data-owner reads this JSON file "
-                    "(emulator URL, data-owner API key, server public key)")
+    ap.add_argument(
+        "--invitation",
+        type=Path,
+        help="model-owner writes / data-owner reads this JSON file "
+        "(emulator URL, data-owner API key, server public key)",
+    )
     ap.add_argument("--report-json", type=Path, help="also write the report as JSON here")
-    ap.add_argument("--no-reference", action="store_true", help="skip the demo-only diagnostic: the same adapter "
-                    "layers tuned inside the full model (the ceiling the plug-in is measured against)")
+    ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the demo-only diagnostic: the same adapter "
+        "layers tuned inside the full model (the ceiling the plug-in is measured against)",
+    )
     return ap.parse_args(argv)
 
 
@@ -95,10 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     if threading_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (`cmd &`)
-    say(f"ScaleOT two-party demo ({'tiny random model' if cfg.tiny else 'SmolLM2-135M'}, role {args.role}); "
-        f"workdir {workdir}")
-    say(f"budgets: stage 1 {cfg.steps} steps, data owner {cfg.train_steps} steps "
-        "(more: DEMO_ARGS='--steps 200 --train-steps 300' or SCALEOT_DEMO_SCALE=4)")
+    say(
+        f"ScaleOT two-party demo ({'tiny random model' if cfg.tiny else 'SmolLM2-135M'}, role {args.role}); "
+        f"workdir {workdir}"
+    )
+    say(
+        f"budgets: stage 1 {cfg.steps} steps, data owner {cfg.train_steps} steps "
+        "(more: DEMO_ARGS='--steps 200 --train-steps 300' or SCALEOT_DEMO_SCALE=4)"
+    )
     try:
         if args.role == "both":
             report = run_both(cfg, args, workdir)
@@ -136,17 +161,22 @@ def run_both(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> dict[s
     for fresh in (server_data, client_dir):  # a new story each run; models and corpora stay cached
         shutil.rmtree(fresh, ignore_errors=True)
     owner_dir.mkdir(parents=True, exist_ok=True)
-    server_env = {"SCALEOT_EVAL_SEQ_LEN": str(cfg.seq_len), "SCALEOT_EVAL_MAX_EXAMPLES": str(cfg.eval_max_examples),
-                  "SCALEOT_EVAL_BATCH_SIZE": str(cfg.batch_size)}
+    server_env = {
+        "SCALEOT_EVAL_SEQ_LEN": str(cfg.seq_len),
+        "SCALEOT_EVAL_MAX_EXAMPLES": str(cfg.eval_max_examples),
+        "SCALEOT_EVAL_BATCH_SIZE": str(cfg.batch_size),
+    }
     if cfg.tiny:
         server_env["SCALEOT_EMULATOR_CALIBRATION_STEPS"] = "3"
     if cfg.tiny:
-        server_env.update(SCALEOT_IMPORTANCE_SEQ_LEN="64", SCALEOT_IMPORTANCE_MAX_BLOCKS="64",
-                          SCALEOT_HEARTBEAT_SECONDS="2")
+        server_env.update(
+            SCALEOT_IMPORTANCE_SEQ_LEN="64", SCALEOT_IMPORTANCE_MAX_BLOCKS="64", SCALEOT_HEARTBEAT_SECONDS="2"
+        )
     step("model owner: start the server (loopback, its own data directory, SQLite)")
     with LocalServer(server_data, owner_dir, args.port, server_env) as server:
-        owner = model_owner_flow(cfg, server_url=server.url, cli_env=server.env, owner_dir=owner_dir,
-                                 alive=server.check_alive)
+        owner = model_owner_flow(
+            cfg, server_url=server.url, cli_env=server.env, owner_dir=owner_dir, alive=server.check_alive
+        )
         say("\n  the model owner hands the data owner: the emulator URL, an API key, the server's public key")
         say(f"    emulator URL: {owner.invitation.emulator_url}")
         client = data_owner_flow(cfg, owner.invitation, client_dir, device=args.device)
@@ -159,11 +189,18 @@ def run_model_owner(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) ->
         raise DemoError("--role model-owner needs --server-url and --invitation")
     wait_healthy(args.server_url, timeout_s=300)
     workdir.mkdir(parents=True, exist_ok=True)
-    owner = model_owner_flow(cfg, server_url=args.server_url, cli_env=dict(os.environ), owner_dir=workdir,
-                             state_file=workdir / "owner-state.json")
+    owner = model_owner_flow(
+        cfg,
+        server_url=args.server_url,
+        cli_env=dict(os.environ),
+        owner_dir=workdir,
+        state_file=workdir / "owner-state.json",
+    )
     owner.invitation.save(args.invitation)
-    say(f"\ninvitation for the data owner written to {args.invitation} "
-        f"(emulator URL, API key, server key {owner.invitation.key_id})")
+    say(
+        f"\ninvitation for the data owner written to {args.invitation} "
+        f"(emulator URL, API key, server key {owner.invitation.key_id})"
+    )
 
 
 def run_data_owner(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -178,4 +215,3 @@ def run_data_owner(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> 
 
 if __name__ == "__main__":
     sys.exit(main())
-

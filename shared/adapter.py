@@ -21,7 +21,10 @@ from torch import nn
 from shared.architectures import decoder_layers, layer_prefix
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
 }
 DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 MAX_HEADER_BYTES = 1 << 20  # an adapter header lists a few hundred tensors at most
@@ -89,7 +92,8 @@ def _check_names(names: set[str], spec: dict[str, TensorSpec]) -> None:
         if extra:
             parts.append(f"unexpected {len(extra)} tensor(s), e.g. {extra[:3]}")
         raise AdapterValidationError(
-            "adapter tensors do not match the adapter layers issued with the emulator: " + "; ".join(parts)
+            "adapter tensors do not match the adapter layers issued with the emulator: "
+            + "; ".join(parts)
             + ". Upload exactly the adapter layers' parameters (see the emulator's adapter_spec)."
         )
 
@@ -138,7 +142,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
             raise AdapterValidationError("not a safetensors file: shorter than its 8-byte header length")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise AdapterValidationError(f"not a safetensors file: declared header length {n} exceeds the file or the limit")
+            raise AdapterValidationError(
+                f"not a safetensors file: declared header length {n} exceeds the file or the limit"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
@@ -150,19 +156,26 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
     spans = []
     for name, entry in header.items():
         try:
-            if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) \
-                    or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2 \
-                    or len(entry["shape"]) > MAX_DIMS:
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("shape"), list)
+                or not isinstance(entry.get("data_offsets"), list)
+                or len(entry["data_offsets"]) != 2
+                or len(entry["shape"]) > MAX_DIMS
+            ):
                 raise ValueError(name)
             dtype = entry["dtype"]
             shape = tuple(_plain_int(x, 0, MAX_DIM_SIZE) for x in entry["shape"])
             start, end = (_plain_int(x, 0, size) for x in entry["data_offsets"])
         except (TypeError, KeyError, ValueError) as exc:
-            raise AdapterValidationError(f"malformed header entry for {name[:200]!r}: expected "
-                                         "{dtype, shape: [ints], data_offsets: [start, end]} within the file") from exc
+            raise AdapterValidationError(
+                f"malformed header entry for {name[:200]!r}: expected "
+                "{dtype, shape: [ints], data_offsets: [start, end]} within the file"
+            ) from exc
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise AdapterValidationError(f"{name[:200]}: dtype {str(dtype)[:50]!r} is not a floating dtype an "
-                                         "adapter may use")
+            raise AdapterValidationError(
+                f"{name[:200]}: dtype {str(dtype)[:50]!r} is not a floating dtype an adapter may use"
+            )
         if not start <= end or end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
             raise AdapterValidationError(f"{name[:200]}: data offsets do not match its shape and dtype")
         spans.append((start, end, name))
@@ -182,8 +195,9 @@ def _check_file(path: Path, spec: dict[str, TensorSpec], max_bytes: int | None) 
     limit = max_adapter_bytes(spec) if max_bytes is None else max_bytes
     size = path.stat().st_size
     if size > limit:
-        raise AdapterValidationError(f"adapter file is {size} bytes; the limit for this emulator is {limit}"
-                                     + _why_too_big(path, spec))
+        raise AdapterValidationError(
+            f"adapter file is {size} bytes; the limit for this emulator is {limit}" + _why_too_big(path, spec)
+        )
     return _check_header(path, spec)
 
 
@@ -207,8 +221,9 @@ def _why_too_big(path: Path, spec: dict[str, TensorSpec]) -> str:
 _TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
-def validate_adapter_file(path: str | Path, spec: dict[str, TensorSpec], max_bytes: int | None = None,
-                          chunk_bytes: int = 4 << 20) -> None:
+def validate_adapter_file(
+    path: str | Path, spec: dict[str, TensorSpec], max_bytes: int | None = None, chunk_bytes: int = 4 << 20
+) -> None:
     """The same checks as load_and_validate_adapter_file in bounded memory: tensor data is streamed through
     one reused buffer to check finiteness, so a 100 MB upload never costs 100 MB of server RAM."""
     path = Path(path)

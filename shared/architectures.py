@@ -43,10 +43,18 @@ FAMILIES: tuple[Family, ...] = (
     # Gemma 2/3: same projections; q_norm/k_norm (Gemma 3) are norms, not projections, so SRC leaves them.
     # Sliding/full attention alternates per layer via config.layer_types, read by the model, not the layer.
     Family("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _LLAMA_ATTN),
-    Family("phi3", ("phi3",), "model.layers",
-           (Projection("self_attn.qkv_proj", fused="qkv"), Projection("self_attn.o_proj"))),
-    Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
-           (Projection("attention.query_key_value", fused="qkv_per_head"), Projection("attention.dense"))),
+    Family(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        (Projection("self_attn.qkv_proj", fused="qkv"), Projection("self_attn.o_proj")),
+    ),
+    Family(
+        "gpt_neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        (Projection("attention.query_key_value", fused="qkv_per_head"), Projection("attention.dense")),
+    ),
     Family(
         "opt",
         ("opt",),
@@ -82,8 +90,10 @@ def _qkv_heads(config, out_features: int) -> tuple[int, int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim, rest = divmod(out_features, heads + 2 * kv_heads)
     if rest:
-        raise UnsupportedArchitectureError(f"a fused q/k/v projection with {out_features} outputs does not split "
-                                           f"into {heads} query and 2 x {kv_heads} key/value heads")
+        raise UnsupportedArchitectureError(
+            f"a fused q/k/v projection with {out_features} outputs does not split "
+            f"into {heads} query and 2 x {kv_heads} key/value heads"
+        )
     return heads, kv_heads, head_dim
 
 

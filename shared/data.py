@@ -75,8 +75,9 @@ def load_dataset(path: str | Path) -> Dataset:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl", ".json"):
-        raise DataError(f"unsupported file type {path.suffix!r}; use .txt (plain text) or .jsonl (one JSON "
-                        "object per line)", path)
+        raise DataError(
+            f"unsupported file type {path.suffix!r}; use .txt (plain text) or .jsonl (one JSON object per line)", path
+        )
     text = _read_utf8(path)
     if suffix == ".txt":
         if not text.strip():
@@ -97,8 +98,12 @@ def load_dataset(path: str | Path) -> Dataset:
         if kind is None:
             kind = k
         elif k != kind:
-            raise DataError(f"every record must have the same form as the first ({_KIND_KEYS[kind]}); "
-                            f"this one has {_KIND_KEYS[k]} (keys {sorted(obj)})", path, line)
+            raise DataError(
+                f"every record must have the same form as the first ({_KIND_KEYS[kind]}); "
+                f"this one has {_KIND_KEYS[k]} (keys {sorted(obj)})",
+                path,
+                line,
+            )
         records.append(_parse_record(kind, obj, path, line))
     assert kind is not None
     return Dataset(path, kind, records)
@@ -126,8 +131,9 @@ def _json_items(path: Path, text: str) -> list[tuple[int, Any]]:
         try:
             arr = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg}); fix the syntax or write one JSON object per line",
-                            path, e.lineno) from None
+            raise DataError(
+                f"invalid JSON ({e.msg}); fix the syntax or write one JSON object per line", path, e.lineno
+            ) from None
         # A JSON array has no per-record lines; report the record number instead (1-based).
         return list(enumerate(arr, start=1))
     items = []
@@ -137,8 +143,9 @@ def _json_items(path: Path, text: str) -> list[tuple[int, Any]]:
         try:
             items.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg} at column {e.colno}); each line must be one complete "
-                            "JSON object", path, n) from None
+            raise DataError(
+                f"invalid JSON ({e.msg} at column {e.colno}); each line must be one complete JSON object", path, n
+            ) from None
     return items
 
 
@@ -176,17 +183,29 @@ def _parse_record(kind: Kind, obj: dict, path: Path, line: int) -> str | tuple[s
     if len(set(choices)) != len(choices):
         raise DataError(f'"choices" has duplicates {_short(choices)}; options must be distinct', path, line)
     if isinstance(answer, bool) or not isinstance(answer, (int, str)):
-        raise DataError(f'"answer" must be a choice index (0-based int) or the exact text of a choice; '
-                        f"got {type(answer).__name__} {_short(answer)}", path, line)
+        raise DataError(
+            f'"answer" must be a choice index (0-based int) or the exact text of a choice; '
+            f"got {type(answer).__name__} {_short(answer)}",
+            path,
+            line,
+        )
     if isinstance(answer, int):
         if not 0 <= answer < len(choices):
-            raise DataError(f'"answer" index {answer} is out of range; use 0..{len(choices) - 1} '
-                            f"(0-based) for {len(choices)} choices", path, line)
+            raise DataError(
+                f'"answer" index {answer} is out of range; use 0..{len(choices) - 1} '
+                f"(0-based) for {len(choices)} choices",
+                path,
+                line,
+            )
         idx = answer
     else:
         if answer not in choices:
-            raise DataError(f'"answer" {answer!r} is not one of the choices {choices}; it must match a '
-                            "choice exactly or be its 0-based index", path, line)
+            raise DataError(
+                f'"answer" {answer!r} is not one of the choices {choices}; it must match a '
+                "choice exactly or be its 0-based index",
+                path,
+                line,
+            )
         idx = choices.index(answer)
     return MultipleChoice(question, list(choices), idx)
 
@@ -260,7 +279,7 @@ def encode_pair(tokenizer, prompt: str, completion: str, seq_len: int, add_eos: 
     if len(p) + len(c) > seq_len:
         keep_c = min(len(c), seq_len - 1 if p else seq_len)
         c = c[:keep_c]
-        p = p[len(p) - (seq_len - keep_c):] if seq_len > keep_c else []
+        p = p[len(p) - (seq_len - keep_c) :] if seq_len > keep_c else []
     ids = torch.tensor(p + c, dtype=torch.long)
     labels = ids.clone()
     labels[: len(p)] = IGNORE_INDEX
@@ -275,8 +294,10 @@ def training_examples(dataset: Dataset, tokenizer, seq_len: int) -> list[Example
     if dataset.kind == "prompt_completion":
         return [encode_pair(tokenizer, p, c, seq_len) for p, c in dataset.records]
     if dataset.kind == "multiple_choice":
-        return [encode_pair(tokenizer, format_mc_prompt(q), format_mc_choice(q.choices[q.answer]), seq_len)
-                for q in dataset.records]
+        return [
+            encode_pair(tokenizer, format_mc_prompt(q), format_mc_choice(q.choices[q.answer]), seq_len)
+            for q in dataset.records
+        ]
     raise ValueError(f"unknown dataset kind {dataset.kind!r}")
 
 

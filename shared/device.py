@@ -28,8 +28,9 @@ class DeviceChoice:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
-def resolve_device(requested: str = "auto", *, cuda_available: bool | None = None,
-                   bf16_supported: bool | None = None) -> DeviceChoice:
+def resolve_device(
+    requested: str = "auto", *, cuda_available: bool | None = None, bf16_supported: bool | None = None
+) -> DeviceChoice:
     """`auto` -> cuda when available else cpu; `cuda[:N]` must exist (no silent fallback). bf16 only on CUDA."""
     requested = (requested or "auto").strip().lower()
     if cuda_available is None:

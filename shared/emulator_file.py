@@ -36,8 +36,11 @@ from shared.signing import sha256_file
 
 FORMAT = "emulator/v1"
 # Storage dtypes an emulator may be built in: half size for bf16/fp16 (the data owner trains in fp32 anyway).
-EMULATOR_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                           "float16": torch.float16}
+EMULATOR_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 _TOKENIZER_FIELDS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -79,7 +82,9 @@ def config_json(config) -> str:
 def tokenizer_metadata(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise EmulatorFileError(f"{type(tokenizer).__name__} is not a fast tokenizer; the emulator file needs tokenizer.json")
+        raise EmulatorFileError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; the emulator file needs tokenizer.json"
+        )
     extra: dict[str, Any] = {k: str(getattr(tokenizer, k)) for k in _TOKENIZER_FIELDS if getattr(tokenizer, k, None)}
     if getattr(tokenizer, "chat_template", None):
         extra["chat_template"] = tokenizer.chat_template
@@ -165,6 +170,8 @@ def load_emulator(path: str | Path, device: str | torch.device = "cpu") -> Loade
     except Exception as exc:
         raise EmulatorFileError(f"{path}: tensors do not match the emulator described in its metadata ({exc})") from exc
     if missing or unexpected:
-        raise EmulatorFileError(f"{path}: tensors do not match the plan (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise EmulatorFileError(
+            f"{path}: tensors do not match the plan (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     model.to(device).eval()
     return LoadedEmulator(model, tokenizer_from_metadata(meta), plan, meta)

@@ -59,8 +59,9 @@ def _token_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     labels = batch["labels"][:, 1:]
     # float32 for the softmax: bf16/fp16 logits lose too much precision in log-probs.
     logits = logits[:, :-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(labels.shape)
     return nll, labels != IGNORE_INDEX
 
 
@@ -90,11 +91,17 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float beyond ~709
 
 
-def _nll_over(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int,
-              device: torch.device | str, progress: Progress | None) -> tuple[float, int]:
+def _nll_over(
+    model: nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device | str,
+    progress: Progress | None,
+) -> tuple[float, int]:
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+        chunk = examples[start : start + batch_size]
         nll, mask = _token_nll(model, _to(collate(chunk, pad_id), device))
         total += float(nll.sum(dtype=torch.float64))
         count += int(mask.sum())
@@ -104,9 +111,17 @@ def _nll_over(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, seq_len: int = 256, batch_size: int = 4,
-             device: torch.device | str = "cpu", max_examples: int | None = None,
-             progress: Progress | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    dataset: Dataset,
+    *,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    max_examples: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, float]:
     """Score ``model`` on ``dataset``; see the module docstring for the metrics.
 
     The model must already be on ``device`` (inputs are moved there). It is put in eval mode for the
@@ -132,15 +147,17 @@ def evaluate(model: nn.Module, tokenizer, dataset: Dataset, *, seq_len: int = 25
             loss = total / max(n, 1)
             return {"completion_loss": loss, "perplexity": _perplexity(loss), "tokens": n}
         if dataset.kind == "multiple_choice":
-            return _multiple_choice(model, tokenizer, dataset.records[:max_examples], seq_len, batch_size,
-                                    device, pad_id, progress)
+            return _multiple_choice(
+                model, tokenizer, dataset.records[:max_examples], seq_len, batch_size, device, pad_id, progress
+            )
         raise ValueError(f"unknown dataset kind {dataset.kind!r}")
     finally:
         model.train(was_training)
 
 
-def _multiple_choice(model, tokenizer, questions, seq_len, batch_size, device, pad_id,
-                     progress: Progress | None) -> dict[str, float]:
+def _multiple_choice(
+    model, tokenizer, questions, seq_len, batch_size, device, pad_id, progress: Progress | None
+) -> dict[str, float]:
     # One row per (question, choice); the label mask selects exactly the continuation's tokens.
     rows: list[Example] = []
     for q in questions:
@@ -149,16 +166,16 @@ def _multiple_choice(model, tokenizer, questions, seq_len, batch_size, device, p
             rows.append(encode_pair(tokenizer, prompt, format_mc_choice(choice), seq_len, add_eos=False))
     loglik = torch.empty(len(rows), dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         nll, _ = _token_nll(model, _to(collate(chunk, pad_id), device))
-        loglik[start:start + len(chunk)] = -nll.sum(dim=1, dtype=torch.float64).cpu()
+        loglik[start : start + len(chunk)] = -nll.sum(dim=1, dtype=torch.float64).cpu()
         if progress:
             progress(start + len(chunk), len(rows))
 
     correct = correct_norm = 0
     i = 0
     for q in questions:
-        ll = loglik[i:i + len(q.choices)]
+        ll = loglik[i : i + len(q.choices)]
         chars = torch.tensor([len(format_mc_choice(c)) for c in q.choices], dtype=torch.float64)
         correct += int(_first_argmax(ll) == q.answer)
         correct_norm += int(_first_argmax(ll / chars) == q.answer)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     ADAPTER = "adapter"  # original layer, sent uncompressed, trained by the data owner
     HARMONIZER = "harmonizer"  # replaced by its lightweight stand-in
     FROZEN = "frozen"  # original layer, frozen; attention projections rank-reduced by beta (SRC)
@@ -48,7 +48,9 @@ class LayerPlan:
         try:
             return cls(
                 roles=[Role(r) for r in d["roles"]],
-                ranks={int(i): {str(p): [int(x) for x in v] for p, v in m.items()} for i, m in d.get("ranks", {}).items()},
+                ranks={
+                    int(i): {str(p): [int(x) for x in v] for p, v in m.items()} for i, m in d.get("ranks", {}).items()
+                },
                 method=str(d.get("method", "scaleot")),
                 n_adapter=int(d.get("n_adapter", 0)),
                 alpha=float(d.get("alpha", 0.0)),

@@ -56,9 +56,14 @@ class LoraSpec:
         return self.alpha / self.r
 
     def to_json(self) -> dict[str, Any]:
-        return {"r": self.r, "alpha": self.alpha, "dtype": self.dtype,
-                "target_modules": {k: {"in": m.in_features, "out": m.out_features, "conv1d": m.conv1d}
-                                   for k, m in self.modules.items()}}
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dtype": self.dtype,
+            "target_modules": {
+                k: {"in": m.in_features, "out": m.out_features, "conv1d": m.conv1d} for k, m in self.modules.items()
+            },
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LoraSpec:
@@ -89,8 +94,13 @@ def linear_modules(model: nn.Module, layers: list[int]) -> dict[str, LoraModule]
     return out
 
 
-def issue_lora(model: nn.Module, layers: list[int], r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA,
-               dtype: torch.dtype | None = None) -> LoraSpec:
+def issue_lora(
+    model: nn.Module,
+    layers: list[int],
+    r: int = DEFAULT_R,
+    alpha: float = DEFAULT_ALPHA,
+    dtype: torch.dtype | None = None,
+) -> LoraSpec:
     """The LoRA spec for `layers` of `model`, tensors in `dtype` (default: the model's)."""
     dtype = dtype or next(model.parameters()).dtype
     return LoraSpec(r, float(alpha), DTYPE_NAMES[dtype], linear_modules(model, layers))
@@ -111,8 +121,10 @@ def is_lora(names: Iterable[str]) -> bool:
 
 
 def _fail(what: str) -> AdapterValidationError:
-    return AdapterValidationError(f"LoRA {what}. Retrain with `dataowner-client tune --method lora` "
-                                  "(it uses the emulator's issued LoRA spec) or upload whole layers (--method full).")
+    return AdapterValidationError(
+        f"LoRA {what}. Retrain with `dataowner-client tune --method lora` "
+        "(it uses the emulator's issued LoRA spec) or upload whole layers (--method full)."
+    )
 
 
 def peft_config_of(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -122,8 +134,10 @@ def peft_config_of(config: dict[str, Any] | None) -> dict[str, Any]:
         return config["peft"]
     if config and "peft_type" in config:
         return config
-    raise _fail("upload without its PEFT config: send PEFT's adapter_config.json as the 'adapter_config' part "
-                "(alpha cannot be read from the tensors)")
+    raise _fail(
+        "upload without its PEFT config: send PEFT's adapter_config.json as the 'adapter_config' part "
+        "(alpha cannot be read from the tensors)"
+    )
 
 
 def check_peft_config(config: dict[str, Any], lora: LoraSpec) -> None:
@@ -139,8 +153,10 @@ def check_peft_config(config: dict[str, Any], lora: LoraSpec) -> None:
     got = {str(t) for t in targets} if isinstance(targets, list) else {str(targets)}
     if got != set(lora.modules):
         extra, missing = sorted(got - set(lora.modules)), sorted(set(lora.modules) - got)
-        raise _fail(f"target modules were not issued (unexpected {extra[:3]}, missing {missing[:3]}): target "
-                    "exactly the adapter layers' linear modules by full name")
+        raise _fail(
+            f"target modules were not issued (unexpected {extra[:3]}, missing {missing[:3]}): target "
+            "exactly the adapter layers' linear modules by full name"
+        )
     for key, plain in (("use_dora", False), ("use_rslora", False), ("bias", "none")):
         if config.get(key, plain) != plain:
             raise _fail(f"option {key}={str(config[key])[:50]!r} is not supported (only plain LoRA merges as issued)")
@@ -166,13 +182,20 @@ def expected_tensors(path: str | Path, spec: dict[str, TensorSpec], lora: LoraSp
     if not is_lora(read_safetensors_header(path)):
         return spec
     if lora is None:
-        raise AdapterValidationError("this emulator was issued without a LoRA spec (built before LoRA uploads): "
-                                     "upload whole adapter layers (--method full), or build a new emulator")
+        raise AdapterValidationError(
+            "this emulator was issued without a LoRA spec (built before LoRA uploads): "
+            "upload whole adapter layers (--method full), or build a new emulator"
+        )
     return file_spec(lora)
 
 
-def validate_upload(path: str | Path, spec: dict[str, TensorSpec], lora: LoraSpec | None,
-                    config: dict[str, Any] | None, max_bytes: int | None) -> str:
+def validate_upload(
+    path: str | Path,
+    spec: dict[str, TensorSpec],
+    lora: LoraSpec | None,
+    config: dict[str, Any] | None,
+    max_bytes: int | None,
+) -> str:
     """Stream-check an uploaded adapter (whole layers or PEFT LoRA); returns its method, 'full' or 'lora'."""
     want = expected_tensors(path, spec, lora)
     if want is spec:

@@ -30,6 +30,7 @@ class _Request(BaseModel):
 
 # ---------------------------------------------------------------- errors
 
+
 class ErrorDetail(_Response):
     code: str = Field(description="machine-readable, e.g. not_found, forbidden, validation_error")
     message: str = Field(description="what went wrong and what to do next")
@@ -41,6 +42,7 @@ class ErrorBody(_Response):
 
 # ---------------------------------------------------------------- jobs
 
+
 class Job(_Response):
     id: str
     kind: str
@@ -50,8 +52,10 @@ class Job(_Response):
     metrics: dict[str, Any] = Field(default_factory=dict, description="live metrics while running")
     result: dict[str, Any] = Field(default_factory=dict, description="ids of what the job produced")
     error: str | None = None
-    cancel_requested: bool = Field(default=False, description="POST /v1/jobs/{id}/cancel was called while it "
-                                   "ran; it ends `cancelled` at its next step")
+    cancel_requested: bool = Field(
+        default=False,
+        description="POST /v1/jobs/{id}/cancel was called while it ran; it ends `cancelled` at its next step",
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -65,6 +69,7 @@ class JobList(_Response):
 
 
 # ---------------------------------------------------------------- models
+
 
 class Model(_Response):
     id: str
@@ -100,25 +105,36 @@ class Grant(_Response):
 class ImportanceRequest(_Request):
     steps: int = Field(default=100, ge=1, le=1_000_000)
     corpus: str | None = Field(default=None, description="server-side text file; default: SCALEOT_DEFAULT_CORPUS")
-    warmup_steps: int = Field(default=0, ge=0, le=100_000, description="local-regression warm start of the "
-                              "harmonizers before Dynamic LayerReplace (cheap; helps short runs)")
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="local-regression warm start of the "
+        "harmonizers before Dynamic LayerReplace (cheap; helps short runs)",
+    )
     rl_interval: int = Field(default=2, ge=1, le=10_000, description="an RL score update every this many DL steps")
     distill_weight: float = Field(default=1.0, ge=0.0, le=100.0, description="KL to the full model's logits")
-    hidden_weight: float = Field(default=1.0, ge=0.0, le=100.0, description="normalised MSE of the last hidden "
-                                 "state against the full model's")
+    hidden_weight: float = Field(
+        default=1.0, ge=0.0, le=100.0, description="normalised MSE of the last hidden state against the full model's"
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 class PrivacyAuditRequest(_Request):
     attack: Literal["heal-lora", "heal-all", "densify"] | None = Field(
-        default=None, description="heal-lora (cheapest), heal-all, densify; default: SCALEOT_AUDIT_ATTACK")
+        default=None, description="heal-lora (cheapest), heal-all, densify; default: SCALEOT_AUDIT_ATTACK"
+    )
     steps: int | None = Field(default=None, ge=1, le=100_000, description="default: SCALEOT_AUDIT_STEPS")
-    corpus: str | None = Field(default=None, description="server-side public text file for the attacker; default: "
-                               "SCALEOT_AUDIT_CORPUS, else Python's pydoc topics")
+    corpus: str | None = Field(
+        default=None,
+        description="server-side public text file for the attacker; default: "
+        "SCALEOT_AUDIT_CORPUS, else Python's pydoc topics",
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 # ---------------------------------------------------------------- signing
+
 
 class SigningKey(_Response):
     key_id: str
@@ -154,6 +170,7 @@ class SignedManifest(_Response):
 
 # ---------------------------------------------------------------- emulators
 
+
 class TensorSpecOut(_Response):
     shape: list[int]
     dtype: str
@@ -176,13 +193,19 @@ class Emulator(_Response):
     adapter_layers: list[int] = Field(default_factory=list)
     adapter_spec: dict[str, TensorSpecOut] = Field(default_factory=dict)
     max_adapter_bytes: int | None = None
-    fidelity: dict[str, Any] | None = Field(default=None, description="measured at build time on the stage-1 "
-                                            "validation blocks: ppl_ratio (emulator / full model perplexity) and "
-                                            "grad_cosine (adapter gradients under the emulator vs the full model)")
+    fidelity: dict[str, Any] | None = Field(
+        default=None,
+        description="measured at build time on the stage-1 "
+        "validation blocks: ppl_ratio (emulator / full model perplexity) and "
+        "grad_cosine (adapter gradients under the emulator vs the full model)",
+    )
     build_info: dict[str, Any] | None = Field(default=None, description="adapter placement and calibration run")
-    privacy: dict[str, Any] | None = Field(default=None, description="the latest privacy audit: an attacker heals "
-                                           "the emulator on public text; residual_gap_nats = its held-out loss "
-                                           "minus the full model's (> 0: still worse than M); None: not audited")
+    privacy: dict[str, Any] | None = Field(
+        default=None,
+        description="the latest privacy audit: an attacker heals "
+        "the emulator on public text; residual_gap_nats = its held-out loss "
+        "minus the full model's (> 0: still worse than M); None: not audited",
+    )
     file_url: str
     signature_url: str
     error: str | None = None
@@ -199,8 +222,10 @@ class EmulatorCreate(_Request):
     alpha: float = Field(ge=0.0, le=1.0, description="fraction of the other layers replaced by harmonizers")
     beta: float = Field(ge=0.0, lt=1.0, description="SRC ratio: share of attention rank removed")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="storage dtype of the emulator file (bf16/fp16: half the size); adapters "
-                                       "come back in it. Stored in build_info and the signed manifest")
+        default="float32",
+        description="storage dtype of the emulator file (bf16/fp16: half the size); adapters "
+        "come back in it. Stored in build_info and the signed manifest",
+    )
 
 
 class EmulatorCreated(_Response):
@@ -209,6 +234,7 @@ class EmulatorCreated(_Response):
 
 
 # ---------------------------------------------------------------- adapters
+
 
 class AdapterEvaluation(_Response):
     zero_shot: dict[str, Any] | None = Field(default=None, description="full model M without the adapter")
@@ -254,6 +280,7 @@ class GenerateResponse(_Response):
 
 
 # ---------------------------------------------------------------- misc
+
 
 class Health(_Response):
     status: Literal["ok", "degraded"]

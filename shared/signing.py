@@ -45,6 +45,7 @@ class IntegrityError(VerificationError):
 
 # ---------------------------------------------------------------- keys
 
+
 def load_or_create_private_key(path: str | Path) -> Ed25519PrivateKey:
     """Load a PEM (PKCS8, unencrypted) Ed25519 key; generate it with mode 0600 if the file is absent."""
     path = Path(path)
@@ -55,8 +56,7 @@ def load_or_create_private_key(path: str | Path) -> Ed25519PrivateKey:
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     # O_EXCL: two processes starting at once must not both write a key; the loser reads the winner's.
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -106,12 +106,12 @@ def parse_pinned_key(text: str) -> tuple[str, Ed25519PublicKey | None]:
     except SignatureError as exc:
         raise SignatureError(
             f"pinned server key {text!r} is neither a {KEY_ID_HEX_CHARS}-hex-char key id nor a base64 "
-            f"Ed25519 public key ({exc}); copy it from GET /v1/signing-keys") from None
+            f"Ed25519 public key ({exc}); copy it from GET /v1/signing-keys"
+        ) from None
     return key_id(key), key
 
 
-def trusted_keys_from_listing(listing: dict[str, Any], pins: list[str] | None = None
-                              ) -> dict[str, Ed25519PublicKey]:
+def trusted_keys_from_listing(listing: dict[str, Any], pins: list[str] | None = None) -> dict[str, Ed25519PublicKey]:
     """Trusted keys from a `GET /v1/signing-keys` body: revoked keys dropped, ids recomputed.
 
     With `pins` (base64 keys or key ids), only keys matching a pin are kept; a pinned full key is
@@ -145,6 +145,7 @@ def trusted_keys_from_listing(listing: dict[str, Any], pins: list[str] | None = 
 
 # ---------------------------------------------------------------- manifests
 
+
 def canonical_bytes(manifest: dict[str, Any]) -> bytes:
     """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -154,8 +155,16 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def emulator_manifest(*, emulator_id: str, model_id: str, sha256: str, size_bytes: int,
-                      layer_plan: dict[str, Any], key_id: str, issued_at: str | None = None) -> dict[str, Any]:
+def emulator_manifest(
+    *,
+    emulator_id: str,
+    model_id: str,
+    sha256: str,
+    size_bytes: int,
+    layer_plan: dict[str, Any],
+    key_id: str,
+    issued_at: str | None = None,
+) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
         "emulator_id": emulator_id,
@@ -191,7 +200,8 @@ def verify_signed_manifest(signed: dict[str, Any], trusted: dict[str, Ed25519Pub
     if key is None:
         raise SignatureError(
             f"manifest signed by key {kid!r}, which is not trusted (unknown, revoked, or not the pinned key); "
-            f"trusted: {sorted(trusted) or 'none'}")
+            f"trusted: {sorted(trusted) or 'none'}"
+        )
     if key_id(key) != kid:
         raise SignatureError(f"trusted key registered under {kid!r} actually has id {key_id(key)!r}")
     try:
@@ -205,8 +215,9 @@ def verify_signed_manifest(signed: dict[str, Any], trusted: dict[str, Ed25519Pub
     try:
         key.verify(sig, signed_bytes)
     except InvalidSignature:
-        raise SignatureError("signature does not match the manifest: it was altered or not signed by this key"
-                             ) from None
+        raise SignatureError(
+            "signature does not match the manifest: it was altered or not signed by this key"
+        ) from None
     return manifest
 
 
@@ -229,9 +240,13 @@ def verify_file(path: str | Path, manifest: dict[str, Any]) -> None:
         raise IntegrityError("manifest lacks a valid sha256/size_bytes") from None
     actual_size = os.path.getsize(path)
     if actual_size != expected_size:
-        raise IntegrityError(f"{path}: size {actual_size} bytes, manifest says {expected_size}; "
-                             "the download is incomplete or altered, download it again")
+        raise IntegrityError(
+            f"{path}: size {actual_size} bytes, manifest says {expected_size}; "
+            "the download is incomplete or altered, download it again"
+        )
     actual_sha, _ = sha256_file(path)
     if actual_sha != expected_sha:
-        raise IntegrityError(f"{path}: sha256 {actual_sha} does not match the manifest's {expected_sha}; "
-                             "the file was altered, download it again")
+        raise IntegrityError(
+            f"{path}: sha256 {actual_sha} does not match the manifest's {expected_sha}; "
+            "the file was altered, download it again"
+        )

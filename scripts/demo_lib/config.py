@@ -36,9 +36,23 @@ class DemoConfig:
     @classmethod
     def for_args(cls, args: argparse.Namespace) -> DemoConfig:
         if args.tiny:
-            cfg = cls(tiny=True, steps=4, warmup_steps=1, train_steps=4, n_adapter=2, alpha=0.5, beta=0.5, seq_len=64, batch_size=2,
-                      eval_max_examples=8, wiki_train_chars=40_000, train_works=2, eval_works=1,
-                      max_chars_per_work=12_000, model_name="tiny-llama")
+            cfg = cls(
+                tiny=True,
+                steps=4,
+                warmup_steps=1,
+                train_steps=4,
+                n_adapter=2,
+                alpha=0.5,
+                beta=0.5,
+                seq_len=64,
+                batch_size=2,
+                eval_max_examples=8,
+                wiki_train_chars=40_000,
+                train_works=2,
+                eval_works=1,
+                max_chars_per_work=12_000,
+                model_name="tiny-llama",
+            )
         else:
             cfg = cls()
         scale = args.scale if args.scale is not None else float(os.environ.get("SCALEOT_DEMO_SCALE") or 1.0)
@@ -46,8 +60,19 @@ class DemoConfig:
             raise SystemExit("SCALEOT_DEMO_SCALE / --scale must be > 0")
         cfg.steps = max(1, round(cfg.steps * scale))
         cfg.train_steps = max(1, round(cfg.train_steps * scale))
-        for name in ("steps", "warmup_steps", "train_steps", "n_adapter", "alpha", "beta", "seq_len", "batch_size",
-                     "eval_max_examples", "lr", "seed"):
+        for name in (
+            "steps",
+            "warmup_steps",
+            "train_steps",
+            "n_adapter",
+            "alpha",
+            "beta",
+            "seq_len",
+            "batch_size",
+            "eval_max_examples",
+            "lr",
+            "seed",
+        ):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(cfg, name, value)
@@ -76,12 +101,16 @@ class Invitation:
         deadline = time.monotonic() + wait_s
         while not path.is_file():
             if time.monotonic() > deadline:
-                raise DemoError(f"no invitation at {path}: run the model-owner side first "
-                                "(`python scripts/demo.py --role model-owner ...`)")
+                raise DemoError(
+                    f"no invitation at {path}: run the model-owner side first "
+                    "(`python scripts/demo.py --role model-owner ...`)"
+                )
             time.sleep(2)
         data = json.loads(path.read_text())
-        return cls(**{k: data[k] for k in ("emulator_url", "api_key", "server_pubkey") if k in data},
-                   key_id=data.get("key_id", ""))
+        return cls(
+            **{k: data[k] for k in ("emulator_url", "api_key", "server_pubkey") if k in data},
+            key_id=data.get("key_id", ""),
+        )
 
     @property
     def server_url(self) -> str:

@@ -27,8 +27,12 @@ def model_owner_files(cfg: DemoConfig, owner_dir: Path) -> tuple[Path, Path]:
         if (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors")):
             say(f"  reusing {model_dir}")
         else:
-            run_cmd([*tool("modelowner-server"), "prepare-smollm2", "--output", str(model_dir)],
-                    env=clean_env(), cwd=owner_dir, capture=True)
+            run_cmd(
+                [*tool("modelowner-server"), "prepare-smollm2", "--output", str(model_dir)],
+                env=clean_env(),
+                cwd=owner_dir,
+                capture=True,
+            )
     corpus = write_wiki(corpus_dir, cfg)
     say(f"  stage-1 corpus: {corpus} ({corpus.stat().st_size // 1000} kB of Wikipedia prose)")
     return model_dir, corpus
@@ -38,8 +42,9 @@ def write_wiki(corpus_dir: Path, cfg: DemoConfig) -> Path:
     from scaleot_samples.corpora import CorpusNotInstalledError, write_wiki_files
 
     try:
-        return write_wiki_files(corpus_dir, train_chars=cfg.wiki_train_chars,
-                                val_chars=max(5_000, cfg.wiki_train_chars // 10))["wiki_train"]
+        return write_wiki_files(
+            corpus_dir, train_chars=cfg.wiki_train_chars, val_chars=max(5_000, cfg.wiki_train_chars // 10)
+        )["wiki_train"]
     except CorpusNotInstalledError as exc:
         if not cfg.tiny:
             raise DemoError(f"{exc} (or run `make demo`, which installs it)") from None
@@ -61,10 +66,10 @@ def data_owner_files(cfg: DemoConfig, data_dir: Path) -> tuple[Path, Path, list[
         _stdlib_text(eval_path, cfg.max_chars_per_work or 10_000, 2)
         return train_path, eval_path, ["Python documentation (a)"], ["Python documentation (b)"]
     titles = random.Random(cfg.seed).sample(sorted(works), cfg.train_works + cfg.eval_works)
-    train_titles, eval_titles = titles[:cfg.train_works], titles[cfg.train_works:]
+    train_titles, eval_titles = titles[: cfg.train_works], titles[cfg.train_works :]
 
     def cut(t: str) -> str:
-        return t[:cfg.max_chars_per_work] if cfg.max_chars_per_work else t
+        return t[: cfg.max_chars_per_work] if cfg.max_chars_per_work else t
 
     train_path.write_text("\n\n".join(cut(works[t]) for t in train_titles), encoding="utf-8")
     eval_path.write_text("\n\n".join(cut(works[t]) for t in eval_titles), encoding="utf-8")

@@ -29,8 +29,7 @@ class ClientResult:
     seconds: float
 
 
-def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *,
-                    device: str = "auto") -> ClientResult:
+def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *, device: str = "auto") -> ClientResult:
     """Everything the data owner does, in its own directory, knowing only the invitation's three strings."""
     step("data owner: private data (Shakespeare), in its own directory")
     client_dir.mkdir(parents=True, exist_ok=True)
@@ -40,16 +39,50 @@ def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *
 
     step("data owner: dataowner-client tune (download + verify, fine-tune the adapter locally, upload only it)")
     shutil.rmtree(client_dir / "adapter", ignore_errors=True)  # a fresh adapter each run (no stale checkpoint)
-    env = clean_env(SCALEOT_API_KEY=invitation.api_key, SCALEOT_SERVER_PUBKEY=invitation.server_pubkey,
-                    SCALEOT_CLIENT_CACHE=str((client_dir / "cache").resolve()))
+    env = clean_env(
+        SCALEOT_API_KEY=invitation.api_key,
+        SCALEOT_SERVER_PUBKEY=invitation.server_pubkey,
+        SCALEOT_CLIENT_CACHE=str((client_dir / "cache").resolve()),
+    )
     if not sys.stderr.isatty():
         env.setdefault("TQDM_MININTERVAL", "10")  # progress bars in a log: a line every 10 s, not every step
-    cmd = [*tool("dataowner-client"), "tune", "--emulator-url", invitation.emulator_url, "--data", str(train.relative_to(client_dir)), "--eval-data", str(evalf.relative_to(client_dir)), "--max-steps", str(cfg.train_steps), "--batch-size", str(cfg.batch_size), "--seq-len", str(cfg.seq_len), "--eval-max-examples", str(cfg.eval_max_examples), "--seed", str(cfg.seed), "--device", device, "--out", "adapter", "--json", "--progress"]
+    cmd = [
+        *tool("dataowner-client"),
+        "tune",
+        "--emulator-url",
+        invitation.emulator_url,
+        "--data",
+        str(train.relative_to(client_dir)),
+        "--eval-data",
+        str(evalf.relative_to(client_dir)),
+        "--max-steps",
+        str(cfg.train_steps),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--seq-len",
+        str(cfg.seq_len),
+        "--eval-max-examples",
+        str(cfg.eval_max_examples),
+        "--seed",
+        str(cfg.seed),
+        "--device",
+        device,
+        "--out",
+        "adapter",
+        "--json",
+        "--progress",
+    ]
     if cfg.lr is not None:
         cmd += ["--lr", str(cfg.lr)]
     t = time.monotonic()
-    out = run_cmd(cmd, env=env, cwd=client_dir, capture=True, secret_output=True,
-                  env_note="SCALEOT_API_KEY=sot_... SCALEOT_SERVER_PUBKEY=... ")
+    out = run_cmd(
+        cmd,
+        env=env,
+        cwd=client_dir,
+        capture=True,
+        secret_output=True,
+        env_note="SCALEOT_API_KEY=sot_... SCALEOT_SERVER_PUBKEY=... ",
+    )
     seconds = time.monotonic() - t
     try:
         doc = json.loads(out)
@@ -83,12 +116,20 @@ def in_model_reference(cfg: DemoConfig, owner_dir: Path, client_dir: Path, clien
     layers = list(client.emulator.get("adapter_layers") or [])
     data = load_dataset(client_dir / "data" / "shakespeare_train.txt")
     held_out = load_dataset(client_dir / "data" / "shakespeare_eval.txt")
-    tcfg = TrainConfig(max_steps=cfg.train_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-                       lr=cfg.lr, save_every=10**9)
-    m, _ = train_layers_in_model(model, layers, training_examples(data, tok, cfg.seq_len), tcfg,
-                                 resolve_device("cpu"), pad_id=pad_id_for(tok))
+    tcfg = TrainConfig(
+        max_steps=cfg.train_steps,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+        lr=cfg.lr,
+        save_every=10**9,
+    )
+    m, _ = train_layers_in_model(
+        model, layers, training_examples(data, tok, cfg.seq_len), tcfg, resolve_device("cpu"), pad_id=pad_id_for(tok)
+    )
     with torch.no_grad():
-        metrics = evaluate(m, tok, held_out, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                           max_examples=cfg.eval_max_examples)
+        metrics = evaluate(
+            m, tok, held_out, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_examples=cfg.eval_max_examples
+        )
     say(f"  layers {layers} tuned in M: perplexity {metrics['perplexity']:.1f} ({fmt_seconds(time.monotonic() - t)})")
     return {"metrics": metrics, "seconds": round(time.monotonic() - t, 1)}

@@ -73,10 +73,12 @@ class OwnerResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def server_cli(args: list[str], env: dict[str, str], cwd: Path, *, capture: bool = True, secret: bool = False,
-               env_note: str = "") -> str:
-    return run_cmd(tool("modelowner-server") + args, env=env, cwd=cwd, capture=capture, secret_output=secret,
-                   env_note=env_note)
+def server_cli(
+    args: list[str], env: dict[str, str], cwd: Path, *, capture: bool = True, secret: bool = False, env_note: str = ""
+) -> str:
+    return run_cmd(
+        tool("modelowner-server") + args, env=env, cwd=cwd, capture=capture, secret_output=secret, env_note=env_note
+    )
 
 
 def create_org(name: str, role: str, env: dict[str, str], cwd: Path) -> tuple[str, str]:
@@ -95,8 +97,15 @@ def create_org(name: str, role: str, env: dict[str, str], cwd: Path) -> tuple[st
     raise AssertionError
 
 
-def model_owner_flow(cfg: DemoConfig, *, server_url: str, cli_env: dict[str, str], owner_dir: Path,
-                     state_file: Path | None = None, alive=lambda: None) -> OwnerResult:
+def model_owner_flow(
+    cfg: DemoConfig,
+    *,
+    server_url: str,
+    cli_env: dict[str, str],
+    owner_dir: Path,
+    state_file: Path | None = None,
+    alive=lambda: None,
+) -> OwnerResult:
     """Everything the model owner does, via its CLI (database-side commands) and the REST API."""
     timings: dict[str, float] = {}
     state = json.loads(state_file.read_text()) if state_file and state_file.is_file() else {}
@@ -127,16 +136,20 @@ def model_owner_flow(cfg: DemoConfig, *, server_url: str, cli_env: dict[str, str
         say(f"    model {cfg.model_name!r} is registered already ({model['id']})")
     else:  # the same as `modelowner-server register-model NAME --path DIR`
         model = admin.call("POST", "/v1/models", {"name": cfg.model_name, "path": str(model_dir.resolve())})
-        say(f"    -> {model['id']}: {model.get('family')}, {model.get('n_layers')} layers, "
-            f"{(model.get('n_params') or 0) / 1e6:.1f}M parameters")
+        say(
+            f"    -> {model['id']}: {model.get('family')}, {model.get('n_layers')} layers, "
+            f"{(model.get('n_params') or 0) / 1e6:.1f}M parameters"
+        )
     admin.call("POST", f"/v1/models/{model['id']}/grants", {"org": data_org})  # = `modelowner-server grant`
 
     keys = admin.call("GET", "/v1/signing-keys")["keys"]
     active = next(k for k in keys if k["status"] == "active")
     say(f"    server signing key {active['key_id']}: {active['public_key']}")
 
-    step(f"model owner: stage 1, importance estimation ({cfg.warmup_steps} warm-up + {cfg.steps} DL steps, "
-         "Dynamic LayerReplace)")
+    step(
+        f"model owner: stage 1, importance estimation ({cfg.warmup_steps} warm-up + {cfg.steps} DL steps, "
+        "Dynamic LayerReplace)"
+    )
     t = time.monotonic()
     model = admin.call("GET", f"/v1/models/{model['id']}", show=False)
     importance: dict[str, Any] = {}
@@ -144,8 +157,11 @@ def model_owner_flow(cfg: DemoConfig, *, server_url: str, cli_env: dict[str, str
     if model.get("importance_ready") and state.get("importance_budget") == budget:
         say("  importance of this model is estimated already; reusing it")
     else:
-        job = admin.call("POST", f"/v1/models/{model['id']}/importance",
-                         {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "corpus": str(corpus.resolve())})
+        job = admin.call(
+            "POST",
+            f"/v1/models/{model['id']}/importance",
+            {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "corpus": str(corpus.resolve())},
+        )
         job = admin.wait_job(job["id"], "importance")
         importance = job.get("result") or {}
         if importance.get("ranking"):
@@ -157,8 +173,11 @@ def model_owner_flow(cfg: DemoConfig, *, server_url: str, cli_env: dict[str, str
 
     step(f"model owner: stage 2, emulator (N_a={cfg.n_adapter}, alpha={cfg.alpha}, beta={cfg.beta})")
     t = time.monotonic()
-    created = admin.call("POST", "/v1/emulators", {"model_id": model["id"], "n_adapter": cfg.n_adapter,
-                                                   "alpha": cfg.alpha, "beta": cfg.beta})
+    created = admin.call(
+        "POST",
+        "/v1/emulators",
+        {"model_id": model["id"], "n_adapter": cfg.n_adapter, "alpha": cfg.alpha, "beta": cfg.beta},
+    )
     emu = created["emulator"]
     if emu["status"] != "ready" and created.get("job"):
         admin.wait_job(created["job"]["id"], "emulator")
@@ -166,19 +185,27 @@ def model_owner_flow(cfg: DemoConfig, *, server_url: str, cli_env: dict[str, str
     timings["emulator"] = time.monotonic() - t
     if emu["status"] != "ready":
         raise DemoError(f"emulator {emu['id']} is {emu['status']}: {emu.get('error')}")
-    say(f"  emulator {emu['id']}: {plan_summary(emu)}; {fmt_bytes(emu.get('size_bytes'))} "
-        f"vs full model {fmt_bytes(emu.get('full_model_bytes'))}")
+    say(
+        f"  emulator {emu['id']}: {plan_summary(emu)}; {fmt_bytes(emu.get('size_bytes'))} "
+        f"vs full model {fmt_bytes(emu.get('full_model_bytes'))}"
+    )
     model = admin.call("GET", f"/v1/models/{model['id']}", show=False)
     admin.close()
-    invitation = Invitation(emulator_url=f"{server_url.rstrip('/')}/v1/emulators/{emu['id']}", api_key=data_key,
-                            server_pubkey=active["public_key"], key_id=active["key_id"])
+    invitation = Invitation(
+        emulator_url=f"{server_url.rstrip('/')}/v1/emulators/{emu['id']}",
+        api_key=data_key,
+        server_pubkey=active["public_key"],
+        key_id=active["key_id"],
+    )
     return OwnerResult(invitation, model, emu, importance, timings)
 
 
 def _key_works(server_url: str, key: str) -> bool:
     try:
-        return httpx.get(f"{server_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10
-                         ).status_code == 200
+        return (
+            httpx.get(f"{server_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code
+            == 200
+        )
     except httpx.HTTPError:
         return False
 

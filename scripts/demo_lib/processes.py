@@ -53,8 +53,15 @@ def show_cmd(cmd: list[str], env_note: str = "") -> None:
     say(f"  $ {env_note}{shown}")
 
 
-def run_cmd(cmd: list[str], *, env: dict[str, str], cwd: Path, capture: bool = False, env_note: str = "",
-            secret_output: bool = False) -> str:
+def run_cmd(
+    cmd: list[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    capture: bool = False,
+    env_note: str = "",
+    secret_output: bool = False,
+) -> str:
     """Run a command, streaming its output (with `capture`, stdout is returned and stderr streamed).
 
     In a terminal the child writes to it directly (live progress bars); otherwise (CI logs, pipes) its
@@ -62,8 +69,9 @@ def run_cmd(cmd: list[str], *, env: dict[str, str], cwd: Path, capture: bool = F
     """
     show_cmd(cmd, env_note)
     pump = not sys.stderr.isatty()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE if capture else None,
-                            stderr=subprocess.PIPE if pump else None)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if pump else None
+    )
     _children.append(proc)
     thread = None
     try:
@@ -105,7 +113,7 @@ def _pump(stream, bar_interval_s: float = 10.0) -> None:
             cut = min((i for i in (buf.find(b"\r"), buf.find(b"\n")) if i >= 0), default=-1)
             if cut < 0:
                 break
-            seg, end, buf = buf[:cut], buf[cut:cut + 1], buf[cut + 1:]
+            seg, end, buf = buf[:cut], buf[cut : cut + 1], buf[cut + 1 :]
             text = seg.decode("utf-8", "replace").rstrip()
             if not text.strip():
                 continue
@@ -151,8 +159,9 @@ class LocalServer:
         say(f"    (server log: {self.log_path})")
         log = open(self.log_path, "w")
         # A session of its own: Ctrl-C in the terminal reaches the demo, which then stops the server cleanly.
-        self.proc = subprocess.Popen(cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         _servers.append(self)  # main() stops it even if Ctrl-C lands before the with-block owns it
         try:
@@ -165,8 +174,9 @@ class LocalServer:
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise DemoError(f"the server exited with {self.proc.returncode}; last lines of {self.log_path}:\n"
-                            + self.log_tail())
+            raise DemoError(
+                f"the server exited with {self.proc.returncode}; last lines of {self.log_path}:\n" + self.log_tail()
+            )
 
     def log_tail(self, n: int = 30) -> str:
         try:

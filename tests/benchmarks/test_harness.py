@@ -31,6 +31,14 @@ def test_publish_writes_json_and_markdown_by_profile(tmp_path):
 
 def test_record_keeps_details_apart():
     r = record("x", 1.5, "s", baseline=1.0, ratio=rounded(1.5 / 1.0, 2), target="ratio <= 2", met=True, reps=3)
-    assert r == {"name": "x", "value": 1.5, "unit": "s", "baseline": 1.0, "ratio": 1.5, "target": "ratio <= 2",
-                 "met": True, "details": {"reps": 3}}
+    assert r == {
+        "name": "x",
+        "value": 1.5,
+        "unit": "s",
+        "baseline": 1.0,
+        "ratio": 1.5,
+        "target": "ratio <= 2",
+        "met": True,
+        "details": {"reps": 3},
+    }
     assert rounded(None) is None and rounded(1.23456, 2) == 1.23

@@ -32,8 +32,22 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     names = {(r["task"], r["name"]) for r in data["rows"]}
     expected = {s.name for s in bench.row_specs(bench.PROFILES["tiny"])}
     assert names == {(t, n) for t in ("shakespeare", "analogy") for n in expected}
-    keys = {"method", "task", "n_adapter", "alpha", "beta", "emulator_params", "emulator_bytes", "metric",
-            "zero_shot", "emulator_zero_shot", "emulator_ft", "plug_in", "full_ft", "seconds"}
+    keys = {
+        "method",
+        "task",
+        "n_adapter",
+        "alpha",
+        "beta",
+        "emulator_params",
+        "emulator_bytes",
+        "metric",
+        "zero_shot",
+        "emulator_zero_shot",
+        "emulator_ft",
+        "plug_in",
+        "full_ft",
+        "seconds",
+    }
     for r in data["rows"]:
         assert keys <= r.keys()
         assert r["metric"] == ("perplexity" if r["task"] == "shakespeare" else "accuracy")

@@ -10,9 +10,16 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "systems.py"
 KEYS = {"name", "value", "unit", "baseline", "ratio", "target", "met"}
-EXPECTED = {"download_throughput_api", "verify_throughput_client", "server_rss_growth_adapter_upload",
-            "server_rss_growth_parallel_downloads", "train_step_client", "stage2_build_seconds",
-            "emulator_size_bytes", "emulator_params"}
+EXPECTED = {
+    "download_throughput_api",
+    "verify_throughput_client",
+    "server_rss_growth_adapter_upload",
+    "server_rss_growth_parallel_downloads",
+    "train_step_client",
+    "stage2_build_seconds",
+    "emulator_size_bytes",
+    "emulator_params",
+}
 
 
 def _load():

@@ -15,8 +15,13 @@ def test_tiny_run_writes_rows_summary_and_targets(tmp_path):
     assert set(data["emulators"]) == emulators
     for e in data["emulators"].values():
         assert {"ppl_ratio", "grad_cosine"} <= e["fidelity"].keys()
-    main_a = [s for s in data["summary"] if s["task"] == "shakespeare" and s["emulator"] == "scaleot_a0.5"
-              and s["steps"] == transfer.PROFILES["tiny"].ft_steps]
+    main_a = [
+        s
+        for s in data["summary"]
+        if s["task"] == "shakespeare"
+        and s["emulator"] == "scaleot_a0.5"
+        and s["steps"] == transfer.PROFILES["tiny"].ft_steps
+    ]
     assert main_a and len(main_a[0]["seeds"]) == 2 and main_a[0]["r_spread"] is not None
     assert all(r["r"] is None or math.isfinite(r["r"]) for r in data["rows"])
     assert data["stage1"]["spearman_between_seeds"] is not None

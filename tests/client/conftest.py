@@ -35,8 +35,11 @@ def fake(emulator_build: tuple[Path, dict]):
 @pytest.fixture
 def client_env(tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Environment of a correctly configured data owner: API key, pinned server key, private cache."""
-    env = {"SCALEOT_API_KEY": API_KEY, "SCALEOT_SERVER_PUBKEY": public_key_to_b64(fake.state.key.public_key()),
-           "SCALEOT_CLIENT_CACHE": str(tmp_path / "cache")}
+    env = {
+        "SCALEOT_API_KEY": API_KEY,
+        "SCALEOT_SERVER_PUBKEY": public_key_to_b64(fake.state.key.public_key()),
+        "SCALEOT_CLIENT_CACHE": str(tmp_path / "cache"),
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("SCALEOT_SERVER_URL", raising=False)
@@ -58,8 +61,12 @@ def train_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def eval_file(tmp_path: Path) -> Path:
     p = tmp_path / "eval.jsonl"
-    p.write_text("".join(json.dumps({"text": f"The cat sat on the mat number {i}. The dog ran to the park."}) + "\n"
-                         for i in range(4)))
+    p.write_text(
+        "".join(
+            json.dumps({"text": f"The cat sat on the mat number {i}. The dog ran to the park."}) + "\n"
+            for i in range(4)
+        )
+    )
     return p
 
 

@@ -23,16 +23,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from scaleot_samples.tiny import byte_tokenizer, tiny_model
 from shared.adapter import spec_from_json
-from shared.lora import LoraSpec, is_lora, issue_lora, load_adapter, merge_lora
 from shared.architectures import decoder_layers, family_for
 from shared.data import load_dataset
 from shared.emulator_file import save_emulator
 from shared.emulator_model import apply_plan, src_ranks
 from shared.evaluation import evaluate
 from shared.layer_plan import LayerPlan, Role
+from shared.lora import LoraSpec, is_lora, issue_lora, load_adapter, merge_lora
 from shared.signing import emulator_manifest, key_id, public_key_to_b64, sign_manifest
-from scaleot_samples.tiny import byte_tokenizer, tiny_model
 
 API_KEY = "test-api-key"
 NOW = "2025-01-01T00:00:00Z"
@@ -43,16 +43,29 @@ def build_tiny_emulator(path: Path, emulator_id: str, model_id: str, family: str
     model = tiny_model(family, n_layers=4, hidden=32)
     fam = family_for(model.config)
     ranks = {2: src_ranks(decoder_layers(model)[2], fam.projections, 0.5)}
-    plan = LayerPlan(roles=[Role.ADAPTER, Role.HARMONIZER, Role.FROZEN, Role.ADAPTER], ranks=ranks,
-                     method="scaleot", n_adapter=2, alpha=0.5, beta=0.5, bottleneck=8)
+    plan = LayerPlan(
+        roles=[Role.ADAPTER, Role.HARMONIZER, Role.FROZEN, Role.ADAPTER],
+        ranks=ranks,
+        method="scaleot",
+        n_adapter=2,
+        alpha=0.5,
+        beta=0.5,
+        bottleneck=8,
+    )
     emulator = apply_plan(model, plan)
-    info = save_emulator(emulator, plan, byte_tokenizer(), path,
-                         extra_metadata={"emulator_id": emulator_id, "model_id": model_id})
+    info = save_emulator(
+        emulator, plan, byte_tokenizer(), path, extra_metadata={"emulator_id": emulator_id, "model_id": model_id}
+    )
     from shared.adapter import adapter_spec, spec_to_json
 
-    return {"plan": plan, "sha256": info.sha256, "size_bytes": info.size_bytes, "n_params": info.n_params,
-            "adapter_spec": spec_to_json(adapter_spec(emulator, plan.adapter_layers)),
-            "lora": issue_lora(emulator, plan.adapter_layers).to_json()}
+    return {
+        "plan": plan,
+        "sha256": info.sha256,
+        "size_bytes": info.size_bytes,
+        "n_params": info.n_params,
+        "adapter_spec": spec_to_json(adapter_spec(emulator, plan.adapter_layers)),
+        "lora": issue_lora(emulator, plan.adapter_layers).to_json(),
+    }
 
 
 @dataclass
@@ -102,12 +115,26 @@ def make_app(state: FakeState) -> FastAPI:
 
     def emulator_json() -> dict[str, Any]:
         b = state.built
-        return {"id": state.emulator_id, "model_id": state.model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5,
-                "status": "ready", "job_id": None, "sha256": b["sha256"], "size_bytes": b["size_bytes"],
-                "n_params": b["n_params"], "plan": b["plan"].to_dict(), "adapter_layers": b["plan"].adapter_layers,
-                "adapter_spec": b["adapter_spec"], "max_adapter_bytes": None,
-                "build_info": {"dtype": "float32", "lora": b["lora"]},
-                "file_url": f"{base_emulator}/file", "signature_url": f"{base_emulator}/signature", "created_at": NOW}
+        return {
+            "id": state.emulator_id,
+            "model_id": state.model_id,
+            "n_adapter": 2,
+            "alpha": 0.5,
+            "beta": 0.5,
+            "status": "ready",
+            "job_id": None,
+            "sha256": b["sha256"],
+            "size_bytes": b["size_bytes"],
+            "n_params": b["n_params"],
+            "plan": b["plan"].to_dict(),
+            "adapter_layers": b["plan"].adapter_layers,
+            "adapter_spec": b["adapter_spec"],
+            "max_adapter_bytes": None,
+            "build_info": {"dtype": "float32", "lora": b["lora"]},
+            "file_url": f"{base_emulator}/file",
+            "signature_url": f"{base_emulator}/signature",
+            "created_at": NOW,
+        }
 
     @app.get("/v1/emulators/{eid}")
     def get_emulator(eid: str):
@@ -143,18 +170,21 @@ def make_app(state: FakeState) -> FastAPI:
             for i in range(0, len(body), step):
                 if cut is not None and start + i >= cut:
                     raise ConnectionAbortedError("simulated network failure")  # uvicorn drops the connection
-                yield body[i:i + step]
+                yield body[i : i + step]
 
-        return StreamingResponse(chunks(), status_code=status, headers=headers,
-                                 media_type="application/octet-stream")
+        return StreamingResponse(chunks(), status_code=status, headers=headers, media_type="application/octet-stream")
 
     @app.get("/v1/emulators/{eid}/signature")
     def get_signature(eid: str):
         manifest = emulator_manifest(
-            emulator_id=state.manifest_emulator_id or state.emulator_id, model_id=state.model_id,
-            sha256=state.built["sha256"], size_bytes=state.built["size_bytes"],
-            layer_plan=state.built["plan"].to_dict(), key_id=key_id((state.sign_with or state.key).public_key()),
-            issued_at=NOW) | {"dtype": "float32", "lora": state.built["lora"]}
+            emulator_id=state.manifest_emulator_id or state.emulator_id,
+            model_id=state.model_id,
+            sha256=state.built["sha256"],
+            size_bytes=state.built["size_bytes"],
+            layer_plan=state.built["plan"].to_dict(),
+            key_id=key_id((state.sign_with or state.key).public_key()),
+            issued_at=NOW,
+        ) | {"dtype": "float32", "lora": state.built["lora"]}
         signed = sign_manifest(state.sign_with or state.key, manifest)
         signed["manifest"].update(state.manifest_patch)
         return signed
@@ -162,8 +192,17 @@ def make_app(state: FakeState) -> FastAPI:
     @app.get("/v1/signing-keys")
     def signing_keys():
         pub = state.key.public_key()
-        return {"keys": [{"key_id": key_id(pub), "algorithm": "Ed25519", "public_key": public_key_to_b64(pub),
-                          "status": "active", "created_at": NOW}]}
+        return {
+            "keys": [
+                {
+                    "key_id": key_id(pub),
+                    "algorithm": "Ed25519",
+                    "public_key": public_key_to_b64(pub),
+                    "status": "active",
+                    "created_at": NOW,
+                }
+            ]
+        }
 
     @app.get("/v1/emulators/{eid}/upload-info")
     def upload_info(eid: str):
@@ -171,32 +210,70 @@ def make_app(state: FakeState) -> FastAPI:
             return _error(404, "not_found", "no such endpoint; see /docs for the API")
         if eid != state.emulator_id:
             return _error(404, "not_found", f"no emulator {eid}")
-        return {"emulator_id": eid, "default_eval_data": state.default_eval,
-                "eval_data_required": not state.default_eval, "eval_data_suffixes": [".txt", ".jsonl", ".json"],
-                "max_adapter_bytes": None, "max_eval_bytes": 1 << 20}
+        return {
+            "emulator_id": eid,
+            "default_eval_data": state.default_eval,
+            "eval_data_required": not state.default_eval,
+            "eval_data_suffixes": [".txt", ".jsonl", ".json"],
+            "max_adapter_bytes": None,
+            "max_eval_bytes": 1 << 20,
+        }
 
     @app.post(f"{base_emulator}/adapters", status_code=202)
-    async def upload(adapter: UploadFile = File(...), eval_data: UploadFile | None = File(None),
-                     metrics: str | None = Form(None), adapter_config: str | None = Form(None)):
+    async def upload(
+        adapter: UploadFile = File(...),
+        eval_data: UploadFile | None = File(None),
+        metrics: str | None = Form(None),
+        adapter_config: str | None = Form(None),
+    ):
         if eval_data is None and not state.default_eval:
-            return _error(422, "no_eval_data", "this server has no default evaluation file; attach your eval "
-                          "file as the 'eval_data' part (.txt or .jsonl)")
+            return _error(
+                422,
+                "no_eval_data",
+                "this server has no default evaluation file; attach your eval "
+                "file as the 'eval_data' part (.txt or .jsonl)",
+            )
         raw = await adapter.read()
         eval_raw = await eval_data.read() if eval_data is not None else None
-        record = {"adapter_bytes": raw, "adapter_filename": adapter.filename,
-                  "eval_filename": eval_data.filename if eval_data else None, "eval_bytes": eval_raw,
-                  "metrics": json.loads(metrics) if metrics else None,
-                  "adapter_config": json.loads(adapter_config) if adapter_config else None}
+        record = {
+            "adapter_bytes": raw,
+            "adapter_filename": adapter.filename,
+            "eval_filename": eval_data.filename if eval_data else None,
+            "eval_bytes": eval_raw,
+            "metrics": json.loads(metrics) if metrics else None,
+            "adapter_config": json.loads(adapter_config) if adapter_config else None,
+        }
         state.uploads.append(record)
         aid, jid = f"ad_{uuid.uuid4().hex[:8]}", f"job_{uuid.uuid4().hex[:8]}"
-        state.jobs[jid] = {"id": jid, "kind": "evaluation", "status": "queued", "progress": 0.0, "message": "queued",
-                           "metrics": {}, "result": {"adapter_id": aid}, "error": None, "created_at": NOW,
-                           "updated_at": NOW, "_polls": 0, "_upload": record}
-        state.adapters[aid] = {"id": aid, "emulator_id": state.emulator_id, "model_id": state.model_id,
-                               "status": "evaluating", "sha256": "0" * 64, "size_bytes": len(raw),
-                               "method": (record["adapter_config"] or {}).get("method"),
-                               "adapter_config": record["adapter_config"], "client_metrics": record["metrics"],
-                               "evaluation": {}, "job_id": jid, "error": None, "created_at": NOW}
+        state.jobs[jid] = {
+            "id": jid,
+            "kind": "evaluation",
+            "status": "queued",
+            "progress": 0.0,
+            "message": "queued",
+            "metrics": {},
+            "result": {"adapter_id": aid},
+            "error": None,
+            "created_at": NOW,
+            "updated_at": NOW,
+            "_polls": 0,
+            "_upload": record,
+        }
+        state.adapters[aid] = {
+            "id": aid,
+            "emulator_id": state.emulator_id,
+            "model_id": state.model_id,
+            "status": "evaluating",
+            "sha256": "0" * 64,
+            "size_bytes": len(raw),
+            "method": (record["adapter_config"] or {}).get("method"),
+            "adapter_config": record["adapter_config"],
+            "client_metrics": record["metrics"],
+            "evaluation": {},
+            "job_id": jid,
+            "error": None,
+            "created_at": NOW,
+        }
         return {"adapter": state.adapters[aid], "job": _public(state.jobs[jid])}
 
     @app.get("/v1/jobs/{jid}")
@@ -249,7 +326,7 @@ def _finish(state: FakeState, job: dict[str, Any]) -> None:
             if is_lora(tensors):
                 merge_lora(plugged, tensors, lora)
             else:
-                missing, unexpected = plugged.load_state_dict(tensors, strict=False)
+                _missing, unexpected = plugged.load_state_dict(tensors, strict=False)
                 assert not unexpected
             plug = evaluate(plugged, byte_tokenizer(), ds, seq_len=64)
     job.update(status="succeeded", progress=1.0, message="done", metrics={"plug_in": plug})
@@ -261,8 +338,9 @@ class FakeServer:
 
     def __init__(self, state: FakeState):
         self.state = state
-        self.server = uvicorn.Server(uvicorn.Config(make_app(state), host="127.0.0.1", port=0, log_level="critical",
-                                                    lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(make_app(state), host="127.0.0.1", port=0, log_level="critical", lifespan="off")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> FakeServer:

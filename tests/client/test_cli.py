@@ -56,8 +56,12 @@ BAD_FILES = {
     "bad.jsonl": ('{"text": "ok"}\n{"text": "unterminated\n', "invalid JSON", 2),
     "keys.jsonl": ('{"body": "x"}\n', "expected a JSON object", 1),
     "mixed.jsonl": ('{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', "same form", 2),
-    "mc.jsonl": ('{"question": "q", "choices": ["a", "b"], "answer": 0}\n'
-                 '{"question": "q", "choices": ["a", "b"], "answer": 5}\n', "out of range", 2),
+    "mc.jsonl": (
+        '{"question": "q", "choices": ["a", "b"], "answer": 0}\n'
+        '{"question": "q", "choices": ["a", "b"], "answer": 5}\n',
+        "out of range",
+        2,
+    ),
     "blank.jsonl": ("\n\n", "no records", None),
     "data.csv": ("a,b\n", "unsupported file type", None),
     "latin1.txt": (b"caf\xe9\n", "UTF-8", 1),
@@ -88,11 +92,15 @@ def test_usage_errors_exit_2(runner, train_file):
     assert runner.invoke(app, ["tune", "--data", str(train_file)]).exit_code == 2  # missing --emulator-url
     r = runner.invoke(app, ["tune", "--emulator-url", "http://host/not-an-emulator", "--data", str(train_file)])
     assert r.exit_code == 2 and "not an emulator URL" in r.stderr
-    r = runner.invoke(app, ["tune", "--emulator-url", _closed_port_url(), "--data", str(train_file),
-                            "--device", "cuda"], env={"CUDA_VISIBLE_DEVICES": ""})
+    r = runner.invoke(
+        app,
+        ["tune", "--emulator-url", _closed_port_url(), "--data", str(train_file), "--device", "cuda"],
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     assert r.exit_code == 2 and "CUDA" in r.stderr
-    r = runner.invoke(app, ["tune", "--emulator-url", _closed_port_url(), "--data", str(train_file),
-                            "--batch-size", "0"])
+    r = runner.invoke(
+        app, ["tune", "--emulator-url", _closed_port_url(), "--data", str(train_file), "--batch-size", "0"]
+    )
     assert r.exit_code == 2
 
 
@@ -118,8 +126,9 @@ def test_missing_api_key_says_ask_the_model_owner(runner, fake, client_env, monk
 
 
 def test_json_failures_print_an_error_object_on_stdout(runner, fake, client_env, tmp_path):
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(tmp_path / "nope.txt"),
-                            "--json"])
+    r = runner.invoke(
+        app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(tmp_path / "nope.txt"), "--json"]
+    )
     assert r.exit_code == ExitCode.BAD_INPUT and "not found" in r.stderr
     err = json.loads(r.stdout)["error"]
     assert err["code"] == "bad_input" and err["exit_code"] == ExitCode.BAD_INPUT and "nope.txt" in err["message"]
@@ -141,12 +150,25 @@ def test_status_of_an_unknown_adapter_says_adapter(runner, fake, client_env):
     assert r.exit_code == ExitCode.SERVER and "job job_missing not found" in r.stderr
 
 
-def test_tune_without_eval_data_fails_before_training_when_the_server_needs_it(runner, fake, client_env,
-                                                                                 train_file, tmp_path):
+def test_tune_without_eval_data_fails_before_training_when_the_server_needs_it(
+    runner, fake, client_env, train_file, tmp_path
+):
     fake.state.default_eval = False
     out = tmp_path / "o"
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
-                            "--out", str(out), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            *TUNE_FAST,
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == ExitCode.BAD_INPUT, r.output
     assert "--eval-data" in r.stderr and "no default evaluation file" in r.stderr
     assert json.loads(r.stdout)["error"]["eval_data_required"] is True
@@ -154,14 +176,27 @@ def test_tune_without_eval_data_fails_before_training_when_the_server_needs_it(r
     assert not any(path.endswith("/file") for _, path, _ in fake.state.requests), "the emulator was downloaded"
 
 
-def test_upload_refused_for_lack_of_eval_data_names_the_command_to_retry(runner, fake, client_env, train_file,
-                                                                         eval_file, tmp_path, monkeypatch):
+def test_upload_refused_for_lack_of_eval_data_names_the_command_to_retry(
+    runner, fake, client_env, train_file, eval_file, tmp_path, monkeypatch
+):
     """A server that cannot be asked beforehand (no upload-info): training runs, the upload is refused, and
     the error gives the exact `dataowner-client upload` command for the adapter already on disk."""
     fake.state.default_eval, fake.state.upload_info = False, False
     out = tmp_path / "o"
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
-                            "--out", str(out), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            *TUNE_FAST,
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == ExitCode.SERVER, r.output
     assert "no_eval_data" in r.stderr and (out / "adapter_layers.safetensors").is_file()
     err = json.loads(r.stdout)["error"]
@@ -178,8 +213,23 @@ def test_upload_refused_for_lack_of_eval_data_names_the_command_to_retry(runner,
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_tune_prints_side_by_side_table(runner, fake, client_env, train_file, eval_file, tmp_path, method):
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), "--eval-data",
-                            str(eval_file), "--method", method, *TUNE_FAST, "--out", str(tmp_path / "o")])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            "--eval-data",
+            str(eval_file),
+            "--method",
+            method,
+            *TUNE_FAST,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     header = r.stdout.splitlines()[1]
     for column in ("emulator zero-shot", "emulator fine-tuned", "full zero-shot", "plug-in"):
@@ -198,11 +248,27 @@ def test_tune_prints_side_by_side_table(runner, fake, client_env, train_file, ev
 
 def test_upload_subcommand_sends_a_peft_lora_folder(runner, fake, client_env, train_file, eval_file, tmp_path):
     out = tmp_path / "o"
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), "--method",
-                            "lora", *TUNE_FAST, "--out", str(out), "--no-upload"])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            "--method",
+            "lora",
+            *TUNE_FAST,
+            "--out",
+            str(out),
+            "--no-upload",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["upload", "--emulator-url", fake.emulator_url, "--adapter", str(out), "--eval-data",
-                            str(eval_file), "--json"])
+    r = runner.invoke(
+        app,
+        ["upload", "--emulator-url", fake.emulator_url, "--adapter", str(out), "--eval-data", str(eval_file), "--json"],
+    )
     assert r.exit_code == 0, r.output
     upload = fake.state.uploads[0]
     assert upload["adapter_bytes"] == (out / "adapter_model.safetensors").read_bytes()
@@ -211,16 +277,43 @@ def test_upload_subcommand_sends_a_peft_lora_folder(runner, fake, client_env, tr
 
 
 def test_tune_refuses_lora_settings_the_emulator_did_not_issue(runner, fake, client_env, train_file, tmp_path):
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), "--method",
-                            "lora", "--lora-r", "4", *TUNE_FAST, "--out", str(tmp_path / "o")])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            "--method",
+            "lora",
+            "--lora-r",
+            "4",
+            *TUNE_FAST,
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == ExitCode.BAD_INPUT and "--lora-r 8" in r.stderr, r.output
     assert not fake.state.uploads
 
 
 def test_server_evaluation_failure_exits_5(runner, fake, client_env, train_file, tmp_path):
     fake.state.fail_evaluation = True
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
-                            "--out", str(tmp_path / "o"), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            *TUNE_FAST,
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+        ],
+    )
     assert r.exit_code == ExitCode.EVALUATION_FAILED, r.output
     assert "simulated evaluation failure" in r.stderr
     doc = json.loads(r.stdout)
@@ -230,11 +323,37 @@ def test_server_evaluation_failure_exits_5(runner, fake, client_env, train_file,
 
 def test_upload_and_status_subcommands(runner, fake, client_env, train_file, eval_file, tmp_path):
     out = tmp_path / "o"
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), "--eval-data",
-                            str(eval_file), *TUNE_FAST, "--out", str(out), "--no-upload"])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            "--eval-data",
+            str(eval_file),
+            *TUNE_FAST,
+            "--out",
+            str(out),
+            "--no-upload",
+        ],
+    )
     assert r.exit_code == 0 and not fake.state.uploads, r.output
-    r = runner.invoke(app, ["upload", "--emulator-url", fake.emulator_url, "--adapter", str(out), "--eval-data",
-                            str(eval_file), "--no-wait", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "upload",
+            "--emulator-url",
+            fake.emulator_url,
+            "--adapter",
+            str(out),
+            "--eval-data",
+            str(eval_file),
+            "--no-wait",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     adapter_id = json.loads(r.stdout)["adapter"]["id"]
     assert fake.state.uploads[0]["metrics"]["emulator_fine_tuned"]  # taken from scaleot_adapter.json
@@ -249,8 +368,20 @@ def test_upload_and_status_subcommands(runner, fake, client_env, train_file, eva
 
 def test_upload_refuses_an_adapter_that_does_not_match_the_spec(runner, fake, client_env, train_file, tmp_path):
     out = tmp_path / "o"
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
-                            "--out", str(out), "--no-upload"])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            *TUNE_FAST,
+            "--out",
+            str(out),
+            "--no-upload",
+        ],
+    )
     assert r.exit_code == 0, r.output
     tensors = load_file(out / "adapter_layers.safetensors")
     tensors["model.norm.weight"] = torch.zeros(32)  # smuggling a non-adapter tensor
@@ -265,16 +396,39 @@ def test_upload_reads_a_folder_written_by_an_older_client(runner, fake, client_e
     """Before PEFT's names were kept for PEFT files: whole layers in adapter_model.safetensors, our record in
     adapter_config.json. Such a folder still uploads, as whole layers with its recorded metrics."""
     out = tmp_path / "o"
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST,
-                            "--out", str(out), "--no-upload"])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            *TUNE_FAST,
+            "--out",
+            str(out),
+            "--no-upload",
+        ],
+    )
     assert r.exit_code == 0, r.output
     old = tmp_path / "old"
     old.mkdir()
     (old / "adapter_model.safetensors").write_bytes((out / "adapter_layers.safetensors").read_bytes())
     record = json.loads((out / "scaleot_adapter.json").read_text())
     (old / "adapter_config.json").write_text(json.dumps({**record, "metrics": {"emulator_fine_tuned": {"loss": 1.0}}}))
-    r = runner.invoke(app, ["upload", "--emulator-url", fake.emulator_url, "--adapter", str(old), "--eval-data",
-                            str(eval_file), "--no-wait"])
+    r = runner.invoke(
+        app,
+        [
+            "upload",
+            "--emulator-url",
+            fake.emulator_url,
+            "--adapter",
+            str(old),
+            "--eval-data",
+            str(eval_file),
+            "--no-wait",
+        ],
+    )
     assert r.exit_code == 0, r.output
     upload = fake.state.uploads[0]
     assert upload["adapter_bytes"] == (out / "adapter_layers.safetensors").read_bytes()

@@ -26,7 +26,6 @@ from scaleot_samples.tiny import save_tiny_model_dir
 
 from .conftest import TRAIN_TEXT
 
-
 BIN = Path(sys.executable).parent
 
 
@@ -67,11 +66,22 @@ def _wait_job(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
 def real_server(tmp_path: Path):
     """A migrated server with an admin org, a granted data-owner org and a registered tiny model."""
     server = _script("modelowner-server")
-    env = {**os.environ, "SCALEOT_DATA_DIR": str(tmp_path / "server-data"), "SCALEOT_DEVICE": "cpu",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SCALEOT_EVAL_MAX_EXAMPLES": "8",
-           "SCALEOT_EVAL_SEQ_LEN": "64"}
-    for k in ("SCALEOT_API_KEY", "SCALEOT_SERVER_PUBKEY", "SCALEOT_DATABASE_URL", "SCALEOT_QUEUE_URL",
-              "SCALEOT_DEFAULT_EVAL"):
+    env = {
+        **os.environ,
+        "SCALEOT_DATA_DIR": str(tmp_path / "server-data"),
+        "SCALEOT_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "SCALEOT_EVAL_MAX_EXAMPLES": "8",
+        "SCALEOT_EVAL_SEQ_LEN": "64",
+    }
+    for k in (
+        "SCALEOT_API_KEY",
+        "SCALEOT_SERVER_PUBKEY",
+        "SCALEOT_DATABASE_URL",
+        "SCALEOT_QUEUE_URL",
+        "SCALEOT_DEFAULT_EVAL",
+    ):
         env.pop(k, None)
     model_dir = save_tiny_model_dir(tmp_path / "tiny-llama", "llama", n_layers=4, hidden=32)
     admin_key = _run([*server, "create-org", "model-owner", "--role", "admin"], env, tmp_path).stdout.strip()
@@ -80,9 +90,14 @@ def real_server(tmp_path: Path):
     _run([*server, "grant", "acme", "tiny"], env, tmp_path)
 
     port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([*server, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [*server, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -95,30 +110,37 @@ def real_server(tmp_path: Path):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"server did not start:\n{(tmp_path / 'server.log').read_text()}")
             time.sleep(0.2)
-        yield {"base": base, "admin_key": admin_key, "owner_key": owner_key, "model_id": model["id"],
-               "log": tmp_path / "server.log"}
+        yield {
+            "base": base,
+            "admin_key": admin_key,
+            "owner_key": owner_key,
+            "model_id": model["id"],
+            "log": tmp_path / "server.log",
+        }
     finally:
         proc.terminate()  # only the process this fixture started
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
 
 
 def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
     base = real_server["base"]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TRAIN_TEXT * 2)
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {real_server['admin_key']}"},
-                      timeout=60) as admin:
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {real_server['admin_key']}"}, timeout=60
+    ) as admin:
         r = admin.post(f"/v1/models/{real_server['model_id']}/importance", json={"steps": 2, "corpus": str(corpus)})
         assert r.status_code == 202, r.text
         _wait_job(admin, r.json()["id"])
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {real_server['owner_key']}"},
-                      timeout=60) as owner:
-        r = owner.post("/v1/emulators", json={"model_id": real_server["model_id"], "n_adapter": 2,
-                                              "alpha": 0.5, "beta": 0.5})
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {real_server['owner_key']}"}, timeout=60
+    ) as owner:
+        r = owner.post(
+            "/v1/emulators", json={"model_id": real_server["model_id"], "n_adapter": 2, "alpha": 0.5, "beta": 0.5}
+        )
         assert r.status_code in (200, 202), r.text
         created = r.json()
         if created.get("job"):
@@ -130,21 +152,70 @@ def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
     train = tmp_path / "train.txt"
     train.write_text(TRAIN_TEXT)
     evalf = tmp_path / "eval.jsonl"
-    evalf.write_text("".join(json.dumps({"prompt": f"The cat sat on the mat number {i}.",
-                                         "completion": " The dog ran to the park."}) + "\n" for i in range(4)))
-    env = {**os.environ, "SCALEOT_API_KEY": real_server["owner_key"], "SCALEOT_SERVER_PUBKEY": kid,
-           "SCALEOT_CLIENT_CACHE": str(tmp_path / "client-cache"), "HF_HUB_OFFLINE": "1"}
+    evalf.write_text(
+        "".join(
+            json.dumps({"prompt": f"The cat sat on the mat number {i}.", "completion": " The dog ran to the park."})
+            + "\n"
+            for i in range(4)
+        )
+    )
+    env = {
+        **os.environ,
+        "SCALEOT_API_KEY": real_server["owner_key"],
+        "SCALEOT_SERVER_PUBKEY": kid,
+        "SCALEOT_CLIENT_CACHE": str(tmp_path / "client-cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
     # This server has no default evaluation file: without --eval-data the client says so before training.
     never = tmp_path / "never"
-    r = CliRunner().invoke(app, ["tune", "--emulator-url", f"{base}/v1/emulators/{emulator_id}", "--data", str(train),
-                                 "--device", "cpu", "--out", str(never)], env=env)
+    r = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            f"{base}/v1/emulators/{emulator_id}",
+            "--data",
+            str(train),
+            "--device",
+            "cpu",
+            "--out",
+            str(never),
+        ],
+        env=env,
+    )
     assert r.exit_code == 2 and "--eval-data" in r.stderr and "no default evaluation file" in r.stderr, r.output
     assert not never.exists()
     out = tmp_path / "adapter"
-    r = subprocess.run([*_script("dataowner-client"), "tune", "--emulator-url", f"{base}/v1/emulators/{emulator_id}",
-                        "--data", str(train), "--eval-data", str(evalf), "--max-steps", "3", "--batch-size", "2",
-                        "--seq-len", "64", "--lr", "5e-3", "--device", "cpu", "--out", str(out), "--json"],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            *_script("dataowner-client"),
+            "tune",
+            "--emulator-url",
+            f"{base}/v1/emulators/{emulator_id}",
+            "--data",
+            str(train),
+            "--eval-data",
+            str(evalf),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--lr",
+            "5e-3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n--- server log ---\n{real_server['log'].read_text()[-4000:]}"
     doc = json.loads(r.stdout)
     assert doc["adapter"]["status"] == "evaluated" and doc["job"]["status"] == "succeeded"
@@ -154,6 +225,7 @@ def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
     assert doc["adapter"]["client_metrics"]["emulator_fine_tuned"] == pytest.approx(metrics["emulator_fine_tuned"])
     assert (out / "adapter_layers.safetensors").is_file() and (out / "scaleot_adapter.json").is_file()
     # The human-readable status of the same adapter (in-process: a second interpreter start costs seconds).
-    s = CliRunner().invoke(app, ["status", f"{base}/v1/adapters/{doc['adapter']['id']}"],
-                           env={"SCALEOT_API_KEY": real_server["owner_key"]})
+    s = CliRunner().invoke(
+        app, ["status", f"{base}/v1/adapters/{doc['adapter']['id']}"], env={"SCALEOT_API_KEY": real_server["owner_key"]}
+    )
     assert s.exit_code == 0 and "plug-in" in s.stdout and "evaluated" in s.stdout, s.output

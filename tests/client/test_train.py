@@ -22,9 +22,9 @@ from data_owner_client.train import (
     tune_emulator,
 )
 from shared.adapter import DTYPE_NAMES, adapter_spec, load_and_validate_adapter_file
-from shared.lora import check_peft_config, file_spec, issue_lora, merge_lora
 from shared.data import load_dataset, pad_id_for, training_examples
 from shared.emulator_file import load_emulator
+from shared.lora import check_peft_config, file_spec, issue_lora, merge_lora
 
 from .conftest import TRAIN_TEXT
 from .fake_server import build_tiny_emulator
@@ -72,8 +72,9 @@ def text_dataset(tmp_path):
 
 
 def test_training_loss_goes_down(emulator, text_dataset):
-    cfg = TrainConfig(method="full", max_steps=8, lr=1e-2, batch_size=4, seq_len=64, warmup_ratio=0.0,
-                      scheduler="constant")
+    cfg = TrainConfig(
+        method="full", max_steps=8, lr=1e-2, batch_size=4, seq_len=64, warmup_ratio=0.0, scheduler="constant"
+    )
     examples = training_examples(text_dataset, emulator.tokenizer, cfg.seq_len)
     freeze_except_adapter(emulator.model, emulator.plan.adapter_layers)
     result = train(emulator.model, examples, cfg, CPU, pad_id=pad_id_for(emulator.tokenizer), progress=False)
@@ -103,8 +104,9 @@ def test_lora_exports_peft_files_of_the_issued_lora(emulator, text_dataset, tmp_
     before, original = copy.deepcopy(model), {k: v.clone() for k, v in model.state_dict().items()}
     lora = issue_lora(model, plan.adapter_layers)
     cfg = TrainConfig(method="lora", max_steps=3, lr=1e-2, batch_size=4, seq_len=64)
-    res = tune_emulator(model, emulator.tokenizer, plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False,
-                        lora=lora)
+    res = tune_emulator(
+        model, emulator.tokenizer, plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False, lora=lora
+    )
     assert res.adapter_file.name == "adapter_model.safetensors"
     tensors = load_and_validate_adapter_file(res.adapter_file, file_spec(lora))  # only lora_A/lora_B, as issued
     check_peft_config(json.loads((tmp_path / "out" / "adapter_config.json").read_text()), lora)
@@ -122,8 +124,17 @@ def test_lora_settings_other_than_issued_are_refused_before_training(emulator, t
     lora = issue_lora(emulator.model, emulator.plan.adapter_layers, r=4)
     cfg = TrainConfig(method="lora", max_steps=1, lora_r=8)
     with pytest.raises(BadInputError, match="--lora-r 4"):
-        tune_emulator(emulator.model, emulator.tokenizer, emulator.plan, text_dataset, cfg, CPU, tmp_path / "o",
-                      progress=False, lora=lora)
+        tune_emulator(
+            emulator.model,
+            emulator.tokenizer,
+            emulator.plan,
+            text_dataset,
+            cfg,
+            CPU,
+            tmp_path / "o",
+            progress=False,
+            lora=lora,
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -150,14 +161,24 @@ def test_lora_on_gpt2_conv1d(tmp_path, text_dataset):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_emulator_trains_in_fp32_and_exports_issued_dtype(emulator, text_dataset, tmp_path, method,
-                                                                       dtype):
+def test_low_precision_emulator_trains_in_fp32_and_exports_issued_dtype(
+    emulator, text_dataset, tmp_path, method, dtype
+):
     model = emulator.model.to(dtype)
     spec = adapter_spec(model, emulator.plan.adapter_layers)
     lora = issue_lora(model, emulator.plan.adapter_layers)
     cfg = TrainConfig(method=method, max_steps=2, lr=1e-2, batch_size=2, seq_len=32)
-    res = tune_emulator(model, emulator.tokenizer, emulator.plan, text_dataset, cfg, CPU, tmp_path / "o",
-                        progress=False, lora=lora if method == "lora" else None)
+    res = tune_emulator(
+        model,
+        emulator.tokenizer,
+        emulator.plan,
+        text_dataset,
+        cfg,
+        CPU,
+        tmp_path / "o",
+        progress=False,
+        lora=lora if method == "lora" else None,
+    )
     assert {s.dtype for s in spec.values()} == {lora.dtype} == {DTYPE_NAMES[dtype]}
     load_and_validate_adapter_file(res.adapter_file, spec if method == "full" else file_spec(lora))
     assert next(model.parameters()).dtype == dtype  # trained in fp32 (CPU), handed back in the issued dtype
@@ -169,15 +190,37 @@ def test_low_precision_emulator_trains_in_fp32_and_exports_issued_dtype(emulator
 
 def _run(emulator_build, text_dataset, out, *, resume=False, stop_at=None, **overrides):
     emu = load_emulator(emulator_build[0])
-    cfg = TrainConfig(**{"method": "full", "max_steps": 4, "lr": 5e-3, "batch_size": 2, "grad_accum": 2,
-                         "seq_len": 32, "save_every": 100, "lora_dropout": 0.1, **overrides})
+    cfg = TrainConfig(
+        **{
+            "method": "full",
+            "max_steps": 4,
+            "lr": 5e-3,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "seq_len": 32,
+            "save_every": 100,
+            "lora_dropout": 0.1,
+            **overrides,
+        }
+    )
 
     def on_step(step, loss):
         if step == stop_at:
             raise KeyboardInterrupt
 
-    res = tune_emulator(emu.model, emu.tokenizer, emu.plan, text_dataset, cfg, CPU, out, resume=resume,
-                        progress=False, on_step=on_step, identity={"emulator_sha256": "x"})
+    res = tune_emulator(
+        emu.model,
+        emu.tokenizer,
+        emu.plan,
+        text_dataset,
+        cfg,
+        CPU,
+        out,
+        resume=resume,
+        progress=False,
+        on_step=on_step,
+        identity={"emulator_sha256": "x"},
+    )
     return res
 
 

@@ -47,8 +47,10 @@ def _tamper_manifest(state) -> None:  # attacker swaps the file AND the manifest
 CASES = {
     "wrong pinned key": (lambda s: None, "not trusted"),
     "tampered file": (_tamper_file, "does not match the manifest"),
-    "oversized file": (lambda s: setattr(s, "file_override", s.emulator_file.read_bytes() + b"x"),
-                       "more than the signed"),
+    "oversized file": (
+        lambda s: setattr(s, "file_override", s.emulator_file.read_bytes() + b"x"),
+        "more than the signed",
+    ),
     "tampered manifest": (_tamper_manifest, "signature does not match"),
     "unknown key id": (lambda s: setattr(s, "sign_with", Ed25519PrivateKey.generate()), "not trusted"),
     "emulator id mismatch": (lambda s: setattr(s, "manifest_emulator_id", "emu_other"), "substituted"),
@@ -116,7 +118,11 @@ def test_client_never_unpickles_or_runs_server_code():
 
     pkg = Path(data_owner_client.__file__).parent
     source = "\n".join(p.read_text() for p in pkg.glob("*.py"))
-    patterns = (r"torch\.load\(", r"import pickle|pickle\.loads?\(", r"trust_remote_code\s*=\s*True",
-                r"(?<![\w.])(eval|exec)\(")
+    patterns = (
+        r"torch\.load\(",
+        r"import pickle|pickle\.loads?\(",
+        r"trust_remote_code\s*=\s*True",
+        r"(?<![\w.])(eval|exec)\(",
+    )
     for forbidden in patterns:
         assert not re.search(forbidden, source), forbidden

@@ -12,9 +12,29 @@ from shared.adapter import spec_from_json, validate_adapter
 
 def test_tune_full_flow_uploads_only_the_adapter(runner, fake, client_env, train_file, eval_file, tmp_path):
     out = tmp_path / "adapter"
-    r = runner.invoke(app, ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file),
-                            "--eval-data", str(eval_file), "--max-steps", "3", "--batch-size", "2",
-                            "--seq-len", "64", "--lr", "3e-3", "--out", str(out), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "tune",
+            "--emulator-url",
+            fake.emulator_url,
+            "--data",
+            str(train_file),
+            "--eval-data",
+            str(eval_file),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--lr",
+            "3e-3",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     print(r.stderr)

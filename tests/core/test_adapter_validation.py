@@ -8,12 +8,18 @@ import torch
 from safetensors.torch import save_file
 
 from model_owner_server.scaleot.plugin import plug_in
-from shared.adapter import (AdapterValidationError, adapter_spec, extract_adapter, load_and_validate_adapter_file,
-                            max_adapter_bytes, validate_adapter_file)
+from scaleot_samples.tiny import tiny_model
+from shared.adapter import (
+    AdapterValidationError,
+    adapter_spec,
+    extract_adapter,
+    load_and_validate_adapter_file,
+    max_adapter_bytes,
+    validate_adapter_file,
+)
 
 # Both file validators (loading, and streaming in bounded memory) must refuse exactly the same files.
 VALIDATORS = pytest.mark.parametrize("validate", [load_and_validate_adapter_file, validate_adapter_file])
-from scaleot_samples.tiny import tiny_model
 
 LAYERS = [0, 2]
 
@@ -35,8 +41,13 @@ def _mutations(good: dict[str, torch.Tensor]):
     nan = dict(good, **{name: good[name].clone().index_fill_(0, torch.tensor([0]), float("nan"))})
     inf = dict(good, **{name: good[name].clone().fill_(float("inf"))})
     return {
-        "wrong key": (wrong_key, "unexpected"), "missing": (missing, "missing"), "extra": (extra, "unexpected"),
-        "shape": (shape, "shape"), "dtype": (dtype, "dtype"), "nan": (nan, "NaN"), "inf": (inf, "infinite"),
+        "wrong key": (wrong_key, "unexpected"),
+        "missing": (missing, "missing"),
+        "extra": (extra, "unexpected"),
+        "shape": (shape, "shape"),
+        "dtype": (dtype, "dtype"),
+        "nan": (nan, "NaN"),
+        "inf": (inf, "infinite"),
     }
 
 
@@ -75,18 +86,25 @@ def _raw(tmp_path, header: bytes, body: bytes = b"", declared: int | None = None
 
 
 @VALIDATORS
-@pytest.mark.parametrize("header,body,declared,message", [
-    (b"", b"", None, "not JSON"),
-    (b"not json", b"", None, "not JSON"),
-    (b"[1,2]", b"", None, "not a JSON object"),
-    (b"{}", b"", 1 << 40, "header length"),
-    (b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"\0" * 4, None, "size"),
-    (b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', b"\0" * 4, None, "offsets"),
-    (b'{"x":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}', b"\0" * 8, None, "dtype"),
-    (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}',
-     b"\0" * 12, None, "overlapping"),
-    (b'{"x":{"dtype":"F32","shape":[2]}}', b"\0" * 8, None, "malformed"),
-])
+@pytest.mark.parametrize(
+    "header,body,declared,message",
+    [
+        (b"", b"", None, "not JSON"),
+        (b"not json", b"", None, "not JSON"),
+        (b"[1,2]", b"", None, "not a JSON object"),
+        (b"{}", b"", 1 << 40, "header length"),
+        (b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"\0" * 4, None, "size"),
+        (b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', b"\0" * 4, None, "offsets"),
+        (b'{"x":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}', b"\0" * 8, None, "dtype"),
+        (
+            b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}',
+            b"\0" * 12,
+            None,
+            "overlapping",
+        ),
+        (b'{"x":{"dtype":"F32","shape":[2]}}', b"\0" * 8, None, "malformed"),
+    ],
+)
 def test_header_validator_rejects_malformed_files(tmp_path, model, header, body, declared, message, validate):
     path = _raw(tmp_path, header, body, declared)
     with pytest.raises(AdapterValidationError, match=message):
@@ -102,8 +120,16 @@ def test_streaming_validator_finds_a_nan_in_any_chunk(tmp_path, dtype):
     save_file(good, str(path))
     validate_adapter_file(path, spec, chunk_bytes=64)  # many small chunks: every boundary is crossed
     name = sorted(good)[-1]
-    bad = dict(good, **{name: good[name].clone().view(-1).index_fill_(0, torch.tensor([good[name].numel() - 1]),
-                                                                      float("nan")).view_as(good[name])})
+    bad = dict(
+        good,
+        **{
+            name: good[name]
+            .clone()
+            .view(-1)
+            .index_fill_(0, torch.tensor([good[name].numel() - 1]), float("nan"))
+            .view_as(good[name])
+        },
+    )
     save_file(bad, str(path))
     with pytest.raises(AdapterValidationError, match="NaN"):
         validate_adapter_file(path, spec, chunk_bytes=64)

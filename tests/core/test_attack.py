@@ -44,7 +44,7 @@ def test_config_is_validated():
 def test_healing_lowers_the_attackers_public_loss_and_is_deterministic(emulator_file, kind):
     cfg = AttackConfig(kind=kind, steps=12, batch_size=4, lr=3e-3, lora_rank=4, seed=1)
     model_a, res_a = heal(_fresh(emulator_file), PUBLIC[:20], PUBLIC[20:], cfg)
-    model_b, res_b = heal(_fresh(emulator_file), PUBLIC[:20], PUBLIC[20:], cfg)
+    _model_b, res_b = heal(_fresh(emulator_file), PUBLIC[:20], PUBLIC[20:], cfg)
     assert res_a.loss_after < res_a.loss_before - 0.1, (res_a.loss_before, res_a.loss_after)
     assert res_a.history == res_b.history and res_a.loss_after == res_b.loss_after
     assert res_a.tokens == 12 * 4 * 16 and len(res_a.history) == 12

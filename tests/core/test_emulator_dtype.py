@@ -18,8 +18,20 @@ def model_dir(tmp_path_factory):
 
 
 def _make(model_dir, out, *extra):
-    return CliRunner().invoke(app, ["make-emulator", str(model_dir), "--method", "uniform_layerdrop", "--n-dropped",
-                                    "1", "--output", str(out), *extra])
+    return CliRunner().invoke(
+        app,
+        [
+            "make-emulator",
+            str(model_dir),
+            "--method",
+            "uniform_layerdrop",
+            "--n-dropped",
+            "1",
+            "--output",
+            str(out),
+            *extra,
+        ],
+    )
 
 
 def test_make_emulator_dtype_halves_the_file(model_dir, tmp_path):
@@ -28,7 +40,7 @@ def test_make_emulator_dtype_halves_the_file(model_dir, tmp_path):
         out = tmp_path / f"{name}.safetensors"
         res = _make(model_dir, out, "--dtype", name)
         assert res.exit_code == 0, res.output
-        sizes[name] = json.loads(res.output[res.output.index("{"):])["emulator_bytes"]
+        sizes[name] = json.loads(res.output[res.output.index("{") :])["emulator_bytes"]
         assert read_metadata(out)["dtype"] == name
         assert {p.dtype for p in load_emulator(out).model.parameters()} == {dtype}
     for half in ("bfloat16", "float16"):  # tensors halve; the metadata (config, tokenizer) does not

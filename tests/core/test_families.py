@@ -26,14 +26,27 @@ BLOCKS = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(
 def test_family_through_stage1_stage2_file_training_and_plugin(tmp_path, family):
     model, tok = load_causal_lm(save_tiny_model_dir(tmp_path / family, family, n_layers=6, hidden=32))
     fam = family_for(model.config)
-    result = estimate_importance(model, BLOCKS[:6], BLOCKS[6:],
-                                 ImportanceConfig(steps=4, batch_size=2, rl_interval=2, n_candidates=2, bottleneck=8))
+    result = estimate_importance(
+        model,
+        BLOCKS[:6],
+        BLOCKS[6:],
+        ImportanceConfig(steps=4, batch_size=2, rl_interval=2, n_candidates=2, bottleneck=8),
+    )
     assert result.scores.shape == (6,) and torch.isfinite(result.scores).all()
     assert any(not torch.equal(h.up.weight, torch.zeros_like(h.up.weight)) for h in result.harmonizers.values())
 
-    info = make_emulator(model, tok, result, 2, 0.5, 0.5, tmp_path / "emu.safetensors",
-                         calibration=CalibrationConfig(steps=2), calibration_blocks=BLOCKS[:6],
-                         fidelity_blocks=BLOCKS[6:])
+    info = make_emulator(
+        model,
+        tok,
+        result,
+        2,
+        0.5,
+        0.5,
+        tmp_path / "emu.safetensors",
+        calibration=CalibrationConfig(steps=2),
+        calibration_blocks=BLOCKS[:6],
+        fidelity_blocks=BLOCKS[6:],
+    )
     plan = info.plan
     assert len(plan.adapter_layers) == 2 and len(plan.layers_with(Role.HARMONIZER)) == 2
     assert set(plan.ranks) == set(plan.layers_with(Role.FROZEN)) and info.extra["fidelity"] is not None

@@ -2,11 +2,16 @@
 
 import torch
 
-from model_owner_server.scaleot.importance import (ImportanceConfig, estimate_importance, log_prob_grad,
-                                                   replace_probabilities, sample_replacement)
+from model_owner_server.scaleot.importance import (
+    ImportanceConfig,
+    estimate_importance,
+    log_prob_grad,
+    replace_probabilities,
+    sample_replacement,
+)
 from model_owner_server.scaleot.importance_io import load_importance, save_importance
-from shared.architectures import decoder_layers
 from scaleot_samples.tiny import tiny_model
+from shared.architectures import decoder_layers
 
 CRITICAL, NOOP = 2, 4
 
@@ -121,10 +126,10 @@ def test_policy_has_a_real_log_probability():
     def logp(sc):
         qq = replace_probabilities(sc, 0.5)
         return sum(float(torch.log(qq[i] if r else 1 - qq[i])) for i, r in enumerate(config))
+
     eps = 1e-5
     eye = torch.eye(3, dtype=torch.float64)
-    numeric = [(logp(scores + eps * eye[i]) - logp(scores - eps * eye[i])) / (2 * eps)
-               for i in range(3)]
+    numeric = [(logp(scores + eps * eye[i]) - logp(scores - eps * eye[i])) / (2 * eps) for i in range(3)]
     assert torch.allclose(log_prob_grad(scores, 0.5, config), torch.tensor(numeric, dtype=torch.float64), atol=1e-6)
 
 

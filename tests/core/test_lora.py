@@ -40,8 +40,17 @@ def tuned(request, tmp_path):
     lora = issue_lora(full, plan.adapter_layers)  # what the server issues, from the FULL model
     (tmp_path / "train.txt").write_text(TEXT)
     cfg = TrainConfig(method="lora", max_steps=3, lr=3e-2, batch_size=2, seq_len=32)
-    tune_emulator(emu.model, emu.tokenizer, emu.plan, load_dataset(tmp_path / "train.txt"), cfg, CPU,
-                  tmp_path / "out", lora=lora, progress=False)
+    tune_emulator(
+        emu.model,
+        emu.tokenizer,
+        emu.plan,
+        load_dataset(tmp_path / "train.txt"),
+        cfg,
+        CPU,
+        tmp_path / "out",
+        lora=lora,
+        progress=False,
+    )
     return full, plan.adapter_layers, lora, tmp_path / "out"
 
 
@@ -50,7 +59,9 @@ def test_peft_loads_the_export_on_the_full_model_with_the_merged_plug_ins_logits
 
     full, layers, lora, out = tuned
     assert layers == [0, 5]
-    assert {"adapter_model.safetensors", "adapter_config.json", "scaleot_adapter.json"} <= {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "scaleot_adapter.json"} <= {
+        p.name for p in out.iterdir()
+    }
     peft_model = PeftModel.from_pretrained(copy.deepcopy(full), str(out)).eval()
     spec = adapter_spec(full, layers)
     merged = plug_in(full, load_adapter(out / "adapter_model.safetensors", spec, lora), layers, spec, lora)

@@ -13,17 +13,35 @@ def test_baseline_needs_no_corpus_and_scaleot_without_one_is_refused(tmp_path):
     model_dir = save_tiny_model_dir(tmp_path / "tiny", "llama", n_layers=6, hidden=32)
     runner = CliRunner()
     out = tmp_path / "ot.safetensors"
-    res = runner.invoke(app, ["make-emulator", str(model_dir), "--method", "uniform_layerdrop", "--n-dropped", "1",
-                              "--output", str(out)])
+    res = runner.invoke(
+        app,
+        ["make-emulator", str(model_dir), "--method", "uniform_layerdrop", "--n-dropped", "1", "--output", str(out)],
+    )
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output[res.output.index("{"):])["plan"] == "AAF.AA" and out.is_file()
+    assert json.loads(res.output[res.output.index("{") :])["plan"] == "AAF.AA" and out.is_file()
 
     imp = tmp_path / "imp"
-    res = runner.invoke(app, ["estimate-importance", str(model_dir), "--corpus", str(_corpus(tmp_path)),
-                              "--steps", "2", "--seq-len", "16", "--bottleneck", "4", "--output", str(imp)])
+    res = runner.invoke(
+        app,
+        [
+            "estimate-importance",
+            str(model_dir),
+            "--corpus",
+            str(_corpus(tmp_path)),
+            "--steps",
+            "2",
+            "--seq-len",
+            "16",
+            "--bottleneck",
+            "4",
+            "--output",
+            str(imp),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    (imp / "importance.json").write_text(json.dumps({**json.loads((imp / "importance.json").read_text()),
-                                                     "corpus": str(tmp_path / "gone.txt")}))
+    (imp / "importance.json").write_text(
+        json.dumps({**json.loads((imp / "importance.json").read_text()), "corpus": str(tmp_path / "gone.txt")})
+    )
     target = tmp_path / "scaleot.safetensors"
     res = runner.invoke(app, ["make-emulator", str(model_dir), "--importance", str(imp), "--output", str(target)])
     assert res.exit_code != 0 and "--corpus" in res.output and not target.exists()

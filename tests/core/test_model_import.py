@@ -25,11 +25,14 @@ def logits(model):
         return model(input_ids=IDS).logits
 
 
-@pytest.mark.parametrize("family,dtype,shard", [
-    ("llama", torch.float32, "20KB"),  # sharded, tied embeddings
-    ("gpt_neox", torch.bfloat16, None),  # bf16 checkpoint, untied
-    ("phi3", torch.float16, "30KB"),  # fp16, sharded, untied
-])
+@pytest.mark.parametrize(
+    "family,dtype,shard",
+    [
+        ("llama", torch.float32, "20KB"),  # sharded, tied embeddings
+        ("gpt_neox", torch.bfloat16, None),  # bf16 checkpoint, untied
+        ("phi3", torch.float16, "30KB"),  # fp16, sharded, untied
+    ],
+)
 def test_registered_folder_kinds_load_in_the_requested_dtype(tmp_path, family, dtype, shard):
     folder = save_tiny_model_dir(tmp_path / "m", family, dtype=dtype, max_shard_size=shard)
     assert (folder / "model.safetensors.index.json").is_file() == bool(shard)
@@ -62,9 +65,10 @@ def test_missing_pieces_are_named_with_what_to_do(tmp_path, monkeypatch):
         inspect_model_folder(folder)
     (folder / "tokenizer.model").write_bytes(b"")  # SentencePiece only, and the package is not there
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece"
-                        else real_find_spec(name, *a))
-    with pytest.raises(ModelLoadError, match="tokenizer.model and sentencepiece is not installed.*pip install"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.model and sentencepiece is not installed.*pip install"):
         check_model_folder(folder)
     monkeypatch.undo()
     byte_tokenizer().save_pretrained(folder)
@@ -98,6 +102,7 @@ def test_register_model_cli_accepts_a_sharded_bf16_folder(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- GGUF
+
 
 def write_tiny_gguf(path, family: str, arch: str, qtype=gguf.GGMLQuantizationType.Q8_0):
     """A llama.cpp-style GGUF of a tiny model (matrices quantised to `qtype`) with the byte tokenizer."""
@@ -158,7 +163,7 @@ def test_import_gguf_dequantises_into_a_loadable_folder(tmp_path, family, arch):
     assert import_gguf(tmp_path / "tiny.gguf", out) == out  # converted already: the folder is reused as is
     with (tmp_path / "tiny.gguf").open("ab") as f:  # another file under the same name is not mistaken for it
         f.write(b"\0" * 32)
-    with pytest.raises(ModelLoadError, match="already exists and is not a conversion of tiny.gguf"):
+    with pytest.raises(ModelLoadError, match=r"already exists and is not a conversion of tiny\.gguf"):
         import_gguf(tmp_path / "tiny.gguf", out)
 
 
@@ -172,11 +177,16 @@ def test_import_gguf_refuses_what_it_cannot_convert(tmp_path):
     write_tiny_gguf(tmp_path / "tiny.gguf", "qwen2", "qwen2")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(ModelLoadError, match="already exists.*choose another --output"):
+    with pytest.raises(ModelLoadError, match=r"already exists.*choose another --output"):
         import_gguf(tmp_path / "tiny.gguf", tmp_path / "busy")
     bloom = gguf.GGUFWriter(str(tmp_path / "bloom.gguf"), "bloom")  # transformers reads it; no family of ours
-    for add, value in ((bloom.add_context_length, 64), (bloom.add_block_count, 2), (bloom.add_embedding_length, 32),
-                       (bloom.add_head_count, 4), (bloom.add_feed_forward_length, 64)):
+    for add, value in (
+        (bloom.add_context_length, 64),
+        (bloom.add_block_count, 2),
+        (bloom.add_embedding_length, 32),
+        (bloom.add_head_count, 4),
+        (bloom.add_feed_forward_length, 64),
+    ):
         add(value)
     bloom.add_layer_norm_eps(1e-5)
     bloom.write_header_to_file()

@@ -1,6 +1,8 @@
 """Selective Rank Compression: exact rank, Eckart–Young error, attention-only, beta = 0 lossless, per-block
 fused q/k/v."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -51,7 +53,7 @@ def test_src_touches_only_attention_projections(family):
             blocks = projection_blocks(proj, orig, w.shape[0])
             assert len(blocks) == len(parts) == (3 if proj.fused else 1)
             assert torch.equal(torch.cat(blocks).sort().values, torch.arange(w.shape[0]))  # a partition of the rows
-            for rows, p in zip(blocks, parts):  # each block's error is its own discarded spectrum
+            for rows, p in zip(blocks, parts, strict=True):  # each block's error is its own discarded spectrum
                 wb = w[rows].double()
                 k = p.rank
                 err = torch.linalg.matrix_norm(wb - p.dense_weight().double()) ** 2
@@ -81,8 +83,11 @@ def test_full_rank_src_reproduces_the_model(family):
     model = tiny_model(family, n_layers=4)
     plan = scaleot_plan(torch.tensor([3.0, 0.0, 1.0, 2.0]), 1, 0.0, 0.01, model)
     ranks = plan.ranks[1]
-    assert all(r == full for p in family_for(model.config).projections
-               for r, full in zip(ranks[p.path], projection_full_ranks(decoder_layers(model)[1], p)))
+    assert all(
+        r == full
+        for p in family_for(model.config).projections
+        for r, full in zip(ranks[p.path], projection_full_ranks(decoder_layers(model)[1], p), strict=True)
+    )
     emu = build_emulator(model, plan)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -109,7 +114,9 @@ def test_both_storages_keep_the_same_rank_k_approximation(cls):
 def test_src_never_grows_the_emulator(family):
     model = tiny_model(family, n_layers=4)
     scores = torch.tensor([3.0, 0.0, 1.0, 2.0])
-    sizes = [sum(p.numel() for p in build_emulator(model, scaleot_plan(scores, 1, 0.0, b, model)).parameters())
-             for b in (0.0, 0.1, 0.25, 0.5, 0.8)]
-    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    sizes = [
+        sum(p.numel() for p in build_emulator(model, scaleot_plan(scores, 1, 0.0, b, model)).parameters())
+        for b in (0.0, 0.1, 0.25, 0.5, 0.8)
+    ]
+    assert all(a >= b for a, b in itertools.pairwise(sizes)), sizes
     assert sizes[-1] < sizes[0]

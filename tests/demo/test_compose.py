@@ -58,8 +58,10 @@ def compose() -> list[str] | None:
     wanted = os.environ.get("SCALEOT_TEST_COMPOSE", "")
     cmd = None if wanted == "0" else _compose_cmd()
     if cmd is None and wanted == "1":
-        pytest.fail("SCALEOT_TEST_COMPOSE=1 but no Compose implementation was found (`docker compose`, "
-                    "`docker-compose`, or .cache/compose-tool from `make compose-tool`)")
+        pytest.fail(
+            "SCALEOT_TEST_COMPOSE=1 but no Compose implementation was found (`docker compose`, "
+            "`docker-compose`, or .cache/compose-tool from `make compose-tool`)"
+        )
     return cmd
 
 
@@ -74,12 +76,21 @@ def _run(compose: list[str], env_dir: Path, settings: dict[str, str], *args: str
     env_file = env_dir / f"env-{len(settings)}-{abs(hash(tuple(sorted(settings.items()))))}"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     # Our own environment must not supply the required settings: only the env file does.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("POSTGRES_PASSWORD", "SIGNING_KEY_FILE", "DEMO_ARGS", "SCALEOT_PORT")
-           and not k.startswith("COMPOSE_")}
-    return subprocess.run([*compose, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT),
-                           "--env-file", str(env_file), *args], cwd=env_dir, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("POSTGRES_PASSWORD", "SIGNING_KEY_FILE", "DEMO_ARGS", "SCALEOT_PORT")
+        and not k.startswith("COMPOSE_")
+    }
+    return subprocess.run(
+        [*compose, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "--env-file", str(env_file), *args],
+        cwd=env_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _settings(env_dir: Path) -> dict[str, str]:
@@ -94,8 +105,10 @@ class InterpolationError(ValueError):
 
 
 # $$ | ${NAME} | ${NAME:-default} ${NAME-default} ${NAME:?message} ${NAME?message} | $NAME
-_VAR = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
-                  r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 def interpolate(value: Any, env: dict[str, str]) -> Any:
@@ -143,7 +156,7 @@ def config(compose, env_dir) -> dict:
 def readme_services() -> list[str]:
     """Service names from the README's docker-compose table (rows that start with | `name` |)."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("<!-- compose-services -->"):text.index("<!-- /compose-services -->")]
+    section = text[text.index("<!-- compose-services -->") : text.index("<!-- /compose-services -->")]
     return re.findall(r"^\|\s*`([a-z0-9-]+)`\s*\|", section, flags=re.MULTILINE)
 
 
@@ -178,19 +191,23 @@ def test_references_resolve(config):
         assert service.get("image") or service.get("build"), f"{name}: neither image nor build"
         for v in service.get("volumes") or []:
             source = _volume_source(v)
-            kind = v.get("type", "volume") if isinstance(v, dict) else (
-                "bind" if source.startswith(("/", ".", "~")) else "volume")
+            kind = (
+                v.get("type", "volume")
+                if isinstance(v, dict)
+                else ("bind" if source.startswith(("/", ".", "~")) else "volume")
+            )
             if kind == "volume" and source:
                 assert source in volumes, f"{name}: volume {source!r} is not declared under volumes:"
         for s in _secret_names(service):
             assert s in secrets, f"{name}: secret {s!r} is not declared under secrets:"
         deps = service.get("depends_on") or {}
-        for dep, cond in (deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps)):
+        for dep, cond in deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps):
             assert dep in svc, f"{name} depends on unknown service {dep!r}"
             if (cond or {}).get("condition") == "service_healthy":
                 check = svc[dep].get("healthcheck") or {}
-                assert check.get("test") and not check.get("disable"), \
+                assert check.get("test") and not check.get("disable"), (
                     f"{name} waits for {dep}, which has no health check"
+                )
 
 
 def test_make_test_never_uses_apt():
@@ -286,6 +303,7 @@ def test_dockerfile_rules(name):
 
 
 def test_dockerignore_keeps_secrets_and_envs_out():
-    patterns = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")}
+    patterns = {
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    }
     assert {".env", "*.pem", ".venv", ".git", "demo-run", "data"} <= patterns

@@ -25,8 +25,15 @@ TIMEOUT_S = 600
 
 
 def _run_demo(args: list[str], timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(DEMO), "--tiny", *args], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, str(DEMO), "--tiny", *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _server_url(output: str) -> str:
@@ -53,10 +60,20 @@ def test_tiny_demo_runs_the_two_party_story(tmp_path):
     assert proc.returncode == 0, out[-5000:]
 
     # the story, in order
-    for marker in ("modelowner-server serve", "create-org model-owner --role admin",
-                   "create-org acme-data --role data-owner", "POST /v1/models ", "/grants",
-                   "GET /v1/signing-keys", "/importance", "POST /v1/emulators", "dataowner-client tune",
-                   "--emulator-url http://127.0.0.1:", "server stopped", "ScaleOT two-party demo: report"):
+    for marker in (
+        "modelowner-server serve",
+        "create-org model-owner --role admin",
+        "create-org acme-data --role data-owner",
+        "POST /v1/models ",
+        "/grants",
+        "GET /v1/signing-keys",
+        "/importance",
+        "POST /v1/emulators",
+        "dataowner-client tune",
+        "--emulator-url http://127.0.0.1:",
+        "server stopped",
+        "ScaleOT two-party demo: report",
+    ):
         assert marker in out, f"missing {marker!r} in the demo output:\n{out[-5000:]}"
     assert out.index("/importance") < out.index("POST /v1/emulators") < out.index("dataowner-client tune")
     assert re.search(r"importance +\d+%", out), "job progress was not shown"
@@ -94,8 +111,14 @@ def test_demo_error_stops_the_server(tmp_path):
 
 
 def test_demo_ctrl_c_stops_the_server(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(DEMO), "--tiny", "--workdir", str(tmp_path / "run")], cwd=ROOT,
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(DEMO), "--tiny", "--workdir", str(tmp_path / "run")],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     try:
         for line in proc.stdout:
@@ -118,31 +141,65 @@ def test_demo_roles_as_docker_compose_runs_them(demo, tmp_path):
     (what the `model-owner` and `client` services run); a second model-owner run reuses what exists."""
     server_dir, owner_dir, client_dir = tmp_path / "server", tmp_path / "owner", tmp_path / "client"
     invitation = tmp_path / "invitation" / "invitation.json"
-    server_env = {"SCALEOT_EVAL_SEQ_LEN": "64", "SCALEOT_EVAL_MAX_EXAMPLES": "8", "SCALEOT_IMPORTANCE_SEQ_LEN": "64",
-                  "SCALEOT_IMPORTANCE_MAX_BLOCKS": "32"}
+    server_env = {
+        "SCALEOT_EVAL_SEQ_LEN": "64",
+        "SCALEOT_EVAL_MAX_EXAMPLES": "8",
+        "SCALEOT_IMPORTANCE_SEQ_LEN": "64",
+        "SCALEOT_IMPORTANCE_MAX_BLOCKS": "32",
+    }
     with demo.LocalServer(server_dir / "data", server_dir, 0, server_env) as server:
-        owner_cmd = [sys.executable, str(DEMO), "--tiny", "--role", "model-owner", "--server-url", server.url,
-                     "--invitation", str(invitation), "--workdir", str(owner_dir)]
+        owner_cmd = [
+            sys.executable,
+            str(DEMO),
+            "--tiny",
+            "--role",
+            "model-owner",
+            "--server-url",
+            server.url,
+            "--invitation",
+            str(invitation),
+            "--workdir",
+            str(owner_dir),
+        ]
         # the model owner's CLI works on the server's own data dir / database, as in the compose file
         owner_env = subprocess_env(SCALEOT_DATA_DIR=str(server.data_dir))
-        first = subprocess.run(owner_cmd, cwd=ROOT, env=owner_env, capture_output=True, text=True, timeout=300,
-                               check=False)
+        first = subprocess.run(
+            owner_cmd, cwd=ROOT, env=owner_env, capture_output=True, text=True, timeout=300, check=False
+        )
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
         inv = json.loads(invitation.read_text())
         assert set(inv) == {"emulator_url", "api_key", "server_pubkey", "key_id"}
         assert inv["emulator_url"].startswith(f"{server.url}/v1/emulators/emu_")
         assert oct(invitation.stat().st_mode & 0o777) == "0o600"
 
-        again = subprocess.run(owner_cmd, cwd=ROOT, env=owner_env, capture_output=True, text=True, timeout=300,
-                               check=False)
+        again = subprocess.run(
+            owner_cmd, cwd=ROOT, env=owner_env, capture_output=True, text=True, timeout=300, check=False
+        )
         assert again.returncode == 0, again.stdout[-4000:]
         assert "reusing the organizations" in again.stdout and "reusing it" in again.stdout
         assert json.loads(invitation.read_text())["emulator_url"] == inv["emulator_url"]
 
-        client = subprocess.run([sys.executable, str(DEMO), "--tiny", "--role", "data-owner", "--invitation",
-                                 str(invitation), "--workdir", str(client_dir), "--device", "cpu"],
-                                cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-                                check=False)
+        client = subprocess.run(
+            [
+                sys.executable,
+                str(DEMO),
+                "--tiny",
+                "--role",
+                "data-owner",
+                "--invitation",
+                str(invitation),
+                "--workdir",
+                str(client_dir),
+                "--device",
+                "cpu",
+            ],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert client.returncode == 0, client.stdout[-4000:] + client.stderr[-2000:]
         report = json.loads((client_dir / "report.json").read_text())
         assert report["adapter_status"] == "evaluated"
@@ -163,8 +220,9 @@ def test_same_seed_twice_gives_the_same_figures(tmp_path):
     reports = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         path = tmp_path / f"{name}.json"
-        proc = _run_demo(["--workdir", str(tmp_path / name), "--report-json", str(path), "--seed", seed,
-                          "--no-reference"])
+        proc = _run_demo(
+            ["--workdir", str(tmp_path / name), "--report-json", str(path), "--seed", seed, "--no-reference"]
+        )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         reports.append(docs_demo.reproducible_view(json.loads(path.read_text())))
     assert "emulator_id" not in reports[0] and "total_s" not in reports[0]

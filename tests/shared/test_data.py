@@ -49,9 +49,15 @@ BAD_FILES = [
     ("bad.csv", "a,b\n", None, ["unsupported file type", ".jsonl"]),
     ("syntax.jsonl", _jsonl(PC, PC, '{"prompt": "x", '), 3, ["invalid JSON", "one complete JSON object"]),
     ("list.jsonl", _jsonl(PC, [1, 2]), 2, ["expected a JSON object", "got list"]),
-    ("keys.jsonl", _jsonl(*[PC] * 6, {"foo": 1}), 7,
-     ['expected a JSON object with "text", or "prompt"+"completion", or "question"+"choices"+"answer"; '
-      "got keys ['foo']"]),
+    (
+        "keys.jsonl",
+        _jsonl(*[PC] * 6, {"foo": 1}),
+        7,
+        [
+            'expected a JSON object with "text", or "prompt"+"completion", or "question"+"choices"+"answer"; '
+            "got keys ['foo']"
+        ],
+    ),
     ("mixed.jsonl", _jsonl(PC, {"text": "t"}), 2, ["same form as the first", '"prompt"+"completion"']),
     ("textnum.jsonl", _jsonl({"text": "ok"}, {"text": 5}), 2, ['"text" must be a string', "int"]),
     ("emptyprompt.jsonl", _jsonl({"prompt": "", "completion": "c"}), 1, ['"prompt" is empty']),
@@ -103,8 +109,16 @@ def test_jsonl_kinds_blank_lines_extra_keys_bom(tmp_path):
     assert (ds.kind, ds.records, len(ds)) == ("text", ["a", "b"], 2)
     ds = load_dataset(_write(tmp_path, "pc.jsonl", _jsonl({"prompt": "p1", "completion": "c1"}, "  ", PC)))
     assert ds.kind == "prompt_completion" and ds.records == [("p1", "c1"), ("p", "c")]
-    ds = load_dataset(_write(tmp_path, "mc.jsonl", _jsonl({"question": "q", "choices": ["x", "y", "z"], "answer": "z"},
-                                                          {"question": "r", "choices": ["x", "y"], "answer": 1})))
+    ds = load_dataset(
+        _write(
+            tmp_path,
+            "mc.jsonl",
+            _jsonl(
+                {"question": "q", "choices": ["x", "y", "z"], "answer": "z"},
+                {"question": "r", "choices": ["x", "y"], "answer": 1},
+            ),
+        )
+    )
     assert ds.kind == "multiple_choice"
     assert ds.records == [MultipleChoice("q", ["x", "y", "z"], 2), MultipleChoice("r", ["x", "y"], 1)]
 
@@ -156,14 +170,19 @@ def _ids(text: str) -> list[int]:
 
 
 def test_prompt_completion_masks_exactly_the_prompt(tmp_path):
-    ds = load_dataset(_write(tmp_path, "pc.jsonl", _jsonl({"prompt": "Q: 2+2?\nA:", "completion": " 4"},
-                                                          {"prompt": "Say hi.", "completion": " hi there"})))
+    ds = load_dataset(
+        _write(
+            tmp_path,
+            "pc.jsonl",
+            _jsonl({"prompt": "Q: 2+2?\nA:", "completion": " 4"}, {"prompt": "Say hi.", "completion": " hi there"}),
+        )
+    )
     exs = training_examples(ds, TOK, 64)
-    for ex, (prompt, completion) in zip(exs, ds.records):
-        p, c = _ids(prompt), _ids(completion) + [EOS]
+    for ex, (prompt, completion) in zip(exs, ds.records, strict=True):
+        p, c = _ids(prompt), [*_ids(completion), EOS]
         assert ex.input_ids.tolist() == p + c
         assert ex.labels[: len(p)].eq(IGNORE_INDEX).all()
-        assert ex.labels[len(p):].tolist() == c  # loss on every completion token and the EOS
+        assert ex.labels[len(p) :].tolist() == c  # loss on every completion token and the EOS
         assert (ex.labels != IGNORE_INDEX).sum() == len(c)
 
 
@@ -177,7 +196,7 @@ def test_prompt_truncated_from_the_left():
 def test_overlong_completion_keeps_one_prompt_token():
     ex = encode_pair(TOK, "prompt", "abcdefghijkl", seq_len=5)
     assert ex.input_ids.tolist() == _ids("t") + _ids("abcd")
-    assert ex.labels.tolist() == [IGNORE_INDEX] + _ids("abcd")
+    assert ex.labels.tolist() == [IGNORE_INDEX, *_ids("abcd")]
 
 
 def test_text_examples_label_everything(tmp_path):
@@ -190,8 +209,9 @@ def test_multiple_choice_examples_train_on_correct_choice(tmp_path):
     q = MultipleChoice("Athens is to Greece as Baghdad is to", ["Spain", "Iraq"], 1)
     assert format_mc_prompt(q) == "Question: Athens is to Greece as Baghdad is to\nAnswer:"
     assert format_mc_choice("Iraq") == " Iraq"
-    ds = load_dataset(_write(tmp_path, "mc.jsonl", _jsonl({"question": q.question, "choices": q.choices,
-                                                           "answer": "Iraq"})))
+    ds = load_dataset(
+        _write(tmp_path, "mc.jsonl", _jsonl({"question": q.question, "choices": q.choices, "answer": "Iraq"}))
+    )
     (ex,) = training_examples(ds, TOK, 128)
     p = _ids(format_mc_prompt(q))
     assert ex.input_ids.tolist() == p + _ids(" Iraq") + [EOS]

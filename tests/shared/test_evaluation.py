@@ -83,8 +83,11 @@ def test_text_loss_matches_hf_loss_and_perplexity_is_exp_loss():
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_right_padding_does_not_change_scores(family):
     model = tiny_model(family, n_layers=2)
-    ds = Dataset(Path("pc.jsonl"), "prompt_completion",
-                 [("short", " a"), ("a much longer prompt here", " and a longer completion"), ("mid prompt", " b")])
+    ds = Dataset(
+        Path("pc.jsonl"),
+        "prompt_completion",
+        [("short", " a"), ("a much longer prompt here", " and a longer completion"), ("mid prompt", " b")],
+    )
     one = evaluate(model, TOK, ds, batch_size=1)
     many = evaluate(model, TOK, ds, batch_size=3)
     assert one["tokens"] == many["tokens"]
