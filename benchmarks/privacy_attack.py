@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import shutil
 import sys
 import time
@@ -310,6 +311,7 @@ def run_rows(
                 "gap_before_attack": gap(task, eft, plug),
                 "residual_gap": gap(task, best, plug),
                 "share_of_gain": share_of_gain(task, best, plug, zs),
+                "base_seconds": base["seconds"],
                 "plug_in_gain": quality(task, plug) - quality(task, zs),
             }
             rows.append(row)
@@ -367,7 +369,9 @@ def markdown(result: dict) -> str:
             if result["spread"]
             else "(0.02; no seed spread measured in this profile)."
         ),
-        f"Wall time {meta['seconds'] / 60:.0f} min ({meta['torch_threads']} threads, {meta['device']}).",
+        f"Compute time {meta['compute_seconds'] / 60:.0f} min from scratch (stage 1, emulator builds and every row, "
+        f"each timed when it ran; this invocation {meta['seconds'] / 60:.0f} min; {meta['torch_threads']} torch "
+        f"threads, {meta['device']}, load average {meta.get('load_average', 0):.1f} at the end).",
         "",
     ]
     for task in sorted({r["task"] for r in result["rows"]}):
@@ -389,7 +393,9 @@ def markdown(result: dict) -> str:
         body = []
         for r in rows:
             att = [f"{r['attackers'][a]['attacker']:.4g}" if a in r["attackers"] else "= heal-all" for a in attacks]
-            share = "–" if r["share_of_gain"] is None else f"{r['share_of_gain']:.2f}"
+            share = (  # a share of a gain smaller than the noise means nothing
+                "–" if r["share_of_gain"] is None or r["plug_in_gain"] <= noise else f"{r['share_of_gain']:.2f}"
+            )
             body.append(
                 [
                     r["emulator"],
@@ -439,6 +445,8 @@ def plot(result: dict, path: Path) -> Path | None:
             fontsize=7,
         )
     ax.axvline(0, color="black", lw=1, ls="--")
+    xs = [x for r in rows for x in (r["gap_before_attack"], r["residual_gap"])]
+    ax.set_xlim(min(0.0, *xs) - 0.2, max(xs) * 1.08 + 0.2)  # arrows start inside the frame too
     ax.axhline(rows[0]["zero_shot"], color="gray", lw=1, ls=":", label="zero-shot M")
     ax.set_xlabel("residual privacy gap after the best attack (nats; arrows start at the gap before it)")
     ax.set_ylabel("plug-in perplexity (lower is better)")
@@ -528,6 +536,13 @@ def main(argv: list[str] | None = None) -> dict:
         for a in r["attackers"].values():
             a["share_of_stage1_seconds"] = a["seconds"] / max(info["seconds"], 1e-9)
     result["meta"]["seconds"] = time.perf_counter() - t0
+    result["meta"]["load_average"] = os.getloadavg()[0]
+    # What the sweep costs from scratch: each step's own wall time, also when it came from the cache now.
+    result["meta"]["compute_seconds"] = (
+        info["seconds"]
+        + sum(e.get("seconds", 0) for e in emulators.values())
+        + sum(r["base_seconds"] + sum(a["seconds"] for a in r["attackers"].values()) for r in rows)
+    )
     result["meta"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["complete"] = True
     write_json(json_path, result)
