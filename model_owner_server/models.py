@@ -12,16 +12,26 @@ Names: a class whose noun is also an API schema (shared/schemas.py: Job, Emulato
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator,
-                        UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_id(prefix: str) -> str:
@@ -36,17 +46,17 @@ class UTCDateTime(TypeDecorator):
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc) if value is not None else None
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
 
 
 class Organization(Base):
@@ -131,8 +141,9 @@ class ImportanceRun(Base):
 class EmulatorRow(Base):
     __tablename__ = "emulators"
     # Idempotency: one emulator per (model, importance run, N_a, alpha, beta); alpha/beta rounded to 6 places.
-    __table_args__ = (UniqueConstraint("model_id", "importance_run_id", "n_adapter", "alpha", "beta",
-                                       name="uq_emulator_params"),)
+    __table_args__ = (
+        UniqueConstraint("model_id", "importance_run_id", "n_adapter", "alpha", "beta", name="uq_emulator_params"),
+    )
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("emu"))
     model_id: Mapped[str] = mapped_column(ForeignKey("base_models.id", ondelete="CASCADE"), index=True)
     importance_run_id: Mapped[str] = mapped_column(ForeignKey("importance_runs.id", ondelete="CASCADE"))

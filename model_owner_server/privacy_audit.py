@@ -34,10 +34,19 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
-def run_privacy_audit(full_model: nn.Module, tokenizer: Any, emulator_path: str | Path, cfg: AttackConfig, *,
-                      corpus: str | Path | None = None, seq_len: int = 128, max_blocks: int = 512,
-                      val_blocks: int = 16, device: str = "cpu",
-                      progress: Callable[[float, str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_privacy_audit(
+    full_model: nn.Module,
+    tokenizer: Any,
+    emulator_path: str | Path,
+    cfg: AttackConfig,
+    *,
+    corpus: str | Path | None = None,
+    seq_len: int = 128,
+    max_blocks: int = 512,
+    val_blocks: int = 16,
+    device: str = "cpu",
+    progress: Callable[[float, str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Heal the emulator file on public text with `cfg`; return the record stored as `emulators.privacy`.
 
     `full_model` is only evaluated (never changed), so the server's shared model cache can be passed.
@@ -65,13 +74,21 @@ def run_privacy_audit(full_model: nn.Module, tokenizer: Any, emulator_path: str 
     _, res = heal(emulator, train, val, cfg, progress=step)
     before, after = res.loss_before - full_loss, res.loss_after - full_loss
     return {
-        "attack": cfg.kind, "steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": seq_len, "seed": cfg.seed,
-        "tokens": res.tokens, "corpus": DEFAULT_CORPUS if corpus is None else Path(corpus).name,
-        "val_blocks": len(val), "full_model_loss": round(full_loss, 4),
-        "emulator_loss": round(res.loss_before, 4), "attacker_loss": round(res.loss_after, 4),
-        "gap_before_nats": round(before, 4), "residual_gap_nats": round(after, 4),
+        "attack": cfg.kind,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "seq_len": seq_len,
+        "seed": cfg.seed,
+        "tokens": res.tokens,
+        "corpus": DEFAULT_CORPUS if corpus is None else Path(corpus).name,
+        "val_blocks": len(val),
+        "full_model_loss": round(full_loss, 4),
+        "emulator_loss": round(res.loss_before, 4),
+        "attacker_loss": round(res.loss_after, 4),
+        "gap_before_nats": round(before, 4),
+        "residual_gap_nats": round(after, 4),
         # share of the emulator's gap to M that the attack closed (1: the attacker matches M)
         "share_closed": round((before - after) / before, 4) if before > 1e-9 else None,
-        "seconds": round(res.seconds, 1), "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(res.seconds, 1),
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-

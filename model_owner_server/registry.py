@@ -40,21 +40,29 @@ def registered_model_path(name_or_id: str, settings: Settings | None = None) -> 
 
     settings = settings or Settings()
     url = make_url(settings.db_url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            and not Path(url.database).exists():
+    if (
+        url.get_backend_name() == "sqlite"
+        and url.database not in (None, "", ":memory:")
+        and not Path(url.database).exists()
+    ):
         return None  # no database yet; don't create an empty file just to look
     engine = make_engine(settings.db_url)
     try:
         with engine.connect() as conn:
-            row = conn.execute(select(RegisteredModel.path).where(
-                (RegisteredModel.name == name_or_id) | (RegisteredModel.id == name_or_id))).first()
+            row = conn.execute(
+                select(RegisteredModel.path).where(
+                    (RegisteredModel.name == name_or_id) | (RegisteredModel.id == name_or_id)
+                )
+            ).first()
         return row[0] if row else None
     except SQLAlchemyError as exc:
         if _missing_table(exc):
             return None
         reason = getattr(exc, "orig", None) or exc
-        raise RegistryError(f"cannot read the model registry in {url.render_as_string(hide_password=True)} "
-                            f"to look up {name_or_id!r}: {type(reason).__name__}: {str(reason).strip()} "
-                            "(check SCALEOT_DATABASE_URL and its credentials)") from exc
+        raise RegistryError(
+            f"cannot read the model registry in {url.render_as_string(hide_password=True)} "
+            f"to look up {name_or_id!r}: {type(reason).__name__}: {str(reason).strip()} "
+            "(check SCALEOT_DATABASE_URL and its credentials)"
+        ) from exc
     finally:
         engine.dispose()

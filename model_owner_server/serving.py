@@ -197,9 +197,11 @@ class GenerationEngine:
     def open(self, deltas: Iterator[str]) -> TextStream:
         """Admit a generation (raises EngineBusy when full) and start it; call this on the event loop."""
         if not self._slots.acquire(blocking=False):
-            raise EngineBusy(f"the server is busy: {self.concurrency} generation(s) running and {self.queue_size} "
-                             "waiting; retry in a moment (the model owner can raise SCALEOT_GENERATION_CONCURRENCY "
-                             "/ SCALEOT_GENERATION_QUEUE)")
+            raise EngineBusy(
+                f"the server is busy: {self.concurrency} generation(s) running and {self.queue_size} "
+                "waiting; retry in a moment (the model owner can raise SCALEOT_GENERATION_CONCURRENCY "
+                "/ SCALEOT_GENERATION_QUEUE)"
+            )
         stream = TextStream(asyncio.get_running_loop())
         try:
             self._pool.submit(self._drive, deltas, stream)
@@ -216,7 +218,7 @@ class GenerationEngine:
                     if stream.cancelled.is_set():
                         break
             stream.put(_END)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the event loop, in the request
+        except BaseException as exc:
             stream.put(exc)
         finally:
             self._slots.release()

@@ -32,8 +32,13 @@ FOREIGN_TMP_MAX_AGE_S = 24 * 3600.0  # temp files of another host's processes: r
 
 
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
-_DISK_FULL_TEXT = ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded",
-                   "database or disk is full")
+_DISK_FULL_TEXT = (
+    "No space left on device",
+    "os error 28",
+    "StorageFull",
+    "Disk quota exceeded",
+    "database or disk is full",
+)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -113,8 +118,11 @@ class Storage:
                 self.remove(entry)
                 removed.append(entry.name)
         if removed:
-            log.warning("removed %d leftover temp file(s) of interrupted writes: %s", len(removed),
-                        ", ".join(sorted(removed)[:10]))
+            log.warning(
+                "removed %d leftover temp file(s) of interrupted writes: %s",
+                len(removed),
+                ", ".join(sorted(removed)[:10]),
+            )
         return removed
 
     @staticmethod

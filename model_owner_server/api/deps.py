@@ -52,12 +52,17 @@ KeyRingDep = Annotated[KeyRing, Depends(get_keyring)]
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-def current_org(session: SessionDep,
-                creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Organization:
+def current_org(
+    session: SessionDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Organization:
     challenge = {"WWW-Authenticate": "Bearer"}
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>' "
-                       "(create one with `modelowner-server create-org`)", challenge)
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing API key: send 'Authorization: Bearer <key>' (create one with `modelowner-server create-org`)",
+            challenge,
+        )
     org = organization_for_key(session, creds.credentials.strip())
     if org is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", challenge)

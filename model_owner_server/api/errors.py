@@ -21,12 +21,26 @@ from model_owner_server.storage import is_disk_full
 
 log = logging.getLogger("scaleot.api")
 
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 411: "length_required", 413: "payload_too_large", 415: "unsupported_media_type",
-          416: "range_not_satisfiable", 422: "validation_error", 429: "too_many_requests", 503: "unavailable",
-          507: "insufficient_storage"}
-DISK_FULL_MESSAGE = ("the server ran out of disk space while storing your request; nothing was kept. "
-                     "Try again later (the model owner must free space in SCALEOT_DATA_DIR)")
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    411: "length_required",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    416: "range_not_satisfiable",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "unavailable",
+    507: "insufficient_storage",
+}
+DISK_FULL_MESSAGE = (
+    "the server ran out of disk space while storing your request; nothing was kept. "
+    "Try again later (the model owner must free space in SCALEOT_DATA_DIR)"
+)
 
 
 class ApiError(Exception):

@@ -39,8 +39,9 @@ class RequestTooLarge(StarletteHTTPException):
 
 
 class BodySizeLimitMiddleware:
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int,
-                 exempt: Callable[[str, str], bool] = is_upload):
+    def __init__(
+        self, app: Callable[..., Awaitable[None]], max_bytes: int, exempt: Callable[[str, str], bool] = is_upload
+    ):
         self.app, self.max_bytes, self.exempt = app, max_bytes, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -71,8 +72,12 @@ class BodySizeLimitMiddleware:
                 await _error(send, 400, "bad_request", "invalid Content-Length header")
                 return
             if length > self.max_bytes:
-                await _error(send, 413, "payload_too_large",
-                             f"request body is {length} bytes; this endpoint accepts at most {self.max_bytes}")
+                await _error(
+                    send,
+                    413,
+                    "payload_too_large",
+                    f"request body is {length} bytes; this endpoint accepts at most {self.max_bytes}",
+                )
                 return
         received = 0
         started = False
@@ -102,7 +107,15 @@ class BodySizeLimitMiddleware:
 
 async def _error(send: Send, status: int, code: str, message: str) -> None:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -8,6 +8,7 @@ the body, passes its cap. Nothing is kept when an error is raised: the caller de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +47,12 @@ class ReceivedPart:
 def boundary_of(request: Request) -> bytes:
     ctype, opts = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or not opts.get(b"boundary"):
-        raise ApiError(415, "unsupported_media_type",
-                       "send multipart/form-data with parts 'adapter' (safetensors file), optional 'eval_data' "
-                       "(.txt/.jsonl file), 'metrics' and 'adapter_config' (JSON text)")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send multipart/form-data with parts 'adapter' (safetensors file), optional 'eval_data' "
+            "(.txt/.jsonl file), 'metrics' and 'adapter_config' (JSON text)",
+        )
     return opts[b"boundary"]
 
 
@@ -62,13 +66,17 @@ def check_content_length(request: Request, total_cap: int) -> None:
     except ValueError:
         raise ApiError(400, "bad_request", "invalid Content-Length header") from None
     if length > total_cap:
-        raise ApiError(413, "payload_too_large",
-                       f"request body is {length} bytes; this emulator accepts at most {total_cap} "
-                       "(the adapter layers' tensors plus the eval-file limit). Upload only the adapter tensors.")
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"request body is {length} bytes; this emulator accepts at most {total_cap} "
+            "(the adapter layers' tensors plus the eval-file limit). Upload only the adapter tensors.",
+        )
 
 
-async def receive_parts(request: Request, specs: dict[str, PartSpec], total_cap: int,
-                        temp_path: callable) -> dict[str, ReceivedPart]:  # type: ignore[valid-type]
+async def receive_parts(
+    request: Request, specs: dict[str, PartSpec], total_cap: int, temp_path: callable
+) -> dict[str, ReceivedPart]:  # type: ignore[valid-type]
     """Parse the body into parts; file parts land in temp files named by `temp_path(suffix)`.
 
     On any error the temp files created so far are removed before the exception propagates.
@@ -107,12 +115,14 @@ async def receive_parts(request: Request, specs: dict[str, PartSpec], total_cap:
         if spec.is_file:
             suffix = _suffix(filename)
             if spec.suffixes and suffix not in spec.suffixes:
-                raise ApiError(422, "unsupported_file_type",
-                               f"part {name!r} must be a file named *{' or *'.join(spec.suffixes)} "
-                               f"(got {filename!r:.200})")
+                raise ApiError(
+                    422,
+                    "unsupported_file_type",
+                    f"part {name!r} must be a file named *{' or *'.join(spec.suffixes)} (got {filename!r:.200})",
+                )
             # The client's file name never reaches the file system: only a whitelisted suffix does.
             part.path = temp_path(suffix if spec.suffixes else ".part")
-            part._fh = open(part.path, "wb")
+            part._fh = open(part.path, "wb")  # noqa: SIM115 - stays open across the parser's callbacks; closed below
         parts[name] = part
         current[0] = part
 
@@ -122,10 +132,16 @@ async def receive_parts(request: Request, specs: dict[str, PartSpec], total_cap:
         part.size += len(chunk)
         spec = specs[part.name]
         if part.size > spec.cap:
-            raise ApiError(413, "payload_too_large",
-                           f"part {part.name!r} exceeds its limit of {spec.cap} bytes"
-                           + (" (the adapter must hold only the issued adapter-layer tensors, in the issued dtype)"
-                              if part.name == "adapter" else ""))
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"part {part.name!r} exceeds its limit of {spec.cap} bytes"
+                + (
+                    " (the adapter must hold only the issued adapter-layer tensors, in the issued dtype)"
+                    if part.name == "adapter"
+                    else ""
+                ),
+            )
         part._hash.update(chunk)
         if part._fh is not None:
             part._fh.write(chunk)
@@ -144,10 +160,19 @@ async def receive_parts(request: Request, specs: dict[str, PartSpec], total_cap:
     def on_end() -> None:
         ended[0] = True
 
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end})
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_end": on_end,
+        },
+    )
     received = 0
     try:
         async for chunk in request.stream():
@@ -181,10 +206,8 @@ def _suffix(filename: str | None) -> str:
 def discard(parts: dict[str, ReceivedPart]) -> None:
     for p in parts.values():
         if p._fh is not None:
-            try:
+            with contextlib.suppress(OSError):  # e.g. ENOSPC flushing the buffer: the file is removed anyway
                 p._fh.close()
-            except OSError:  # e.g. ENOSPC flushing the buffer: the file is removed anyway
-                pass
             p._fh = None
         if p.path is not None:
             p.path.unlink(missing_ok=True)

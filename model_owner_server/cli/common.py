@@ -6,8 +6,11 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="ScaleOT model-owner server: compress your LLM into emulators, serve them, evaluate adapters.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="ScaleOT model-owner server: compress your LLM into emulators, serve them, evaluate adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -28,8 +31,10 @@ def model_folder(model: str) -> Path:
         found = registered_model_path(model)
         if found is not None:
             return Path(found)
-    fail(f"{model!r} is neither a model folder nor a registered model name "
-         "(register one with `modelowner-server register-model NAME --path DIR`)")
+    fail(
+        f"{model!r} is neither a model folder nor a registered model name "
+        "(register one with `modelowner-server register-model NAME --path DIR`)"
+    )
     raise AssertionError  # unreachable
 
 

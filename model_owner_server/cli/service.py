@@ -11,9 +11,11 @@ from model_owner_server.cli.common import app, fail, load_settings
 def serve_cmd(
     host: str | None = typer.Option(None, "--host", help="default: SCALEOT_HOST or 127.0.0.1"),
     port: int | None = typer.Option(None, "--port", help="default: SCALEOT_PORT or 8000"),
-    worker: bool | None = typer.Option(None, "--worker/--no-worker",
-                                          help="run the job worker inside the server "
-                                               "(default: SCALEOT_EMBEDDED_WORKER=true)"),
+    worker: bool | None = typer.Option(
+        None,
+        "--worker/--no-worker",
+        help="run the job worker inside the server (default: SCALEOT_EMBEDDED_WORKER=true)",
+    ),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Apply database migrations, then serve the REST API (with an embedded job worker by default)."""
@@ -30,8 +32,9 @@ def serve_cmd(
     run_migrations(settings.db_url)
     code = 0
     try:
-        uvicorn.run(create_app(settings, migrate=False), host=settings.host, port=settings.port,
-                    log_level=log_level.lower())
+        uvicorn.run(
+            create_app(settings, migrate=False), host=settings.host, port=settings.port, log_level=log_level.lower()
+        )
     except KeyboardInterrupt:
         code = 130
     _exit_past_busy_job_threads(code)
@@ -82,5 +85,6 @@ def worker_cmd(threads: int = typer.Option(1, "--threads", help="jobs run at onc
     try:
         consumer.run()  # blocks; SIGINT/SIGTERM stop it
     finally:
-        fail_jobs_of_this_process(sessions, "interrupted: the worker was stopped before the job finished; "
-                                  "submit the request again")
+        fail_jobs_of_this_process(
+            sessions, "interrupted: the worker was stopped before the job finished; submit the request again"
+        )

@@ -60,10 +60,18 @@ def secure_cookies(request: Request, settings: Settings) -> bool:
     return request.url.scheme == "https" or (settings.public_url or "").startswith("https://")
 
 
-def set_cookie(response: Response, request: Request, settings: Settings, name: str, value: str,
-               max_age: int | None) -> None:
-    response.set_cookie(name, value, max_age=max_age, path="/console", httponly=True, samesite="strict",
-                        secure=secure_cookies(request, settings))
+def set_cookie(
+    response: Response, request: Request, settings: Settings, name: str, value: str, max_age: int | None
+) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/console",
+        httponly=True,
+        samesite="strict",
+        secure=secure_cookies(request, settings),
+    )
 
 
 def start_session(session: Session, org: Organization, settings: Settings) -> str:
@@ -71,8 +79,15 @@ def start_session(session: Session, org: Organization, settings: Settings) -> st
     now = utcnow()
     session.execute(delete(ConsoleSession).where(ConsoleSession.org_id == org.id, ConsoleSession.expires_at <= now))
     token = secrets.token_urlsafe(32)
-    session.add(ConsoleSession(token_hash=_hash(token), org_id=org.id, csrf_token=secrets.token_urlsafe(32),
-                               created_at=now, expires_at=now + timedelta(minutes=settings.console_session_minutes)))
+    session.add(
+        ConsoleSession(
+            token_hash=_hash(token),
+            org_id=org.id,
+            csrf_token=secrets.token_urlsafe(32),
+            created_at=now,
+            expires_at=now + timedelta(minutes=settings.console_session_minutes),
+        )
+    )
     return token
 
 

@@ -12,8 +12,10 @@ W, H, PAD_L, PAD_B, PAD_T = 640, 220, 48, 28, 14
 
 
 def _frame(title: str, body: str, height: int = H) -> Markup:
-    return Markup(f'<svg class="chart" viewBox="0 0 {W} {height}" role="img" aria-label="{escape(title)}" '
-                  f'preserveAspectRatio="xMidYMid meet"><title>{escape(title)}</title>{body}</svg>')
+    return Markup(
+        f'<svg class="chart" viewBox="0 0 {W} {height}" role="img" aria-label="{escape(title)}" '
+        f'preserveAspectRatio="xMidYMid meet"><title>{escape(title)}</title>{body}</svg>'
+    )
 
 
 def _scale(lo: float, hi: float, top: float, bottom: float):
@@ -21,8 +23,13 @@ def _scale(lo: float, hi: float, top: float, bottom: float):
     return lambda v: bottom - (v - lo) / span * (bottom - top)
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float | None], title: str,
-              classes: Sequence[str] | None = None, digits: int = 3) -> Markup:
+def bar_chart(
+    labels: Sequence[str],
+    values: Sequence[float | None],
+    title: str,
+    classes: Sequence[str] | None = None,
+    digits: int = 3,
+) -> Markup:
     """Vertical bars from a zero line (importance scores are centred on 0, so bars may point down)."""
     vals = [float(v) if v is not None else 0.0 for v in values]
     if not vals:
@@ -32,20 +39,26 @@ def bar_chart(labels: Sequence[str], values: Sequence[float | None], title: str,
     step = (W - PAD_L - 8) / len(vals)
     width = max(2.0, step * 0.7)
     parts = [f'<line class="axis" x1="{PAD_L}" x2="{W - 4}" y1="{y(0):.1f}" y2="{y(0):.1f}"/>']
-    for i, (label, v) in enumerate(zip(labels, vals)):
+    for i, (label, v) in enumerate(zip(labels, vals, strict=True)):
         x = PAD_L + i * step + (step - width) / 2
         top, bottom = sorted((y(v), y(0)))
         cls = f"bar {classes[i]}" if classes else "bar"
-        parts.append(f'<rect class="{escape(cls)}" x="{x:.1f}" y="{top:.1f}" width="{width:.1f}" '
-                     f'height="{max(bottom - top, 0.5):.1f}"><title>{escape(label)}: {v:.{digits}g}</title></rect>')
+        parts.append(
+            f'<rect class="{escape(cls)}" x="{x:.1f}" y="{top:.1f}" width="{width:.1f}" '
+            f'height="{max(bottom - top, 0.5):.1f}"><title>{escape(label)}: {v:.{digits}g}</title></rect>'
+        )
         if len(vals) <= 32:
-            parts.append(f'<text class="tick" x="{x + width / 2:.1f}" y="{H - 10}" text-anchor="middle">'
-                         f'{escape(label)}</text>')
+            parts.append(
+                f'<text class="tick" x="{x + width / 2:.1f}" y="{H - 10}" text-anchor="middle">{escape(label)}</text>'
+            )
             ty = top - 3 if v >= 0 else bottom + 11
-            parts.append(f'<text class="value" x="{x + width / 2:.1f}" y="{ty:.1f}" text-anchor="middle">'
-                         f'{v:.{digits}g}</text>')
-    parts.append(f'<text class="tick" x="4" y="{y(hi) + 4:.1f}">{hi:.3g}</text>'
-                 f'<text class="tick" x="4" y="{y(lo) + 4:.1f}">{lo:.3g}</text>')
+            parts.append(
+                f'<text class="value" x="{x + width / 2:.1f}" y="{ty:.1f}" text-anchor="middle">{v:.{digits}g}</text>'
+            )
+    parts.append(
+        f'<text class="tick" x="4" y="{y(hi) + 4:.1f}">{hi:.3g}</text>'
+        f'<text class="tick" x="4" y="{y(lo) + 4:.1f}">{lo:.3g}</text>'
+    )
     return _frame(title, "".join(parts))
 
 
@@ -59,13 +72,15 @@ def line_chart(points: Sequence[tuple[float, float]], title: str, y_label: str) 
     x0, x1 = min(xs), max(xs)
     xscale = (W - PAD_L - 10) / ((x1 - x0) or 1.0)
     path = " ".join(f"{PAD_L + (x - x0) * xscale:.1f},{y(v):.1f}" for x, v in pts)
-    body = (f'<line class="axis" x1="{PAD_L}" x2="{W - 4}" y1="{H - PAD_B}" y2="{H - PAD_B}"/>'
-            f'<polyline class="line" points="{path}"/>'
-            f'<text class="tick" x="4" y="{y(max(ys)) + 4:.1f}">{max(ys):.3g}</text>'
-            f'<text class="tick" x="4" y="{y(min(ys)) + 4:.1f}">{min(ys):.3g}</text>'
-            f'<text class="tick" x="{PAD_L}" y="{H - 8}">step {x0:.0f}</text>'
-            f'<text class="tick" x="{W - 4}" y="{H - 8}" text-anchor="end">step {x1:.0f}</text>'
-            f'<text class="tick" x="{PAD_L + 4}" y="{PAD_T}">{escape(y_label)}</text>')
+    body = (
+        f'<line class="axis" x1="{PAD_L}" x2="{W - 4}" y1="{H - PAD_B}" y2="{H - PAD_B}"/>'
+        f'<polyline class="line" points="{path}"/>'
+        f'<text class="tick" x="4" y="{y(max(ys)) + 4:.1f}">{max(ys):.3g}</text>'
+        f'<text class="tick" x="4" y="{y(min(ys)) + 4:.1f}">{min(ys):.3g}</text>'
+        f'<text class="tick" x="{PAD_L}" y="{H - 8}">step {x0:.0f}</text>'
+        f'<text class="tick" x="{W - 4}" y="{H - 8}" text-anchor="end">step {x1:.0f}</text>'
+        f'<text class="tick" x="{PAD_L + 4}" y="{PAD_T}">{escape(y_label)}</text>'
+    )
     return _frame(title, body)
 
 

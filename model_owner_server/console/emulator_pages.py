@@ -26,18 +26,38 @@ from .views import ACTION_ERRORS, ConsoleRoute, action_error, page, validate
 router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
 EMULATOR_FIELDS = ("model_id", "n_adapter", "alpha", "beta")
 # The four columns of an adapter's evaluation, in the paper's order (client-side ones come from the upload).
-COLUMNS = (("full model zero-shot", "zero_shot"), ("emulator zero-shot", "emulator_zero_shot"),
-           ("emulator + adapter", "emulator_fine_tuned"), ("plug-in M' = [A', E]", "plug_in"))
+COLUMNS = (
+    ("full model zero-shot", "zero_shot"),
+    ("emulator zero-shot", "emulator_zero_shot"),
+    ("emulator + adapter", "emulator_fine_tuned"),
+    ("plug-in M' = [A', E]", "plug_in"),
+)
 
 
-def _emulators_page(request: Request, session: SessionDep, auth: ConsoleAuth, settings: SettingsDep, *,
-                    errors: dict[str, str] | None = None, values: dict[str, str] | None = None,
-                    status: int = 200) -> HTMLResponse:
+def _emulators_page(
+    request: Request,
+    session: SessionDep,
+    auth: ConsoleAuth,
+    settings: SettingsDep,
+    *,
+    errors: dict[str, str] | None = None,
+    values: dict[str, str] | None = None,
+    status: int = 200,
+) -> HTMLResponse:
     emulators = api_emulators.list_emulators(request, session, auth.org, settings).emulators
     models = api_models.list_models(session, auth.org).models
-    return page(request, auth, "emulators.html", status, emulators=emulators, models=models,
-                names={m.id: m.name for m in models}, errors=errors or {}, values=values or {},
-                notice=request.query_params.get("notice"))
+    return page(
+        request,
+        auth,
+        "emulators.html",
+        status,
+        emulators=emulators,
+        models=models,
+        names={m.id: m.name for m in models},
+        errors=errors or {},
+        values=values or {},
+        notice=request.query_params.get("notice"),
+    )
 
 
 @router.get("/emulators", response_class=HTMLResponse)
@@ -46,14 +66,17 @@ def emulators_page(request: Request, session: SessionDep, auth: ConsoleDep, sett
 
 
 @router.post("/emulators", response_class=HTMLResponse)
-def build_emulator(request: Request, session: SessionDep, auth: ConsoleDep, form: FormDep, settings: SettingsDep,
-                   queue: QueueDep) -> Response:
+def build_emulator(
+    request: Request, session: SessionDep, auth: ConsoleDep, form: FormDep, settings: SettingsDep, queue: QueueDep
+) -> Response:
     body, errors = validate(schemas.EmulatorCreate, form, EMULATOR_FIELDS)
     if body is not None:
         try:  # the API's own handler: same checks, idempotency, audit entry and job
             created = api_emulators.create_emulator(body, request, Response(), session, auth.org, settings, queue)
             emu = created.emulator
-            note = "ready" if emu.status == "ready" else f"building (job {created.job.id})" if created.job else emu.status
+            note = (
+                "ready" if emu.status == "ready" else f"building (job {created.job.id})" if created.job else emu.status
+            )
             return redirect(f"/console/emulators/{emu.id}", f"Emulator {emu.id}: {note}.")
         except ACTION_ERRORS as exc:
             errors = {"form": action_error(exc)}
@@ -69,19 +92,32 @@ def _downloads(session: SessionDep, auth: ConsoleAuth, emulator_id: str) -> int:
 
 
 @router.get("/emulators/{emulator_id}", response_class=HTMLResponse)
-def emulator_page(emulator_id: str, request: Request, session: SessionDep, auth: ConsoleDep,
-                  settings: SettingsDep) -> HTMLResponse:
+def emulator_page(
+    emulator_id: str, request: Request, session: SessionDep, auth: ConsoleDep, settings: SettingsDep
+) -> HTMLResponse:
     row = crud.get_visible_emulator(session, auth.org, emulator_id)
     emu = api_emulators.get_emulator(emulator_id, request, session, auth.org, settings)
     model = session.get(RegisteredModel, emu.model_id)
     url = f"{base_url(request, settings)}/v1/emulators/{emu.id}"
     cells = plan_cells(emu.plan)
     counts = {k: sum(1 for c in cells if c["kind"] == k) for k in ("adapter", "harmonizer", "src", "frozen", "dropped")}
-    return page(request, auth, "emulator.html", emu=emu, model=model, cells=cells, counts=counts,
-                privacy=row.privacy, downloads=_downloads(session, auth, emu.id), url=url,
-                commands=[f"dataowner-client tune --emulator-url {url} --data train.jsonl --eval-data eval.jsonl",
-                          f"dataowner-client download --emulator-url {url}"],
-                notice=request.query_params.get("notice"))
+    return page(
+        request,
+        auth,
+        "emulator.html",
+        emu=emu,
+        model=model,
+        cells=cells,
+        counts=counts,
+        privacy=row.privacy,
+        downloads=_downloads(session, auth, emu.id),
+        url=url,
+        commands=[
+            f"dataowner-client tune --emulator-url {url} --data train.jsonl --eval-data eval.jsonl",
+            f"dataowner-client download --emulator-url {url}",
+        ],
+        notice=request.query_params.get("notice"),
+    )
 
 
 @router.get("/adapters", response_class=HTMLResponse)
@@ -91,24 +127,54 @@ def adapters_page(request: Request, session: SessionDep, auth: ConsoleDep) -> HT
 
 
 def _columns(adapter: schemas.Adapter) -> list[tuple[str, dict[str, Any] | None]]:
-    sources = {"zero_shot": adapter.evaluation.zero_shot, "plug_in": adapter.evaluation.plug_in,
-               **{k: (adapter.client_metrics or {}).get(k) for k in ("emulator_zero_shot", "emulator_fine_tuned")}}
+    sources = {
+        "zero_shot": adapter.evaluation.zero_shot,
+        "plug_in": adapter.evaluation.plug_in,
+        **{k: (adapter.client_metrics or {}).get(k) for k in ("emulator_zero_shot", "emulator_fine_tuned")},
+    }
     return [(title, sources[key] if isinstance(sources[key], dict) else None) for title, key in COLUMNS]
 
 
-def _adapter_page(request: Request, session: SessionDep, auth: ConsoleAuth, adapter_id: str, *,
-                  errors: dict[str, str] | None = None, values: dict[str, str] | None = None,
-                  generated: schemas.GenerateResponse | None = None, status: int = 200) -> HTMLResponse:
+def _adapter_page(
+    request: Request,
+    session: SessionDep,
+    auth: ConsoleAuth,
+    adapter_id: str,
+    *,
+    errors: dict[str, str] | None = None,
+    values: dict[str, str] | None = None,
+    generated: schemas.GenerateResponse | None = None,
+    status: int = 200,
+) -> HTMLResponse:
     adapter = api_adapters.get_adapter(adapter_id, session, auth.org)
     columns = _columns(adapter)
     metrics = sorted({k for _, m in columns if m for k, v in m.items() if isinstance(v, (int, float))})
     chart_metric = next((m for m in ("perplexity", "accuracy", "loss") if m in metrics), None)
     present = [(t, m[chart_metric]) for t, m in columns if m and chart_metric in m] if chart_metric else []
-    chart = bar_chart([t for t, _ in present], [v for _, v in present], f"{chart_metric} by model",
-                      classes=[f"col{i}" for i in range(len(present))]) if present else ""
-    return page(request, auth, "adapter.html", status, adapter=adapter, columns=columns, metrics=metrics,
-                chart=chart, chart_metric=chart_metric, errors=errors or {}, values=values or {},
-                generated=generated)
+    chart = (
+        bar_chart(
+            [t for t, _ in present],
+            [v for _, v in present],
+            f"{chart_metric} by model",
+            classes=[f"col{i}" for i in range(len(present))],
+        )
+        if present
+        else ""
+    )
+    return page(
+        request,
+        auth,
+        "adapter.html",
+        status,
+        adapter=adapter,
+        columns=columns,
+        metrics=metrics,
+        chart=chart,
+        chart_metric=chart_metric,
+        errors=errors or {},
+        values=values or {},
+        generated=generated,
+    )
 
 
 @router.get("/adapters/{adapter_id}", response_class=HTMLResponse)
@@ -117,8 +183,15 @@ def adapter_page(adapter_id: str, request: Request, session: SessionDep, auth: C
 
 
 @router.post("/adapters/{adapter_id}/generate", response_class=HTMLResponse)
-def generate(adapter_id: str, request: Request, session: SessionDep, auth: ConsoleDep, form: FormDep,
-             settings: SettingsDep, storage: StorageDep) -> HTMLResponse:
+def generate(
+    adapter_id: str,
+    request: Request,
+    session: SessionDep,
+    auth: ConsoleDep,
+    form: FormDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> HTMLResponse:
     body, errors = validate(schemas.GenerateRequest, form, ("prompt", "max_new_tokens"))
     generated = None
     if body is not None:
@@ -126,5 +199,13 @@ def generate(adapter_id: str, request: Request, session: SessionDep, auth: Conso
             generated = api_adapters.generate(adapter_id, body, session, auth.org, settings, storage)
         except ACTION_ERRORS as exc:
             errors = {"form": action_error(exc)}
-    return _adapter_page(request, session, auth, adapter_id, errors=errors, values=form, generated=generated,
-                         status=200 if generated else 422)
+    return _adapter_page(
+        request,
+        session,
+        auth,
+        adapter_id,
+        errors=errors,
+        values=form,
+        generated=generated,
+        status=200 if generated else 422,
+    )

@@ -27,18 +27,44 @@ def redirect(path: str, notice: str) -> RedirectResponse:
     return RedirectResponse(f"{path}?notice={quote(notice)}", status_code=303)
 
 
-def _models_page(request: Request, session: SessionDep, auth: ConsoleAuth, *, form: str = "",
-                 errors: dict[str, str] | None = None, values: dict[str, str] | None = None,
-                 status: int = 200) -> HTMLResponse:
+def _models_page(
+    request: Request,
+    session: SessionDep,
+    auth: ConsoleAuth,
+    *,
+    form: str = "",
+    errors: dict[str, str] | None = None,
+    values: dict[str, str] | None = None,
+    status: int = 200,
+) -> HTMLResponse:
     models = api_models.list_models(session, auth.org).models
     grants = session.execute(crud.visible_grants(auth.org)).all()
     names = {m.id: m.name for m in models}
-    data_owners = (list(session.execute(select(Organization.name).where(Organization.role == "data-owner")
-                                        .order_by(Organization.name)).scalars()) if auth.org.is_admin else [])
-    return page(request, auth, "models.html", status, models=models, names=names, data_owners=data_owners,
-                grants=[{"model": names.get(g.model_id, g.model_id), "org": o.name, "created_at": g.created_at}
-                        for g, o in grants],
-                form=form, errors=errors or {}, values=values or {}, notice=request.query_params.get("notice"))
+    data_owners = (
+        list(
+            session.execute(
+                select(Organization.name).where(Organization.role == "data-owner").order_by(Organization.name)
+            ).scalars()
+        )
+        if auth.org.is_admin
+        else []
+    )
+    return page(
+        request,
+        auth,
+        "models.html",
+        status,
+        models=models,
+        names=names,
+        data_owners=data_owners,
+        grants=[
+            {"model": names.get(g.model_id, g.model_id), "org": o.name, "created_at": g.created_at} for g, o in grants
+        ],
+        form=form,
+        errors=errors or {},
+        values=values or {},
+        notice=request.query_params.get("notice"),
+    )
 
 
 @router.get("/models", response_class=HTMLResponse)
@@ -73,8 +99,15 @@ def grant(model_id: str, request: Request, session: SessionDep, auth: ConsoleDep
 
 
 @router.post("/models/{model_id}/importance", response_class=HTMLResponse)
-def start_importance(model_id: str, request: Request, session: SessionDep, auth: ConsoleDep, form: FormDep,
-                     settings: SettingsDep, queue: QueueDep) -> Response:
+def start_importance(
+    model_id: str,
+    request: Request,
+    session: SessionDep,
+    auth: ConsoleDep,
+    form: FormDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+) -> Response:
     admin = require_admin(auth.org)
     body, errors = validate(schemas.ImportanceRequest, form, IMPORTANCE_FIELDS)
     if body is not None:
@@ -83,8 +116,7 @@ def start_importance(model_id: str, request: Request, session: SessionDep, auth:
             return redirect("/console/jobs", f"Stage 1 started as job {job.id}.")
         except ACTION_ERRORS as exc:
             errors = {"form": action_error(exc)}
-    return _models_page(request, session, auth, form=f"importance-{model_id}", errors=errors, values=form,
-                        status=422)
+    return _models_page(request, session, auth, form=f"importance-{model_id}", errors=errors, values=form, status=422)
 
 
 @router.get("/importance", response_class=HTMLResponse)
@@ -110,8 +142,18 @@ def importance_page(run_id: str, request: Request, session: SessionDep, auth: Co
     loss, reward = _history(job.result or {})
     settings = {k: v for k, v in (job.params or {}).items() if k not in ("run_id", "model_id")}
     ranking = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
-    return page(request, auth, "importance.html", run=run, job=job, model=model, scores=scores, ranking=ranking,
-                score_chart=bar_chart(labels, scores, "Importance score per layer (higher: keep)"),
-                loss_chart=line_chart(loss, "Harmonizer training loss per DL step", "loss"),
-                reward_chart=line_chart(reward, "Mean reward per RL step", "reward"),
-                settings=settings, result=job.result or {})
+    return page(
+        request,
+        auth,
+        "importance.html",
+        run=run,
+        job=job,
+        model=model,
+        scores=scores,
+        ranking=ranking,
+        score_chart=bar_chart(labels, scores, "Importance score per layer (higher: keep)"),
+        loss_chart=line_chart(loss, "Harmonizer training loss per DL step", "loss"),
+        reward_chart=line_chart(reward, "Mean reward per RL step", "reward"),
+        settings=settings,
+        result=job.result or {},
+    )

@@ -39,8 +39,7 @@ def _target(job: JobRow) -> tuple[str, str] | None:
 
 def _job_rows(session: SessionDep, auth: ConsoleAuth) -> dict:
     jobs = list(session.execute(crud.visible_jobs(auth.org).limit(JOB_LIMIT)).scalars())
-    return {"jobs": [{"job": j, "target": _target(j)} for j in jobs],
-            "live": any(j.status in ACTIVE for j in jobs)}
+    return {"jobs": [{"job": j, "target": _target(j)} for j in jobs], "live": any(j.status in ACTIVE for j in jobs)}
 
 
 @router.get("/jobs", response_class=HTMLResponse)
@@ -83,26 +82,55 @@ def audit_page(request: Request, session: SessionDep, auth: ConsoleDep) -> HTMLR
             errors[k] = "use a date and time like 2026-11-30T14:05"
     listing = None
     if not errors:
-        listing = api_audit.list_audit(session, admin, org=q["org"] or None, action=q["action"] or None,
-                                       target_type=None, target_id=None, since=times["since"],
-                                       until=times["until"], limit=200, offset=0)
+        listing = api_audit.list_audit(
+            session,
+            admin,
+            org=q["org"] or None,
+            action=q["action"] or None,
+            target_type=None,
+            target_id=None,
+            since=times["since"],
+            until=times["until"],
+            limit=200,
+            offset=0,
+        )
     orgs = list(session.execute(select(Organization.name).order_by(Organization.name)).scalars())
     actions = list(session.execute(select(AuditEvent.action).distinct().order_by(AuditEvent.action)).scalars())
-    return page(request, auth, "audit.html", 200 if not errors else 422, listing=listing, q=q, orgs=orgs,
-                actions=actions, errors=errors)
+    return page(
+        request,
+        auth,
+        "audit.html",
+        200 if not errors else 422,
+        listing=listing,
+        q=q,
+        orgs=orgs,
+        actions=actions,
+        errors=errors,
+    )
 
 
 def fingerprint(public_key_b64: str) -> str:
     """SHA-256 of the raw public key, grouped for reading aloud (its first 16 hex digits are the key id)."""
     digest = hashlib.sha256(base64.b64decode(public_key_b64)).hexdigest()
-    return ":".join(digest[i:i + 4] for i in range(0, len(digest), 4))
+    return ":".join(digest[i : i + 4] for i in range(0, len(digest), 4))
 
 
 @router.get("/keys", response_class=HTMLResponse)
 def keys_page(request: Request, session: SessionDep, auth: ConsoleDep) -> HTMLResponse:
     rows = list(session.execute(select(SigningKeyRecord).order_by(SigningKeyRecord.created_at.desc())).scalars())
-    history = sorted(((t, event, r.key_id) for r in rows for t, event in
-                      ((r.created_at, "created"), (r.retired_at, "retired"), (r.revoked_at, "revoked")) if t),
-                     reverse=True)
-    return page(request, auth, "keys.html", keys=[{"row": r, "fingerprint": fingerprint(r.public_key)} for r in rows],
-                history=history)
+    history = sorted(
+        (
+            (t, event, r.key_id)
+            for r in rows
+            for t, event in ((r.created_at, "created"), (r.retired_at, "retired"), (r.revoked_at, "revoked"))
+            if t
+        ),
+        reverse=True,
+    )
+    return page(
+        request,
+        auth,
+        "keys.html",
+        keys=[{"row": r, "fingerprint": fingerprint(r.public_key)} for r in rows],
+        history=history,
+    )

@@ -24,8 +24,10 @@ from .auth import (
 from .views import ConsoleRoute, page
 
 router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
-BAD_KEY = ("That API key was not accepted: it is wrong or has been revoked. Paste the whole key (it starts with "
-           "sot_), or ask the model owner for a new one (`modelowner-server create-org`).")
+BAD_KEY = (
+    "That API key was not accepted: it is wrong or has been revoked. Paste the whole key (it starts with "
+    "sot_), or ask the model owner for a new one (`modelowner-server create-org`)."
+)
 
 
 @router.get("", include_in_schema=False)
@@ -33,12 +35,20 @@ def index() -> RedirectResponse:
     return RedirectResponse("/console/models", status_code=303)
 
 
-def _login_page(request: Request, settings: SettingsDep, *, error: str | None = None, notice: str | None = None,
-                status: int = 200) -> HTMLResponse:
+def _login_page(
+    request: Request, settings: SettingsDep, *, error: str | None = None, notice: str | None = None, status: int = 200
+) -> HTMLResponse:
     token = secrets.token_urlsafe(32)  # double-submit: the same value in the form and in a Strict cookie
-    response = page(request, None, "login.html", status, login_csrf=token, error=error,
-                    notice=notice or request.query_params.get("reason"),
-                    next=safe_next(request.query_params.get("next")))
+    response = page(
+        request,
+        None,
+        "login.html",
+        status,
+        login_csrf=token,
+        error=error,
+        notice=notice or request.query_params.get("reason"),
+        next=safe_next(request.query_params.get("next")),
+    )
     set_cookie(response, request, settings, LOGIN_CSRF_COOKIE, token, max_age=3600)
     return response
 
@@ -53,8 +63,12 @@ def login(request: Request, session: SessionDep, settings: SettingsDep, form: Lo
     key = form.get("api_key", "").strip()
     org = organization_for_key(session, key) if key else None  # the REST API's own key check
     if org is None:
-        return _login_page(request, settings, status=401, error=BAD_KEY if key else "Enter your organization's "
-                           "API key (it starts with sot_).")
+        return _login_page(
+            request,
+            settings,
+            status=401,
+            error=BAD_KEY if key else "Enter your organization's API key (it starts with sot_).",
+        )
     token = start_session(session, org, settings)
     crud.audit(session, org, "console_sign_in", "organization", org.id)
     session.commit()

@@ -70,15 +70,16 @@ templates.env.filters.update(bytes=human_bytes, count=human_count, when=when, nu
 templates.env.globals.update(duration=duration)
 
 
-def page(request: Request, auth: ConsoleAuth | None, name: str, status: int = 200, **context: Any
-         ) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, {"auth": auth, "org": auth.org if auth else None,
-                                                      **context}, status_code=status)
+def page(request: Request, auth: ConsoleAuth | None, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request, name, {"auth": auth, "org": auth.org if auth else None, **context}, status_code=status
+    )
 
 
 def error_page(request: Request, status: int, title: str, message: str) -> HTMLResponse:
-    return templates.TemplateResponse(request, "error.html", {"auth": None, "org": None, "title": title,
-                                                              "message": message}, status_code=status)
+    return templates.TemplateResponse(
+        request, "error.html", {"auth": None, "org": None, "title": title, "message": message}, status_code=status
+    )
 
 
 class ConsoleRoute(APIRoute):
@@ -95,8 +96,13 @@ class ConsoleRoute(APIRoute):
                 query = urlencode({"next": exc.next_path, "reason": exc.reason})
                 return RedirectResponse(f"/console/login?{query}", status_code=303)
             except CsrfError:
-                return error_page(request, 403, "Form refused", "This form was not sent by a console page of this "
-                                  "session (its CSRF token is missing or wrong). Reload the page and submit it again.")
+                return error_page(
+                    request,
+                    403,
+                    "Form refused",
+                    "This form was not sent by a console page of this "
+                    "session (its CSRF token is missing or wrong). Reload the page and submit it again.",
+                )
             except crud.NotFound as exc:
                 return error_page(request, 404, "Not found", str(exc))
             except ApiError as exc:
@@ -105,8 +111,9 @@ class ConsoleRoute(APIRoute):
         return html_errors
 
 
-def validate(schema: type[Schema], form: dict[str, str], fields: tuple[str, ...]
-             ) -> tuple[Schema | None, dict[str, str]]:
+def validate(
+    schema: type[Schema], form: dict[str, str], fields: tuple[str, ...]
+) -> tuple[Schema | None, dict[str, str]]:
     """Form text -> the API's request schema; on failure, one message per field for inline display.
     Blank optional fields are left out so the schema's defaults apply, exactly as in a JSON request."""
     data = {k: form[k].strip() for k in fields if form.get(k, "").strip() != ""}

@@ -16,65 +16,92 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SCALEOT_", env_file=".env", extra="ignore",
-                                      protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="SCALEOT_", env_file=".env", extra="ignore", protected_namespaces=())
 
     data_dir: Path = Field(default=Path("./data"), description="artifacts, default SQLite DB, queue, keys")
-    database_url: str | None = Field(default=None, description="default: sqlite:///<data_dir>/scaleot.db; "
-                                     "PostgreSQL: postgresql+psycopg://user@host/db")
+    database_url: str | None = Field(
+        default=None,
+        description="default: sqlite:///<data_dir>/scaleot.db; PostgreSQL: postgresql+psycopg://user@host/db",
+    )
     signing_key: Path | None = Field(default=None, description="Ed25519 PEM; default <data_dir>/keys/signing_key.pem")
-    queue_url: str | None = Field(default=None, description="redis://... for RedisHuey, 'immediate' to run jobs "
-                                  "inline (tests), default: SqliteHuey file under the data dir")
+    queue_url: str | None = Field(
+        default=None,
+        description="redis://... for RedisHuey, 'immediate' to run jobs "
+        "inline (tests), default: SqliteHuey file under the data dir",
+    )
     queue_name: str = Field(default="scaleot", description="huey queue name (share it between serve and worker)")
     default_corpus: Path | None = Field(default=None, description="text file used by importance runs without corpus")
     default_eval: Path | None = Field(default=None, description=".txt/.jsonl used when an upload has no eval_data")
     max_eval_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="cap for an uploaded eval file")
     max_json_part_bytes: int = Field(default=256 * 1024, ge=1024, description="cap for metrics/adapter_config parts")
-    max_request_bytes: int = Field(default=1024 * 1024, ge=1024, description="cap for any request body other than "
-                                   "an adapter upload (JSON bodies); larger ones get 413 before the body is read")
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="cap for any request body other than "
+        "an adapter upload (JSON bodies); larger ones get 413 before the body is read",
+    )
     device: Literal["cpu", "cuda", "auto"] = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
-    public_url: str | None = Field(default=None, description="base URL put into file_url/signature_url; "
-                                   "default: taken from the request")
+    public_url: str | None = Field(
+        default=None, description="base URL put into file_url/signature_url; default: taken from the request"
+    )
     embedded_worker: bool = Field(default=True, description="serve also runs a huey consumer in-process")
     worker_threads: int = Field(default=1, ge=1, description="huey worker threads (jobs are CPU/GPU heavy)")
     model_cache_size: int = Field(default=1, ge=1, le=4, description="full models kept loaded per process")
     heartbeat_seconds: float = Field(default=10.0, gt=0, description="running jobs refresh heartbeat_at this often")
-    stale_after_heartbeats: int = Field(default=3, ge=2, description="a running job whose heartbeat is this "
-                                        "many intervals old is considered dead")
+    stale_after_heartbeats: int = Field(
+        default=3, ge=2, description="a running job whose heartbeat is this many intervals old is considered dead"
+    )
     # Stage 1 / evaluation knobs (small defaults: CPU-friendly).
     importance_seq_len: int = 128
     importance_batch_size: int = 4
     importance_max_blocks: int = 512
     # Stage 2: where adapters sit, and calibration of each emulator for its own plan (docs/architecture.md).
     emulator_placement: Literal["sandwich", "importance", "spread"] = Field(
-        default="sandwich", description="adapter positions: OT's first/last layers, the most important, or spread")
-    emulator_calibration_steps: int = Field(default=50, ge=0, le=100_000, description="steps fitting each "
-                                            "emulator's stand-ins to the full model (0: none)")
-    emulator_calibration_kept_lr: float = Field(default=0.0, ge=0.0, le=1.0, description="> 0: calibration "
-                                                "also adjusts the kept layers (OT-style compensation)")
-    emulator_fidelity_blocks: int = Field(default=8, ge=0, le=1024, description="validation blocks for the "
-                                          "fidelity figure (0: not measured)")
+        default="sandwich", description="adapter positions: OT's first/last layers, the most important, or spread"
+    )
+    emulator_calibration_steps: int = Field(
+        default=50, ge=0, le=100_000, description="steps fitting each emulator's stand-ins to the full model (0: none)"
+    )
+    emulator_calibration_kept_lr: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="> 0: calibration also adjusts the kept layers (OT-style compensation)"
+    )
+    emulator_fidelity_blocks: int = Field(
+        default=8, ge=0, le=1024, description="validation blocks for the fidelity figure (0: not measured)"
+    )
     # Privacy audit (POST /v1/emulators/{id}/privacy-audit, `audit-emulator`): a cheap recovery attack.
     audit_attack: Literal["heal-lora", "heal-all", "densify"] = Field(
-        default="heal-lora", description="the attack an audit runs unless the request names one")
+        default="heal-lora", description="the attack an audit runs unless the request names one"
+    )
     audit_steps: int = Field(default=32, ge=1, le=100_000, description="training steps of the audit's attack")
     audit_val_blocks: int = Field(default=16, ge=1, le=1024, description="held-out public blocks it is scored on")
-    audit_corpus: Path | None = Field(default=None, description="the attacker's public text (.txt/.jsonl); "
-                                      "default: Python's pydoc topics, disjoint from stage-1 and task text")
+    audit_corpus: Path | None = Field(
+        default=None,
+        description="the attacker's public text (.txt/.jsonl); "
+        "default: Python's pydoc topics, disjoint from stage-1 and task text",
+    )
     eval_seq_len: int = 256
     eval_batch_size: int = 4
     eval_max_examples: int = 64
     # Web console (/console): a sign-in lasts this long on the server, whatever the browser keeps.
     console_session_minutes: int = Field(default=480, ge=1, le=30 * 24 * 60, description="console sign-in lifetime")
-    max_new_tokens: int = Field(default=128, ge=1, le=2048, description="upper bound for /generate and for "
-                                "max_tokens of the OpenAI-compatible API")
+    max_new_tokens: int = Field(
+        default=128,
+        ge=1,
+        le=2048,
+        description="upper bound for /generate and for max_tokens of the OpenAI-compatible API",
+    )
     # OpenAI-compatible serving (model_owner_server/serving.py): bounded, so overload is a clear 429.
-    generation_concurrency: int = Field(default=1, ge=1, le=64, description="generations run at once (each "
-                                        "holds the CPU/GPU)")
-    generation_queue: int = Field(default=8, ge=0, le=10_000, description="requests that may wait for a "
-                                  "generation slot; beyond that they get 429 at once")
+    generation_concurrency: int = Field(
+        default=1, ge=1, le=64, description="generations run at once (each holds the CPU/GPU)"
+    )
+    generation_queue: int = Field(
+        default=8,
+        ge=0,
+        le=10_000,
+        description="requests that may wait for a generation slot; beyond that they get 429 at once",
+    )
 
     @field_validator("queue_url", "database_url", mode="before")
     @classmethod
@@ -106,6 +133,7 @@ class Settings(BaseSettings):
         if self.device != "auto":
             return self.device
         import torch  # local import: config must stay cheap for CLI --help
+
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 

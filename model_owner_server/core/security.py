@@ -38,8 +38,9 @@ def organization_for_key(session: Session, key: str) -> Organization | None:
     if not key or len(key) > 200:
         return None
     digest = hash_api_key(key)
-    row = session.execute(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-                          ).scalar_one_or_none()
+    row = session.execute(
+        select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
     return session.get(Organization, row.org_id)

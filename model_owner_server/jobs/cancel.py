@@ -8,9 +8,11 @@ from sqlalchemy.orm import Session
 from model_owner_server.jobs.context import fail_job
 from model_owner_server.models import JobRow, utcnow
 
-CANCELLED_ERRORS = {"importance": "the importance run was cancelled; start a new one",
-                    "emulator": "the build was cancelled; POST /v1/emulators again with the same parameters to rebuild",
-                    "evaluation": "the evaluation was cancelled; upload the adapter again to evaluate it"}
+CANCELLED_ERRORS = {
+    "importance": "the importance run was cancelled; start a new one",
+    "emulator": "the build was cancelled; POST /v1/emulators again with the same parameters to rebuild",
+    "evaluation": "the evaluation was cancelled; upload the adapter again to evaluate it",
+}
 
 
 def cancelled_error(kind: str | None) -> str:
@@ -27,13 +29,17 @@ def request_cancel(session: Session, job: JobRow) -> bool:
     """
     from model_owner_server.crud import Conflict
 
-    if session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status == "queued").values(status="cancelled")
-                       ).rowcount:
+    if session.execute(
+        update(JobRow).where(JobRow.id == job.id, JobRow.status == "queued").values(status="cancelled")
+    ).rowcount:
         session.refresh(job)
         fail_job(session, job, cancelled_error(job.kind), status="cancelled")
         return True
-    if session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status == "running").values(
-            cancel_requested_at=utcnow(), updated_at=utcnow())).rowcount:
+    if session.execute(
+        update(JobRow)
+        .where(JobRow.id == job.id, JobRow.status == "running")
+        .values(cancel_requested_at=utcnow(), updated_at=utcnow())
+    ).rowcount:
         session.refresh(job)
         return False
     session.refresh(job)

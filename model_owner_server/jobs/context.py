@@ -55,8 +55,9 @@ class JobContext:
         self._halt: Exception | None = None  # set by a flush that finds the task must stop (why_stop)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(heartbeat_seconds,), daemon=True,
-                                        name=f"heartbeat-{job_id}")
+        self._thread = threading.Thread(
+            target=self._beat, args=(heartbeat_seconds,), daemon=True, name=f"heartbeat-{job_id}"
+        )
 
     def __enter__(self) -> JobContext:
         self._thread.start()
@@ -66,8 +67,13 @@ class JobContext:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def update(self, progress: float | None = None, message: str | None = None,
-               metrics: dict[str, Any] | None = None, force: bool = False) -> None:
+    def update(
+        self,
+        progress: float | None = None,
+        message: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> None:
         with self._lock:
             if progress is not None:
                 self._pending["progress"] = round(min(1.0, max(0.0, float(progress))), 4)
@@ -106,8 +112,10 @@ def why_stop(job: JobRow | None, worker: str) -> Exception | None:
     a shutdown failed it meanwhile), so whatever it computed further would be discarded anyway."""
     if job is not None and job.status == "running" and job.worker_id == worker:
         return JobCancelled("cancelled on request") if job.cancel_requested_at is not None else None
-    return JobFailure("this job was marked failed while it was still running (its worker looked dead); "
-                      "nothing was recorded; submit the request again")
+    return JobFailure(
+        "this job was marked failed while it was still running (its worker looked dead); "
+        "nothing was recorded; submit the request again"
+    )
 
 
 def still_ours(s: Session, ctx: JobContext) -> None:
@@ -123,8 +131,11 @@ def fail_job(session: Session, job: JobRow, error: str, status: str = "failed") 
     job.status, job.error, job.message = status, error, status
     job.finished_at = job.updated_at = utcnow()
     kind, params = job.kind, job.params or {}
-    target = {"importance": (ImportanceRun, "run_id"), "emulator": (EmulatorRow, "emulator_id"),
-              "evaluation": (AdapterRow, "adapter_id")}.get(kind)
+    target = {
+        "importance": (ImportanceRun, "run_id"),
+        "emulator": (EmulatorRow, "emulator_id"),
+        "evaluation": (AdapterRow, "adapter_id"),
+    }.get(kind)
     row = session.get(target[0], params[target[1]]) if target and params.get(target[1]) else None
     if isinstance(row, ImportanceRun):
         row.status, row.finished_at = "failed", utcnow()

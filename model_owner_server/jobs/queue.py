@@ -52,8 +52,7 @@ class _QuietConsumer(Consumer):
 
 
 class JobQueue:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], storage: Storage,
-                 keyring: KeyRing | None):
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], storage: Storage, keyring: KeyRing | None):
         self.settings = settings
         self.huey = make_huey(settings)
         self.runner = JobRunner(settings, sessions, storage, keyring)
@@ -83,9 +82,15 @@ class JobQueue:
         """Run huey workers as threads of this process (the embedded worker of `serve`)."""
         if self.immediate or self.consumer is not None:
             return
-        self.consumer = _QuietConsumer(self.huey, workers=workers or self.settings.worker_threads,
-                                       worker_type="thread", periodic=False, check_worker_health=False,
-                                       initial_delay=0.1, max_delay=1.0)
+        self.consumer = _QuietConsumer(
+            self.huey,
+            workers=workers or self.settings.worker_threads,
+            worker_type="thread",
+            periodic=False,
+            check_worker_health=False,
+            initial_delay=0.1,
+            max_delay=1.0,
+        )
         self.consumer.start()
 
     def stop_consumer(self) -> None:

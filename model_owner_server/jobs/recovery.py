@@ -44,11 +44,15 @@ def recover_interrupted_jobs(sessions: sessionmaker[Session], settings: Settings
             if host == me_host and pid_text.isdigit():
                 pid = int(pid_text)
                 if (startup and pid == me_pid and job.worker_id != worker_id()) or not pid_alive(pid):
-                    reason = (f"interrupted by server restart: the worker process that ran this job ({job.worker_id}) "
-                              "is gone; submit the request again")
+                    reason = (
+                        f"interrupted by server restart: the worker process that ran this job ({job.worker_id}) "
+                        "is gone; submit the request again"
+                    )
             if reason is None and (job.heartbeat_at is None or now - job.heartbeat_at > stale):
-                reason = (f"interrupted: the worker running this job ({job.worker_id}) stopped sending heartbeats "
-                          f"(none for over {int(stale.total_seconds())} s); submit the request again")
+                reason = (
+                    f"interrupted: the worker running this job ({job.worker_id}) stopped sending heartbeats "
+                    f"(none for over {int(stale.total_seconds())} s); submit the request again"
+                )
             if reason:
                 fail_job(s, job, reason)
                 failed.append(job.id)
@@ -99,7 +103,11 @@ class Reaper:
                 if self.storage is not None:
                     from model_owner_server.janitor import sweep
 
-                    sweep(self.sessions, self.storage, startup=False,
-                          min_age_s=self.settings.heartbeat_seconds * self.settings.stale_after_heartbeats)
+                    sweep(
+                        self.sessions,
+                        self.storage,
+                        startup=False,
+                        min_age_s=self.settings.heartbeat_seconds * self.settings.stale_after_heartbeats,
+                    )
             except Exception:  # a DB hiccup must not kill the reaper
                 log.exception("job reaper pass failed")

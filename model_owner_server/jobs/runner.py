@@ -28,17 +28,25 @@ Handler = Callable[["JobRunner", JobContext, dict[str, Any]], dict[str, Any]]
 class JobRunner:
     """Executes one job by id: claim it, run its handler, record success or failure."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], storage: Storage,
-                 keyring: KeyRing | None):
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], storage: Storage, keyring: KeyRing | None):
         self.settings, self.sessions, self.storage, self.keyring = settings, sessions, storage, keyring
 
     def run(self, job_id: str) -> None:
         me = worker_id()
         with session_scope(self.sessions) as s:
             # Atomic claim: a duplicate delivery (or a job already failed by the reaper) is skipped.
-            claimed = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued").values(
-                status="running", worker_id=me, started_at=utcnow(), heartbeat_at=utcnow(), updated_at=utcnow(),
-                message="started")).rowcount
+            claimed = s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "queued")
+                .values(
+                    status="running",
+                    worker_id=me,
+                    started_at=utcnow(),
+                    heartbeat_at=utcnow(),
+                    updated_at=utcnow(),
+                    message="started",
+                )
+            ).rowcount
             job = s.get(JobRow, job_id) if claimed else None
             kind, params = (job.kind, dict(job.params or {})) if job else (None, {})
         if not claimed:
@@ -53,9 +61,19 @@ class JobRunner:
                 result = handler(self, ctx, params)
             with session_scope(self.sessions) as s:
                 mine = (JobRow.id == job_id, JobRow.worker_id == me, JobRow.status == "running")
-                s.execute(update(JobRow).where(*mine).values(
-                    status="succeeded", progress=1.0, message="done", result=result, finished_at=utcnow(),
-                    updated_at=utcnow(), heartbeat_at=utcnow()))
+                s.execute(
+                    update(JobRow)
+                    .where(*mine)
+                    .values(
+                        status="succeeded",
+                        progress=1.0,
+                        message="done",
+                        result=result,
+                        finished_at=utcnow(),
+                        updated_at=utcnow(),
+                        heartbeat_at=utcnow(),
+                    )
+                )
         except JobCancelled:
             log.info("job %s (%s) cancelled on request", job_id, kind)
             with session_scope(self.sessions) as s:
@@ -66,11 +84,16 @@ class JobRunner:
             for path in outputs:  # nothing half-written stays (the janitor would get there later)
                 self.storage.remove(path)
         except Exception as exc:  # every failure must end visibly in the job row
-            message = str(exc) if isinstance(exc, (JobFailure, ValueError, FileNotFoundError)) else \
-                f"{type(exc).__name__}: {exc}"
+            message = (
+                str(exc)
+                if isinstance(exc, (JobFailure, ValueError, FileNotFoundError))
+                else f"{type(exc).__name__}: {exc}"
+            )
             if is_disk_full(exc):  # the path and errno go to the log only
-                message = ("the server ran out of disk space while writing the job's result; nothing was kept. "
-                           "The model owner must free space in the data directory; then submit the request again")
+                message = (
+                    "the server ran out of disk space while writing the job's result; nothing was kept. "
+                    "The model owner must free space in the data directory; then submit the request again"
+                )
             log.error("job %s (%s) failed: %s\n%s", job_id, kind, message, traceback.format_exc())
             with session_scope(self.sessions) as s:
                 job = s.get(JobRow, job_id)
@@ -110,7 +133,9 @@ def _task(module: str, function: str) -> Handler:
 
 
 # Job kind -> task body. The kinds and their params are part of the API (GET /v1/jobs/{id} shows both).
-HANDLERS: dict[str, Handler] = {"importance": _task("importance", "importance_job"),
-                                "emulator": _task("emulator", "emulator_job"),
-                                "evaluation": _task("evaluation", "evaluation_job"),
-                                "privacy_audit": _task("privacy_audit", "privacy_audit_job")}
+HANDLERS: dict[str, Handler] = {
+    "importance": _task("importance", "importance_job"),
+    "emulator": _task("emulator", "emulator_job"),
+    "evaluation": _task("evaluation", "evaluation_job"),
+    "privacy_audit": _task("privacy_audit", "privacy_audit_job"),
+}

@@ -73,7 +73,7 @@ def mean_lm_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) ->
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size].to(device)
+        ids = blocks[i : i + batch_size].to(device)
         n = ids.numel() - len(ids)
         total += float(lm_loss(model(input_ids=ids, use_cache=False).logits, ids)) * n
         count += n
@@ -104,8 +104,13 @@ def _with_lora(model: nn.Module, rank: int) -> nn.Module:
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear"))
 
 
-def heal(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: AttackConfig,
-         progress: Callable[[int, int, float], None] | None = None) -> tuple[nn.Module, AttackResult]:
+def heal(
+    model: nn.Module,
+    train_blocks: torch.Tensor,
+    val_blocks: torch.Tensor,
+    cfg: AttackConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[nn.Module, AttackResult]:
     """Train the emulator on public text with the LM loss; returns the healed model (LoRA merged) and figures.
 
     train_blocks / val_blocks: token ids (N, T) of public text the attacker holds, disjoint from the model
@@ -152,8 +157,13 @@ def heal(model: nn.Module, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
         model = cast(Any, model).merge_and_unload()  # a PeftModel here: the LoRA deltas go into the weights
     model.requires_grad_(False)
     model.eval()
-    result = AttackResult(cfg, tokens=cfg.steps * cfg.batch_size * train_blocks.shape[1],
-                          seconds=time.perf_counter() - t0, loss_before=loss_before,
-                          loss_after=mean_lm_loss(model, val_blocks, cfg.batch_size), densified=n_dense,
-                          history=history)
+    result = AttackResult(
+        cfg,
+        tokens=cfg.steps * cfg.batch_size * train_blocks.shape[1],
+        seconds=time.perf_counter() - t0,
+        loss_before=loss_before,
+        loss_after=mean_lm_loss(model, val_blocks, cfg.batch_size),
+        densified=n_dense,
+        history=history,
+    )
     return model, result

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,17 +57,22 @@ class CalibrationProgress:
 def calibration_params(emu: nn.Module, plan: LayerPlan, cfg: CalibrationConfig) -> list[dict[str, Any]]:
     """Optimizer groups: harmonizer stand-ins at cfg.lr, kept layers at cfg.kept_lr (when > 0)."""
     layers = decoder_layers(emu)
-    groups = [{"params": [p for i in plan.layers_with(Role.HARMONIZER) for p in layers[i].parameters()],
-               "lr": cfg.lr}]
+    groups = [{"params": [p for i in plan.layers_with(Role.HARMONIZER) for p in layers[i].parameters()], "lr": cfg.lr}]
     if cfg.kept_lr > 0:
-        groups.append({"params": [p for i in plan.layers_with(Role.FROZEN) for p in layers[i].parameters()],
-                       "lr": cfg.kept_lr})
+        groups.append(
+            {"params": [p for i in plan.layers_with(Role.FROZEN) for p in layers[i].parameters()], "lr": cfg.kept_lr}
+        )
     return [g for g in groups if g["params"]]
 
 
-def calibrate_emulator(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks: torch.Tensor,
-                       cfg: CalibrationConfig,
-                       progress: Callable[[CalibrationProgress], None] | None = None) -> dict[str, Any]:
+def calibrate_emulator(
+    model: nn.Module,
+    emu: nn.Module,
+    plan: LayerPlan,
+    blocks: torch.Tensor,
+    cfg: CalibrationConfig,
+    progress: Callable[[CalibrationProgress], None] | None = None,
+) -> dict[str, Any]:
     """Fit the emulator's non-adapter parts to M on task-agnostic token blocks (N, T). In place; M untouched."""
     groups = calibration_params(emu, plan, cfg)
     if cfg.steps <= 0 or not groups:
@@ -104,8 +110,13 @@ def calibrate_emulator(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks
         emu.requires_grad_(False)
         for i in plan.adapter_layers:
             decoder_layers(emu)[i].requires_grad_(True)
-    return {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 2), "final_kl": float(kl.detach()),
-            "final_nmse": float(nmse.detach()), "config": cfg.to_dict()}
+    return {
+        "steps": cfg.steps,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "final_kl": float(kl.detach()),
+        "final_nmse": float(nmse.detach()),
+        "config": cfg.to_dict(),
+    }
 
 
 def _adapter_grad(net: nn.Module, layers: list[int], ids: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
@@ -119,18 +130,19 @@ def _adapter_grad(net: nn.Module, layers: list[int], ids: torch.Tensor) -> tuple
         loss = lm_loss(net(input_ids=ids, use_cache=False).logits, ids)
         grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
     finally:
-        for ps, fs in zip(params, flags):
-            for p, f in zip(ps, fs):
+        for ps, fs in zip(params, flags, strict=True):
+            for p, f in zip(ps, fs, strict=True):
                 p.requires_grad_(f)
     out, k = [], 0
     for ps in params:
-        out.append(torch.cat([g.flatten().double() for g in grads[k:k + len(ps)]]))
+        out.append(torch.cat([g.flatten().double() for g in grads[k : k + len(ps)]]))
         k += len(ps)
     return float(loss.detach()), out
 
 
-def measure_fidelity(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks: torch.Tensor,
-                     n_blocks: int = 8) -> dict[str, Any]:
+def measure_fidelity(
+    model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks: torch.Tensor, n_blocks: int = 8
+) -> dict[str, Any]:
     """Perplexity ratio emulator / M and the adapter-gradient cosine (all adapter layers, and per layer) on
     `n_blocks` held-out blocks; both with M's own adapter weights, i.e. what the data owner starts from."""
     ids = blocks[:n_blocks].to(next(emu.parameters()).device)
@@ -145,8 +157,13 @@ def measure_fidelity(model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks: 
         model.train(was[0])
         emu.train(was[1])
     cos = torch.nn.functional.cosine_similarity
-    per_layer = [float(cos(a, b, dim=0)) for a, b in zip(m_grads, e_grads)]
+    per_layer = [float(cos(a, b, dim=0)) for a, b in zip(m_grads, e_grads, strict=True)]
     total = float(cos(torch.cat(m_grads), torch.cat(e_grads), dim=0))
-    return {"ppl_ratio": round(math.exp(e_loss - m_loss), 4), "grad_cosine": round(total, 4),
-            "grad_cosine_per_layer": {str(i): round(c, 4) for i, c in zip(layers, per_layer)},
-            "val_loss_model": round(m_loss, 4), "val_loss_emulator": round(e_loss, 4), "n_blocks": len(ids)}
+    return {
+        "ppl_ratio": round(math.exp(e_loss - m_loss), 4),
+        "grad_cosine": round(total, 4),
+        "grad_cosine_per_layer": {str(i): round(c, 4) for i, c in zip(layers, per_layer, strict=True)},
+        "val_loss_model": round(m_loss, 4),
+        "val_loss_emulator": round(e_loss, 4),
+        "n_blocks": len(ids),
+    }

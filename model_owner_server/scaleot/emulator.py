@@ -14,8 +14,9 @@ CRaSh-style layer sharing (the same removed slots run the nearest kept layer aga
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,8 +50,15 @@ def adapter_positions(scores: torch.Tensor, n_adapter: int, placement: str = DEF
     raise ValueError(f"unknown adapter placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
 
 
-def scaleot_plan(scores: torch.Tensor, n_adapter: int, alpha: float, beta: float, model: nn.Module,
-                 bottleneck: int = 64, placement: str = DEFAULT_PLACEMENT) -> LayerPlan:
+def scaleot_plan(
+    scores: torch.Tensor,
+    n_adapter: int,
+    alpha: float,
+    beta: float,
+    model: nn.Module,
+    bottleneck: int = 64,
+    placement: str = DEFAULT_PLACEMENT,
+) -> LayerPlan:
     n = len(scores)
     if not 1 <= n_adapter <= n:
         raise ValueError(f"n_adapter must be between 1 and the number of layers ({n}), got {n_adapter}")
@@ -73,7 +81,9 @@ def uniform_layerdrop_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> La
         raise ValueError(f"cannot drop {n_dropped} of the {len(middle)} middle layers of a {n_layers}-layer model")
     # Evenly spaced: the centre of each of n_dropped equal slices of the middle.
     dropped = {middle[int((j + 0.5) * len(middle) / n_dropped)] for j in range(n_dropped)}
-    roles = [Role.ADAPTER if i not in middle else Role.DROPPED if i in dropped else Role.FROZEN for i in range(n_layers)]
+    roles = [
+        Role.ADAPTER if i not in middle else Role.DROPPED if i in dropped else Role.FROZEN for i in range(n_layers)
+    ]
     return LayerPlan(roles, {}, "uniform_layerdrop", 2 * n_edge, n_dropped / max(1, len(middle)), 0.0, 0)
 
 
@@ -98,8 +108,9 @@ def _with_ranks(plan: LayerPlan, model: nn.Module) -> LayerPlan:
     return plan
 
 
-def build_emulator(model: PreTrainedModel, plan: LayerPlan,
-                   harmonizers: dict[int, Harmonizer] | None = None) -> PreTrainedModel:
+def build_emulator(
+    model: PreTrainedModel, plan: LayerPlan, harmonizers: dict[int, Harmonizer] | None = None
+) -> PreTrainedModel:
     """A new emulator module for `plan` (M itself is untouched)."""
     if plan.layers_with(Role.HARMONIZER) and harmonizers is None:
         raise ValueError("this plan has harmonizer positions: pass the harmonizers from stage 1")
@@ -114,8 +125,13 @@ def build_emulator(model: PreTrainedModel, plan: LayerPlan,
     return emu.eval()
 
 
-def build_blocks(tokenizer: PreTrainedTokenizerBase, corpus: str | Path | None, seq_len: int,
-                 max_blocks: int | None, need: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+def build_blocks(
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: str | Path | None,
+    seq_len: int,
+    max_blocks: int | None,
+    need: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Stage 1's task-agnostic (D^T, D^V) blocks again, for calibration and the fidelity figure.
 
     None when not needed or when the corpus is gone (an emulator is still built, uncalibrated)."""
@@ -157,16 +173,14 @@ def make_emulator(
     if method == "scaleot":
         if importance is None:
             raise ValueError("ScaleOT emulators need a stage-1 importance run")
-        plan = scaleot_plan(importance.scores, n_adapter, alpha, beta, model, importance.config.bottleneck,
-                            placement)
+        plan = scaleot_plan(importance.scores, n_adapter, alpha, beta, model, importance.config.bottleneck, placement)
         harmonizers = importance.harmonizers
     elif method == "uniform_layerdrop":
         plan = uniform_layerdrop_plan(n_layers, n_dropped if n_dropped is not None else (n_layers - 4) // 2)
     elif method == "layer_sharing":
         plan, sources = layer_sharing_plan(n_layers, n_dropped if n_dropped is not None else (n_layers - 4) // 2)
     else:
-        raise ValueError(f"unknown emulator method {method!r}; use 'scaleot', 'uniform_layerdrop' or "
-                         "'layer_sharing'")
+        raise ValueError(f"unknown emulator method {method!r}; use 'scaleot', 'uniform_layerdrop' or 'layer_sharing'")
     emu = build_emulator(model, plan, harmonizers)
     if sources:
         layers = decoder_layers(emu)
@@ -176,12 +190,15 @@ def make_emulator(
     if calibration is not None and calibration.steps > 0:
         if calibration_blocks is None:
             raise ValueError("calibration needs calibration_blocks (task-agnostic token blocks)")
-        meta["calibration"] = calibrate_emulator(model, emu, plan, calibration_blocks, calibration,
-                                                 calibration_progress)
+        meta["calibration"] = calibrate_emulator(
+            model, emu, plan, calibration_blocks, calibration, calibration_progress
+        )
     if fidelity_blocks is not None:
         meta["fidelity"] = measure_fidelity(model, emu, plan, fidelity_blocks)
     if dtype is not None:  # after calibration and the fidelity figure, which are float32 (bf16 rounding moves
-        cast(nn.Module, emu).to(dtype)  # the emulator's loss by < 0.01 nats on SmolLM2: docs/benchmarks.md, half-size emulators)
+        cast(nn.Module, emu).to(
+            dtype
+        )  # the emulator's loss by < 0.01 nats on SmolLM2: docs/benchmarks.md, half-size emulators)
     sizes = {"full_model_params": count_params(model), "full_model_bytes": param_bytes(model)}
     info = save_emulator(emu, plan, tokenizer, output, {**sizes, **meta, **(extra_metadata or {})})
     info.extra.update(sizes)

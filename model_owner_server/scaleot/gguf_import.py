@@ -46,8 +46,10 @@ def _plain_config(path: Path, arch: str):
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, NotImplementedError) as exc:
-        raise ModelLoadError(f"{path}: transformers cannot read a GGUF of architecture {arch!r} ({exc}); convert "
-                             "the original Hugging Face checkpoint instead and register that folder") from exc
+        raise ModelLoadError(
+            f"{path}: transformers cannot read a GGUF of architecture {arch!r} ({exc}); convert "
+            "the original Hugging Face checkpoint instead and register that folder"
+        ) from exc
     try:
         family_for(config)
     except UnsupportedArchitectureError as exc:
@@ -57,8 +59,13 @@ def _plain_config(path: Path, arch: str):
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
-def import_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-                source: dict[str, Any] | None = None) -> Path:
+def import_gguf(
+    gguf_file: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    source: dict[str, Any] | None = None,
+) -> Path:
     """Convert `gguf_file` (any architecture of a supported family that transformers reads) into `out_dir`:
     config.json, model.safetensors (dequantised, stored in `dtype`), the tokenizer and scaleot_source.json.
 
@@ -74,8 +81,9 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
         if done.get("file") == path.name and done.get("bytes", path.stat().st_size) == path.stat().st_size:
             return out
     if out.exists() and any(out.iterdir()):
-        raise ModelLoadError(f"{out} already exists and is not a conversion of {path.name}; "
-                             "choose another --output or remove it")
+        raise ModelLoadError(
+            f"{out} already exists and is not a conversion of {path.name}; choose another --output or remove it"
+        )
     facts = _gguf_facts(path)
     config = _plain_config(path, facts["architecture"])
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -87,7 +95,13 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     shutil.rmtree(tmp, ignore_errors=True)  # a conversion interrupted earlier
     model.to(dtype).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    record = {**(source or {}), "file": path.name, "bytes": path.stat().st_size, **facts, "dequantised_to": str(dtype).removeprefix("torch.")}
+    record = {
+        **(source or {}),
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        **facts,
+        "dequantised_to": str(dtype).removeprefix("torch."),
+    }
     (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
     if out.exists():
         out.rmdir()  # empty (checked above)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class ImportanceConfig:
             raise ValueError("steps, rl_interval, batch_size and val_batch_size must be at least 1")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImportanceConfig":
+    def from_dict(cls, d: dict) -> ImportanceConfig:
         """Tolerant of records written by older versions (unknown keys such as group_size are ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -156,19 +156,28 @@ def hidden_nmse(hidden: torch.Tensor, t_hidden: torch.Tensor) -> torch.Tensor:
 def logit_kl(logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(teacher || student) per token, on temperature-scaled logits."""
     t = temperature
-    return F.kl_div(F.log_softmax(logits.float().flatten(0, 1) / t, -1),
-                    F.log_softmax(t_logits.float().flatten(0, 1) / t, -1), log_target=True,
-                    reduction="batchmean") * t * t
+    return (
+        F.kl_div(
+            F.log_softmax(logits.float().flatten(0, 1) / t, -1),
+            F.log_softmax(t_logits.float().flatten(0, 1) / t, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * t
+        * t
+    )
 
 
-def fidelity_loss(logits: torch.Tensor, hidden: torch.Tensor, t_logits: torch.Tensor, t_hidden: torch.Tensor,
-                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def fidelity_loss(
+    logits: torch.Tensor, hidden: torch.Tensor, t_logits: torch.Tensor, t_hidden: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logit KL, hidden-state NMSE): how far a mixed network is from M."""
     return logit_kl(logits, t_logits, temperature), hidden_nmse(hidden, t_hidden)
 
 
-def forward_with_hidden(model: nn.Module, ids: torch.Tensor,
-                        positions: list[int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def forward_with_hidden(
+    model: nn.Module, ids: torch.Tensor, positions: list[int] | None = None
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """(logits, {i: output of decoder position i}) in one forward; default: the last position only.
 
     Hooks sit on whatever module fills each position (a harmonizer stand-in included); transformers'
@@ -176,9 +185,12 @@ def forward_with_hidden(model: nn.Module, ids: torch.Tensor,
     layers = decoder_layers(model)
     positions = [len(layers) - 1] if positions is None else positions
     outs: dict[int, torch.Tensor] = {}
-    hooks = [layers[i].register_forward_hook(
-        lambda mod, args, out, i=i: outs.__setitem__(i, out[0] if isinstance(out, tuple) else out))
-        for i in positions]
+    hooks = [
+        layers[i].register_forward_hook(
+            lambda mod, args, out, i=i: outs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+        )
+        for i in positions
+    ]
     try:
         logits = model(input_ids=ids, use_cache=False).logits
     finally:
@@ -197,9 +209,11 @@ def _local_regression_step(model, stand_ins, ids, opt) -> float:
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = []
     for i, layer in enumerate(decoder_layers(model)):
+
         def hook(mod, args, kwargs, out, i=i):
             h_in = args[0] if args else kwargs["hidden_states"]
             captured[i] = (h_in.detach(), (out[0] if isinstance(out, tuple) else out).detach())
+
         hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -208,7 +222,9 @@ def _local_regression_step(model, stand_ins, ids, opt) -> float:
         for h in hooks:
             h.remove()
     # Normalised MSE so layers with large activations do not dominate.
-    loss = torch.stack([F.mse_loss(stand_ins[i](x), y) / y.var().clamp_min(1e-6) for i, (x, y) in captured.items()]).mean()
+    loss = torch.stack(
+        [F.mse_loss(stand_ins[i](x), y) / y.var().clamp_min(1e-6) for i, (x, y) in captured.items()]
+    ).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -229,8 +245,9 @@ def estimate_importance(
     torch.manual_seed(cfg.seed)
     n_layers = len(decoder_layers(model))
     dtype = next(model.parameters()).dtype
-    harmonizers = {i: Harmonizer(model.config.hidden_size, cfg.bottleneck).to(device=device, dtype=dtype)
-                   for i in range(n_layers)}
+    harmonizers = {
+        i: Harmonizer(model.config.hidden_size, cfg.bottleneck).to(device=device, dtype=dtype) for i in range(n_layers)
+    }
     stand_ins = {i: HarmonizerLayer(h) for i, h in harmonizers.items()}
     scores = torch.zeros(n_layers)
     params = [p for h in harmonizers.values() for p in h.parameters()]
@@ -239,18 +256,18 @@ def estimate_importance(
     was_training = model.training
     model.requires_grad_(False).eval()
     history: list[dict] = []
-    warmup_done = 0
 
-    def report(step: int, phase: str, loss: float, reward_mean: float | None = None) -> None:
-        rec = ImportanceProgress(step, cfg.steps, phase, loss, scores.tolist(), reward_mean, warmup_done,
-                                 cfg.warmup_steps)
+    def report(step: int, phase: str, loss: float, reward_mean: float | None = None, warmup_done: int = 0) -> None:
+        done = warmup_done if phase == "warmup" else cfg.warmup_steps  # the warm start precedes every DL step
+        rec = ImportanceProgress(step, cfg.steps, phase, loss, scores.tolist(), reward_mean, done, cfg.warmup_steps)
         history.append({"step": step, "phase": phase, "loss": loss, "reward_mean": reward_mean})
         if progress is not None:
             progress(rec)
 
     try:
         for warmup_done in range(1, cfg.warmup_steps + 1):
-            report(0, "warmup", _local_regression_step(model, stand_ins, _batch(train_blocks, cfg.batch_size, gen, device), opt))
+            fit = _local_regression_step(model, stand_ins, _batch(train_blocks, cfg.batch_size, gen, device), opt)
+            report(0, "warmup", fit, warmup_done=warmup_done)
         distill = cfg.distill_weight > 0 or cfg.hidden_weight > 0
         for step in range(1, cfg.steps + 1):
             # DL step: train the harmonizers of a sampled configuration through the frozen LLM.
@@ -300,7 +317,7 @@ def _rl_step(model, stand_ins, scores, val_blocks, cfg, gen, device) -> tuple[fl
     adv = rewards - (rewards.sum() - rewards) / (k - 1)  # leave-one-out baseline: unbiased
     adv = adv / adv.std().clamp_min(1e-8) if k > 2 else adv / adv.abs().max().clamp_min(1e-8)
     step = torch.zeros(len(scores), dtype=torch.float64)
-    for a, replaced in zip(adv.tolist(), configs):
+    for a, replaced in zip(adv.tolist(), configs, strict=True):
         step += a * log_prob_grad(scores, cfg.replace_fraction, replaced)
     scores += (cfg.score_lr * step / k).float()
     # [our choice] Scores are relative: centring keeps the replaced share near replace_fraction (a policy that

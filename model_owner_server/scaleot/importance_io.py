@@ -53,13 +53,16 @@ def load_importance(out_dir: str | Path) -> ImportanceResult:
         record = json.loads((out / "importance.json").read_text())
         tensors = load_file(str(out / "importance.safetensors"))
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{out} holds no importance run (importance.json + importance.safetensors); "
-                                "run `modelowner-server estimate-importance` first") from exc
+        raise FileNotFoundError(
+            f"{out} holds no importance run (importance.json + importance.safetensors); "
+            "run `modelowner-server estimate-importance` first"
+        ) from exc
     cfg = ImportanceConfig.from_dict(record["config"])
     harmonizers = {}
     for i in range(record["n_layers"]):
         h = Harmonizer(record["hidden_size"], cfg.bottleneck)
         h.load_state_dict({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"harmonizers.{i}.")})
         harmonizers[i] = h.requires_grad_(False)
-    return ImportanceResult(tensors["scores"], harmonizers, cfg, [], record.get("seconds", 0.0),
-                            record.get("n_model_params", 0))
+    return ImportanceResult(
+        tensors["scores"], harmonizers, cfg, [], record.get("seconds", 0.0), record.get("n_model_params", 0)
+    )

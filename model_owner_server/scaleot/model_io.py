@@ -42,17 +42,24 @@ def _weight_files(folder: Path) -> tuple[list[Path], str | None]:
             return [], f"{SAFETENSORS_INDEX} is not a valid shard index ({exc}); copy it again from the checkpoint"
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            return [], (f"shard(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} named in "
-                        f"{SAFETENSORS_INDEX} (of {len(shards)}); copy the whole checkpoint")
+            return [], (
+                f"shard(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} named in "
+                f"{SAFETENSORS_INDEX} (of {len(shards)}); copy the whole checkpoint"
+            )
         return [folder / s for s in shards], None
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files, None
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        return [], ("safetensors weights (it has only PyTorch .bin/.pt files); load the model once and "
-                    "save_pretrained(DIR) it, which writes safetensors")
+        return [], (
+            "safetensors weights (it has only PyTorch .bin/.pt files); load the model once and "
+            "save_pretrained(DIR) it, which writes safetensors"
+        )
     if any(folder.glob("*.gguf")):
-        return [], "safetensors weights (it has a .gguf file); convert it: modelowner-server import-gguf FILE --output DIR"
+        return (
+            [],
+            "safetensors weights (it has a .gguf file); convert it: modelowner-server import-gguf FILE --output DIR",
+        )
     return [], "weights (*.safetensors); save the model with save_pretrained(DIR)"
 
 
@@ -63,11 +70,12 @@ def _tokenizer_problem(folder: Path) -> str | None:
         return None
     if (folder / "tokenizer.model").is_file():
         if importlib.util.find_spec("sentencepiece") is None:
-            return ("a usable tokenizer: it has only a SentencePiece tokenizer.model and sentencepiece is not "
-                    "installed; `pip install sentencepiece`, or save the fast tokenizer (tokenizer.json) there")
+            return (
+                "a usable tokenizer: it has only a SentencePiece tokenizer.model and sentencepiece is not "
+                "installed; `pip install sentencepiece`, or save the fast tokenizer (tokenizer.json) there"
+            )
         return None
-    return ("tokenizer files (tokenizer.json); save the model's tokenizer next to it with "
-            "tokenizer.save_pretrained(DIR)")
+    return "tokenizer files (tokenizer.json); save the model's tokenizer next to it with tokenizer.save_pretrained(DIR)"
 
 
 def check_model_folder(path: str | Path) -> list[Path]:
@@ -78,12 +86,16 @@ def check_model_folder(path: str | Path) -> list[Path]:
         raise ModelLoadError(f"model folder {str(folder)[:300]!r} does not exist (give a local folder on this machine)")
     problems = []
     if not (folder / "config.json").is_file():
-        problems.append("config.json; save the model with save_pretrained(DIR)"
-                        " (for SmolLM2: modelowner-server prepare-smollm2 --output DIR)")
+        problems.append(
+            "config.json; save the model with save_pretrained(DIR)"
+            " (for SmolLM2: modelowner-server prepare-smollm2 --output DIR)"
+        )
     files, weights_problem = _weight_files(folder)
     problems += [p for p in (weights_problem, _tokenizer_problem(folder)) if p]
     if problems:
-        raise ModelLoadError(f"{folder} is not a complete Hugging Face model folder; missing " + "; and missing ".join(problems))
+        raise ModelLoadError(
+            f"{folder} is not a complete Hugging Face model folder; missing " + "; and missing ".join(problems)
+        )
     return files
 
 

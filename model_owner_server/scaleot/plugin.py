@@ -29,14 +29,18 @@ def plug_in(
     AdapterValidationError before touching anything."""
     full = adapter_spec(model, adapter_layers)
     if spec is not None and {k: v.shape for k, v in spec.items()} != {k: v.shape for k, v in full.items()}:
-        raise AdapterValidationError("the emulator's adapter spec does not match this full model's adapter layers; "
-                                     "was the emulator built from a different model?")
+        raise AdapterValidationError(
+            "the emulator's adapter spec does not match this full model's adapter layers; "
+            "was the emulator built from a different model?"
+        )
     if is_lora(adapter):
         if lora is None:
             raise AdapterValidationError("a LoRA adapter needs the emulator's LoRA spec; upload whole layers instead")
         if lora.modules != linear_modules(model, adapter_layers):
-            raise AdapterValidationError("the emulator's LoRA spec does not match this full model's adapter layers; "
-                                         "was the emulator built from a different model?")
+            raise AdapterValidationError(
+                "the emulator's LoRA spec does not match this full model's adapter layers; "
+                "was the emulator built from a different model?"
+            )
         validate_adapter(adapter, file_spec(lora))
         patched = copy.deepcopy(model)
         merge_lora(patched, adapter, lora)
@@ -51,8 +55,13 @@ def plug_in(
     return patched.eval()
 
 
-def plug_in_file(model: nn.Module, path: str | Path, adapter_layers: list[int], adapter_spec_json: dict[str, Any],
-                 build_info: dict[str, Any] | None) -> nn.Module:
+def plug_in_file(
+    model: nn.Module,
+    path: str | Path,
+    adapter_layers: list[int],
+    adapter_spec_json: dict[str, Any],
+    build_info: dict[str, Any] | None,
+) -> nn.Module:
     """Load a stored adapter file of either kind, validated against what the emulator issued, and plug it in
     (the emulator row's adapter_layers, adapter_spec and build_info)."""
     spec, lora = spec_from_json(adapter_spec_json), issued_lora(build_info)

@@ -16,8 +16,10 @@ REQUIRED = os.environ.get("CI", "").lower() in ("1", "true") or os.environ.get("
 
 
 def _missing(what: str) -> None:
-    message = (f"{what}; install it with `apt-get install -y chromium` and `pip install -e '.[test]'` "
-               "(or set SCALEOT_CHROMIUM to a Chromium binary)")
+    message = (
+        f"{what}; install it with `apt-get install -y chromium` and `pip install -e '.[test]'` "
+        "(or set SCALEOT_CHROMIUM to a Chromium binary)"
+    )
     if REQUIRED:
         pytest.fail(f"browser tests are required here (CI): {message}")
     pytest.skip(message)
@@ -46,8 +48,9 @@ def launch_chromium() -> Iterator[object]:
     path = chromium_path()
     with sync_playwright() as p:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
-        browser = p.chromium.launch(executable_path=path, headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        browser = p.chromium.launch(
+            executable_path=path, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
         try:
             yield browser
         finally:

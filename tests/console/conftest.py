@@ -14,7 +14,7 @@ for _dir in ("server", "reliability"):
     if str(Path(__file__).parents[1] / _dir) not in sys.path:
         sys.path.insert(0, str(Path(__file__).parents[1] / _dir))
 
-from server_fixtures import BASE_DB_URL, files, new_database_url, world  # noqa: F401 - fixtures for the tests here
+from server_fixtures import BASE_DB_URL, files, new_database_url, world  # noqa: E402, F401 - after the path set-up; fixtures for the tests here
 
 
 def pytest_collection_modifyitems(config, items) -> None:

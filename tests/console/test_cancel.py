@@ -15,8 +15,14 @@ from model_owner_server.models import AuditEvent, ImportanceRun, JobRow
 
 
 def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, files):
-    settings = fast_settings(tmp_path / "data", new_database_url(), queue_url=None, embedded_worker=True,
-                             queue_name=f"scaleot-test-{secrets.token_hex(4)}", heartbeat_seconds=0.5)
+    settings = fast_settings(
+        tmp_path / "data",
+        new_database_url(),
+        queue_url=None,
+        embedded_worker=True,
+        queue_name=f"scaleot-test-{secrets.token_hex(4)}",
+        heartbeat_seconds=0.5,
+    )
     with TestClient(create_app(settings)) as client:
         with client.app.state.sessions() as s:
             _, key = crud.create_org(s, "ops", "admin")
@@ -28,8 +34,9 @@ def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, fil
         body = {"steps": 100_000, "corpus": str(files["corpus"])}
         first = client.post(f"/v1/models/{model_id}/importance", headers=h, json=body).json()
         second = client.post(f"/v1/models/{model_id}/importance", headers=h, json=body).json()
-        _wait(client, first["id"], h, lambda j: j["status"] == "running" and j["metrics"].get("step", 0) >= 1,
-              timeout=60)
+        _wait(
+            client, first["id"], h, lambda j: j["status"] == "running" and j["metrics"].get("step", 0) >= 1, timeout=60
+        )
 
         # Another organization cannot see (so cannot cancel) the job.
         assert client.post(f"/v1/jobs/{first['id']}/cancel", headers=auth(other_key)).status_code == 404
@@ -58,17 +65,24 @@ def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, fil
 
 
 def test_cancelled_emulator_build_leaves_no_file_and_can_be_rebuilt(tmp_path, new_database_url, files):
-    settings = fast_settings(tmp_path / "data", new_database_url(), queue_url=None, embedded_worker=True,
-                             queue_name=f"scaleot-test-{secrets.token_hex(4)}", heartbeat_seconds=0.5,
-                             emulator_calibration_steps=100_000)
+    settings = fast_settings(
+        tmp_path / "data",
+        new_database_url(),
+        queue_url=None,
+        embedded_worker=True,
+        queue_name=f"scaleot-test-{secrets.token_hex(4)}",
+        heartbeat_seconds=0.5,
+        emulator_calibration_steps=100_000,
+    )
     with TestClient(create_app(settings)) as client:
         with client.app.state.sessions() as s:
             _, key = crud.create_org(s, "ops", "admin")
             s.commit()
         h = auth(key)
         model_id = client.post("/v1/models", headers=h, json={"name": "tiny", "path": str(files["model"])}).json()["id"]
-        run = client.post(f"/v1/models/{model_id}/importance", headers=h,
-                          json={"steps": 2, "corpus": str(files["corpus"])}).json()
+        run = client.post(
+            f"/v1/models/{model_id}/importance", headers=h, json={"steps": 2, "corpus": str(files["corpus"])}
+        ).json()
         _wait(client, run["id"], h, lambda j: j["status"] == "succeeded", timeout=60)
         body = {"model_id": model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5}
         created = client.post("/v1/emulators", headers=h, json=body).json()

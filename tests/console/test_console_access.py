@@ -14,18 +14,38 @@ from model_owner_server.models import ConsoleSession, utcnow
 
 # Every console route and who may use it. A new route fails the first test until it is listed here.
 PUBLIC = {("GET", "/console"), ("GET", "/console/login"), ("POST", "/console/login")}
-ADMIN = {("GET", "/console/audit"), ("POST", "/console/models"), ("POST", "/console/models/{model_id}/grants"),
-         ("POST", "/console/models/{model_id}/importance")}
-SIGNED_IN = {("GET", "/console/models"), ("GET", "/console/importance"), ("GET", "/console/importance/{run_id}"),
-             ("GET", "/console/emulators"), ("POST", "/console/emulators"), ("GET", "/console/emulators/{emulator_id}"),
-             ("GET", "/console/jobs"), ("GET", "/console/jobs/rows"), ("POST", "/console/jobs/{job_id}/cancel"),
-             ("GET", "/console/adapters"), ("GET", "/console/adapters/{adapter_id}"),
-             ("POST", "/console/adapters/{adapter_id}/generate"), ("GET", "/console/keys"), ("POST", "/console/logout")}
+ADMIN = {
+    ("GET", "/console/audit"),
+    ("POST", "/console/models"),
+    ("POST", "/console/models/{model_id}/grants"),
+    ("POST", "/console/models/{model_id}/importance"),
+}
+SIGNED_IN = {
+    ("GET", "/console/models"),
+    ("GET", "/console/importance"),
+    ("GET", "/console/importance/{run_id}"),
+    ("GET", "/console/emulators"),
+    ("POST", "/console/emulators"),
+    ("GET", "/console/emulators/{emulator_id}"),
+    ("GET", "/console/jobs"),
+    ("GET", "/console/jobs/rows"),
+    ("POST", "/console/jobs/{job_id}/cancel"),
+    ("GET", "/console/adapters"),
+    ("GET", "/console/adapters/{adapter_id}"),
+    ("POST", "/console/adapters/{adapter_id}/generate"),
+    ("GET", "/console/keys"),
+    ("POST", "/console/logout"),
+}
 
 
 def _ids(world) -> dict[str, str]:
-    return {"model_id": world.model_id, "emulator_id": world.emulator["id"], "adapter_id": world.adapter_id,
-            "job_id": world.eval_job_id, "run_id": "imp_x"}
+    return {
+        "model_id": world.model_id,
+        "emulator_id": world.emulator["id"],
+        "adapter_id": world.adapter_id,
+        "job_id": world.eval_job_id,
+        "run_id": "imp_x",
+    }
 
 
 def sign_in(client, key: str) -> str:
@@ -57,8 +77,11 @@ def test_data_owners_get_no_admin_pages_and_no_other_organizations_objects(world
     assert client.get(f"/console/adapters/{world.adapter_id}").status_code == 200  # alice's own
     client.cookies.clear()
     sign_in(client, world.keys["mallory"])  # not granted the model
-    for path in (f"/console/emulators/{world.emulator['id']}", f"/console/adapters/{world.adapter_id}",
-                 f"/console/importance/{world.importance_job_id}"):
+    for path in (
+        f"/console/emulators/{world.emulator['id']}",
+        f"/console/adapters/{world.adapter_id}",
+        f"/console/importance/{world.importance_job_id}",
+    ):
         assert client.get(path).status_code == 404, path
     assert world.emulator["id"] not in client.get("/console/emulators").text
     client.cookies.clear()
@@ -103,9 +126,10 @@ def test_hostile_ids_in_console_paths_are_clean_4xx_and_change_nothing(world):
     routes = sorted((m, p) for m, p in ADMIN | SIGNED_IN if "{" in p)
     for method, template in routes:
         for value in HOSTILE:
-            path = re.sub(r"\{[^}]+\}", lambda _: quote(value, safe=""), template)
-            r = client.request(method, path, data={"csrf_token": csrf, "prompt": "x", "org": "bob"},
-                               follow_redirects=False)
+            path = re.sub(r"\{[^}]+\}", quote(value, safe="").replace("\\", "\\\\"), template)
+            r = client.request(
+                method, path, data={"csrf_token": csrf, "prompt": "x", "org": "bob"}, follow_redirects=False
+            )
             if r.request.url.raw_path.decode().split("?")[0] != path:
                 assert r.status_code < 500, (method, path, r.status_code)  # the client resolved "." / ".."
                 continue

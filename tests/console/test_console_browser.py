@@ -28,15 +28,30 @@ PHONE = {"width": 390, "height": 844}
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, new_database_url, files):
     tmp = tmp_path_factory.mktemp("console")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SCALEOT_DATA_DIR": str(tmp / "data"),
-           "SCALEOT_DATABASE_URL": new_database_url(), "SCALEOT_DEVICE": "cpu", "SCALEOT_QUEUE_URL": "",
-           "SCALEOT_EMBEDDED_WORKER": "true", "SCALEOT_IMPORTANCE_SEQ_LEN": "32", "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
-           "SCALEOT_EVAL_SEQ_LEN": "32", "SCALEOT_EVAL_MAX_EXAMPLES": "4", "SCALEOT_EMULATOR_CALIBRATION_STEPS": "4",
-           "SCALEOT_DEFAULT_EVAL": str(files["eval"]), "SCALEOT_HEARTBEAT_SECONDS": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "SCALEOT_DATA_DIR": str(tmp / "data"),
+        "SCALEOT_DATABASE_URL": new_database_url(),
+        "SCALEOT_DEVICE": "cpu",
+        "SCALEOT_QUEUE_URL": "",
+        "SCALEOT_EMBEDDED_WORKER": "true",
+        "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
+        "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
+        "SCALEOT_EVAL_SEQ_LEN": "32",
+        "SCALEOT_EVAL_MAX_EXAMPLES": "4",
+        "SCALEOT_EMULATOR_CALIBRATION_STEPS": "4",
+        "SCALEOT_DEFAULT_EVAL": str(files["eval"]),
+        "SCALEOT_HEARTBEAT_SECONDS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     server = Server(env, _free_port(), tmp / "server.log")
-    STATE.update(admin=server.cli("create-org", "model-owner", "--role", "admin"),
-                 acme=server.cli("create-org", "acme", "--role", "data-owner"),
-                 globex=server.cli("create-org", "globex", "--role", "data-owner"), tmp=tmp)
+    STATE.update(
+        admin=server.cli("create-org", "model-owner", "--role", "admin"),
+        acme=server.cli("create-org", "acme", "--role", "data-owner"),
+        globex=server.cli("create-org", "globex", "--role", "data-owner"),
+        tmp=tmp,
+    )
     server.start()
     yield server
     server.stop()
@@ -201,11 +216,17 @@ def _upload_adapter(srv: Server, who: str, emulator_id: str) -> str:
         path.write_bytes(client.get(f"/v1/emulators/{emulator_id}/file").content)
         loaded = load_emulator(path)
         tensors = {k: v * 1.01 for k, v in extract_adapter(loaded.model, loaded.plan.adapter_layers).items()}
-        metrics = {"emulator_zero_shot": {"perplexity": 300.0, "loss": 5.7},
-                   "emulator_fine_tuned": {"perplexity": 250.0, "loss": 5.5}}
-        r = client.post(f"/v1/emulators/{emulator_id}/adapters",
-                        files={"adapter": ("adapter.safetensors", io.BytesIO(adapter_bytes(tensors))),
-                               "metrics": (None, json.dumps(metrics))})
+        metrics = {
+            "emulator_zero_shot": {"perplexity": 300.0, "loss": 5.7},
+            "emulator_fine_tuned": {"perplexity": 250.0, "loss": 5.5},
+        }
+        r = client.post(
+            f"/v1/emulators/{emulator_id}/adapters",
+            files={
+                "adapter": ("adapter.safetensors", io.BytesIO(adapter_bytes(tensors))),
+                "metrics": (None, json.dumps(metrics)),
+            },
+        )
         assert r.status_code == 202, r.text
         wait_job(client, r.json()["job"]["id"])
         return r.json()["adapter"]["id"]

@@ -34,8 +34,12 @@ def test_disk_full_on_a_small_filesystem(tmp_path, new_database_url, files):
     with small_filesystem(tmp_path / "small-fs") as reason:
         if reason:
             pytest.skip(f"no real small filesystem here ({reason}); test_disk_full_simulated covers the logic")
-        report = disk_full_run(tmp_path / "small-fs", new_database_url(), files,
-                               make_full=lambda d: fill_disk(d, leave_bytes=16 * 1024).unlink)
+        report = disk_full_run(
+            tmp_path / "small-fs",
+            new_database_url(),
+            files,
+            make_full=lambda d: fill_disk(d, leave_bytes=16 * 1024).unlink,
+        )
     print(report)
 
 
@@ -77,8 +81,11 @@ def test_disk_full_simulated(tmp_path, new_database_url, files, monkeypatch):
         raise enospc(out_dir)
 
     def make_full(_data_dir):
-        patches = [(upload, "open", FullFile), (emulator_file, "save_model", full_save_model),
-                   (importance_task, "save_importance", full_save_importance)]
+        patches = [
+            (upload, "open", FullFile),
+            (emulator_file, "save_model", full_save_model),
+            (importance_task, "save_importance", full_save_importance),
+        ]
         for target, name, value in patches:
             monkeypatch.setattr(target, name, value, raising=False)
         return monkeypatch.undo
@@ -117,15 +124,19 @@ def test_leftovers_of_interrupted_work_are_swept_never_promoted(world):
             os.utime(path.parent, (age, age))
         return path
 
-    gone = [make(f"tmp/p{dead.pid}_{host_tag()}_dead.part"),
-            make("tmp/untagged-from-another-host", age=old),
-            make(f"emulators/.{world.emulator['id']}.safetensors.k3j9.tmp"),  # its emulator is ready: not in flight
-            make("emulators/emu_nosuchrow.safetensors", age=old),
-            make("adapters/adp_uncommitted/adapter.safetensors", age=time.time() - 600)]
-    kept = [make(f"tmp/p{os.getpid()}_{host_tag()}_live.part"),  # a live writer (this process)
-            make("tmp/another-host-recent"),
-            make("adapters/adp_committing_now/adapter.safetensors"),  # may be between rename and commit
-            make("adapters/adp_ancient/adapter.safetensors", age=old)]  # periodic passes look at recent ones
+    gone = [
+        make(f"tmp/p{dead.pid}_{host_tag()}_dead.part"),
+        make("tmp/untagged-from-another-host", age=old),
+        make(f"emulators/.{world.emulator['id']}.safetensors.k3j9.tmp"),  # its emulator is ready: not in flight
+        make("emulators/emu_nosuchrow.safetensors", age=old),
+        make("adapters/adp_uncommitted/adapter.safetensors", age=time.time() - 600),
+    ]
+    kept = [
+        make(f"tmp/p{os.getpid()}_{host_tag()}_live.part"),  # a live writer (this process)
+        make("tmp/another-host-recent"),
+        make("adapters/adp_committing_now/adapter.safetensors"),  # may be between rename and commit
+        make("adapters/adp_ancient/adapter.safetensors", age=old),
+    ]  # periodic passes look at recent ones
     removed = sweep(sessions, storage, startup=False, min_age_s=30)
     assert not any(p.exists() for p in gone), removed
     assert all(p.exists() for p in kept), removed

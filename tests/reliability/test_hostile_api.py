@@ -65,8 +65,11 @@ def _file_part(value) -> tuple:
 def send_case(client, case, headers: dict[str, str]):
     """Send a schemathesis case with an httpx/TestClient client; its random auth header is replaced."""
     kwargs = case.as_transport_kwargs(base_url="http://testserver")
-    sent = {k: v for k, v in (kwargs.get("headers") or {}).items()
-            if k.lower() not in ("authorization", "content-length", "host", "connection")}
+    sent = {
+        k: v
+        for k, v in (kwargs.get("headers") or {}).items()
+        if k.lower() not in ("authorization", "content-length", "host", "connection")
+    }
     sent.update(headers)
     body = {}
     if kwargs.get("json") is not None:
@@ -95,8 +98,12 @@ def test_fuzzed_requests_never_get_a_server_error(world, fuzz_schema, method, pa
 
     op = fuzz_schema[path][method]
     gen_mode = schemathesis.GenerationMode(mode)
-    real = {"model_id": world.model_id, "emulator_id": world.emulator["id"], "adapter_id": world.adapter_id,
-            "job_id": world.eval_job_id}
+    real = {
+        "model_id": world.model_id,
+        "emulator_id": world.emulator["id"],
+        "adapter_id": world.adapter_id,
+        "job_id": world.eval_job_id,
+    }
     params = {k: v for k, v in real.items() if "{" + k + "}" in path}
     strategy = op.as_strategy(gen_mode)
     if params:
@@ -106,8 +113,13 @@ def test_fuzzed_requests_never_get_a_server_error(world, fuzz_schema, method, pa
         pytest.skip("nothing in this operation's schema can be violated")
 
     @given(case=strategy)
-    @settings(max_examples=FUZZ_EXAMPLES // 5 if path.endswith("/generate") else FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES // 5 if path.endswith("/generate") else FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def run(case):
         r = send_case(world.client, case, auth(world.keys["admin"]))
         assert r.status_code < 500, f"{case.method} {case.formatted_path}: {r.status_code} {r.text[:500]}"
@@ -120,21 +132,47 @@ def test_fuzzed_requests_never_get_a_server_error(world, fuzz_schema, method, pa
 
 # ---------------------------------------------------------------- path traversal and odd ids
 
-HOSTILE = ["../../etc/passwd", "..%2f..%2fetc%2fpasswd", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "..", ".",
-           "a/b", "a\x00b", "\x00", "....//....//etc/passwd", "..\\..\\windows\\win.ini", "emu_../../x",
-           "%252e%252e%252f", "~root", "$(id)", "'; DROP TABLE jobs; --", "x" * 1000, "\u202e\ufeff", "%ED%A0%BD", "%FF%FE",
-           "/etc/passwd", "file:///etc/passwd", "C:\\Windows\\system.ini"]
-BODIES = {"/grants": {"json": {"org": "alice"}}, "/importance": {"json": {"steps": 1}},
-          "/generate": {"json": {"prompt": "x", "max_new_tokens": 1}},
-          "/adapters": {"files": {"adapter": ("a.safetensors", b"\0" * 16)}}}
+HOSTILE = [
+    "../../etc/passwd",
+    "..%2f..%2fetc%2fpasswd",
+    "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "..",
+    ".",
+    "a/b",
+    "a\x00b",
+    "\x00",
+    "....//....//etc/passwd",
+    "..\\..\\windows\\win.ini",
+    "emu_../../x",
+    "%252e%252e%252f",
+    "~root",
+    "$(id)",
+    "'; DROP TABLE jobs; --",
+    "x" * 1000,
+    "\u202e\ufeff",
+    "%ED%A0%BD",
+    "%FF%FE",
+    "/etc/passwd",
+    "file:///etc/passwd",
+    "C:\\Windows\\system.ini",
+]
+BODIES = {
+    "/grants": {"json": {"org": "alice"}},
+    "/importance": {"json": {"steps": 1}},
+    "/generate": {"json": {"prompt": "x", "max_new_tokens": 1}},
+    "/adapters": {"files": {"adapter": ("a.safetensors", b"\0" * 16)}},
+}
 
 
 def _id_routes(world) -> list[tuple[str, str]]:
     from test_security import DOC_ROUTES, app_routes
 
     # /console routes answer HTML to a session cookie: tests/console/test_console_access.py sends them these ids.
-    return sorted((m, p) for m, p in app_routes(world.client.app)
-                  if "{" in p and p not in DOC_ROUTES and not p.startswith("/console"))
+    return sorted(
+        (m, p)
+        for m, p in app_routes(world.client.app)
+        if "{" in p and p not in DOC_ROUTES and not p.startswith("/console")
+    )
 
 
 def _snapshot(world, outside: Path):
@@ -159,8 +197,13 @@ def test_hostile_ids_in_every_path_parameter(world):
         raw_body = json.dumps(body.get("json", {})).encode()
         for value in HOSTILE:
             path = re.sub(r"\{[^}]+\}", lambda _, v=value: v, template)
-            status, err, _ = _raw_request(app, method, path, {**admin, "content-type": "application/json",
-                                                              "content-length": str(len(raw_body))}, [raw_body])
+            status, err, _ = _raw_request(
+                app,
+                method,
+                path,
+                {**admin, "content-type": "application/json", "content-length": str(len(raw_body))},
+                [raw_body],
+            )
             assert 400 <= status < 500, f"raw {method} {path!r}: {status} {err}"
             assert method == "HEAD" or err["error"]["code"], err
             for encoded in {quote(value, safe=""), quote(value, safe="/%")}:
@@ -194,8 +237,12 @@ def test_hostile_names_in_bodies_and_queries(world):
             ("POST", "/v1/models", {"json": {"name": value, "path": value}}, {422}),
             ("POST", "/v1/models", {"json": {"name": "ok", "path": "../" * 12 + "etc"}}, {422}),
             ("POST", f"/v1/models/{world.model_id}/importance", {"json": {"steps": 1, "corpus": value}}, {422}),
-            ("POST", "/v1/emulators", {"json": {"model_id": value, "n_adapter": 1, "alpha": 0.5, "beta": 0.5}},
-             {404, 422}),
+            (
+                "POST",
+                "/v1/emulators",
+                {"json": {"model_id": value, "n_adapter": 1, "alpha": 0.5, "beta": 0.5}},
+                {404, 422},
+            ),
             ("GET", "/v1/audit", {"params": {"org": value}}, {404, 422}),
             ("GET", "/v1/audit", {"params": {"target_id": value[:40], "action": value[:50]}}, {200, 422}),
             ("GET", "/v1/jobs", {"params": {"limit": value}}, {422}),
@@ -212,16 +259,21 @@ def test_hostile_upload_file_names_never_reach_the_file_system(world):
     outside = data_dir.parent
     before_outside = sorted(str(p) for p in outside.rglob("*") if data_dir not in p.parents and p != data_dir)
     good = adapter_bytes(world.adapter_tensors)
-    names = [("../../../../evil.safetensors", "../../evil.txt"), ("/tmp/evil.safetensors", "/tmp/evil.jsonl"),
-             ("evil\x00.safetensors", "a/b/c.txt"), ("x" * 600 + ".safetensors", "..\\..\\evil.txt"),
-             (".safetensors", "NOTES.TXT")]
+    names = [
+        ("../../../../evil.safetensors", "../../evil.txt"),
+        ("/tmp/evil.safetensors", "/tmp/evil.jsonl"),
+        ("evil\x00.safetensors", "a/b/c.txt"),
+        ("x" * 600 + ".safetensors", "..\\..\\evil.txt"),
+        (".safetensors", "NOTES.TXT"),
+    ]
     for adapter_name, eval_name in names:
         content = b'{"text": "some words here"}\n' * 5 if eval_name.endswith(".jsonl") else b"some words " * 20
         before = data_dir_listing(data_dir)
-        r = c_post = world.client.post(f"/v1/emulators/{world.emulator['id']}/adapters",
-                                       headers=auth(world.keys["bob"]),
-                                       files={"adapter": (adapter_name, io.BytesIO(good)),
-                                              "eval_data": (eval_name, io.BytesIO(content))})
+        r = c_post = world.client.post(
+            f"/v1/emulators/{world.emulator['id']}/adapters",
+            headers=auth(world.keys["bob"]),
+            files={"adapter": (adapter_name, io.BytesIO(good)), "eval_data": (eval_name, io.BytesIO(content))},
+        )
         assert c_post.status_code == 202, r.text
         new = set(data_dir_listing(data_dir)) - set(before)
         adapter_id = r.json()["adapter"]["id"]
@@ -232,14 +284,18 @@ def test_hostile_upload_file_names_never_reach_the_file_system(world):
     assert not list((data_dir / "tmp").iterdir())
     # An eval file whose (hostile) name has a suffix that is not allowed is refused, with nothing kept.
     before = data_dir_listing(data_dir)
-    r = world.client.post(f"/v1/emulators/{world.emulator['id']}/adapters", headers=auth(world.keys["bob"]),
-                          files={"adapter": ("a.safetensors", io.BytesIO(good)),
-                                 "eval_data": ("evil.txt\x00.sh", io.BytesIO(b"x"))})
+    r = world.client.post(
+        f"/v1/emulators/{world.emulator['id']}/adapters",
+        headers=auth(world.keys["bob"]),
+        files={"adapter": ("a.safetensors", io.BytesIO(good)), "eval_data": ("evil.txt\x00.sh", io.BytesIO(b"x"))},
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_file_type", r.text
     assert data_dir_listing(data_dir) == before
     # So is one whose name no file system would take (600 characters).
-    r = world.client.post(f"/v1/emulators/{world.emulator['id']}/adapters", headers=auth(world.keys["bob"]),
-                          files={"adapter": ("a.safetensors", io.BytesIO(good)),
-                                 "eval_data": ("x" * 600 + ".txt", io.BytesIO(b"x"))})
+    r = world.client.post(
+        f"/v1/emulators/{world.emulator['id']}/adapters",
+        headers=auth(world.keys["bob"]),
+        files={"adapter": ("a.safetensors", io.BytesIO(good)), "eval_data": ("x" * 600 + ".txt", io.BytesIO(b"x"))},
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_file_type", r.text
     assert data_dir_listing(data_dir) == before

@@ -13,8 +13,17 @@ def test_small_mixed_load_loses_nothing(tmp_path, new_database_url, files):
     db_url = new_database_url()
     srv, ctx = prepare(tmp_path, db_url, files=files, owners=2)
     try:
-        result = run_load(srv, ctx["keys"], ctx["emulator"], ctx["model_id"], ctx["adapter"],
-                          downloaders=8, uploaders=2, pollers=2, duration=4.0)
+        result = run_load(
+            srv,
+            ctx["keys"],
+            ctx["emulator"],
+            ctx["model_id"],
+            ctx["adapter"],
+            downloaders=8,
+            uploaders=2,
+            pollers=2,
+            duration=4.0,
+        )
         print(summary_table(result))
         assert result["lost"] == 0, result["lost_examples"]
         assert result["unexpected"] == 0, result["unexpected_examples"]

@@ -86,6 +86,7 @@ def test_documentation_routes_are_the_only_public_ones_besides_healthz(tmp_path)
 
 # ---------------------------------------------------------------- API keys
 
+
 @pytest.mark.db
 def test_api_keys_are_stored_only_as_hashes_and_compared_in_constant_time(world, monkeypatch):
     with world.sessions() as s:
@@ -127,6 +128,7 @@ def test_api_keys_are_stored_only_as_hashes_and_compared_in_constant_time(world,
 
 # ---------------------------------------------------------------- signing keys
 
+
 @pytest.mark.db
 def test_signing_key_file_is_private(world):
     path = world.settings.signing_key_path
@@ -153,8 +155,11 @@ def test_rotate_signing_key_cli(tmp_path, new_database_url, files):
     from model_owner_server.cli import app as cli
 
     settings = fast_settings(tmp_path / "data", new_database_url(), default_eval=files["eval"])
-    env = {"SCALEOT_DATA_DIR": str(settings.data_dir), "SCALEOT_DATABASE_URL": settings.db_url,
-           "SCALEOT_SIGNING_KEY": str(settings.signing_key_path)}
+    env = {
+        "SCALEOT_DATA_DIR": str(settings.data_dir),
+        "SCALEOT_DATABASE_URL": settings.db_url,
+        "SCALEOT_SIGNING_KEY": str(settings.signing_key_path),
+    }
     runner = CliRunner()
     with TestClient(create_app(settings)) as c:
         with c.app.state.sessions() as s:
@@ -162,11 +167,15 @@ def test_rotate_signing_key_cli(tmp_path, new_database_url, files):
             model = crud.register_model(s, "tiny", files["model"])
             s.commit()
         h = auth(key)
-        assert c.post(f"/v1/models/{model.id}/importance", headers=h, json={"steps": 2,
-                                                                             "corpus": str(files["corpus"])}
-                      ).status_code == 202
-        emu1 = c.post("/v1/emulators", headers=h, json={"model_id": model.id, "n_adapter": 1, "alpha": 0.5,
-                                                         "beta": 0.2}).json()["emulator"]["id"]
+        assert (
+            c.post(
+                f"/v1/models/{model.id}/importance", headers=h, json={"steps": 2, "corpus": str(files["corpus"])}
+            ).status_code
+            == 202
+        )
+        emu1 = c.post(
+            "/v1/emulators", headers=h, json={"model_id": model.id, "n_adapter": 1, "alpha": 0.5, "beta": 0.2}
+        ).json()["emulator"]["id"]
         old_signed = c.get(f"/v1/emulators/{emu1}/signature", headers=h).json()
         k1 = old_signed["key_id"]
 
@@ -181,8 +190,9 @@ def test_rotate_signing_key_cli(tmp_path, new_database_url, files):
         assert c.get(f"/v1/emulators/{emu1}/signature", headers=h).json() == old_signed
         assert signing.verify_signed_manifest(old_signed, signing.trusted_keys_from_listing(listing))
         # New manifest: the running server signs with the new key file without a restart.
-        emu2 = c.post("/v1/emulators", headers=h, json={"model_id": model.id, "n_adapter": 1, "alpha": 0.5,
-                                                         "beta": 0.4}).json()["emulator"]["id"]
+        emu2 = c.post(
+            "/v1/emulators", headers=h, json={"model_id": model.id, "n_adapter": 1, "alpha": 0.5, "beta": 0.4}
+        ).json()["emulator"]["id"]
         new_signed = c.get(f"/v1/emulators/{emu2}/signature", headers=h).json()
         assert new_signed["key_id"] == k2
         signing.verify_signed_manifest(new_signed, signing.trusted_keys_from_listing(listing, [k2]))
@@ -214,23 +224,31 @@ def test_rotate_signing_key_cli(tmp_path, new_database_url, files):
 
 # ---------------------------------------------------------------- audit log
 
+
 @pytest.mark.db
 def test_audit_log_shows_who_downloaded_and_uploaded_what(world):
     c, emu = world.client, world.emulator["id"]
     admin = auth(world.keys["admin"])
     since = (datetime.now(UTC) - timedelta(milliseconds=1)).isoformat()
     assert c.get(f"/v1/emulators/{emu}/file", headers=auth(world.keys["alice"])).status_code == 200
-    assert c.get(f"/v1/emulators/{emu}/file", headers={**auth(world.keys["bob"]), "Range": "bytes=10-"}
-                 ).status_code == 206
-    r = c.post(f"/v1/emulators/{emu}/adapters", headers=auth(world.keys["bob"]),
-               files={"adapter": ("a.safetensors", io.BytesIO(adapter_bytes(world.adapter_tensors)))})
+    assert (
+        c.get(f"/v1/emulators/{emu}/file", headers={**auth(world.keys["bob"]), "Range": "bytes=10-"}).status_code == 206
+    )
+    r = c.post(
+        f"/v1/emulators/{emu}/adapters",
+        headers=auth(world.keys["bob"]),
+        files={"adapter": ("a.safetensors", io.BytesIO(adapter_bytes(world.adapter_tensors)))},
+    )
     assert r.status_code == 202, r.text
     adapter_id = r.json()["adapter"]["id"]
 
     body = c.get("/v1/audit", headers=admin, params={"since": since}).json()
     got = {(e["org_name"], e["action"], e["target_id"]) for e in body["events"]}
-    assert {("alice", "download_emulator", emu), ("bob", "download_emulator", emu),
-            ("bob", "upload_adapter", adapter_id)} <= got
+    assert {
+        ("alice", "download_emulator", emu),
+        ("bob", "download_emulator", emu),
+        ("bob", "upload_adapter", adapter_id),
+    } <= got
     assert body["total"] == len(body["events"]) >= 3
     times = [e["created_at"] for e in body["events"]]
     assert times == sorted(times, reverse=True), "newest first"
@@ -259,6 +277,7 @@ def test_audit_log_shows_who_downloaded_and_uploaded_what(world):
 
 # ---------------------------------------------------------------- request size limits
 
+
 def _raw_request(app, method: str, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, dict, int]:
     """Call the ASGI app directly; returns (status, JSON body, how many times `receive` was called)."""
     calls = [0]
@@ -274,10 +293,22 @@ def _raw_request(app, method: str, path: str, headers: dict[str, str], chunks: l
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "client": ("127.0.0.1", 1), "server": ("testserver", 80), "state": {}, "app": app,
-             "headers": [(b"host", b"testserver")] + [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "state": {},
+        "app": app,
+        "headers": [(b"host", b"testserver")] + [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
     anyio.run(app, scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -285,8 +316,15 @@ def _raw_request(app, method: str, path: str, headers: dict[str, str], chunks: l
 
 
 def _concrete(path: str, world) -> str:
-    return re.sub(r"\{[^}]+\}", lambda m: {"{model_id}": world.model_id, "{emulator_id}": world.emulator["id"],
-                                           "{adapter_id}": world.adapter_id}.get(m.group(0), "x"), path)
+    return re.sub(
+        r"\{[^}]+\}",
+        lambda m: {
+            "{model_id}": world.model_id,
+            "{emulator_id}": world.emulator["id"],
+            "{adapter_id}": world.adapter_id,
+        }.get(m.group(0), "x"),
+        path,
+    )
 
 
 @pytest.mark.db
@@ -297,8 +335,7 @@ def test_oversized_declared_body_is_refused_before_reading_on_every_route(world)
     for method, path in sorted(app_routes(app)):
         if path in DOC_ROUTES or (method == "POST" and path.endswith("/adapters")):
             continue  # the upload route has its own (emulator-derived) caps: tests/server/test_uploads.py
-        headers = {**auth(world.keys["admin"]), "content-type": "application/json",
-                   "content-length": str(limit + 1)}
+        headers = {**auth(world.keys["admin"]), "content-type": "application/json", "content-length": str(limit + 1)}
         status, body, calls = _raw_request(app, method, _concrete(path, world), headers, [b"{}"])
         assert status == 413 and body["error"]["code"] == "payload_too_large", (method, path, status, body)
         assert calls == 0, f"{method} {path}: the body was read although Content-Length exceeded the limit"
@@ -315,23 +352,25 @@ def test_streamed_json_body_is_cut_off_at_the_limit(world):
     n_chunks = limit // len(chunk) * 4
     with world.sessions() as s:
         before = crud.row_counts(s)
-    status, body, calls = _raw_request(app, "POST", "/v1/models", {**auth(world.keys["admin"]),
-                                                                    "content-type": "application/json"},
-                                       [chunk] * n_chunks)
+    status, body, calls = _raw_request(
+        app, "POST", "/v1/models", {**auth(world.keys["admin"]), "content-type": "application/json"}, [chunk] * n_chunks
+    )
     assert status == 413 and body["error"]["code"] == "payload_too_large", body
     assert calls <= limit // len(chunk) + 2 < n_chunks
     with world.sessions() as s:
         assert crud.row_counts(s) == before
     # Under the limit, JSON bodies work as before.
-    r = world.client.post("/v1/models", headers=auth(world.keys["admin"]),
-                          json={"name": "x" * 100, "path": "/nonexistent"})
+    r = world.client.post(
+        "/v1/models", headers=auth(world.keys["admin"]), json={"name": "x" * 100, "path": "/nonexistent"}
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_model"
 
 
 @pytest.mark.db
 def test_invalid_content_length_is_a_clean_400(world):
-    status, body, calls = _raw_request(world.client.app, "POST", "/v1/emulators",
-                                       {**auth(world.keys["admin"]), "content-length": "-5"}, [b"{}"])
+    status, body, calls = _raw_request(
+        world.client.app, "POST", "/v1/emulators", {**auth(world.keys["admin"]), "content-length": "-5"}, [b"{}"]
+    )
     assert status == 400 and body["error"]["code"] == "bad_request" and calls == 0
 
 
@@ -341,4 +380,3 @@ def test_request_limit_is_a_setting(tmp_path):
     status, body, calls = _raw_request(app, "POST", "/v1/models", {"content-length": "5000"}, [b"x"])
     assert status == 413 and calls == 0
     assert "4096" in body["error"]["message"]
-

@@ -28,33 +28,59 @@ from shared.adapter import (
 )
 
 # SCALEOT_FUZZ_SCALE=10 for a longer run (docs/reliability.md).
-FUZZ = settings(max_examples=max(1, int(250 * float(os.environ.get("SCALEOT_FUZZ_SCALE", "1")))), deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                       HealthCheck.data_too_large])
-SPEC = {"model.layers.1.self_attn.q_proj.weight": TensorSpec((4, 4), "F32"),
-        "model.layers.1.input_layernorm.weight": TensorSpec((4,), "F32")}
+FUZZ = settings(
+    max_examples=max(1, int(250 * float(os.environ.get("SCALEOT_FUZZ_SCALE", "1")))),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
+SPEC = {
+    "model.layers.1.self_attn.q_proj.weight": TensorSpec((4, 4), "F32"),
+    "model.layers.1.input_layernorm.weight": TensorSpec((4,), "F32"),
+}
 _TMP = Path(tempfile.mkdtemp(prefix="fuzz-adapter-"))
 
 # ---------------------------------------------------------------- hostile safetensors files
 
 weird_text = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["../../etc/passwd", "..\\..\\boot.ini", "/abs/name", "a\x00b", "\ud800", "é" * 30, "",
-                     "__metadata__", "model.layers.1.self_attn.q_proj.weight", "con", "x" * 300]))
-odd_numbers = st.one_of(st.integers(min_value=-2**70, max_value=2**70), st.floats(allow_nan=True),
-                        st.sampled_from([0, 1, 2**63, 2**64 - 1, -1, 10**30]))
+    st.sampled_from(
+        [
+            "../../etc/passwd",
+            "..\\..\\boot.ini",
+            "/abs/name",
+            "a\x00b",
+            "\ud800",
+            "é" * 30,
+            "",
+            "__metadata__",
+            "model.layers.1.self_attn.q_proj.weight",
+            "con",
+            "x" * 300,
+        ]
+    ),
+)
+odd_numbers = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.sampled_from([0, 1, 2**63, 2**64 - 1, -1, 10**30]),
+)
 json_scalar = st.one_of(st.none(), st.booleans(), odd_numbers, weird_text)
-json_value = st.recursive(json_scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                                st.dictionaries(weird_text, inner, max_size=4)),
-                          max_leaves=12)
-dtypes = st.one_of(st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "f32", "", "F32 "]),
-                   json_value)
-shapes = st.one_of(st.lists(st.integers(min_value=-3, max_value=20), max_size=4),
-                   st.lists(odd_numbers, max_size=4), json_value)
-offsets = st.one_of(st.tuples(st.integers(-8, 400), st.integers(-8, 400)).map(list),
-                    st.lists(odd_numbers, max_size=3), json_value)
-entry = st.one_of(st.fixed_dictionaries({"dtype": dtypes, "shape": shapes, "data_offsets": offsets}),
-                  json_value)
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(weird_text, inner, max_size=4)),
+    max_leaves=12,
+)
+dtypes = st.one_of(
+    st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "f32", "", "F32 "]), json_value
+)
+shapes = st.one_of(
+    st.lists(st.integers(min_value=-3, max_value=20), max_size=4), st.lists(odd_numbers, max_size=4), json_value
+)
+offsets = st.one_of(
+    st.tuples(st.integers(-8, 400), st.integers(-8, 400)).map(list), st.lists(odd_numbers, max_size=3), json_value
+)
+entry = st.one_of(st.fixed_dictionaries({"dtype": dtypes, "shape": shapes, "data_offsets": offsets}), json_value)
 
 
 @st.composite
@@ -82,8 +108,9 @@ def safetensors_files(draw) -> bytes:
     payload = draw(st.binary(max_size=200))
     declared = len(raw)
     if kind == "declared-length":
-        declared = draw(st.sampled_from([2**64 - 1, 2**63, 2**32, 1 << 20, (1 << 20) + 1, len(raw) + 1,
-                                         max(0, len(raw) - 1), 0]))
+        declared = draw(
+            st.sampled_from([2**64 - 1, 2**63, 2**32, 1 << 20, (1 << 20) + 1, len(raw) + 1, max(0, len(raw) - 1), 0])
+        )
     return struct.pack("<Q", declared) + raw + payload
 
 
@@ -104,9 +131,13 @@ def _write(data: bytes) -> Path:
 @example(struct.pack("<Q", 5) + b"\xff\xfe{}}")
 @example(_file(b'{"x":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,4]}}'))
 @example(_file(b'{"x":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}'))
-@example(_file(b'[' + b'1' * 5000 + b']'))
-@example(_file(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],'
-               b'"data_offsets":[2,6]}}', b"\0" * 8))
+@example(_file(b"[" + b"1" * 5000 + b"]"))
+@example(
+    _file(
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}}',
+        b"\0" * 8,
+    )
+)
 def test_header_reader_raises_only_validation_errors(data: bytes) -> None:
     path = _write(data)
     try:
@@ -137,14 +168,18 @@ def adapter_variants(draw) -> bytes:
     """A valid adapter for SPEC, then mutated: names, dtypes, shapes, values (NaN/Inf), extra tensors,
     offsets rewritten, bytes flipped."""
     tensors = {k: torch.randn(*v.shape) for k, v in SPEC.items()}
-    mutation = draw(st.sampled_from(["none", "value", "dtype", "shape", "rename", "extra", "drop", "offsets",
-                                     "flip", "truncate", "pad"]))
+    mutation = draw(
+        st.sampled_from(
+            ["none", "value", "dtype", "shape", "rename", "extra", "drop", "offsets", "flip", "truncate", "pad"]
+        )
+    )
     name = draw(st.sampled_from(sorted(SPEC)))
     if mutation == "value":
         tensors[name].view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38]))
     elif mutation == "dtype":
-        tensors[name] = tensors[name].to(draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64,
-                                                              torch.int32, torch.uint8])))
+        tensors[name] = tensors[name].to(
+            draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.uint8]))
+        )
     elif mutation == "shape":
         tensors[name] = torch.zeros(tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=3))))
     elif mutation == "rename":
@@ -159,12 +194,12 @@ def adapter_variants(draw) -> bytes:
         data = bytearray(_valid_adapter_bytes({k: v.contiguous() for k, v in SPEC_TENSORS().items()}))
     n = struct.unpack("<Q", data[:8])[0]
     if mutation == "offsets":
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         entry_name = draw(st.sampled_from(sorted(header)))
         if entry_name != "__metadata__":
             header[entry_name]["data_offsets"] = draw(st.tuples(st.integers(-4, 200), st.integers(-4, 200)).map(list))
         raw = json.dumps(header).encode()
-        data = bytearray(struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n:]))
+        data = bytearray(struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n :]))
     elif mutation == "flip" and len(data) > 8:
         i = draw(st.integers(0, len(data) - 1))
         data[i] ^= draw(st.integers(1, 255))
@@ -208,8 +243,12 @@ def test_huge_declared_header_length_is_refused_without_reading() -> None:
 
 
 def test_overlapping_offsets_are_refused() -> None:
-    h = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                    "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+    h = json.dumps(
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        }
+    ).encode()
     path = _write(struct.pack("<Q", len(h)) + h + b"\0" * 12)
     with pytest.raises(AdapterValidationError, match="overlapping"):
         read_safetensors_header(path)
@@ -220,9 +259,17 @@ def test_overlapping_offsets_are_refused() -> None:
 KEY = Ed25519PrivateKey.generate()
 KID = signing.key_id(KEY.public_key())
 TRUSTED = {KID: KEY.public_key()}
-GOOD = signing.sign_manifest(KEY, signing.emulator_manifest(
-    emulator_id="emu_1", model_id="mdl_1", sha256="0" * 64, size_bytes=123, layer_plan={"roles": ["adapter"]},
-    key_id=KID))
+GOOD = signing.sign_manifest(
+    KEY,
+    signing.emulator_manifest(
+        emulator_id="emu_1",
+        model_id="mdl_1",
+        sha256="0" * 64,
+        size_bytes=123,
+        layer_plan={"roles": ["adapter"]},
+        key_id=KID,
+    ),
+)
 
 
 @st.composite
@@ -235,8 +282,11 @@ def signed_envelopes(draw) -> object:
     if which == "manifest":
         env["manifest"] = draw(json_value)
     elif which == "signature":
-        env["signature"] = draw(st.one_of(json_value, st.binary(max_size=80).map(
-            lambda b: base64.b64encode(b).decode()), st.text(max_size=100)))
+        env["signature"] = draw(
+            st.one_of(
+                json_value, st.binary(max_size=80).map(lambda b: base64.b64encode(b).decode()), st.text(max_size=100)
+            )
+        )
     elif which == "key_id":
         env["key_id"] = draw(st.one_of(json_value, st.just(KID.upper()), st.just(KID + " ")))
     elif which == "manifest-field":

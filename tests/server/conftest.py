@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from server_fixtures import BASE_DB_URL, files, new_database_url, world  # noqa: F401 - fixtures for the tests here
 
 

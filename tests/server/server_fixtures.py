@@ -21,15 +21,39 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from server_helpers import World, adapter_bytes, auth, fast_settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from model_owner_server.main import create_app
-from server_helpers import World, adapter_bytes, auth, fast_settings
 
 BASE_DB_URL = os.environ.get("SCALEOT_TEST_DATABASE_URL", "").strip()
-WORDS = ("the quick brown fox jumps over a lazy dog while seven merry kings sing of ancient ships and silver "
-         "rivers under the pale moon").split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "merry",
+    "kings",
+    "sing",
+    "of",
+    "ancient",
+    "ships",
+    "and",
+    "silver",
+    "rivers",
+    "under",
+    "the",
+    "pale",
+    "moon",
+]
 
 
 def _words(n: int, seed: int) -> str:
@@ -91,8 +115,12 @@ def world(tmp_path_factory, new_database_url, files) -> Iterator[World]:
         keys: dict[str, str | None] = {"none": None}
         w = World(client, settings, keys)
         with app.state.sessions() as s:
-            for name, role in (("admin", "admin"), ("alice", "data-owner"), ("bob", "data-owner"),
-                               ("mallory", "data-owner")):
+            for name, role in (
+                ("admin", "admin"),
+                ("alice", "data-owner"),
+                ("bob", "data-owner"),
+                ("mallory", "data-owner"),
+            ):
                 org, key = crud.create_org(s, name, role)
                 keys[name], w.org_ids[name] = key, org.id
             s.commit()
@@ -102,14 +130,20 @@ def world(tmp_path_factory, new_database_url, files) -> Iterator[World]:
         w.model_id = r.json()["id"]
         for org in ("alice", "bob"):
             assert client.post(f"/v1/models/{w.model_id}/grants", headers=h, json={"org": org}).status_code == 201
-        r = client.post(f"/v1/models/{w.model_id}/importance", headers=h,
-                        json={"steps": 4, "corpus": str(files["corpus"]), "warmup_steps": 1, "rl_interval": 2})
+        r = client.post(
+            f"/v1/models/{w.model_id}/importance",
+            headers=h,
+            json={"steps": 4, "corpus": str(files["corpus"]), "warmup_steps": 1, "rl_interval": 2},
+        )
         assert r.status_code == 202, r.text
         w.importance_job_id = r.json()["id"]
         job = client.get(f"/v1/jobs/{w.importance_job_id}", headers=h).json()
         assert job["status"] == "succeeded", job
-        r = client.post("/v1/emulators", headers=auth(keys["alice"]),
-                        json={"model_id": w.model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5})
+        r = client.post(
+            "/v1/emulators",
+            headers=auth(keys["alice"]),
+            json={"model_id": w.model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5},
+        )
         assert r.status_code in (200, 202), r.text
         w.emulator = r.json()["emulator"]
         assert w.emulator["status"] == "ready", r.json()
@@ -123,8 +157,11 @@ def world(tmp_path_factory, new_database_url, files) -> Iterator[World]:
 
         loaded = load_emulator(emu_path)
         w.adapter_tensors = extract_adapter(loaded.model, loaded.plan.adapter_layers)
-        r = client.post(f"/v1/emulators/{w.emulator['id']}/adapters", headers=auth(keys["alice"]),
-                        files={"adapter": ("adapter.safetensors", io.BytesIO(adapter_bytes(w.adapter_tensors)))})
+        r = client.post(
+            f"/v1/emulators/{w.emulator['id']}/adapters",
+            headers=auth(keys["alice"]),
+            files={"adapter": ("adapter.safetensors", io.BytesIO(adapter_bytes(w.adapter_tensors)))},
+        )
         assert r.status_code == 202, r.text
         w.adapter_id, w.eval_job_id = r.json()["adapter"]["id"], r.json()["job"]["id"]
         yield w

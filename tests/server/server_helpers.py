@@ -12,9 +12,20 @@ from model_owner_server.core.config import Settings
 
 def fast_settings(data_dir: Path, db_url: str, **overrides) -> Settings:
     """Settings with tiny sequence lengths so jobs take well under a second on CPU."""
-    values = dict(data_dir=data_dir, database_url=db_url, device="cpu", queue_url="immediate",
-                  embedded_worker=False, importance_seq_len=32, importance_batch_size=2, eval_seq_len=32,
-                  eval_batch_size=2, eval_max_examples=4, max_eval_bytes=64 * 1024, max_new_tokens=32)
+    values = dict(
+        data_dir=data_dir,
+        database_url=db_url,
+        device="cpu",
+        queue_url="immediate",
+        embedded_worker=False,
+        importance_seq_len=32,
+        importance_batch_size=2,
+        eval_seq_len=32,
+        eval_batch_size=2,
+        eval_max_examples=4,
+        max_eval_bytes=64 * 1024,
+        max_new_tokens=32,
+    )
     values.update(overrides)
     return Settings(_env_file=None, **values)
 
@@ -49,5 +60,3 @@ class World:
 
     def sessions(self):
         return self.client.app.state.sessions()
-
-

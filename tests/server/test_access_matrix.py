@@ -5,7 +5,6 @@ granted), no key. Requests are chosen so that passing authorization never change
 from __future__ import annotations
 
 import pytest
-
 from server_helpers import auth
 
 ROLES = ("admin", "alice", "mallory", "none")
@@ -15,37 +14,77 @@ MATRIX = [
     ("healthz", "GET", "/healthz", {}, (200, 200, 200, 200)),
     ("signing keys", "GET", "/v1/signing-keys", {}, (200, 200, 200, 401)),
     ("list models", "GET", "/v1/models", {}, (200, 200, 200, 401)),
-    ("register model", "POST", "/v1/models", {"json": {"name": "x", "path": "/nonexistent/model"}},
-     (422, 403, 403, 401)),
+    (
+        "register model",
+        "POST",
+        "/v1/models",
+        {"json": {"name": "x", "path": "/nonexistent/model"}},
+        (422, 403, 403, 401),
+    ),
     ("get model", "GET", "/v1/models/{model}", {}, (200, 200, 404, 401)),
     ("grant", "POST", "/v1/models/{model}/grants", {"json": {"org": "alice"}}, (201, 403, 403, 401)),
-    ("importance", "POST", "/v1/models/{model}/importance", {"json": {"steps": 1, "corpus": "/nonexistent.txt"}},
-     (422, 403, 403, 401)),
+    (
+        "importance",
+        "POST",
+        "/v1/models/{model}/importance",
+        {"json": {"steps": 1, "corpus": "/nonexistent.txt"}},
+        (422, 403, 403, 401),
+    ),
     ("list jobs", "GET", "/v1/jobs", {}, (200, 200, 200, 401)),
     ("admin's job", "GET", "/v1/jobs/{importance_job}", {}, (200, 404, 404, 401)),
     ("alice's job", "GET", "/v1/jobs/{eval_job}", {}, (200, 200, 404, 401)),
-    ("create emulator (existing)", "POST", "/v1/emulators",
-     {"json": {"model_id": "{model}", "n_adapter": 2, "alpha": 0.5, "beta": 0.5}}, (200, 200, 404, 401)),
+    (
+        "create emulator (existing)",
+        "POST",
+        "/v1/emulators",
+        {"json": {"model_id": "{model}", "n_adapter": 2, "alpha": 0.5, "beta": 0.5}},
+        (200, 200, 404, 401),
+    ),
     ("list emulators", "GET", "/v1/emulators", {}, (200, 200, 200, 401)),
     ("get emulator", "GET", "/v1/emulators/{emulator}", {}, (200, 200, 404, 401)),
     ("download emulator", "GET", "/v1/emulators/{emulator}/file", {}, (200, 200, 404, 401)),
     ("emulator file headers", "HEAD", "/v1/emulators/{emulator}/file", {}, (200, 200, 404, 401)),
     ("signature", "GET", "/v1/emulators/{emulator}/signature", {}, (200, 200, 404, 401)),
-    ("privacy audit (corpus missing)", "POST", "/v1/emulators/{emulator}/privacy-audit",
-     {"json": {"steps": 1, "corpus": "/nonexistent.txt"}}, (422, 403, 403, 401)),
+    (
+        "privacy audit (corpus missing)",
+        "POST",
+        "/v1/emulators/{emulator}/privacy-audit",
+        {"json": {"steps": 1, "corpus": "/nonexistent.txt"}},
+        (422, 403, 403, 401),
+    ),
     ("upload info", "GET", "/v1/emulators/{emulator}/upload-info", {}, (200, 200, 404, 401)),
-    ("upload adapter (no adapter part)", "POST", "/v1/emulators/{emulator}/adapters",
-     {"files": {"metrics": (None, "{}")}}, (422, 422, 404, 401)),
+    (
+        "upload adapter (no adapter part)",
+        "POST",
+        "/v1/emulators/{emulator}/adapters",
+        {"files": {"metrics": (None, "{}")}},
+        (422, 422, 404, 401),
+    ),
     ("list adapters", "GET", "/v1/adapters", {}, (200, 200, 200, 401)),
     ("get adapter", "GET", "/v1/adapters/{adapter}", {}, (200, 200, 404, 401)),
-    ("generate", "POST", "/v1/adapters/{adapter}/generate", {"json": {"prompt": "the", "max_new_tokens": 2}},
-     (200, 200, 404, 401)),
+    (
+        "generate",
+        "POST",
+        "/v1/adapters/{adapter}/generate",
+        {"json": {"prompt": "the", "max_new_tokens": 2}},
+        (200, 200, 404, 401),
+    ),
     ("openai models", "GET", "/openai/v1/models", {}, (200, 200, 200, 401)),
     ("openai model", "GET", "/openai/v1/models/{adapter}", {}, (200, 200, 404, 401)),
-    ("openai completion", "POST", "/openai/v1/completions",
-     {"json": {"model": "{adapter}", "prompt": "the", "max_tokens": 2}}, (200, 200, 404, 401)),
-    ("openai chat (the tiny tokenizer has no chat template)", "POST", "/openai/v1/chat/completions",
-     {"json": {"model": "{adapter}", "messages": [{"role": "user", "content": "hi"}]}}, (400, 400, 404, 401)),
+    (
+        "openai completion",
+        "POST",
+        "/openai/v1/completions",
+        {"json": {"model": "{adapter}", "prompt": "the", "max_tokens": 2}},
+        (200, 200, 404, 401),
+    ),
+    (
+        "openai chat (the tiny tokenizer has no chat template)",
+        "POST",
+        "/openai/v1/chat/completions",
+        {"json": {"model": "{adapter}", "messages": [{"role": "user", "content": "hi"}]}},
+        (400, 400, 404, 401),
+    ),
     ("unknown job id", "GET", "/v1/jobs/job_doesnotexist", {}, (404, 404, 404, 401)),
     ("cancel a finished job", "POST", "/v1/jobs/{eval_job}/cancel", {}, (409, 409, 404, 401)),
     ("audit log", "GET", "/v1/audit", {}, (200, 403, 403, 401)),
@@ -63,8 +102,13 @@ def _fill(value, ids):
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("name,method,path,kwargs,expected", MATRIX, ids=[m[0] for m in MATRIX])
 def test_access(world, role, name, method, path, kwargs, expected):
-    ids = {"model": world.model_id, "emulator": world.emulator["id"], "adapter": world.adapter_id,
-           "importance_job": world.importance_job_id, "eval_job": world.eval_job_id}
+    ids = {
+        "model": world.model_id,
+        "emulator": world.emulator["id"],
+        "adapter": world.adapter_id,
+        "importance_job": world.importance_job_id,
+        "eval_job": world.eval_job_id,
+    }
     r = world.client.request(method, path.format(**ids), headers=auth(world.keys[role]), **_fill(kwargs, ids))
     want = expected[ROLES.index(role)]
     assert r.status_code == want, f"{name} as {role}: {r.status_code} {r.text[:300]}"
@@ -88,16 +132,24 @@ def test_listings_are_scoped(world):
     assert world.adapter_id not in {a["id"] for a in c.get("/v1/adapters", headers=bob).json()["adapters"]}
     assert c.get(f"/v1/adapters/{world.adapter_id}", headers=bob).status_code == 404
     assert c.get(f"/v1/jobs/{world.eval_job_id}", headers=bob).status_code == 404
-    assert c.post(f"/v1/adapters/{world.adapter_id}/generate", headers=bob,
-                  json={"prompt": "x", "max_new_tokens": 1}).status_code == 404
+    assert (
+        c.post(
+            f"/v1/adapters/{world.adapter_id}/generate", headers=bob, json={"prompt": "x", "max_new_tokens": 1}
+        ).status_code
+        == 404
+    )
     admin_jobs = {j["id"] for j in c.get("/v1/jobs", headers=auth(world.keys["admin"])).json()["jobs"]}
     assert world.eval_job_id in admin_jobs
 
 
 def test_bad_keys(world):
     c = world.client
-    for headers in ({"Authorization": "Bearer sot_wrong"}, {"Authorization": "Basic dXNlcjpwYXNz"},
-                    {"Authorization": "Bearer"}, {"Authorization": "Bearer " + "x" * 5000}):
+    for headers in (
+        {"Authorization": "Bearer sot_wrong"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer " + "x" * 5000},
+    ):
         r = c.get("/v1/models", headers=headers)
         assert r.status_code == 401, (headers, r.text)
         assert r.json()["error"]["code"] == "unauthorized"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
+from server_helpers import auth, fast_settings
 from sqlalchemy import create_engine
 
 from model_owner_server import crud
@@ -12,7 +13,6 @@ from model_owner_server.core.db import run_migrations
 from model_owner_server.core.security import hash_api_key
 from model_owner_server.main import create_app
 from model_owner_server.models import ApiKey, Base
-from server_helpers import auth, fast_settings
 
 
 def test_error_shape_everywhere(world):
@@ -20,7 +20,14 @@ def test_error_shape_everywhere(world):
     cases = [
         (c.get("/v1/nope", headers=h), 404),
         (c.delete("/v1/models", headers=h), 405),
-        (c.post("/v1/models", headers=h, content=b"{not json", ), 422),
+        (
+            c.post(
+                "/v1/models",
+                headers=h,
+                content=b"{not json",
+            ),
+            422,
+        ),
         (c.post("/v1/models", headers=h, json={"name": ""}), 422),
         (c.post(f"/v1/models/{world.model_id}/importance", headers=h, json={"steps": 0}), 422),
         (c.post(f"/v1/models/{world.model_id}/importance", headers=h, json={"steps": 2, "rl_interval": 0}), 422),
@@ -51,8 +58,13 @@ def test_register_model_rejects_bad_folders(world, tmp_path):
     (unsupported / "config.json").write_text('{"model_type": "bert"}')
     (unsupported / "tokenizer.json").write_text("{}")
     (unsupported / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
-    for folder, words in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "config.json"),
-                          (no_tokenizer, "tokenizer"), (no_weights, "safetensors"), (unsupported, "not supported")):
+    for folder, words in (
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "empty", "config.json"),
+        (no_tokenizer, "tokenizer"),
+        (no_weights, "safetensors"),
+        (unsupported, "not supported"),
+    ):
         r = c.post("/v1/models", headers=h, json={"name": f"bad-{folder.name}", "path": str(folder)})
         assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
 
@@ -61,10 +73,21 @@ def test_healthz_and_openapi(world):
     r = world.client.get("/healthz")
     assert r.status_code == 200 and r.json()["database"] == "ok"
     spec = world.client.get("/openapi.json").json()
-    for path in ("/v1/signing-keys", "/v1/models", "/v1/models/{model_id}/grants", "/v1/models/{model_id}/importance",
-                 "/v1/jobs/{job_id}", "/v1/emulators", "/v1/emulators/{emulator_id}/file",
-                 "/v1/emulators/{emulator_id}/signature", "/v1/emulators/{emulator_id}/adapters", "/v1/adapters",
-                 "/v1/adapters/{adapter_id}", "/v1/adapters/{adapter_id}/generate", "/healthz"):
+    for path in (
+        "/v1/signing-keys",
+        "/v1/models",
+        "/v1/models/{model_id}/grants",
+        "/v1/models/{model_id}/importance",
+        "/v1/jobs/{job_id}",
+        "/v1/emulators",
+        "/v1/emulators/{emulator_id}/file",
+        "/v1/emulators/{emulator_id}/signature",
+        "/v1/emulators/{emulator_id}/adapters",
+        "/v1/adapters",
+        "/v1/adapters/{adapter_id}",
+        "/v1/adapters/{adapter_id}/generate",
+        "/healthz",
+    ):
         assert path in spec["paths"], path
     upload = spec["paths"]["/v1/emulators/{emulator_id}/adapters"]["post"]
     assert "adapter" in upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]

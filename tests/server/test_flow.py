@@ -8,16 +8,16 @@ import json
 
 import pytest
 import torch
+from server_helpers import adapter_bytes, auth
 
 from shared import signing
 from shared.schemas import Adapter, Emulator, Job, SignedManifest
 
-from server_helpers import adapter_bytes, auth
-
 
 def test_importance_job_reports_scores(world):
-    job = Job.model_validate(world.client.get(f"/v1/jobs/{world.importance_job_id}",
-                                              headers=auth(world.keys["admin"])).json())
+    job = Job.model_validate(
+        world.client.get(f"/v1/jobs/{world.importance_job_id}", headers=auth(world.keys["admin"])).json()
+    )
     assert job.status == "succeeded" and job.progress == 1.0
     assert len(job.result["scores"]) == 4 and sorted(job.result["ranking"]) == [0, 1, 2, 3]
     assert "loss" in job.metrics and len(job.metrics["scores"]) == 4
@@ -37,8 +37,11 @@ def test_emulator_description_and_idempotency(world):
     assert emu.max_adapter_bytes >= sum(t.numel() * 4 for t in world.adapter_tensors.values())
     assert emu.file_url.endswith(f"/v1/emulators/{emu.id}/file")
     # Same (model, N_a, alpha, beta) from another org: the same emulator, no new job.
-    r = world.client.post("/v1/emulators", headers=auth(world.keys["bob"]),
-                          json={"model_id": world.model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5})
+    r = world.client.post(
+        "/v1/emulators",
+        headers=auth(world.keys["bob"]),
+        json={"model_id": world.model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5},
+    )
     assert r.status_code == 200 and r.json()["emulator"]["id"] == emu.id
 
 
@@ -118,10 +121,15 @@ def test_upload_with_eval_file_and_metrics_then_generate(world, files):
     c, h = world.client, auth(world.keys["alice"])
     tensors = {k: v + 0.01 * torch.randn_like(v) for k, v in world.adapter_tensors.items()}
     metrics = {"emulator_zero_shot": {"perplexity": 300.0}, "emulator_fine_tuned": {"perplexity": 120.0}}
-    r = c.post(f"/v1/emulators/{world.emulator['id']}/adapters", headers=h,
-               files={"adapter": ("a.safetensors", io.BytesIO(adapter_bytes(tensors))),
-                      "eval_data": ("mine.txt", files["eval"].read_bytes())},
-               data={"metrics": json.dumps(metrics), "adapter_config": json.dumps({"method": "lora", "r": 8})})
+    r = c.post(
+        f"/v1/emulators/{world.emulator['id']}/adapters",
+        headers=h,
+        files={
+            "adapter": ("a.safetensors", io.BytesIO(adapter_bytes(tensors))),
+            "eval_data": ("mine.txt", files["eval"].read_bytes()),
+        },
+        data={"metrics": json.dumps(metrics), "adapter_config": json.dumps({"method": "lora", "r": 8})},
+    )
     assert r.status_code == 202, r.text
     body = r.json()
     assert body["job"]["status"] == "succeeded", body["job"]
@@ -134,12 +142,18 @@ def test_upload_with_eval_file_and_metrics_then_generate(world, files):
     ids = {a["id"] for a in c.get("/v1/adapters", headers=h).json()["adapters"]}
     assert {world.adapter_id, body["adapter"]["id"]} <= ids
 
-    g = c.post(f"/v1/adapters/{body['adapter']['id']}/generate", headers=h,
-               json={"prompt": "the quick brown", "max_new_tokens": 5})
+    g = c.post(
+        f"/v1/adapters/{body['adapter']['id']}/generate",
+        headers=h,
+        json={"prompt": "the quick brown", "max_new_tokens": 5},
+    )
     assert g.status_code == 200, g.text
     assert isinstance(g.json()["completion"], str) and g.json()["max_new_tokens"] == 5
-    too_many = c.post(f"/v1/adapters/{body['adapter']['id']}/generate", headers=h,
-                      json={"prompt": "x", "max_new_tokens": world.settings.max_new_tokens + 1})
+    too_many = c.post(
+        f"/v1/adapters/{body['adapter']['id']}/generate",
+        headers=h,
+        json={"prompt": "x", "max_new_tokens": world.settings.max_new_tokens + 1},
+    )
     assert too_many.status_code == 422
 
 
@@ -159,11 +173,13 @@ def test_emulator_needs_importance_run(world, files, tmp_path):
 
 def test_emulator_parameter_validation(world):
     c, h = world.client, auth(world.keys["alice"])
-    for body in ({"model_id": world.model_id, "n_adapter": 4, "alpha": 0.5, "beta": 0.5},  # all layers
-                 {"model_id": world.model_id, "n_adapter": 0, "alpha": 0.5, "beta": 0.5},
-                 {"model_id": world.model_id, "n_adapter": 1, "alpha": 1.5, "beta": 0.5},
-                 {"model_id": world.model_id, "n_adapter": 1, "alpha": 0.5, "beta": 1.0},
-                 {"model_id": world.model_id, "n_adapter": 1, "alpha": 0.5, "beta": 0.5, "typo": 1}):
+    for body in (
+        {"model_id": world.model_id, "n_adapter": 4, "alpha": 0.5, "beta": 0.5},  # all layers
+        {"model_id": world.model_id, "n_adapter": 0, "alpha": 0.5, "beta": 0.5},
+        {"model_id": world.model_id, "n_adapter": 1, "alpha": 1.5, "beta": 0.5},
+        {"model_id": world.model_id, "n_adapter": 1, "alpha": 0.5, "beta": 1.0},
+        {"model_id": world.model_id, "n_adapter": 1, "alpha": 0.5, "beta": 0.5, "typo": 1},
+    ):
         r = c.post("/v1/emulators", headers=h, json=body)
         assert r.status_code == 422, (body, r.text)
         assert r.json()["error"]["code"] == "validation_error"

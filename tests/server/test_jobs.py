@@ -12,13 +12,13 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from server_helpers import auth, fast_settings
 
 from model_owner_server import crud
 from model_owner_server.jobs import recovery
 from model_owner_server.jobs.runner import HANDLERS
 from model_owner_server.main import create_app
 from model_owner_server.models import JobRow, utcnow
-from server_helpers import auth, fast_settings
 
 RELEASE = threading.Event()
 
@@ -58,9 +58,16 @@ def _redis_up() -> bool:
         return False
 
 
-QUEUES = ["sqlite", pytest.param("redis", marks=pytest.mark.skipif(
-    not REQUIRE_REDIS and not _redis_up(),
-    reason=f"no Redis at {REDIS_URL} (SCALEOT_REQUIRE_REDIS=1 makes this a failure)"))]
+QUEUES = [
+    "sqlite",
+    pytest.param(
+        "redis",
+        marks=pytest.mark.skipif(
+            not REQUIRE_REDIS and not _redis_up(),
+            reason=f"no Redis at {REDIS_URL} (SCALEOT_REQUIRE_REDIS=1 makes this a failure)",
+        ),
+    ),
+]
 
 
 def _wait(client, job_id, headers, pred, timeout=15.0):
@@ -76,11 +83,19 @@ def _wait(client, job_id, headers, pred, timeout=15.0):
 @pytest.mark.parametrize("backend", QUEUES)
 def test_real_queue_runs_jobs_with_live_progress(tmp_path, new_database_url, fake_kind, backend):
     if backend == "redis" and not _redis_up():
-        pytest.fail(f"SCALEOT_REQUIRE_REDIS=1 but no Redis answers at {REDIS_URL}: start Redis "
-                    "(or unset SCALEOT_REQUIRE_REDIS to skip this case)")
+        pytest.fail(
+            f"SCALEOT_REQUIRE_REDIS=1 but no Redis answers at {REDIS_URL}: start Redis "
+            "(or unset SCALEOT_REQUIRE_REDIS to skip this case)"
+        )
     queue_url = REDIS_URL if backend == "redis" else None
-    settings = fast_settings(tmp_path / "data", new_database_url(), queue_url=queue_url, embedded_worker=True,
-                             queue_name=f"scaleot-test-{secrets.token_hex(4)}", heartbeat_seconds=0.2)
+    settings = fast_settings(
+        tmp_path / "data",
+        new_database_url(),
+        queue_url=queue_url,
+        embedded_worker=True,
+        queue_name=f"scaleot-test-{secrets.token_hex(4)}",
+        heartbeat_seconds=0.2,
+    )
     with TestClient(create_app(settings)) as client:
         assert not client.app.state.queue.immediate
         with client.app.state.sessions() as s:

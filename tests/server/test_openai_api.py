@@ -22,8 +22,10 @@ from model_owner_server.models import RegisteredModel
 from model_owner_server.serving import EngineBusy, GenerationEngine
 
 PROMPT = "the quick brown fox"
-TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,9 @@ def base_url(world) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(world.client.app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(world.client.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -69,9 +72,14 @@ def in_process_greedy(world, prompt: str, n: int) -> str:
     tokenizer = _tokenizer(world)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = plugged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                               pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = plugged.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _tokenizer(world):
@@ -106,8 +114,9 @@ def test_greedy_completion_equals_the_in_process_model_streamed_or_not(world, ba
     assert r.usage.prompt_tokens == len(PROMPT)  # byte-level tokenizer: one token per byte
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert (finish, r.usage.completion_tokens) == ("length", 12) or finish == "stop"
-    streamed, s_finish, chunks = stream_text(c, world.adapter_id, max_tokens=12, temperature=0,
-                                             stream_options={"include_usage": True})
+    streamed, s_finish, chunks = stream_text(
+        c, world.adapter_id, max_tokens=12, temperature=0, stream_options={"include_usage": True}
+    )
     assert (streamed, s_finish) == (text, finish) and len(chunks) > 2
     assert chunks[-1].choices == [] and chunks[-1].usage == r.usage
 
@@ -126,8 +135,8 @@ def test_stop_strings_end_the_text_streamed_or_not(world, base_url):
     c = client(world, base_url)
     sampled = {"max_tokens": 24, "temperature": 1.0, "seed": 5}  # random bytes: varied text (greedy repeats)
     full, _ = complete(c, world.adapter_id, **sampled)
-    i = next(i for i in range(1, len(full) - 2) if "\ufffd" not in full[i:i + 2] and full.find(full[i:i + 2]) == i)
-    stop = full[i:i + 2]
+    i = next(i for i in range(1, len(full) - 2) if "\ufffd" not in full[i : i + 2] and full.find(full[i : i + 2]) == i)
+    stop = full[i : i + 2]
     assert complete(c, world.adapter_id, stop=[stop, "\x00never"], **sampled) == (full[:i], "stop")
     assert stream_text(c, world.adapter_id, stop=stop, **sampled)[:2] == (full[:i], "stop")
 
@@ -143,8 +152,9 @@ def chat_template(world) -> Iterator[None]:
 
 def test_chat_without_a_chat_template_is_a_clear_error(world, base_url):
     with pytest.raises(openai.BadRequestError) as exc:
-        client(world, base_url).chat.completions.create(model=world.adapter_id,
-                                                        messages=[{"role": "user", "content": "hi"}])
+        client(world, base_url).chat.completions.create(
+            model=world.adapter_id, messages=[{"role": "user", "content": "hi"}]
+        )
     err = error_of(exc.value)
     assert err["code"] == "chat_template_missing" and "/openai/v1/completions" in err["message"]
 
@@ -155,26 +165,31 @@ def test_chat_renders_the_tokenizers_template(world, base_url, chat_template):
     r = c.chat.completions.create(model=world.adapter_id, messages=messages, max_tokens=10, temperature=0)
     rendered = "<system>be brief\n<user>the quick\n<assistant>"
     assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
-    assert r.choices[0].message.content == complete(c, world.adapter_id, prompt=rendered, max_tokens=10,
-                                                    temperature=0)[0]
+    assert (
+        r.choices[0].message.content == complete(c, world.adapter_id, prompt=rendered, max_tokens=10, temperature=0)[0]
+    )
     assert r.usage.prompt_tokens == len(rendered)
-    chunks = list(c.chat.completions.create(model=world.adapter_id, messages=messages, max_tokens=10, temperature=0,
-                                            stream=True))
+    chunks = list(
+        c.chat.completions.create(model=world.adapter_id, messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
 
 
-@pytest.mark.parametrize("kwargs,error,code,param", [
-    ({"prompt": "x" * 300}, openai.BadRequestError, "context_length_exceeded", "prompt"),
-    ({"prompt": "x" * 250, "max_tokens": 10}, openai.BadRequestError, "context_length_exceeded", "prompt"),
-    ({"model": "adp_doesnotexist"}, openai.NotFoundError, "model_not_found", "model"),
-    ({"temperature": -0.5}, openai.BadRequestError, "invalid_value", "temperature"),
-    ({"top_p": 1.5}, openai.BadRequestError, "invalid_value", "top_p"),
-    ({"n": 2}, openai.BadRequestError, "invalid_value", "n"),
-    ({"max_tokens": 10_000}, openai.BadRequestError, "invalid_value", "max_tokens"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "invalid_value", "stop"),
-    ({"extra_body": {"tools": [{"type": "function"}]}}, openai.BadRequestError, "unsupported_parameter", "tools"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,code,param",
+    [
+        ({"prompt": "x" * 300}, openai.BadRequestError, "context_length_exceeded", "prompt"),
+        ({"prompt": "x" * 250, "max_tokens": 10}, openai.BadRequestError, "context_length_exceeded", "prompt"),
+        ({"model": "adp_doesnotexist"}, openai.NotFoundError, "model_not_found", "model"),
+        ({"temperature": -0.5}, openai.BadRequestError, "invalid_value", "temperature"),
+        ({"top_p": 1.5}, openai.BadRequestError, "invalid_value", "top_p"),
+        ({"n": 2}, openai.BadRequestError, "invalid_value", "n"),
+        ({"max_tokens": 10_000}, openai.BadRequestError, "invalid_value", "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "invalid_value", "stop"),
+        ({"extra_body": {"tools": [{"type": "function"}]}}, openai.BadRequestError, "unsupported_parameter", "tools"),
+    ],
+)
 def test_bad_input_is_an_openai_error(world, base_url, kwargs, error, code, param):
     args = {"model": world.adapter_id, "prompt": PROMPT, "max_tokens": 4, **kwargs}
     with pytest.raises(error) as exc:

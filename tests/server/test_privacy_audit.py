@@ -8,17 +8,18 @@ import json
 import re
 
 import pytest
+from server_helpers import auth
 from typer.testing import CliRunner
 
 from model_owner_server import crud
 from model_owner_server.cli import app as cli_app
 from model_owner_server.models import AuditEvent
-from server_helpers import auth
 
 
 def _audit(world, who: str, emulator_id: str | None = None, **body):
-    return world.client.post(f"/v1/emulators/{emulator_id or world.emulator['id']}/privacy-audit",
-                             headers=auth(world.keys[who]), json=body)
+    return world.client.post(
+        f"/v1/emulators/{emulator_id or world.emulator['id']}/privacy-audit", headers=auth(world.keys[who]), json=body
+    )
 
 
 def _counts(world) -> dict[str, int]:
@@ -34,12 +35,15 @@ def test_only_admins_can_audit(world, who, status):
     assert _counts(world) == before
 
 
-@pytest.mark.parametrize("emulator_id, body, status, code", [
-    ("emu_doesnotexist", {"steps": 2}, 404, "not_found"),
-    (None, {"steps": 2, "corpus": "/nonexistent/public.txt"}, 422, "no_corpus"),
-    (None, {"steps": 2, "attack": "steal-weights"}, 422, "validation_error"),
-    (None, {"steps": 0}, 422, "validation_error"),
-])
+@pytest.mark.parametrize(
+    "emulator_id, body, status, code",
+    [
+        ("emu_doesnotexist", {"steps": 2}, 404, "not_found"),
+        (None, {"steps": 2, "corpus": "/nonexistent/public.txt"}, 422, "no_corpus"),
+        (None, {"steps": 2, "attack": "steal-weights"}, 422, "validation_error"),
+        (None, {"steps": 0}, 422, "validation_error"),
+    ],
+)
 def test_bad_requests_are_refused_and_change_nothing(world, emulator_id, body, status, code):
     before = _counts(world)
     r = _audit(world, "admin", emulator_id, **body)
@@ -59,7 +63,9 @@ def test_audit_job_stores_the_residual_gap_with_the_emulator(world, files):
     assert emu["privacy"] == privacy
     assert privacy["attack"] == "heal-lora" and privacy["steps"] == 3 and privacy["corpus"] == "public.txt"
     assert privacy["tokens"] == 3 * world.settings.importance_batch_size * world.settings.importance_seq_len
-    assert privacy["residual_gap_nats"] == pytest.approx(privacy["attacker_loss"] - privacy["full_model_loss"], abs=1e-3)
+    assert privacy["residual_gap_nats"] == pytest.approx(
+        privacy["attacker_loss"] - privacy["full_model_loss"], abs=1e-3
+    )
     assert privacy["gap_before_nats"] == pytest.approx(privacy["emulator_loss"] - privacy["full_model_loss"], abs=1e-3)
     assert privacy["attacker_loss"] < privacy["emulator_loss"]  # the attack learned something from its text
     with world.sessions() as s:
@@ -78,13 +84,18 @@ def test_audit_job_stores_the_residual_gap_with_the_emulator(world, files):
 
 
 def test_cli_audit_emulator_runs_the_same_audit(world):
-    env = {"SCALEOT_DATA_DIR": str(world.settings.data_dir), "SCALEOT_DATABASE_URL": world.settings.database_url,
-           "SCALEOT_DEVICE": "cpu", "SCALEOT_IMPORTANCE_SEQ_LEN": "32", "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
-           "SCALEOT_AUDIT_VAL_BLOCKS": "4"}
+    env = {
+        "SCALEOT_DATA_DIR": str(world.settings.data_dir),
+        "SCALEOT_DATABASE_URL": world.settings.database_url,
+        "SCALEOT_DEVICE": "cpu",
+        "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
+        "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
+        "SCALEOT_AUDIT_VAL_BLOCKS": "4",
+    }
     runner = CliRunner()
     r = runner.invoke(cli_app, ["audit-emulator", world.emulator["id"], "--steps", "2", "--seed", "1"], env=env)
     assert r.exit_code == 0, r.output
-    record = json.loads(r.stdout[r.stdout.index("{"):])
+    record = json.loads(r.stdout[r.stdout.index("{") :])
     assert record["corpus"] == "pydoc_data.topics" and record["steps"] == 2 and record["val_blocks"] == 4
     emu = world.client.get(f"/v1/emulators/{world.emulator['id']}", headers=auth(world.keys["admin"])).json()
     assert emu["privacy"] == record

@@ -44,8 +44,13 @@ class Server:
         return out.stdout.strip()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(_command() + ["serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [*_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
@@ -68,12 +73,22 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path, new_database_url, files):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SCALEOT_DATA_DIR": str(tmp_path / "data"),
-           "SCALEOT_DATABASE_URL": new_database_url(), "SCALEOT_DEVICE": "cpu", "SCALEOT_QUEUE_URL": "",
-           "SCALEOT_EMBEDDED_WORKER": "true", "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
-           "SCALEOT_IMPORTANCE_BATCH_SIZE": "2", "SCALEOT_EVAL_SEQ_LEN": "32", "SCALEOT_EVAL_MAX_EXAMPLES": "4",
-           "SCALEOT_DEFAULT_CORPUS": str(files["corpus"]), "SCALEOT_DEFAULT_EVAL": str(files["eval"]),
-           "SCALEOT_HEARTBEAT_SECONDS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "SCALEOT_DATA_DIR": str(tmp_path / "data"),
+        "SCALEOT_DATABASE_URL": new_database_url(),
+        "SCALEOT_DEVICE": "cpu",
+        "SCALEOT_QUEUE_URL": "",
+        "SCALEOT_EMBEDDED_WORKER": "true",
+        "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
+        "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
+        "SCALEOT_EVAL_SEQ_LEN": "32",
+        "SCALEOT_EVAL_MAX_EXAMPLES": "4",
+        "SCALEOT_DEFAULT_CORPUS": str(files["corpus"]),
+        "SCALEOT_DEFAULT_EVAL": str(files["eval"]),
+        "SCALEOT_HEARTBEAT_SECONDS": "1",
+    }
     srv = Server(env, _free_port(), tmp_path / "server.log")
     yield srv
     if srv.proc is not None:
@@ -110,8 +125,12 @@ def test_serve_process_end_to_end_and_restart(server, files, tmp_path):
     r = alice.post("/v1/emulators", json={"model_id": model_id, "n_adapter": 1, "alpha": 0.5, "beta": 0.3})
     assert r.status_code == 202, r.text
     emu_id = r.json()["emulator"]["id"]
-    assert _wait_job(alice, r.json()["job"]["id"], lambda j: j["status"] != "queued" and j["status"] != "running"
-                     )["status"] == "succeeded"
+    assert (
+        _wait_job(alice, r.json()["job"]["id"], lambda j: j["status"] != "queued" and j["status"] != "running")[
+            "status"
+        ]
+        == "succeeded"
+    )
     emu = alice.get(f"/v1/emulators/{emu_id}").json()
     assert emu["status"] == "ready" and emu["file_url"] == f"{server.url}/v1/emulators/{emu_id}/file"
 
@@ -125,8 +144,9 @@ def test_serve_process_end_to_end_and_restart(server, files, tmp_path):
     path.write_bytes(first + rest.content)
     listing = alice.get("/v1/signing-keys").json()
     pin = listing["keys"][0]["key_id"]
-    manifest = signing.verify_signed_manifest(alice.get(emu["signature_url"]).json(),
-                                              signing.trusted_keys_from_listing(listing, [pin]))
+    manifest = signing.verify_signed_manifest(
+        alice.get(emu["signature_url"]).json(), signing.trusted_keys_from_listing(listing, [pin])
+    )
     signing.verify_file(path, manifest)
 
     # A long job, killed hard mid-run: after the restart it is failed with a reason, not stuck "running".

@@ -8,11 +8,11 @@ import stat
 
 import pytest
 from fastapi.testclient import TestClient
+from server_helpers import auth, fast_settings
 
 from model_owner_server import crud
 from model_owner_server.main import create_app
 from model_owner_server.models import EmulatorRow, ImportanceRun, RegisteredModel
-from server_helpers import auth, fast_settings
 from shared import signing
 
 
@@ -22,8 +22,14 @@ def key(tmp_path):
 
 
 def _manifest(kid: str) -> dict:
-    return signing.emulator_manifest(emulator_id="emu_1", model_id="mdl_1", sha256="ab" * 32, size_bytes=123,
-                                     layer_plan={"roles": ["adapter", "frozen"], "alpha": 0.5}, key_id=kid)
+    return signing.emulator_manifest(
+        emulator_id="emu_1",
+        model_id="mdl_1",
+        sha256="ab" * 32,
+        size_bytes=123,
+        layer_plan={"roles": ["adapter", "frozen"], "alpha": 0.5},
+        key_id=kid,
+    )
 
 
 def test_key_file_is_private_and_stable(tmp_path, key):
@@ -85,13 +91,23 @@ def test_pinning_and_listing(key):
         with pytest.raises(signing.SignatureError):
             signing.parse_pinned_key(garbage)
     other = signing.Ed25519PrivateKey.generate().public_key()
-    listing = {"keys": [
-        {"key_id": kid, "algorithm": "Ed25519", "public_key": b64, "status": "retired"},
-        {"key_id": signing.key_id(other), "algorithm": "Ed25519", "public_key": signing.public_key_to_b64(other),
-         "status": "revoked"},
-        {"key_id": "ffffffffffffffff", "algorithm": "Ed25519", "public_key": signing.public_key_to_b64(other),
-         "status": "active"},  # lies about its id: filed under the computed id instead
-    ]}
+    listing = {
+        "keys": [
+            {"key_id": kid, "algorithm": "Ed25519", "public_key": b64, "status": "retired"},
+            {
+                "key_id": signing.key_id(other),
+                "algorithm": "Ed25519",
+                "public_key": signing.public_key_to_b64(other),
+                "status": "revoked",
+            },
+            {
+                "key_id": "ffffffffffffffff",
+                "algorithm": "Ed25519",
+                "public_key": signing.public_key_to_b64(other),
+                "status": "active",
+            },  # lies about its id: filed under the computed id instead
+        ]
+    }
     trusted = signing.trusted_keys_from_listing(listing)
     assert kid in trusted and "ffffffffffffffff" not in trusted
     assert set(signing.trusted_keys_from_listing(listing, [kid])) == {kid}
@@ -105,15 +121,24 @@ def test_key_rotation_and_revocation_through_the_server(tmp_path, new_database_u
     first = fast_settings(tmp_path / "data", db_url, signing_key=tmp_path / "k1.pem")
     with TestClient(create_app(first)) as c1:
         with c1.app.state.sessions() as s:
-            org, key = crud.create_org(s, "ops", "admin")
+            _, key = crud.create_org(s, "ops", "admin")
             model = RegisteredModel(name="m", path="/nowhere")
             s.add(model)
             s.flush()
             run = ImportanceRun(model_id=model.id, status="succeeded", steps=1)
             s.add(run)
             s.flush()
-            emu = EmulatorRow(model_id=model.id, importance_run_id=run.id, n_adapter=1, alpha=0.5, beta=0.0,
-                           status="ready", sha256="cd" * 32, size_bytes=10, plan={"roles": ["adapter"]})
+            emu = EmulatorRow(
+                model_id=model.id,
+                importance_run_id=run.id,
+                n_adapter=1,
+                alpha=0.5,
+                beta=0.0,
+                status="ready",
+                sha256="cd" * 32,
+                size_bytes=10,
+                plan={"roles": ["adapter"]},
+            )
             s.add(emu)
             s.commit()
         old_signed = c1.get(f"/v1/emulators/{emu.id}/signature", headers=auth(key)).json()

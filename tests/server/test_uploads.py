@@ -8,9 +8,9 @@ import json
 import anyio
 import pytest
 import torch
+from server_helpers import adapter_bytes, auth, data_dir_listing
 
 from model_owner_server import crud
-from server_helpers import adapter_bytes, auth, data_dir_listing
 
 
 def _snapshot(world):
@@ -43,45 +43,89 @@ def _valid(world) -> bytes:
 
 
 BAD_UPLOADS = {
-    "not safetensors": (lambda w: {"files": {"adapter": ("a.safetensors", b"hello, this is not a tensor file" * 10)}},
-                        422, "invalid_adapter"),
+    "not safetensors": (
+        lambda w: {"files": {"adapter": ("a.safetensors", b"hello, this is not a tensor file" * 10)}},
+        422,
+        "invalid_adapter",
+    ),
     "empty adapter": (lambda w: {"files": {"adapter": ("a.safetensors", b"")}}, 422, "invalid_adapter"),
     "truncated": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w)[:-17])}}, 422, "invalid_adapter"),
     "padded": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w) + b"\0" * 16)}}, 422, "invalid_adapter"),
-    "oversized": (lambda w: {"files": {"adapter": ("a.safetensors",
-                                                   _valid(w) + b"\0" * w.emulator["max_adapter_bytes"])}},
-                  413, "payload_too_large"),
-    "missing tensor": (lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "missing"))}}, 422,
-                       "invalid_adapter"),
+    "oversized": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _valid(w) + b"\0" * w.emulator["max_adapter_bytes"])}},
+        413,
+        "payload_too_large",
+    ),
+    "missing tensor": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "missing"))}},
+        422,
+        "invalid_adapter",
+    ),
     "extra tensor": (lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "extra"))}}, 422, "invalid_adapter"),
-    "misshaped tensor": (lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "misshaped"))}}, 422,
-                         "invalid_adapter"),
-    "wrong dtype": (lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "wrong_dtype"))}}, 422,
-                    "invalid_adapter"),
+    "misshaped tensor": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "misshaped"))}},
+        422,
+        "invalid_adapter",
+    ),
+    "wrong dtype": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "wrong_dtype"))}},
+        422,
+        "invalid_adapter",
+    ),
     "NaN": (lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "nan"))}}, 422, "invalid_adapter"),
     "Inf": (lambda w: {"files": {"adapter": ("a.safetensors", _variant(w, "inf"))}}, 422, "invalid_adapter"),
     "no adapter part": (lambda w: {"files": {"eval_data": ("e.txt", b"some text here")}}, 422, "missing_part"),
-    "unknown part": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w)), "weights": ("w.bin", b"x")}},
-                     422, "unknown_part"),
-    "eval file type": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w)), "eval_data": ("e.csv", b"a,b")}},
-                       422, "unsupported_file_type"),
-    "bad eval jsonl": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w)),
-                                            "eval_data": ("e.jsonl", b'{"text": "ok"}\n{broken\n')}},
-                       422, "invalid_eval_data"),
-    "eval too big": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w)),
-                                          "eval_data": ("e.txt", b"word " * (w.settings.max_eval_bytes // 5 + 10))}},
-                     413, "payload_too_large"),
-    "metrics not JSON": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w))}, "data": {"metrics": "{nope"}},
-                         422, "validation_error"),
-    "metrics not object": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w))},
-                                      "data": {"metrics": "[1, 2]"}}, 422, "validation_error"),
-    "adapter_config not JSON": (lambda w: {"files": {"adapter": ("a.safetensors", _valid(w))},
-                                           "data": {"adapter_config": "nope"}}, 422, "validation_error"),
+    "unknown part": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _valid(w)), "weights": ("w.bin", b"x")}},
+        422,
+        "unknown_part",
+    ),
+    "eval file type": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _valid(w)), "eval_data": ("e.csv", b"a,b")}},
+        422,
+        "unsupported_file_type",
+    ),
+    "bad eval jsonl": (
+        lambda w: {
+            "files": {"adapter": ("a.safetensors", _valid(w)), "eval_data": ("e.jsonl", b'{"text": "ok"}\n{broken\n')}
+        },
+        422,
+        "invalid_eval_data",
+    ),
+    "eval too big": (
+        lambda w: {
+            "files": {
+                "adapter": ("a.safetensors", _valid(w)),
+                "eval_data": ("e.txt", b"word " * (w.settings.max_eval_bytes // 5 + 10)),
+            }
+        },
+        413,
+        "payload_too_large",
+    ),
+    "metrics not JSON": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _valid(w))}, "data": {"metrics": "{nope"}},
+        422,
+        "validation_error",
+    ),
+    "metrics not object": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _valid(w))}, "data": {"metrics": "[1, 2]"}},
+        422,
+        "validation_error",
+    ),
+    "adapter_config not JSON": (
+        lambda w: {"files": {"adapter": ("a.safetensors", _valid(w))}, "data": {"adapter_config": "nope"}},
+        422,
+        "validation_error",
+    ),
     "not multipart": (lambda w: {"json": {"adapter": "AAAA"}}, 415, "unsupported_media_type"),
-    "truncated multipart body": (lambda w: {"content": b"--XyZ\r\nContent-Disposition: form-data; name=\"adapter\"; "
-                                            b"filename=\"a.safetensors\"\r\n\r\nabc",
-                                            "headers": {"Content-Type": "multipart/form-data; boundary=XyZ"}},
-                                 400, "bad_request"),
+    "truncated multipart body": (
+        lambda w: {
+            "content": b'--XyZ\r\nContent-Disposition: form-data; name="adapter"; filename="a.safetensors"\r\n\r\nabc',
+            "headers": {"Content-Type": "multipart/form-data; boundary=XyZ"},
+        },
+        400,
+        "bad_request",
+    ),
 }
 
 
@@ -104,16 +148,20 @@ def test_streamed_oversize_without_content_length(world):
     cap = world.emulator["max_adapter_bytes"]
 
     def body():
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"adapter\"; filename=\"a.safetensors\"\r\n"
-               f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="adapter"; filename="a.safetensors"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         for _ in range(cap // 4096 + 4):
             yield b"\0" * 4096
         yield f"\r\n--{boundary}--\r\n".encode()
 
     before = _snapshot(world)
-    r = world.client.post(f"/v1/emulators/{world.emulator['id']}/adapters", content=body(),
-                          headers={**auth(world.keys["alice"]),
-                                   "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    r = world.client.post(
+        f"/v1/emulators/{world.emulator['id']}/adapters",
+        content=body(),
+        headers={**auth(world.keys["alice"]), "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert r.status_code == 413, r.text
     assert _snapshot(world) == before
 
@@ -131,12 +179,27 @@ def test_content_length_over_cap_is_refused_before_reading(world):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": f"/v1/emulators/{world.emulator['id']}/adapters", "raw_path": b"",
-             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
-             "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {world.keys['alice']}".encode()),
-                         (b"content-type", b"multipart/form-data; boundary=x"),
-                         (b"content-length", str(10**10).encode())], "state": {}, "app": app}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": f"/v1/emulators/{world.emulator['id']}/adapters",
+        "raw_path": b"",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", f"Bearer {world.keys['alice']}".encode()),
+            (b"content-type", b"multipart/form-data; boundary=x"),
+            (b"content-length", str(10**10).encode()),
+        ],
+        "state": {},
+        "app": app,
+    }
     before = _snapshot(world)
     anyio.run(app, scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
@@ -148,8 +211,11 @@ def test_content_length_over_cap_is_refused_before_reading(world):
 
 def test_valid_upload_changes_state_once(world):
     before_counts, before_files = _snapshot(world)
-    r = world.client.post(f"/v1/emulators/{world.emulator['id']}/adapters", headers=auth(world.keys["bob"]),
-                          files={"adapter": ("a.safetensors", io.BytesIO(_valid(world)))})
+    r = world.client.post(
+        f"/v1/emulators/{world.emulator['id']}/adapters",
+        headers=auth(world.keys["bob"]),
+        files={"adapter": ("a.safetensors", io.BytesIO(_valid(world)))},
+    )
     assert r.status_code == 202, r.text
     counts, listing = _snapshot(world)
     assert counts["adapters"] == before_counts["adapters"] + 1
@@ -170,7 +236,10 @@ def test_upload_info_says_whether_eval_data_is_required(world, monkeypatch):
     info = world.client.get(url, headers=auth(world.keys["alice"])).json()
     assert info["default_eval_data"] is False and info["eval_data_required"] is True
     before = _snapshot(world)
-    r = world.client.post(f"/v1/emulators/{world.emulator['id']}/adapters", headers=auth(world.keys["alice"]),
-                          files={"adapter": ("a.safetensors", io.BytesIO(_valid(world)))})
+    r = world.client.post(
+        f"/v1/emulators/{world.emulator['id']}/adapters",
+        headers=auth(world.keys["alice"]),
+        files={"adapter": ("a.safetensors", io.BytesIO(_valid(world)))},
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "no_eval_data", r.text
     assert _snapshot(world) == before

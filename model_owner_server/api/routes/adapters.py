@@ -13,8 +13,14 @@ from model_owner_server import crud
 from model_owner_server.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from model_owner_server.api.errors import ApiError
 from model_owner_server.api.serialize import adapter_out, job_out
-from model_owner_server.api.upload import MULTIPART_OVERHEAD, PartSpec, ReceivedPart, check_content_length, \
-    discard, receive_parts
+from model_owner_server.api.upload import (
+    MULTIPART_OVERHEAD,
+    PartSpec,
+    ReceivedPart,
+    check_content_length,
+    discard,
+    receive_parts,
+)
 from model_owner_server.jobs.queue import QueueUnavailable
 from model_owner_server.models import AdapterRow, EmulatorRow, Organization, new_id
 from shared import schemas
@@ -30,10 +36,10 @@ class UploadInfo(Schema):
 
     model_config = ConfigDict(extra="ignore")
     emulator_id: str
-    default_eval_data: bool = Field(description="the server has a default evaluation file, so the 'eval_data' "
-                                                "part is optional")
-    eval_data_required: bool = Field(description="an upload without the 'eval_data' part is refused "
-                                                 "(422 no_eval_data)")
+    default_eval_data: bool = Field(
+        description="the server has a default evaluation file, so the 'eval_data' part is optional"
+    )
+    eval_data_required: bool = Field(description="an upload without the 'eval_data' part is refused (422 no_eval_data)")
     eval_data_suffixes: list[str] = Field(description="file types accepted for the 'eval_data' part")
     max_adapter_bytes: int | None = Field(default=None, description="size cap of the 'adapter' part")
     max_eval_bytes: int = Field(description="size cap of the 'eval_data' part")
@@ -55,8 +61,9 @@ def _json_object(part: ReceivedPart | None) -> dict[str, Any] | None:
     return value
 
 
-def _validate_files(parts: dict[str, ReceivedPart], emu: EmulatorRow, has_default_eval: bool,
-                    config: dict[str, Any] | None) -> str:
+def _validate_files(
+    parts: dict[str, ReceivedPart], emu: EmulatorRow, has_default_eval: bool, config: dict[str, Any] | None
+) -> str:
     """Heavy checks, run in a worker thread before anything is stored; returns the adapter's kind."""
     from shared.adapter import AdapterValidationError, spec_from_json
     from shared.data import DataError, load_dataset
@@ -64,11 +71,16 @@ def _validate_files(parts: dict[str, ReceivedPart], emu: EmulatorRow, has_defaul
 
     try:
         # Streaming check: the tensors are loaded later by the evaluation job, not held by the request.
-        kind = validate_upload(parts["adapter"].path, spec_from_json(emu.adapter_spec), issued_lora(emu.build_info),
-                               config, emu.max_adapter_bytes)
+        kind = validate_upload(
+            parts["adapter"].path,
+            spec_from_json(emu.adapter_spec),
+            issued_lora(emu.build_info),
+            config,
+            emu.max_adapter_bytes,
+        )
     except AdapterValidationError as exc:
         raise ApiError(422, "invalid_adapter", str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - anything unreadable is the uploader's problem, not a 500
+    except Exception as exc:
         raise ApiError(422, "invalid_adapter", f"the adapter is not a readable safetensors file ({exc})") from None
     if "eval_data" in parts:
         try:
@@ -76,28 +88,64 @@ def _validate_files(parts: dict[str, ReceivedPart], emu: EmulatorRow, has_defaul
         except DataError as exc:
             name = parts["eval_data"].filename or "eval_data"
             raise ApiError(422, "invalid_eval_data", str(exc).replace(str(parts["eval_data"].path), name)) from None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise ApiError(422, "invalid_eval_data", f"the eval file could not be read ({exc})") from None
     elif not has_default_eval:
-        raise ApiError(422, "no_eval_data", "this server has no default evaluation file; attach your eval file as "
-                       "the 'eval_data' part (.txt or .jsonl)")
+        raise ApiError(
+            422,
+            "no_eval_data",
+            "this server has no default evaluation file; attach your eval file as "
+            "the 'eval_data' part (.txt or .jsonl)",
+        )
     return kind
 
 
-@router.post("/v1/emulators/{emulator_id}/adapters", status_code=202, response_model=schemas.AdapterCreated,
-             responses=ERR, openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
-                 "schema": {"type": "object", "required": ["adapter"], "properties": {
-                     "adapter": {"type": "string", "format": "binary",
-                                 "description": "safetensors: exactly the emulator's adapter_spec tensors (whole "
-                                                "layers), or PEFT's adapter_model.safetensors for its issued LoRA "
-                                                "(build_info.lora)"},
-                     "eval_data": {"type": "string", "format": "binary", "description": ".txt or .jsonl eval file"},
-                     "metrics": {"type": "string", "description": "JSON object: the client's emulator-side metrics"},
-                     "adapter_config": {"type": "string", "description": "JSON object: training/PEFT settings; "
-                                        "its 'method' field (default 'full') is shown as the adapter's method. "
-                                        "Required for a LoRA: PEFT's adapter_config.json, as is or under 'peft'"}}}}}}})
-async def upload_adapter(emulator_id: str, request: Request, session: SessionDep, org: OrgDep,
-                         settings: SettingsDep, storage: StorageDep) -> JSONResponse:
+@router.post(
+    "/v1/emulators/{emulator_id}/adapters",
+    status_code=202,
+    response_model=schemas.AdapterCreated,
+    responses=ERR,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["adapter"],
+                        "properties": {
+                            "adapter": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "safetensors: exactly the emulator's adapter_spec tensors (whole "
+                                "layers), or PEFT's adapter_model.safetensors for its issued LoRA "
+                                "(build_info.lora)",
+                            },
+                            "eval_data": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": ".txt or .jsonl eval file",
+                            },
+                            "metrics": {
+                                "type": "string",
+                                "description": "JSON object: the client's emulator-side metrics",
+                            },
+                            "adapter_config": {
+                                "type": "string",
+                                "description": "JSON object: training/PEFT settings; "
+                                "its 'method' field (default 'full') is shown as the adapter's method. "
+                                "Required for a LoRA: PEFT's adapter_config.json, as is or under 'peft'",
+                            },
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def upload_adapter(
+    emulator_id: str, request: Request, session: SessionDep, org: OrgDep, settings: SettingsDep, storage: StorageDep
+) -> JSONResponse:
     """Upload a fine-tuned adapter (multipart/form-data) and start its plug-in evaluation job.
 
     Parts: `adapter` (required safetensors file), `eval_data` (optional .txt/.jsonl file; default: the
@@ -129,8 +177,11 @@ async def upload_adapter(emulator_id: str, request: Request, session: SessionDep
     try:
         await run_in_threadpool(request.app.state.queue.submit, request.app.state.sessions, job.id)
     except QueueUnavailable:
-        raise ApiError(503, "unavailable", "adapter stored but the job queue is unreachable; its evaluation job "
-                       "failed, upload again later") from None
+        raise ApiError(
+            503,
+            "unavailable",
+            "adapter stored but the job queue is unreachable; its evaluation job failed, upload again later",
+        ) from None
     body = await run_in_threadpool(_created, session, adapter.id, job.id)
     return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
@@ -141,13 +192,25 @@ def upload_info(emulator_id: str, session: SessionDep, org: OrgDep, settings: Se
     has no default evaluation file), the accepted eval file types and the size caps. Ask before training."""
     emu = crud.get_visible_emulator(session, org, emulator_id)
     has_default = _has_default_eval(settings)
-    return UploadInfo(emulator_id=emu.id, default_eval_data=has_default, eval_data_required=not has_default,
-                      eval_data_suffixes=list(EVAL_SUFFIXES), max_adapter_bytes=emu.max_adapter_bytes,
-                      max_eval_bytes=settings.max_eval_bytes)
+    return UploadInfo(
+        emulator_id=emu.id,
+        default_eval_data=has_default,
+        eval_data_required=not has_default,
+        eval_data_suffixes=list(EVAL_SUFFIXES),
+        max_adapter_bytes=emu.max_adapter_bytes,
+        max_eval_bytes=settings.max_eval_bytes,
+    )
 
 
-def _store(session, storage, org: Organization, emu: EmulatorRow, parts: dict[str, ReceivedPart],
-           metrics: dict | None, config: dict | None) -> tuple[AdapterRow, Any]:
+def _store(
+    session,
+    storage,
+    org: Organization,
+    emu: EmulatorRow,
+    parts: dict[str, ReceivedPart],
+    metrics: dict | None,
+    config: dict | None,
+) -> tuple[AdapterRow, Any]:
     """Move the validated files into place and record adapter + job in one transaction."""
     adapter_id = new_id("adp")
     final_dir = storage.adapters / adapter_id
@@ -159,13 +222,32 @@ def _store(session, storage, org: Organization, emu: EmulatorRow, parts: dict[st
             eval_rel = storage.rel(storage.commit_file(parts["eval_data"].path, final_dir / f"eval{suffix}"))
         method = str((config or {}).get("method") or "full")[:50]
         job = crud.create_job(session, "evaluation", org, {"adapter_id": adapter_id})
-        adapter = AdapterRow(id=adapter_id, emulator_id=emu.id, model_id=emu.model_id, org_id=org.id, status="evaluating",
-                          path=storage.rel(final_dir / "adapter.safetensors"), sha256=parts["adapter"].sha256,
-                          size_bytes=parts["adapter"].size, method=method, adapter_config=config,
-                          client_metrics=metrics, eval_path=eval_rel, job_id=job.id)
+        adapter = AdapterRow(
+            id=adapter_id,
+            emulator_id=emu.id,
+            model_id=emu.model_id,
+            org_id=org.id,
+            status="evaluating",
+            path=storage.rel(final_dir / "adapter.safetensors"),
+            sha256=parts["adapter"].sha256,
+            size_bytes=parts["adapter"].size,
+            method=method,
+            adapter_config=config,
+            client_metrics=metrics,
+            eval_path=eval_rel,
+            job_id=job.id,
+        )
         session.add(adapter)
-        crud.audit(session, org, "upload_adapter", "adapter", adapter_id, emulator_id=emu.id,
-                   sha256=adapter.sha256, size_bytes=adapter.size_bytes)
+        crud.audit(
+            session,
+            org,
+            "upload_adapter",
+            "adapter",
+            adapter_id,
+            emulator_id=emu.id,
+            sha256=adapter.sha256,
+            size_bytes=adapter.size_bytes,
+        )
         session.commit()
     except BaseException:
         session.rollback()
@@ -185,8 +267,9 @@ def _created(session, adapter_id: str, job_id: str) -> schemas.AdapterCreated:
 @router.get("/v1/adapters", response_model=schemas.AdapterList, responses=ERR)
 def list_adapters(session: SessionDep, org: OrgDep) -> schemas.AdapterList:
     """Your organization's adapters, newest first."""
-    return schemas.AdapterList(adapters=[adapter_out(session, a)
-                                         for a in session.execute(crud.visible_adapters(org)).scalars()])
+    return schemas.AdapterList(
+        adapters=[adapter_out(session, a) for a in session.execute(crud.visible_adapters(org)).scalars()]
+    )
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=schemas.Adapter, responses=ERR)
@@ -196,8 +279,14 @@ def get_adapter(adapter_id: str, session: SessionDep, org: OrgDep) -> schemas.Ad
 
 
 @router.post("/v1/adapters/{adapter_id}/generate", response_model=schemas.GenerateResponse, responses=ERR)
-def generate(adapter_id: str, body: schemas.GenerateRequest, session: SessionDep, org: OrgDep,
-             settings: SettingsDep, storage: StorageDep) -> schemas.GenerateResponse:
+def generate(
+    adapter_id: str,
+    body: schemas.GenerateRequest,
+    session: SessionDep,
+    org: OrgDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> schemas.GenerateResponse:
     """Greedy text from the plugged-in full model M' = [A', E]; only text leaves the server."""
     import torch
 
@@ -210,15 +299,24 @@ def generate(adapter_id: str, body: schemas.GenerateRequest, session: SessionDep
     ids = tokenizer(body.prompt, return_tensors="pt").input_ids
     limit = context_limit(plugged)
     if limit and ids.shape[1] + body.max_new_tokens > limit:
-        raise ApiError(422, "validation_error", f"prompt ({ids.shape[1]} tokens) + max_new_tokens exceeds the model's "
-                       f"context of {limit} tokens; shorten the prompt")
+        raise ApiError(
+            422,
+            "validation_error",
+            f"prompt ({ids.shape[1]} tokens) + max_new_tokens exceeds the model's "
+            f"context of {limit} tokens; shorten the prompt",
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
-        out = plugged.generate(input_ids=ids.to(next(plugged.parameters()).device),
-                               attention_mask=torch.ones_like(ids).to(next(plugged.parameters()).device),
-                               max_new_tokens=body.max_new_tokens, do_sample=False, pad_token_id=pad)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = plugged.generate(
+            input_ids=ids.to(next(plugged.parameters()).device),
+            attention_mask=torch.ones_like(ids).to(next(plugged.parameters()).device),
+            max_new_tokens=body.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     crud.audit(session, org, "generate", "adapter", adapter.id, max_new_tokens=body.max_new_tokens)
     session.commit()
-    return schemas.GenerateResponse(adapter_id=adapter.id, prompt=body.prompt, completion=text,
-                                    max_new_tokens=body.max_new_tokens)
+    return schemas.GenerateResponse(
+        adapter_id=adapter.id, prompt=body.prompt, completion=text, max_new_tokens=body.max_new_tokens
+    )

@@ -26,8 +26,9 @@ class AuditEventOut(BaseModel):
     id: str
     org_id: str | None = Field(description="the organization that acted (null: a CLI command on the server)")
     org_name: str | None = None
-    action: str = Field(description="download_emulator, upload_adapter, create_emulator, grant, register_model, "
-                        "generate, ...")
+    action: str = Field(
+        description="download_emulator, upload_adapter, create_emulator, grant, register_model, generate, ..."
+    )
     target_type: str
     target_id: str
     detail: dict[str, Any] = Field(default_factory=dict)
@@ -42,14 +43,18 @@ class AuditList(BaseModel):
 
 
 @router.get("/audit", response_model=AuditList, responses=ERR)
-def list_audit(session: SessionDep, _admin: AdminDep,
-               org: str | None = Query(None, max_length=200, description="organization id or name"),
-               action: str | None = Query(None, max_length=50, description="e.g. download_emulator, upload_adapter"),
-               target_type: str | None = Query(None, max_length=30, description="emulator, adapter, model"),
-               target_id: str | None = Query(None, max_length=40, description="e.g. an emulator or adapter id"),
-               since: datetime | None = Query(None, description="only events at or after this time (ISO 8601)"),
-               until: datetime | None = Query(None, description="only events before this time (ISO 8601)"),
-               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10_000_000)) -> AuditList:
+def list_audit(
+    session: SessionDep,
+    _admin: AdminDep,
+    org: str | None = Query(None, max_length=200, description="organization id or name"),
+    action: str | None = Query(None, max_length=50, description="e.g. download_emulator, upload_adapter"),
+    target_type: str | None = Query(None, max_length=30, description="emulator, adapter, model"),
+    target_id: str | None = Query(None, max_length=40, description="e.g. an emulator or adapter id"),
+    since: datetime | None = Query(None, description="only events at or after this time (ISO 8601)"),
+    until: datetime | None = Query(None, description="only events before this time (ISO 8601)"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=10_000_000),
+) -> AuditList:
     """The audit log (admin only), newest first."""
     q = select(AuditEvent)
     if org is not None:
@@ -65,11 +70,37 @@ def list_audit(session: SessionDep, _admin: AdminDep,
     if until is not None:
         q = q.where(AuditEvent.created_at < until)
     total = session.execute(select(func.count()).select_from(q.subquery())).scalar_one()
-    rows = list(session.execute(q.order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
-                                .limit(limit).offset(offset)).scalars())
-    names = dict(session.execute(select(Organization.id, Organization.name).where(
-        Organization.id.in_({r.org_id for r in rows if r.org_id}))).all()) if rows else {}
-    return AuditList(events=[AuditEventOut(id=r.id, org_id=r.org_id, org_name=names.get(r.org_id), action=r.action,
-                                           target_type=r.target_type, target_id=r.target_id, detail=r.detail or {},
-                                           created_at=r.created_at) for r in rows],
-                     total=total, limit=limit, offset=offset)
+    rows = list(
+        session.execute(
+            q.order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(limit).offset(offset)
+        ).scalars()
+    )
+    names = (
+        dict(
+            session.execute(
+                select(Organization.id, Organization.name).where(
+                    Organization.id.in_({r.org_id for r in rows if r.org_id})
+                )
+            ).all()
+        )
+        if rows
+        else {}
+    )
+    return AuditList(
+        events=[
+            AuditEventOut(
+                id=r.id,
+                org_id=r.org_id,
+                org_name=names.get(r.org_id),
+                action=r.action,
+                target_type=r.target_type,
+                target_id=r.target_id,
+                detail=r.detail or {},
+                created_at=r.created_at,
+            )
+            for r in rows
+        ],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )

@@ -28,58 +28,103 @@ def _ready(emu: EmulatorRow) -> None:
     if emu.status == "building":
         raise ApiError(409, "not_ready", f"emulator {emu.id} is still building; poll GET /v1/jobs/{emu.job_id}")
     if emu.status != "ready":
-        raise ApiError(409, "not_ready", f"emulator {emu.id} failed to build ({emu.error}); "
-                       "POST /v1/emulators again with the same parameters to retry")
+        raise ApiError(
+            409,
+            "not_ready",
+            f"emulator {emu.id} failed to build ({emu.error}); "
+            "POST /v1/emulators again with the same parameters to retry",
+        )
 
 
 @router.post("", status_code=202, response_model=schemas.EmulatorCreated, responses=ERR)
-def create_emulator(body: schemas.EmulatorCreate, request: Request, response: Response, session: SessionDep,
-                    org: OrgDep, settings: SettingsDep, queue: QueueDep) -> schemas.EmulatorCreated:
+def create_emulator(
+    body: schemas.EmulatorCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    org: OrgDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+) -> schemas.EmulatorCreated:
     """Create the emulator for (model, N_a, alpha, beta), or return the existing identical one.
 
     202 + job while it builds; 200 when it is already ready. A failed build is retried by posting again.
     """
     model = crud.get_visible_model(session, org, body.model_id)
     if model.n_layers and body.n_adapter >= model.n_layers:
-        raise ApiError(422, "validation_error", f"n_adapter must be less than the model's {model.n_layers} layers "
-                       "(the emulator must compress something)")
+        raise ApiError(
+            422,
+            "validation_error",
+            f"n_adapter must be less than the model's {model.n_layers} layers (the emulator must compress something)",
+        )
     run = crud.latest_importance_run(session, model.id)
     if run is None:
-        raise ApiError(409, "importance_missing", f"model {model.id} has no finished importance run yet; an admin "
-                       f"must run POST /v1/models/{model.id}/importance first (or wait for the running one)")
+        raise ApiError(
+            409,
+            "importance_missing",
+            f"model {model.id} has no finished importance run yet; an admin "
+            f"must run POST /v1/models/{model.id}/importance first (or wait for the running one)",
+        )
     alpha, beta = round(body.alpha, 6), round(body.beta, 6)
-    key = (EmulatorRow.model_id == model.id, EmulatorRow.importance_run_id == run.id, EmulatorRow.n_adapter == body.n_adapter,
-           EmulatorRow.alpha == alpha, EmulatorRow.beta == beta)
+    key = (
+        EmulatorRow.model_id == model.id,
+        EmulatorRow.importance_run_id == run.id,
+        EmulatorRow.n_adapter == body.n_adapter,
+        EmulatorRow.alpha == alpha,
+        EmulatorRow.beta == beta,
+    )
     emu = session.execute(select(EmulatorRow).where(*key)).scalar_one_or_none()
     if emu is not None and emu.status in ("ready", "building"):
         built = (emu.build_info or {}).get("dtype", "float32")
         if built != body.dtype:  # (model, run, N_a, alpha, beta) is the row's unique key; dtype is not in it
-            raise ApiError(409, "dtype_conflict", f"emulator {emu.id} already has these parameters in {built} "
-                           f"(one emulator per parameter set): post dtype {built!r} to use it, or other "
-                           f"n_adapter/alpha/beta for a {body.dtype} one")
+            raise ApiError(
+                409,
+                "dtype_conflict",
+                f"emulator {emu.id} already has these parameters in {built} "
+                f"(one emulator per parameter set): post dtype {built!r} to use it, or other "
+                f"n_adapter/alpha/beta for a {body.dtype} one",
+            )
         response.status_code = 200 if emu.status == "ready" else 202
         job = session.get(JobRow, emu.job_id) if emu.job_id else None
-        return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)),
-                                       job=job_out(job) if job else None)
+        return schemas.EmulatorCreated(
+            emulator=emulator_out(emu, base_url(request, settings)), job=job_out(job) if job else None
+        )
     params = {"model_id": model.id}
     try:
         if emu is None:
-            emu = EmulatorRow(model_id=model.id, importance_run_id=run.id, n_adapter=body.n_adapter, alpha=alpha,
-                           beta=beta, status="building", created_by=org.id)
+            emu = EmulatorRow(
+                model_id=model.id,
+                importance_run_id=run.id,
+                n_adapter=body.n_adapter,
+                alpha=alpha,
+                beta=beta,
+                status="building",
+                created_by=org.id,
+            )
             session.add(emu)
             session.flush()
         emu.build_info = {"dtype": body.dtype}  # read by the build job, which completes build_info
         job = crud.create_job(session, "emulator", org, {**params, "emulator_id": emu.id})
         emu.status, emu.error, emu.job_id = "building", None, job.id
-        crud.audit(session, org, "create_emulator", "emulator", emu.id, n_adapter=body.n_adapter, alpha=alpha,
-                   beta=beta, dtype=body.dtype)
+        crud.audit(
+            session,
+            org,
+            "create_emulator",
+            "emulator",
+            emu.id,
+            n_adapter=body.n_adapter,
+            alpha=alpha,
+            beta=beta,
+            dtype=body.dtype,
+        )
         session.commit()
     except IntegrityError:  # a concurrent identical request won the race: answer with its emulator
         session.rollback()
         emu = session.execute(select(EmulatorRow).where(*key)).scalar_one()
         job = session.get(JobRow, emu.job_id) if emu.job_id else None
-        return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)),
-                                       job=job_out(job) if job else None)
+        return schemas.EmulatorCreated(
+            emulator=emulator_out(emu, base_url(request, settings)), job=job_out(job) if job else None
+        )
     try:
         queue.submit(request.app.state.sessions, job.id)
     except QueueUnavailable:
@@ -94,13 +139,15 @@ def create_emulator(body: schemas.EmulatorCreate, request: Request, response: Re
 @router.get("", response_model=schemas.EmulatorList, responses=ERR)
 def list_emulators(request: Request, session: SessionDep, org: OrgDep, settings: SettingsDep) -> schemas.EmulatorList:
     base = base_url(request, settings)
-    return schemas.EmulatorList(emulators=[emulator_out(e, base) for e in
-                                           session.execute(crud.visible_emulators(org)).scalars()])
+    return schemas.EmulatorList(
+        emulators=[emulator_out(e, base) for e in session.execute(crud.visible_emulators(org)).scalars()]
+    )
 
 
 @router.get("/{emulator_id}", response_model=schemas.Emulator, responses=ERR)
-def get_emulator(emulator_id: str, request: Request, session: SessionDep, org: OrgDep,
-                 settings: SettingsDep) -> schemas.Emulator:
+def get_emulator(
+    emulator_id: str, request: Request, session: SessionDep, org: OrgDep, settings: SettingsDep
+) -> schemas.Emulator:
     """Layer plan, sizes, sha256, adapter spec (the exact tensors an upload must contain) and status."""
     return emulator_out(crud.get_visible_emulator(session, org, emulator_id), base_url(request, settings))
 
@@ -108,7 +155,7 @@ def get_emulator(emulator_id: str, request: Request, session: SessionDep, org: O
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
+def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     """One `bytes=` range -> (start, end inclusive); None = ignore the header (malformed or several ranges,
     which RFC 9110 lets a server answer with the full 200); "unsatisfiable" -> 416."""
     m = _RANGE.match(header)
@@ -140,10 +187,14 @@ def _iter_file(path: Path, start: int, end: int) -> Iterator[bytes]:
 
 
 @router.head("/{emulator_id}/file", include_in_schema=False)
-@router.get("/{emulator_id}/file", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"}, **ERR})
-def download_emulator(emulator_id: str, request: Request, session: SessionDep, org: OrgDep,
-                      storage: StorageDep) -> Response:
+@router.get(
+    "/{emulator_id}/file",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"}, **ERR},
+)
+def download_emulator(
+    emulator_id: str, request: Request, session: SessionDep, org: OrgDep, storage: StorageDep
+) -> Response:
     """The emulator safetensors file, streamed from disk. `ETag` is its sha256; `Range: bytes=N-` resumes
     (206 with Content-Range; 416 when the range starts past the end); `If-Range` with the ETag is honoured."""
     emu = crud.get_visible_emulator(session, org, emulator_id)
@@ -151,15 +202,24 @@ def download_emulator(emulator_id: str, request: Request, session: SessionDep, o
     path = storage.abs(emu.path)
     size = path.stat().st_size
     etag = f'"{emu.sha256}"'
-    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, no-transform",
-               "Content-Disposition": f'attachment; filename="{emu.id}.safetensors"'}
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, no-transform",
+        "Content-Disposition": f'attachment; filename="{emu.id}.safetensors"',
+    }
     start, end, status = 0, size - 1, 200
     range_header, if_range = request.headers.get("range"), request.headers.get("if-range")
     if range_header and (if_range is None or if_range.strip() in (etag, emu.sha256)):
         parsed = parse_range(range_header, size)
         if parsed == "unsatisfiable":
-            raise ApiError(416, "range_not_satisfiable", f"the file has {size} bytes; the requested range starts past "
-                           "the end (your copy may already be complete)", {"Content-Range": f"bytes */{size}"})
+            raise ApiError(
+                416,
+                "range_not_satisfiable",
+                f"the file has {size} bytes; the requested range starts past "
+                "the end (your copy may already be complete)",
+                {"Content-Range": f"bytes */{size}"},
+            )
         if parsed is not None:
             start, end = parsed
             status = 206
@@ -169,8 +229,9 @@ def download_emulator(emulator_id: str, request: Request, session: SessionDep, o
         return Response(status_code=status, headers=headers, media_type="application/octet-stream")
     crud.audit(session, org, "download_emulator", "emulator", emu.id, start=start, end=end)
     session.commit()
-    return StreamingResponse(_iter_file(path, start, end), status_code=status, headers=headers,
-                             media_type="application/octet-stream")
+    return StreamingResponse(
+        _iter_file(path, start, end), status_code=status, headers=headers, media_type="application/octet-stream"
+    )
 
 
 @router.get("/{emulator_id}/signature", responses={200: {"model": schemas.SignedManifest}, **ERR})
@@ -188,8 +249,15 @@ def emulator_signature(emulator_id: str, session: SessionDep, org: OrgDep, keyri
 
 
 @router.post("/{emulator_id}/privacy-audit", status_code=202, response_model=schemas.Job, responses=ERR)
-def start_privacy_audit(emulator_id: str, body: schemas.PrivacyAuditRequest, request: Request, session: SessionDep,
-                        admin: AdminDep, settings: SettingsDep, queue: QueueDep) -> schemas.Job:
+def start_privacy_audit(
+    emulator_id: str,
+    body: schemas.PrivacyAuditRequest,
+    request: Request,
+    session: SessionDep,
+    admin: AdminDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+) -> schemas.Job:
     """Run a recovery attack on the emulator as a job (admins); the figure lands in the emulator's `privacy`.
 
     The attacker heals the emulator on public text; `privacy.residual_gap_nats` is how far its held-out loss
@@ -198,9 +266,13 @@ def start_privacy_audit(emulator_id: str, body: schemas.PrivacyAuditRequest, req
     emu = crud.get_visible_emulator(session, admin, emulator_id)
     _ready(emu)
     corpus = crud.expand_user(body.corpus) if body.corpus else settings.audit_corpus
-    params = {"emulator_id": emu.id, "attack": body.attack or settings.audit_attack,
-              "steps": body.steps or settings.audit_steps, "seed": body.seed,
-              "corpus": str(server_text_file(corpus).resolve()) if corpus is not None else None}
+    params = {
+        "emulator_id": emu.id,
+        "attack": body.attack or settings.audit_attack,
+        "steps": body.steps or settings.audit_steps,
+        "seed": body.seed,
+        "corpus": str(server_text_file(corpus).resolve()) if corpus is not None else None,
+    }
     job = crud.create_job(session, "privacy_audit", admin, params)
     crud.audit(session, admin, "privacy_audit", "emulator", emu.id, attack=params["attack"], steps=params["steps"])
     session.commit()

@@ -16,8 +16,11 @@ except PackageNotFoundError:  # running from a source tree without `pip install 
     VERSION = "0.0.0+source"
 
 
-@router.get("/healthz", response_model=schemas.Health,
-            responses={503: {"model": schemas.Health, "description": "database unreachable"}})
+@router.get(
+    "/healthz",
+    response_model=schemas.Health,
+    responses={503: {"model": schemas.Health, "description": "database unreachable"}},
+)
 def healthz(request: Request) -> JSONResponse:
     """Liveness plus database reachability (no authentication)."""
     ok = ping(request.app.state.engine)

@@ -24,8 +24,12 @@ def get_job(job_id: str, session: SessionDep, org: OrgDep) -> schemas.Job:
     return job_out(crud.get_visible_job(session, org, job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=schemas.Job,
-             responses={404: {"model": schemas.ErrorBody}, 409: {"model": schemas.ErrorBody}})
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=schemas.Job,
+    responses={404: {"model": schemas.ErrorBody}, 409: {"model": schemas.ErrorBody}},
+)
 def cancel_job(job_id: str, session: SessionDep, org: OrgDep) -> schemas.Job:
     """Stop a queued or running job. A queued job is `cancelled` at once; a running one gets
     `cancel_requested` and its worker stops at its next step, removes what it had written, and ends

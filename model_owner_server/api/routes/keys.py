@@ -15,5 +15,9 @@ def signing_keys(session: SessionDep, _org: OrgDep) -> schemas.SigningKeyList:
     """The server's Ed25519 public keys. `active` signs new manifests; `retired` keys still verify the
     manifests they signed; `revoked` keys must not be trusted (their manifests are re-signed on request)."""
     rows = session.execute(select(SigningKeyRecord).order_by(SigningKeyRecord.created_at)).scalars()
-    return schemas.SigningKeyList(keys=[schemas.SigningKey(key_id=r.key_id, public_key=r.public_key, status=r.status,
-                                                           created_at=r.created_at) for r in rows])
+    return schemas.SigningKeyList(
+        keys=[
+            schemas.SigningKey(key_id=r.key_id, public_key=r.public_key, status=r.status, created_at=r.created_at)
+            for r in rows
+        ]
+    )

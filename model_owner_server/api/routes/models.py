@@ -13,8 +13,13 @@ from model_owner_server.models import ImportanceRun
 from shared import schemas
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-ERR = {401: {"model": schemas.ErrorBody}, 403: {"model": schemas.ErrorBody}, 404: {"model": schemas.ErrorBody},
-       409: {"model": schemas.ErrorBody}, 422: {"model": schemas.ErrorBody}}
+ERR = {
+    401: {"model": schemas.ErrorBody},
+    403: {"model": schemas.ErrorBody},
+    404: {"model": schemas.ErrorBody},
+    409: {"model": schemas.ErrorBody},
+    422: {"model": schemas.ErrorBody},
+}
 
 
 @router.post("", status_code=201, response_model=schemas.Model, responses=ERR)
@@ -67,19 +72,39 @@ def server_text_file(path: Path) -> Path:
 
 
 @router.post("/{model_id}/importance", status_code=202, response_model=schemas.Job, responses=ERR)
-def start_importance(model_id: str, body: schemas.ImportanceRequest, session: SessionDep, admin: AdminDep,
-                     settings: SettingsDep, queue: QueueDep) -> schemas.Job:
+def start_importance(
+    model_id: str,
+    body: schemas.ImportanceRequest,
+    session: SessionDep,
+    admin: AdminDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+) -> schemas.Job:
     """Start stage 1 (Dynamic LayerReplace importance estimation) as a job; poll GET /v1/jobs/{id}."""
     model = crud.get_visible_model(session, admin, model_id)
     corpus = crud.expand_user(body.corpus) if body.corpus else settings.default_corpus
     if corpus is None:
-        raise ApiError(422, "no_corpus", "give a server-side corpus file in 'corpus' or configure "
-                       "SCALEOT_DEFAULT_CORPUS on the server")
+        raise ApiError(
+            422,
+            "no_corpus",
+            "give a server-side corpus file in 'corpus' or configure SCALEOT_DEFAULT_CORPUS on the server",
+        )
     corpus = server_text_file(corpus)
-    job = crud.create_job(session, "importance", admin, {
-        "model_id": model.id, "steps": body.steps, "corpus": str(corpus.resolve()), "warmup_steps": body.warmup_steps,
-        "rl_interval": body.rl_interval, "distill_weight": body.distill_weight,
-        "hidden_weight": body.hidden_weight, "seed": body.seed})
+    job = crud.create_job(
+        session,
+        "importance",
+        admin,
+        {
+            "model_id": model.id,
+            "steps": body.steps,
+            "corpus": str(corpus.resolve()),
+            "warmup_steps": body.warmup_steps,
+            "rl_interval": body.rl_interval,
+            "distill_weight": body.distill_weight,
+            "hidden_weight": body.hidden_weight,
+            "seed": body.seed,
+        },
+    )
     run = ImportanceRun(model_id=model.id, job_id=job.id, status="pending", steps=body.steps, corpus=str(corpus))
     session.add(run)
     session.flush()

@@ -42,22 +42,45 @@ from model_owner_server.serving import (
 
 log = logging.getLogger("scaleot.openai")
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 500: "server_error",
-          503: "server_error"}
+_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 # Harmless OpenAI parameters accepted and ignored; any other unknown one with a non-empty value is refused.
-_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "logprobs", "echo", "frequency_penalty",
-                      "presence_penalty", "parallel_tool_calls"})
+_IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "logprobs",
+        "echo",
+        "frequency_penalty",
+        "presence_penalty",
+        "parallel_tool_calls",
+    }
+)
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -88,8 +111,12 @@ class OpenAIRoute(APIRoute):
             except ApiError as exc:
                 return OpenAIError(exc.status, exc.message, code=exc.code, headers=exc.headers).response()
             except crud.NotFound as exc:
-                return OpenAIError(404, f"{exc}; GET /openai/v1/models lists the adapters you can use",
-                                   param="model", code="model_not_found").response()
+                return OpenAIError(
+                    404,
+                    f"{exc}; GET /openai/v1/models lists the adapters you can use",
+                    param="model",
+                    code="model_not_found",
+                ).response()
             except RequestValidationError as exc:
                 return _from_validation(exc).response()
             except StarletteHTTPException as exc:  # e.g. FastAPI's 400 for a body that is not UTF-8
@@ -97,15 +124,15 @@ class OpenAIRoute(APIRoute):
                 return OpenAIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
             except Exception:
                 log.exception("unhandled error in %s", request.url.path)
-                return OpenAIError(500, "internal server error; the server log has details",
-                                   code="internal_error").response()
+                return OpenAIError(
+                    500, "internal server error; the server log has details", code="internal_error"
+                ).response()
 
         return handle
 
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"], route_class=OpenAIRoute)
-ERR = {s: {"description": "OpenAI error shape: {error: {message, type, param, code}}"}
-       for s in (400, 401, 404, 429)}
+ERR = {s: {"description": "OpenAI error shape: {error: {message, type, param, code}}"} for s in (400, 401, 404, 429)}
 _engine_lock = threading.Lock()
 
 
@@ -124,6 +151,7 @@ EngineDep = Annotated[GenerationEngine, Depends(get_engine)]
 
 # ---------------------------------------------------------------- requests
 
+
 class StreamOptions(Schema):
     include_usage: bool = False
 
@@ -131,14 +159,15 @@ class StreamOptions(Schema):
 class _Common(Schema):
     model_config = ConfigDict(extra="allow")
     model: str = Field(max_length=200, description="an adapter id (GET /openai/v1/models)")
-    max_tokens: int | None = Field(default=None, ge=1, description="default: the server's cap or the room "
-                                   "left in the context, whichever is smaller")
-    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False, description="0: greedy; "
-                                      "default 1")
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="default: the server's cap or the room left in the context, whichever is smaller",
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False, description="0: greedy; default 1")
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, description="default 1")
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings that end the text")
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="same seed, same request: "
-                             "same text")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="same seed, same request: same text")
     n: int = Field(default=1, description="only 1")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -161,8 +190,12 @@ class _Common(Schema):
     def unsupported(self) -> OpenAIError | None:
         for key, value in (self.model_extra or {}).items():
             if key not in _IGNORED and value not in (None, False, 0, "", [], {}):
-                return OpenAIError(400, f"parameter {key!r} is not supported by this server; leave it out",
-                                   param=key, code="unsupported_parameter")
+                return OpenAIError(
+                    400,
+                    f"parameter {key!r} is not supported by this server; leave it out",
+                    param=key,
+                    code="unsupported_parameter",
+                )
         return None
 
 
@@ -201,6 +234,7 @@ class CompletionRequest(_Common):
 
 # ---------------------------------------------------------------- preparing a generation (worker thread)
 
+
 @dataclass
 class _Job:
     adapter_id: str
@@ -213,27 +247,38 @@ class _Job:
 
 def _chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise OpenAIError(400, "this adapter's base model has no chat template in its tokenizer, so messages cannot "
-                          "be turned into a prompt; use POST /openai/v1/completions with a prompt in the model's own "
-                          "format (or the model owner adds a chat_template to the model folder's tokenizer)",
-                          param="messages", code="chat_template_missing")
+        raise OpenAIError(
+            400,
+            "this adapter's base model has no chat template in its tokenizer, so messages cannot "
+            "be turned into a prompt; use POST /openai/v1/completions with a prompt in the model's own "
+            "format (or the model owner adds a chat_template to the model folder's tokenizer)",
+            param="messages",
+            code="chat_template_missing",
+        )
     try:
-        return tokenizer.apply_chat_template([m.as_template_input() for m in messages], add_generation_prompt=True,
-                                             tokenize=False)
-    except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. roles must alternate)
-        raise OpenAIError(400, f"the model's chat template refused these messages: {exc}", param="messages",
-                          code="invalid_messages") from None
+        return tokenizer.apply_chat_template(
+            [m.as_template_input() for m in messages], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:
+        raise OpenAIError(
+            400, f"the model's chat template refused these messages: {exc}", param="messages", code="invalid_messages"
+        ) from None
 
 
 def _max_tokens(requested: int | None, prompt_len: int, limit: int | None, cap: int, param: str) -> int:
     if requested is not None and requested > cap:
-        raise OpenAIError(400, f"max_tokens must be at most {cap} on this server", param="max_tokens",
-                          code="invalid_value")
+        raise OpenAIError(
+            400, f"max_tokens must be at most {cap} on this server", param="max_tokens", code="invalid_value"
+        )
     room = None if limit is None else limit - prompt_len
     if room is not None and room < (requested or 1):
-        raise OpenAIError(400, f"this model's maximum context length is {limit} tokens; the prompt has {prompt_len} "
-                          f"tokens and {requested or 1} more were asked for; shorten the prompt or lower max_tokens",
-                          param=param, code="context_length_exceeded")
+        raise OpenAIError(
+            400,
+            f"this model's maximum context length is {limit} tokens; the prompt has {prompt_len} "
+            f"tokens and {requested or 1} more were asked for; shorten the prompt or lower max_tokens",
+            param=param,
+            code="context_length_exceeded",
+        )
     return requested or (cap if room is None else min(cap, room))
 
 
@@ -251,20 +296,32 @@ def _prepare(session: Any, org: Any, settings: Any, storage: Any, body: ChatRequ
         ids = tokenizer(body.prompt).input_ids
     if not ids:
         raise OpenAIError(400, "the prompt is empty", param=param, code="invalid_value")
-    sampling = Sampling(max_tokens=_max_tokens(requested, len(ids), context_limit(model), settings.max_new_tokens,
-                                               param),
-                        temperature=1.0 if body.temperature is None else body.temperature,
-                        top_p=1.0 if body.top_p is None else body.top_p, stop=tuple(body.stop or ()), seed=body.seed)
+    sampling = Sampling(
+        max_tokens=_max_tokens(requested, len(ids), context_limit(model), settings.max_new_tokens, param),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=tuple(body.stop or ()),
+        seed=body.seed,
+    )
     return _Job(adapter.id, Generation(model, tokenizer, list(ids), sampling))
 
 
 def _audit(session: Any, org: Any, job: _Job, endpoint: str, stream: bool) -> None:
-    crud.audit(session, org, "generate", "adapter", job.adapter_id, api=f"openai {endpoint}",
-               max_tokens=job.generation.sampling.max_tokens, stream=stream)
+    crud.audit(
+        session,
+        org,
+        "generate",
+        "adapter",
+        job.adapter_id,
+        api=f"openai {endpoint}",
+        max_tokens=job.generation.sampling.max_tokens,
+        stream=stream,
+    )
     session.commit()
 
 
 # ---------------------------------------------------------------- responses
+
 
 def _chunk(meta: dict[str, Any], chat: bool, text: str | None, finish: str | None, first: bool = False) -> str:
     if chat:
@@ -289,8 +346,14 @@ async def _sse(stream: Any, job: _Job, meta: dict[str, Any], chat: bool, usage: 
             yield _chunk(meta, chat, delta, None)
         yield _chunk(meta, chat, None, job.generation.finish_reason)
         if usage:
-            yield _event({**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
-                          "usage": job.usage()})
+            yield _event(
+                {
+                    **meta,
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "choices": [],
+                    "usage": job.usage(),
+                }
+            )
     except Exception:
         log.exception("generation failed mid-stream")
         yield _event(OpenAIError(500, "generation failed; the server log has details", code="internal_error").body())
@@ -299,8 +362,9 @@ async def _sse(stream: Any, job: _Job, meta: dict[str, Any], chat: bool, usage: 
     yield "data: [DONE]\n\n"
 
 
-async def _serve(body: ChatRequest | CompletionRequest, session: Any, org: Any, settings: Any, storage: Any,
-                 engine: GenerationEngine) -> Response:
+async def _serve(
+    body: ChatRequest | CompletionRequest, session: Any, org: Any, settings: Any, storage: Any, engine: GenerationEngine
+) -> Response:
     chat = isinstance(body, ChatRequest)
     job = await run_in_threadpool(_prepare, session, org, settings, storage, body)
     try:
@@ -312,39 +376,64 @@ async def _serve(body: ChatRequest | CompletionRequest, session: Any, org: Any, 
     except BaseException:
         stream.cancelled.set()
         raise
-    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()),
-            "model": job.adapter_id, "system_fingerprint": None}
+    meta = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}",
+        "created": int(time.time()),
+        "model": job.adapter_id,
+        "system_fingerprint": None,
+    }
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(stream, job, meta, chat, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _sse(stream, job, meta, chat, usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     text = await stream.text()
     finish = job.generation.finish_reason
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-               "logprobs": None} if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-    return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                         "usage": job.usage()})
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        if chat
+        else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    )
+    return JSONResponse(
+        {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": job.usage()}
+    )
 
 
 @router.post("/chat/completions", responses=ERR)
-async def chat_completions(body: ChatRequest, session: SessionDep, org: OrgDep, settings: SettingsDep,
-                           storage: StorageDep, engine: EngineDep) -> Response:
+async def chat_completions(
+    body: ChatRequest, session: SessionDep, org: OrgDep, settings: SettingsDep, storage: StorageDep, engine: EngineDep
+) -> Response:
     """OpenAI chat completion from the plugged-in model M' = [A', E]; the prompt is built with the chat
     template of the base model's tokenizer. `stream: true` answers with server-sent events."""
     return await _serve(body, session, org, settings, storage, engine)
 
 
 @router.post("/completions", responses=ERR)
-async def completions(body: CompletionRequest, session: SessionDep, org: OrgDep, settings: SettingsDep,
-                      storage: StorageDep, engine: EngineDep) -> Response:
+async def completions(
+    body: CompletionRequest,
+    session: SessionDep,
+    org: OrgDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    engine: EngineDep,
+) -> Response:
     """OpenAI text completion of one prompt from the plugged-in model M' = [A', E]."""
     return await _serve(body, session, org, settings, storage, engine)
 
 
 def _model_entry(adapter: Any) -> dict[str, Any]:
     created = adapter.created_at if adapter.created_at.tzinfo else adapter.created_at.replace(tzinfo=UTC)
-    return {"id": adapter.id, "object": "model", "created": int(created.timestamp()), "owned_by": adapter.org_id,
-            "base_model_id": adapter.model_id, "emulator_id": adapter.emulator_id, "status": adapter.status}
+    return {
+        "id": adapter.id,
+        "object": "model",
+        "created": int(created.timestamp()),
+        "owned_by": adapter.org_id,
+        "base_model_id": adapter.model_id,
+        "emulator_id": adapter.emulator_id,
+        "status": adapter.status,
+    }
 
 
 @router.get("/models", responses=ERR)

@@ -36,40 +36,73 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
     ctx.update(0.05, "loading model", force=True)
     model, tokenizer = runner.full_model(model_row)
     importance = load_importance(run_path)
-    calibration = CalibrationConfig(steps=settings.emulator_calibration_steps,
-                                    batch_size=settings.importance_batch_size,
-                                    kept_lr=settings.emulator_calibration_kept_lr)
+    calibration = CalibrationConfig(
+        steps=settings.emulator_calibration_steps,
+        batch_size=settings.importance_batch_size,
+        kept_lr=settings.emulator_calibration_kept_lr,
+    )
     # Calibration and the fidelity figure use the stage-1 corpus (task-agnostic, the model owner's own).
-    blocks = build_blocks(tokenizer, corpus, settings.importance_seq_len, settings.importance_max_blocks,
-                          need=calibration.steps > 0 or settings.emulator_fidelity_blocks > 0)
+    blocks = build_blocks(
+        tokenizer,
+        corpus,
+        settings.importance_seq_len,
+        settings.importance_max_blocks,
+        need=calibration.steps > 0 or settings.emulator_fidelity_blocks > 0,
+    )
     train_blocks, val_blocks = blocks if blocks is not None else (None, None)
 
     def progress(p: Any) -> None:
-        ctx.update(0.1 + 0.75 * p.fraction, f"calibrating step {p.step}/{p.total_steps}",
-                   {"step": p.step, "total_steps": p.total_steps, "kl": p.kl, "nmse": p.nmse})
+        ctx.update(
+            0.1 + 0.75 * p.fraction,
+            f"calibrating step {p.step}/{p.total_steps}",
+            {"step": p.step, "total_steps": p.total_steps, "kl": p.kl, "nmse": p.nmse},
+        )
 
     ctx.update(0.1, "building emulator", force=True)
     out = storage.emulators / f"{emu_id}.safetensors"  # save_emulator writes a temp name and renames
-    info = make_emulator(model, tokenizer, importance, n_adapter, alpha, beta, out,
-                         placement=settings.emulator_placement,
-                         calibration=calibration if train_blocks is not None else None,
-                         calibration_blocks=train_blocks,
-                         fidelity_blocks=(val_blocks[:settings.emulator_fidelity_blocks]
-                                          if val_blocks is not None and settings.emulator_fidelity_blocks else None),
-                         calibration_progress=progress, dtype=dtype,
-                         extra_metadata={"model_id": model_id, "emulator_id": emu_id})
+    info = make_emulator(
+        model,
+        tokenizer,
+        importance,
+        n_adapter,
+        alpha,
+        beta,
+        out,
+        placement=settings.emulator_placement,
+        calibration=calibration if train_blocks is not None else None,
+        calibration_blocks=train_blocks,
+        fidelity_blocks=(
+            val_blocks[: settings.emulator_fidelity_blocks]
+            if val_blocks is not None and settings.emulator_fidelity_blocks
+            else None
+        ),
+        calibration_progress=progress,
+        dtype=dtype,
+        extra_metadata={"model_id": model_id, "emulator_id": emu_id},
+    )
 
     ctx.update(0.9, "describing adapter layers", force=True)
     layers = list(info.plan.adapter_layers)
     spec = adapter_spec(model, layers, dtype)  # uploads come back in the emulator's dtype
-    fields = dict(path=storage.rel(out), sha256=info.sha256, size_bytes=info.size_bytes, n_params=info.n_params,
-                  full_model_params=int(info.extra.get("full_model_params", 0)) or None,
-                  full_model_bytes=int(info.extra.get("full_model_bytes", 0)) or None,
-                  plan=info.plan.to_dict(), adapter_layers=layers, adapter_spec=spec_to_json(spec),
-                  max_adapter_bytes=max_adapter_bytes(spec), fidelity=info.extra.get("fidelity"),
-                  build_info={"placement": info.extra.get("placement"),
-                              "calibration": info.extra.get("calibration"), "dtype": dtype_name,
-                              "lora": issue_lora(model, layers, dtype=dtype).to_json()})
+    fields = dict(
+        path=storage.rel(out),
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        n_params=info.n_params,
+        full_model_params=int(info.extra.get("full_model_params", 0)) or None,
+        full_model_bytes=int(info.extra.get("full_model_bytes", 0)) or None,
+        plan=info.plan.to_dict(),
+        adapter_layers=layers,
+        adapter_spec=spec_to_json(spec),
+        max_adapter_bytes=max_adapter_bytes(spec),
+        fidelity=info.extra.get("fidelity"),
+        build_info={
+            "placement": info.extra.get("placement"),
+            "calibration": info.extra.get("calibration"),
+            "dtype": dtype_name,
+            "lora": issue_lora(model, layers, dtype=dtype).to_json(),
+        },
+    )
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
         emu = s.get(EmulatorRow, emu_id)
@@ -78,6 +111,10 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
         if runner.keyring is not None:  # a worker without the key leaves signing to the API (lazy)
             emu.signed_manifest = runner.keyring.sign(manifest_for(emu))
         emu.status, emu.error = "ready", None
-    return {"emulator_id": emu_id, "sha256": info.sha256, "size_bytes": info.size_bytes,
-            "plan_summary": info.plan.summary(), "fidelity": info.extra.get("fidelity")}
-
+    return {
+        "emulator_id": emu_id,
+        "sha256": info.sha256,
+        "size_bytes": info.size_bytes,
+        "plan_summary": info.plan.summary(),
+        "fidelity": info.extra.get("fidelity"),
+    }

@@ -43,8 +43,12 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
     dataset = load_dataset(eval_path)
     ctx.update(0.05, "loading full model", force=True)
     model, tokenizer = runner.full_model(model_row)
-    kw = dict(seq_len=settings.eval_seq_len, batch_size=settings.eval_batch_size,
-              device=next(model.parameters()).device, max_examples=settings.eval_max_examples)
+    kw = dict(
+        seq_len=settings.eval_seq_len,
+        batch_size=settings.eval_batch_size,
+        device=next(model.parameters()).device,
+        max_examples=settings.eval_max_examples,
+    )
 
     def prog(lo: float, hi: float, label: str) -> Callable[[int, int], None]:
         return lambda done, total: ctx.update(lo + (hi - lo) * done / max(1, total), f"{label} {done}/{total}")

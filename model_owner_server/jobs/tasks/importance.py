@@ -31,21 +31,37 @@ def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
     model, tokenizer = load_causal_lm(model_path, device=runner.device)
     ctx.update(0.03, "tokenising corpus")
     # Same data path as `modelowner-server estimate-importance` (DataError/ValueError name the file).
-    train, val = corpus_blocks(tokenizer, params["corpus"], settings.importance_seq_len,
-                               max_blocks=settings.importance_max_blocks)
+    train, val = corpus_blocks(
+        tokenizer, params["corpus"], settings.importance_seq_len, max_blocks=settings.importance_max_blocks
+    )
     # Jobs queued before these knobs existed carry only steps: fall back to ImportanceConfig's defaults.
-    knobs = {k: params[k] for k in ("warmup_steps", "rl_interval", "distill_weight", "hidden_weight", "seed")
-             if k in params}
-    cfg = ImportanceConfig(steps=int(params["steps"]), batch_size=settings.importance_batch_size,
-                           device=str(runner.device), **knobs)
+    knobs = {
+        k: params[k] for k in ("warmup_steps", "rl_interval", "distill_weight", "hidden_weight", "seed") if k in params
+    }
+    cfg = ImportanceConfig(
+        steps=int(params["steps"]), batch_size=settings.importance_batch_size, device=str(runner.device), **knobs
+    )
 
     def progress(p: Any) -> None:
-        ctx.update(0.05 + 0.9 * p.fraction, p.label,
-                   {"step": p.step, "total_steps": p.total_steps, "phase": p.phase, "loss": p.loss,
-                    "reward_mean": p.reward_mean, "scores": [round(x, 5) for x in p.scores]})
+        ctx.update(
+            0.05 + 0.9 * p.fraction,
+            p.label,
+            {
+                "step": p.step,
+                "total_steps": p.total_steps,
+                "phase": p.phase,
+                "loss": p.loss,
+                "reward_mean": p.reward_mean,
+                "scores": [round(x, 5) for x in p.scores],
+            },
+        )
 
-    ctx.update(0.05, f"estimating importance on {len(train)} train / {len(val)} val blocks",
-               {"train_blocks": len(train), "val_blocks": len(val)}, force=True)
+    ctx.update(
+        0.05,
+        f"estimating importance on {len(train)} train / {len(val)} val blocks",
+        {"train_blocks": len(train), "val_blocks": len(val)},
+        force=True,
+    )
     result = estimate_importance(model, train, val, cfg, progress=progress)
 
     ctx.update(0.96, "saving", force=True)
@@ -62,8 +78,14 @@ def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         run.status, run.path, run.scores, run.finished_at = "succeeded", storage.rel(final), scores, utcnow()
 
     final_loss = next((h["loss"] for h in reversed(result.history) if h["phase"] == "dl"), None)
-    return {"model_id": params["model_id"], "importance_run_id": run_id, "scores": scores,
-            "ranking": result.ranking(), "final_loss": final_loss, "seconds": round(result.seconds, 2),
-            "n_harmonizer_params": result.n_harmonizer_params,
-            # The loss / reward curve for the console; a long run keeps every k-th record (at most 400).
-            "history": result.history[::max(1, -(-len(result.history) // 400))]}
+    return {
+        "model_id": params["model_id"],
+        "importance_run_id": run_id,
+        "scores": scores,
+        "ranking": result.ranking(),
+        "final_loss": final_loss,
+        "seconds": round(result.seconds, 2),
+        "n_harmonizer_params": result.n_harmonizer_params,
+        # The loss / reward curve for the console; a long run keeps every k-th record (at most 400).
+        "history": result.history[:: max(1, -(-len(result.history) // 400))],
+    }

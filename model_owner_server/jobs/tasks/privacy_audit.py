@@ -28,16 +28,30 @@ def privacy_audit_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]
             raise JobFailure(f"the model of emulator {emu.id} was deleted")
         emu_id, path = emu.id, runner.storage.abs(emu.path)
     if not path.is_file():
-        raise JobFailure(f"the file of emulator {emu_id} is missing from the server's storage ({path}); "
-                         "rebuild it with POST /v1/emulators")
+        raise JobFailure(
+            f"the file of emulator {emu_id} is missing from the server's storage ({path}); "
+            "rebuild it with POST /v1/emulators"
+        )
     ctx.update(0.01, "loading the full model", force=True)
     model, tokenizer = runner.full_model(model_row)
-    cfg = AttackConfig(kind=params["attack"], steps=int(params["steps"]), batch_size=settings.importance_batch_size,
-                       seed=int(params.get("seed", 0)))
-    record = run_privacy_audit(model, tokenizer, path, cfg, corpus=params.get("corpus"),
-                               seq_len=settings.importance_seq_len, max_blocks=settings.importance_max_blocks,
-                               val_blocks=settings.audit_val_blocks, device=str(runner.device),
-                               progress=lambda f, m, x: ctx.update(f, m, x))
+    cfg = AttackConfig(
+        kind=params["attack"],
+        steps=int(params["steps"]),
+        batch_size=settings.importance_batch_size,
+        seed=int(params.get("seed", 0)),
+    )
+    record = run_privacy_audit(
+        model,
+        tokenizer,
+        path,
+        cfg,
+        corpus=params.get("corpus"),
+        seq_len=settings.importance_seq_len,
+        max_blocks=settings.importance_max_blocks,
+        val_blocks=settings.audit_val_blocks,
+        device=str(runner.device),
+        progress=lambda f, m, x: ctx.update(f, m, x),
+    )
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
         row = s.get(EmulatorRow, emu_id)
