@@ -46,7 +46,8 @@ from benchmarks.harness import (
     prepare_data,
     publish,
 )
-from data_owner_client.train import TrainConfig, resolve_device, tune_emulator
+from data_owner_client.train import TrainConfig, resolve_device
+from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator

@@ -3,7 +3,7 @@ builds, the data owner's run and the server's plug-in, result files and docs blo
 
 A benchmark file says what it measures (its budgets, rows, targets and tables) and takes the rest from here,
 so the caching, the data and the code paths measured are the same for all of them. Everything runs through
-the product's own functions: importance.estimate_importance, emulator.make_emulator, train.tune_emulator,
+the product's own functions: importance.estimate_importance, emulator.make_emulator, tune.tune_emulator,
 plugin.plug_in and shared.evaluation.evaluate.
 """
 
@@ -39,7 +39,8 @@ if str(REPO) not in sys.path:
 
 import torch
 
-from data_owner_client.train import TrainConfig, train_layers_in_model, tune_emulator
+from data_owner_client.train import TrainConfig, train_layers_in_model
+from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator

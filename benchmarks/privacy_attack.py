@@ -62,7 +62,8 @@ from benchmarks.harness import (
     write_json,
     zero_shot,
 )
-from data_owner_client.train import resolve_device, tune_emulator
+from data_owner_client.train import resolve_device
+from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.attack import AttackConfig, heal
 from model_owner_server.scaleot.corpus import corpus_blocks
 from shared.emulator_file import load_emulator

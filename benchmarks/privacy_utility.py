@@ -6,7 +6,7 @@ Everything runs through the project's own code paths, the same functions the ser
 
   stage 1   model_owner_server.scaleot.importance.corpus_blocks + estimate_importance (Wikipedia excerpt only)
   stage 2   model_owner_server.scaleot.emulator.make_emulator   (writes the emulator file the server serves)
-  client    shared.emulator_file.load_emulator + data_owner_client.train.tune_emulator (freeze_except_adapter,
+  client    shared.emulator_file.load_emulator + data_owner_client.tune.tune_emulator (freeze_except_adapter,
             train, evaluate, extract/validate the adapter)
   server    model_owner_server.scaleot.plugin.plug_in + shared.evaluation.evaluate
   full FT   data_owner_client.train.train on every parameter of M (same recipe, data and step budget)

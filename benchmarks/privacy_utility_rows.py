@@ -22,8 +22,8 @@ from data_owner_client.train import (
     set_seed,
     train,
     train_layers_in_model,
-    tune_emulator,
 )
+from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.plugin import plug_in
 from shared.architectures import decoder_layers

@@ -99,7 +99,8 @@ def tune(
     from shared.lora import LoraSpec
 
     from .export import read_adapter
-    from .train import TrainConfig, resolve_device, tune_emulator
+    from .train import TrainConfig, resolve_device
+    from .tune import tune_emulator
 
     with handled(conn.as_json):
         settings = conn.settings()

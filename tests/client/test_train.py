@@ -19,8 +19,8 @@ from data_owner_client.train import (
     lora_targets,
     resolve_device,
     train,
-    tune_emulator,
 )
+from data_owner_client.tune import tune_emulator
 from shared.adapter import DTYPE_NAMES, adapter_spec, load_and_validate_adapter_file
 from shared.data import load_dataset, pad_id_for, training_examples
 from shared.emulator_file import load_emulator

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from data_owner_client.train import TrainConfig, tune_emulator
+from data_owner_client.train import TrainConfig
+from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
 from model_owner_server.scaleot.plugin import plug_in, plug_in_file
 from scaleot_samples.tiny import byte_tokenizer, tiny_model

@@ -13,7 +13,8 @@ import importlib.util
 import pytest
 import torch
 
-from data_owner_client.train import TrainConfig, train_layers_in_model, tune_emulator
+from data_owner_client.train import TrainConfig, train_layers_in_model
+from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator
