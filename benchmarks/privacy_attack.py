@@ -50,9 +50,7 @@ from benchmarks.harness import (
     load_model,
     log,
     make_tasks,
-    markdown_table,
     prepare_data,
-    pyplot,
     quality,
     result_paths,
     run_emulator,
@@ -62,6 +60,7 @@ from benchmarks.harness import (
     write_json,
     zero_shot,
 )
+from benchmarks.privacy_attack_report import markdown, plot, spread, verdict
 from data_owner_client.train import resolve_device
 from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.attack import AttackConfig, heal
@@ -322,151 +321,6 @@ def run_rows(
             )
             save(rows)
     return rows
-
-
-def spread(rows: list[dict]) -> dict[str, Any] | None:
-    """Run-to-run spread (half the max-min range over seeds) of the figures of the emulator run with several seeds."""
-    seeds = [r for r in rows if r["emulator"] == "scaleot_a0.5" and r["task"] == "shakespeare"]
-    if len(seeds) < 2:
-        return None
-    return {
-        "emulator": "scaleot_a0.5",
-        "seeds": [r["seed"] for r in seeds],
-        **{
-            k: round((max(r[k] for r in seeds) - min(r[k] for r in seeds)) / 2, 4)
-            for k in ("residual_gap", "gap_before_attack", "plug_in_gain")
-        },
-    }
-
-
-def verdict(row: dict, noise: float) -> str:
-    if row["plug_in_gain"] <= noise:
-        return "no plug-in gain to protect"
-    if row["residual_gap"] > noise:
-        return "gap kept"
-    if row["residual_gap"] < -noise:
-        return "**attacker beats the plug-in**"
-    return "**gap closed** (within noise)"
-
-
-# ---------------------------------------------------------------- report
-
-
-def markdown(result: dict) -> str:
-    meta, b = result["meta"], result["meta"]["budget"]
-    noise = result["noise"]
-    lines = [
-        f"### Privacy under attack ({meta['model']}, {meta['profile']} profile)",
-        "",
-        f"Data owner: {b['ft_steps']} steps × {b['text_batch']} × {b['seq_len']} tokens of Shakespeare "
-        f"({result['budgets']['task_tokens']:,} tokens). Attacker: each attack trains {b['attack_steps']} steps × "
-        f"{b['attack_batch']} × {b['seq_len']} = {result['budgets']['attack_tokens']:,} tokens of public text "
-        f"(pydoc; {result['budgets']['attack_tokens'] / result['budgets']['task_tokens']:.0f}× the task budget, "
-        f"{result['budgets']['attack_share_of_stage1_tokens']:.0%} of stage 1's training tokens), then the same "
-        f"task fine-tune. Seed {b['seed']}; a gap within ±{noise:.3f} nats counts as closed "
-        + (
-            f"(the larger of 0.02 and twice the residual gap's spread over seeds {result['spread']['seeds']} "
-            f"on ScaleOT α=0.5, {result['spread']['residual_gap']:.3f})."
-            if result["spread"]
-            else "(0.02; no seed spread measured in this profile)."
-        ),
-        f"Compute time {meta['compute_seconds'] / 60:.0f} min from scratch (stage 1, emulator builds and every row, "
-        f"each timed when it ran; this invocation {meta['seconds'] / 60:.0f} min; {meta['torch_threads']} torch "
-        f"threads, {meta['device']}, load average {meta.get('load_average', 0):.1f} at the end).",
-        "",
-    ]
-    for task in sorted({r["task"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["task"] == task and r["seed"] == b["seed"]]
-        unit = "nats" if rows[0]["metric"] == "perplexity" else "points"
-        lines += [f"Task {task} ({rows[0]['metric']}; zero-shot M {rows[0]['zero_shot']:.4g}):", ""]
-        attacks = [a for a in b["attacks"] if any(a in r["attackers"] for r in rows)]
-        header = [
-            "emulator",
-            "size of M",
-            "plug-in",
-            "emulator FT",
-            *[f"after {a}" for a in attacks],
-            f"gap before ({unit})",
-            f"residual gap ({unit})",
-            "attacker's share of the gain",
-            "verdict",
-        ]
-        body = []
-        for r in rows:
-            att = [f"{r['attackers'][a]['attacker']:.4g}" if a in r["attackers"] else "= heal-all" for a in attacks]
-            share = (  # a share of a gain smaller than the noise means nothing
-                "–" if r["share_of_gain"] is None or r["plug_in_gain"] <= noise else f"{r['share_of_gain']:.2f}"
-            )
-            body.append(
-                [
-                    r["emulator"],
-                    f"{r['size_ratio']:.0%}",
-                    f"{r['plug_in']:.4g}",
-                    f"{r['emulator_ft']:.4g}",
-                    *att,
-                    f"{r['gap_before_attack']:+.3f}",
-                    f"{r['residual_gap']:+.3f}",
-                    share,
-                    verdict(r, noise),
-                ]
-            )
-        lines += [*markdown_table(header, body), ""]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> Path | None:
-    plt = pyplot()
-    if plt is None:
-        return None
-    rows = [r for r in result["rows"] if r["task"] == "shakespeare" and r["seed"] == result["meta"]["budget"]["seed"]]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    for r in rows:
-        ot = r["emulator"].startswith("ot_")
-        color = (
-            "tab:orange"
-            if ot
-            else {0.0: "tab:blue", 0.5: "tab:green", 0.8: "tab:red"}.get(
-                float(r["emulator"].split("_b")[1]) if "_b" in r["emulator"] else 0.0, "tab:gray"
-            )
-        )
-        ax.annotate(
-            "",
-            (r["residual_gap"], r["plug_in"]),
-            (r["gap_before_attack"], r["plug_in"]),
-            arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.4},
-        )
-        ax.plot(r["residual_gap"], r["plug_in"], "s" if ot else "o", color=color, ms=8)
-        ax.annotate(
-            r["emulator"].replace("scaleot_", "").replace("ot_", "OT "),
-            (r["residual_gap"], r["plug_in"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=7,
-        )
-    ax.axvline(0, color="black", lw=1, ls="--")
-    xs = [x for r in rows for x in (r["gap_before_attack"], r["residual_gap"])]
-    ax.set_xlim(min(0.0, *xs) - 0.2, max(xs) * 1.08 + 0.2)  # arrows start inside the frame too
-    ax.axhline(rows[0]["zero_shot"], color="gray", lw=1, ls=":", label="zero-shot M")
-    ax.set_xlabel("residual privacy gap after the best attack (nats; arrows start at the gap before it)")
-    ax.set_ylabel("plug-in perplexity (lower is better)")
-    ax.set_title(f"Privacy–utility frontier under attack, {result['meta']['model']}", fontsize=10)
-    handles = [
-        plt.Line2D([], [], marker=m, color=c, ls="", label=label)
-        for m, c, label in (
-            ("s", "tab:orange", "OT LayerDrop"),
-            ("o", "tab:blue", "ScaleOT β=0"),
-            ("o", "tab:green", "ScaleOT β=0.5"),
-            ("o", "tab:red", "ScaleOT β=0.8"),
-        )
-    ]
-    ax.legend(handles=handles + ax.get_legend_handles_labels()[0][:1], fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------- main
