@@ -38,14 +38,8 @@ from benchmarks.harness import (
 # isort: split
 import torch
 
-from benchmarks.harness import (
-    environment,
-    load_model,
-    log,
-    markdown_table,
-    prepare_data,
-    publish,
-)
+from benchmarks.harness import load_model, log, prepare_data
+from benchmarks.results import environment, markdown_table, publish
 from data_owner_client.train import TrainConfig, resolve_device
 from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig

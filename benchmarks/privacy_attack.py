@@ -46,21 +46,19 @@ from benchmarks.harness import (
     cached,
     data_key,
     digest,
-    environment,
     load_model,
     log,
     make_tasks,
     prepare_data,
     quality,
-    result_paths,
     run_emulator,
     stage1,
     train_config,
-    update_docs_block,
     write_json,
     zero_shot,
 )
 from benchmarks.privacy_attack_report import markdown, plot, spread, verdict
+from benchmarks.results import environment, result_paths, update_docs_block
 from data_owner_client.train import resolve_device
 from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.attack import AttackConfig, heal

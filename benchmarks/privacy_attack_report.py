@@ -13,10 +13,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
 
 # isort: split
 
-from benchmarks.harness import (
-    markdown_table,
-    pyplot,
-)
+from benchmarks.results import markdown_table, pyplot
 
 
 def spread(rows: list[dict]) -> dict[str, Any] | None:

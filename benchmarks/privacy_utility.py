@@ -47,18 +47,7 @@ from benchmarks.harness import (
 # isort: split
 import torch
 
-from benchmarks.harness import (
-    SEED,
-    cached_file,
-    digest,
-    environment,
-    load_model,
-    log,
-    make_tasks,
-    prepare_data,
-    result_paths,
-    write_json,
-)
+from benchmarks.harness import SEED, cached_file, digest, load_model, log, make_tasks, prepare_data, write_json
 from benchmarks.privacy_utility_report import check_targets, fmt_metric, markdown, plot
 from benchmarks.privacy_utility_rows import (
     ot_distillation_cost,
@@ -69,6 +58,7 @@ from benchmarks.privacy_utility_rows import (
     run_zero_shot,
     stage1_record,
 )
+from benchmarks.results import environment, result_paths
 from data_owner_client.train import resolve_device
 from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator, param_bytes

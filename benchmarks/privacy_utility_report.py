@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import SEED, Task, log, pyplot
+from benchmarks.harness import SEED, Task, log
+from benchmarks.results import pyplot
 from data_owner_client.train import TrainConfig
 
 # ---------------------------------------------------------------- targets

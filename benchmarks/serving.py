@@ -41,13 +41,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from benchmarks.harness import (
-    REPO,  # first: sets the thread and offline environment before torch loads
-    log,
-    markdown_table,
-    publish,
-)
+from benchmarks.harness import REPO, log
 from benchmarks.measure import cpu_name, free_port
+from benchmarks.results import markdown_table, publish
 
 MESSAGES = [
     {

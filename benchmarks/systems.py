@@ -53,8 +53,9 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
 
 import psutil
 
-from benchmarks.harness import DOCS, REPO, log, update_docs_block, write_json  # sets the thread environment first
+from benchmarks.harness import DOCS, REPO, log, write_json
 from benchmarks.measure import cpu_name, rounded
+from benchmarks.results import update_docs_block
 from benchmarks.systems_http import bench_download, bench_memory, bench_verify
 from benchmarks.systems_report import markdown, table
 from benchmarks.systems_training import bench_train, stage2

