@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         default="heal-lora", description="the attack an audit runs unless the request names one"
     )
     audit_steps: int = Field(default=32, ge=1, le=100_000, description="training steps of the audit's attack")
+    audit_max_steps: int = Field(
+        default=2000,
+        ge=1,
+        le=100_000,
+        description="the most steps an API request may ask an audit for (it runs on the server's job worker)",
+    )
     audit_val_blocks: int = Field(default=16, ge=1, le=1024, description="held-out public blocks it is scored on")
     audit_corpus: Path | None = Field(
         default=None,

@@ -25,6 +25,8 @@ def fast_settings(data_dir: Path, db_url: str, **overrides) -> Settings:
         eval_max_examples=4,
         max_eval_bytes=64 * 1024,
         max_new_tokens=32,
+        audit_max_steps=4,  # the fuzz tests post valid audits too: keep each one a few tiny steps
+        audit_val_blocks=4,
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -42,6 +42,7 @@ def test_only_admins_can_audit(world, who, status):
         (None, {"steps": 2, "corpus": "/nonexistent/public.txt"}, 422, "no_corpus"),
         (None, {"steps": 2, "attack": "steal-weights"}, 422, "validation_error"),
         (None, {"steps": 0}, 422, "validation_error"),
+        (None, {"steps": 5}, 422, "validation_error"),  # over SCALEOT_AUDIT_MAX_STEPS (4 in these tests)
     ],
 )
 def test_bad_requests_are_refused_and_change_nothing(world, emulator_id, body, status, code):

@@ -265,11 +265,19 @@ def start_privacy_audit(
     """
     emu = crud.get_visible_emulator(session, admin, emulator_id)
     _ready(emu)
+    steps = body.steps or settings.audit_steps
+    if steps > settings.audit_max_steps:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"steps must be at most {settings.audit_max_steps} on this server "
+            "(SCALEOT_AUDIT_MAX_STEPS); for a longer attack run `modelowner-server audit-emulator` there",
+        )
     corpus = crud.expand_user(body.corpus) if body.corpus else settings.audit_corpus
     params = {
         "emulator_id": emu.id,
         "attack": body.attack or settings.audit_attack,
-        "steps": body.steps or settings.audit_steps,
+        "steps": steps,
         "seed": body.seed,
         "corpus": str(server_text_file(corpus).resolve()) if corpus is not None else None,
     }
