@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 import torch
 
 from data_owner_client.train import TrainConfig, train_layers_in_model
-from data_owner_client.tune import tune_emulator
+from data_owner_client.tune import TuneResult, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import make_emulator
@@ -315,22 +315,34 @@ def run_reference(model, tok, task: Task, budget: Any, choice, layers: list[int]
     return out
 
 
+def tune_on_task(
+    emulator: Any, loaded: Any, task: Task, cfg: TrainConfig, choice: Any, out_dir: Path, **kwargs: Any
+) -> TuneResult:
+    """The client's tune recipe on `emulator` (the loaded file's model, or a changed copy of it) for `task`,
+    scored on the task's eval split; the run folder is removed afterwards (the adapter stays in memory)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        return tune_emulator(
+            emulator,
+            loaded.tokenizer,
+            loaded.plan,
+            task.train,
+            cfg,
+            choice,
+            out_dir,
+            eval_data=task.eval,
+            eval_max_examples=task.eval_max,
+            progress=False,
+            **kwargs,
+        )
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def run_emulator(model, tok, task: Task, budget: Any, choice, emu: dict, seed: int, steps: int, work: Path) -> dict:
     loaded = load_emulator(emu["path"], device=choice.device)
     out_dir = work / "runs" / f"{task.name}-{Path(emu['path']).stem}-{seed}-{steps}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tr = tune_emulator(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.plan,
-        task.train,
-        train_config(task, budget, seed, steps),
-        choice,
-        out_dir,
-        eval_data=task.eval,
-        eval_max_examples=task.eval_max,
-        progress=False,
-    )
+    tr = tune_on_task(loaded.model, loaded, task, train_config(task, budget, seed, steps), choice, out_dir)
     plugged = plug_in(model, tr.tensors, loaded.plan.adapter_layers)
     out = {
         "emulator_zero_shot": tr.metrics["emulator_zero_shot"],
@@ -338,7 +350,6 @@ def run_emulator(model, tok, task: Task, budget: Any, choice, emu: dict, seed: i
         "plug_in": evaluate_task(plugged, tok, task, budget, choice),
         "train_seconds": tr.train.seconds,
     }
-    shutil.rmtree(out_dir, ignore_errors=True)
     del plugged, loaded, tr
     return out
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -54,13 +53,13 @@ from benchmarks.harness import (
     run_emulator,
     stage1,
     train_config,
+    tune_on_task,
     write_json,
     zero_shot,
 )
 from benchmarks.privacy_attack_report import markdown, plot, spread, verdict
 from benchmarks.results import environment, result_paths, update_docs_block
 from data_owner_client.train import resolve_device
-from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.attack import AttackConfig, heal
 from model_owner_server.scaleot.corpus import corpus_blocks
 from shared.emulator_file import load_emulator
@@ -180,20 +179,7 @@ def run_attack(task: Task, budget: Budget, choice, emu: dict, kind: str, seed: i
     cfg = AttackConfig(kind=kind, steps=budget.attack_steps, batch_size=budget.attack_batch, seed=seed)
     healed, res = heal(loaded.model, public[0], public[1], cfg)
     out_dir = work / "runs" / f"attack-{task.name}-{Path(emu['path']).stem}-{kind}-{seed}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tr = tune_emulator(
-        healed,
-        loaded.tokenizer,
-        loaded.plan,
-        task.train,
-        train_config(task, budget, seed, budget.ft_steps),
-        choice,
-        out_dir,
-        eval_data=task.eval,
-        eval_max_examples=task.eval_max,
-        progress=False,
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
+    tr = tune_on_task(healed, loaded, task, train_config(task, budget, seed, budget.ft_steps), choice, out_dir)
     rec = {
         "heal": {k: v for k, v in res.to_dict().items() if k != "history"},
         "healed_zero_shot": tr.metrics["emulator_zero_shot"],

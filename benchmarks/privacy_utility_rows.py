@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import SEED, Task, digest, log, write_json
+from benchmarks.harness import SEED, Task, digest, evaluate_task, log, tune_on_task, write_json
 from data_owner_client.train import (
     TrainConfig,
     set_seed,
     train,
     train_layers_in_model,
 )
-from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.plugin import plug_in
 from shared.architectures import decoder_layers
 from shared.data import pad_id_for, training_examples
 from shared.emulator_file import count_params, load_emulator
-from shared.evaluation import evaluate
 from shared.layer_plan import Role
 
 
@@ -51,18 +48,6 @@ def train_config(task: Task, budget: Any) -> TrainConfig:
         seq_len=budget.seq_len,
         seed=SEED,
         save_every=10**9,
-    )
-
-
-def evaluate_task(model, tok, task: Task, budget: Any, choice) -> dict[str, float]:
-    return evaluate(
-        model,
-        tok,
-        task.eval,
-        seq_len=budget.seq_len,
-        batch_size=task.batch,
-        device=choice.device,
-        max_examples=task.eval_max,
     )
 
 
@@ -120,24 +105,10 @@ def run_emulator_row(model, tok, task: Task, budget: Any, choice, emu: dict, wor
     cfg = train_config(task, budget)
     loaded = load_emulator(emu["path"], device=choice.device)  # the client rebuilds it from the file alone
     out_dir = work / "runs" / f"{budget.profile}-{task.name}-{Path(emu['path']).stem}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tr = tune_emulator(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.plan,
-        task.train,
-        cfg,
-        choice,
-        out_dir,
-        eval_data=task.eval,
-        eval_max_examples=task.eval_max,
-        progress=False,
-        log=lambda m: log(f"    client: {m}"),
-    )
+    tr = tune_on_task(loaded.model, loaded, task, cfg, choice, out_dir, log=lambda m: log(f"    client: {m}"))
     plugged = plug_in(model, tr.tensors, loaded.plan.adapter_layers)  # validates against the full model
     pm = evaluate_task(plugged, tok, task, budget, choice)
     log(f"    server: plug-in {task.metric} {metric_of(task, pm):.4g}")
-    shutil.rmtree(out_dir, ignore_errors=True)
     out = {
         "emulator_zero_shot": metric_of(task, tr.metrics["emulator_zero_shot"]),
         "emulator_ft": metric_of(task, tr.metrics["emulator_fine_tuned"]),
