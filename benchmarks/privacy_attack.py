@@ -25,7 +25,7 @@ import gc
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,8 @@ from benchmarks.harness import (
     write_json,
     zero_shot,
 )
-from benchmarks.privacy_attack_report import markdown, plot, spread, verdict
-from benchmarks.results import environment, result_paths, update_docs_block
+from benchmarks.privacy_attack_report import render, spread
+from benchmarks.results import environment, result_paths
 from data_owner_client.train import resolve_device
 from model_owner_server.scaleot.attack import AttackConfig, heal
 from model_owner_server.scaleot.corpus import corpus_blocks
@@ -190,6 +190,24 @@ def run_attack(task: Task, budget: Budget, choice, emu: dict, kind: str, seed: i
     return rec
 
 
+def cached_attack(
+    task: Task, budget: Budget, choice, emu: dict, kind: str, seed: int, public: tuple, work: Path
+) -> dict:
+    key = [
+        "attack",
+        emu["sha256"],
+        kind,
+        budget.attack_steps,
+        budget.attack_batch,
+        [budget.public_train_chars, budget.public_val_blocks, tuple(public[0].shape)],
+        data_key(task),
+        seed,
+        budget.ft_steps,
+        budget.seq_len,
+    ]
+    return cached(work, key, run_attack, task, budget, choice, emu, kind, seed, public, work)
+
+
 # ---------------------------------------------------------------- rows
 
 
@@ -215,9 +233,10 @@ def run_rows(
     public: tuple,
     work: Path,
     save,
+    longer_multiples: tuple[int, ...] = (),
+    longer_on: str = "scaleot_a0.5",
 ) -> list[dict]:
     rows: list[dict] = []
-    pub_key = [budget.public_train_chars, budget.public_val_blocks, tuple(public[0].shape)]
     for task in tasks:
         zs = cached(
             work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget, choice
@@ -241,35 +260,31 @@ def run_rows(
                 budget.ft_steps,
                 work,
             )
-            attacks = {}
-            for kind in attacks_for(emu, budget):
-                attacks[kind] = cached(
-                    work,
-                    [
-                        "attack",
-                        emu["sha256"],
-                        kind,
-                        budget.attack_steps,
-                        budget.attack_batch,
-                        pub_key,
-                        data_key(task),
-                        seed,
-                        budget.ft_steps,
-                        budget.seq_len,
-                    ],
-                    run_attack,
-                    task,
-                    budget,
-                    choice,
-                    emu,
-                    kind,
-                    seed,
-                    public,
-                    work,
-                )
+            attacks = {
+                kind: cached_attack(task, budget, choice, emu, kind, seed, public, work)
+                for kind in attacks_for(emu, budget)
+            }
             best_kind = max(attacks, key=lambda k: quality(task, attacks[k]["attacker"]))
             best = attacks[best_kind]["attacker"]
             plug, eft = base["plug_in"], base["emulator_ft"]
+            longer = []  # the best attack again with more public text: does the gap shrink as the attacker spends?
+            for m in longer_multiples if (name, seed) == (longer_on, budget.seed) else ():
+                steps = m * budget.ft_steps * budget.text_batch // budget.attack_batch
+                a = cached_attack(task, replace(budget, attack_steps=steps), choice, emu, best_kind, seed, public, work)
+                longer.append(
+                    {
+                        "attack": best_kind,
+                        "multiple_of_task_tokens": m,
+                        "steps": steps,
+                        "tokens": a["heal"]["tokens"],
+                        "heal_loss_after": a["heal"]["loss_after"],
+                        "attacker": a["attacker"][task.metric],
+                        "residual_gap": gap(task, a["attacker"], plug),
+                        "share_of_gain": share_of_gain(task, a["attacker"], plug, zs),
+                        "seconds": a["seconds"],
+                    }
+                )
+                log(f"  {name} {best_kind} at {m}x the task tokens: residual gap {longer[-1]['residual_gap']:+.3f}")
             row = {
                 "task": task.name,
                 "metric": task.metric,
@@ -297,6 +312,7 @@ def run_rows(
                 "share_of_gain": share_of_gain(task, best, plug, zs),
                 "base_seconds": base["seconds"],
                 "plug_in_gain": quality(task, plug) - quality(task, zs),
+                "longer_attacks": longer,
             }
             rows.append(row)
             log(
@@ -322,9 +338,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--docs", action="store_true", help="also write the table into docs/benchmarks.md")
+    p.add_argument(
+        "--longer",
+        default="",
+        help="also rerun the best attack on --longer-on with this many times the task's tokens (e.g. 16,32)",
+    )
+    p.add_argument("--longer-on", default="scaleot_a0.5", help="the emulator the longer attacks run on")
     args = p.parse_args(argv)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     budget = PROFILES[profile]
+    names = [spec.name for spec in emulator_specs(budget)]
+    try:
+        multiples = tuple(int(m) for m in args.longer.split(",") if m.strip())
+    except ValueError:
+        multiples = (0,)
+    if any(m < 1 for m in multiples) or args.longer_on not in names:
+        p.error(f"--longer takes positive integers (e.g. 16,32); --longer-on one of {', '.join(names)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
@@ -367,11 +396,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["meta"]["seconds"] = time.perf_counter() - t0
         write_json(json_path, result)
 
-    rows = run_rows(model, tok, model_id, emulators, tasks, budget, choice, public, work, save)
+    rows = run_rows(
+        model, tok, model_id, emulators, tasks, budget, choice, public, work, save, multiples, args.longer_on
+    )
     result["spread"] = spread(rows)
     result["noise"] = max(0.02, 2 * result["spread"]["residual_gap"]) if result["spread"] else 0.02
     for r in rows:
-        r["verdict"] = verdict(r, result["noise"])
         for a in r["attackers"].values():
             a["share_of_stage1_seconds"] = a["seconds"] / max(info["seconds"], 1e-9)
     result["meta"]["seconds"] = time.perf_counter() - t0
@@ -384,21 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result["meta"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["complete"] = True
+    md = render(result, json_path, DOCS if args.docs else None)
     write_json(json_path, result)
-    md = markdown(result)
-    md_path.write_text(md)
-    result["plot"] = str(plot(result, png_path) or "")
-    if args.docs:
-        update_docs_block(
-            DOCS,
-            "privacy-attack",
-            md
-            + (
-                f"\n![privacy-utility frontier under attack](../benchmarks/results/{png_path.name})\n"
-                if result["plot"]
-                else ""
-            ),
-        )
     print("\n" + md, flush=True)
     log(f"wrote {json_path}, {md_path}" + (f", {png_path}" if result["plot"] else ""))
     return result

@@ -3,6 +3,8 @@ privacy-utility frontier under attack (PNG)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
 
 # isort: split
 
-from benchmarks.results import markdown_table, pyplot
+from benchmarks.results import markdown_table, pyplot, update_docs_block
 
 
 def spread(rows: list[dict]) -> dict[str, Any] | None:
@@ -32,13 +34,27 @@ def spread(rows: list[dict]) -> dict[str, Any] | None:
 
 
 def verdict(row: dict, noise: float) -> str:
-    if row["plug_in_gain"] <= noise:
-        return "no plug-in gain to protect"
+    """Whether the attacker's copy stays worse than what the model owner serves; the gap is what protects M
+    whether or not this task's fine-tune moved the plug-in beyond the noise (then it is said too)."""
     if row["residual_gap"] > noise:
-        return "gap kept"
-    if row["residual_gap"] < -noise:
-        return "**attacker beats the plug-in**"
-    return "**gap closed** (within noise)"
+        text = "gap kept"
+    elif row["residual_gap"] < -noise:
+        text = "**attacker beats the plug-in**"
+    else:
+        text = "**gap closed** (within noise)"
+    return text + ("; plug-in gain within noise" if row["plug_in_gain"] <= noise else "")
+
+
+def summary(rows: list[dict], noise: float) -> list[str]:
+    """One plain sentence per verdict: which emulators keep a gap after the strongest attack and which do not."""
+    kept = [r["emulator"] for r in rows if r["residual_gap"] > noise]
+    lost = [r["emulator"] for r in rows if r["residual_gap"] <= noise]
+    lines = []
+    if kept:
+        lo = min(r["residual_gap"] for r in rows if r["residual_gap"] > noise)
+        lines.append(f"Gap kept after the best attack (≥ {lo:+.2f}): {', '.join(kept)}.")
+    lines.append(f"Gap closed or reversed by the attacker: {', '.join(lost)}." if lost else "No attack closed the gap.")
+    return lines
 
 
 # ---------------------------------------------------------------- report
@@ -65,6 +81,7 @@ def markdown(result: dict) -> str:
         f"Compute time {meta['compute_seconds'] / 60:.0f} min from scratch (stage 1, emulator builds and every row, "
         f"each timed when it ran; this invocation {meta['seconds'] / 60:.0f} min; {meta['torch_threads']} torch "
         f"threads, {meta['device']}, load average {meta.get('load_average', 0):.1f} at the end).",
+        attack_cost(result),
         "",
     ]
     for task in sorted({r["task"] for r in result["rows"]}):
@@ -102,8 +119,70 @@ def markdown(result: dict) -> str:
                     verdict(r, noise),
                 ]
             )
-        lines += [*markdown_table(header, body), ""]
+        lines += [*markdown_table(header, body), "", *summary(rows, noise), ""]
+        lines += longer_attacks(result, rows, unit)
     return "\n".join(lines) + "\n"
+
+
+def longer_attacks(result: dict, rows: list[dict], unit: str) -> list[str]:
+    """The best attack rerun with more public text on one emulator, next to the sweep's own budget."""
+    row = next((r for r in rows if r.get("longer_attacks")), None)
+    if row is None:
+        return []
+    b, task_tokens = result["budgets"], result["budgets"]["task_tokens"]
+    first = {
+        "multiple_of_task_tokens": b["attack_tokens"] / task_tokens,
+        "steps": result["meta"]["budget"]["attack_steps"],
+        "tokens": b["attack_tokens"],
+        "attacker": row["attacker"],
+        "residual_gap": row["residual_gap"],
+        "share_of_gain": row["share_of_gain"],
+        "seconds": row["attackers"][row["best_attack"]]["seconds"],
+    }
+    body = [
+        [
+            f"{e['multiple_of_task_tokens']:.0f}×",
+            str(e["steps"]),
+            f"{e['tokens']:,}",
+            f"{e['tokens'] / b['stage1_tokens']:.0%}",
+            f"{e['attacker']:.4g}",
+            f"{e['residual_gap']:+.3f}",
+            "–"
+            if e["share_of_gain"] is None or row["plug_in_gain"] <= result["noise"]
+            else f"{e['share_of_gain']:.2f}",
+            f"{e['seconds']:.0f}",
+        ]
+        for e in [first, *row["longer_attacks"]]
+    ]
+    header = [
+        "attacker's public text (× task)",
+        "steps",
+        "tokens",
+        "of stage 1's tokens",
+        f"attacker ({row['metric']})",
+        f"residual gap ({unit})",
+        "share of the gain",
+        "seconds",
+    ]
+    return [
+        f"Longer attacks: {row['best_attack']} (the best above) on {row['emulator']} with more public text "
+        f"(plug-in {row['plug_in']:.4g}):",
+        "",
+        *markdown_table(header, body),
+        "",
+    ]
+
+
+def attack_cost(result: dict) -> str:
+    """The attacks' wall time, also as a share of what stage 1 cost the model owner."""
+    secs = [a["seconds"] for r in result["rows"] for a in r["attackers"].values()]
+    if not secs:
+        return ""
+    stage1 = max(result["budgets"]["stage1_seconds"], 1e-9)
+    return (
+        f"Each attack (healing and the task fine-tune) took {min(secs):.0f}–{max(secs):.0f} s, "
+        f"{min(secs) / stage1:.0%}–{max(secs) / stage1:.0%} of stage 1's {stage1:.0f} s."
+    )
 
 
 def plot(result: dict, path: Path) -> Path | None:
@@ -159,3 +238,38 @@ def plot(result: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def render(result: dict, json_path: Path, docs: Path | None = None) -> str:
+    """Verdicts, the markdown table (.md beside the JSON), the PNG, and the docs block when `docs` is given."""
+    for r in result["rows"]:
+        r["verdict"] = verdict(r, result["noise"])
+    md = markdown(result)
+    json_path.with_suffix(".md").write_text(md)
+    png = plot(result, json_path.with_suffix(".png"))
+    result["plot"] = str(png or "")
+    if docs is not None:
+        figure = f"\n![privacy-utility frontier under attack](../benchmarks/results/{png.name})\n" if png else ""
+        update_docs_block(docs, "privacy-attack", md + figure)
+    return md
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Re-render a finished run's report from its JSON (no model is loaded)."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("json", type=Path, help="benchmarks/results/privacy_attack*.json")
+    p.add_argument("--docs", type=Path, default=None, help="also replace the block in this file (docs/benchmarks.md)")
+    args = p.parse_args(argv)
+    result = json.loads(args.json.read_text())
+    if not result.get("complete"):
+        raise SystemExit(f"{args.json} is from an unfinished run; run benchmarks/privacy_attack.py to finish it")
+    md = render(result, args.json, args.docs)
+    print(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()

@@ -4,11 +4,14 @@ attack, the figures are consistent with their definitions, and the result files 
 import json
 import math
 
-from benchmarks import privacy_attack
+import pytest
+
+from benchmarks import privacy_attack, privacy_attack_report
 
 
 def test_tiny_sweep_writes_rows_attacks_and_tables(tmp_path):
-    result = privacy_attack.main(["--tiny", "--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")])
+    args = ["--tiny", "--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")]
+    result = privacy_attack.main([*args, "--longer", "8"])
     assert result["complete"]
     rows = {(r["emulator"], r["seed"]): r for r in result["rows"]}
     assert set(rows) == {("ot_a0.5", 0), ("scaleot_a0.5", 0), ("scaleot_a0.5_b0.8", 0), ("scaleot_a0.5", 1)}
@@ -22,12 +25,47 @@ def test_tiny_sweep_writes_rows_attacks_and_tables(tmp_path):
         assert math.isclose(r["gap_before_attack"], math.log(r["emulator_ft"]) - math.log(r["plug_in"]), abs_tol=1e-3)
         for a in r["attackers"].values():
             assert a["heal"]["tokens"] == 8 * 2 * 32 and a["heal"]["loss_after"] < a["heal"]["loss_before"]
+    # the longer attack: the best attack again on scaleot_a0.5 with 8x the task's tokens (2x the sweep's budget)
+    (longer,) = rows["scaleot_a0.5", 0]["longer_attacks"]
+    assert longer["attack"] == rows["scaleot_a0.5", 0]["best_attack"]
+    assert longer["steps"] == 16 and longer["tokens"] == 16 * 2 * 32 and longer["multiple_of_task_tokens"] == 8
+    assert not rows["ot_a0.5", 0]["longer_attacks"] and not rows["scaleot_a0.5", 1]["longer_attacks"]
     b = result["budgets"]
     assert b["attack_tokens"] >= 4 * b["task_tokens"]
     saved = json.loads((tmp_path / "r" / "privacy_attack_tiny.json").read_text())
     assert saved["complete"] and saved["spread"]["seeds"] == [0, 1]
     md = (tmp_path / "r" / "privacy_attack_tiny.md").read_text()
-    assert "residual gap" in md and "scaleot_a0.5_b0.8" in md
+    assert "residual gap" in md and "scaleot_a0.5_b0.8" in md and "Longer attacks" in md and "| 8× | 16 |" in md
+    assert "Each attack (healing and the task fine-tune) took" in md and ("Gap kept" in md or "Gap closed" in md)
+    # the report re-renders from the JSON alone, identically, and can write the docs block
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n<!-- privacy-attack:start -->\nold\n<!-- privacy-attack:end -->\n\ntail\n")
+    assert privacy_attack_report.main([str(tmp_path / "r" / "privacy_attack_tiny.json"), "--docs", str(docs)]) == md
+    text = docs.read_text()
+    assert "old" not in text and md.strip() in text and text.endswith("tail\n")
     # a rerun comes from the caches and gives the same figures
-    again = privacy_attack.main(["--tiny", "--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")])
+    again = privacy_attack.main([*args, "--longer", "8"])
     assert [r["residual_gap"] for r in again["rows"]] == [r["residual_gap"] for r in result["rows"]]
+
+
+def test_verdict_names_the_gap_and_says_when_the_plug_in_gain_is_noise():
+    row = {"residual_gap": 0.5, "plug_in_gain": 0.3}
+    assert privacy_attack_report.verdict(row, 0.02) == "gap kept"
+    assert privacy_attack_report.verdict({**row, "plug_in_gain": 0.01}, 0.02) == "gap kept; plug-in gain within noise"
+    assert "gap closed" in privacy_attack_report.verdict({**row, "residual_gap": 0.01}, 0.02)
+    assert "attacker beats" in privacy_attack_report.verdict({**row, "residual_gap": -0.1}, 0.02)
+    rows = [
+        {"emulator": "a", "residual_gap": 0.5},
+        {"emulator": "b", "residual_gap": 0.01},
+    ]
+    assert privacy_attack_report.summary(rows, 0.02) == [
+        "Gap kept after the best attack (≥ +0.50): a.",
+        "Gap closed or reversed by the attacker: b.",
+    ]
+
+
+@pytest.mark.parametrize("flags", [["--longer", "0"], ["--longer", "x"], ["--longer", "8", "--longer-on", "nope"]])
+def test_bad_longer_flags_fail_before_any_work(tmp_path, flags, capsys):
+    with pytest.raises(SystemExit):
+        privacy_attack.main(["--tiny", "--work-dir", str(tmp_path / "w"), *flags])
+    assert "--longer" in capsys.readouterr().err and not (tmp_path / "w").exists()
