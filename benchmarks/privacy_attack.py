@@ -3,9 +3,11 @@
 
 For each emulator the service builds (OT uniform LayerDrop and ScaleOT at several alpha / beta), the honest
 data owner fine-tunes its adapter on the emulator (emulator FT) and the model owner plugs it in (plug-in).
-An attacker first trains the emulator on public text it holds (Python's pydoc topics: disjoint from the
-stage-1 Wikipedia excerpt and from the Shakespeare task), with the attacks of model_owner_server/scaleot/
-attack.py (heal-lora, heal-all, densify), and then fine-tunes the adapter exactly as the data owner does.
+An attacker first trains the emulator on public text it holds (--public pydoc: Python's pydoc topics, far
+from every task; --public shakespeare: the Shakespeare works the task does not use, in the task's own domain;
+both disjoint from the stage-1 Wikipedia excerpt and from the task's data), with the attacks of
+model_owner_server/scaleot/attack.py (heal-lora, heal-all, densify), and then fine-tunes the adapter exactly
+as the data owner does.
 
   residual privacy gap = attacker - plug-in: eval loss difference in nats (perplexity tasks; positive: the
                          attacker stays worse than the plug-in) or plug-in - attacker accuracy in points
@@ -14,6 +16,8 @@ attack.py (heal-lora, heal-all, densify), and then fine-tunes the adapter exactl
   .venv/bin/python benchmarks/privacy_attack.py            # the sweep (docs/benchmarks.md)
   .venv/bin/python benchmarks/privacy_attack.py --quick    # alpha 0.5 only, small budgets
   .venv/bin/python benchmarks/privacy_attack.py --tiny     # random tiny LLaMA, seconds (tests)
+  .venv/bin/python benchmarks/privacy_attack.py --public shakespeare --emulators ot_a0.5,scaleot_a0.5
+  .venv/bin/python benchmarks/privacy_attack.py --longer 16,32   # the best attack with more text on one emulator
 
 Caches (stage 1, emulator files, rows) are shared with benchmarks/transfer.py through benchmarks/harness.py.
 """
@@ -33,7 +37,7 @@ from typing import Any
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
+from benchmarks.harness import REPO, SEED  # first: sets the thread and offline environment before torch loads
 
 # isort: split
 import torch
@@ -66,6 +70,10 @@ from shared.emulator_file import load_emulator
 from shared.modules import LowRankLinear
 
 RESULT_NAME = "privacy_attack"
+PUBLIC_CORPORA = {
+    "pydoc": "pydoc (Python's documentation topics)",
+    "shakespeare": "other Shakespeare works (the 37 of 42 the task uses neither for training nor for eval)",
+}
 DOCS = REPO / "docs" / "benchmarks.md"
 
 
@@ -164,13 +172,14 @@ def attacks_for(emu: dict, budget: Budget) -> list[str]:
 # ---------------------------------------------------------------- the attacker
 
 
-def public_blocks(tok, work: Path, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
+def public_blocks(tok, work: Path, budget: Budget, source: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(train blocks, held-out blocks, source name): the attacker's public text, tokenized."""
     from scaleot_samples.corpora import write_public_files
 
-    out = work / "data" / budget.profile
-    files = write_public_files(out, budget.public_train_chars, 40_000)
+    out = work / "data" / budget.profile / ("" if source == "pydoc" else f"public-{source}")
+    files = write_public_files(out, budget.public_train_chars, 40_000, source=source, task_seed=SEED)
     train_b, val_b = corpus_blocks(tok, files["public_train"], budget.seq_len, val_corpus=files["public_val"])
-    return train_b, val_b[: budget.public_val_blocks]
+    return train_b, val_b[: budget.public_val_blocks], source
 
 
 def run_attack(task: Task, budget: Budget, choice, emu: dict, kind: str, seed: int, public: tuple, work: Path) -> dict:
@@ -199,7 +208,8 @@ def cached_attack(
         kind,
         budget.attack_steps,
         budget.attack_batch,
-        [budget.public_train_chars, budget.public_val_blocks, tuple(public[0].shape)],
+        [budget.public_train_chars, budget.public_val_blocks, tuple(public[0].shape)]
+        + ([] if public[2] == "pydoc" else [public[2]]),  # pydoc's keys predate --public: kept, so caches hold
         data_key(task),
         seed,
         budget.ft_steps,
@@ -344,10 +354,24 @@ def main(argv: list[str] | None = None) -> dict:
         help="also rerun the best attack on --longer-on with this many times the task's tokens (e.g. 16,32)",
     )
     p.add_argument("--longer-on", default="scaleot_a0.5", help="the emulator the longer attacks run on")
+    p.add_argument(
+        "--public",
+        choices=("pydoc", "shakespeare"),
+        default="pydoc",
+        help="the attacker's public text: pydoc (far from the task) or the Shakespeare works the task does not use",
+    )
+    p.add_argument("--emulators", default="", help="only these emulators (comma-separated names; default all)")
     args = p.parse_args(argv)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     budget = PROFILES[profile]
-    names = [spec.name for spec in emulator_specs(budget)]
+    specs = emulator_specs(budget)
+    names = [spec.name for spec in specs]
+    only = [n.strip() for n in args.emulators.split(",") if n.strip()]
+    if unknown := sorted(set(only) - set(names)):
+        p.error(f"--emulators: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
+    if args.public != "pydoc" and profile == "tiny":
+        p.error("--tiny runs on synthetic text: use --public pydoc (the default)")
+    specs = [spec for spec in specs if not only or spec.name in only]
     try:
         multiples = tuple(int(m) for m in args.longer.split(",") if m.strip())
     except ValueError:
@@ -357,7 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
-    json_path, md_path, png_path = result_paths(Path(args.results_dir), RESULT_NAME, profile)
+    name = RESULT_NAME if args.public == "pydoc" else f"{RESULT_NAME}_public_{args.public}"
+    json_path, md_path, png_path = result_paths(Path(args.results_dir), name, profile)
     choice = resolve_device(args.device)
     t0 = time.perf_counter()
     model, tok, model_id = load_model(
@@ -367,10 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
     files = prepare_data(work, budget)
     tasks = make_tasks(files, budget, [t.strip() for t in args.tasks.split(",") if t.strip()])
     importance, info = stage1(model, tok, model_id, files, budget, budget.seed, work)
-    emulators = build_emulators(
-        model, tok, importance, digest(info["scores"]), emulator_specs(budget), files, budget, work
-    )
-    public = public_blocks(tok, work, budget)
+    emulators = build_emulators(model, tok, importance, digest(info["scores"]), specs, files, budget, work)
+    public = public_blocks(tok, work, budget, args.public)
     icfg = info["config"]
     stage1_tokens = (icfg["warmup_steps"] + icfg["steps"]) * icfg["batch_size"] * budget.seq_len
     attack_tokens = budget.attack_steps * budget.attack_batch * budget.seq_len
@@ -382,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
             "stage1_tokens": stage1_tokens,
             "attack_share_of_stage1_tokens": attack_tokens / stage1_tokens,
             "stage1_seconds": info["seconds"],
-            "public_corpus": "pydoc_data.topics",
+            "public_corpus": PUBLIC_CORPORA[args.public],
             "public_train_blocks": len(public[0]),
             "public_val_blocks": len(public[1]),
         },
@@ -414,7 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result["meta"]["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["complete"] = True
-    md = render(result, json_path, DOCS if args.docs else None)
+    marker = "privacy-attack" if args.public == "pydoc" else f"privacy-attack-public-{args.public}"
+    md = render(result, json_path, DOCS if args.docs else None, marker)
     write_json(json_path, result)
     print("\n" + md, flush=True)
     log(f"wrote {json_path}, {md_path}" + (f", {png_path}" if result["plot"] else ""))

@@ -64,12 +64,14 @@ def markdown(result: dict) -> str:
     meta, b = result["meta"], result["meta"]["budget"]
     noise = result["noise"]
     lines = [
-        f"### Privacy under attack ({meta['model']}, {meta['profile']} profile)",
+        f"### Privacy under attack ({meta['model']}, {meta['profile']} profile, "
+        f"attacker's public text: {result['budgets']['public_corpus']})",
         "",
         f"Data owner: {b['ft_steps']} steps × {b['text_batch']} × {b['seq_len']} tokens of Shakespeare "
         f"({result['budgets']['task_tokens']:,} tokens). Attacker: each attack trains {b['attack_steps']} steps × "
         f"{b['attack_batch']} × {b['seq_len']} = {result['budgets']['attack_tokens']:,} tokens of public text "
-        f"(pydoc; {result['budgets']['attack_tokens'] / result['budgets']['task_tokens']:.0f}× the task budget, "
+        f"({result['budgets']['public_corpus'].split(' (')[0]}; "
+        f"{result['budgets']['attack_tokens'] / result['budgets']['task_tokens']:.0f}× the task budget, "
         f"{result['budgets']['attack_share_of_stage1_tokens']:.0%} of stage 1's training tokens), then the same "
         f"task fine-tune. Seed {b['seed']}; a gap within ±{noise:.3f} nats counts as closed "
         + (
@@ -243,7 +245,7 @@ def plot(result: dict, path: Path) -> Path | None:
 # ---------------------------------------------------------------- publishing
 
 
-def render(result: dict, json_path: Path, docs: Path | None = None) -> str:
+def render(result: dict, json_path: Path, docs: Path | None = None, marker: str = "privacy-attack") -> str:
     """Verdicts, the markdown table (.md beside the JSON), the PNG, and the docs block when `docs` is given."""
     for r in result["rows"]:
         r["verdict"] = verdict(r, result["noise"])
@@ -253,7 +255,7 @@ def render(result: dict, json_path: Path, docs: Path | None = None) -> str:
     result["plot"] = str(png or "")
     if docs is not None:
         figure = f"\n![privacy-utility frontier under attack](../benchmarks/results/{png.name})\n" if png else ""
-        update_docs_block(docs, "privacy-attack", md + figure)
+        update_docs_block(docs, marker, md + figure)
     return md
 
 
@@ -262,11 +264,12 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("json", type=Path, help="benchmarks/results/privacy_attack*.json")
     p.add_argument("--docs", type=Path, default=None, help="also replace the block in this file (docs/benchmarks.md)")
+    p.add_argument("--marker", default="privacy-attack", help="the docs block's marker")
     args = p.parse_args(argv)
     result = json.loads(args.json.read_text())
     if not result.get("complete"):
         raise SystemExit(f"{args.json} is from an unfinished run; run benchmarks/privacy_attack.py to finish it")
-    md = render(result, args.json, args.docs)
+    md = render(result, args.json, args.docs, args.marker)
     print(md)
     return md
 

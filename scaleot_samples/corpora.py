@@ -352,13 +352,32 @@ def write_corpus_files(
     }
 
 
-def write_public_files(out_dir: str | Path, train_chars: int = 400_000, val_chars: int = 40_000) -> dict[str, Path]:
-    """``public_train.txt`` / ``public_val.txt``: the attacker's public text, train and held-out parts disjoint."""
+def other_shakespeare_text(n_train_works: int = 4, n_eval_works: int = 1, seed: int = 0) -> str:
+    """Every work that write_shakespeare_files(..., seed) does *not* pick: public text in the task's own domain,
+    disjoint from its train and eval works (the strongest public corpus a Shakespeare data owner could use)."""
+    works = list(_shakespeare_cached())
+    picked = {name for name, _ in random.Random(seed).sample(works, n_train_works + n_eval_works)}
+    return "\n\n".join(text for name, text in works if name not in picked)
+
+
+def write_public_files(
+    out_dir: str | Path,
+    train_chars: int = 400_000,
+    val_chars: int = 40_000,
+    source: str = "pydoc",
+    task_seed: int = 0,
+) -> dict[str, Path]:
+    """``public_train.txt`` / ``public_val.txt``: the attacker's public text, train and held-out parts disjoint.
+    `source`: ``pydoc`` (Python's pydoc topics: far from every task) or ``shakespeare`` (the works the seeded
+    Shakespeare task does not use)."""
     from model_owner_server.privacy_audit import pydoc_text
 
-    out_dir, text = Path(out_dir), pydoc_text()
+    if source not in ("pydoc", "shakespeare"):
+        raise ValueError(f"unknown public corpus {source!r}: use pydoc or shakespeare")
+    out_dir = Path(out_dir)
+    text = pydoc_text() if source == "pydoc" else other_shakespeare_text(seed=task_seed)
     if train_chars + val_chars > len(text):
-        raise ValueError(f"pydoc_data has {len(text)} characters; ask for at most that many (train + val)")
+        raise ValueError(f"the {source} text has {len(text)} characters; ask for at most that many (train + val)")
     return {
         "public_train": _write(out_dir / "public_train.txt", text[:train_chars] + "\n"),
         "public_val": _write(out_dir / "public_val.txt", text[-val_chars:] + "\n"),

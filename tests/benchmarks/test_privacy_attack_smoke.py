@@ -64,8 +64,25 @@ def test_verdict_names_the_gap_and_says_when_the_plug_in_gain_is_noise():
     ]
 
 
-@pytest.mark.parametrize("flags", [["--longer", "0"], ["--longer", "x"], ["--longer", "8", "--longer-on", "nope"]])
-def test_bad_longer_flags_fail_before_any_work(tmp_path, flags, capsys):
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--longer", "0"], "--longer"),
+        (["--longer", "x"], "--longer"),
+        (["--longer", "8", "--longer-on", "nope"], "--longer-on"),
+        (["--emulators", "scaleot_a0.5,nope"], "unknown nope"),
+        (["--public", "shakespeare"], "synthetic"),
+    ],
+)
+def test_bad_flags_fail_before_any_work(tmp_path, flags, said, capsys):
     with pytest.raises(SystemExit):
         privacy_attack.main(["--tiny", "--work-dir", str(tmp_path / "w"), *flags])
-    assert "--longer" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    assert said in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def test_emulator_subset_runs_only_those(tmp_path):
+    result = privacy_attack.main(
+        ["--tiny", "--emulators", "ot_a0.5", "--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")]
+    )
+    assert [r["emulator"] for r in result["rows"]] == ["ot_a0.5"] and result["spread"] is None
+    assert set(result["emulators"]) == {"ot_a0.5"}

