@@ -275,8 +275,11 @@ def run_rows(
                 for kind in attacks_for(emu, budget)
             }
             best_kind = max(attacks, key=lambda k: quality(task, attacks[k]["attacker"]))
-            best = attacks[best_kind]["attacker"]
             plug, eft = base["plug_in"], base["emulator_ft"]
+            # The attacker keeps whichever is better: a healed copy, or no healing at all (healing on text far from
+            # the task can hurt it); so the residual gap is never wider than the gap before the attack.
+            helped = quality(task, attacks[best_kind]["attacker"]) > quality(task, eft)
+            best = attacks[best_kind]["attacker"] if helped else eft
             longer = []  # the best attack again with more public text: does the gap shrink as the attacker spends?
             for m in longer_multiples if (name, seed) == (longer_on, budget.seed) else ():
                 steps = m * budget.ft_steps * budget.text_batch // budget.attack_batch
@@ -311,11 +314,13 @@ def run_rows(
                         "attacker": a["attacker"][task.metric],
                         "healed_zero_shot": a["healed_zero_shot"][task.metric],
                         "heal": a["heal"],
+                        "residual_gap": gap(task, a["attacker"], plug),
                         "seconds": a["seconds"],
                     }
                     for k, a in attacks.items()
                 },
                 "best_attack": best_kind,
+                "attack_helped": helped,
                 "attacker": best[task.metric],
                 "gap_before_attack": gap(task, eft, plug),
                 "residual_gap": gap(task, best, plug),

@@ -116,12 +116,19 @@ def markdown(result: dict) -> str:
                     f"{r['emulator_ft']:.4g}",
                     *att,
                     f"{r['gap_before_attack']:+.3f}",
-                    f"{r['residual_gap']:+.3f}",
+                    f"{r['residual_gap']:+.3f}" + ("" if r.get("attack_helped", True) else " ¹"),
                     share,
                     verdict(r, noise),
                 ]
             )
-        lines += [*markdown_table(header, body), "", *summary(rows, noise), ""]
+        lines += [*markdown_table(header, body), ""]
+        if not all(r.get("attack_helped", True) for r in rows):
+            lines += [
+                "¹ no attack helped: every healed copy fine-tuned worse than the honest emulator FT, so the attacker "
+                "keeps that and the residual gap is the gap before.",
+                "",
+            ]
+        lines += [*summary(rows, noise), ""]
         lines += longer_attacks(result, rows, unit)
     return "\n".join(lines) + "\n"
 
@@ -136,9 +143,9 @@ def longer_attacks(result: dict, rows: list[dict], unit: str) -> list[str]:
         "multiple_of_task_tokens": b["attack_tokens"] / task_tokens,
         "steps": result["meta"]["budget"]["attack_steps"],
         "tokens": b["attack_tokens"],
-        "attacker": row["attacker"],
-        "residual_gap": row["residual_gap"],
-        "share_of_gain": row["share_of_gain"],
+        "attacker": row["attackers"][row["best_attack"]]["attacker"],
+        "residual_gap": row["attackers"][row["best_attack"]]["residual_gap"],
+        "share_of_gain": row["share_of_gain"] if row.get("attack_helped", True) else None,
         "seconds": row["attackers"][row["best_attack"]]["seconds"],
     }
     body = [

@@ -21,7 +21,11 @@ def test_tiny_sweep_writes_rows_attacks_and_tables(tmp_path):
     for r in result["rows"]:
         best = r["attackers"][r["best_attack"]]["attacker"]
         assert best == min(a["attacker"] for a in r["attackers"].values())  # perplexity: lower is better
-        assert math.isclose(r["residual_gap"], math.log(best) - math.log(r["plug_in"]), abs_tol=1e-3)
+        # the attacker keeps the better of its best healed copy and no healing at all
+        assert r["attack_helped"] == (best < r["emulator_ft"])
+        kept = min(best, r["emulator_ft"])
+        assert math.isclose(r["residual_gap"], math.log(kept) - math.log(r["plug_in"]), abs_tol=1e-3)
+        assert r["residual_gap"] <= r["gap_before_attack"] + 1e-9
         assert math.isclose(r["gap_before_attack"], math.log(r["emulator_ft"]) - math.log(r["plug_in"]), abs_tol=1e-3)
         for a in r["attackers"].values():
             assert a["heal"]["tokens"] == 8 * 2 * 32 and a["heal"]["loss_after"] < a["heal"]["loss_before"]
