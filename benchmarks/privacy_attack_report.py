@@ -60,6 +60,11 @@ def summary(rows: list[dict], noise: float) -> list[str]:
 # ---------------------------------------------------------------- report
 
 
+def share_cell(share: float | None, plug_in_gain: float, noise: float) -> str:
+    """The attacker's share of the plug-in's gain; a share of a gain smaller than the noise means nothing."""
+    return "–" if share is None or plug_in_gain <= noise else f"{share:.2f}"
+
+
 def markdown(result: dict) -> str:
     meta, b = result["meta"], result["meta"]["budget"]
     noise = result["noise"]
@@ -105,9 +110,7 @@ def markdown(result: dict) -> str:
         body = []
         for r in rows:
             att = [f"{r['attackers'][a]['attacker']:.4g}" if a in r["attackers"] else "= heal-all" for a in attacks]
-            share = (  # a share of a gain smaller than the noise means nothing
-                "–" if r["share_of_gain"] is None or r["plug_in_gain"] <= noise else f"{r['share_of_gain']:.2f}"
-            )
+            share = share_cell(r["share_of_gain"], r["plug_in_gain"], noise)
             body.append(
                 [
                     r["emulator"],
@@ -156,9 +159,7 @@ def longer_attacks(result: dict, rows: list[dict], unit: str) -> list[str]:
             f"{e['tokens'] / b['stage1_tokens']:.0%}",
             f"{e['attacker']:.4g}",
             f"{e['residual_gap']:+.3f}",
-            "–"
-            if e["share_of_gain"] is None or row["plug_in_gain"] <= result["noise"]
-            else f"{e['share_of_gain']:.2f}",
+            share_cell(e["share_of_gain"], row["plug_in_gain"], result["noise"]),
             f"{e['seconds']:.0f}",
         ]
         for e in [first, *row["longer_attacks"]]

@@ -276,6 +276,14 @@ def write_wiki_files(out_dir: str | Path, train_chars: int = 400_000, val_chars:
     }
 
 
+def _task_works(n_train_works: int, n_eval_works: int, seed: int) -> list[tuple[str, str]]:
+    """The seeded choice of (name, text) works behind write_shakespeare_files: train works first, then eval."""
+    works = list(_shakespeare_cached())
+    if n_train_works + n_eval_works > len(works):
+        raise ValueError(f"only {len(works)} works exist; asked for {n_train_works}+{n_eval_works}")
+    return random.Random(seed).sample(works, n_train_works + n_eval_works)
+
+
 def write_shakespeare_files(
     out_dir: str | Path,
     n_train_works: int = 4,
@@ -285,10 +293,7 @@ def write_shakespeare_files(
 ) -> dict[str, Path]:
     """``shakespeare_train.txt`` / ``shakespeare_eval.txt`` from different works (seeded choice)."""
     out_dir = Path(out_dir)
-    works = list(_shakespeare_cached())
-    if n_train_works + n_eval_works > len(works):
-        raise ValueError(f"only {len(works)} works exist; asked for {n_train_works}+{n_eval_works}")
-    picked = random.Random(seed).sample(works, n_train_works + n_eval_works)
+    picked = _task_works(n_train_works, n_eval_works, seed)
     cut = (lambda t: t[:max_chars_per_work]) if max_chars_per_work else (lambda t: t)
     return {
         "shakespeare_train": _write(
@@ -355,9 +360,8 @@ def write_corpus_files(
 def other_shakespeare_text(n_train_works: int = 4, n_eval_works: int = 1, seed: int = 0) -> str:
     """Every work that write_shakespeare_files(..., seed) does *not* pick: public text in the task's own domain,
     disjoint from its train and eval works (the strongest public corpus a Shakespeare data owner could use)."""
-    works = list(_shakespeare_cached())
-    picked = {name for name, _ in random.Random(seed).sample(works, n_train_works + n_eval_works)}
-    return "\n\n".join(text for name, text in works if name not in picked)
+    picked = {name for name, _ in _task_works(n_train_works, n_eval_works, seed)}
+    return "\n\n".join(text for name, text in _shakespeare_cached() if name not in picked)
 
 
 def write_public_files(
