@@ -90,3 +90,11 @@ def test_emulator_subset_runs_only_those(tmp_path):
     )
     assert [r["emulator"] for r in result["rows"]] == ["ot_a0.5"] and result["spread"] is None
     assert set(result["emulators"]) == {"ot_a0.5"}
+
+
+def test_report_refuses_an_unfinished_run_and_writes_nothing(tmp_path):
+    unfinished = tmp_path / "privacy_attack.json"
+    unfinished.write_text(json.dumps({"complete": False, "rows": []}))
+    with pytest.raises(SystemExit, match=r"unfinished run; run benchmarks/privacy_attack\.py"):
+        privacy_attack_report.main([str(unfinished), "--docs", str(tmp_path / "benchmarks.md")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["privacy_attack.json"]
