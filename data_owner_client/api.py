@@ -17,6 +17,7 @@ from shared import schemas
 from shared.signing import SignatureError
 
 from .errors import BadInputError, ServerError
+from .key_safety import check_transport, server_origin
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -85,12 +86,12 @@ def raise_for_status(response: httpx.Response) -> None:
         raise ServerError(
             f"server answered 401 for {response.request.method} {response.request.url}: no API key "
             "was sent. Ask the model owner for an API key for your organization, then set "
-            "SCALEOT_API_KEY (or pass --api-key)",
+            "SCALEOT_API_KEY (or pass --api-key-file FILE)",
             status_code=401,
             code=code or "unauthorized",
         )
     hint = {
-        401: " (the key in SCALEOT_API_KEY / --api-key was refused: ask the model owner for a valid one)",
+        401: " (the key in SCALEOT_API_KEY / --api-key-file / --api-key was refused: ask the model owner for a valid one)",
         403: " (check SCALEOT_API_KEY: your organization may lack access; ask the model owner)",
     }.get(response.status_code, "")
     raise ServerError(
@@ -120,17 +121,42 @@ def parse_as(model: type[M], data: Any, what: str) -> M:
         ) from None
 
 
+class ServerBearer(httpx.Auth):
+    """`Authorization: Bearer KEY` on requests to the server's own origin only: a URL on any other origin, however
+    it got into a request (a redirect, a link in a response, a bug), goes without the key."""
+
+    def __init__(self, server: str, api_key: str):
+        self._origin = server_origin(server)
+        self._value = f"Bearer {api_key}"
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        if server_origin(str(request.url)) == self._origin:
+            request.headers["Authorization"] = self._value
+        yield request
+
+
 class ServerClient:
-    """Thin httpx wrapper: bearer auth, JSON errors -> ServerError, transport errors -> ServerError."""
+    """Thin httpx wrapper: bearer auth, JSON errors -> ServerError, transport errors -> ServerError.
+
+    With an API key it refuses (BadInputError) a server reached over plain http that is not loopback, unless
+    `insecure`; the key is sent only to the server's origin, and redirects are never followed.
+    """
 
     def __init__(
-        self, server: str, api_key: str | None, *, timeout: float = 60.0, transport: httpx.BaseTransport | None = None
+        self,
+        server: str,
+        api_key: str | None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+        insecure: bool = False,
     ):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.server = server.rstrip("/")
+        if api_key:
+            check_transport(self.server, insecure=insecure)
         # Redirects are not followed: the API key must only go to the server the user named.
         self.http = httpx.Client(
-            headers=headers,
+            auth=ServerBearer(self.server, api_key) if api_key else None,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport,
             follow_redirects=False,

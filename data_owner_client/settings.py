@@ -15,6 +15,12 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCALEOT_", extra="ignore")
 
     api_key: SecretStr | None = None
+    # A file holding the API key alone (mode 0600); kept off the command line and out of the environment.
+    api_key_file: Path | None = None
+    # Send the API key over plain http to a host that is not loopback (a private, trusted network only).
+    insecure: bool = False
+    # Send the API key to a server it was never used with, without asking (see key_safety.py).
+    allow_new_host: bool = False
     # The server's Ed25519 public key (base64) or its 16-hex-char key id, from GET /v1/signing-keys.
     server_pubkey: str | None = None
     # Downloads (keyed by sha256), trust-on-first-use records. Env: SCALEOT_CLIENT_CACHE.
