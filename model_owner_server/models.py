@@ -90,6 +90,9 @@ class RegisteredModel(Base):
     n_layers: Mapped[int | None] = mapped_column(Integer)
     n_params: Mapped[int | None] = mapped_column(BigInteger)
     n_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # The model owner's emulator policy for this model (shared.schemas.EmulatorPolicy as JSON); None: the
+    # server's default (Settings.emulator_policy). Enforced by model_owner_server/policy.py.
+    emulator_policy: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

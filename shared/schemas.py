@@ -171,6 +171,73 @@ class SignedManifest(_Response):
 # ---------------------------------------------------------------- emulators
 
 
+EmulatorDType = Literal["float32", "bfloat16", "float16"]
+Builders = Literal["granted", "admins"]
+
+
+class EmulatorPolicy(_Request):
+    """The model owner's bounds on what emulators of one model a data owner may get (model_owner_server/policy.py).
+
+    Checked when a data owner asks for a build (nothing is built on a refusal) and again whenever a data
+    owner downloads a file or its signature (so tightening a policy also stops emulators built earlier).
+    Admins may build anything; what they build is issued to data owners only within the policy."""
+
+    min_alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="smallest share of layers replaced")
+    min_beta: float = Field(default=0.0, ge=0.0, lt=1.0, description="smallest SRC ratio (attention rank removed)")
+    max_n_adapter: int = Field(default=8, ge=1, le=1024, description="most adapter layers (sent uncompressed)")
+    max_kept_share: float = Field(
+        default=0.7,
+        gt=0.0,
+        le=1.0,
+        description="most share of M's decoder layers the emulator may carry as original layers "
+        "(adapter + frozen), computed from the plan itself, so no alpha can round its way past it",
+    )
+    allowed_dtypes: list[EmulatorDType] = Field(
+        default_factory=lambda: ["float32", "bfloat16", "float16"], min_length=1, description="storage dtypes"
+    )
+    builders: Builders = Field(
+        default="granted", description="who may ask for a build: 'granted' data owners too, or 'admins' only"
+    )
+    require_audit: bool = Field(
+        default=True,
+        description="data owners get only emulators with a privacy audit (the build job runs one when this is on)",
+    )
+    min_residual_gap_nats: float | None = Field(
+        default=0.5,
+        ge=-100.0,
+        le=100.0,
+        description="the audit's attacker must stay at least this far above M's loss; null: any measured gap",
+    )
+
+
+class EmulatorPolicyUpdate(_Request):
+    """PUT /v1/models/{id}/emulator-policy: the fields to change; the others keep their current values."""
+
+    min_alpha: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_beta: float | None = Field(default=None, ge=0.0, lt=1.0)
+    max_n_adapter: int | None = Field(default=None, ge=1, le=1024)
+    max_kept_share: float | None = Field(default=None, gt=0.0, le=1.0)
+    allowed_dtypes: list[EmulatorDType] | None = Field(default=None, min_length=1)
+    builders: Builders | None = None
+    require_audit: bool | None = None
+    min_residual_gap_nats: float | None = Field(default=None, ge=-100.0, le=100.0)
+    no_min_residual_gap: bool = Field(default=False, description="true: set min_residual_gap_nats to null")
+
+
+class EmulatorPolicyOut(_Response):
+    model_id: str
+    source: Literal["model", "server default"] = Field(
+        description="'model': set for this model; 'server default': SCALEOT_EMULATOR_POLICY"
+    )
+    policy: EmulatorPolicy
+
+
+class PolicyCheck(_Response):
+    issuable: bool = Field(description="a data owner may download this emulator under the current policy")
+    reasons: list[str] = Field(default_factory=list, description="why not, each with what would change it")
+    kept_share: float | None = Field(default=None, description="share of M's decoder layers kept as originals")
+
+
 class TensorSpecOut(_Response):
     shape: list[int]
     dtype: str
@@ -206,6 +273,9 @@ class Emulator(_Response):
         "the emulator on public text; residual_gap_nats = its held-out loss "
         "minus the full model's (> 0: still worse than M); None: not audited",
     )
+    policy_check: PolicyCheck | None = Field(
+        default=None, description="the model owner's emulator policy applied to this emulator, as of now"
+    )
     file_url: str
     signature_url: str
     error: str | None = None
@@ -221,7 +291,7 @@ class EmulatorCreate(_Request):
     n_adapter: int = Field(ge=1, description="number of adapter layers (the most important ones)")
     alpha: float = Field(ge=0.0, le=1.0, description="fraction of the other layers replaced by harmonizers")
     beta: float = Field(ge=0.0, lt=1.0, description="SRC ratio: share of attention rank removed")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: EmulatorDType = Field(
         default="float32",
         description="storage dtype of the emulator file (bf16/fp16: half the size); adapters "
         "come back in it. Stored in build_info and the signed manifest",

@@ -85,6 +85,64 @@ def grant_cmd(
         typer.echo(f"granted {o.name} ({o.id}) access to model {m.name} ({m.id})")
 
 
+@app.command("set-policy")
+def set_policy_cmd(
+    model: str = typer.Argument(..., help="model name or id"),
+    min_alpha: float | None = typer.Option(None, help="smallest share of the non-adapter layers replaced"),
+    min_beta: float | None = typer.Option(None, help="smallest SRC ratio (share of attention rank removed)"),
+    max_n_adapter: int | None = typer.Option(None, help="most adapter layers (sent uncompressed)"),
+    max_kept_share: float | None = typer.Option(None, help="most share of M's layers kept as originals (0-1]"),
+    dtypes: str | None = typer.Option(None, help="allowed storage dtypes, comma-separated (float32,bfloat16,float16)"),
+    builders: str | None = typer.Option(None, help="'granted' (data owners may ask for builds) or 'admins'"),
+    require_audit: bool | None = typer.Option(
+        None, "--require-audit/--no-require-audit", help="data owners get only privacy-audited emulators"
+    ),
+    min_gap: float | None = typer.Option(None, help="smallest residual privacy gap (nats) of the audit's attacker"),
+    any_gap: bool = typer.Option(False, "--any-gap", help="any measured gap will do (no minimum)"),
+    reset: bool = typer.Option(False, "--reset", help="drop the model's own policy: the server default applies"),
+) -> None:
+    """Set what emulators of a model data owners may get (the model's emulator policy); prints the result.
+
+    Without options it prints the current policy. It applies at once: to new requests and to every download.
+    """
+    from pydantic import ValidationError
+
+    from model_owner_server import crud, policy
+    from shared.schemas import EmulatorPolicyUpdate
+
+    settings = load_settings()
+    with db_session(settings) as session:
+        try:
+            m = crud.find_model(session, model)
+        except crud.NotFound as exc:
+            fail(str(exc))
+        values = {
+            "min_alpha": min_alpha,
+            "min_beta": min_beta,
+            "max_n_adapter": max_n_adapter,
+            "max_kept_share": max_kept_share,
+            "allowed_dtypes": [d.strip() for d in dtypes.split(",") if d.strip()] if dtypes is not None else None,
+            "builders": builders,
+            "require_audit": require_audit,
+            "min_residual_gap_nats": min_gap,
+            "no_min_residual_gap": any_gap,
+        }
+        try:
+            update = EmulatorPolicyUpdate.model_validate({k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            fail(f"invalid policy: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+        if reset:
+            m.emulator_policy = None
+            crud.audit(session, None, "reset_emulator_policy", "model", m.id, via="cli")
+        elif update.model_dump(exclude_unset=True):
+            new = policy.updated_policy(policy.effective_policy(m, settings)[0], update)
+            m.emulator_policy = new.model_dump()
+            crud.audit(session, None, "set_emulator_policy", "model", m.id, via="cli", **new.model_dump())
+        session.commit()
+        current, source = policy.effective_policy(m, settings)
+        typer.echo(json.dumps({"model_id": m.id, "source": source, "policy": current.model_dump()}, indent=2))
+
+
 @app.command("audit-emulator")
 def audit_emulator_cmd(
     emulator_id: str = typer.Argument(..., help="emulator id (emu_...), as listed by GET /v1/emulators"),

@@ -14,9 +14,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.schemas import EmulatorPolicy
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SCALEOT_", env_file=".env", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_prefix="SCALEOT_", env_file=".env", extra="ignore", protected_namespaces=(), env_nested_delimiter="__"
+    )
 
     data_dir: Path = Field(default=Path("./data"), description="artifacts, default SQLite DB, queue, keys")
     database_url: str | None = Field(
@@ -69,6 +73,14 @@ class Settings(BaseSettings):
     )
     emulator_fidelity_blocks: int = Field(
         default=8, ge=0, le=1024, description="validation blocks for the fidelity figure (0: not measured)"
+    )
+    # The model owner's bounds on the emulators data owners may get, for models without a policy of their own
+    # (PUT /v1/models/{id}/emulator-policy, `set-policy`). JSON in SCALEOT_EMULATOR_POLICY, or one field at a
+    # time: SCALEOT_EMULATOR_POLICY__MIN_ALPHA=0.6. model_owner_server/policy.py says how each bound is checked.
+    emulator_policy: EmulatorPolicy = Field(
+        default_factory=EmulatorPolicy,
+        description="server-wide default emulator policy (min alpha/beta, max N_a and kept share, dtypes, "
+        "who may build, privacy audit required and its minimum residual gap)",
     )
     # Privacy audit (POST /v1/emulators/{id}/privacy-audit, `audit-emulator`): a cheap recovery attack.
     audit_attack: Literal["heal-lora", "heal-all", "densify"] = Field(

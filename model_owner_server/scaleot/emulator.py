@@ -14,7 +14,7 @@ CRaSh-style layer sharing (the same removed slots run the nearest kept layer aga
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,7 +36,7 @@ PLACEMENTS = ("sandwich", "importance", "spread")
 DEFAULT_PLACEMENT = "sandwich"
 
 
-def adapter_positions(scores: torch.Tensor, n_adapter: int, placement: str = DEFAULT_PLACEMENT) -> list[int]:
+def adapter_positions(scores: Sequence[float] | torch.Tensor, n_adapter: int, placement: str = DEFAULT_PLACEMENT) -> list[int]:
     n = len(scores)
     if placement == "importance":
         return sorted(sorted(range(n), key=lambda i: (-float(scores[i]), i))[:n_adapter])
@@ -66,12 +66,21 @@ def scaleot_plan(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
+    roles = scaleot_roles(scores, n_adapter, alpha, placement)
+    replaced = Role.HARMONIZER in roles
+    return _with_ranks(LayerPlan(roles, {}, "scaleot", n_adapter, alpha, beta, bottleneck if replaced else 0), model)
+
+
+def scaleot_roles(
+    scores: Sequence[float] | torch.Tensor, n_adapter: int, alpha: float, placement: str = DEFAULT_PLACEMENT
+) -> list[Role]:
+    """Each layer's role in the ScaleOT plan; needs only the stage-1 scores (the API's policy check uses it)."""
+    n = len(scores)
     adapter = set(adapter_positions(scores, n_adapter, placement))
     order = sorted(range(n), key=lambda i: (-float(scores[i]), i))  # most important first; ties by position
     rest = [i for i in order if i not in adapter][::-1]  # least important first
     harmonized = set(rest[: round(alpha * len(rest))])
-    roles = [Role.ADAPTER if i in adapter else Role.HARMONIZER if i in harmonized else Role.FROZEN for i in range(n)]
-    return _with_ranks(LayerPlan(roles, {}, "scaleot", n_adapter, alpha, beta, bottleneck if harmonized else 0), model)
+    return [Role.ADAPTER if i in adapter else Role.HARMONIZER if i in harmonized else Role.FROZEN for i in range(n)]
 
 
 def uniform_layerdrop_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> LayerPlan:

@@ -173,6 +173,15 @@ def model_owner_flow(
 
     step(f"model owner: stage 2, emulator (N_a={cfg.n_adapter}, alpha={cfg.alpha}, beta={cfg.beta})")
     t = time.monotonic()
+    if cfg.tiny:  # random weights have nothing to protect: keep the audit, drop the bounds made for real models
+        policy = admin.call(
+            "PUT",
+            f"/v1/models/{model['id']}/emulator-policy",
+            {"max_kept_share": 1.0, "min_alpha": 0.0, "no_min_residual_gap": True},
+        )
+    else:
+        policy = admin.call("GET", f"/v1/models/{model['id']}/emulator-policy", show=False)
+    say(f"  emulator policy ({policy['source']}): {policy_summary(policy['policy'])}")
     created = admin.call(
         "POST",
         "/v1/emulators",
@@ -189,6 +198,17 @@ def model_owner_flow(
         f"  emulator {emu['id']}: {plan_summary(emu)}; {fmt_bytes(emu.get('size_bytes'))} "
         f"vs full model {fmt_bytes(emu.get('full_model_bytes'))}"
     )
+    privacy, verdict = emu.get("privacy") or {}, emu.get("policy_check") or {}
+    if privacy:
+        say(
+            f"  privacy audit ({privacy.get('attack')}, {privacy.get('steps')} steps on public text): the attacker's "
+            f"copy stays {privacy.get('residual_gap_nats')} nats/token above M"
+        )
+    if not verdict.get("issuable", True):
+        raise DemoError(
+            f"emulator {emu['id']} is outside the model's emulator policy, so the data owner could not download it: "
+            + "; ".join(verdict.get("reasons") or [])
+        )
     model = admin.call("GET", f"/v1/models/{model['id']}", show=False)
     admin.close()
     invitation = Invitation(
@@ -208,6 +228,19 @@ def _key_works(server_url: str, key: str) -> bool:
         )
     except httpx.HTTPError:
         return False
+
+
+def policy_summary(p: dict[str, Any]) -> str:
+    gap = p.get("min_residual_gap_nats")
+    audit = (
+        ("audit required, residual gap >= " + (f"{gap} nats" if gap is not None else "any"))
+        if p.get("require_audit")
+        else "no audit required"
+    )
+    return (
+        f"alpha >= {p.get('min_alpha')}, N_a <= {p.get('max_n_adapter')}, "
+        f"at most {float(p.get('max_kept_share', 1)):.0%} of M's layers kept, {audit}"
+    )
 
 
 def plan_summary(emu: dict[str, Any]) -> str:

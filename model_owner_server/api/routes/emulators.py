@@ -8,15 +8,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from model_owner_server import crud
+from model_owner_server import crud, policy
+from model_owner_server.api import quotas
 from model_owner_server.api.deps import AdminDep, KeyRingDep, OrgDep, QueueDep, SessionDep, SettingsDep, StorageDep
 from model_owner_server.api.errors import ApiError
 from model_owner_server.api.routes.models import server_text_file
 from model_owner_server.api.serialize import base_url, emulator_out, job_out
+from model_owner_server.core.config import Settings
 from model_owner_server.jobs.queue import QueueUnavailable
 from model_owner_server.keyring import KeyRing, manifest_for
-from model_owner_server.models import EmulatorRow, JobRow
+from model_owner_server.models import EmulatorRow, JobRow, Organization
+from model_owner_server.scaleot.emulator import scaleot_roles
 from shared import schemas
 
 router = APIRouter(prefix="/v1/emulators", tags=["emulators"])
@@ -66,6 +70,17 @@ def create_emulator(
             f"must run POST /v1/models/{model.id}/importance first (or wait for the running one)",
         )
     alpha, beta = round(body.alpha, 6), round(body.beta, 6)
+    # The model owner's policy, on the plan this request would build (before any row, job or file exists).
+    roles = scaleot_roles(run.scores or [], body.n_adapter, alpha, settings.emulator_placement)
+    refusal = policy.check_request(
+        policy.effective_policy(model, settings)[0], model.id, org, roles, body.n_adapter, alpha, beta, body.dtype
+    )
+    if refusal is not None:
+        crud.audit(
+            session, org, "emulator_refused", "model", model.id, n_adapter=body.n_adapter, alpha=alpha, beta=beta
+        )
+        session.commit()
+        raise ApiError(403, "policy_violation", refusal.message("this emulator request"))
     key = (
         EmulatorRow.model_id == model.id,
         EmulatorRow.importance_run_id == run.id,
@@ -87,8 +102,10 @@ def create_emulator(
         response.status_code = 200 if emu.status == "ready" else 202
         job = session.get(JobRow, emu.job_id) if emu.job_id else None
         return schemas.EmulatorCreated(
-            emulator=emulator_out(emu, base_url(request, settings)), job=job_out(job) if job else None
+            emulator=with_policy_check(session, settings, emu, emulator_out(emu, base_url(request, settings))),
+            job=job_out(job) if job else None,
         )
+    quotas.check_emulator_build(session, org, settings)  # hourly build quota, active-job cap: 429 before a job
     params = {"model_id": model.id}
     try:
         if emu is None:
@@ -123,7 +140,8 @@ def create_emulator(
         emu = session.execute(select(EmulatorRow).where(*key)).scalar_one()
         job = session.get(JobRow, emu.job_id) if emu.job_id else None
         return schemas.EmulatorCreated(
-            emulator=emulator_out(emu, base_url(request, settings)), job=job_out(job) if job else None
+            emulator=with_policy_check(session, settings, emu, emulator_out(emu, base_url(request, settings))),
+            job=job_out(job) if job else None,
         )
     try:
         queue.submit(request.app.state.sessions, job.id)
@@ -133,14 +151,28 @@ def create_emulator(
     session.refresh(job)
     if emu.status == "ready":  # immediate mode finished inline
         response.status_code = 200
-    return schemas.EmulatorCreated(emulator=emulator_out(emu, base_url(request, settings)), job=job_out(job))
+    return schemas.EmulatorCreated(
+        emulator=with_policy_check(session, settings, emu, emulator_out(emu, base_url(request, settings))),
+        job=job_out(job),
+    )
 
 
 @router.get("", response_model=schemas.EmulatorList, responses=ERR)
-def list_emulators(request: Request, session: SessionDep, org: OrgDep, settings: SettingsDep) -> schemas.EmulatorList:
+def list_emulators(
+    request: Request,
+    session: SessionDep,
+    org: OrgDep,
+    settings: SettingsDep,
+    limit: quotas.PageLimit = quotas.DEFAULT_PAGE,
+    cursor: quotas.PageCursor = None,
+) -> schemas.EmulatorList:
+    """The emulators of the models granted to you (admins: all), newest first, a page at a time."""
     base = base_url(request, settings)
+    rows, next_cursor = quotas.paginate(session, crud.visible_emulators(org), EmulatorRow, limit, cursor)
     return schemas.EmulatorList(
-        emulators=[emulator_out(e, base) for e in session.execute(crud.visible_emulators(org)).scalars()]
+        emulators=[with_policy_check(session, settings, e, emulator_out(e, base)) for e in rows],
+        next_cursor=next_cursor,
+        limit=limit,
     )
 
 
@@ -149,19 +181,38 @@ def get_emulator(
     emulator_id: str, request: Request, session: SessionDep, org: OrgDep, settings: SettingsDep
 ) -> schemas.Emulator:
     """Layer plan, sizes, sha256, adapter spec (the exact tensors an upload must contain) and status."""
-    return emulator_out(crud.get_visible_emulator(session, org, emulator_id), base_url(request, settings))
+    emu = crud.get_visible_emulator(session, org, emulator_id)
+    return with_policy_check(session, settings, emu, emulator_out(emu, base_url(request, settings)))
 
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+def with_policy_check(
+    session: Session, settings: Settings, emu: EmulatorRow, out: schemas.Emulator
+) -> schemas.Emulator:
+    """`out` with the current policy's verdict on `emu` (what a data owner may download, and why not)."""
+    out.policy_check = policy.policy_check(policy.policy_for_emulator(session, emu, settings), emu)
+    return out
+
+
+def _issuable(session: Session, settings: Settings, emu: EmulatorRow, org: Organization, what: str) -> None:
+    """403 policy_violation when the current policy withholds `emu` from `org` (never for admins)."""
+    refusal = policy.check_issue(policy.policy_for_emulator(session, emu, settings), emu, org)
+    if refusal is not None:
+        raise ApiError(403, "policy_violation", refusal.message(what))
+
+
+# Linear: no two adjacent quantifiers can trade characters (each optional number must start with a digit),
+# so a failed match backtracks O(1) per position; the old `\s*(\d*)\s*` took seconds on 16 KB of spaces.
+_RANGE = re.compile(r"\s*bytes\s*=\s*(?:(\d+)\s*)?-\s*(?:(\d+)\s*)?", re.IGNORECASE)
+MAX_RANGE_HEADER = 200  # one `bytes=first-last` range fits in 50 characters
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
-    """One `bytes=` range -> (start, end inclusive); None = ignore the header (malformed or several ranges,
-    which RFC 9110 lets a server answer with the full 200); "unsatisfiable" -> 416."""
-    m = _RANGE.match(header)
+    """One `bytes=` range -> (start, end inclusive); None = ignore the header (malformed, over-long or several
+    ranges, which RFC 9110 lets a server answer with the full 200); "unsatisfiable" -> 416."""
+    m = _RANGE.fullmatch(header) if len(header) <= MAX_RANGE_HEADER else None
     if not m or (not m.group(1) and not m.group(2)):
         return None
-    first, last = m.group(1), m.group(2)
+    first, last = m.group(1) or "", m.group(2) or ""
     if not first:  # suffix range: the last N bytes
         n = int(last)
         return "unsatisfiable" if n == 0 else (max(0, size - n), size - 1)
@@ -193,12 +244,14 @@ def _iter_file(path: Path, start: int, end: int) -> Iterator[bytes]:
     responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"}, **ERR},
 )
 def download_emulator(
-    emulator_id: str, request: Request, session: SessionDep, org: OrgDep, storage: StorageDep
+    emulator_id: str, request: Request, session: SessionDep, org: OrgDep, storage: StorageDep, settings: SettingsDep
 ) -> Response:
     """The emulator safetensors file, streamed from disk. `ETag` is its sha256; `Range: bytes=N-` resumes
-    (206 with Content-Range; 416 when the range starts past the end); `If-Range` with the ETag is honoured."""
+    (206 with Content-Range; 416 when the range starts past the end); `If-Range` with the ETag is honoured.
+    Data owners get it only within the model owner's emulator policy (403 policy_violation otherwise)."""
     emu = crud.get_visible_emulator(session, org, emulator_id)
     _ready(emu)
+    _issuable(session, settings, emu, org, f"the download of emulator {emu.id}")
     path = storage.abs(emu.path)
     size = path.stat().st_size
     etag = f'"{emu.sha256}"'
@@ -235,11 +288,14 @@ def download_emulator(
 
 
 @router.get("/{emulator_id}/signature", responses={200: {"model": schemas.SignedManifest}, **ERR})
-def emulator_signature(emulator_id: str, session: SessionDep, org: OrgDep, keyring: KeyRingDep) -> JSONResponse:
+def emulator_signature(
+    emulator_id: str, session: SessionDep, org: OrgDep, keyring: KeyRingDep, settings: SettingsDep
+) -> JSONResponse:
     """The signed manifest `{manifest, signature, key_id}`: Ed25519 over the manifest's canonical JSON bytes
     (sorted keys, no spaces, UTF-8). Verify with the key from GET /v1/signing-keys you pinned."""
     emu = crud.get_visible_emulator(session, org, emulator_id)
     _ready(emu)
+    _issuable(session, settings, emu, org, f"the signature of emulator {emu.id}")
     signed = emu.signed_manifest
     if signed is None or KeyRing.is_revoked(session, str(signed.get("key_id"))):
         signed = keyring.sign(manifest_for(emu))  # first request, or its key was revoked: sign with the current key

@@ -5,7 +5,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from sqlalchemy.exc import IntegrityError
 
-from model_owner_server import crud
+from model_owner_server import crud, policy
 from model_owner_server.api.deps import AdminDep, OrgDep, QueueDep, SessionDep, SettingsDep
 from model_owner_server.api.errors import ApiError
 from model_owner_server.api.serialize import job_out, model_out
@@ -49,6 +49,42 @@ def list_models(session: SessionDep, org: OrgDep) -> schemas.ModelList:
 @router.get("/{model_id}", response_model=schemas.Model, responses=ERR)
 def get_model(model_id: str, session: SessionDep, org: OrgDep) -> schemas.Model:
     return model_out(session, crud.get_visible_model(session, org, model_id))
+
+
+@router.get("/{model_id}/emulator-policy", response_model=schemas.EmulatorPolicyOut, responses=ERR)
+def get_emulator_policy(
+    model_id: str, session: SessionDep, org: OrgDep, settings: SettingsDep
+) -> schemas.EmulatorPolicyOut:
+    """The bounds on the emulators a data owner may get of this model (granted data owners may read them)."""
+    model = crud.get_visible_model(session, org, model_id)
+    current, source = policy.effective_policy(model, settings)
+    return schemas.EmulatorPolicyOut(model_id=model.id, source=source, policy=current)
+
+
+@router.put("/{model_id}/emulator-policy", response_model=schemas.EmulatorPolicyOut, responses=ERR)
+def set_emulator_policy(
+    model_id: str, body: schemas.EmulatorPolicyUpdate, session: SessionDep, admin: AdminDep, settings: SettingsDep
+) -> schemas.EmulatorPolicyOut:
+    """Change this model's policy (admins): the fields sent replace the current ones, the rest stay.
+    It applies at once, to new requests and to every download, also of emulators built before."""
+    model = crud.get_visible_model(session, admin, model_id)
+    new = policy.updated_policy(policy.effective_policy(model, settings)[0], body)
+    model.emulator_policy = new.model_dump()
+    crud.audit(session, admin, "set_emulator_policy", "model", model.id, **new.model_dump())
+    session.commit()
+    return schemas.EmulatorPolicyOut(model_id=model.id, source="model", policy=new)
+
+
+@router.delete("/{model_id}/emulator-policy", response_model=schemas.EmulatorPolicyOut, responses=ERR)
+def reset_emulator_policy(
+    model_id: str, session: SessionDep, admin: AdminDep, settings: SettingsDep
+) -> schemas.EmulatorPolicyOut:
+    """Drop this model's own policy (admins): the server default (SCALEOT_EMULATOR_POLICY) applies again."""
+    model = crud.get_visible_model(session, admin, model_id)
+    model.emulator_policy = None
+    crud.audit(session, admin, "reset_emulator_policy", "model", model.id)
+    session.commit()
+    return schemas.EmulatorPolicyOut(model_id=model.id, source="server default", policy=settings.emulator_policy)
 
 
 @router.post("/{model_id}/grants", status_code=201, response_model=schemas.Grant, responses=ERR)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from model_owner_server import policy
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, still_ours
 from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.keyring import manifest_for
 from model_owner_server.models import EmulatorRow, ImportanceRun, RegisteredModel
+from model_owner_server.privacy_audit import run_privacy_audit
+from model_owner_server.scaleot.attack import AttackConfig
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.emulator import build_blocks, make_emulator
 from model_owner_server.scaleot.importance_io import load_importance
@@ -81,10 +84,10 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
         extra_metadata={"model_id": model_id, "emulator_id": emu_id},
     )
 
-    ctx.update(0.9, "describing adapter layers", force=True)
+    ctx.update(0.9, "describing adapter layers", force=True)  # then the privacy audit, when the policy wants one
     layers = list(info.plan.adapter_layers)
     spec = adapter_spec(model, layers, dtype)  # uploads come back in the emulator's dtype
-    fields = dict(
+    fields: dict[str, Any] = dict(
         path=storage.rel(out),
         sha256=info.sha256,
         size_bytes=info.size_bytes,
@@ -103,6 +106,26 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
             "lora": issue_lora(model, layers, dtype=dtype).to_json(),
         },
     )
+    with session_scope(runner.sessions) as s:  # the policy as of now: it may have changed while we built
+        current = s.get(RegisteredModel, model_id)
+        audit = current is not None and policy.effective_policy(current, settings)[0].require_audit
+    if audit:
+        # Data owners get only audited emulators: measure the privacy gap now, so the emulator is issuable
+        # (or withheld, with the figure that says why) the moment it is ready. Same audit as the admin's job.
+        fields["privacy"] = run_privacy_audit(
+            model,
+            tokenizer,
+            out,
+            AttackConfig(
+                kind=settings.audit_attack, steps=settings.audit_steps, batch_size=settings.importance_batch_size
+            ),
+            corpus=settings.audit_corpus,
+            seq_len=settings.importance_seq_len,
+            max_blocks=settings.importance_max_blocks,
+            val_blocks=settings.audit_val_blocks,
+            device=str(runner.device),
+            progress=lambda f, m, x: ctx.update(0.92 + 0.07 * f, f"privacy audit: {m}", x),
+        )
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
         emu = s.get(EmulatorRow, emu_id)
@@ -117,4 +140,5 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
         "size_bytes": info.size_bytes,
         "plan_summary": info.plan.summary(),
         "fidelity": info.extra.get("fidelity"),
+        "privacy": fields.get("privacy"),
     }
