@@ -177,9 +177,14 @@ def server_client(server: str, settings: ClientSettings) -> ServerClient:
             server,
             KeyServers(settings.cache_dir / "key_servers.json"),
             allow_new_host=settings.allow_new_host,
-            confirm=_confirm if sys.stdin.isatty() and sys.stderr.isatty() else None,
+            confirm=_confirm if _interactive() else None,
         )
     return ServerClient(server, api_key, timeout=settings.http_timeout_s, insecure=settings.insecure)
+
+
+def _interactive() -> bool:
+    """A person at a terminal who can answer a question (a script gets a refusal instead of a hanging prompt)."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
 
 
 def _confirm(question: str) -> bool:

@@ -32,6 +32,14 @@ def fake(emulator_build: tuple[Path, dict]):
         yield server
 
 
+@pytest.fixture(autouse=True)
+def _hermetic_client_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the real ~/.cache/scaleot (key records, downloads) or inherits key-safety switches."""
+    monkeypatch.setenv("SCALEOT_CLIENT_CACHE", str(tmp_path / "cache"))
+    for name in ("SCALEOT_API_KEY_FILE", "SCALEOT_INSECURE", "SCALEOT_ALLOW_NEW_HOST"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def client_env(tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Environment of a correctly configured data owner: API key, pinned server key, private cache."""
