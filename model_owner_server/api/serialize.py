@@ -1,4 +1,8 @@
-"""ORM rows -> wire schemas (shared/schemas.py). URLs are absolute, built from the public base URL."""
+"""ORM rows -> wire schemas (shared/schemas.py). URLs are absolute, built from the public base URL.
+
+`viewer` is the organization asking: a failed job's full error text (exception, server paths; kept in its
+result under ERROR_DETAIL by jobs/context.fail_job) goes to admins only; others see the job's generic error.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from model_owner_server import crud
+from model_owner_server.api.json_bounds import readable
 from model_owner_server.core.config import Settings
-from model_owner_server.models import AdapterRow, EmulatorRow, ImportanceRun, JobRow, RegisteredModel
+from model_owner_server.jobs.context import ERROR_DETAIL
+from model_owner_server.models import AdapterRow, EmulatorRow, ImportanceRun, JobRow, Organization, RegisteredModel
 from shared import schemas
 
 
@@ -16,7 +22,19 @@ def base_url(request: Request, settings: Settings) -> str:
     return (settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def job_out(job: JobRow) -> schemas.Job:
+def _is_admin(viewer: Organization | None) -> bool:
+    return viewer is not None and viewer.is_admin
+
+
+def error_detail(job: JobRow | None) -> str | None:
+    """The full text of a job's failure (admins only), when it differs from the error everyone sees."""
+    detail = (job.result or {}).get(ERROR_DETAIL) if job is not None else None
+    return detail if isinstance(detail, str) else None
+
+
+def job_out(job: JobRow, viewer: Organization | None = None) -> schemas.Job:
+    result = {k: v for k, v in (job.result or {}).items() if k != ERROR_DETAIL}
+    detail = error_detail(job) if _is_admin(viewer) else None
     return schemas.Job(
         id=job.id,
         kind=job.kind,
@@ -24,8 +42,8 @@ def job_out(job: JobRow) -> schemas.Job:
         progress=job.progress,
         message=job.message or "",
         metrics=job.metrics or {},
-        result=job.result or {},
-        error=job.error,
+        result=result,
+        error=detail or job.error,
         cancel_requested=job.cancel_requested_at is not None,
         created_at=job.created_at,
         updated_at=job.updated_at,
@@ -80,7 +98,7 @@ def emulator_out(emu: EmulatorRow, base: str) -> schemas.Emulator:
     )
 
 
-def adapter_out(session: Session, adapter: AdapterRow) -> schemas.Adapter:
+def adapter_out(session: Session, adapter: AdapterRow, viewer: Organization | None = None) -> schemas.Adapter:
     evals = crud.evaluations_for(session, adapter.id)
     source = next((e.eval_source for e in evals.values()), None)
     evaluation = schemas.AdapterEvaluation(
@@ -96,10 +114,17 @@ def adapter_out(session: Session, adapter: AdapterRow) -> schemas.Adapter:
         sha256=adapter.sha256,
         size_bytes=adapter.size_bytes,
         method=adapter.method,
-        adapter_config=adapter.adapter_config,
-        client_metrics=adapter.client_metrics,
+        # The client's own JSON, as far as it can be rendered (rows stored before the upload bounds).
+        adapter_config=readable(adapter.adapter_config),
+        client_metrics=readable(adapter.client_metrics),
         evaluation=evaluation,
         job_id=adapter.job_id,
-        error=adapter.error,
+        error=_adapter_error(session, adapter, viewer),
         created_at=adapter.created_at,
     )
+
+
+def _adapter_error(session: Session, adapter: AdapterRow, viewer: Organization | None) -> str | None:
+    if adapter.error and adapter.job_id and _is_admin(viewer):
+        return error_detail(session.get(JobRow, adapter.job_id)) or adapter.error
+    return adapter.error

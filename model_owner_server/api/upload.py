@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
@@ -20,6 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from model_owner_server.api.errors import ApiError
+from model_owner_server.api.json_bounds import JsonBounds, JsonBoundsError, parse_bounded
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the parts' own caps
 
@@ -193,6 +194,26 @@ async def receive_parts(
         discard(parts)
         raise
     return parts
+
+
+def json_object_part(part: ReceivedPart | None, bounds: JsonBounds) -> dict[str, Any] | None:
+    """A JSON-text part (`metrics`, `adapter_config`) as a dict within `bounds` (api/json_bounds.py); 422
+    naming the part and the bound otherwise, before anything is stored."""
+    if part is None:
+        return None
+    try:
+        value = parse_bounded(bytes(part.data), bounds)
+    except JsonBoundsError as exc:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"part {part.name!r} {exc}; send a small JSON object "
+            f"(at most {bounds.max_depth} levels deep, {bounds.max_items} keys and array elements, "
+            f"strings of at most {bounds.max_string} characters)",
+        ) from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "validation_error", f"part {part.name!r} must be a JSON object")
+    return value
 
 
 def _suffix(filename: str | None) -> str:

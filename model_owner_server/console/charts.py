@@ -3,12 +3,25 @@ text label each (screen readers get the numbers from the tables next to them).""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from markupsafe import Markup, escape
 
 W, H, PAD_L, PAD_B, PAD_T = 640, 220, 48, 28, 14
+
+
+def finite(v: Any) -> float | None:
+    """`v` as a float when it is a finite real number; None for anything else. Chart values may come from a
+    client (an upload's metrics): strings, dicts, booleans, NaN and infinities are not drawn."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # an int too large for a float
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _frame(title: str, body: str, height: int = H) -> Markup:
@@ -19,21 +32,28 @@ def _frame(title: str, body: str, height: int = H) -> Markup:
 
 
 def _scale(lo: float, hi: float, top: float, bottom: float):
-    span = (hi - lo) or 1.0
-    return lambda v: bottom - (v - lo) / span * (bottom - top)
+    # Halved so that hi - lo cannot overflow to infinity for values near the float limits.
+    span = (hi / 2 - lo / 2) or 1.0
+    return lambda v: bottom - (v / 2 - lo / 2) / span * (bottom - top)
 
 
 def bar_chart(
     labels: Sequence[str],
-    values: Sequence[float | None],
+    values: Sequence[Any],
     title: str,
     classes: Sequence[str] | None = None,
     digits: int = 3,
 ) -> Markup:
-    """Vertical bars from a zero line (importance scores are centred on 0, so bars may point down)."""
-    vals = [float(v) if v is not None else 0.0 for v in values]
-    if not vals:
+    """Vertical bars from a zero line (importance scores are centred on 0, so bars may point down).
+    Only finite numbers get a bar: other values (and their labels) are left out."""
+    kept = [
+        (label, f, classes[i] if classes else "")
+        for i, (label, v) in enumerate(zip(labels, values, strict=True))
+        if (f := finite(v)) is not None
+    ]
+    if not kept:
         return Markup("")
+    labels, vals, kept_classes = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
     lo, hi = min(0.0, *vals), max(0.0, *vals)
     y = _scale(lo, hi, PAD_T + 12, H - PAD_B)
     step = (W - PAD_L - 8) / len(vals)
@@ -42,7 +62,7 @@ def bar_chart(
     for i, (label, v) in enumerate(zip(labels, vals, strict=True)):
         x = PAD_L + i * step + (step - width) / 2
         top, bottom = sorted((y(v), y(0)))
-        cls = f"bar {classes[i]}" if classes else "bar"
+        cls = f"bar {kept_classes[i]}" if classes else "bar"
         parts.append(
             f'<rect class="{escape(cls)}" x="{x:.1f}" y="{top:.1f}" width="{width:.1f}" '
             f'height="{max(bottom - top, 0.5):.1f}"><title>{escape(label)}: {v:.{digits}g}</title></rect>'
@@ -62,9 +82,9 @@ def bar_chart(
     return _frame(title, "".join(parts))
 
 
-def line_chart(points: Sequence[tuple[float, float]], title: str, y_label: str) -> Markup:
+def line_chart(points: Sequence[tuple[Any, Any]], title: str, y_label: str) -> Markup:
     """One series against the step number (a loss or reward history)."""
-    pts = [(float(x), float(v)) for x, v in points if v is not None]
+    pts = [(fx, fv) for x, v in points if (fx := finite(x)) is not None and (fv := finite(v)) is not None]
     if len(pts) < 2:
         return Markup("")
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     default_eval: Path | None = Field(default=None, description=".txt/.jsonl used when an upload has no eval_data")
     max_eval_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="cap for an uploaded eval file")
     max_json_part_bytes: int = Field(default=256 * 1024, ge=1024, description="cap for metrics/adapter_config parts")
+    # Bounds on client JSON the server stores (an upload's metrics/adapter_config; api/json_bounds.py). The
+    # ceilings (le=) keep every stored value readable: the JSON encoder gives up past ~250 levels.
+    max_json_depth: int = Field(default=32, ge=2, le=100, description="deepest nesting of a stored client JSON")
+    max_json_items: int = Field(
+        default=10_000, ge=10, le=1_000_000, description="keys + array elements (all levels) of a stored client JSON"
+    )
+    max_json_string_chars: int = Field(
+        default=16_384, ge=64, le=1_000_000, description="longest string or key in a stored client JSON"
+    )
     max_request_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,

@@ -126,9 +126,37 @@ def still_ours(s: Session, ctx: JobContext) -> None:
         raise halt
 
 
-def fail_job(session: Session, job: JobRow, error: str, status: str = "failed") -> None:
-    """Mark a job failed (or cancelled) and propagate the failure to the object it was producing."""
+# Key of a failed job's `result` holding the full failure text (exception, server paths): shown to admins
+# only (api/serialize.py); `error`, which every viewer of the job and its product sees, stays generic.
+ERROR_DETAIL = "error_detail"
+
+# What each kind of job is, and what its owner can do next, for the generic failure message.
+_FAILED_WHAT = {
+    "importance": ("the importance run", "Start the run again"),
+    "emulator": ("building the emulator", "Request the emulator again later"),
+    "evaluation": ("the plug-in evaluation of your adapter", "Upload the adapter again later"),
+    "privacy_audit": ("the privacy audit", "Start the audit again"),
+}
+
+
+def public_failure(kind: str | None, job_id: str) -> str:
+    """The failure message every viewer of a job sees when the cause is internal (its text may name server
+    paths or code): what failed, that the model owner has the details, and what to do."""
+    what, then = _FAILED_WHAT.get(kind or "", ("this job", "Submit the request again later"))
+    return (
+        f"{what} failed on the server; the model owner can see the details (job {job_id}). "
+        f"{then}, or ask the model owner, quoting the job id."
+    )
+
+
+def fail_job(session: Session, job: JobRow, error: str, status: str = "failed", detail: str | None = None) -> None:
+    """Mark a job failed (or cancelled) and propagate the failure to the object it was producing.
+
+    `error` is what everyone who sees the job or its product reads; `detail`, the full text for the model
+    owner, is kept in the job's result (ERROR_DETAIL) and shown to admins only."""
     job.status, job.error, job.message = status, error, status
+    if detail and detail != error:
+        job.result = {**(job.result or {}), ERROR_DETAIL: detail}
     job.finished_at = job.updated_at = utcnow()
     kind, params = job.kind, job.params or {}
     target = {

@@ -15,7 +15,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from model_owner_server.core.config import Settings
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.cancel import cancelled_error
-from model_owner_server.jobs.context import JobCancelled, JobContext, JobFailure, fail_job, worker_id
+from model_owner_server.jobs.context import (
+    JobCancelled,
+    JobContext,
+    JobFailure,
+    fail_job,
+    public_failure,
+    worker_id,
+)
 from model_owner_server.keyring import KeyRing
 from model_owner_server.models import EmulatorRow, JobRow, RegisteredModel, utcnow
 from model_owner_server.storage import Storage, is_disk_full
@@ -84,21 +91,25 @@ class JobRunner:
             for path in outputs:  # nothing half-written stays (the janitor would get there later)
                 self.storage.remove(path)
         except Exception as exc:  # every failure must end visibly in the job row
-            message = (
+            detail = (
                 str(exc)
                 if isinstance(exc, (JobFailure, ValueError, FileNotFoundError))
                 else f"{type(exc).__name__}: {exc}"
-            )
-            if is_disk_full(exc):  # the path and errno go to the log only
-                message = (
+            ) or type(exc).__name__
+            if isinstance(exc, JobFailure):  # written for whoever submitted the job
+                public = detail
+            elif is_disk_full(exc):  # the path and errno go to the log only
+                public = detail = (
                     "the server ran out of disk space while writing the job's result; nothing was kept. "
                     "The model owner must free space in the data directory; then submit the request again"
                 )
-            log.error("job %s (%s) failed: %s\n%s", job_id, kind, message, traceback.format_exc())
+            else:  # exception text and server paths: for the model owner (admins, the log) only
+                public = public_failure(kind, job_id)
+            log.error("job %s (%s) failed: %s\n%s", job_id, kind, detail, traceback.format_exc())
             with session_scope(self.sessions) as s:
                 job = s.get(JobRow, job_id)
                 if job is not None and job.status == "running" and job.worker_id == me:
-                    fail_job(s, job, message or type(exc).__name__)
+                    fail_job(s, job, public, detail=detail)
 
     def _unfinished_outputs(self, s: Session, kind: str, params: dict[str, Any]) -> list[Path]:
         """Files a cancelled job may already have moved into place (its row was never marked done)."""

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,6 +11,7 @@ from pydantic import ConfigDict, Field
 from model_owner_server import crud
 from model_owner_server.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from model_owner_server.api.errors import ApiError
+from model_owner_server.api.json_bounds import JsonBounds
 from model_owner_server.api.serialize import adapter_out, job_out
 from model_owner_server.api.upload import (
     MULTIPART_OVERHEAD,
@@ -19,6 +19,7 @@ from model_owner_server.api.upload import (
     ReceivedPart,
     check_content_length,
     discard,
+    json_object_part,
     receive_parts,
 )
 from model_owner_server.jobs.queue import QueueUnavailable
@@ -47,18 +48,6 @@ class UploadInfo(Schema):
 
 def _has_default_eval(settings) -> bool:
     return settings.default_eval is not None
-
-
-def _json_object(part: ReceivedPart | None) -> dict[str, Any] | None:
-    if part is None:
-        return None
-    try:
-        value = json.loads(bytes(part.data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(422, "validation_error", f"part {part.name!r} must be JSON text ({exc})") from None
-    if not isinstance(value, dict):
-        raise ApiError(422, "validation_error", f"part {part.name!r} must be a JSON object")
-    return value
 
 
 def _validate_files(
@@ -167,7 +156,9 @@ async def upload_adapter(
     try:
         if "adapter" not in parts or parts["adapter"].path is None:
             raise ApiError(422, "missing_part", "the 'adapter' file part (safetensors) is required")
-        metrics, config = _json_object(parts.get("metrics")), _json_object(parts.get("adapter_config"))
+        bounds = JsonBounds.from_settings(settings)  # depth, size, items, string length: refused before storing
+        metrics = json_object_part(parts.get("metrics"), bounds)
+        config = json_object_part(parts.get("adapter_config"), bounds)
         kind = await run_in_threadpool(_validate_files, parts, emu, _has_default_eval(settings), config)
         if kind == "lora":  # the file is what counts, whatever a hand-written config says
             config = {**(config or {}), "method": "lora"}
@@ -268,14 +259,14 @@ def _created(session, adapter_id: str, job_id: str) -> schemas.AdapterCreated:
 def list_adapters(session: SessionDep, org: OrgDep) -> schemas.AdapterList:
     """Your organization's adapters, newest first."""
     return schemas.AdapterList(
-        adapters=[adapter_out(session, a) for a in session.execute(crud.visible_adapters(org)).scalars()]
+        adapters=[adapter_out(session, a, org) for a in session.execute(crud.visible_adapters(org)).scalars()]
     )
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=schemas.Adapter, responses=ERR)
 def get_adapter(adapter_id: str, session: SessionDep, org: OrgDep) -> schemas.Adapter:
     """Status and evaluation side by side: zero-shot full model, plug-in M' and your reported emulator metrics."""
-    return adapter_out(session, crud.get_visible_adapter(session, org, adapter_id))
+    return adapter_out(session, crud.get_visible_adapter(session, org, adapter_id), org)
 
 
 @router.post("/v1/adapters/{adapter_id}/generate", response_model=schemas.GenerateResponse, responses=ERR)

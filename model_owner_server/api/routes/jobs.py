@@ -15,13 +15,13 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def list_jobs(session: SessionDep, org: OrgDep, limit: int = Query(50, ge=1, le=500)) -> schemas.JobList:
     """Your organization's jobs, newest first (admins see all)."""
     rows = session.execute(crud.visible_jobs(org).limit(limit)).scalars()
-    return schemas.JobList(jobs=[job_out(j) for j in rows])
+    return schemas.JobList(jobs=[job_out(j, org) for j in rows])
 
 
 @router.get("/{job_id}", response_model=schemas.Job, responses={404: {"model": schemas.ErrorBody}})
 def get_job(job_id: str, session: SessionDep, org: OrgDep) -> schemas.Job:
     """Status (queued, running, succeeded, failed, cancelled), progress 0..1, message, live metrics, result ids."""
-    return job_out(crud.get_visible_job(session, org, job_id))
+    return job_out(crud.get_visible_job(session, org, job_id), org)
 
 
 @router.post(
@@ -39,4 +39,4 @@ def cancel_job(job_id: str, session: SessionDep, org: OrgDep) -> schemas.Job:
     crud.audit(session, org, "cancel_job", "job", job.id, kind=job.kind)
     session.commit()
     session.refresh(job)
-    return job_out(job)
+    return job_out(job, org)
