@@ -23,6 +23,15 @@ MATRIX = [
     ),
     ("get model", "GET", "/v1/models/{model}", {}, (200, 200, 404, 401)),
     ("grant", "POST", "/v1/models/{model}/grants", {"json": {"org": "alice"}}, (201, 403, 403, 401)),
+    ("emulator policy", "GET", "/v1/models/{model}/emulator-policy", {}, (200, 200, 404, 401)),
+    (
+        "set emulator policy (invalid)",
+        "PUT",
+        "/v1/models/{model}/emulator-policy",
+        {"json": {"min_alpha": 2}},
+        (422, 403, 403, 401),
+    ),
+    ("reset emulator policy", "DELETE", "/v1/models/{model}/emulator-policy", {}, (200, 403, 403, 401)),
     (
         "importance",
         "POST",
