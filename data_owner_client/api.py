@@ -4,7 +4,7 @@ server's JSON errors and transport failures turned into `ServerError`, redirects
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -129,7 +129,7 @@ class ServerBearer(httpx.Auth):
         self._origin = server_origin(server)
         self._value = f"Bearer {api_key}"
 
-    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if server_origin(str(request.url)) == self._origin:
             request.headers["Authorization"] = self._value
         yield request

@@ -122,10 +122,13 @@ class KeyServers:
 
     def record(self, fingerprint: str, host: str) -> None:
         data = self._load()
-        entry = data.get(fingerprint) if isinstance(data.get(fingerprint), dict) else {}
-        servers = entry.get("servers") if isinstance(entry.get("servers"), dict) else {}
+        entry = data.get(fingerprint)
+        servers: dict[str, Any] = {}
+        if isinstance(entry, dict) and isinstance(entry.get("servers"), dict):
+            servers = entry["servers"]
         now = _now()
-        servers[host] = {"first_used": servers.get(host, {}).get("first_used", now), "last_used": now}
+        prev = servers.get(host)
+        servers[host] = {"first_used": prev.get("first_used", now) if isinstance(prev, dict) else now, "last_used": now}
         data[fingerprint] = {"last_server": host, "servers": servers}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")

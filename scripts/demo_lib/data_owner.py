@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from data_owner_client.errors import ServerError
+from data_owner_client.key_safety import is_loopback
 from data_owner_client.transfer import ServerClient, parse_emulator_url
 
 from .config import DemoConfig, DemoError, Invitation
@@ -39,11 +41,21 @@ def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *
 
     step("data owner: dataowner-client tune (download + verify, fine-tune the adapter locally, upload only it)")
     shutil.rmtree(client_dir / "adapter", ignore_errors=True)  # a fresh adapter each run (no stale checkpoint)
+    # The key travels in the environment, never on the command line (other users can read a process's arguments).
     env = clean_env(
         SCALEOT_API_KEY=invitation.api_key,
         SCALEOT_SERVER_PUBKEY=invitation.server_pubkey,
         SCALEOT_CLIENT_CACHE=str((client_dir / "cache").resolve()),
     )
+    ref = parse_emulator_url(invitation.emulator_url)
+    insecure = _plain_http_off_loopback(ref.server)
+    env_note = "SCALEOT_API_KEY=sot_... SCALEOT_SERVER_PUBKEY=... "
+    if insecure:
+        # The client refuses to send its key over plain http off this machine; compose's private network
+        # (http://server:8000) is the one place the demo does it, and says so.
+        say(f"  {ref.server}: plain http on the compose demo's private network, so SCALEOT_INSECURE=1")
+        env["SCALEOT_INSECURE"] = "1"
+        env_note += "SCALEOT_INSECURE=1 "
     if not sys.stderr.isatty():
         env.setdefault("TQDM_MININTERVAL", "10")  # progress bars in a log: a line every 10 s, not every step
     cmd = [
@@ -81,20 +93,25 @@ def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *
         cwd=client_dir,
         capture=True,
         secret_output=True,
-        env_note="SCALEOT_API_KEY=sot_... SCALEOT_SERVER_PUBKEY=... ",
+        env_note=env_note,
     )
     seconds = time.monotonic() - t
     try:
         doc = json.loads(out)
     except json.JSONDecodeError:
         raise DemoError(f"dataowner-client printed no JSON result:\n{out[-2000:]}") from None
-    ref = parse_emulator_url(invitation.emulator_url)
     try:
-        with ServerClient(ref.server, invitation.api_key) as server:  # sizes for the report, as the data owner sees
+        # Sizes for the report, as the data owner sees them.
+        with ServerClient(ref.server, invitation.api_key, insecure=insecure) as server:
             emu = server.get_json(f"/v1/emulators/{ref.emulator_id}")
     except ServerError as exc:
         raise DemoError(str(exc)) from None
     return ClientResult(doc, emu, train_titles, eval_titles, seconds)
+
+
+def _plain_http_off_loopback(server: str) -> bool:
+    parts = urlsplit(server)
+    return parts.scheme == "http" and not is_loopback(parts.hostname or "")
 
 
 def in_model_reference(cfg: DemoConfig, owner_dir: Path, client_dir: Path, client: ClientResult) -> dict[str, Any]:
