@@ -8,6 +8,7 @@ tests/conftest.py). The tiny model has 8 layers, so with N_a = 2 there are 6 oth
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,3 +237,32 @@ def test_set_policy_cli(pw, monkeypatch):
     assert r.exit_code == 0 and json.loads(r.output)["source"] == "server default", r.output
     r = runner.invoke(cli_app, ["set-policy", "no-such-model"])
     assert r.exit_code != 0 and "not found" in r.output
+
+
+def _console_sign_in(client: TestClient, key: str) -> None:
+    client.cookies.clear()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/console/login").text).group(1)
+    r = client.post("/console/login", data={"api_key": key, "csrf_token": token}, follow_redirects=False)
+    assert r.status_code in (302, 303), r.text
+
+
+def test_the_console_form_is_bound_by_the_same_policy(pw):
+    client = pw.client
+    try:
+        _console_sign_in(client, pw.keys["alice"])
+        page = client.get("/console/emulators").text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        before, files_before = pw.counts(), pw.emulator_files()
+        form = {"model_id": pw.model_id, "n_adapter": "2", "alpha": "0", "beta": "0", "csrf_token": csrf}
+        r = client.post("/console/emulators", data=form, follow_redirects=False)
+        assert r.status_code == 422, r.text
+        assert "refused by the model owner&#39;s emulator policy" in r.text and "alpha 0.0 is below" in r.text
+        after = pw.counts()
+        after.pop("audit_log", None), before.pop("audit_log", None)
+        assert after == before and pw.emulator_files() == files_before
+        # The emulator page says whether data owners may have an emulator, and why not.
+        emu_id = pw.post_emulator("admin", alpha=0.0, beta=0.0).json()["emulator"]["id"]
+        page = client.get(f"/console/emulators/{emu_id}").text
+        assert "Withheld from data owners by the model" in page and "keeps 8 of M&#39;s 8 layers" in page
+    finally:
+        client.cookies.clear()
