@@ -66,15 +66,20 @@ test-demo: setup
 
 # ---- docker-compose demo (needs a Docker engine; nothing here is baked into an image)
 
-# A random database password and an Ed25519 signing key, outside git (.cache/ is ignored). The key file is
-# made readable for the container's user (uid 10001); its folder stays private to you.
+# Random database and Redis passwords and an Ed25519 signing key, outside git (.cache/ is ignored). The key
+# file is made readable for the container's user (uid 10001); its folder stays private to you. A setting the
+# env file lacks (e.g. REDIS_PASSWORD in one written before it existed) is added; existing ones are kept.
+# Hex passwords: they go into the queue URL and redis-server's arguments unescaped.
 compose-secrets: setup
 	@mkdir -p $(COMPOSE_DIR) && chmod 700 $(COMPOSE_DIR)
 	@[ -f $(COMPOSE_DIR)/signing_key.pem ] || $(PY) -c "from shared.signing import load_or_create_private_key as k; k('$(COMPOSE_DIR)/signing_key.pem')"
 	@chmod 644 $(COMPOSE_DIR)/signing_key.pem
-	@[ -f $(COMPOSE_ENV) ] || { umask 077; printf 'POSTGRES_PASSWORD=%s\nSIGNING_KEY_FILE=%s\n' \
-	    "$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(24))')" "$(CURDIR)/$(COMPOSE_DIR)/signing_key.pem" > $(COMPOSE_ENV); }
-	@echo "wrote $(COMPOSE_ENV) (POSTGRES_PASSWORD, SIGNING_KEY_FILE)"
+	@umask 077; touch $(COMPOSE_ENV); \
+	for var in POSTGRES_PASSWORD REDIS_PASSWORD; do \
+	  grep -q "^$$var=." $(COMPOSE_ENV) || printf '%s=%s\n' "$$var" "$$($(PY) -c 'import secrets; print(secrets.token_hex(24))')" >> $(COMPOSE_ENV); \
+	done; \
+	grep -q '^SIGNING_KEY_FILE=.' $(COMPOSE_ENV) || printf 'SIGNING_KEY_FILE=%s\n' "$(abspath $(COMPOSE_DIR))/signing_key.pem" >> $(COMPOSE_ENV)
+	@echo "$(COMPOSE_ENV) holds POSTGRES_PASSWORD, REDIS_PASSWORD, SIGNING_KEY_FILE"
 
 compose-config: compose-secrets
 	$(COMPOSE) --env-file $(COMPOSE_ENV) config -q && echo "docker-compose.yml is valid"

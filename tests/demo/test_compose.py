@@ -28,7 +28,9 @@ TOOL_VENV = ROOT / ".cache" / "compose-tool"
 LONG_RUNNING = ("postgres", "redis", "server", "worker")
 SERVER_SIDE = ("server", "worker", "model-owner", "worker-gpu")
 CLIENT_SIDE = ("client", "client-gpu")
-REQUIRED = ("POSTGRES_PASSWORD", "SIGNING_KEY_FILE")
+DATA_SERVICES = ("postgres", "redis")
+REQUIRED = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "SIGNING_KEY_FILE")
+PG_PASSWORD, REDIS_PASSWORD = "s3cret-test-pw", "r3dis-test-pw"
 
 
 def _works(cmd: list[str]) -> bool:
@@ -79,8 +81,7 @@ def _run(compose: list[str], env_dir: Path, settings: dict[str, str], *args: str
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("POSTGRES_PASSWORD", "SIGNING_KEY_FILE", "DEMO_ARGS", "SCALEOT_PORT")
-        and not k.startswith("COMPOSE_")
+        if k not in (*REQUIRED, "DEMO_ARGS", "SCALEOT_PORT") and not k.startswith("COMPOSE_")
     }
     return subprocess.run(
         [*compose, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "--env-file", str(env_file), *args],
@@ -94,7 +95,11 @@ def _run(compose: list[str], env_dir: Path, settings: dict[str, str], *args: str
 
 
 def _settings(env_dir: Path) -> dict[str, str]:
-    return {"POSTGRES_PASSWORD": "s3cret-test-pw", "SIGNING_KEY_FILE": str(env_dir / "signing_key.pem")}
+    return {
+        "POSTGRES_PASSWORD": PG_PASSWORD,
+        "REDIS_PASSWORD": REDIS_PASSWORD,
+        "SIGNING_KEY_FILE": str(env_dir / "signing_key.pem"),
+    }
 
 
 # ---------------------------------------------------------------- the file as read without Compose
@@ -239,8 +244,8 @@ def test_services_wiring(config):
     # the server side: database, queue, artifacts volume, signing key as a secret (never in the image)
     for name in SERVER_SIDE:
         env = svc[name]["environment"]
-        assert env["SCALEOT_DATABASE_URL"].startswith("postgresql+psycopg://scaleot:s3cret-test-pw@postgres:5432/")
-        assert env["SCALEOT_QUEUE_URL"] == "redis://redis:6379/0"
+        assert env["SCALEOT_DATABASE_URL"].startswith(f"postgresql+psycopg://scaleot:{PG_PASSWORD}@postgres:5432/")
+        assert env["SCALEOT_QUEUE_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
         assert env["SCALEOT_SIGNING_KEY"].startswith("/run/secrets/")
         assert any(_volume_source(v) == "artifacts" for v in svc[name]["volumes"])
         assert _secret_names(svc[name]) == {"scaleot_signing_key"}
@@ -270,6 +275,90 @@ def test_services_wiring(config):
     for name in ("server", "worker", "model-owner", "client"):
         assert not svc[name].get("profiles")
         assert "deploy" not in svc[name]
+
+
+# ---------------------------------------------------------------- who can reach the database and the queue
+# (issue 20: a data owner's container that can open a TCP connection to an unauthenticated Redis can queue
+# work for the model owner's worker; no Docker engine runs here, so these read the networks from the config)
+
+
+def _networks(service: dict) -> set[str]:
+    """The networks a service joins (Compose puts a service without `networks:` on `default`)."""
+    if service.get("network_mode"):
+        return {f"network_mode:{service['network_mode']}"}
+    return set(service.get("networks") or ["default"])
+
+
+def test_clients_cannot_reach_the_database_or_the_queue(config):
+    svc, declared = config["services"], config.get("networks") or {}
+    data_networks = set().union(*(_networks(svc[name]) for name in DATA_SERVICES))
+    model_owner_only = set().union(*(_networks(svc[name]) for name in SERVER_SIDE if name != "server"))
+    for name in CLIENT_SIDE:
+        nets = _networks(svc[name])
+        assert not any(n.startswith("network_mode:") for n in nets), f"{name} must not use network_mode"
+        shared = nets & data_networks
+        assert not shared, f"{name} shares {sorted(shared)} with postgres/redis: it could connect to them"
+        assert not nets & model_owner_only, f"{name} shares a network with the model owner's worker or setup"
+        assert nets & _networks(svc["server"]), f"{name} has no network to the server's HTTP port"
+    for name in DATA_SERVICES:
+        for net in _networks(svc[name]):
+            assert (declared.get(net) or {}).get("internal") is True, f"{name}'s network {net!r} is not internal"
+    # Only the server publishes a port (on loopback); the database, queue and worker publish none.
+    for name, service in svc.items():
+        if name != "server":
+            assert not service.get("ports"), f"{name} publishes {service['ports']}"
+
+
+def test_redis_requires_the_password(config):
+    svc = config["services"]
+    redis = svc["redis"]
+    command = redis["command"] if isinstance(redis["command"], list) else redis["command"].split()
+    assert "--requirepass" in command, "redis must require a password (--requirepass)"
+    assert command[command.index("--requirepass") + 1] == REDIS_PASSWORD
+    # the health check authenticates, and only a PONG counts (redis-cli exits 0 on a NOAUTH error too)
+    assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    for name in SERVER_SIDE:
+        assert svc[name]["environment"]["SCALEOT_QUEUE_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+    for name in CLIENT_SIDE:  # the data owner gets neither password
+        text = yaml.safe_dump(svc[name])
+        assert REDIS_PASSWORD not in text and PG_PASSWORD not in text, f"{name} carries a server password"
+
+
+def test_compose_secrets_writes_every_required_setting(tmp_path, compose):
+    """`make compose-secrets` writes every setting the file requires, private to you, and adds a missing one
+    (REDIS_PASSWORD) to an env file written before it existed without touching the others."""
+    if shutil.which("make") is None:
+        pytest.skip("no make on PATH")
+    target = tmp_path / "compose"
+    env_file = target / "compose.env"
+
+    def make_secrets() -> dict[str, str]:
+        proc = subprocess.run(
+            ["make", "-s", "-o", "setup", "compose-secrets", f"COMPOSE_DIR={target}", f"COMPOSE_ENV={env_file}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+
+    first = make_secrets()
+    assert set(first) == set(REQUIRED)
+    assert env_file.stat().st_mode & 0o077 == 0, "compose.env must be readable by you only"
+    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD"):
+        assert re.fullmatch(r"[0-9a-f]{48}", first[name]), f"{name} is not a fresh random hex password"
+    assert first["POSTGRES_PASSWORD"] != first["REDIS_PASSWORD"]
+    assert Path(first["SIGNING_KEY_FILE"]) == target / "signing_key.pem"
+    assert make_secrets() == first  # a second run keeps them
+    env_file.write_text(f"POSTGRES_PASSWORD=kept\nSIGNING_KEY_FILE={first['SIGNING_KEY_FILE']}\n")
+    upgraded = make_secrets()
+    assert upgraded["POSTGRES_PASSWORD"] == "kept" and re.fullmatch(r"[0-9a-f]{48}", upgraded["REDIS_PASSWORD"])
+    if compose is not None:  # and Compose accepts the file it wrote
+        proc = _run(compose, tmp_path, upgraded, "config", "-q")
+        assert proc.returncode == 0, proc.stderr
 
 
 def _volume_source(v) -> str:
