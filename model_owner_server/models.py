@@ -21,6 +21,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -239,3 +240,14 @@ class ConsoleSession(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))  # echoed by every console form
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)  # server-side expiry, whatever the browser keeps
+
+
+class TokenCharge(Base):
+    """Tokens one generation made for an organization; the hourly token quota sums these (api/quotas.py)."""
+
+    __tablename__ = "token_charges"
+    __table_args__ = (Index("ix_token_charges_org_created", "org_id", "created_at"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("tok"))
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -66,6 +66,10 @@ class Job(_Response):
 
 class JobList(_Response):
     jobs: list[Job]
+    next_cursor: str | None = Field(
+        default=None, description="pass as `cursor` for the next page (newest first); null: this was the last page"
+    )
+    limit: int | None = Field(default=None, description="the page size this answer used")
 
 
 # ---------------------------------------------------------------- models
@@ -284,6 +288,10 @@ class Emulator(_Response):
 
 class EmulatorList(_Response):
     emulators: list[Emulator]
+    next_cursor: str | None = Field(
+        default=None, description="pass as `cursor` for the next page (newest first); null: this was the last page"
+    )
+    limit: int | None = Field(default=None, description="the page size this answer used")
 
 
 class EmulatorCreate(_Request):
@@ -330,6 +338,10 @@ class Adapter(_Response):
 
 class AdapterList(_Response):
     adapters: list[Adapter]
+    next_cursor: str | None = Field(
+        default=None, description="pass as `cursor` for the next page (newest first); null: this was the last page"
+    )
+    limit: int | None = Field(default=None, description="the page size this answer used")
 
 
 class AdapterCreated(_Response):

@@ -129,6 +129,44 @@ class Settings(BaseSettings):
         le=10_000,
         description="requests that may wait for a generation slot; beyond that they get 429 at once",
     )
+    # Quotas, rate limits and fair share (model_owner_server/api/quotas.py): over a limit a request gets 429
+    # with Retry-After. 0 turns a limit off. Admin keys are exempt unless rate_limit_admins is on (request rate).
+    rate_limit_per_key: int = Field(
+        default=600,
+        ge=0,
+        description="requests per minute per API key (token bucket in each server process: "
+        "N `serve` processes admit up to N times this); 0: off",
+    )
+    rate_limit_per_org: int = Field(
+        default=1200, ge=0, description="requests per minute per organization over all its keys (per process); 0: off"
+    )
+    rate_limit_burst_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="a request bucket holds this many seconds' worth of its rate"
+    )
+    rate_limit_admins: bool = Field(default=False, description="also rate-limit admin keys (exempt by default)")
+    quota_emulator_builds_per_hour: int = Field(
+        default=20, ge=0, description="emulator builds an organization may start per hour (from the jobs table); 0: off"
+    )
+    quota_adapter_uploads_per_hour: int = Field(
+        default=60, ge=0, description="adapter uploads an organization may make per hour; 0: off"
+    )
+    quota_evaluations_per_hour: int = Field(
+        default=60, ge=0, description="evaluation jobs an organization may start per hour; 0: off"
+    )
+    quota_generated_tokens_per_hour: int = Field(
+        default=200_000,
+        ge=0,
+        description="tokens an organization may generate per hour (/generate and /openai/v1, charged after "
+        "each generation; the next request is refused once over); 0: off",
+    )
+    max_active_jobs_per_org: int = Field(
+        default=8, ge=0, description="queued + running jobs one data-owner organization may have at once; 0: off"
+    )
+    fair_job_scheduling: bool = Field(
+        default=True,
+        description="the job worker runs the oldest queued job of the organization served least recently "
+        "(round-robin across organizations), not strictly the oldest queue message",
+    )
 
     @field_validator("queue_url", "database_url", mode="before")
     @classmethod

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from model_owner_server.core.config import Settings
@@ -41,19 +42,26 @@ class JobRunner:
     def run(self, job_id: str) -> None:
         me = worker_id()
         with session_scope(self.sessions) as s:
-            # Atomic claim: a duplicate delivery (or a job already failed by the reaper) is skipped.
-            claimed = s.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status == "queued")
-                .values(
-                    status="running",
-                    worker_id=me,
-                    started_at=utcnow(),
-                    heartbeat_at=utcnow(),
-                    updated_at=utcnow(),
-                    message="started",
-                )
-            ).rowcount
+            # Fair share: a message is a turn to run one job; with fair_job_scheduling the turn goes to the
+            # oldest queued job of the organization served least recently (so a backlog cannot starve others).
+            claimed = 0
+            for pick in self._fair_picks(s, job_id):
+                # Atomic claim: a duplicate delivery (or a job already failed by the reaper) is skipped.
+                claimed = s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == pick, JobRow.status == "queued")
+                    .values(
+                        status="running",
+                        worker_id=me,
+                        started_at=utcnow(),
+                        heartbeat_at=utcnow(),
+                        updated_at=utcnow(),
+                        message="started",
+                    )
+                ).rowcount
+                if claimed:
+                    job_id = pick
+                    break
             job = s.get(JobRow, job_id) if claimed else None
             kind, params = (job.kind, dict(job.params or {})) if job else (None, {})
         if not claimed:
@@ -111,6 +119,19 @@ class JobRunner:
                 if job is not None and job.status == "running" and job.worker_id == me:
                     fail_job(s, job, public, detail=detail)
 
+    def _fair_picks(self, s: Session, job_id: str) -> Iterator[str]:
+        """The jobs to try to claim, in turn: the message's own one only (fair scheduling off, or inline jobs,
+        whose caller waits for exactly its job), else the fairest queued job until one is claimed or none is
+        left (a claim lost to another worker means that worker took a turn: pick again)."""
+        if not self.settings.fair_job_scheduling or self.settings.queue_url == "immediate":
+            yield job_id
+            return
+        for _ in range(100):
+            pick = fairest_queued_job(s)
+            if pick is None:
+                return
+            yield pick
+
     def _unfinished_outputs(self, s: Session, kind: str, params: dict[str, Any]) -> list[Path]:
         """Files a cancelled job may already have moved into place (its row was never marked done)."""
         if kind == "importance" and params.get("run_id"):
@@ -130,6 +151,39 @@ class JobRunner:
         from model_owner_server.model_cache import load_full_model
 
         return load_full_model(model_row.path, self.device, self.settings.model_cache_size)
+
+
+def fairest_queued_job(s: Session) -> str | None:
+    """Round-robin across organizations: the oldest queued job of the organization whose last job started
+    longest ago (never: first; ties: the organization waiting longest). None when nothing is queued."""
+    waiting = {
+        org: _aware(t)
+        for org, t in s.execute(
+            select(JobRow.org_id, func.min(JobRow.created_at)).where(JobRow.status == "queued").group_by(JobRow.org_id)
+        ).all()
+    }
+    if not waiting:
+        return None
+    started = {
+        org: _aware(t)
+        for org, t in s.execute(
+            select(JobRow.org_id, func.max(JobRow.started_at))
+            .where(JobRow.org_id.in_(waiting), JobRow.started_at.is_not(None))
+            .group_by(JobRow.org_id)
+        ).all()
+    }
+    never = datetime.min.replace(tzinfo=UTC)
+    org = min(waiting, key=lambda o: (started.get(o, never), waiting[o], o))
+    return s.execute(
+        select(JobRow.id)
+        .where(JobRow.status == "queued", JobRow.org_id == org)
+        .order_by(JobRow.created_at, JobRow.id)
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)  # SQLite: aggregates come back naive
 
 
 def _task(module: str, function: str) -> Handler:

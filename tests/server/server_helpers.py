@@ -27,6 +27,14 @@ def fast_settings(data_dir: Path, db_url: str, **overrides) -> Settings:
         max_new_tokens=32,
         audit_max_steps=4,  # the fuzz tests post valid audits too: keep each one a few tiny steps
         audit_val_blocks=4,
+        # Quotas and rate limits off (tests/server/test_quotas.py turns them on, low, in its own apps).
+        rate_limit_per_key=0,
+        rate_limit_per_org=0,
+        quota_emulator_builds_per_hour=0,
+        quota_adapter_uploads_per_hour=0,
+        quota_evaluations_per_hour=0,
+        quota_generated_tokens_per_hour=0,
+        max_active_jobs_per_org=0,
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)

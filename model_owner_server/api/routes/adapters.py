@@ -9,6 +9,7 @@ from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
 
 from model_owner_server import crud
+from model_owner_server.api import quotas
 from model_owner_server.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from model_owner_server.api.errors import ApiError
 from model_owner_server.api.json_bounds import JsonBounds
@@ -142,6 +143,7 @@ async def upload_adapter(
     cap derived from the emulator's adapter layers; everything is validated before anything is stored.
     """
     emu = await run_in_threadpool(crud.get_visible_emulator, session, org, emulator_id)
+    await run_in_threadpool(quotas.check_adapter_upload, session, org, settings)  # 429 before the body is read
     if emu.status != "ready":
         raise ApiError(409, "not_ready", f"emulator {emu.id} is not ready ({emu.status}); wait for its build job")
     specs = {
@@ -256,10 +258,16 @@ def _created(session, adapter_id: str, job_id: str) -> schemas.AdapterCreated:
 
 
 @router.get("/v1/adapters", response_model=schemas.AdapterList, responses=ERR)
-def list_adapters(session: SessionDep, org: OrgDep) -> schemas.AdapterList:
-    """Your organization's adapters, newest first."""
+def list_adapters(
+    session: SessionDep,
+    org: OrgDep,
+    limit: quotas.PageLimit = quotas.DEFAULT_PAGE,
+    cursor: quotas.PageCursor = None,
+) -> schemas.AdapterList:
+    """Your organization's adapters, newest first, a page at a time."""
+    rows, next_cursor = quotas.paginate(session, crud.visible_adapters(org), AdapterRow, limit, cursor)
     return schemas.AdapterList(
-        adapters=[adapter_out(session, a, org) for a in session.execute(crud.visible_adapters(org)).scalars()]
+        adapters=[adapter_out(session, a, org) for a in rows], next_cursor=next_cursor, limit=limit
     )
 
 
@@ -284,6 +292,7 @@ def generate(
     from model_owner_server.serving import context_limit, load_plugged
 
     adapter = crud.get_visible_adapter(session, org, adapter_id)
+    quotas.check_tokens(session, org, settings)  # hourly token quota (api/quotas.py)
     if body.max_new_tokens > settings.max_new_tokens:
         raise ApiError(422, "validation_error", f"max_new_tokens must be at most {settings.max_new_tokens} here")
     plugged, tokenizer = load_plugged(session, adapter, settings, storage)
@@ -306,6 +315,7 @@ def generate(
             pad_token_id=pad,
         )
     text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    quotas.charge_tokens(session, org, out.shape[1] - ids.shape[1])
     crud.audit(session, org, "generate", "adapter", adapter.id, max_new_tokens=body.max_new_tokens)
     session.commit()
     return schemas.GenerateResponse(

@@ -1,21 +1,25 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from model_owner_server import crud
+from model_owner_server.api import quotas
 from model_owner_server.api.deps import OrgDep, SessionDep
 from model_owner_server.api.serialize import job_out
 from model_owner_server.jobs.cancel import request_cancel
+from model_owner_server.models import JobRow
 from shared import schemas
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.get("", response_model=schemas.JobList)
-def list_jobs(session: SessionDep, org: OrgDep, limit: int = Query(50, ge=1, le=500)) -> schemas.JobList:
-    """Your organization's jobs, newest first (admins see all)."""
-    rows = session.execute(crud.visible_jobs(org).limit(limit)).scalars()
-    return schemas.JobList(jobs=[job_out(j, org) for j in rows])
+def list_jobs(
+    session: SessionDep, org: OrgDep, limit: quotas.PageLimit = 50, cursor: quotas.PageCursor = None
+) -> schemas.JobList:
+    """Your organization's jobs, newest first (admins see all), a page at a time."""
+    rows, next_cursor = quotas.paginate(session, crud.visible_jobs(org), JobRow, limit, cursor)
+    return schemas.JobList(jobs=[job_out(j, org) for j in rows], next_cursor=next_cursor, limit=limit)
 
 
 @router.get("/{job_id}", response_model=schemas.Job, responses={404: {"model": schemas.ErrorBody}})

@@ -23,6 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from model_owner_server import crud
+from model_owner_server.api import quotas
 from model_owner_server.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from model_owner_server.api.openai_wire import (
     ChatMessage,
@@ -115,6 +116,7 @@ def _prepare(session: Any, org: Any, settings: Any, storage: Any, body: ChatRequ
     if (problem := body.unsupported()) is not None:
         raise problem
     adapter = crud.get_visible_adapter(session, org, body.model)
+    quotas.check_tokens(session, org, settings)  # hourly token quota (api/quotas.py)
     model, tokenizer = load_plugged(session, adapter, settings, storage)
     if isinstance(body, ChatRequest):
         param, requested = "messages", body.max_completion_tokens or body.max_tokens
@@ -213,11 +215,14 @@ async def _serve(
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(stream, job, meta, chat, usage),
+            quotas.charged_stream(
+                _sse(stream, job, meta, chat, usage), session, org, lambda: job.generation.completion_tokens
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     text = await stream.text()
+    await run_in_threadpool(quotas.charge_tokens, session, org, job.generation.completion_tokens)
     finish = job.generation.finish_reason
     choice = (
         {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
