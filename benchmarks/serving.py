@@ -180,7 +180,7 @@ def paths(world: dict[str, Any], max_tokens: int) -> dict[str, Callable[[], dict
     import openai
     import torch
 
-    from model_owner_server.model_cache import load_full_model, plugged_models
+    from model_owner_server.model_cache import load_full_model, plugged_pool
     from model_owner_server.serving import Generation, Sampling
 
     client = openai.OpenAI(base_url=world["base_url"], api_key=world["key"], max_retries=0, timeout=600)
@@ -188,7 +188,7 @@ def paths(world: dict[str, Any], max_tokens: int) -> dict[str, Callable[[], dict
     client.completions.create(model=adapter, prompt="warm up", max_tokens=2)  # loads and plugs M'
     settings = world["settings"]
     _, tok = load_full_model(world["model_path"], settings.resolved_device(), settings.model_cache_size)
-    plugged = plugged_models().get_or_load(adapter, _not_cached)  # the object the server generates with
+    plugged = plugged_pool().resident(adapter) or _not_cached()  # the object the server generates with
     prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     ids = tok(prompt, return_tensors="pt").input_ids
 

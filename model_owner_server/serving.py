@@ -4,7 +4,12 @@ Why a dedicated engine: one generation holds the CPU/GPU for seconds. Run on the
 every other request; run on an unbounded thread pool a burst of requests would thrash the device and every
 caller would wait longer. The engine runs at most `concurrency` generations at once, lets `queue_size` more
 wait for a slot and refuses the rest at once (`EngineBusy`, a 429 at the API), so overload is visible and
-latency stays bounded.
+latency stays bounded. Every generation path (the OpenAI-compatible routes, POST /v1/adapters/{id}/generate
+and the console's form) goes through the app's one engine.
+
+Why no copy of M per adapter: a generation leases a resident plugged copy from model_cache.PluggedPool
+(at most SCALEOT_PLUGGED_COPIES, each owning only the adapter layers), so memory stays bounded whatever the
+number of adapters, and only adapters whose evaluation succeeded are served (`not_servable`).
 
 Why our own token loop instead of `model.generate`: a seeded request must give the same text whatever else
 runs at the same time, so every request samples from its own `torch.Generator` (generate() only knows the
@@ -15,15 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from model_owner_server.model_cache import Plug
+
+log = logging.getLogger("scaleot.serving")
 _END = object()  # end-of-stream marker passed from the worker thread to the event loop
 
 
@@ -45,21 +55,55 @@ def context_limit(model: Any) -> int | None:
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
 
-def load_plugged(session: Any, adapter: Any, settings: Any, storage: Any) -> tuple[Any, Any]:
-    """(M' = [A', E], tokenizer) for an adapter row, from the per-process caches (model_cache): the full
-    model is loaded once per (path, device), the plugged copy once per adapter."""
-    from model_owner_server.model_cache import load_full_model, plugged_models
+def not_servable(adapter: Any) -> str | None:
+    """Why an adapter may not generate yet, or None: only an adapter whose plug-in evaluation succeeded is
+    served (its file passed the checks the evaluation makes, and its owner has seen its scores)."""
+    if adapter.status == "evaluated":
+        return None
+    if adapter.status == "evaluating":
+        return (
+            f"adapter {adapter.id} is still being evaluated (job {adapter.job_id}); it can generate once its "
+            f"status is 'evaluated': wait for the job (GET /v1/adapters/{adapter.id}) and retry"
+        )
+    return (
+        f"adapter {adapter.id} is not served: its evaluation ended '{adapter.status}'"
+        + (f" ({adapter.error})" if getattr(adapter, "error", None) else "")
+        + "; fix the adapter (or its eval data) and upload it again"
+    )
+
+
+def plug_for(session: Any, adapter: Any, settings: Any, storage: Any) -> tuple[Plug, Any, Any]:
+    """(plug, M, tokenizer) for an adapter row: M and its tokenizer from the full-model cache (loaded once per
+    (path, device)); `plug` puts the adapter into a resident copy of M when a generation leases it, with its
+    tensors from the bounded adapter cache (read and checked against M at first use)."""
+    from model_owner_server.model_cache import adapter_tensors, load_full_model
     from model_owner_server.models import EmulatorRow, RegisteredModel
-    from model_owner_server.scaleot.plugin import plug_in_file
+    from model_owner_server.scaleot.plugin import check_adapter
+    from shared.adapter import spec_from_json
+    from shared.lora import issued_lora, load_adapter
 
     emu = session.get(EmulatorRow, adapter.emulator_id)
     model_row = session.get(RegisteredModel, adapter.model_id)
     model, tokenizer = load_full_model(model_row.path, settings.resolved_device(), settings.model_cache_size)
+    spec, lora, layers = spec_from_json(emu.adapter_spec), issued_lora(emu.build_info), list(emu.adapter_layers)
+    path, key = storage.abs(adapter.path), (adapter.id, adapter.sha256)
 
-    def build() -> Any:
-        return plug_in_file(model, storage.abs(adapter.path), emu.adapter_layers, emu.adapter_spec, emu.build_info)
+    def load() -> dict[str, torch.Tensor]:
+        tensors = load_adapter(path, spec, lora)
+        check_adapter(model, tensors, layers, spec, lora)
+        return tensors
 
-    return plugged_models().get_or_load(adapter.id, build), tokenizer
+    def tensors() -> dict[str, torch.Tensor]:
+        return adapter_tensors(settings.adapter_cache_mb).get_or_load(key, load)
+
+    return Plug(adapter.id, model, tuple(layers), tensors, lora), model, tokenizer
+
+
+def plugged_lease(plug: Plug, settings: Any) -> Callable[[], AbstractContextManager[Any]]:
+    """What a Generation calls (in its worker thread) to get the plugged model for its token loop."""
+    from model_owner_server.model_cache import plugged_pool
+
+    return lambda: plugged_pool(settings.plugged_copies).lease(plug)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -102,12 +146,17 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 @dataclass
 class Generation:
     """One prompt's continuation as text deltas (iterate `deltas()`); afterwards `finish_reason`
-    ("stop": end of text or a stop string, "length": max_tokens) and `completion_tokens` are set."""
+    ("stop": end of text or a stop string, "length": max_tokens) and `completion_tokens` are set.
+
+    With `lease`, the token loop runs on the model the lease yields (a resident plugged copy, taken in the
+    worker thread when the generation starts and given back when it ends); `model` is then M, whose config
+    and generation config the plugged copy shares."""
 
     model: Any
     tokenizer: Any
     prompt_ids: list[int]
     sampling: Sampling
+    lease: Callable[[], AbstractContextManager[Any]] | None = None
     finish_reason: str = "length"
     _generated: list[int] = field(default_factory=list, repr=False)
 
@@ -116,18 +165,25 @@ class Generation:
         return len(self._generated)
 
     def deltas(self) -> Iterator[str]:
+        if self.lease is None:
+            yield from self._deltas(self.model)
+            return
+        with self.lease() as model:
+            yield from self._deltas(model)
+
+    def _deltas(self, model: Any) -> Iterator[str]:
         s = self.sampling
         generator = torch.Generator().manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
-        eos = _eos_ids(self.model, self.tokenizer)
-        device = next(self.model.parameters()).device
-        params = inspect.signature(self.model.forward).parameters
+        eos = _eos_ids(model, self.tokenizer)
+        device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
         extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
         ids = torch.tensor([self.prompt_ids], device=device)
         past, sent = None, 0
         with torch.inference_mode():
             for _ in range(s.max_tokens):
-                out = self.model(input_ids=ids, use_cache=True, **{cache_arg: past}, **extra)
+                out = model(input_ids=ids, use_cache=True, **{cache_arg: past}, **extra)
                 past = out.get(cache_arg)
                 token = pick_token(out.logits[0, -1].float().cpu(), s, generator)
                 if token in eos:
@@ -221,7 +277,14 @@ class GenerationEngine:
         except BaseException as exc:
             stream.put(exc)
         finally:
-            self._slots.release()
+            try:
+                close = getattr(deltas, "close", None)
+                if close is not None:
+                    close()  # a stopped generator gives back what it holds (its plugged copy) now, not at GC
+            except Exception:
+                log.exception("closing a generation failed")
+            finally:
+                self._slots.release()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

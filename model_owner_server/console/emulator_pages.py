@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import select
 
 from model_owner_server import crud
 from model_owner_server.api.deps import QueueDep, SessionDep, SettingsDep, StorageDep
+from model_owner_server.api.errors import ApiError
 from model_owner_server.api.routes import adapters as api_adapters
 from model_owner_server.api.routes import emulators as api_emulators
 from model_owner_server.api.routes import models as api_models
@@ -183,7 +185,7 @@ def adapter_page(adapter_id: str, request: Request, session: SessionDep, auth: C
 
 
 @router.post("/adapters/{adapter_id}/generate", response_class=HTMLResponse)
-def generate(
+async def generate(
     adapter_id: str,
     request: Request,
     session: SessionDep,
@@ -192,14 +194,19 @@ def generate(
     settings: SettingsDep,
     storage: StorageDep,
 ) -> HTMLResponse:
+    """The API's /generate (the same bounded engine, the same checks); a refusal is shown on the page with the
+    API's status: 409 for an adapter not evaluated, 429 with Retry-After when the server is busy."""
     body, errors = validate(schemas.GenerateRequest, form, ("prompt", "max_new_tokens"))
-    generated = None
+    generated, status, headers = None, 422, None
     if body is not None:
         try:
-            generated = api_adapters.generate(adapter_id, body, session, auth.org, settings, storage)
+            generated = await api_adapters.generate(adapter_id, body, request, session, auth.org, settings, storage)
         except ACTION_ERRORS as exc:
             errors = {"form": action_error(exc)}
-    return _adapter_page(
+            if isinstance(exc, ApiError):
+                status, headers = exc.status, exc.headers
+    page_ = await run_in_threadpool(
+        _adapter_page,
         request,
         session,
         auth,
@@ -207,5 +214,7 @@ def generate(
         errors=errors,
         values=form,
         generated=generated,
-        status=200 if generated else 422,
+        status=200 if generated else status,
     )
+    page_.headers.update(headers or {})
+    return page_

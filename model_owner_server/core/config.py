@@ -129,6 +129,22 @@ class Settings(BaseSettings):
         le=10_000,
         description="requests that may wait for a generation slot; beyond that they get 429 at once",
     )
+    # Resident plugged models (model_cache.PluggedPool): each shares M's tensors and owns only the adapter
+    # layers, which are swapped for the adapter a generation asks for; memory stays bounded whatever the
+    # number of adapters.
+    plugged_copies: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="resident plugged copies of a full model for generation (each costs the adapter layers' "
+        "memory, not M's); generations of other adapters wait for a copy and swap their layers in",
+    )
+    adapter_cache_mb: int = Field(
+        default=512,
+        ge=0,
+        le=1_000_000,
+        description="memory (MB) for loaded adapter tensors kept for quick swaps (LRU); 0 reads the file each swap",
+    )
     # Quotas, rate limits and fair share (model_owner_server/api/quotas.py): over a limit a request gets 429
     # with Retry-After. 0 turns a limit off. Admin keys are exempt unless rate_limit_admins is on (request rate).
     rate_limit_per_key: int = Field(

@@ -17,8 +17,9 @@ import torch
 import uvicorn
 
 from model_owner_server.api.routes.openai_compat import get_engine
-from model_owner_server.model_cache import load_full_model, plugged_models
-from model_owner_server.models import RegisteredModel
+from model_owner_server.model_cache import load_full_model
+from model_owner_server.models import AdapterRow, EmulatorRow, RegisteredModel
+from model_owner_server.scaleot.plugin import plug_in_file
 from model_owner_server.serving import EngineBusy, GenerationEngine
 
 PROMPT = "the quick brown fox"
@@ -67,8 +68,19 @@ def stream_text(c: openai.OpenAI, adapter: str, **kw) -> tuple[str, str, list]:
 
 
 def in_process_greedy(world, prompt: str, n: int) -> str:
-    """The same plugged-in model, called directly with Hugging Face generate (greedy)."""
-    plugged = plugged_models().get_or_load(world.adapter_id, lambda: pytest.fail("the API did not load M'"))
+    """The plugged-in model as the evaluation made it (a standalone copy of M), called directly with Hugging
+    Face generate (greedy): the server's resident copy, its adapter layers swapped in, must give the same text."""
+    with world.sessions() as s:
+        adapter = s.get(AdapterRow, world.adapter_id)
+        emu = s.get(EmulatorRow, adapter.emulator_id)
+        model = load_full_model(s.get(RegisteredModel, world.model_id).path, world.settings.resolved_device())[0]
+        plugged = plug_in_file(
+            model,
+            world.client.app.state.storage.abs(adapter.path),
+            emu.adapter_layers,
+            emu.adapter_spec,
+            emu.build_info,
+        )
     tokenizer = _tokenizer(world)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -277,47 +277,67 @@ def get_adapter(adapter_id: str, session: SessionDep, org: OrgDep) -> schemas.Ad
     return adapter_out(session, crud.get_visible_adapter(session, org, adapter_id), org)
 
 
-@router.post("/v1/adapters/{adapter_id}/generate", response_model=schemas.GenerateResponse, responses=ERR)
-def generate(
+def _prepare_generation(
+    session, org: Organization, settings, storage, adapter_id: str, body: schemas.GenerateRequest
+) -> Any:
+    """Every 4xx of /generate, before the request takes a generation slot (runs in a worker thread)."""
+    from model_owner_server.serving import Generation, Sampling, context_limit, not_servable, plug_for, plugged_lease
+
+    adapter = crud.get_visible_adapter(session, org, adapter_id)
+    quotas.check_tokens(session, org, settings)  # hourly token quota (api/quotas.py)
+    if (problem := not_servable(adapter)) is not None:
+        raise ApiError(409, "not_ready", problem)
+    if body.max_new_tokens > settings.max_new_tokens:
+        raise ApiError(422, "validation_error", f"max_new_tokens must be at most {settings.max_new_tokens} here")
+    plug, model, tokenizer = plug_for(session, adapter, settings, storage)
+    ids = list(tokenizer(body.prompt).input_ids)
+    if not ids:
+        raise ApiError(422, "validation_error", "the prompt is empty once tokenized; send some text")
+    limit = context_limit(model)
+    if limit and len(ids) + body.max_new_tokens > limit:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"prompt ({len(ids)} tokens) + max_new_tokens exceeds the model's context of {limit} tokens; "
+            "shorten the prompt",
+        )
+    sampling = Sampling(max_tokens=body.max_new_tokens, temperature=0)  # greedy, as this route always was
+    return Generation(model, tokenizer, ids, sampling, plugged_lease(plug, settings))
+
+
+def _audit_generation(session, org: Organization, adapter_id: str, max_new_tokens: int) -> None:
+    crud.audit(session, org, "generate", "adapter", adapter_id, max_new_tokens=max_new_tokens)
+    session.commit()
+
+
+@router.post(
+    "/v1/adapters/{adapter_id}/generate",
+    response_model=schemas.GenerateResponse,
+    responses={**ERR, 429: {"model": schemas.ErrorBody}},
+)
+async def generate(
     adapter_id: str,
     body: schemas.GenerateRequest,
+    request: Request,
     session: SessionDep,
     org: OrgDep,
     settings: SettingsDep,
     storage: StorageDep,
 ) -> schemas.GenerateResponse:
-    """Greedy text from the plugged-in full model M' = [A', E]; only text leaves the server."""
-    import torch
+    """Greedy text from the plugged-in full model M' = [A', E]; only text leaves the server. Only an adapter
+    whose evaluation succeeded generates (409 otherwise). Runs on the server's bounded generation engine, like
+    the OpenAI-compatible API: when every slot and queue place is taken, 429 with Retry-After."""
+    from model_owner_server.api.routes.openai_compat import get_engine
+    from model_owner_server.serving import EngineBusy
 
-    from model_owner_server.serving import context_limit, load_plugged
-
-    adapter = crud.get_visible_adapter(session, org, adapter_id)
-    quotas.check_tokens(session, org, settings)  # hourly token quota (api/quotas.py)
-    if body.max_new_tokens > settings.max_new_tokens:
-        raise ApiError(422, "validation_error", f"max_new_tokens must be at most {settings.max_new_tokens} here")
-    plugged, tokenizer = load_plugged(session, adapter, settings, storage)
-    ids = tokenizer(body.prompt, return_tensors="pt").input_ids
-    limit = context_limit(plugged)
-    if limit and ids.shape[1] + body.max_new_tokens > limit:
-        raise ApiError(
-            422,
-            "validation_error",
-            f"prompt ({ids.shape[1]} tokens) + max_new_tokens exceeds the model's "
-            f"context of {limit} tokens; shorten the prompt",
-        )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = plugged.generate(
-            input_ids=ids.to(next(plugged.parameters()).device),
-            attention_mask=torch.ones_like(ids).to(next(plugged.parameters()).device),
-            max_new_tokens=body.max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
-    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    quotas.charge_tokens(session, org, out.shape[1] - ids.shape[1])
-    crud.audit(session, org, "generate", "adapter", adapter.id, max_new_tokens=body.max_new_tokens)
-    session.commit()
+    generation = await run_in_threadpool(_prepare_generation, session, org, settings, storage, adapter_id, body)
+    try:
+        stream = get_engine(request).open(generation.deltas())
+    except EngineBusy as exc:
+        raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": "1"}) from None
+    text = await stream.text()
+    await run_in_threadpool(quotas.charge_tokens, session, org, generation.completion_tokens)
+    await run_in_threadpool(_audit_generation, session, org, adapter_id, body.max_new_tokens)
     return schemas.GenerateResponse(
-        adapter_id=adapter.id, prompt=body.prompt, completion=text, max_new_tokens=body.max_new_tokens
+        adapter_id=adapter_id, prompt=body.prompt, completion=text, max_new_tokens=body.max_new_tokens
     )

@@ -3,7 +3,8 @@
 The model id is the adapter id; the bearer token is the organization's API key (the same dependency as every
 /v1 route); errors on these routes have OpenAI's shape `{"error": {"message", "type", "param", "code"}}` so
 OpenAI clients show them. Generation runs on the bounded engine (model_owner_server/serving.py), never on
-the event loop; a full queue is a 429 at once.
+the event loop, on a resident plugged copy of M (model_cache.PluggedPool); a full queue is a 429 at once, an
+adapter whose evaluation has not succeeded a 409 (`model_not_ready`).
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ from model_owner_server.serving import (
     GenerationEngine,
     Sampling,
     context_limit,
-    load_plugged,
+    not_servable,
+    plug_for,
+    plugged_lease,
 )
 
 log = logging.getLogger("scaleot.openai")
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"], route_class=OpenAIRoute)
-ERR = {s: {"description": "OpenAI error shape: {error: {message, type, param, code}}"} for s in (400, 401, 404, 429)}
+ERR = {
+    s: {"description": "OpenAI error shape: {error: {message, type, param, code}}"} for s in (400, 401, 404, 409, 429)
+}
 _engine_lock = threading.Lock()
 
 
@@ -117,7 +122,9 @@ def _prepare(session: Any, org: Any, settings: Any, storage: Any, body: ChatRequ
         raise problem
     adapter = crud.get_visible_adapter(session, org, body.model)
     quotas.check_tokens(session, org, settings)  # hourly token quota (api/quotas.py)
-    model, tokenizer = load_plugged(session, adapter, settings, storage)
+    if (problem := not_servable(adapter)) is not None:
+        raise OpenAIError(409, problem, param="model", code="model_not_ready")
+    plug, model, tokenizer = plug_for(session, adapter, settings, storage)
     if isinstance(body, ChatRequest):
         param, requested = "messages", body.max_completion_tokens or body.max_tokens
         ids = tokenizer(_chat_prompt(tokenizer, body.messages), add_special_tokens=False).input_ids
@@ -133,7 +140,7 @@ def _prepare(session: Any, org: Any, settings: Any, storage: Any, body: ChatRequ
         stop=tuple(body.stop or ()),
         seed=body.seed,
     )
-    return _Job(adapter.id, Generation(model, tokenizer, list(ids), sampling))
+    return _Job(adapter.id, Generation(model, tokenizer, list(ids), sampling, plugged_lease(plug, settings)))
 
 
 def _audit(session: Any, org: Any, job: _Job, endpoint: str, stream: bool) -> None:

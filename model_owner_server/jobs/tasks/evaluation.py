@@ -13,7 +13,6 @@ from typing import Any
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
 from model_owner_server.jobs.runner import JobRunner
-from model_owner_server.model_cache import plugged_models
 from model_owner_server.models import AdapterRow, EmulatorRow, Evaluation, RegisteredModel
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import spec_from_json
@@ -58,7 +57,7 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
     ctx.update(0.5, "plugging the adapter into the full model", {"zero_shot": zero}, force=True)
     plugged = plug_in(model, tensors, layers, spec, lora)
     plug = evaluate(plugged, tokenizer, dataset, progress=prog(0.55, 0.98, "plug-in"), **kw)
-    plugged_models().get_or_load(adapter_id, lambda: plugged)  # /generate in this process starts warm
+    del plugged  # a standalone copy of M: freed now; generation uses the resident copies (model_cache)
 
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
