@@ -17,7 +17,7 @@ from model_owner_server.models import Organization
 from model_owner_server.storage import Storage
 
 from .errors import ApiError
-from .quotas import request_limiter
+from .quotas import Admission, admit_request, request_limiter
 
 _bearer = HTTPBearer(auto_error=False, description="API key from `modelowner-server create-org`")
 
@@ -54,7 +54,10 @@ SessionDep = Annotated[Session, Depends(get_db)]
 
 
 def current_org(
-    request: Request, session: SessionDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    admission: Annotated[Admission, Depends(admit_request)],  # request-rate limits first (api/quotas.py)
+    request: Request,
+    session: SessionDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Organization:
     challenge = {"WWW-Authenticate": "Bearer"}
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
@@ -64,12 +67,10 @@ def current_org(
             "missing API key: send 'Authorization: Bearer <key>' (create one with `modelowner-server create-org`)",
             challenge,
         )
-    limiter = request_limiter(request)  # request-rate limits (api/quotas.py): the key's before the DB is asked
-    digest = limiter.check_key(creds.credentials.strip())
     org = organization_for_key(session, creds.credentials.strip())
     if org is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", challenge)
-    limiter.check_org(org, digest)
+    request_limiter(request).check_org(org, admission)
     return org
 
 

@@ -7,9 +7,11 @@ its setting and when it resets:
 - **request rate** (`rate_limited`): a token bucket per API key and one per organization, refilled
   continuously at `SCALEOT_RATE_LIMIT_PER_KEY` / `SCALEOT_RATE_LIMIT_PER_ORG` requests per minute and
   holding `SCALEOT_RATE_LIMIT_BURST_SECONDS` of that rate. The buckets live in the server process (each
-  `serve` process counts on its own: N processes admit up to N times the rate). The key's bucket is
-  checked before the database is asked about the key, so a flood's 429s cost no query. Admin keys are
-  exempt unless `SCALEOT_RATE_LIMIT_ADMINS` is on.
+  `serve` process counts on its own: N processes admit up to N times the rate). Both are checked on the
+  event loop before the database is asked about the key (`admit_request`), and a refused request is
+  answered after a second's pause, so a flood's 429s cost no query, no thread and little CPU: the
+  other organizations keep their latency (docs/reliability.md, `python -m reliability.flood`). Admin keys
+  are exempt unless `SCALEOT_RATE_LIMIT_ADMINS` is on.
 - **hourly quotas** (`quota_exceeded`): emulator builds, adapter uploads, evaluations and generated tokens
   per organization over the last hour, counted from database rows (jobs, adapters, `token_charges`), so
   they hold across processes and restarts. Tokens are charged after each generation; the request after
@@ -47,6 +49,7 @@ from model_owner_server.models import AdapterRow, JobRow, Organization, TokenCha
 
 HOUR = timedelta(hours=1)
 ACTIVE_JOB_RETRY_S = 30  # jobs take seconds to minutes; a client polling GET /v1/jobs knows better
+TARPIT_S = 1.0  # see admit_request
 MAX_TRACKED_KEYS = 10_000  # key buckets kept per process (least recently used dropped; a dropped one restarts full)
 
 
@@ -81,55 +84,41 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What `admit_request` charged before the key was looked up."""
+
+    digest: str | None  # sha256 of the presented key; None: no bearer key (current_org answers 401)
+    org_charged: bool  # the key's organization was known, and its bucket charged (or it is exempt)
+
+
 class RequestLimiter:
-    """The per-key and per-organization buckets of one server process (thread-safe)."""
+    """The per-key and per-organization buckets of one server process (thread-safe).
+
+    Keys whose organization was seen once are charged to both buckets before the database is asked, so a
+    flood's 429s cost no query and no worker thread; a key seen for the first time pays its organization's
+    bucket after the lookup (`check_org`)."""
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic):
         self.settings, self.clock = settings, clock
         self._lock = threading.Lock()
         self._keys: OrderedDict[str, TokenBucket] = OrderedDict()
         self._orgs: dict[str, TokenBucket] = {}
-        self._admin_keys: set[str] = set()  # digests seen to belong to admins (exempt before the DB lookup)
+        self._owner: OrderedDict[str, tuple[str, bool]] = OrderedDict()  # key digest -> (org id, is admin)
 
     def _bucket(self, per_minute: int) -> TokenBucket:
         rate = per_minute / 60.0
         capacity = max(1.0, rate * self.settings.rate_limit_burst_seconds)
         return TokenBucket(rate, capacity, capacity, self.clock())
 
-    def check_key(self, key: str) -> str:
-        """Charge one request to the API key's bucket (before the key is looked up); returns its digest."""
-        digest = hash_api_key(key)
-        per_minute = self.settings.rate_limit_per_key
-        if per_minute <= 0 or (digest in self._admin_keys and not self.settings.rate_limit_admins):
-            return digest
-        with self._lock:
-            bucket = self._keys.pop(digest, None) or self._bucket(per_minute)
-            self._keys[digest] = bucket  # most recently used last
-            while len(self._keys) > MAX_TRACKED_KEYS:
-                self._keys.popitem(last=False)
-            wait = bucket.take(self.clock())
-        if wait:
-            raise _too_many(
-                "rate_limited",
-                f"rate limit: this API key sent more than {per_minute} requests per minute "
-                f"(SCALEOT_RATE_LIMIT_PER_KEY, bursts up to {int(bucket.capacity)}); the limit refills continuously",
-                wait,
-            )
-        return digest
-
-    def check_org(self, org: Organization, digest: str) -> None:
-        """Charge one request to the organization's bucket (after the key was found)."""
-        if org.is_admin:
-            self._admin_keys.add(digest)
-            if not self.settings.rate_limit_admins:
-                return
+    def _take_org(self, org_id: str) -> None:
         per_minute = self.settings.rate_limit_per_org
         if per_minute <= 0:
             return
         with self._lock:
-            bucket = self._orgs.get(org.id)
+            bucket = self._orgs.get(org_id)
             if bucket is None:
-                bucket = self._orgs[org.id] = self._bucket(per_minute)
+                bucket = self._orgs[org_id] = self._bucket(per_minute)
             wait = bucket.take(self.clock())
         if wait:
             raise _too_many(
@@ -138,6 +127,45 @@ class RequestLimiter:
                 f"(SCALEOT_RATE_LIMIT_PER_ORG, bursts up to {int(bucket.capacity)}); the limit refills continuously",
                 wait,
             )
+
+    def admit(self, key: str) -> Admission:
+        """Charge one request to the key's bucket, and to its organization's when the key was seen before."""
+        digest = hash_api_key(key)
+        with self._lock:
+            owner = self._owner.get(digest)
+        if owner is not None and owner[1] and not self.settings.rate_limit_admins:
+            return Admission(digest, True)
+        per_minute = self.settings.rate_limit_per_key
+        if per_minute > 0:
+            with self._lock:
+                bucket = self._keys.pop(digest, None) or self._bucket(per_minute)
+                self._keys[digest] = bucket  # most recently used last
+                while len(self._keys) > MAX_TRACKED_KEYS:
+                    self._keys.popitem(last=False)
+                wait = bucket.take(self.clock())
+            if wait:
+                raise _too_many(
+                    "rate_limited",
+                    f"rate limit: this API key sent more than {per_minute} requests per minute "
+                    f"(SCALEOT_RATE_LIMIT_PER_KEY, bursts up to {int(bucket.capacity)}); "
+                    "the limit refills continuously",
+                    wait,
+                )
+        if owner is not None:
+            self._take_org(owner[0])
+        return Admission(digest, owner is not None)
+
+    def check_org(self, org: Organization, admission: Admission) -> None:
+        """After the key was found: remember its organization; charge that bucket if `admit` could not."""
+        if admission.digest is not None:
+            with self._lock:
+                self._owner[admission.digest] = (org.id, bool(org.is_admin))
+                self._owner.move_to_end(admission.digest)
+                while len(self._owner) > MAX_TRACKED_KEYS:
+                    self._owner.popitem(last=False)
+        if admission.org_charged or (org.is_admin and not self.settings.rate_limit_admins):
+            return
+        self._take_org(org.id)
 
 
 _limiter_lock = threading.Lock()
@@ -150,6 +178,23 @@ def request_limiter(request: Request) -> RequestLimiter:
         if getattr(state, "request_limiter", None) is None:
             state.request_limiter = RequestLimiter(state.settings)
         return state.request_limiter
+
+
+async def admit_request(request: Request) -> Admission:
+    """Dependency of current_org, run on the event loop before the key is looked up: the request-rate check.
+
+    A refused request is answered after up to TARPIT_S (on the event loop: no thread, no CPU), which a client
+    honouring Retry-After (>= 1 s) never notices, while a flood that ignores it gets one answer per connection
+    per TARPIT_S instead of as many as the server's CPU can make, leaving that CPU to other organizations."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key or len(key) > 200:
+        return Admission(None, False)  # current_org answers 401
+    try:
+        return request_limiter(request).admit(key)
+    except ApiError as exc:
+        await anyio.sleep(min(TARPIT_S, float((exc.headers or {}).get("Retry-After", 1))))
+        raise
 
 
 # ---------------------------------------------------------------- hourly quotas and the job cap (database)
