@@ -10,16 +10,17 @@ ids of other organizations' objects reveal nothing.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
 
-from model_owner_server.core.security import ROLES, issue_api_key
+from model_owner_server.core.security import MAX_KEY_DAYS, ROLES, issue_api_key, issue_api_key_row, key_state
 from model_owner_server.models import (
     AdapterRow,
-    AuditEvent,
+    ApiKey,
     EmulatorRow,
     Evaluation,
     GrantRow,
@@ -42,8 +43,11 @@ class Conflict(ValueError):
 # ---------------------------------------------------------------- organizations
 
 
-def create_org(session: Session, name: str, role: str) -> tuple[Organization, str]:
-    """Create an organization and its first API key (returned in plaintext, once)."""
+def create_org(
+    session: Session, name: str, role: str, *, expires_in_days: int | None = None
+) -> tuple[Organization, str]:
+    """Create an organization and its first API key (returned in plaintext, once; expiring after
+    `expires_in_days`, normally SCALEOT_API_KEY_TTL_DAYS)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     name = name.strip()
@@ -54,7 +58,7 @@ def create_org(session: Session, name: str, role: str) -> tuple[Organization, st
     org = Organization(name=name, role=role)
     session.add(org)
     session.flush()
-    return org, issue_api_key(session, org)
+    return org, issue_api_key(session, org, name="first key", expires_in_days=expires_in_days)
 
 
 def find_org(session: Session, name_or_id: str) -> Organization:
@@ -251,15 +255,22 @@ def visible_emulators(org: Organization) -> Select[tuple[EmulatorRow]]:
 
 
 def get_visible_adapter(session: Session, org: Organization, adapter_id: str) -> AdapterRow:
+    """A data owner's own adapter, while its model is granted to it: a revoked grant ends generation with
+    (and the listing of) its adapters of that model; granting the model again brings them back."""
     adapter = session.get(AdapterRow, adapter_id)
-    if adapter is None or not (org.is_admin or adapter.org_id == org.id):
+    if adapter is None or not (
+        org.is_admin or (adapter.org_id == org.id and is_granted(session, org, adapter.model_id))
+    ):
         raise NotFound(f"adapter {adapter_id!r} not found")
     return adapter
 
 
 def visible_adapters(org: Organization) -> Select[tuple[AdapterRow]]:
     q = select(AdapterRow).order_by(AdapterRow.created_at.desc())
-    return q if org.is_admin else q.where(AdapterRow.org_id == org.id)
+    if org.is_admin:
+        return q
+    granted = select(GrantRow.model_id).where(GrantRow.org_id == org.id)
+    return q.where(AdapterRow.org_id == org.id, AdapterRow.model_id.in_(granted))
 
 
 def evaluations_for(session: Session, adapter_id: str) -> dict[str, Evaluation]:
@@ -273,16 +284,10 @@ def evaluations_for(session: Session, adapter_id: str) -> dict[str, Evaluation]:
 def audit(
     session: Session, org: Organization | None, action: str, target_type: str, target_id: str, **detail: Any
 ) -> None:
-    session.add(
-        AuditEvent(
-            org_id=org.id if org else None,
-            action=action,
-            target_type=target_type,
-            target_id=target_id,
-            detail=detail,
-            created_at=utcnow(),
-        )
-    )
+    """Record an event; it joins the hash-chained audit log when `session` commits (audit_log.py)."""
+    from model_owner_server.audit_log import queue_event
+
+    queue_event(session, org.id if org else None, action, target_type, target_id, detail)
 
 
 def row_counts(session: Session) -> dict[str, int]:
@@ -292,6 +297,136 @@ def row_counts(session: Session) -> dict[str, int]:
     return {
         t.name: session.execute(select(func.count()).select_from(t)).scalar_one() for t in Base.metadata.sorted_tables
     }
+
+
+# ---------------------------------------------------------------- API keys, grant revocation, org deletion
+
+MAX_ACTIVE_KEYS = 20  # per organization: enough for rotation and a few machines, not a key per request
+
+
+class LastKey(Conflict):
+    """Revoking this key would leave its organization without an active key (locked out)."""
+
+
+def list_keys(session: Session, org: Organization) -> list[ApiKey]:
+    return list(session.execute(select(ApiKey).where(ApiKey.org_id == org.id).order_by(ApiKey.created_at)).scalars())
+
+
+def active_keys(session: Session, org: Organization) -> list[ApiKey]:
+    now = utcnow()
+    return [k for k in list_keys(session, org) if key_state(k, now) == "active"]
+
+
+def key_lifetime(expires_in_days: int | None, ttl_days: int | None) -> int | None:
+    """Days a new key lives: as asked, else SCALEOT_API_KEY_TTL_DAYS (None: no expiry); never past the TTL."""
+    if expires_in_days is None:
+        return ttl_days
+    if not 1 <= expires_in_days <= MAX_KEY_DAYS:
+        raise ValueError(f"expires_in_days must be between 1 and {MAX_KEY_DAYS}, not {expires_in_days}")
+    if ttl_days is not None and expires_in_days > ttl_days:
+        raise ValueError(
+            f"expires_in_days may be at most {ttl_days} on this server (SCALEOT_API_KEY_TTL_DAYS), not {expires_in_days}"
+        )
+    return expires_in_days
+
+
+def create_key(
+    session: Session, org: Organization, *, name: str | None, expires_in_days: int | None, ttl_days: int | None
+) -> tuple[ApiKey, str]:
+    """An additional key for `org` (plaintext returned once); at most MAX_ACTIVE_KEYS active at a time."""
+    days = key_lifetime(expires_in_days, ttl_days)
+    if len(active_keys(session, org)) >= MAX_ACTIVE_KEYS:
+        raise Conflict(
+            f"organization {org.name!r} already has {MAX_ACTIVE_KEYS} active keys; revoke one it no longer uses first"
+        )
+    return issue_api_key_row(session, org, name=(name or "").strip() or None, expires_in_days=days)
+
+
+def get_key(session: Session, org: Organization, key_id: str) -> ApiKey:
+    """`org`'s key `key_id` (another organization's key is reported as missing)."""
+    key = session.get(ApiKey, key_id)
+    if key is None or key.org_id != org.id:
+        raise NotFound(
+            f"API key {key_id!r} not found in organization {org.name!r}; list them with GET /v1/orgs/{org.name}/keys"
+        )
+    return key
+
+
+def revoke_key(session: Session, key: ApiKey, *, allow_last: bool) -> None:
+    """Revoke at once. Refused (LastKey) when it is its organization's last active key, unless `allow_last`."""
+    if key.revoked_at is not None:
+        raise Conflict(f"API key {key.id} was already revoked at {key.revoked_at:%Y-%m-%d %H:%M} UTC")
+    org = session.get(Organization, key.org_id)
+    others = [k for k in active_keys(session, org) if k.id != key.id] if org else []
+    if not others and key_state(key) == "active" and not allow_last:
+        raise LastKey(
+            f"API key {key.id} is the last active key of organization {org.name if org else key.org_id!r}: revoking "
+            "it locks the organization out. Create another key first (or rotate this one), or confirm that you "
+            "mean it (API: ?confirm_last_key=true; CLI: --force)"
+        )
+    key.revoked_at = utcnow()
+
+
+def rotate_key(
+    session: Session,
+    key: ApiKey,
+    *,
+    grace_minutes: int,
+    name: str | None,
+    expires_in_days: int | None,
+    ttl_days: int | None,
+) -> tuple[ApiKey, str]:
+    """A new key replaces `key`: the old one is revoked now, or (grace_minutes > 0) expires after the grace
+    period, so clients can switch over without an outage."""
+    if key_state(key) != "active":
+        raise Conflict(f"API key {key.id} is {key_state(key)}; create a new key instead of rotating it")
+    if not 0 <= grace_minutes <= 7 * 24 * 60:
+        raise ValueError(f"grace_minutes must be between 0 and {7 * 24 * 60} (a week), not {grace_minutes}")
+    org = session.get(Organization, key.org_id)
+    assert org is not None  # the key's row would have gone with its organization
+    days = key_lifetime(expires_in_days, ttl_days)
+    new, plaintext = issue_api_key_row(session, org, name=(name or "").strip() or key.name, expires_in_days=days)
+    if grace_minutes:
+        until = utcnow() + timedelta(minutes=grace_minutes)
+        key.expires_at = min(key.expires_at, until) if key.expires_at else until
+    else:
+        key.revoked_at = utcnow()
+    return new, plaintext
+
+
+def revoke_grant(session: Session, model: RegisteredModel, org: Organization) -> None:
+    """Take the model away from `org` at once: its emulators, uploads and adapters of that model (API and
+    console) answer 404 from the next request on. Its rows stay: granting again restores them."""
+    g = session.execute(
+        select(GrantRow).where(GrantRow.model_id == model.id, GrantRow.org_id == org.id)
+    ).scalar_one_or_none()
+    if g is None:
+        raise NotFound(f"organization {org.name!r} has no grant for model {model.name!r}")
+    session.delete(g)
+
+
+def delete_org(session: Session, org: Organization) -> list[str]:
+    """Delete `org` with its keys, grants, jobs, adapters and console sessions (the database cascades); audit
+    rows stay. Refused for the last admin organization and while its jobs run. Returns its adapter ids, whose
+    files the caller removes after the commit."""
+    if org.is_admin:
+        admins = session.execute(select(func.count()).where(Organization.role == "admin")).scalar_one()
+        if admins <= 1:
+            raise Conflict(
+                f"{org.name!r} is the last admin organization: deleting it would leave nobody to run the server; "
+                "create another admin organization first (`modelowner-server create-org NAME --role admin`)"
+            )
+    running = session.execute(
+        select(func.count()).where(JobRow.org_id == org.id, JobRow.status.in_(("queued", "running")))
+    ).scalar_one()
+    if running:
+        raise Conflict(
+            f"organization {org.name!r} has {running} queued or running job(s); cancel them (POST /v1/jobs/{{id}}/cancel) "
+            "or wait for them to finish, then delete it. Revoke its keys now to end its access at once"
+        )
+    adapter_ids = list(session.execute(select(AdapterRow.id).where(AdapterRow.org_id == org.id)).scalars())
+    session.execute(delete(Organization).where(Organization.id == org.id))
+    return adapter_ids
 
 
 # ---------------------------------------------------------------- what the web console lists

@@ -17,7 +17,17 @@ from fastapi.concurrency import run_in_threadpool
 from model_owner_server.api.errors import install_error_handlers
 from model_owner_server.api.headers import SecurityHeadersMiddleware
 from model_owner_server.api.limits import BodySizeLimitMiddleware
-from model_owner_server.api.routes import adapters, audit, emulators, health, jobs, keys, models, openai_compat
+from model_owner_server.api.routes import (
+    adapters,
+    api_keys,
+    audit,
+    emulators,
+    health,
+    jobs,
+    keys,
+    models,
+    openai_compat,
+)
 from model_owner_server.console import mount_console
 from model_owner_server.core.config import Settings
 from model_owner_server.core.db import make_engine, make_session_factory, run_migrations, session_scope
@@ -66,7 +76,7 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     # Outermost (added last): nosniff, Referrer-Policy, frame denial, CSP, HSTS on every answer, 413s included.
     app.add_middleware(SecurityHeadersMiddleware, public_url=settings.public_url)
-    for module in (health, keys, models, jobs, emulators, adapters, audit, openai_compat):
+    for module in (health, keys, api_keys, models, jobs, emulators, adapters, audit, openai_compat):
         app.include_router(module.router)
     mount_console(app)  # /console: the web console for both organizations (docs/console.md)
     return app

@@ -80,6 +80,11 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # first chars, to tell keys apart in listings
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Key lifecycle (core/security.py): a label, an optional expiry (SCALEOT_API_KEY_TTL_DAYS, rotation's
+    # grace period), and the last successful use, refreshed at most once a minute.
+    name: Mapped[str | None] = mapped_column(String(100), default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class RegisteredModel(Base):
@@ -229,6 +234,21 @@ class AuditEvent(Base):
     target_id: Mapped[str] = mapped_column(String(40))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # Hash chain (model_owner_server/audit_log.py): seq numbers rows 1, 2, ... without gaps; row_hash is
+    # sha256(prev_hash + the row's canonical JSON), so an edited, deleted or inserted row breaks the chain.
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True, index=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditChainHead(Base):
+    """The audit chain's newest (seq, hash), one row (id 1): appending locks it, so two writers never fork the
+    chain, and it shows when the newest rows were deleted."""
+
+    __tablename__ = "audit_chain_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
 
 
 class ConsoleSession(Base):
@@ -240,6 +260,9 @@ class ConsoleSession(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))  # echoed by every console form
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)  # server-side expiry, whatever the browser keeps
+    # The API key it was signed in with: revoking or expiring that key ends the session (console/auth.py).
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)  # idle timeout: SCALEOT_CONSOLE_IDLE_MINUTES
 
 
 class TokenCharge(Base):

@@ -9,8 +9,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from model_owner_server.audit_log import record_refused_key
 from model_owner_server.core.config import Settings
-from model_owner_server.core.security import organization_for_key
+from model_owner_server.core.security import check_api_key
 from model_owner_server.jobs.queue import JobQueue
 from model_owner_server.keyring import KeyRing
 from model_owner_server.models import Organization
@@ -67,9 +68,11 @@ def current_org(
             "missing API key: send 'Authorization: Bearer <key>' (create one with `modelowner-server create-org`)",
             challenge,
         )
-    org = organization_for_key(session, creds.credentials.strip())
-    if org is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked API key", challenge)
+    check = check_api_key(session, creds.credentials.strip())
+    org = check.org
+    if org is None:  # a presented key was refused: audited (bounded per minute), the key itself never logged
+        record_refused_key(request, creds.credentials.strip(), check)
+        raise ApiError(401, "unauthorized", check.message, challenge)
     request_limiter(request).check_org(org, admission)
     return org
 

@@ -19,9 +19,10 @@ def create_org_cmd(
     """Create an organization and print its API key once (only a hash is stored)."""
     from model_owner_server import crud
 
-    with db_session(load_settings()) as session:
+    settings = load_settings()
+    with db_session(settings) as session:
         try:
-            org, key = crud.create_org(session, name, role)
+            org, key = crud.create_org(session, name, role, expires_in_days=settings.api_key_ttl_days)
             session.commit()
         except (ValueError, crud.Conflict) as exc:
             fail(str(exc))
@@ -259,3 +260,189 @@ def revoke_signing_key_cmd(key_id: str = typer.Argument(..., help="key id from G
             fail(f"no signing key {key_id!r}")
         session.commit()
         typer.echo(f"revoked {key_id}")
+
+
+# ---------------------------------------------------------------- API keys, grants, organizations, audit chain
+
+
+def _key_line(k) -> str:
+    from model_owner_server.core.security import key_state
+
+    def when(t) -> str:
+        return f"{t:%Y-%m-%d %H:%M}" if t else "-"
+
+    return (
+        f"{k.id}  {k.prefix}…  {key_state(k):8} created {when(k.created_at)}  expires {when(k.expires_at)}  "
+        f"last used {when(k.last_used_at)}  revoked {when(k.revoked_at)}  {k.name or ''}"
+    ).rstrip()
+
+
+@app.command("list-keys")
+def list_keys_cmd(org: str = typer.Argument(..., help="organization name or id")) -> None:
+    """An organization's API keys: id, prefix, state, created, expires, last used, revoked, name (never the key)."""
+    from model_owner_server import crud
+
+    with db_session(load_settings()) as session:
+        try:
+            o = crud.find_org(session, org)
+        except crud.NotFound as exc:
+            fail(str(exc))
+        for k in crud.list_keys(session, o):
+            typer.echo(_key_line(k))
+
+
+@app.command("create-key")
+def create_key_cmd(
+    org: str = typer.Argument(..., help="organization name or id"),
+    name: str | None = typer.Option(None, "--name", help="a label, e.g. the machine that uses it"),
+    expires_in_days: int | None = typer.Option(
+        None, "--expires-in-days", help="default SCALEOT_API_KEY_TTL_DAYS (none: never); at most that"
+    ),
+) -> None:
+    """Create an additional API key for an organization and print it once (only a hash is stored)."""
+    from model_owner_server import crud
+
+    settings = load_settings()
+    with db_session(settings) as session:
+        try:
+            o = crud.find_org(session, org)
+            row, key = crud.create_key(
+                session, o, name=name, expires_in_days=expires_in_days, ttl_days=settings.api_key_ttl_days
+            )
+        except (ValueError, crud.NotFound, crud.Conflict) as exc:
+            fail(str(exc))
+        crud.audit(session, None, "create_api_key", "api_key", row.id, org_id=o.id, prefix=row.prefix, via="cli")
+        session.commit()
+        typer.secho(f"created key {row.id} for {o.name!r}; the key (shown only once):", err=True)
+        typer.echo(key)
+
+
+@app.command("revoke-key")
+def revoke_key_cmd(
+    key_id: str = typer.Argument(..., help="key id (key_...), from list-keys"),
+    force: bool = typer.Option(False, "--force", help="revoke even the organization's last active key"),
+) -> None:
+    """Revoke an API key at once: its requests get 401 and its console sessions end."""
+    from model_owner_server import crud
+    from model_owner_server.models import ApiKey
+
+    with db_session(load_settings()) as session:
+        key = session.get(ApiKey, key_id)
+        if key is None:
+            fail(f"no API key {key_id!r}; list an organization's keys with `modelowner-server list-keys ORG`")
+        try:
+            crud.revoke_key(session, key, allow_last=force)
+        except crud.Conflict as exc:
+            fail(str(exc))
+        crud.audit(session, None, "revoke_api_key", "api_key", key.id, org_id=key.org_id, prefix=key.prefix, via="cli")
+        session.commit()
+        typer.echo(f"revoked {key.id} ({key.prefix}…)")
+
+
+@app.command("rotate-key")
+def rotate_key_cmd(
+    key_id: str = typer.Argument(..., help="key id (key_...), from list-keys"),
+    grace_minutes: int = typer.Option(
+        0, "--grace-minutes", help="0: revoke the old key now; else it keeps working this long (at most a week)"
+    ),
+    name: str | None = typer.Option(None, "--name", help="the new key's label (default: the old one's)"),
+) -> None:
+    """Replace an API key: print the new key once; the old one is revoked now or after the grace period."""
+    from model_owner_server import crud
+    from model_owner_server.models import ApiKey
+
+    settings = load_settings()
+    with db_session(settings) as session:
+        old = session.get(ApiKey, key_id)
+        if old is None:
+            fail(f"no API key {key_id!r}; list an organization's keys with `modelowner-server list-keys ORG`")
+        try:
+            new, key = crud.rotate_key(
+                session,
+                old,
+                grace_minutes=grace_minutes,
+                name=name,
+                expires_in_days=None,
+                ttl_days=settings.api_key_ttl_days,
+            )
+        except (ValueError, crud.Conflict) as exc:
+            fail(str(exc))
+        crud.audit(
+            session,
+            None,
+            "rotate_api_key",
+            "api_key",
+            old.id,
+            org_id=old.org_id,
+            new_key_id=new.id,
+            grace_minutes=grace_minutes,
+            via="cli",
+        )
+        session.commit()
+        until = f"expires {old.expires_at:%Y-%m-%d %H:%M} UTC" if grace_minutes else "revoked"
+        typer.secho(f"new key {new.id}; the old key {old.id} is {until}. The new key (shown only once):", err=True)
+        typer.echo(key)
+
+
+@app.command("revoke-grant")
+def revoke_grant_cmd(
+    org: str = typer.Argument(..., help="organization name or id"),
+    model: str = typer.Argument(..., help="model name or id"),
+) -> None:
+    """Take a model away from an organization at once (the reverse of `grant ORG MODEL`): its emulators,
+    uploads and adapters of that model answer 404 from the next request on; granting again restores them."""
+    from model_owner_server import crud
+
+    with db_session(load_settings()) as session:
+        try:
+            m, o = crud.find_model(session, model), crud.find_org(session, org)
+            crud.revoke_grant(session, m, o)
+        except crud.NotFound as exc:
+            fail(str(exc))
+        crud.audit(session, None, "revoke_grant", "model", m.id, org_id=o.id, via="cli")
+        session.commit()
+        typer.echo(f"revoked {o.name}'s ({o.id}) access to model {m.name} ({m.id})")
+
+
+@app.command("delete-org")
+def delete_org_cmd(
+    org: str = typer.Argument(..., help="organization name or id"),
+    yes: bool = typer.Option(False, "--yes", help="do not ask for confirmation"),
+) -> None:
+    """Delete an organization with its keys, grants, jobs, adapters (and their files) and console sessions;
+    the audit log keeps its rows. Refused for the last admin organization and while its jobs run."""
+    from model_owner_server import crud
+    from model_owner_server.storage import Storage
+
+    settings = load_settings()
+    with db_session(settings) as session:
+        try:
+            o = crud.find_org(session, org)
+        except crud.NotFound as exc:
+            fail(str(exc))
+        name, org_id = o.name, o.id
+        if not yes:
+            typer.confirm(f"delete organization {name!r} ({org_id}), its keys, grants, jobs and adapters?", abort=True)
+        try:
+            adapter_ids = crud.delete_org(session, o)
+        except crud.Conflict as exc:
+            fail(str(exc))
+        crud.audit(session, None, "delete_org", "organization", org_id, name=name, adapters=len(adapter_ids), via="cli")
+        session.commit()
+    storage = Storage(settings.resolved_data_dir)
+    for adapter_id in adapter_ids:
+        storage.remove(storage.adapters / adapter_id)
+    typer.echo(f"deleted organization {name!r} ({org_id}) and {len(adapter_ids)} adapter(s)")
+
+
+@app.command("verify-audit-log")
+def verify_audit_log_cmd() -> None:
+    """Walk the audit log's hash chain: exit 0 if every row is as written, else 1, naming the first edited,
+    deleted or inserted row. Note the printed head hash elsewhere to detect a rewrite of the whole log later."""
+    from model_owner_server.audit_log import verify_chain
+
+    with db_session(load_settings()) as session:
+        report = verify_chain(session)
+    typer.echo(json.dumps(report.as_dict(), indent=2))
+    if not report.ok:
+        fail(f"the audit log was tampered with: {report.problem}", code=1)

@@ -1,9 +1,12 @@
 """Console sign-in: an organization's API key is exchanged for a server-side session.
 
 The cookie holds a random token; the database keeps only its sha256 (as for API keys), the organization,
-a per-session CSRF token and the expiry, so sign-out and expiry are enforced by the server. The key is
-checked by the same code as the REST API's bearer auth (core.security.organization_for_key), and the
+the API key it was signed in with, a per-session CSRF token, the expiry and the last use, so sign-out,
+expiry (SCALEOT_CONSOLE_SESSION_MINUTES) and the idle timeout (SCALEOT_CONSOLE_IDLE_MINUTES) are enforced by
+the server, and a session ends as soon as its key is revoked or expires or its organization is deleted. The
+key is checked by the same code as the REST API's bearer auth (core.security.check_api_key), and the
 signed-in organization then goes through the same crud.visible_* / route functions as an API call.
+Sign-ins, refused sign-ins (bounded like the API's refused keys) and sign-outs go to the audit log.
 
 CSRF: every console form carries the session's token in a hidden field (compared in constant time);
 the sign-in form, which has no session yet, uses a double-submit cookie. Cookies are HttpOnly and
@@ -21,12 +24,15 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import Response
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
-from model_owner_server.api.deps import SessionDep
+from model_owner_server import crud
+from model_owner_server.api.deps import SessionDep, SettingsDep
+from model_owner_server.audit_log import record_refused_key
 from model_owner_server.core.config import Settings
-from model_owner_server.models import ConsoleSession, Organization, utcnow
+from model_owner_server.core.security import TOUCH_EVERY, check_api_key, key_state, touch
+from model_owner_server.models import ApiKey, ConsoleSession, Organization, utcnow
 
 SESSION_COOKIE = "scaleot_console"
 LOGIN_CSRF_COOKIE = "scaleot_console_login"
@@ -43,6 +49,10 @@ class LoginRequired(Exception):
 
 class CsrfError(Exception):
     """A form post without the right CSRF token (a forged cross-site request, or a stale page)."""
+
+
+class SignInRefused(Exception):
+    """The sign-in form's key was refused; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +84,15 @@ def set_cookie(
     )
 
 
-def start_session(session: Session, org: Organization, settings: Settings) -> str:
-    """Record a new session for `org` (and drop its expired ones); return the cookie token."""
+BAD_KEY = (
+    "That API key was not accepted: it is wrong or has been revoked. Paste the whole key (it starts with "
+    "sot_), or ask the model owner for a new one (`modelowner-server create-key ORG`)."
+)
+
+
+def start_session(session: Session, org: Organization, key: ApiKey, settings: Settings) -> str:
+    """Record a new session for `org`, signed in with `key` (and drop its expired ones); return the cookie
+    token."""
     now = utcnow()
     session.execute(delete(ConsoleSession).where(ConsoleSession.org_id == org.id, ConsoleSession.expires_at <= now))
     token = secrets.token_urlsafe(32)
@@ -83,21 +100,41 @@ def start_session(session: Session, org: Organization, settings: Settings) -> st
         ConsoleSession(
             token_hash=_hash(token),
             org_id=org.id,
+            api_key_id=key.id,
             csrf_token=secrets.token_urlsafe(32),
             created_at=now,
             expires_at=now + timedelta(minutes=settings.console_session_minutes),
+            last_seen_at=now,
         )
     )
+    return token
+
+
+def sign_in(request: Request, session: Session, settings: Settings, key: str) -> str:
+    """Check the sign-in form's key (as the REST API does), start a session, audit it; return the cookie
+    token. A refused key raises SignInRefused (and is audited, bounded like the API's refused keys)."""
+    if not key:
+        raise SignInRefused("Enter your organization's API key (it starts with sot_).")
+    check = check_api_key(session, key)
+    if check.org is None or check.key is None:
+        record_refused_key(request, key, check, action="console_sign_in_failed")
+        raise SignInRefused(BAD_KEY if check.reason == "unknown" else check.message[:1].upper() + check.message[1:])
+    token = start_session(session, check.org, check.key, settings)
+    crud.audit(session, check.org, "console_sign_in", "organization", check.org.id, key_id=check.key.id)
     return token
 
 
 def end_session(session: Session, request: Request) -> None:
     token = request.cookies.get(SESSION_COOKIE)
     if token:
-        session.execute(delete(ConsoleSession).where(ConsoleSession.token_hash == _hash(token)))
+        row = session.get(ConsoleSession, _hash(token))
+        if row is not None:
+            session.delete(row)
+            org = session.get(Organization, row.org_id)
+            crud.audit(session, org, "console_sign_out", "organization", row.org_id, key_id=row.api_key_id)
 
 
-def current_console(request: Request, session: SessionDep) -> ConsoleAuth:
+def current_console(request: Request, session: SessionDep, settings: SettingsDep) -> ConsoleAuth:
     next_path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
@@ -106,10 +143,24 @@ def current_console(request: Request, session: SessionDep) -> ConsoleAuth:
     org = session.get(Organization, row.org_id) if row is not None else None
     if row is None or org is None:
         raise LoginRequired(next_path, "You were signed out; sign in again.")
-    if row.expires_at <= utcnow():
+    now = utcnow()
+    key = session.get(ApiKey, row.api_key_id)
+    ended = None
+    if row.expires_at <= now:
+        ended = "Your console session expired; sign in again."
+    elif key is None or key_state(key, now) != "active":
+        state = key_state(key, now) if key is not None else "revoked"
+        ended = f"The API key this session was signed in with was {state}; sign in with a current key."
+    elif row.last_seen_at + timedelta(minutes=settings.console_idle_minutes) <= now:
+        ended = f"You were signed out after {settings.console_idle_minutes} minutes without activity; sign in again."
+    if ended:
         session.delete(row)
         session.commit()
-        raise LoginRequired(next_path, "Your console session expired; sign in again.")
+        raise LoginRequired(next_path, ended)
+    if now - row.last_seen_at >= TOUCH_EVERY:  # the idle clock, refreshed at most once a minute
+        touch(
+            session, update(ConsoleSession).where(ConsoleSession.token_hash == row.token_hash).values(last_seen_at=now)
+        )
     return ConsoleAuth(org=org, csrf_token=row.csrf_token)
 
 

@@ -7,27 +7,22 @@ import secrets
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from model_owner_server import crud
 from model_owner_server.api.deps import SessionDep, SettingsDep
-from model_owner_server.core.security import organization_for_key
 
 from .auth import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     FormDep,
     LoginFormDep,
+    SignInRefused,
     end_session,
     safe_next,
     set_cookie,
-    start_session,
+    sign_in,
 )
 from .views import ConsoleRoute, page
 
 router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
-BAD_KEY = (
-    "That API key was not accepted: it is wrong or has been revoked. Paste the whole key (it starts with "
-    "sot_), or ask the model owner for a new one (`modelowner-server create-org`)."
-)
 
 
 @router.get("", include_in_schema=False)
@@ -60,17 +55,10 @@ def login_page(request: Request, settings: SettingsDep) -> HTMLResponse:
 
 @router.post("/login", response_class=HTMLResponse)
 def login(request: Request, session: SessionDep, settings: SettingsDep, form: LoginFormDep) -> Response:
-    key = form.get("api_key", "").strip()
-    org = organization_for_key(session, key) if key else None  # the REST API's own key check
-    if org is None:
-        return _login_page(
-            request,
-            settings,
-            status=401,
-            error=BAD_KEY if key else "Enter your organization's API key (it starts with sot_).",
-        )
-    token = start_session(session, org, settings)
-    crud.audit(session, org, "console_sign_in", "organization", org.id)
+    try:  # the REST API's own key check; audited either way (console/auth.py)
+        token = sign_in(request, session, settings, form.get("api_key", "").strip())
+    except SignInRefused as exc:
+        return _login_page(request, settings, status=401, error=str(exc))
     session.commit()
     response = RedirectResponse(safe_next(form.get("next")), status_code=303)
     set_cookie(response, request, settings, SESSION_COOKIE, token, max_age=settings.console_session_minutes * 60)

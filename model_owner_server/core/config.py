@@ -113,6 +113,23 @@ class Settings(BaseSettings):
     eval_max_examples: int = 64
     # Web console (/console): a sign-in lasts this long on the server, whatever the browser keeps.
     console_session_minutes: int = Field(default=480, ge=1, le=30 * 24 * 60, description="console sign-in lifetime")
+    # Key lifecycle and the audit log's bound on failed sign-ins (core/security.py, audit_log.py).
+    console_idle_minutes: int = Field(
+        default=30, ge=1, le=30 * 24 * 60, description="a console session unused this long is signed out"
+    )
+    api_key_ttl_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=3650,
+        description="new API keys expire after this many days (and may not be asked to live longer); none: never",
+    )
+    audit_auth_failures_per_minute: int = Field(
+        default=30,
+        ge=1,
+        le=10_000,
+        description="most audit rows for refused keys / sign-ins per minute and process (one per key prefix); "
+        "the rest are counted in the next row",
+    )
     max_new_tokens: int = Field(
         default=128,
         ge=1,

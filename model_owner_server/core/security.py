@@ -2,21 +2,32 @@
 
 A key is `sot_` + 32 random bytes (urlsafe base64). Lookup goes by the hash (an index hit), and the
 final comparison uses `hmac.compare_digest` so no timing difference depends on key bytes.
+
+A key is active until it is revoked (`revoked_at`) or its `expires_at` passes (SCALEOT_API_KEY_TTL_DAYS for
+new keys, or the grace period of a rotation). `check_api_key` says which, so a refused caller learns what to
+do next; `last_used_at` is refreshed at most once a minute, outside the request's transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from model_owner_server.models import ApiKey, Organization
+from model_owner_server.models import ApiKey, Organization, utcnow
 
 KEY_PREFIX = "sot_"
 ROLES = ("admin", "data-owner")
+TOUCH_EVERY = timedelta(minutes=1)  # last_used_at / a console session's last_seen_at: at most this fresh
+MAX_KEY_DAYS = 3650
+log = logging.getLogger("scaleot.security")
 
 
 def generate_api_key() -> str:
@@ -27,20 +38,103 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def issue_api_key(session: Session, org: Organization) -> str:
+def issue_api_key(
+    session: Session,
+    org: Organization,
+    *,
+    name: str | None = None,
+    expires_in_days: int | None = None,
+    expires_at: datetime | None = None,
+) -> str:
     """Create a key for `org`; the plaintext is returned once and never stored."""
+    return issue_api_key_row(session, org, name=name, expires_in_days=expires_in_days, expires_at=expires_at)[1]
+
+
+def issue_api_key_row(
+    session: Session,
+    org: Organization,
+    *,
+    name: str | None = None,
+    expires_in_days: int | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
     key = generate_api_key()
-    session.add(ApiKey(org_id=org.id, key_hash=hash_api_key(key), prefix=key[:10]))
-    return key
+    now = utcnow()
+    if expires_at is None and expires_in_days is not None:
+        expires_at = now + timedelta(days=expires_in_days)
+    row = ApiKey(
+        org_id=org.id, key_hash=hash_api_key(key), prefix=key[:10], name=name, created_at=now, expires_at=expires_at
+    )
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def key_state(key: ApiKey, now: datetime | None = None) -> str:
+    """active | revoked | expired."""
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= (now or utcnow()):
+        return "expired"
+    return "active"
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """What a presented key is worth: the organization (None: refused), the key's row when it exists, and for
+    a refusal the reason (unknown | revoked | expired) and a message that says what to do next."""
+
+    org: Organization | None
+    key: ApiKey | None
+    reason: str
+    message: str
+
+
+NEW_KEY_HINT = (
+    "ask the model owner for a new one (`modelowner-server create-key ORG`), or create one with another of your "
+    "organization's keys (POST /v1/orgs/{org}/keys)"
+)
+
+
+def check_api_key(session: Session, key: str) -> KeyCheck:
+    if not key or len(key) > 200:
+        return KeyCheck(None, None, "unknown", "invalid API key")
+    digest = hash_api_key(key)
+    row = session.execute(select(ApiKey).where(ApiKey.key_hash == digest)).scalar_one_or_none()
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        return KeyCheck(None, None, "unknown", "invalid API key")
+    now = utcnow()
+    state = key_state(row, now)
+    if state == "revoked":
+        return KeyCheck(None, row, "revoked", f"this API key ({row.prefix}…) was revoked; {NEW_KEY_HINT}")
+    if state == "expired":
+        assert row.expires_at is not None
+        return KeyCheck(
+            None,
+            row,
+            "expired",
+            f"this API key ({row.prefix}…) expired at {row.expires_at:%Y-%m-%d %H:%M} UTC; {NEW_KEY_HINT}",
+        )
+    org = session.get(Organization, row.org_id)
+    if org is None:
+        return KeyCheck(None, row, "unknown", "invalid API key")
+    if row.last_used_at is None or now - row.last_used_at >= TOUCH_EVERY:
+        touch(session, update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
+        row.last_used_at = now
+    return KeyCheck(org, row, "ok", "")
 
 
 def organization_for_key(session: Session, key: str) -> Organization | None:
-    if not key or len(key) > 200:
-        return None
-    digest = hash_api_key(key)
-    row = session.execute(
-        select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    ).scalar_one_or_none()
-    if row is None or not hmac.compare_digest(row.key_hash, digest):
-        return None
-    return session.get(Organization, row.org_id)
+    return check_api_key(session, key).org
+
+
+def touch(session: Session, statement: Any) -> None:
+    """Run a bookkeeping UPDATE (a last-use time) in its own short transaction, so it is kept whether or not
+    the request commits; a failure is logged, never raised (it must not cost the caller its request)."""
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    try:
+        with engine.begin() as conn:
+            conn.execute(statement)
+    except Exception:
+        log.warning("could not record a last-use time", exc_info=True)

@@ -97,6 +97,26 @@ MATRIX = [
     ("unknown job id", "GET", "/v1/jobs/job_doesnotexist", {}, (404, 404, 404, 401)),
     ("cancel a finished job", "POST", "/v1/jobs/{eval_job}/cancel", {}, (409, 409, 404, 401)),
     ("audit log", "GET", "/v1/audit", {}, (200, 403, 403, 401)),
+    ("audit chain check", "GET", "/v1/audit/verify", {}, (200, 403, 403, 401)),
+    # Key lifecycle: an admin manages every organization's keys, a data owner only its own (others: 404).
+    ("list alice's keys", "GET", "/v1/orgs/alice/keys", {}, (200, 200, 404, 401)),
+    (
+        "create a key for alice (invalid expiry)",
+        "POST",
+        "/v1/orgs/alice/keys",
+        {"json": {"expires_in_days": 0}},
+        (422, 422, 422, 401),
+    ),
+    ("revoke an unknown key of alice", "DELETE", "/v1/orgs/alice/keys/key_doesnotexist", {}, (404, 404, 404, 401)),
+    (
+        "rotate an unknown key of alice",
+        "POST",
+        "/v1/orgs/alice/keys/key_doesnotexist/rotate",
+        {"json": {}},
+        (404, 404, 404, 401),
+    ),
+    ("delete an unknown organization", "DELETE", "/v1/orgs/org_doesnotexist", {}, (404, 403, 403, 401)),
+    ("revoke a grant never given", "DELETE", "/v1/models/{model}/grants/mallory", {}, (404, 403, 403, 401)),
 ]
 
 

@@ -1,4 +1,5 @@
-"""`GET /v1/audit`: who downloaded which emulator, who uploaded which adapter (and grants, generations...).
+"""`GET /v1/audit`: who downloaded which emulator, who uploaded which adapter (and grants, generations,
+refused keys, console sign-ins...); `GET /v1/audit/verify`: is the hash chain intact.
 
 Admin only. Newest first; filters combine with AND. Page with `limit` + `offset`.
 """
@@ -14,6 +15,7 @@ from sqlalchemy import func, select
 
 from model_owner_server import crud
 from model_owner_server.api.deps import AdminDep, SessionDep
+from model_owner_server.audit_log import verify_chain
 from model_owner_server.models import AuditEvent, Organization
 from shared import schemas
 
@@ -33,6 +35,8 @@ class AuditEventOut(BaseModel):
     target_id: str
     detail: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
+    seq: int | None = Field(None, description="position in the hash chain (1, 2, ...)")
+    row_hash: str | None = Field(None, description="sha256 over the previous row's hash and this row")
 
 
 class AuditList(BaseModel):
@@ -70,11 +74,7 @@ def list_audit(
     if until is not None:
         q = q.where(AuditEvent.created_at < until)
     total = session.execute(select(func.count()).select_from(q.subquery())).scalar_one()
-    rows = list(
-        session.execute(
-            q.order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc()).limit(limit).offset(offset)
-        ).scalars()
-    )
+    rows = list(session.execute(q.order_by(AuditEvent.seq.desc()).limit(limit).offset(offset)).scalars())
     names = (
         dict(
             session.execute(
@@ -97,6 +97,8 @@ def list_audit(
                 target_id=r.target_id,
                 detail=r.detail or {},
                 created_at=r.created_at,
+                seq=r.seq,
+                row_hash=r.row_hash,
             )
             for r in rows
         ],
@@ -104,3 +106,20 @@ def list_audit(
         limit=limit,
         offset=offset,
     )
+
+
+class AuditVerification(BaseModel):
+    ok: bool = Field(description="true: every row is as written and none is missing or added")
+    rows: int = Field(description="rows checked (up to the first problem)")
+    head_seq: int = Field(description="the newest row's seq according to the chain head")
+    head_hash: str = Field(description="the chain head's hash: note it elsewhere to detect a rewrite of the whole log")
+    problem: str | None = Field(None, description="the first problem found, in words")
+    row_id: str | None = Field(None, description="the first row found wrong (none: the problem is the log's end)")
+    row_seq: int | None = None
+
+
+@router.get("/audit/verify", response_model=AuditVerification, responses=ERR)
+def verify_audit(session: SessionDep, _admin: AdminDep) -> AuditVerification:
+    """Walk the audit log's hash chain (admin only): reports the first edited, deleted or inserted row.
+    The same check as `modelowner-server verify-audit-log`."""
+    return AuditVerification(**verify_chain(session).as_dict())

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from sqlalchemy.exc import IntegrityError
 
 from model_owner_server import crud, policy
@@ -96,6 +96,18 @@ def grant_model(model_id: str, body: schemas.GrantCreate, session: SessionDep, a
     crud.audit(session, admin, "grant", "model", model.id, org_id=org.id)
     session.commit()
     return schemas.Grant(model_id=model.id, org_id=org.id, org_name=org.name, created_at=grant.created_at)
+
+
+@router.delete("/{model_id}/grants/{org}", status_code=204, responses=ERR)
+def revoke_grant(model_id: str, org: str, session: SessionDep, admin: AdminDep) -> Response:
+    """Take the model away from an organization (name or id) at once: its emulators, uploads and adapters of
+    this model answer 404 from the next request on, in the API and the console. Granting again restores them."""
+    model = crud.get_visible_model(session, admin, model_id)
+    target = crud.find_org(session, org)
+    crud.revoke_grant(session, model, target)
+    crud.audit(session, admin, "revoke_grant", "model", model.id, org_id=target.id)
+    session.commit()
+    return Response(status_code=204)
 
 
 def server_text_file(path: Path) -> Path:
