@@ -23,10 +23,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from fastapi import Request
-from sqlalchemy import event, select, update
+from sqlalchemy import CursorResult, event, select, update
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from model_owner_server.core.security import KeyCheck
@@ -108,7 +108,7 @@ def queue_event(
 def _lock_head(session: Session, n: int) -> tuple[int, str]:
     """Reserve `n` sequence numbers under the head row's lock; return (seq before, hash before)."""
     bump = update(AuditChainHead).where(AuditChainHead.id == HEAD_ID).values(seq=AuditChainHead.seq + n)
-    if session.execute(bump).rowcount == 0:  # a schema made without the migrations: start the chain here
+    if cast(CursorResult, session.execute(bump)).rowcount == 0:  # a schema made without migrations: start here
         session.add(AuditChainHead(id=HEAD_ID, seq=0, hash=GENESIS))
         session.flush()
         session.execute(bump)

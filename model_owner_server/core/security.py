@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from model_owner_server.models import ApiKey, Organization, utcnow
 
@@ -120,7 +121,7 @@ def check_api_key(session: Session, key: str) -> KeyCheck:
         return KeyCheck(None, row, "unknown", "invalid API key")
     if row.last_used_at is None or now - row.last_used_at >= TOUCH_EVERY:
         touch(session, update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
-        row.last_used_at = now
+        set_committed_value(row, "last_used_at", now)  # not dirty: a GET must not flush a write (SQLite lock)
     return KeyCheck(org, row, "ok", "")
 
 

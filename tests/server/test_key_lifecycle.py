@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from model_owner_server import crud
+from model_owner_server.core.security import check_api_key
 from model_owner_server.models import ApiKey, AuditEvent, ConsoleSession, GrantRow, Organization, utcnow
 
 
@@ -172,6 +173,14 @@ def test_last_used_is_recorded_at_most_once_a_minute(world):
     assert c.get("/v1/models", headers=auth(key)).status_code == 200
     assert last_used() > first - timedelta(minutes=1)
     assert _keys(world, name, key).json()["keys"][0]["last_used_at"] is not None
+    # The refresh is its own short transaction: the request's session stays clean, so a read-only request
+    # never flushes a write (on SQLite that would hold the database's write lock for the whole request).
+    with world.sessions() as s:
+        s.execute(update(ApiKey).where(ApiKey.prefix == key[:10]).values(last_used_at=first - timedelta(minutes=5)))
+        s.commit()
+        assert check_api_key(s, key).org is not None
+        assert not s.dirty
+    assert last_used() > first - timedelta(minutes=1)
 
 
 # ---------------------------------------------------------------- grants

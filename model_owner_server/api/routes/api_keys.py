@@ -9,6 +9,7 @@ session signed in with it, stops working from the next request on.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +22,7 @@ from model_owner_server.models import ApiKey, Organization
 from shared import schemas
 
 router = APIRouter(prefix="/v1/orgs", tags=["organizations"])
-ERR = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 409, 422)}
+ERR: dict[int | str, dict[str, Any]] = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 409, 422)}
 
 
 class ApiKeyInfo(BaseModel):
@@ -104,7 +105,7 @@ def create_key(org: str, body: ApiKeyCreate, session: SessionDep, caller: OrgDep
         raise ApiError(422, "invalid_expiry", str(exc)) from None
     crud.audit(session, caller, "create_api_key", "api_key", row.id, org_id=target.id, prefix=row.prefix)
     session.commit()
-    return NewApiKey(key=key, api_key=key_info(row))
+    return NewApiKey(key=key, api_key=key_info(row), replaced=None)
 
 
 @router.delete("/{org}/keys/{key_id}", response_model=ApiKeyInfo, responses=ERR)
