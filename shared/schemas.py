@@ -177,6 +177,7 @@ class SignedManifest(_Response):
 
 EmulatorDType = Literal["float32", "bfloat16", "float16"]
 Builders = Literal["granted", "admins"]
+EMULATOR_DTYPES: tuple[EmulatorDType, ...] = ("float32", "bfloat16", "float16")
 
 
 class EmulatorPolicy(_Request):
@@ -197,7 +198,7 @@ class EmulatorPolicy(_Request):
         "(adapter + frozen), computed from the plan itself, so no alpha can round its way past it",
     )
     allowed_dtypes: list[EmulatorDType] = Field(
-        default_factory=lambda: ["float32", "bfloat16", "float16"], min_length=1, description="storage dtypes"
+        default_factory=lambda: list(EMULATOR_DTYPES), min_length=1, description="storage dtypes"
     )
     builders: Builders = Field(
         default="granted", description="who may ask for a build: 'granted' data owners too, or 'admins' only"
