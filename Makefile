@@ -2,7 +2,10 @@
 SHELL := /bin/bash
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The tests' PostgreSQL and Redis: used when they answer, else `make test` starts throwaway ones for the run
+# (scripts/test_services.py: PostgreSQL and Redis from PyPI wheels, on free ports, removed afterwards).
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+REDIS_URL ?= $(or $(SCALEOT_TEST_REDIS_URL),redis://127.0.0.1:6379/0)
 PY := .venv/bin/python
 # Extra demo flags, e.g. `make demo DEMO_ARGS="--steps 200 --train-steps 300"` (or SCALEOT_DEMO_SCALE=4).
 DEMO_ARGS ?=
@@ -18,7 +21,8 @@ COMPOSE_ENV ?= $(COMPOSE_DIR)/compose.env
 
 help:
 	@echo "make demo          set up (.venv, torch: CUDA build with an NVIDIA GPU, else CPU; SmolLM2-135M + corpora from PyPI) and run the two-party demo"
-	@echo "make test          set up and run the tests (SQLite, then the database tests on PostgreSQL at PG_URL)"
+	@echo "make test          set up and run the tests (SQLite, then the database tests on PostgreSQL at PG_URL;"
+	@echo "                   throwaway PostgreSQL/Redis are started when none answers at PG_URL / REDIS_URL)"
 	@echo "make demo-tiny     the same demo flow on a tiny random model, in about a minute"
 	@echo "make lint          ruff (lint + format check) and mypy on the core packages (part of make test)"
 	@echo "make docs-demo     rerun the demo and rewrite the README's report and docs/walkthrough.md from it"
@@ -40,7 +44,10 @@ DOCS_DEMO_ARGS ?=
 docs-demo: setup
 	$(PY) scripts/docs_demo.py $(DOCS_DEMO_ARGS) -- $(DEMO_ARGS)
 
-test: setup compose-tool lint test-sqlite test-postgres
+# One PostgreSQL and one Redis for both passes: the inner targets find them answering at the URLs passed on.
+test: setup compose-tool lint
+	$(SERVICES) --postgres --redis -- bash -c \
+	  '$(MAKE) --no-print-directory test-sqlite test-postgres PG_URL="$$PG_URL" REDIS_URL="$$REDIS_URL"'
 
 # Lint and format check (ruff) and type check of the core packages (mypy); configuration in pyproject.toml.
 lint: setup
@@ -53,13 +60,18 @@ lint: setup
 compose-tool:
 	@bash scripts/ensure_compose.sh
 
-# Redis runs on 127.0.0.1:6379 here and in CI: the Redis queue test must run, not skip.
-test-sqlite:
-	SCALEOT_REQUIRE_REDIS=1 $(PY) -m pytest -q --durations=15  # names the slowest tests at the end
+# Runs a command with PG_URL / REDIS_URL (and SCALEOT_TEST_REDIS_URL) of services that answer, starting
+# throwaway ones where none does; never skips (see the README's Tests section).
+SERVICES = $(PY) scripts/test_services.py --pg-url '$(PG_URL)' --redis-url '$(REDIS_URL)'
 
-# The database-backed tests again, against PostgreSQL.
-test-postgres:
-	SCALEOT_TEST_DATABASE_URL=$(PG_URL) $(PY) -m pytest -q -m db
+# The whole suite on SQLite. The Redis queue tests must run, not skip (SCALEOT_REQUIRE_REDIS=1).
+test-sqlite: setup
+	$(SERVICES) --redis -- env SCALEOT_REQUIRE_REDIS=1 $(PY) -m pytest -q --durations=15  # names the slowest tests at the end
+
+# The database-backed tests again, against PostgreSQL (and the Redis queue tests among them).
+test-postgres: setup
+	$(SERVICES) --postgres --redis -- bash -c \
+	  'SCALEOT_TEST_DATABASE_URL="$$PG_URL" SCALEOT_REQUIRE_REDIS=1 exec $(PY) -m pytest -q -m db'
 
 test-demo: setup
 	$(PY) -m pytest -q tests/demo
