@@ -63,15 +63,17 @@ compose-tool:
 # Runs a command with PG_URL / REDIS_URL (and SCALEOT_TEST_REDIS_URL) of services that answer, starting
 # throwaway ones where none does; never skips (see the README's Tests section).
 SERVICES = $(PY) scripts/test_services.py --pg-url '$(PG_URL)' --redis-url '$(REDIS_URL)'
+# Extra pytest arguments for test-sqlite / test-postgres, e.g. TEST_ARGS="tests/server/test_jobs.py -x".
+TEST_ARGS ?=
 
 # The whole suite on SQLite. The Redis queue tests must run, not skip (SCALEOT_REQUIRE_REDIS=1).
 test-sqlite: setup
-	$(SERVICES) --redis -- env SCALEOT_REQUIRE_REDIS=1 $(PY) -m pytest -q --durations=15  # names the slowest tests at the end
+	$(SERVICES) --redis -- env SCALEOT_REQUIRE_REDIS=1 $(PY) -m pytest -q --durations=15 $(TEST_ARGS)  # names the slowest tests at the end
 
 # The database-backed tests again, against PostgreSQL (and the Redis queue tests among them).
 test-postgres: setup
 	$(SERVICES) --postgres --redis -- bash -c \
-	  'SCALEOT_TEST_DATABASE_URL="$$PG_URL" SCALEOT_REQUIRE_REDIS=1 exec $(PY) -m pytest -q -m db'
+	  'SCALEOT_TEST_DATABASE_URL="$$PG_URL" SCALEOT_REQUIRE_REDIS=1 exec $(PY) -m pytest -q -m db $(TEST_ARGS)'
 
 test-demo: setup
 	$(PY) -m pytest -q tests/demo
