@@ -29,6 +29,7 @@ import base64
 import binascii
 import json
 import math
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -192,8 +193,9 @@ async def admit_request(request: Request) -> Admission:
         return Admission(None, False)  # current_org answers 401
     try:
         return request_limiter(request).admit(key)
-    except ApiError as exc:
-        await anyio.sleep(min(TARPIT_S, float((exc.headers or {}).get("Retry-After", 1))))
+    except ApiError:
+        # Jittered, so that a flood's connections, refused together, do not come back together either.
+        await anyio.sleep(TARPIT_S * random.uniform(0.5, 1.0))
         raise
 
 

@@ -165,13 +165,13 @@ class Settings(BaseSettings):
     # Quotas, rate limits and fair share (model_owner_server/api/quotas.py): over a limit a request gets 429
     # with Retry-After. 0 turns a limit off. Admin keys are exempt unless rate_limit_admins is on (request rate).
     rate_limit_per_key: int = Field(
-        default=600,
+        default=1200,
         ge=0,
         description="requests per minute per API key (token bucket in each server process: "
         "N `serve` processes admit up to N times this); 0: off",
     )
     rate_limit_per_org: int = Field(
-        default=1200, ge=0, description="requests per minute per organization over all its keys (per process); 0: off"
+        default=2400, ge=0, description="requests per minute per organization over all its keys (per process); 0: off"
     )
     rate_limit_burst_seconds: float = Field(
         default=10.0, gt=0, le=3600, description="a request bucket holds this many seconds' worth of its rate"
