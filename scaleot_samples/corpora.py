@@ -305,12 +305,8 @@ def write_shakespeare_files(
     }
 
 
-def write_analogy_files(out_dir: str | Path, n_train: int = 2000, n_eval: int = 500, seed: int = 0) -> dict[str, Path]:
-    """``analogy_train.jsonl`` / ``analogy_eval.jsonl``: disjoint questions, every section represented.
-
-    Split by the asked pair (c, d): an eval question never asks for a pair that a training question
-    asks for, so eval accuracy is not pure recall of a training answer.
-    """
+def analogy_split(seed: int = 0) -> tuple[list[MultipleChoice], list[MultipleChoice]]:
+    """Train and eval analogy questions, shuffled, split by the asked pair (see write_analogy_files)."""
     qs = analogy_questions(seed)
     pairs = sorted({_asked_pair(q) for q in qs})
     random.Random(seed).shuffle(pairs)
@@ -320,6 +316,16 @@ def write_analogy_files(out_dir: str | Path, n_train: int = 2000, n_eval: int = 
     evalq = [q for q in qs if _asked_pair(q) in eval_pairs]
     rng.shuffle(train)
     rng.shuffle(evalq)
+    return train, evalq
+
+
+def write_analogy_files(out_dir: str | Path, n_train: int = 2000, n_eval: int = 500, seed: int = 0) -> dict[str, Path]:
+    """``analogy_train.jsonl`` / ``analogy_eval.jsonl``: disjoint questions, every section represented.
+
+    Split by the asked pair (c, d): an eval question never asks for a pair that a training question
+    asks for, so eval accuracy is not pure recall of a training answer.
+    """
+    train, evalq = analogy_split(seed)
     if n_train > len(train) or n_eval > len(evalq):
         raise ValueError(f"at most {len(train)} train and {len(evalq)} eval analogy questions are available")
     out_dir = Path(out_dir)

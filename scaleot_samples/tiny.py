@@ -31,15 +31,28 @@ EOS = "<|endoftext|>"
 FAMILIES = ("gpt2", "opt", "llama", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox")
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 257-token byte-level tokenizer (256 bytes + EOS): no training, fully deterministic."""
+# ChatML written in bytes (the tiny vocabulary has one special token): a BOS first, as LLaMA-3 and Gemma templates
+# write one, and EOS closing each turn, as SmolLM2's <|im_end|> does.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
+    """A 257-token byte-level tokenizer (256 bytes + EOS): no training, fully deterministic.
+
+    ``chat_template``: with :data:`TINY_CHAT_TEMPLATE`, so chat (``messages``) data can be rendered."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab[EOS] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+    if chat_template:
+        tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
 
 
 def tiny_config(family: str, n_layers: int = 4, hidden: int = 32, vocab: int = 257) -> PretrainedConfig:
@@ -126,11 +139,13 @@ def save_tiny_model_dir(
     dtype: torch.dtype | None = None,
     max_shard_size: str | None = None,
     tokenizer: bool = True,
+    chat_template: bool = False,
 ) -> Path:
     """Write a tiny model + tokenizer as a normal local Hugging Face folder (safetensors).
 
     dtype: store the weights in that dtype (a bf16/fp16 checkpoint); max_shard_size (e.g. "20KB"): write
-    sharded safetensors with model.safetensors.index.json, as large checkpoints come."""
+    sharded safetensors with model.safetensors.index.json, as large checkpoints come; chat_template: the
+    tokenizer carries :data:`TINY_CHAT_TEMPLATE`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = tiny_model(family, n_layers, hidden, seed)
@@ -138,5 +153,5 @@ def save_tiny_model_dir(
         model = model.to(dtype)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if tokenizer:
-        byte_tokenizer().save_pretrained(path)
+        byte_tokenizer(chat_template).save_pretrained(path)
     return path

@@ -5,8 +5,12 @@ Accepted files:
 - ``.jsonl`` / ``.json``: one JSON object per line (a ``.json`` file holding a single JSON array of
   objects is accepted too). The first record fixes the kind for the whole file:
   ``{"text": ...}`` -> ``text``; ``{"prompt": ..., "completion": ...}`` -> ``prompt_completion``;
-  ``{"question": ..., "choices": [...], "answer": <index or exact choice>}`` -> ``multiple_choice``.
+  ``{"question": ..., "choices": [...], "answer": <index or exact choice>}`` -> ``multiple_choice``;
+  ``{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}`` -> ``chat``.
   Extra keys are ignored.
+
+Chat records are rendered with the tokenizer's own chat template (the one the model was trained with) and
+carry the loss on the assistant turns only, end-of-turn tokens included (TRL's ``assistant_only_loss``).
 
 Every problem raises :class:`DataError` naming the file, the 1-based line and what to fix, because
 the data owner runs this on their own machine and must be able to repair the file alone.
@@ -15,7 +19,7 @@ the data owner runs this on their own machine and must be able to repair the fil
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,14 +28,21 @@ import torch
 
 IGNORE_INDEX = -100  # label value ignored by the loss (torch / HF convention)
 
-Kind = Literal["text", "prompt_completion", "multiple_choice"]
+Kind = Literal["text", "prompt_completion", "multiple_choice", "chat"]
 
-_EXPECTED = 'expected a JSON object with "text", or "prompt"+"completion", or "question"+"choices"+"answer"'
+_EXPECTED = (
+    'expected a JSON object with "text", or "prompt"+"completion", or "question"+"choices"+"answer", or "messages"'
+)
 _KIND_KEYS: dict[str, str] = {
     "text": '"text"',
     "prompt_completion": '"prompt"+"completion"',
     "multiple_choice": '"question"+"choices"+"answer"',
+    "chat": '"messages"',
 }
+CHAT_ROLES = ("system", "user", "assistant")
+NO_CHAT_TEMPLATE = (
+    "this model's tokenizer has no chat template: use prompt/completion records, or a model with a chat template"
+)
 
 
 class DataError(ValueError):
@@ -52,10 +63,16 @@ class MultipleChoice:
 
 
 @dataclass
+class Conversation:
+    messages: list[dict[str, str]]  # validated {"role", "content"} pairs, at least one assistant turn
+    line: int  # 1-based line of the record (record number in a JSON array): rendering errors name it
+
+
+@dataclass
 class Dataset:
     path: Path
     kind: Kind
-    records: list  # str | tuple[str, str] | MultipleChoice, by kind
+    records: list  # str | tuple[str, str] | MultipleChoice | Conversation, by kind
 
     def __len__(self) -> int:
         return len(self.records)
@@ -150,6 +167,8 @@ def _json_items(path: Path, text: str) -> list[tuple[int, Any]]:
 
 
 def _detect_kind(obj: dict) -> Kind | None:
+    if "messages" in obj:
+        return "chat"
     if {"question", "choices", "answer"} <= obj.keys():
         return "multiple_choice"
     if {"prompt", "completion"} <= obj.keys():
@@ -159,7 +178,9 @@ def _detect_kind(obj: dict) -> Kind | None:
     return None
 
 
-def _parse_record(kind: Kind, obj: dict, path: Path, line: int) -> str | tuple[str, str] | MultipleChoice:
+def _parse_record(
+    kind: Kind, obj: dict, path: Path, line: int
+) -> str | tuple[str, str] | MultipleChoice | Conversation:
     def string(key: str) -> str:
         v = obj[key]
         if not isinstance(v, str):
@@ -172,6 +193,8 @@ def _parse_record(kind: Kind, obj: dict, path: Path, line: int) -> str | tuple[s
         return string("text")
     if kind == "prompt_completion":
         return (string("prompt"), string("completion"))
+    if kind == "chat":
+        return _parse_conversation(obj["messages"], path, line)
 
     question, choices, answer = string("question"), obj["choices"], obj["answer"]
     if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
@@ -208,6 +231,54 @@ def _parse_record(kind: Kind, obj: dict, path: Path, line: int) -> str | tuple[s
             )
         idx = choices.index(answer)
     return MultipleChoice(question, list(choices), idx)
+
+
+def _parse_conversation(messages: Any, path: Path, line: int) -> Conversation:
+    shape = '{"role": "system" | "user" | "assistant", "content": "..."}'
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'"messages" must be a non-empty list of {shape} objects; got {_short(messages)}', path, line)
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m, dict):
+            raise DataError(f"message {i} must be an object {shape}; got {_short(m)}", path, line)
+        if "role" not in m:
+            raise DataError(f'message {i} has no "role"; add "role": "system", "user" or "assistant"', path, line)
+        role = m["role"]
+        if role not in CHAT_ROLES:
+            raise DataError(
+                f'message {i} has role {_short(role)}; use "system", "user" or "assistant" '
+                "(tool and function turns are not supported)",
+                path,
+                line,
+            )
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise DataError(
+                f'message {i} ({role}) needs "content" as a string; got {_short(content)} '
+                "(multi-part content is not supported: join the text parts)",
+                path,
+                line,
+            )
+        if role == "assistant" and not content.strip():
+            raise DataError(
+                f"message {i} is an empty assistant turn; give it the reply's text or remove the message", path, line
+            )
+        out.append({"role": role, "content": content})
+    if out[0]["role"] == "assistant":
+        raise DataError(
+            "message 1 is an assistant turn; a conversation starts with a system or user message (the reply "
+            "answers something): add the user turn before it or remove the message",
+            path,
+            line,
+        )
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(
+            "the conversation has no assistant turn, so there is nothing to train or score; add the reply as "
+            '{"role": "assistant", "content": "..."} or remove the line',
+            path,
+            line,
+        )
+    return Conversation(out, line)
 
 
 def _short(v: Any, limit: int = 60) -> str:
@@ -286,8 +357,112 @@ def encode_pair(tokenizer, prompt: str, completion: str, seq_len: int, add_eos: 
     return Example(ids, labels)
 
 
-def training_examples(dataset: Dataset, tokenizer, seq_len: int) -> list[Example]:
-    """Turn a dataset into fixed-length (text) or per-record (prompt/completion, MC) examples."""
+def chat_segments(tokenizer, conv: Conversation, path: str | Path | None = None) -> list[tuple[str, bool]]:
+    """The conversation rendered by the tokenizer's chat template, as (text, is_assistant) pieces in order.
+
+    Each assistant turn is located by rendering incrementally: the conversation before it with the
+    generation prompt (``<|im_start|>assistant\n`` for ChatML), then through it; the difference is the
+    turn's text including its end-of-turn marker, which is what the model must learn to produce. The
+    template renders its own special tokens (a BOS included, where it has one), so nothing is added.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(NO_CHAT_TEMPLATE, path)
+
+    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja's TemplateError / raise_exception: e.g. "roles must alternate"
+            raise DataError(
+                f"this model's chat template refuses the conversation ({e}); reorder its turns as the template "
+                "asks (usually: an optional system message, then user and assistant alternating)",
+                path,
+                conv.line,
+            ) from None
+        return str(text)
+
+    pieces: list[tuple[str, bool]] = []
+    done = ""  # the rendered conversation through the previous assistant turn
+    for i, m in enumerate(conv.messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(conv.messages[:i], True)
+        through = render(conv.messages[: i + 1], False)
+        if not (before.startswith(done) and through.startswith(before)):
+            raise DataError(
+                f"cannot locate the tokens of assistant message {i + 1}: this model's chat template renders the "
+                "turns before it differently once it is added, so its reply cannot be told apart; use "
+                "prompt/completion records for this model",
+                path,
+                conv.line,
+            )
+        pieces += [(before[len(done) :], False), (through[len(before) :], True)]
+        done = through
+    whole = render(conv.messages, False)
+    if not whole.startswith(done):
+        raise DataError(
+            "this model's chat template renders the conversation's assistant turns differently once later turns "
+            "are added; end the conversation with its last assistant reply",
+            path,
+            conv.line,
+        )
+    pieces.append((whole[len(done) :], False))  # turns after the last reply: context only
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def encode_chat(tokenizer, conv: Conversation, seq_len: int, path: str | Path | None = None) -> Example | None:
+    """A conversation as one example with labels on the assistant turns only; None when, cut to ``seq_len``,
+    it has no assistant token left to predict.
+
+    Pieces are tokenised separately (as :func:`encode_pair` does) so the assistant boundary is exact and
+    identical in training and scoring. Too long: the conversation is cut on the right, keeping its first
+    ``seq_len`` tokens (system prompt and early turns), as TRL's SFTTrainer truncates.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2; got {seq_len}")
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in chat_segments(tokenizer, conv, path):
+        toks = _encode(tokenizer, text)
+        ids += toks
+        labels += toks if trained else [IGNORE_INDEX] * len(toks)
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    if all(x == IGNORE_INDEX for x in labels[1:]):  # position 0 is never predicted
+        return None
+    return Example(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
+
+
+def chat_examples(dataset: Dataset, tokenizer, seq_len: int) -> tuple[list[Example], int]:
+    """Every conversation of a chat dataset as an example, and how many were skipped because their
+    assistant turns start beyond ``seq_len`` tokens. Raises DataError if that leaves none."""
+    examples: list[Example] = []
+    for conv in dataset.records:
+        ex = encode_chat(tokenizer, conv, seq_len, dataset.path)
+        if ex is not None:
+            examples.append(ex)
+    if dataset.records and not examples:
+        raise DataError(
+            f"no conversation has an assistant token within its first {seq_len} tokens, so there is nothing to "
+            "train or score; raise --seq-len or shorten the system and user turns",
+            dataset.path,
+        )
+    return examples, len(dataset.records) - len(examples)
+
+
+def training_examples(
+    dataset: Dataset, tokenizer, seq_len: int, log: Callable[[str], None] | None = None
+) -> list[Example]:
+    """Turn a dataset into fixed-length (text) or per-record (prompt/completion, MC, chat) examples.
+
+    ``log`` is told how many conversations were skipped (see :func:`chat_examples`), so no skip is silent.
+    """
+    if dataset.kind == "chat":
+        examples, skipped = chat_examples(dataset, tokenizer, seq_len)
+        if skipped and log is not None:
+            log(
+                f"{dataset.path}: {skipped} of {len(dataset.records)} conversations skipped: no assistant token "
+                f"within their first {seq_len} tokens (raise --seq-len to keep them)"
+            )
+        return examples
     if dataset.kind == "text":
         blocks = pack_text_blocks(tokenizer, dataset.records, seq_len)
         return [Example(b.clone(), b.clone()) for b in blocks]

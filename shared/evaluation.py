@@ -7,6 +7,9 @@ these functions, so the numbers are comparable. Definitions:
   block has no prediction); ``perplexity = exp(loss)``.
 - prompt_completion: the same over completion tokens only (including the closing EOS, which is
   also the training target).
+- chat: the same over the assistant turns' tokens only (their end-of-turn tokens included), the conversation
+  rendered with the tokenizer's chat template (``assistant_loss``); conversations whose assistant turns
+  start beyond ``seq_len`` are skipped and counted (``skipped``, present when not zero).
 - multiple_choice: lm-evaluation-harness ``acc`` (argmax over choices of the summed log-prob of the
   continuation " choice" given the prompt) and ``acc_norm`` (that sum divided by the continuation's
   length in characters). Ties go to the first choice.
@@ -26,6 +29,7 @@ from .data import (
     IGNORE_INDEX,
     Dataset,
     Example,
+    chat_examples,
     collate,
     encode_pair,
     format_mc_choice,
@@ -126,7 +130,8 @@ def evaluate(
 
     The model must already be on ``device`` (inputs are moved there). It is put in eval mode for the
     call and its previous train/eval mode is restored afterwards. ``max_examples`` caps blocks (text),
-    records (prompt/completion) or questions (MC). ``progress(done, total)`` counts sequences scored.
+    records (prompt/completion), conversations (chat) or questions (MC). ``progress(done, total)`` counts
+    sequences scored.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -146,6 +151,13 @@ def evaluate(
             total, n = _nll_over(model, examples, pad_id, batch_size, device, progress)
             loss = total / max(n, 1)
             return {"completion_loss": loss, "perplexity": _perplexity(loss), "tokens": n}
+        if dataset.kind == "chat":
+            records = Dataset(dataset.path, dataset.kind, dataset.records[:max_examples])
+            examples, skipped = chat_examples(records, tokenizer, seq_len)
+            total, n = _nll_over(model, examples, pad_id, batch_size, device, progress)
+            loss = total / max(n, 1)
+            out = {"assistant_loss": loss, "perplexity": _perplexity(loss), "tokens": n}
+            return {**out, "skipped": skipped} if skipped else out
         if dataset.kind == "multiple_choice":
             return _multiple_choice(
                 model, tokenizer, dataset.records[:max_examples], seq_len, batch_size, device, pad_id, progress

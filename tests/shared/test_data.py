@@ -54,8 +54,8 @@ BAD_FILES = [
         _jsonl(*[PC] * 6, {"foo": 1}),
         7,
         [
-            'expected a JSON object with "text", or "prompt"+"completion", or "question"+"choices"+"answer"; '
-            "got keys ['foo']"
+            'expected a JSON object with "text", or "prompt"+"completion", or "question"+"choices"+"answer", '
+            "or \"messages\"; got keys ['foo']"
         ],
     ),
     ("mixed.jsonl", _jsonl(PC, {"text": "t"}), 2, ["same form as the first", '"prompt"+"completion"']),
