@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-JobKind = Literal["importance", "emulator", "evaluation"]
+JobKind = Literal["importance", "emulator", "evaluation", "benchmark_eval"]
 EmulatorStatus = Literal["building", "ready", "failed"]
 AdapterStatus = Literal["evaluating", "evaluated", "failed"]
 KeyStatus = Literal["active", "retired", "revoked"]
@@ -319,6 +319,17 @@ class AdapterEvaluation(_Response):
     zero_shot: dict[str, Any] | None = Field(default=None, description="full model M without the adapter")
     plug_in: dict[str, Any] | None = Field(default=None, description="M' = [A', E]")
     eval_source: str | None = Field(default=None, description="'upload' or the server's default eval file")
+    settings: dict[str, Any] | None = Field(
+        default=None,
+        description="what both columns were scored with: seq_len, max_examples, source ('client': the upload's "
+        "own eval_settings, so the client's emulator columns are the same measurement; 'server default') and "
+        "notes on what the server's caps changed",
+    )
+    benchmarks: dict[str, Any] | None = Field(
+        default=None,
+        description="lm-evaluation-harness tasks on M zero-shot and on the plug-in (POST "
+        "/v1/adapters/{id}/benchmarks, `modelowner-server eval-adapter`): tasks, settings, per-task metrics",
+    )
 
 
 class Adapter(_Response):

@@ -100,11 +100,16 @@ def emulator_out(emu: EmulatorRow, base: str) -> schemas.Emulator:
 
 def adapter_out(session: Session, adapter: AdapterRow, viewer: Organization | None = None) -> schemas.Adapter:
     evals = crud.evaluations_for(session, adapter.id)
+    bench = evals.pop("benchmarks", None)  # lm-eval tasks (jobs/tasks/benchmark_eval.py): not a column
     source = next((e.eval_source for e in evals.values()), None)
+    columns = {k: dict(evals[k].metrics or {}) if k in evals else None for k in ("zero_shot", "plug_in")}
+    settings = [m.pop("settings", None) for m in columns.values() if m is not None]  # stored with each column
     evaluation = schemas.AdapterEvaluation(
-        zero_shot=evals["zero_shot"].metrics if "zero_shot" in evals else None,
-        plug_in=evals["plug_in"].metrics if "plug_in" in evals else None,
+        zero_shot=columns["zero_shot"],
+        plug_in=columns["plug_in"],
         eval_source=source,
+        settings=readable(next((x for x in settings if x), None)),
+        benchmarks=readable(bench.metrics) if bench is not None else None,
     )
     return schemas.Adapter(
         id=adapter.id,

@@ -446,3 +446,81 @@ def verify_audit_log_cmd() -> None:
     typer.echo(json.dumps(report.as_dict(), indent=2))
     if not report.ok:
         fail(f"the audit log was tampered with: {report.problem}", code=1)
+
+
+@app.command("eval-adapter")
+def eval_adapter_cmd(
+    adapter_id: str = typer.Argument(..., help="adapter id (adp_...), as listed by GET /v1/adapters"),
+    tasks: str = typer.Option(
+        ...,
+        "--tasks",
+        help="comma-separated lm-eval tasks: the server's own (scaleot_shakespeare, scaleot_wikipedia, "
+        "scaleot_analogy), those in SCALEOT_BENCHMARK_TASKS_DIR, or built-in ones whose data is on this machine",
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="examples per task (default: all)"),
+    num_fewshot: int | None = typer.Option(None, "--num-fewshot", min=0, help="default: each task's own"),
+    as_json: bool = typer.Option(False, "--json", help="print the stored table as JSON"),
+) -> None:
+    """Run lm-evaluation-harness tasks on M zero-shot and on the adapter's plug-in, here, as a job (the same
+    `benchmark_eval` job as POST /v1/adapters/{id}/benchmarks, recorded under the first admin organization), and
+    store the table beside the adapter's evaluation. No downloads: a task whose data is not here fails, named."""
+    from pydantic import ValidationError
+
+    from model_owner_server import crud
+    from model_owner_server.api.routes.adapters import BenchmarkRequest
+    from model_owner_server.core.db import make_engine, make_session_factory
+    from model_owner_server.jobs.runner import JobRunner
+    from model_owner_server.jobs.tasks.benchmark_eval import table_rows
+    from model_owner_server.models import AdapterRow, JobRow, Organization
+    from model_owner_server.storage import Storage
+
+    settings = load_settings()
+    try:
+        body = BenchmarkRequest(
+            tasks=[t.strip() for t in tasks.split(",") if t.strip()], limit=limit, num_fewshot=num_fewshot
+        )
+    except ValidationError as exc:
+        fail("; ".join(e["msg"] for e in exc.errors()) + " (--tasks: comma-separated task names)")
+    with db_session(settings) as session:
+        adapter = session.get(AdapterRow, adapter_id)
+        if adapter is None:
+            fail(f"no adapter {adapter_id!r} in this server's database; list them with GET /v1/adapters (admin key)")
+        if adapter.status != "evaluated":
+            fail(f"adapter {adapter.id} is {adapter.status}; benchmark it once its evaluation succeeded")
+        admin = session.query(Organization).filter_by(role="admin").order_by(Organization.created_at).first()
+        if admin is None:
+            fail(
+                "this server has no admin organization to record the job under; create one with create-org --role admin"
+            )
+        params = {"adapter_id": adapter.id, "tasks": body.tasks, "limit": body.limit, "num_fewshot": body.num_fewshot}
+        job = crud.create_job(session, "benchmark_eval", admin, params)
+        crud.audit(session, admin, "benchmark_adapter", "adapter", adapter.id, tasks=body.tasks, via="cli")
+        session.commit()
+        job_id = job.id
+    # Inline: this process claims exactly its own job (no queue), with the worker's progress, heartbeat and failure
+    # records, so GET /v1/jobs/{id} shows it like any other.
+    sessions = make_session_factory(make_engine(settings.db_url))
+    inline = settings.model_copy(update={"queue_url": "immediate"})
+    typer.secho(f"job {job_id}: lm-eval {', '.join(body.tasks)} on M and on adapter {adapter_id} ...", err=True)
+    JobRunner(inline, sessions, Storage(settings.resolved_data_dir), None).run(job_id)
+    with sessions() as session:
+        job = session.get(JobRow, job_id)
+        if job.status != "succeeded":
+            fail(f"job {job_id} {job.status}: {job.error or job.message}")
+        record = (job.result or {}).get("benchmarks") or {}
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    typer.echo(f"{record.get('harness')}; limit {record.get('limit') or 'none'}; {record.get('seconds')} s")
+    typer.echo(f"{'task':<22}{'metric':<18}{'n':>6}{'M zero-shot':>20}{'plug-in':>20}")
+    for r in table_rows(record):
+        typer.echo(
+            f"{r['task']:<22}{r['metric']:<18}{r['samples'] or '':>6}"
+            f"{_with_err(r['zero_shot'], r['zero_shot_stderr']):>20}{_with_err(r['plug_in'], r['plug_in_stderr']):>20}"
+        )
+
+
+def _with_err(value: float | None, err: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")

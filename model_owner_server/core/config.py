@@ -111,6 +111,26 @@ class Settings(BaseSettings):
     eval_seq_len: int = 256
     eval_batch_size: int = 4
     eval_max_examples: int = 64
+    # One measurement (shared/eval_settings.py): an upload's own evaluation settings are honoured up to these caps.
+    eval_max_seq_len: int = Field(
+        default=2048,
+        ge=2,
+        description="the longest seq_len an upload may ask its evaluation to score with (longer is clamped, "
+        "and the adapter's table says so); the examples are capped by SCALEOT_EVAL_MAX_EXAMPLES",
+    )
+    # Benchmark evaluation (jobs/tasks/benchmark_eval.py): lm-evaluation-harness tasks on M and a plug-in.
+    benchmark_tasks_dir: Path | None = Field(
+        default=None,
+        description="a folder of extra lm-evaluation-harness task YAMLs (with their local data) the benchmark "
+        "job may run, besides the server's own (model_owner_server/benchmark_tasks) and lm-eval's "
+        "tasks whose data is already on this machine",
+    )
+    benchmark_max_limit: int = Field(
+        default=1000,
+        ge=1,
+        description="the most examples per task an API benchmark request may ask for (`limit`); the CLI "
+        "`eval-adapter` is not bound by it",
+    )
     # Web console (/console): a sign-in lasts this long on the server, whatever the browser keeps.
     console_session_minutes: int = Field(default=480, ge=1, le=30 * 24 * 60, description="console sign-in lifetime")
     # Key lifecycle and the audit log's bound on failed sign-ins (core/security.py, audit_log.py).

@@ -203,4 +203,5 @@ HANDLERS: dict[str, Handler] = {
     "emulator": _task("emulator", "emulator_job"),
     "evaluation": _task("evaluation", "evaluation_job"),
     "privacy_audit": _task("privacy_audit", "privacy_audit_job"),
+    "benchmark_eval": _task("benchmark_eval", "benchmark_eval_job"),
 }

@@ -1,16 +1,17 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from model_owner_server import crud
 from model_owner_server.api import quotas
-from model_owner_server.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
+from model_owner_server.api.deps import AdminDep, OrgDep, QueueDep, SessionDep, SettingsDep, StorageDep
 from model_owner_server.api.errors import ApiError
 from model_owner_server.api.json_bounds import JsonBounds
 from model_owner_server.api.serialize import adapter_out, job_out
@@ -45,6 +46,12 @@ class UploadInfo(Schema):
     eval_data_suffixes: list[str] = Field(description="file types accepted for the 'eval_data' part")
     max_adapter_bytes: int | None = Field(default=None, description="size cap of the 'adapter' part")
     max_eval_bytes: int = Field(description="size cap of the 'eval_data' part")
+    eval_settings: dict[str, int] | None = Field(
+        default=None,
+        description="how the server scores an upload's evaluation: seq_len and max_examples (its defaults, used "
+        "when the 'metrics' part carries no eval_settings) and their caps max_seq_len and max_examples_cap. A "
+        "client that scores the emulator within the caps and sends its settings gets one measurement",
+    )
 
 
 def _has_default_eval(settings) -> bool:
@@ -161,6 +168,7 @@ async def upload_adapter(
         bounds = JsonBounds.from_settings(settings)  # depth, size, items, string length: refused before storing
         metrics = json_object_part(parts.get("metrics"), bounds)
         config = json_object_part(parts.get("adapter_config"), bounds)
+        _check_eval_settings(metrics)
         kind = await run_in_threadpool(_validate_files, parts, emu, _has_default_eval(settings), config)
         if kind == "lora":  # the file is what counts, whatever a hand-written config says
             config = {**(config or {}), "method": "lora"}
@@ -192,6 +200,12 @@ def upload_info(emulator_id: str, session: SessionDep, org: OrgDep, settings: Se
         eval_data_suffixes=list(EVAL_SUFFIXES),
         max_adapter_bytes=emu.max_adapter_bytes,
         max_eval_bytes=settings.max_eval_bytes,
+        eval_settings={
+            "seq_len": settings.eval_seq_len,
+            "max_examples": settings.eval_max_examples,
+            "max_seq_len": settings.eval_max_seq_len,
+            "max_examples_cap": settings.eval_max_examples,
+        },
     )
 
 
@@ -341,3 +355,94 @@ async def generate(
     return schemas.GenerateResponse(
         adapter_id=adapter_id, prompt=body.prompt, completion=text, max_new_tokens=body.max_new_tokens
     )
+
+
+# ---------------------------------------------------------------- one measurement; benchmark evaluation
+
+
+def _check_eval_settings(metrics: dict[str, Any] | None) -> None:
+    """The client's evaluation settings (metrics.eval_settings, shared/eval_settings.py), refused before anything
+    is stored when malformed: the evaluation job scores with them."""
+    from shared.eval_settings import EVAL_SETTINGS_KEY, parse_eval_settings
+
+    if metrics is not None and metrics.get(EVAL_SETTINGS_KEY) is not None:
+        try:
+            parse_eval_settings(metrics[EVAL_SETTINGS_KEY])
+        except ValueError as exc:
+            raise ApiError(
+                422, "validation_error", f"part 'metrics': {exc}; or leave it out to use the server's settings"
+            ) from None
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
+
+
+class BenchmarkRequest(Schema):
+    """lm-evaluation-harness tasks to run on M zero-shot and on the adapter's plug-in."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(
+        min_length=1,
+        max_length=20,
+        description="lm-eval task (or group) names: the server's own (scaleot_shakespeare, scaleot_wikipedia, "
+        "scaleot_analogy), those in SCALEOT_BENCHMARK_TASKS_DIR, or built-in ones whose data is on the server",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="examples per task (default: all; at most SCALEOT_BENCHMARK_MAX_LIMIT)"
+    )
+    num_fewshot: int | None = Field(default=None, ge=0, le=25, description="default: each task's own")
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, tasks: list[str]) -> list[str]:
+        for t in tasks:
+            if not TASK_NAME.fullmatch(t):
+                raise ValueError(f"{t[:60]!r} is not a task name (letters, digits, _ . - only, at most 100)")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError("a task is named twice")
+        return tasks
+
+
+@router.post(
+    "/v1/adapters/{adapter_id}/benchmarks",
+    status_code=202,
+    response_model=schemas.Job,
+    responses={**ERR, 429: {"model": schemas.ErrorBody}},
+)
+def start_benchmarks(
+    adapter_id: str,
+    body: BenchmarkRequest,
+    request: Request,
+    session: SessionDep,
+    admin: AdminDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+) -> schemas.Job:
+    """Run lm-evaluation-harness tasks on M zero-shot and on this adapter's plug-in, as a job (admins).
+
+    The table lands in the adapter's `evaluation.benchmarks` (GET /v1/adapters/{id}: its owner and admins), replacing
+    an earlier one. Tasks are checked by the job before the model loads: an unknown task, or one whose data is not
+    on the server (no downloads), fails it with the task's name. Poll GET /v1/jobs/{id}.
+    """
+    adapter = crud.get_visible_adapter(session, admin, adapter_id)
+    if adapter.status != "evaluated":
+        raise ApiError(
+            409, "not_ready", f"adapter {adapter.id} is {adapter.status}; benchmark it once its evaluation succeeded"
+        )
+    if body.limit is not None and body.limit > settings.benchmark_max_limit:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"limit must be at most {settings.benchmark_max_limit} on this server (SCALEOT_BENCHMARK_MAX_LIMIT); "
+            "for a longer run use `modelowner-server eval-adapter` there",
+        )
+    params = {"adapter_id": adapter.id, "tasks": body.tasks, "limit": body.limit, "num_fewshot": body.num_fewshot}
+    job = crud.create_job(session, "benchmark_eval", admin, params)
+    crud.audit(session, admin, "benchmark_adapter", "adapter", adapter.id, tasks=body.tasks, limit=body.limit)
+    session.commit()
+    try:
+        queue.submit(request.app.state.sessions, job.id)
+    except QueueUnavailable:
+        raise ApiError(503, "unavailable", "the job queue is unreachable; try again later") from None
+    session.refresh(job)
+    return job_out(job)

@@ -17,6 +17,7 @@ from model_owner_server.models import AdapterRow, EmulatorRow, Evaluation, Regis
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import spec_from_json
 from shared.data import load_dataset
+from shared.eval_settings import EVAL_SETTINGS_KEY, EvalSettings, parse_eval_settings, resolve_eval_settings
 from shared.evaluation import evaluate
 from shared.lora import issued_lora, load_adapter
 
@@ -35,6 +36,7 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         eval_path = storage.abs(adapter.eval_path) if adapter.eval_path else settings.default_eval
         eval_source = "upload" if adapter.eval_path else f"server default ({Path(str(eval_path)).name})"
         adapter_id = adapter.id
+        used, used_from, notes = _eval_settings(settings, adapter.client_metrics)  # one measurement with the client
     if eval_path is None:
         raise JobFailure("no evaluation data: upload eval_data with the adapter or set SCALEOT_DEFAULT_EVAL")
     ctx.update(0.02, "validating adapter", force=True)
@@ -43,10 +45,10 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
     ctx.update(0.05, "loading full model", force=True)
     model, tokenizer = runner.full_model(model_row)
     kw = dict(
-        seq_len=settings.eval_seq_len,
+        seq_len=used.seq_len,
         batch_size=settings.eval_batch_size,
         device=next(model.parameters()).device,
-        max_examples=settings.eval_max_examples,
+        max_examples=used.max_examples,
     )
 
     def prog(lo: float, hi: float, label: str) -> Callable[[int, int], None]:
@@ -61,8 +63,26 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
 
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
+        record = {**used.to_json(), "source": used_from, **({"notes": notes} if notes else {})}
         for kind, metrics in (("zero_shot", zero), ("plug_in", plug)):
+            metrics = {**metrics, "settings": record}  # adapter_out shows it as evaluation.settings
             s.add(Evaluation(adapter_id=adapter_id, kind=kind, eval_source=eval_source, metrics=metrics))
         adapter = s.get(AdapterRow, adapter_id)
         adapter.status, adapter.error = "evaluated", None
     return {"adapter_id": adapter_id, "zero_shot": zero, "plug_in": plug, "eval_source": eval_source}
+
+
+def _eval_settings(settings: Any, client_metrics: dict[str, Any] | None) -> tuple[EvalSettings, str, list[str]]:
+    """The upload's own evaluation settings within the server's caps, else the server's defaults (an older client,
+    or a row stored before uploads were checked: its unreadable settings are named in a note)."""
+    default = EvalSettings(settings.eval_seq_len, settings.eval_max_examples)
+    caps = {"max_seq_len": settings.eval_max_seq_len, "max_examples": settings.eval_max_examples}
+    raw = (client_metrics or {}).get(EVAL_SETTINGS_KEY)
+    if raw is None:
+        return resolve_eval_settings(None, default=default, **caps)
+    try:
+        requested = parse_eval_settings(raw)
+    except ValueError as exc:
+        used, _, _ = resolve_eval_settings(None, default=default, **caps)
+        return used, "server default", [f"the upload's settings were not used: {exc}"]
+    return resolve_eval_settings(requested, default=default, **caps)
