@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.importance_config import ImportanceConfig
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["importance", "emulator", "evaluation", "benchmark_eval"]
 EmulatorStatus = Literal["building", "ready", "failed"]
@@ -106,22 +108,33 @@ class Grant(_Response):
     created_at: datetime
 
 
+# Stage 1's defaults come from the library's ImportanceConfig (shared/importance_config.py), as the CLI's do.
+_STAGE1 = ImportanceConfig()
+
+
 class ImportanceRequest(_Request):
-    steps: int = Field(default=100, ge=1, le=1_000_000)
+    steps: int = Field(default=_STAGE1.steps, ge=1, le=1_000_000)
     corpus: str | None = Field(default=None, description="server-side text file; default: SCALEOT_DEFAULT_CORPUS")
     warmup_steps: int = Field(
-        default=0,
+        default=_STAGE1.warmup_steps,
         ge=0,
         le=100_000,
         description="local-regression warm start of the "
         "harmonizers before Dynamic LayerReplace (cheap; helps short runs)",
     )
-    rl_interval: int = Field(default=2, ge=1, le=10_000, description="an RL score update every this many DL steps")
-    distill_weight: float = Field(default=1.0, ge=0.0, le=100.0, description="KL to the full model's logits")
-    hidden_weight: float = Field(
-        default=1.0, ge=0.0, le=100.0, description="normalised MSE of the last hidden state against the full model's"
+    rl_interval: int = Field(
+        default=_STAGE1.rl_interval, ge=1, le=10_000, description="an RL score update every this many DL steps"
     )
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    distill_weight: float = Field(
+        default=_STAGE1.distill_weight, ge=0.0, le=100.0, description="KL to the full model's logits"
+    )
+    hidden_weight: float = Field(
+        default=_STAGE1.hidden_weight,
+        ge=0.0,
+        le=100.0,
+        description="normalised MSE of the last hidden state against the full model's",
+    )
+    seed: int = Field(default=_STAGE1.seed, ge=0, le=2**31 - 1)
 
 
 class PrivacyAuditRequest(_Request):

@@ -9,6 +9,17 @@ from pathlib import Path
 import typer
 
 from model_owner_server.cli.common import app, fail, model_folder
+from model_owner_server.core.config import Settings
+from shared.importance_config import ImportanceConfig
+
+# Defaults live in one place: stage 1's knobs in ImportanceConfig (as the API's ImportanceRequest), the data and
+# device knobs in Settings (as the server's jobs use them); tests/core/test_defaults.py checks they agree.
+STAGE1 = ImportanceConfig()
+
+
+def setting(name: str):
+    """Settings' default for `name` (the server's value when no SCALEOT_* variable overrides it)."""
+    return Settings.model_fields[name].default
 
 
 @app.command("prepare-smollm2")
@@ -51,22 +62,35 @@ def import_gguf_cmd(
 def estimate_importance_cmd(
     model: str = typer.Argument(..., help="registered model name or local HF folder"),
     corpus: Path = typer.Option(..., "--corpus", help="task-agnostic text file (.txt or JSONL {text})"),
-    steps: int = typer.Option(100, "--steps", help="DL steps (harmonizer updates)"),
+    steps: int = typer.Option(STAGE1.steps, "--steps", help="DL steps (harmonizer updates)"),
     output: Path = typer.Option(..., "--output", help="folder for importance.safetensors + importance.json"),
     val_corpus: Path | None = typer.Option(None, "--val-corpus", help="separate D^V (default: tail of --corpus)"),
-    seq_len: int = typer.Option(256, "--seq-len"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    replace_fraction: float = typer.Option(0.25, "--replace-fraction", help="share of layers a fresh policy replaces"),
-    rl_interval: int = typer.Option(4, "--rl-interval", help="an RL score update every this many DL steps"),
-    candidates: int = typer.Option(8, "--candidates", help="configurations scored per RL step (>= 2)"),
-    lr: float = typer.Option(1e-3, "--lr", help="harmonizer learning rate"),
-    score_lr: float = typer.Option(1.0, "--score-lr", help="REINFORCE step on the scores"),
-    bottleneck: int = typer.Option(64, "--bottleneck"),
-    distill_weight: float = typer.Option(1.0, "--distill-weight", help="KL to the full model's logits"),
-    hidden_weight: float = typer.Option(1.0, "--hidden-weight", help="normalised MSE of the last hidden state"),
-    warmup_steps: int = typer.Option(0, "--warmup-steps", help="local-regression warm-start steps"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto"),
+    seq_len: int = typer.Option(setting("importance_seq_len"), "--seq-len", help="token block length"),
+    max_blocks: int = typer.Option(
+        setting("importance_max_blocks"), "--max-blocks", help="training blocks kept from the corpus"
+    ),
+    batch_size: int = typer.Option(setting("importance_batch_size"), "--batch-size"),
+    replace_fraction: float = typer.Option(
+        STAGE1.replace_fraction, "--replace-fraction", help="share of layers a fresh policy replaces"
+    ),
+    rl_interval: int = typer.Option(
+        STAGE1.rl_interval, "--rl-interval", help="an RL score update every this many DL steps"
+    ),
+    candidates: int = typer.Option(
+        STAGE1.n_candidates, "--candidates", help="configurations scored per RL step (>= 2)"
+    ),
+    lr: float = typer.Option(STAGE1.lr, "--lr", help="harmonizer learning rate"),
+    score_lr: float = typer.Option(STAGE1.score_lr, "--score-lr", help="REINFORCE step on the scores"),
+    bottleneck: int = typer.Option(STAGE1.bottleneck, "--bottleneck"),
+    distill_weight: float = typer.Option(
+        STAGE1.distill_weight, "--distill-weight", help="KL to the full model's logits"
+    ),
+    hidden_weight: float = typer.Option(
+        STAGE1.hidden_weight, "--hidden-weight", help="normalised MSE of the last hidden state"
+    ),
+    warmup_steps: int = typer.Option(STAGE1.warmup_steps, "--warmup-steps", help="local-regression warm-start steps"),
+    seed: int = typer.Option(STAGE1.seed, "--seed"),
+    device: str = typer.Option(setting("device"), "--device", help="cpu, cuda or auto"),
 ) -> None:
     """Stage 1: importance scores + harmonizers by Dynamic LayerReplace."""
     from tqdm import tqdm
@@ -79,7 +103,8 @@ def estimate_importance_cmd(
     try:
         dev = resolve_device(device)
         m, tok = load_causal_lm(model_folder(model), device=dev)
-        train, val = corpus_blocks(tok, corpus, seq_len, val_corpus=val_corpus)
+        # The same blocks the server's importance job cuts (seq_len, max_blocks from Settings).
+        train, val = corpus_blocks(tok, corpus, seq_len, val_corpus=val_corpus, max_blocks=max_blocks)
     except ValueError as exc:
         fail(str(exc))
     try:
@@ -135,7 +160,7 @@ def estimate_importance_cmd(
 def make_emulator_cmd(
     model: str = typer.Argument(..., help="registered model name or local HF folder"),
     importance: Path | None = typer.Option(None, "--importance", help="stage-1 output folder"),
-    n_adapter: int = typer.Option(4, "--n-adapter"),
+    n_adapter: int = typer.Option(4, "--n-adapter", help="adapter layers (the baselines: an even number)"),
     alpha: float = typer.Option(0.5, "--alpha"),
     beta: float = typer.Option(0.0, "--beta"),
     output: Path = typer.Option(..., "--output", help="emulator .safetensors file to write"),
@@ -143,7 +168,9 @@ def make_emulator_cmd(
         "scaleot", "--method", help="scaleot; or the baselines uniform_layerdrop (OT) and layer_sharing (CRaSh)"
     ),
     n_dropped: int | None = typer.Option(None, "--n-dropped", help="baselines: middle layers to remove"),
-    placement: str = typer.Option("sandwich", "--placement", help="adapter positions: sandwich, importance, spread"),
+    placement: str = typer.Option(
+        setting("emulator_placement"), "--placement", help="adapter positions: sandwich, importance, spread"
+    ),
     corpus: Path | None = typer.Option(
         None,
         "--corpus",
@@ -151,10 +178,22 @@ def make_emulator_cmd(
         "fidelity figure (default: the stage-1 corpus recorded in --importance)",
     ),
     calibration_steps: int = typer.Option(
-        50, "--calibration-steps", help="fit the stand-ins to the full model for this plan (0: none)"
+        setting("emulator_calibration_steps"),
+        "--calibration-steps",
+        help="fit the stand-ins to the full model for this plan (0: none)",
     ),
-    kept_lr: float = typer.Option(0.0, "--kept-lr", help="> 0: calibration also adjusts the kept layers"),
-    seq_len: int = typer.Option(128, "--seq-len"),
+    kept_lr: float = typer.Option(
+        setting("emulator_calibration_kept_lr"), "--kept-lr", help="> 0: calibration also adjusts the kept layers"
+    ),
+    seq_len: int = typer.Option(setting("importance_seq_len"), "--seq-len", help="token block length"),
+    max_blocks: int = typer.Option(
+        setting("importance_max_blocks"), "--max-blocks", help="calibration blocks kept from the corpus"
+    ),
+    fidelity_blocks: int = typer.Option(
+        setting("emulator_fidelity_blocks"),
+        "--fidelity-blocks",
+        help="validation blocks for the fidelity figure (0: not measured)",
+    ),
     dtype: str = typer.Option(
         "float32",
         "--dtype",
@@ -190,10 +229,14 @@ def make_emulator_cmd(
         if corpus is None and importance is not None:
             recorded = json.loads((importance / "importance.json").read_text()).get("corpus")
             corpus = Path(recorded) if recorded else None
-        blocks = build_blocks(tok, corpus, seq_len, 512)
+        blocks = build_blocks(tok, corpus, seq_len, max_blocks)
         if blocks is None and calibrate:
             fail("calibration needs task-agnostic text: pass --corpus FILE (or --calibration-steps 0)")
-        cal = CalibrationConfig(steps=calibration_steps, kept_lr=kept_lr) if calibrate else None
+        cal = (
+            CalibrationConfig(steps=calibration_steps, batch_size=setting("importance_batch_size"), kept_lr=kept_lr)
+            if calibrate
+            else None
+        )
         info = make_emulator(
             m,
             tok,
@@ -207,7 +250,7 @@ def make_emulator_cmd(
             placement=placement,
             calibration=cal,
             calibration_blocks=blocks[0] if blocks else None,
-            fidelity_blocks=blocks[1][:8] if blocks else None,
+            fidelity_blocks=blocks[1][:fidelity_blocks] if blocks and fidelity_blocks > 0 else None,
             calibration_progress=progress,
             dtype=storage_dtype,
         )

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.importance_config import ImportanceConfig
 from shared.schemas import EmulatorPolicy
 
 
@@ -67,9 +68,12 @@ class Settings(BaseSettings):
         default=3, ge=2, description="a running job whose heartbeat is this many intervals old is considered dead"
     )
     # Stage 1 / evaluation knobs (small defaults: CPU-friendly).
-    importance_seq_len: int = 128
-    importance_batch_size: int = 4
-    importance_max_blocks: int = 512
+    # The CLI's estimate-importance/make-emulator defaults are these (tests/core/test_defaults.py).
+    importance_seq_len: int = Field(default=128, ge=8, description="token block length of the stage-1 corpus")
+    importance_batch_size: int = Field(
+        default=ImportanceConfig.batch_size, ge=1, description="stage-1 DL batch (default: ImportanceConfig's)"
+    )
+    importance_max_blocks: int = Field(default=512, ge=1, description="stage-1 training blocks kept from the corpus")
     # Stage 2: where adapters sit, and calibration of each emulator for its own plan (docs/architecture.md).
     emulator_placement: Literal["sandwich", "importance", "spread"] = Field(
         default="sandwich", description="adapter positions: OT's first/last layers, the most important, or spread"

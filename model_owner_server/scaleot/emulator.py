@@ -36,7 +36,9 @@ PLACEMENTS = ("sandwich", "importance", "spread")
 DEFAULT_PLACEMENT = "sandwich"
 
 
-def adapter_positions(scores: Sequence[float] | torch.Tensor, n_adapter: int, placement: str = DEFAULT_PLACEMENT) -> list[int]:
+def adapter_positions(
+    scores: Sequence[float] | torch.Tensor, n_adapter: int, placement: str = DEFAULT_PLACEMENT
+) -> list[int]:
     n = len(scores)
     if placement == "importance":
         return sorted(sorted(range(n), key=lambda i: (-float(scores[i]), i))[:n_adapter])
@@ -94,6 +96,23 @@ def uniform_layerdrop_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> La
         Role.ADAPTER if i not in middle else Role.DROPPED if i in dropped else Role.FROZEN for i in range(n_layers)
     ]
     return LayerPlan(roles, {}, "uniform_layerdrop", 2 * n_edge, n_dropped / max(1, len(middle)), 0.0, 0)
+
+
+def baseline_edge(n_layers: int, n_adapter: int, method: str) -> int:
+    """n_edge of the OT/CRaSh baselines for `n_adapter` adapter layers: the first and last n_adapter / 2 layers.
+
+    An odd count or one that leaves no middle layers is refused: these baselines place adapters symmetrically,
+    so anything else would silently build a different number of adapter layers than asked for."""
+    if n_adapter < 2 or n_adapter % 2:
+        raise ValueError(
+            f"the {method} baseline puts adapters on the first and last n_adapter/2 layers: "
+            f"n_adapter must be an even number >= 2, got {n_adapter}"
+        )
+    if n_adapter >= n_layers:
+        raise ValueError(
+            f"n_adapter {n_adapter} leaves no middle layers in this {n_layers}-layer model: use at most {n_layers - 2}"
+        )
+    return n_adapter // 2
 
 
 def layer_sharing_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> tuple[LayerPlan, dict[int, int]]:
@@ -184,10 +203,13 @@ def make_emulator(
             raise ValueError("ScaleOT emulators need a stage-1 importance run")
         plan = scaleot_plan(importance.scores, n_adapter, alpha, beta, model, importance.config.bottleneck, placement)
         harmonizers = importance.harmonizers
-    elif method == "uniform_layerdrop":
-        plan = uniform_layerdrop_plan(n_layers, n_dropped if n_dropped is not None else (n_layers - 4) // 2)
-    elif method == "layer_sharing":
-        plan, sources = layer_sharing_plan(n_layers, n_dropped if n_dropped is not None else (n_layers - 4) // 2)
+    elif method in ("uniform_layerdrop", "layer_sharing"):
+        n_edge = baseline_edge(n_layers, n_adapter, method)
+        dropped = n_dropped if n_dropped is not None else (n_layers - 2 * n_edge) // 2  # half the middle
+        if method == "uniform_layerdrop":
+            plan = uniform_layerdrop_plan(n_layers, dropped, n_edge)
+        else:
+            plan, sources = layer_sharing_plan(n_layers, dropped, n_edge)
     else:
         raise ValueError(f"unknown emulator method {method!r}; use 'scaleot', 'uniform_layerdrop' or 'layer_sharing'")
     emu = build_emulator(model, plan, harmonizers)

@@ -20,7 +20,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,42 +28,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from shared.architectures import decoder_layers
+from shared.importance_config import ImportanceConfig  # re-exported: the knobs live there, torch-free
 from shared.modules import Harmonizer, HarmonizerLayer, count_params
-
-
-@dataclass
-class ImportanceConfig:
-    steps: int = 100  # DL steps (the budget); RL steps come on top, every rl_interval
-    batch_size: int = 4
-    # [our choice] The paper replaces about half; on a 135M model half the layers gone (or any of the few
-    # critical ones) puts every configuration near loss 10-17 nats, where rewards carry no ranking signal.
-    replace_fraction: float = 0.25  # share of layers a fresh policy (all S = 0) replaces
-    rl_interval: int = 2
-    n_candidates: int = 8  # configurations per RL step (>= 2: the baseline is the others' mean reward)
-    val_batch_size: int = 4  # D^V blocks every RL candidate is scored on (the same blocks for all of them)
-    lr: float = 1e-3  # harmonizer AdamW learning rate
-    score_lr: float = 1.0  # eta, the REINFORCE step on the scores (advantages are standardised per RL step)
-    bottleneck: int = 64
-    distill_weight: float = 1.0  # KL(full model || mixed model) on logits, added to the LM loss
-    hidden_weight: float = 1.0  # normalised MSE of the final hidden state against the full model's
-    distill_temperature: float = 1.0
-    warmup_steps: int = 0  # optional local-regression warm start: each H_i fits its own layer's output
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.n_candidates < 2:
-            raise ValueError("n_candidates must be at least 2 (each candidate's baseline is the others' mean reward)")
-        if not 0.0 < self.replace_fraction < 1.0:
-            raise ValueError(f"replace_fraction must be in (0, 1), got {self.replace_fraction}")
-        if self.steps < 1 or self.rl_interval < 1 or self.batch_size < 1 or self.val_batch_size < 1:
-            raise ValueError("steps, rl_interval, batch_size and val_batch_size must be at least 1")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ImportanceConfig:
-        """Tolerant of records written by older versions (unknown keys such as group_size are ignored)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass

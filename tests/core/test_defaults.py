@@ -1,0 +1,81 @@
+"""Each default lives in one place: stage 1's knobs in ImportanceConfig (shared/importance_config.py), the data
+and device knobs in Settings. The CLI (`estimate-importance`, `make-emulator`), the API schema
+(ImportanceRequest) and the README read them, so they cannot drift apart again (the CLI used to say
+--rl-interval 4, --seq-len 256 and --device cpu where the API and the server said 2, 128 and auto)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import typer
+
+from model_owner_server.cli import app
+from model_owner_server.core.config import Settings
+from model_owner_server.scaleot.importance import ImportanceConfig
+from shared.schemas import ImportanceRequest
+
+ROOT = Path(__file__).resolve().parents[2]
+LIBRARY = ImportanceConfig()
+# CLI option name -> ImportanceConfig field, where they differ.
+CLI_TO_LIBRARY = {"candidates": "n_candidates"}
+
+
+def cli_defaults(command: str) -> dict[str, object]:
+    click_command = typer.main.get_command(app).commands[command]
+    return {p.name: p.default for p in click_command.params if p.name}
+
+
+def setting(name: str) -> object:
+    return Settings.model_fields[name].default
+
+
+def test_estimate_importance_cli_defaults_are_the_library_and_the_servers():
+    cli = cli_defaults("estimate-importance")
+    library_knobs = {f.name for f in dataclasses.fields(ImportanceConfig)}
+    compared = 0
+    for option, default in cli.items():
+        field = CLI_TO_LIBRARY.get(option, option)
+        if field in library_knobs and field not in ("batch_size", "device"):
+            assert default == getattr(LIBRARY, field), f"--{option}: CLI {default!r}, ImportanceConfig {field}"
+            compared += 1
+    assert compared >= 11  # steps, replace_fraction, rl_interval, candidates, lr, ... seed
+    assert cli["rl_interval"] == LIBRARY.rl_interval == 2
+    # Data and device: what the server's importance job uses.
+    assert cli["seq_len"] == setting("importance_seq_len")
+    assert cli["max_blocks"] == setting("importance_max_blocks")
+    assert cli["batch_size"] == setting("importance_batch_size") == LIBRARY.batch_size
+    assert cli["device"] == setting("device") == "auto"
+
+
+def test_api_schema_defaults_are_the_library_defaults():
+    request = ImportanceRequest()
+    knobs = [name for name in ImportanceRequest.model_fields if hasattr(LIBRARY, name)]
+    assert set(knobs) == {"steps", "warmup_steps", "rl_interval", "distill_weight", "hidden_weight", "seed"}
+    for name in knobs:
+        assert getattr(request, name) == getattr(LIBRARY, name), name
+    # What a request with no knobs queues is exactly the library's default run.
+    assert ImportanceConfig(**{k: getattr(request, k) for k in knobs}) == LIBRARY
+
+
+def test_make_emulator_cli_defaults_are_the_servers():
+    """The emulator job reads these settings; the CLI used to hard-code 512 blocks and 8 fidelity blocks."""
+    cli = cli_defaults("make-emulator")
+    assert cli["placement"] == setting("emulator_placement")
+    assert cli["calibration_steps"] == setting("emulator_calibration_steps")
+    assert cli["kept_lr"] == setting("emulator_calibration_kept_lr")
+    assert cli["seq_len"] == setting("importance_seq_len")
+    assert cli["max_blocks"] == setting("importance_max_blocks")
+    assert cli["fidelity_blocks"] == setting("emulator_fidelity_blocks")
+    source = (ROOT / "model_owner_server" / "cli" / "algorithm.py").read_text()
+    assert not re.search(r"\b512\b|\[:8\]", source), "a setting's value is copied into cli/algorithm.py"
+
+
+def test_the_readme_states_the_library_defaults():
+    readme = (ROOT / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if "optional: rl_interval (" in ln)
+    stated = dict(re.findall(r"(\w+) \(([\d.]+)\)", line))
+    assert stated, line
+    for name, value in stated.items():
+        assert float(value) == float(getattr(LIBRARY, name)), f"README says {name} ({value})"
