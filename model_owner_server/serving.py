@@ -116,6 +116,65 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+@dataclass
+class Scores:
+    """Per-position log-probabilities (OpenAI's `logprobs`): `logprobs[i]` is the model's log-softmax
+    (temperature 1, float32) of token `ids[i]` given the tokens before it (None for a prompt's first token,
+    which nothing predicts); `top[i]` the `k` most likely (token id, log-probability) pairs there."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    def add(self, log_probs: torch.Tensor, token: int, k: int) -> None:
+        """Record `token` scored by one row of log-probabilities (on any device)."""
+        self.ids.append(token)
+        self.logprobs.append(float(log_probs[token]))
+        values, ids = torch.topk(log_probs, k) if k else (log_probs[:0], log_probs[:0].long())
+        self.top.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
+
+
+SCORE_CHUNK = 256  # prompt positions turned into log-probabilities at once (bounds the float32 vocab rows)
+
+
+def score_prompt(logits: torch.Tensor, ids: list[int], k: int) -> Scores:
+    """The prompt's scores from one forward pass's logits (positions x vocab): position i predicts ids[i+1]."""
+    scores = Scores(ids=[ids[0]], logprobs=[None], top=[[]])
+    for start in range(0, len(ids) - 1, SCORE_CHUNK):
+        rows = torch.log_softmax(logits[start : start + SCORE_CHUNK].float(), dim=-1)
+        targets = torch.tensor(ids[start + 1 : start + 1 + len(rows)], device=rows.device)
+        scores.ids.extend(targets.tolist())
+        scores.logprobs.extend(rows.gather(1, targets[:, None])[:, 0].tolist())
+        if k:
+            values, top = torch.topk(rows, k, dim=-1)
+            scores.top.extend(list(zip(i, v, strict=True)) for i, v in zip(top.tolist(), values.tolist(), strict=True))
+        else:
+            scores.top.extend([] for _ in range(len(rows)))
+    return scores
+
+
+def token_texts(tokenizer: Any, ids: list[int], skip_special_tokens: bool) -> list[str]:
+    """Each token's share of `tokenizer.decode(ids)`: joined they give the decoded text, so character offsets
+    add up. Decoded incrementally against the tokens just before (a token's text can depend on them: a
+    SentencePiece word's leading space), and a token that ends inside a UTF-8 character gets "" until the
+    one that completes it. O(n), unlike decoding every prefix."""
+    texts: list[str] = []
+    prefix = read = 0
+    for i in range(len(ids)):
+        before = tokenizer.decode(ids[prefix:read], skip_special_tokens=skip_special_tokens)
+        now = tokenizer.decode(ids[prefix : i + 1], skip_special_tokens=skip_special_tokens)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            texts.append(now[len(before) :])
+            prefix, read = read, i + 1
+        else:
+            texts.append("")
+    if texts:  # what a trailing incomplete character decodes to (U+FFFD) belongs to the last token
+        joined, full = "".join(texts), tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if len(full) > len(joined) and full.startswith(joined):
+            texts[-1] += full[len(joined) :]
+    return texts
+
+
 def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
     """One token from a 1-D row of logits (on the CPU, in float32: the same seed gives the same token)."""
     if sampling.temperature == 0:
@@ -150,14 +209,23 @@ class Generation:
 
     With `lease`, the token loop runs on the model the lease yields (a resident plugged copy, taken in the
     worker thread when the generation starts and given back when it ends); `model` is then M, whose config
-    and generation config the plugged copy shares."""
+    and generation config the plugged copy shares.
+
+    With `logprobs` (k, 0 included), every generated token is scored into `scores`, and the end-of-text
+    token too when it ends the text (lm-eval reads one token past the prompt); with `echo` as well, the prompt
+    is scored into `prompt_scores` from the same forward pass that starts the generation. `max_tokens` 0
+    (only with echo) scores the prompt and generates nothing."""
 
     model: Any
     tokenizer: Any
     prompt_ids: list[int]
     sampling: Sampling
     lease: Callable[[], AbstractContextManager[Any]] | None = None
+    logprobs: int | None = None
+    echo: bool = False
     finish_reason: str = "length"
+    scores: Scores = field(default_factory=Scores)
+    prompt_scores: Scores | None = None
     _generated: list[int] = field(default_factory=list, repr=False)
 
     @property
@@ -177,15 +245,28 @@ class Generation:
         eos = _eos_ids(model, self.tokenizer)
         device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
-        extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
         ids = torch.tensor([self.prompt_ids], device=device)
         past, sent = None, 0
+        score_prompt_now = self.echo and self.logprobs is not None
         with torch.inference_mode():
+            if s.max_tokens == 0:
+                if score_prompt_now:
+                    logits = model(input_ids=ids, use_cache=False).logits[0]
+                    self.prompt_scores = score_prompt(logits, self.prompt_ids, self.logprobs or 0)
+                return
             for _ in range(s.max_tokens):
+                extra = {} if score_prompt_now else keep_last  # the prompt's scores need every position
                 out = model(input_ids=ids, use_cache=True, **{cache_arg: past}, **extra)
                 past = out.get(cache_arg)
-                token = pick_token(out.logits[0, -1].float().cpu(), s, generator)
+                if score_prompt_now:
+                    self.prompt_scores = score_prompt(out.logits[0], self.prompt_ids, self.logprobs or 0)
+                    score_prompt_now = False
+                row = out.logits[0, -1].float()
+                token = pick_token(row.cpu(), s, generator)
+                if self.logprobs is not None:
+                    self.scores.add(torch.log_softmax(row, dim=-1), token, self.logprobs)
                 if token in eos:
                     self.finish_reason = "stop"
                     break

@@ -35,8 +35,6 @@ _IGNORED = frozenset(
         "metadata",
         "store",
         "service_tier",
-        "logprobs",
-        "echo",
         "frequency_penalty",
         "presence_penalty",
         "parallel_tool_calls",
@@ -122,8 +120,9 @@ class _Common(Schema):
     model: str = Field(max_length=200, description="an adapter id (GET /openai/v1/models)")
     max_tokens: int | None = Field(
         default=None,
-        ge=1,
-        description="default: the server's cap or the room left in the context, whichever is smaller",
+        ge=0,
+        description="default: the server's cap or the room left in the context, whichever is smaller; "
+        "0 only with echo (the prompt's log-probabilities, nothing generated)",
     )
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False, description="0: greedy; default 1")
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False, description="default 1")
@@ -175,19 +174,55 @@ class ChatMessage(Schema):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+MAX_LOGPROBS = 5  # completions' `logprobs`, as OpenAI's legacy API caps it
+MAX_TOP_LOGPROBS = 20  # chat's `top_logprobs`, as OpenAI caps it
+MAX_PROMPTS = 64  # prompts in one completion request (each is a choice; together they hold one engine slot)
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer name of max_tokens")
+    logprobs: bool = Field(default=False, description="each generated token's log-probability in choice.logprobs")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the k most likely tokens at each position"
+    )
+
+    def logprobs_k(self) -> int | None:
+        """Top-k to score, or None when no log-probabilities are asked for."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+Prompt = str | list[int]
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(description="one prompt (a list of exactly one is accepted too)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description=f"a string, a list of strings, a list of token ids or a list of token-id lists (at most "
+        f"{MAX_PROMPTS} prompts; each is one choice, in order)"
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="the log-probability of each token and of the k most likely tokens at each position",
+    )
+    echo: bool = Field(
+        default=False,
+        description="return the prompt before the completion (and, with "
+        "logprobs, the prompt tokens' log-probabilities)",
+    )
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("one prompt per request here; send one request per prompt")
-            return v[0]
-        return v
+    def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+        prompts: list[Prompt] = [v] if isinstance(v, str) else ([v] if v and isinstance(v[0], int) else list(v))  # type: ignore[list-item]
+        if not 1 <= len(prompts) <= MAX_PROMPTS:
+            raise ValueError(f"send 1 to {MAX_PROMPTS} prompts per request")
+        if any(isinstance(p, list) and (not p or min(p) < 0) for p in prompts):
+            raise ValueError("a token-id prompt is a non-empty list of token ids (integers from 0)")
+        return prompts
+
+    def prompts(self) -> list[Prompt]:
+        return self.prompt  # type: ignore[return-value]  # normalized by _prompts

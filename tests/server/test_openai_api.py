@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import openai
 import pytest
@@ -29,24 +30,32 @@ TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def base_url(world) -> Iterator[str]:
-    """The world's app (already started by its TestClient, so lifespan off) behind a real uvicorn server."""
+@contextmanager
+def loopback_server(app) -> Iterator[str]:
+    """`app` (already started by its TestClient, so lifespan off) behind a real uvicorn server on loopback;
+    yields the OpenAI base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(world.client.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/openai/v1"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}/openai/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def base_url(world) -> Iterator[str]:
+    """The world's app behind a real uvicorn server."""
+    with loopback_server(world.client.app) as url:
+        yield url
 
 
 def client(world, base_url: str, org: str = "alice", key: str | None = None) -> openai.OpenAI:
@@ -67,20 +76,25 @@ def stream_text(c: openai.OpenAI, adapter: str, **kw) -> tuple[str, str, list]:
     return "".join(ch.choices[0].text for ch in chunks if ch.choices), finish[0], chunks
 
 
-def in_process_greedy(world, prompt: str, n: int) -> str:
-    """The plugged-in model as the evaluation made it (a standalone copy of M), called directly with Hugging
-    Face generate (greedy): the server's resident copy, its adapter layers swapped in, must give the same text."""
+def in_process_model(world, adapter_id: str | None = None):
+    """The plugged-in model as the evaluation made it (a standalone copy of M with the adapter's layers)."""
     with world.sessions() as s:
-        adapter = s.get(AdapterRow, world.adapter_id)
+        adapter = s.get(AdapterRow, adapter_id or world.adapter_id)
         emu = s.get(EmulatorRow, adapter.emulator_id)
         model = load_full_model(s.get(RegisteredModel, world.model_id).path, world.settings.resolved_device())[0]
-        plugged = plug_in_file(
+        return plug_in_file(
             model,
             world.client.app.state.storage.abs(adapter.path),
             emu.adapter_layers,
             emu.adapter_spec,
             emu.build_info,
         )
+
+
+def in_process_greedy(world, prompt: str, n: int) -> str:
+    """The plugged-in model called directly with Hugging Face generate (greedy): the server's resident copy,
+    its adapter layers swapped in, must give the same text."""
+    plugged = in_process_model(world)
     tokenizer = _tokenizer(world)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -287,3 +301,134 @@ def test_a_stream_whose_reader_leaves_frees_its_slot():
     time.sleep(0.05)
     assert len(produced) == stopped_at  # the endless generation really stopped
     engine.shutdown()
+
+
+# ---------------------------------------------------------------- log-probabilities (logprobs, echo)
+
+TOL = 1e-5  # float32 log-softmax of the same weights; only the summation order of the two passes differs
+
+
+def forward_logprobs(world, ids: list[int]) -> torch.Tensor:
+    """log-softmax of the in-process plugged model's logits over `ids` (positions x vocab), float32."""
+    with torch.no_grad():
+        logits = in_process_model(world)(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def charged(world) -> int:
+    from sqlalchemy import func, select
+
+    from model_owner_server.models import TokenCharge
+
+    with world.sessions() as s:
+        return s.execute(
+            select(func.coalesce(func.sum(TokenCharge.tokens), 0)).where(TokenCharge.org_id == world.org_ids["alice"])
+        ).scalar_one()
+
+
+def test_echo_scores_the_prompt_as_the_in_process_forward_pass(world, base_url):
+    """echo + max_tokens 0: every prompt token's log-probability equals the plugged model's log-softmax at the
+    position before it (the first token's is null), the top-k are the k largest there, tokens join to the
+    text and text_offset points into it. The scored tokens are charged to the token quota."""
+    ids = _tokenizer(world)(PROMPT).input_ids
+    expected = forward_logprobs(world, ids)
+    before = charged(world)
+    r = client(world, base_url).completions.create(
+        model=world.adapter_id, prompt=PROMPT, max_tokens=0, echo=True, logprobs=3
+    )
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert choice.text == PROMPT and "".join(lp.tokens) == PROMPT and len(lp.tokens) == len(ids)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=TOL)
+        top = torch.topk(expected[i - 1], 3).values.tolist()
+        assert sorted(lp.top_logprobs[i].values(), reverse=True)[:3] == pytest.approx(top, abs=TOL)
+        assert lp.tokens[i] in lp.top_logprobs[i]  # the prompt's own token is always listed
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    assert charged(world) - before == len(ids)
+
+
+def test_token_id_prompts_in_a_batch_score_like_lm_eval_asks(world, base_url):
+    """What lm-eval's local-completions sends for a log-likelihood: token-id prompts in a batch, echo,
+    max_tokens 1, logprobs 1. Each choice scores its own prompt plus the greedy next token (its logprob and the
+    top-1 equal the forward pass), in prompt order."""
+    ids = _tokenizer(world)(PROMPT).input_ids
+    prompts = [ids, ids[:7]]
+    r = client(world, base_url).completions.create(
+        model=world.adapter_id, prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    for prompt, choice in zip(prompts, r.choices, strict=True):
+        lp = choice.logprobs
+        expected = forward_logprobs(world, prompt)
+        assert len(lp.token_logprobs) == len(prompt) + 1  # the generated (or end-of-text) token is last
+        got = lp.token_logprobs[1:]
+        want = [float(expected[i - 1, prompt[i]]) for i in range(1, len(prompt))] + [float(expected[-1].max())]
+        assert got == pytest.approx(want, abs=TOL)
+        for i, (top, t) in enumerate(zip(lp.top_logprobs[1:], got, strict=True)):
+            assert max(top.values()) == pytest.approx(float(expected[i].max()), abs=TOL)
+            assert t in top.values() and len(top) == (1 if t == max(top.values()) else 2)  # top-1 + the token
+        assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # greedy: what lm-eval's is_greedy reads
+    assert r.usage.prompt_tokens == sum(map(len, prompts))
+
+
+def test_logprobs_of_generated_tokens_completions_and_chat(world, base_url, chat_template):
+    """Without echo, logprobs cover the generated tokens only: each equals the forward pass over prompt +
+    what came before it, text_offset starts at 0 in the returned text; chat's logprobs.content likewise."""
+    tokenizer = _tokenizer(world)
+    ids = tokenizer(PROMPT).input_ids
+    c = client(world, base_url)
+    r = c.completions.create(model=world.adapter_id, prompt=PROMPT, max_tokens=6, logprobs=2, temperature=0)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    generated = tokenizer(text).input_ids
+    assert "".join(lp.tokens[: len(generated)]) == text and lp.text_offset[0] == 0
+    expected = forward_logprobs(world, ids + generated)
+    for j, token in enumerate(generated):
+        assert lp.token_logprobs[j] == pytest.approx(float(expected[len(ids) + j - 1, token]), abs=TOL)
+        assert len(lp.top_logprobs[j]) in (2, 3)
+    messages = [{"role": "user", "content": "the quick"}]
+    chat = c.chat.completions.create(
+        model=world.adapter_id, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    rendered = tokenizer("<user>the quick\n<assistant>").input_ids
+    reply = tokenizer(chat.choices[0].message.content).input_ids
+    expected = forward_logprobs(world, rendered + reply)
+    assert "".join(e.token for e in content) == chat.choices[0].message.content and len(content) == len(reply)
+    for j, entry in enumerate(content):
+        assert entry.logprob == pytest.approx(float(expected[len(rendered) + j - 1, reply[j]]), abs=TOL)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            torch.topk(expected[len(rendered) + j - 1], 2).values.tolist(), abs=TOL
+        )
+        assert entry.bytes == list(entry.token.encode())
+
+
+@pytest.mark.parametrize(
+    "kwargs,code,param",
+    [
+        ({"logprobs": 6}, "invalid_value", "logprobs"),
+        ({"max_tokens": 0}, "invalid_value", "max_tokens"),
+        ({"echo": True, "logprobs": 1, "stream": True}, "unsupported_parameter", "stream"),
+        ({"prompt": [[1, 2], [3]], "stream": True}, "invalid_value", "prompt"),
+        ({"prompt": [5, 100_000]}, "invalid_value", "prompt"),
+        ({"prompt": [[1]] * 65}, "invalid_value", "prompt"),
+        ({"prompt": [[]]}, "invalid_value", "prompt"),
+        ({"prompt": [-1]}, "invalid_value", "prompt"),
+    ],
+)
+def test_bad_logprobs_input_is_an_openai_error(world, base_url, kwargs, code, param):
+    args = {"model": world.adapter_id, "prompt": PROMPT, "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(world, base_url).completions.create(**args)
+    err = error_of(exc.value)
+    assert (err["code"], err["param"]) == (code, param), err
+
+
+def test_chat_top_logprobs_needs_logprobs(world, base_url, chat_template):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(world, base_url).chat.completions.create(
+            model=world.adapter_id, messages=[{"role": "user", "content": "hi"}], top_logprobs=2
+        )
+    assert (error_of(exc.value)["code"], error_of(exc.value)["param"]) == ("invalid_value", "top_logprobs")
