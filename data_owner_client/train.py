@@ -72,6 +72,8 @@ class TrainConfig:
     scheduler: str = "cosine"  # any transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
+    # L2-SP: decoupled decay toward the issued (starting) weights, theta -= lr * anchor_decay * (theta - theta0)
+    anchor_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_r: int = DEFAULT_R
     lora_alpha: int = DEFAULT_ALPHA
@@ -87,6 +89,7 @@ class TrainConfig:
             (self.epochs > 0, "--epochs must be > 0"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.lr is None or self.lr > 0, "--lr must be > 0"),
+            (self.anchor_decay >= 0, "--anchor-decay must be >= 0"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.lora_r >= 1, "--lora-r must be >= 1"),
             (self.save_every >= 1, "--save-every must be >= 1"),
@@ -216,8 +219,12 @@ def train(
     fingerprint: dict[str, Any] | None = None,
     progress: bool = True,
     on_step: StepCallback | None = None,
+    lr_scales: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train the parameters that require grad (prepared by the caller); checkpoint; resume.
+
+    `lr_scales` multiplies the learning rate of every parameter whose name starts with a key (e.g. one adapter
+    layer's prefix); the rest train at cfg's rate.
 
     Ctrl-C (KeyboardInterrupt) saves a checkpoint at the last finished step before re-raising.
     """
@@ -225,8 +232,19 @@ def train(
         raise BadInputError("no training examples: the data file produced no tokens")
     fingerprint = {**(fingerprint or {}), **cfg.hyperparameters()}
     fingerprint.pop("save_every", None)  # saving more or less often does not change the run
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+
+    def scale(name: str) -> float:
+        return next((v for k, v in (lr_scales or {}).items() if name.startswith(k)), 1.0)
+
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for n, p in named:
+        by_scale.setdefault(scale(n), []).append(p)
+    groups = [{"params": ps, "lr": cfg.learning_rate * s} for s, ps in by_scale.items()]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # The issued weights, for the decay toward them (L2-SP): taken before a resume loads the checkpoint's weights.
+    anchors = [p.detach().clone() for p in params] if cfg.anchor_decay > 0 else []
     n_steps = total_steps(len(examples), cfg)
     scheduler = get_scheduler(
         cfg.scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * n_steps), num_training_steps=n_steps
@@ -259,6 +277,10 @@ def train(
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if anchors:
+                with torch.no_grad():
+                    for p, p0, lr in zip(params, anchors, _param_lrs(optimizer, params), strict=True):
+                        p.sub_(p - p0, alpha=lr * cfg.anchor_decay)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -277,6 +299,12 @@ def train(
         bar.close()
         model.eval()
     return TrainResult(step, losses, time.perf_counter() - t0, resumed_from)
+
+
+def _param_lrs(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[float]:
+    """The current learning rate of each of `params` (after the scheduler's scaling), in their order."""
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    return [lr[id(p)] for p in params]
 
 
 def train_layers_in_model(

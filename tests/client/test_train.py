@@ -22,6 +22,7 @@ from data_owner_client.train import (
 )
 from data_owner_client.tune import tune_emulator
 from shared.adapter import DTYPE_NAMES, adapter_spec, load_and_validate_adapter_file
+from shared.architectures import layer_prefix
 from shared.data import load_dataset, pad_id_for, training_examples
 from shared.emulator_file import load_emulator
 from shared.lora import check_peft_config, file_spec, issue_lora, merge_lora
@@ -245,3 +246,38 @@ def test_resume_with_different_settings_is_refused(emulator_build, text_dataset,
         _run(emulator_build, text_dataset, tmp_path / "c", resume=True, batch_size=3)
     with pytest.raises(BadInputError, match="no checkpoint"):
         _run(emulator_build, text_dataset, tmp_path / "d", resume=True)
+
+
+def test_anchor_decay_keeps_the_adapter_near_the_issued_weights(emulator_build, text_dataset):
+    """L2-SP (decay toward the issued weights) moves the adapter layers less than the same run without it."""
+
+    def drift(anchor_decay: float) -> float:
+        emu = load_emulator(emulator_build[0])
+        layers = emu.plan.adapter_layers
+        start = {k: v.clone() for k, v in emu.model.state_dict().items()}
+        cfg = TrainConfig(max_steps=6, lr=1e-2, batch_size=4, seq_len=64, anchor_decay=anchor_decay)
+        freeze_except_adapter(emu.model, layers)
+        examples = training_examples(text_dataset, emu.tokenizer, cfg.seq_len)
+        train(emu.model, examples, cfg, CPU, pad_id=pad_id_for(emu.tokenizer), progress=False)
+        return sum(float((v - start[k]).norm()) for k, v in emu.model.state_dict().items())
+
+    free, anchored = drift(0.0), drift(50.0)
+    assert 0 < anchored < 0.8 * free, (anchored, free)
+    with pytest.raises(BadInputError, match="--anchor-decay"):
+        TrainConfig(anchor_decay=-1.0)
+
+
+def test_lr_scales_slow_down_only_the_named_layers(emulator_build, text_dataset):
+    """A zero scale on the first adapter layer keeps it exactly as issued while the other adapter layer trains."""
+    emu = load_emulator(emulator_build[0])
+    first, last = emu.plan.adapter_layers[0], emu.plan.adapter_layers[-1]
+    start = {k: v.clone() for k, v in emu.model.state_dict().items()}
+    cfg = TrainConfig(max_steps=3, lr=1e-2, batch_size=4, seq_len=64, warmup_ratio=0.0)
+    freeze_except_adapter(emu.model, emu.plan.adapter_layers)
+    examples = training_examples(text_dataset, emu.tokenizer, cfg.seq_len)
+    prefix = layer_prefix(emu.model, first)
+    train(emu.model, examples, cfg, CPU, pad_id=pad_id_for(emu.tokenizer), progress=False, lr_scales={prefix: 0.0})
+    after = emu.model.state_dict()
+    moved = {k for k in start if not torch.equal(start[k], after[k])}
+    assert moved and not any(k.startswith(prefix) for k in moved)
+    assert any(k.startswith(layer_prefix(emu.model, last)) for k in moved)
