@@ -137,10 +137,8 @@ def run_phase(
 
 
 def start_server(work: Path, db_url: str, files: dict[str, Path], env: dict[str, str], name: str) -> ServerProcess:
-    srv = ServerProcess(
-        server_env(work / "data", db_url, corpus=files["corpus"], eval_file=files["eval"], **env),
-        work / f"{name}.log",
-    )
+    full_env = server_env(work / "data", db_url, corpus=files["corpus"], eval_file=files["eval"])
+    srv = ServerProcess({**full_env, **env}, work / f"{name}.log")
     srv.start()
     return srv
 

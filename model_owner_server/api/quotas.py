@@ -369,12 +369,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return when, row_id
 
 
-R = TypeVar("R")
-
-
 def paginate(
-    session: Session, query: Select[tuple[R]], model: Any, limit: int, cursor: str | None
-) -> tuple[list[R], str | None]:
+    session: Session, query: Select[Any], model: Any, limit: int, cursor: str | None
+) -> tuple[list[Any], str | None]:
     """One page of `query`, newest first in the stable order (created_at, id) descending; `limit` rows after
     the row `cursor` names, and the cursor of the next page (None: this was the last)."""
     query = query.order_by(None).order_by(model.created_at.desc(), model.id.desc())

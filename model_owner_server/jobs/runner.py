@@ -171,6 +171,7 @@ def fairest_queued_job(s: Session) -> str | None:
             .where(JobRow.org_id.in_(waiting), JobRow.started_at.is_not(None))
             .group_by(JobRow.org_id)
         ).all()
+        if t is not None
     }
     never = datetime.min.replace(tzinfo=UTC)
     org = min(waiting, key=lambda o: (started.get(o, never), waiting[o], o))
