@@ -24,7 +24,8 @@ def tune(
         Path,
         typer.Option(
             "--data",
-            help="Training data: .txt, or .jsonl with {text} / {prompt, completion} / {question, choices, answer}.",
+            help="Training data: .txt, or .jsonl with {text} / {prompt, completion} / {question, choices, answer} / "
+            "{messages} (chat: rendered with the model's chat template, loss on the assistant turns).",
         ),
     ],
     eval_data: Annotated[

@@ -59,7 +59,7 @@ def emit_json(doc: Any) -> None:
 
 # ---------------------------------------------------------------- result table
 
-_ROW_ORDER = ("perplexity", "loss", "completion_loss", "accuracy", "accuracy_norm", "tokens", "n")
+_ROW_ORDER = ("perplexity", "loss", "completion_loss", "assistant_loss", "accuracy", "accuracy_norm", "tokens", "n")
 
 
 def comparison_table(columns: dict[str, dict[str, Any] | None]) -> str:

@@ -147,7 +147,7 @@ def tune_emulator(
     storage_dtype = next(model.parameters()).dtype
     lora_spec = _issued_lora(model, layers, cfg, storage_dtype, lora) if cfg.method == "lora" else None
     set_seed(cfg.seed)
-    examples = training_examples(data, tokenizer, cfg.seq_len)
+    examples = training_examples(data, tokenizer, cfg.seq_len, log=log)
     if not examples:
         raise BadInputError(f"{data.path}: produced no training examples")
     model.to(choice.device)

@@ -38,8 +38,11 @@ API_KEY = "test-api-key"
 NOW = "2025-01-01T00:00:00Z"
 
 
-def build_tiny_emulator(path: Path, emulator_id: str, model_id: str, family: str = "llama") -> dict[str, Any]:
-    """A 4-layer emulator [adapter, harmonizer, frozen+SRC, adapter] of `tiny_model(family)`."""
+def build_tiny_emulator(
+    path: Path, emulator_id: str, model_id: str, family: str = "llama", chat_template: bool = False
+) -> dict[str, Any]:
+    """A 4-layer emulator [adapter, harmonizer, frozen+SRC, adapter] of `tiny_model(family)`; `chat_template`:
+    its tokenizer has one (chat data can be tuned on and scored)."""
     model = tiny_model(family, n_layers=4, hidden=32)
     fam = family_for(model.config)
     ranks = {2: src_ranks(decoder_layers(model)[2], fam.projections, 0.5)}
@@ -54,7 +57,11 @@ def build_tiny_emulator(path: Path, emulator_id: str, model_id: str, family: str
     )
     emulator = apply_plan(model, plan)
     info = save_emulator(
-        emulator, plan, byte_tokenizer(), path, extra_metadata={"emulator_id": emulator_id, "model_id": model_id}
+        emulator,
+        plan,
+        byte_tokenizer(chat_template),
+        path,
+        extra_metadata={"emulator_id": emulator_id, "model_id": model_id},
     )
     from shared.adapter import adapter_spec, spec_to_json
 
@@ -75,6 +82,7 @@ class FakeState:
     model_id: str
     built: dict[str, Any]
     family: str = "llama"
+    chat_template: bool = False  # the full model's tokenizer has one (as the emulator built with it)
     key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     # misbehaviour switches
     file_override: bytes | None = None  # serve these bytes instead of the file
@@ -321,14 +329,16 @@ def _finish(state: FakeState, job: dict[str, Any]) -> None:
             e = Path(tmp) / upload["eval_filename"]
             e.write_bytes(upload["eval_bytes"])
             ds = load_dataset(e)
-            zero = evaluate(full, byte_tokenizer(), ds, seq_len=64)
+            tok = byte_tokenizer(state.chat_template)
+            seq_len = 512 if ds.kind == "chat" else 64  # byte tokens: a conversation is a few hundred
+            zero = evaluate(full, tok, ds, seq_len=seq_len)
             plugged = copy.deepcopy(full)
             if is_lora(tensors):
                 merge_lora(plugged, tensors, lora)
             else:
                 _missing, unexpected = plugged.load_state_dict(tensors, strict=False)
                 assert not unexpected
-            plug = evaluate(plugged, byte_tokenizer(), ds, seq_len=64)
+            plug = evaluate(plugged, tok, ds, seq_len=seq_len)
     job.update(status="succeeded", progress=1.0, message="done", metrics={"plug_in": plug})
     adapter.update(status="evaluated", evaluation={"zero_shot": zero, "plug_in": plug, "eval_source": "upload"})
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -58,12 +59,32 @@ def _has_default_eval(settings) -> bool:
     return settings.default_eval is not None
 
 
+def _has_chat_template(emulator_file: Path | None) -> bool:
+    """Whether the emulator's tokenizer (M's, as issued) has a chat template; read from the file's header only."""
+    import json
+
+    from safetensors import safe_open
+
+    if emulator_file is None:
+        return True  # nothing to check against; the evaluation job reports it if the model has none
+    try:
+        with safe_open(str(emulator_file), "pt") as f:
+            extra = json.loads((f.metadata() or {}).get("tokenizer_extra") or "{}")
+    except Exception:  # an unreadable emulator file is a server fault, for the evaluation job to report
+        return True
+    return bool(extra.get("chat_template"))
+
+
 def _validate_files(
-    parts: dict[str, ReceivedPart], emu: EmulatorRow, has_default_eval: bool, config: dict[str, Any] | None
+    parts: dict[str, ReceivedPart],
+    emu: EmulatorRow,
+    has_default_eval: bool,
+    config: dict[str, Any] | None,
+    emulator_file: Path | None = None,
 ) -> str:
     """Heavy checks, run in a worker thread before anything is stored; returns the adapter's kind."""
     from shared.adapter import AdapterValidationError, spec_from_json
-    from shared.data import DataError, load_dataset
+    from shared.data import NO_CHAT_TEMPLATE, DataError, load_dataset
     from shared.lora import issued_lora, validate_upload
 
     try:
@@ -80,13 +101,15 @@ def _validate_files(
     except Exception as exc:
         raise ApiError(422, "invalid_adapter", f"the adapter is not a readable safetensors file ({exc})") from None
     if "eval_data" in parts:
+        name = parts["eval_data"].filename or "eval_data"
         try:
-            load_dataset(parts["eval_data"].path)
+            dataset = load_dataset(parts["eval_data"].path)
         except DataError as exc:
-            name = parts["eval_data"].filename or "eval_data"
             raise ApiError(422, "invalid_eval_data", str(exc).replace(str(parts["eval_data"].path), name)) from None
         except Exception as exc:
             raise ApiError(422, "invalid_eval_data", f"the eval file could not be read ({exc})") from None
+        if dataset.kind == "chat" and not _has_chat_template(emulator_file):  # refused now, not by the job
+            raise ApiError(422, "invalid_eval_data", f"{name}: {NO_CHAT_TEMPLATE}")
     elif not has_default_eval:
         raise ApiError(
             422,
@@ -169,7 +192,8 @@ async def upload_adapter(
         metrics = json_object_part(parts.get("metrics"), bounds)
         config = json_object_part(parts.get("adapter_config"), bounds)
         _check_eval_settings(metrics)
-        kind = await run_in_threadpool(_validate_files, parts, emu, _has_default_eval(settings), config)
+        emulator_file = storage.abs(emu.path) if emu.path else None
+        kind = await run_in_threadpool(_validate_files, parts, emu, _has_default_eval(settings), config, emulator_file)
         if kind == "lora":  # the file is what counts, whatever a hand-written config says
             config = {**(config or {}), "method": "lora"}
         adapter, job = await run_in_threadpool(_store, session, storage, org, emu, parts, metrics, config)

@@ -16,7 +16,7 @@ from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.models import AdapterRow, EmulatorRow, Evaluation, RegisteredModel
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import spec_from_json
-from shared.data import load_dataset
+from shared.data import DataError, load_dataset
 from shared.eval_settings import EVAL_SETTINGS_KEY, EvalSettings, parse_eval_settings, resolve_eval_settings
 from shared.evaluation import evaluate
 from shared.lora import issued_lora, load_adapter
@@ -41,7 +41,10 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         raise JobFailure("no evaluation data: upload eval_data with the adapter or set SCALEOT_DEFAULT_EVAL")
     ctx.update(0.02, "validating adapter", force=True)
     tensors = load_adapter(adapter_path, spec, lora)  # whole layers or a PEFT LoRA, as issued
-    dataset = load_dataset(eval_path)
+    try:
+        dataset = load_dataset(eval_path)
+    except DataError as exc:
+        raise _data_failure(exc, eval_path) from None
     ctx.update(0.05, "loading full model", force=True)
     model, tokenizer = runner.full_model(model_row)
     kw = dict(
@@ -55,7 +58,10 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         return lambda done, total: ctx.update(lo + (hi - lo) * done / max(1, total), f"{label} {done}/{total}")
 
     ctx.update(0.1, "evaluating the full model zero-shot", force=True)
-    zero = evaluate(model, tokenizer, dataset, progress=prog(0.1, 0.5, "zero-shot"), **kw)
+    try:  # chat data is rendered here, with M's chat template (a model without one is refused)
+        zero = evaluate(model, tokenizer, dataset, progress=prog(0.1, 0.5, "zero-shot"), **kw)
+    except DataError as exc:
+        raise _data_failure(exc, eval_path) from None
     ctx.update(0.5, "plugging the adapter into the full model", {"zero_shot": zero}, force=True)
     plugged = plug_in(model, tensors, layers, spec, lora)
     plug = evaluate(plugged, tokenizer, dataset, progress=prog(0.55, 0.98, "plug-in"), **kw)
@@ -86,3 +92,8 @@ def _eval_settings(settings: Any, client_metrics: dict[str, Any] | None) -> tupl
         used, _, _ = resolve_eval_settings(None, default=default, **caps)
         return used, "server default", [f"the upload's settings were not used: {exc}"]
     return resolve_eval_settings(requested, default=default, **caps)
+
+
+def _data_failure(exc: DataError, eval_path: Path | str) -> JobFailure:
+    """The data file's problem, for the data owner as-is (it names the line and the fix), without the server's path."""
+    return JobFailure(f"the evaluation data cannot be scored: {str(exc).replace(str(eval_path), Path(eval_path).name)}")
