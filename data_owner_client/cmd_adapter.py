@@ -12,7 +12,7 @@ from shared import schemas
 
 from .errors import BadInputError, ClientError, ServerError, error_object
 from .options import Connection, EmulatorUrlOpt, WaitOpt, connection_options, server_client
-from .output import await_evaluation, columns, emit_json, evaluation_failure, handled, note, report
+from .output import await_evaluation, columns, emit_json, evaluation_failure, handled, measurement_caption, note, report
 from .settings import ClientSettings
 from .transfer import EmulatorRef, ServerClient, parse_emulator_url, split_resource_url, upload_adapter, wait_for_job
 
@@ -99,7 +99,7 @@ def upload(
             as_json=conn.as_json,
             doc={"adapter": record.model_dump(mode="json"), "job": job.model_dump(mode="json")},
             columns=columns(client_metrics, record),
-            header=f"adapter {record.id}: {record.status}",
+            header=f"adapter {record.id}: {record.status}" + measurement_caption(client_metrics, record),
             failure=failure,
         )
         if failure:
@@ -173,7 +173,7 @@ def _adapter_status(
         as_json=conn.as_json,
         doc={"adapter": record.model_dump(mode="json")},
         columns=columns(None, record),
-        header=f"adapter {record.id}: {record.status}",
+        header=f"adapter {record.id}: {record.status}" + measurement_caption(record.client_metrics, record),
         failure=failure,
     )
     return failure

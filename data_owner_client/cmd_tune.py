@@ -13,7 +13,7 @@ from .cmd_adapter import with_upload_hint
 from .cmd_emulator import fetch
 from .errors import BadInputError, ServerError
 from .options import Connection, EmulatorUrlOpt, Method, WaitOpt, connection_options, server_client
-from .output import await_evaluation, columns, evaluation_failure, handled, note, report
+from .output import await_evaluation, columns, evaluation_failure, handled, measurement_caption, note, report
 from .transfer import EmulatorRef, ServerClient, check_plan_matches, parse_emulator_url, upload_adapter
 
 
@@ -131,6 +131,9 @@ def tune(
         with server_client(ref.server, settings) as client:
             if upload and eval_data is None:
                 _check_eval_data_not_required(client, ref)  # before the download and the training, not after
+            eval_seq_len, eval_cap = seq_len, eval_max_examples
+            if upload and eval_data is not None:  # score the emulator as the server will score M and the plug-in
+                eval_seq_len, eval_cap = _server_eval_settings(client, ref, seq_len, eval_max_examples)
             ver = fetch(ref, settings, client, conn.trust_on_first_use, show)
             try:
                 emu = load_emulator(ver.path, device="cpu")
@@ -171,7 +174,8 @@ def tune(
                 choice,
                 out_dir,
                 eval_data=eval_ds,
-                eval_max_examples=eval_max_examples,
+                eval_max_examples=eval_cap,
+                eval_seq_len=eval_seq_len,
                 resume=resume,
                 identity=identity,
                 expected_spec=expected,
@@ -226,7 +230,7 @@ def tune(
             doc=doc,
             columns=columns(result.metrics, adapter),
             header=f"adapter {doc['adapter']['id'] if doc['adapter'] else '(not uploaded)'}: "
-            f"{adapter.status if adapter else 'evaluation not awaited'}",
+            f"{adapter.status if adapter else 'evaluation not awaited'}" + measurement_caption(result.metrics, adapter),
             failure=failure,
         )
         if failure:
@@ -246,3 +250,24 @@ def _check_eval_data_not_required(client: ServerClient, ref: EmulatorRef) -> Non
             "scores the plug-in on), or --no-upload to train only",
             details={"eval_data_required": True},
         )
+
+
+def _server_eval_settings(
+    client: ServerClient, ref: EmulatorRef, seq_len: int, max_examples: int | None
+) -> tuple[int, int | None]:
+    """The local evaluation's seq_len and example cap within the server's caps (upload-info's eval_settings), so the
+    server scores M and the plug-in exactly as this client scores the emulator (the settings travel with the upload).
+    A server that does not say (an older one) scores with its own defaults; the table then says so."""
+    info = client.upload_info(ref.emulator_id) or {}
+    caps = info.get("eval_settings")
+    if not isinstance(caps, dict):
+        return seq_len, max_examples
+    max_seq, max_n = caps.get("max_seq_len"), caps.get("max_examples_cap")
+    if isinstance(max_seq, int) and seq_len > max_seq:
+        note(f"evaluating with seq_len {max_seq}, the server's cap (training keeps --seq-len {seq_len})")
+        seq_len = max_seq
+    if isinstance(max_n, int) and (max_examples is None or max_examples > max_n):
+        asked = "" if max_examples is None else f" (not {max_examples})"
+        note(f"evaluating at most {max_n} examples{asked}: the server scores the plug-in on no more")
+        max_examples = max_n
+    return seq_len, max_examples

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from shared import schemas
+from shared.eval_settings import EVAL_SETTINGS_KEY, counted, measurements
 
 from .errors import ClientError, EvaluationFailedError, error_object, exit_code_for
 from .settings import ClientSettings
@@ -63,10 +64,60 @@ _ROW_ORDER = ("perplexity", "loss", "completion_loss", "assistant_loss", "accura
 
 
 def comparison_table(columns: dict[str, dict[str, Any] | None]) -> str:
-    """Metrics side by side: one column per stage (emulator zero-shot, fine-tuned, full zero-shot, plug-in)."""
+    """Metrics side by side: one column per stage (emulator zero-shot, fine-tuned, full zero-shot, plug-in).
+
+    Columns side by side are one measurement: columns that counted different tokens (or questions) are never put
+    next to each other; each group gets its own table, after a note saying what each counted."""
     present = {name: m for name, m in columns.items() if m}
     if not present:
         return "(no evaluation metrics)"
+    groups = measurements(present)
+    if len(groups) > 1:
+        what = "; ".join(f"{', '.join(g)}: {_counted_text(present[g[0]])}" for g in groups)
+        return (
+            f"not one measurement, so not side by side ({what}); compare figures within a table only. "
+            "The server scores with the settings an upload carries (dataowner-client tune sends them)\n\n"
+            + "\n\n".join(_table({n: columns[n] for n in g}) for g in groups)
+        )
+    return _table(columns)
+
+
+def _counted_text(metrics: dict[str, Any]) -> str:
+    n = counted(metrics)
+    if n is None:
+        return "count not reported"
+    return f"{n:,} questions" if "tokens" not in metrics else f"{n:,} tokens"
+
+
+def measurement_caption(client_metrics: dict[str, Any] | None, adapter: schemas.Adapter | None) -> str:
+    """A line under the header saying what the table measured: the evaluation settings, who chose them, the count
+    every column scored, and the server's notes (a cap it applied). Empty when there is nothing to say."""
+    mine = (client_metrics or {}).get(EVAL_SETTINGS_KEY)
+    theirs = adapter.evaluation.settings if adapter is not None and adapter.evaluation else None
+    cols = {k: v for k, v in columns(client_metrics, adapter).items() if v}
+    one = len(measurements(cols)) == 1
+    count = f"; every column scored {_counted_text(next(iter(cols.values())))}" if cols and one else ""
+    if isinstance(theirs, dict):
+        settings = _settings_text(theirs)
+        if theirs.get("source") == "client":
+            line = f"evaluation settings: {settings} (this client's, used by the server too){count}"
+        else:
+            line = f"evaluation settings: the server's ({settings}); the upload carried none{count}"
+        notes = [str(n) for n in theirs.get("notes") or []]
+        return "\n" + line + "".join(f"\nserver note: {n}" for n in notes)
+    if isinstance(mine, dict):
+        server = " (the server did not report its settings: an older server)" if adapter is not None else ""
+        return f"\nevaluation settings: {_settings_text(mine)}{server}{count if adapter is None else ''}"
+    return ""
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    cap = settings.get("max_examples")
+    return f"seq_len {settings.get('seq_len')}, " + ("all examples" if cap is None else f"max_examples {cap}")
+
+
+def _table(columns: dict[str, dict[str, Any] | None]) -> str:
+    present = {name: m for name, m in columns.items() if m}
     keys = {k for m in present.values() for k, v in m.items() if isinstance(v, (int, float))}
     rows = [k for k in _ROW_ORDER if k in keys] + sorted(keys - set(_ROW_ORDER))
 

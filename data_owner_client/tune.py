@@ -5,6 +5,7 @@ export as the server will. Everything but the adapter layers stays frozen and ne
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from shared.adapter import (
 )
 from shared.data import Dataset, pad_id_for, training_examples
 from shared.device import DeviceChoice
+from shared.eval_settings import EVAL_SETTINGS_KEY, EvalSettings
 from shared.evaluation import evaluate
 from shared.layer_plan import LayerPlan
 from shared.lora import LoraSpec, file_spec, issue_lora, linear_modules
@@ -55,7 +57,8 @@ class TuneResult:
     adapter_file: Path
     config_file: Path
     adapter_config: dict[str, Any]
-    metrics: dict[str, dict[str, float]]  # emulator_zero_shot / emulator_fine_tuned (when eval data)
+    # emulator_zero_shot / emulator_fine_tuned and the eval_settings they were scored with (when eval data)
+    metrics: dict[str, dict[str, Any]]
     train: TrainResult
     n_adapter_params: int = 0
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -122,6 +125,7 @@ def tune_emulator(
     *,
     eval_data: Dataset | None = None,
     eval_max_examples: int | None = None,
+    eval_seq_len: int | None = None,
     resume: bool = False,
     identity: dict[str, Any] | None = None,
     expected_spec: dict[str, TensorSpec] | None = None,
@@ -134,6 +138,8 @@ def tune_emulator(
 
     `identity` (emulator id/sha256, model id) goes into the training record and the resume fingerprint;
     `expected_spec` / `lora` are what the server issued (checked against the verified emulator file).
+    `eval_seq_len` / `eval_max_examples` score `eval_data` (default seq_len: the training one); they are returned in
+    `metrics["eval_settings"]`, which the upload carries so that the server scores M and the plug-in the same way.
     """
     identity = identity or {}
     layers = plan.adapter_layers
@@ -153,10 +159,13 @@ def tune_emulator(
     model.to(choice.device)
     if storage_dtype != torch.float32:
         model.float()
-    metrics: dict[str, dict[str, float]] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    # The server scores M and the plug-in with the same settings when they travel with the upload (one measurement).
+    eval_cfg = cfg if eval_seq_len is None else dataclasses.replace(cfg, seq_len=eval_seq_len)
     if eval_data is not None:
+        metrics[EVAL_SETTINGS_KEY] = EvalSettings(eval_cfg.seq_len, eval_max_examples).to_json()
         metrics["emulator_zero_shot"] = _eval(
-            model, tokenizer, eval_data, cfg, choice, eval_max_examples, progress, "eval zero-shot"
+            model, tokenizer, eval_data, eval_cfg, choice, eval_max_examples, progress, "eval zero-shot"
         )
         log(f"emulator zero-shot: {_fmt_metrics(metrics['emulator_zero_shot'])}")
 
@@ -197,7 +206,7 @@ def tune_emulator(
         model.to(storage_dtype)
     if eval_data is not None:
         metrics["emulator_fine_tuned"] = _eval(
-            model, tokenizer, eval_data, cfg, choice, eval_max_examples, progress, "eval fine-tuned"
+            model, tokenizer, eval_data, eval_cfg, choice, eval_max_examples, progress, "eval fine-tuned"
         )
         log(f"emulator fine-tuned: {_fmt_metrics(metrics['emulator_fine_tuned'])}")
     if lora_spec is None:

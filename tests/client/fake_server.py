@@ -96,6 +96,7 @@ class FakeState:
     redirect_file: str | None = None  # answer the file request with a redirect to this URL
     default_eval: bool = True  # False: like a server without a default eval file (422 no_eval_data without one)
     upload_info: bool = True  # False: like an older server without GET .../upload-info (404)
+    honour_eval_settings: bool = True  # False: like an older server, scoring with its own seq_len whatever was sent
     # records
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     uploads: list[dict[str, Any]] = field(default_factory=list)
@@ -331,16 +332,25 @@ def _finish(state: FakeState, job: dict[str, Any]) -> None:
             ds = load_dataset(e)
             tok = byte_tokenizer(state.chat_template)
             seq_len = 512 if ds.kind == "chat" else 64  # byte tokens: a conversation is a few hundred
-            zero = evaluate(full, tok, ds, seq_len=seq_len)
+            # Like the real server: the upload's own eval_settings when it carries them (one measurement).
+            asked = (upload["metrics"] or {}).get("eval_settings") if state.honour_eval_settings else None
+            cap = None
+            if asked:
+                seq_len, cap = asked["seq_len"], asked["max_examples"]
+            settings = {"seq_len": seq_len, "max_examples": cap, "source": "client" if asked else "server default"}
+            zero = evaluate(full, tok, ds, seq_len=seq_len, max_examples=cap)
             plugged = copy.deepcopy(full)
             if is_lora(tensors):
                 merge_lora(plugged, tensors, lora)
             else:
                 _missing, unexpected = plugged.load_state_dict(tensors, strict=False)
                 assert not unexpected
-            plug = evaluate(plugged, tok, ds, seq_len=seq_len)
+            plug = evaluate(plugged, tok, ds, seq_len=seq_len, max_examples=cap)
     job.update(status="succeeded", progress=1.0, message="done", metrics={"plug_in": plug})
-    adapter.update(status="evaluated", evaluation={"zero_shot": zero, "plug_in": plug, "eval_source": "upload"})
+    evaluation = {"zero_shot": zero, "plug_in": plug, "eval_source": "upload"}
+    if state.honour_eval_settings and zero is not None:
+        evaluation["settings"] = settings
+    adapter.update(status="evaluated", evaluation=evaluation)
 
 
 class FakeServer:

@@ -231,7 +231,8 @@ def test_tune_prints_side_by_side_table(runner, fake, client_env, train_file, ev
         ],
     )
     assert r.exit_code == 0, r.output
-    header = r.stdout.splitlines()[1]
+    assert "(this client's, used by the server too); every column scored" in r.stdout  # one measurement
+    header = next(line for line in r.stdout.splitlines() if line.startswith("metric"))
     for column in ("emulator zero-shot", "emulator fine-tuned", "full zero-shot", "plug-in"):
         assert column in header
     assert "perplexity" in r.stdout

@@ -45,7 +45,8 @@ def test_tune_full_flow_uploads_only_the_adapter(runner, fake, client_env, train
     assert set(tensors) == set(spec)  # exactly the adapter tensors, nothing else
     validate_adapter(tensors, spec)
     assert up["eval_filename"] == "eval.jsonl" and up["eval_bytes"] == eval_file.read_bytes()
-    assert set(up["metrics"]) == {"emulator_zero_shot", "emulator_fine_tuned"}
+    assert set(up["metrics"]) == {"emulator_zero_shot", "emulator_fine_tuned", "eval_settings"}
+    assert up["metrics"]["eval_settings"]["seq_len"] == 64  # the server scores M and the plug-in the same way
     assert doc["metrics"]["plug_in"]["perplexity"] > 0
     assert doc["adapter"]["status"] == "evaluated"
     assert (out / "adapter_layers.safetensors").read_bytes() == up["adapter_bytes"]
