@@ -179,7 +179,7 @@ def run_both(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> dict[s
         )
         say("\n  the model owner hands the data owner: the emulator URL, an API key, the server's public key")
         say(f"    emulator URL: {owner.invitation.emulator_url}")
-        client = data_owner_flow(cfg, owner.invitation, client_dir, device=args.device)
+        client = data_owner_flow(cfg, owner.invitation, client_dir, device=args.device, chat=cfg.chat_steps > 0)
     reference = in_model_reference(cfg, owner_dir, client_dir, client) if not args.no_reference else None
     return build_report(cfg, client, owner, elapsed(), reference)
 

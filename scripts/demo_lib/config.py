@@ -30,6 +30,10 @@ class DemoConfig:
     train_works: int = 3
     eval_works: int = 1
     max_chars_per_work: int | None = None
+    # > 0: the data owner also tunes on chat data (`messages` records: word analogies as conversations) for
+    # that many steps, rendered with the model's chat template and scored on the assistant turns (--tiny)
+    chat_steps: int = 0
+    chat_turns: int = 3  # question/answer exchanges per conversation
     model_name: str = "smollm2-135m"
     seed: int = 0
 
@@ -44,13 +48,15 @@ class DemoConfig:
                 n_adapter=2,
                 alpha=0.5,
                 beta=0.5,
-                seq_len=64,
+                seq_len=256,  # byte tokens: a chat exchange (system prompt included) fits
                 batch_size=2,
                 eval_max_examples=8,
                 wiki_train_chars=40_000,
                 train_works=2,
                 eval_works=1,
                 max_chars_per_work=12_000,
+                chat_steps=4,
+                chat_turns=1,
                 model_name="tiny-llama",
             )
         else:

@@ -19,9 +19,12 @@ def model_owner_files(cfg: DemoConfig, owner_dir: Path) -> tuple[Path, Path]:
         from scaleot_samples.tiny import save_tiny_model_dir
 
         model_dir = models / cfg.model_name
-        if not (model_dir / "config.json").is_file():
-            save_tiny_model_dir(model_dir, "llama", n_layers=6, hidden=32, seed=cfg.seed)
-        say(f"  tiny random LLaMA (6 layers) in {model_dir}")
+        # (re)written when missing or cached from before it had a chat template (the chat tune needs one)
+        if not (model_dir / "config.json").is_file() or "chat_template" not in _read(
+            model_dir / "tokenizer_config.json"
+        ):
+            save_tiny_model_dir(model_dir, "llama", n_layers=6, hidden=32, seed=cfg.seed, chat_template=True)
+        say(f"  tiny random LLaMA (6 layers, ChatML chat template) in {model_dir}")
     else:
         model_dir = models / cfg.model_name
         if (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors")):
@@ -74,6 +77,26 @@ def data_owner_files(cfg: DemoConfig, data_dir: Path) -> tuple[Path, Path, list[
     train_path.write_text("\n\n".join(cut(works[t]) for t in train_titles), encoding="utf-8")
     eval_path.write_text("\n\n".join(cut(works[t]) for t in eval_titles), encoding="utf-8")
     return train_path, eval_path, train_titles, eval_titles
+
+
+def chat_files(cfg: DemoConfig, data_dir: Path) -> tuple[Path, Path]:
+    """The data owner's chat task: word analogies as conversations (system prompt, then question/answer turns),
+    training and held-out conversations asking for different pairs; a built-in set without gensim (--tiny)."""
+    from scaleot_samples.chat import write_chat_files
+    from scaleot_samples.corpora import CorpusNotInstalledError
+
+    n_train = max(8, cfg.chat_steps * cfg.batch_size)  # about one pass: every training conversation is seen once
+    try:
+        files = write_chat_files(
+            data_dir, n_train, cfg.eval_max_examples, cfg.chat_turns, cfg.seed, builtin_fallback=cfg.tiny
+        )
+    except CorpusNotInstalledError as exc:
+        raise DemoError(f"{exc} (or run `make demo`, which installs it)") from None
+    return files["chat_train"], files["chat_eval"]
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 def _stdlib_text(path: Path, chars: int, part: int) -> Path:

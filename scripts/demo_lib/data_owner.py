@@ -18,7 +18,7 @@ from data_owner_client.transfer import ServerClient, parse_emulator_url
 
 from .config import DemoConfig, DemoError, Invitation
 from .console import fmt_seconds, say, step
-from .data import data_owner_files, model_owner_files
+from .data import chat_files, data_owner_files, model_owner_files
 from .processes import clean_env, run_cmd, tool
 
 
@@ -29,10 +29,14 @@ class ClientResult:
     train_titles: list[str]
     eval_titles: list[str]
     seconds: float
+    chat: dict[str, Any] | None = None  # the chat-format tune's result (tune --json), when the demo ran one
 
 
-def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *, device: str = "auto") -> ClientResult:
-    """Everything the data owner does, in its own directory, knowing only the invitation's three strings."""
+def data_owner_flow(
+    cfg: DemoConfig, invitation: Invitation, client_dir: Path, *, device: str = "auto", chat: bool = False
+) -> ClientResult:
+    """Everything the data owner does, in its own directory, knowing only the invitation's three strings.
+    ``chat``: then one more tune on chat data (cfg.chat_steps steps), uploaded and scored the same way."""
     step("data owner: private data (Shakespeare), in its own directory")
     client_dir.mkdir(parents=True, exist_ok=True)
     train, evalf, train_titles, eval_titles = data_owner_files(cfg, client_dir / "data")
@@ -40,7 +44,40 @@ def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *
     say(f"  held-out evaluation: {', '.join(eval_titles)} ({evalf.stat().st_size // 1000} kB, a different work)")
 
     step("data owner: dataowner-client tune (download + verify, fine-tune the adapter locally, upload only it)")
-    shutil.rmtree(client_dir / "adapter", ignore_errors=True)  # a fresh adapter each run (no stale checkpoint)
+    t = time.monotonic()
+    doc = _tune(cfg, invitation, client_dir, train, evalf, "adapter", cfg.train_steps, device)
+    seconds = time.monotonic() - t
+    chat_doc = None
+    if chat:
+        step("data owner: the same on chat data (messages records, the model's chat template, assistant-turn loss)")
+        chat_train, chat_eval = chat_files(cfg, client_dir / "data")
+        say(
+            f"  {len(chat_train.read_text().splitlines())} training and {len(chat_eval.read_text().splitlines())} held-out "
+            f"conversations of {cfg.chat_turns} word-analogy question(s) each, asking for different word pairs"
+        )
+        chat_doc = _tune(cfg, invitation, client_dir, chat_train, chat_eval, "adapter-chat", cfg.chat_steps, device)
+    ref = parse_emulator_url(invitation.emulator_url)
+    try:
+        # Sizes for the report, as the data owner sees them.
+        with ServerClient(ref.server, invitation.api_key, insecure=_plain_http_off_loopback(ref.server)) as server:
+            emu = server.get_json(f"/v1/emulators/{ref.emulator_id}")
+    except ServerError as exc:
+        raise DemoError(str(exc)) from None
+    return ClientResult(doc, emu, train_titles, eval_titles, seconds, chat_doc)
+
+
+def _tune(
+    cfg: DemoConfig,
+    invitation: Invitation,
+    client_dir: Path,
+    train: Path,
+    evalf: Path,
+    out_dir: str,
+    steps: int,
+    device: str,
+) -> dict[str, Any]:
+    """One `dataowner-client tune --json` run in the data owner's directory; its JSON result."""
+    shutil.rmtree(client_dir / out_dir, ignore_errors=True)  # a fresh adapter each run (no stale checkpoint)
     # The key travels in the environment, never on the command line (other users can read a process's arguments).
     env = clean_env(
         SCALEOT_API_KEY=invitation.api_key,
@@ -68,7 +105,7 @@ def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *
         "--eval-data",
         str(evalf.relative_to(client_dir)),
         "--max-steps",
-        str(cfg.train_steps),
+        str(steps),
         "--batch-size",
         str(cfg.batch_size),
         "--seq-len",
@@ -80,13 +117,12 @@ def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *
         "--device",
         device,
         "--out",
-        "adapter",
+        out_dir,
         "--json",
         "--progress",
     ]
     if cfg.lr is not None:
         cmd += ["--lr", str(cfg.lr)]
-    t = time.monotonic()
     out = run_cmd(
         cmd,
         env=env,
@@ -95,18 +131,10 @@ def data_owner_flow(cfg: DemoConfig, invitation: Invitation, client_dir: Path, *
         secret_output=True,
         env_note=env_note,
     )
-    seconds = time.monotonic() - t
     try:
-        doc = json.loads(out)
+        return json.loads(out)
     except json.JSONDecodeError:
         raise DemoError(f"dataowner-client printed no JSON result:\n{out[-2000:]}") from None
-    try:
-        # Sizes for the report, as the data owner sees them.
-        with ServerClient(ref.server, invitation.api_key, insecure=insecure) as server:
-            emu = server.get_json(f"/v1/emulators/{ref.emulator_id}")
-    except ServerError as exc:
-        raise DemoError(str(exc)) from None
-    return ClientResult(doc, emu, train_titles, eval_titles, seconds)
 
 
 def _plain_http_off_loopback(server: str) -> bool:

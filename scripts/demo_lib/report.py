@@ -28,6 +28,19 @@ def build_report(
     }
     if reference:
         rows["same layers tuned in M (demo diagnostic)"] = reference["metrics"]
+    chat = None
+    if client.chat is not None:  # the chat-format tune: the same four stages, on the assistant-token loss
+        cm = client.chat.get("metrics") or {}
+        chat = {
+            "training": client.chat.get("training") or {},
+            "adapter_status": (client.chat.get("adapter") or {}).get("status"),
+            "metrics": {
+                "full model, zero-shot (server)": cm.get("zero_shot"),
+                "emulator, zero-shot (data owner)": cm.get("emulator_zero_shot"),
+                "emulator + fine-tuned adapter (data owner)": cm.get("emulator_fine_tuned"),
+                "plug-in: full model + adapter (server)": cm.get("plug_in"),
+            },
+        }
     training = client.doc.get("training") or {}
     adapter = client.doc.get("adapter") or {}
     timings = dict(owner.timings) if owner else {}
@@ -49,6 +62,7 @@ def build_report(
         "eval_works": client.eval_titles,
         "training": training,
         "metrics": rows,
+        "chat": chat,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(total_s, 1),
     }
@@ -61,7 +75,7 @@ def print_report(r: dict[str, Any]) -> None:
         )
 
     def loss(row: dict | None) -> str:
-        key = "loss" if row and "loss" in row else "completion_loss"
+        key = next((k for k in ("loss", "completion_loss", "assistant_loss") if row and k in row), "loss")
         return f"{row[key]:>8.3f}" if row and isinstance(row.get(key), (int, float)) else f"{'-':>8}"
 
     say("\n" + "=" * 78)
@@ -125,6 +139,18 @@ def print_report(r: dict[str, Any]) -> None:
             f"{gap:.1f}x the plug-in's perplexity"
             + (" - it still needs the model owner's full model" if gap > 1.5 else "")
         )
+    chat = r.get("chat")
+    if chat:
+        tr = chat["training"]
+        say("")
+        say(
+            f"chat data (messages records, the model's chat template; loss on the assistant turns only): trained "
+            f"{tr.get('steps')} steps, loss {tr.get('first_loss', float('nan')):.3f} -> "
+            f"{tr.get('final_loss', float('nan')):.3f}; adapter {chat['adapter_status']}"
+        )
+        say(f"{'':44}{'perplexity':>12}{'loss':>8}")
+        for name, row in chat["metrics"].items():
+            say(f"{name:44}{ppl(row)}{loss(row)}")
     say("")
     say(
         "time: "

@@ -91,11 +91,17 @@ def test_tiny_demo_runs_the_two_party_story(tmp_path):
     assert set(report["train_works"]).isdisjoint(report["eval_works"])
     assert report["training"]["steps"] == report["config"]["train_steps"]
     assert report["total_s"] > 0
+    # the chat-format tune (messages records, the tiny model's chat template): all four stages on the assistant loss
+    chat = report["chat"]
+    assert chat["adapter_status"] == "evaluated" and chat["training"]["data_kind"] == "chat"
+    for name, row in chat["metrics"].items():
+        assert row is not None and math.isfinite(row["assistant_loss"]) and row["tokens"] > 0, name
+    assert "the same on chat data" in out and "chat data (messages records" in out
 
     # two parties, two directories: the data owner's side holds no server state
     run = tmp_path / "run"
     client_files = {p.relative_to(run / "data-owner").parts[0] for p in (run / "data-owner").rglob("*")}
-    assert client_files <= {"data", "cache", "adapter"}, client_files
+    assert client_files <= {"data", "cache", "adapter", "adapter-chat"}, client_files
     assert not list((run / "data-owner").rglob("*.db")) and not list((run / "data-owner").rglob("*.pem"))
     assert list((run / "model-owner" / "server-data").rglob("*.db")), "the server's SQLite database is missing"
 
