@@ -64,14 +64,15 @@ compose-tool:
 # throwaway ones where none does; never skips (see the README's Tests section).
 SERVICES = $(PY) scripts/test_services.py --pg-url '$(PG_URL)' --redis-url '$(REDIS_URL)'
 # Extra pytest arguments for test-sqlite / test-postgres, e.g. TEST_ARGS="tests/server/test_jobs.py -x".
+# Those two expect .venv (`make setup`; `make test` sets up first, so it is not redone for each pass).
 TEST_ARGS ?=
 
 # The whole suite on SQLite. The Redis queue tests must run, not skip (SCALEOT_REQUIRE_REDIS=1).
-test-sqlite: setup
+test-sqlite:
 	$(SERVICES) --redis -- env SCALEOT_REQUIRE_REDIS=1 $(PY) -m pytest -q --durations=15 $(TEST_ARGS)  # names the slowest tests at the end
 
 # The database-backed tests again, against PostgreSQL (and the Redis queue tests among them).
-test-postgres: setup
+test-postgres:
 	$(SERVICES) --postgres --redis -- bash -c \
 	  'SCALEOT_TEST_DATABASE_URL="$$PG_URL" SCALEOT_REQUIRE_REDIS=1 exec $(PY) -m pytest -q -m db $(TEST_ARGS)'
 
