@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import pytest
 from fastapi.testclient import TestClient
 
 from model_owner_server.core.config import Settings
@@ -38,6 +42,45 @@ def fast_settings(data_dir: Path, db_url: str, **overrides) -> Settings:
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
+
+
+# Redis for the RedisHuey cases (tests/server/test_jobs.py, test_queue_safety.py). Without it they skip, unless
+# SCALEOT_REQUIRE_REDIS=1 (`make test`, CI): then they fail, so a Redis that should be there cannot go missing.
+REDIS_URL = os.environ.get("SCALEOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_REDIS = os.environ.get("SCALEOT_REQUIRE_REDIS", "") == "1"
+
+
+def redis_up() -> bool:
+    parts = urlsplit(REDIS_URL)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+QUEUE_BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "redis",
+        marks=pytest.mark.skipif(
+            not REQUIRE_REDIS and not redis_up(),
+            reason=f"no Redis at {REDIS_URL} (SCALEOT_REQUIRE_REDIS=1 makes this a failure)",
+        ),
+    ),
+]
+
+
+def queue_url_for(backend: str) -> str | None:
+    """The queue URL of a QUEUE_BACKENDS case (None: the default SQLite queue file); fails when Redis is down."""
+    if backend != "redis":
+        return None
+    if not redis_up():
+        pytest.fail(
+            f"SCALEOT_REQUIRE_REDIS=1 but no Redis answers at {REDIS_URL}: start Redis "
+            "(or unset SCALEOT_REQUIRE_REDIS to skip this case)"
+        )
+    return REDIS_URL
 
 
 def auth(key: str | None) -> dict[str, str]:

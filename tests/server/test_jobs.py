@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from server_helpers import auth, fast_settings
+from server_helpers import QUEUE_BACKENDS, auth, fast_settings, queue_url_for
 
 from model_owner_server import crud
 from model_owner_server.jobs import recovery
@@ -41,35 +41,6 @@ def fake_kind(monkeypatch):
     RELEASE.set()
 
 
-# Redis for the RedisHuey case. Without it the case skips, unless SCALEOT_REQUIRE_REDIS=1 (`make test`, CI):
-# then it fails, so a Redis that should be there but is not cannot pass unnoticed.
-REDIS_URL = os.environ.get("SCALEOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRE_REDIS = os.environ.get("SCALEOT_REQUIRE_REDIS", "") == "1"
-
-
-def _redis_up() -> bool:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(REDIS_URL)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-QUEUES = [
-    "sqlite",
-    pytest.param(
-        "redis",
-        marks=pytest.mark.skipif(
-            not REQUIRE_REDIS and not _redis_up(),
-            reason=f"no Redis at {REDIS_URL} (SCALEOT_REQUIRE_REDIS=1 makes this a failure)",
-        ),
-    ),
-]
-
-
 def _wait(client, job_id, headers, pred, timeout=15.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -80,14 +51,9 @@ def _wait(client, job_id, headers, pred, timeout=15.0):
     raise AssertionError(f"job {job_id} never reached the expected state: {job}")
 
 
-@pytest.mark.parametrize("backend", QUEUES)
+@pytest.mark.parametrize("backend", QUEUE_BACKENDS)
 def test_real_queue_runs_jobs_with_live_progress(tmp_path, new_database_url, fake_kind, backend):
-    if backend == "redis" and not _redis_up():
-        pytest.fail(
-            f"SCALEOT_REQUIRE_REDIS=1 but no Redis answers at {REDIS_URL}: start Redis "
-            "(or unset SCALEOT_REQUIRE_REDIS to skip this case)"
-        )
-    queue_url = REDIS_URL if backend == "redis" else None
+    queue_url = queue_url_for(backend)
     settings = fast_settings(
         tmp_path / "data",
         new_database_url(),

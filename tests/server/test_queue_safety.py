@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import secrets
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from huey import SqliteHuey
-from server_helpers import auth, fast_settings
+from server_helpers import QUEUE_BACKENDS, auth, fast_settings, queue_url_for
 
 from model_owner_server import crud
 from model_owner_server.jobs.queue import REGISTERED_TASK_NAME, JobQueue, make_huey, redact_url
@@ -31,33 +30,7 @@ from model_owner_server.jobs.runner import HANDLERS
 from model_owner_server.jobs.serializer import JobSerializer, RejectedQueueMessage
 from model_owner_server.main import create_app
 
-# Same convention as tests/server/test_jobs.py: Redis is optional unless SCALEOT_REQUIRE_REDIS=1 (make test, CI).
-REDIS_URL = os.environ.get("SCALEOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRE_REDIS = os.environ.get("SCALEOT_REQUIRE_REDIS", "") == "1"
 DROPPED = "dropped a job-queue message that is not one of ours"
-
-
-def _redis_up() -> bool:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(REDIS_URL)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-BACKENDS = [
-    "sqlite",
-    pytest.param(
-        "redis",
-        marks=pytest.mark.skipif(
-            not REQUIRE_REDIS and not _redis_up(),
-            reason=f"no Redis at {REDIS_URL} (SCALEOT_REQUIRE_REDIS=1 makes this a failure)",
-        ),
-    ),
-]
 
 
 class _MkdirOnUnpickle:
@@ -194,16 +167,14 @@ def _wait(pred, timeout: float = 15.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", QUEUE_BACKENDS)
 def test_worker_drops_a_pickle_payload_and_keeps_running_jobs(tmp_path, new_database_url, monkeypatch, caplog, backend):
-    if backend == "redis" and not _redis_up():
-        pytest.fail(f"SCALEOT_REQUIRE_REDIS=1 but no Redis answers at {REDIS_URL}: start Redis")
     monkeypatch.setitem(HANDLERS, "fake", lambda runner, ctx, params: {"ran": params["n"]})
     caplog.set_level(logging.ERROR, logger="scaleot.jobs")
     settings = fast_settings(
         tmp_path / "data",
         new_database_url(),
-        queue_url=REDIS_URL if backend == "redis" else None,
+        queue_url=queue_url_for(backend),
         embedded_worker=True,
         queue_name=f"scaleot-safety-{secrets.token_hex(4)}",
     )
