@@ -60,15 +60,20 @@ def libpq_url(url: str) -> str:
     return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
 
 
-def pg_answers(url: str) -> bool:
+def pg_problem(url: str) -> str | None:
+    """None when PostgreSQL at `url` accepts a connection to its database, else why not (one line)."""
     import psycopg
 
     try:
         with psycopg.connect(libpq_url(url), connect_timeout=3) as conn:
             conn.execute("select 1")
-        return True
-    except psycopg.Error:
-        return False
+        return None
+    except psycopg.Error as exc:
+        return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def pg_answers(url: str) -> bool:
+    return pg_problem(url) is None
 
 
 def redis_answers(url: str) -> bool:
@@ -318,11 +323,12 @@ def run(args: argparse.Namespace) -> int:
     with terminate_on_signals():
         try:
             if args.postgres:
-                if pg_answers(args.pg_url):
+                problem = pg_problem(args.pg_url)
+                if problem is None:
                     say(f"using the PostgreSQL that answers at {args.pg_url}")
                     env["PG_URL"] = args.pg_url
                 else:
-                    say(f"no PostgreSQL answers at {args.pg_url}: starting a throwaway one ...")
+                    say(f"no PostgreSQL answers at {args.pg_url} ({problem}): starting a throwaway one ...")
                     server, url = start_postgres(workdir())
                     servers.append(server)
                     env["PG_URL"] = url
