@@ -17,8 +17,10 @@ from model_owner_server.api.routes import adapters as api_adapters
 from model_owner_server.api.routes import emulators as api_emulators
 from model_owner_server.api.routes import models as api_models
 from model_owner_server.api.serialize import base_url
+from model_owner_server.jobs.tasks.benchmark_eval import table_rows
 from model_owner_server.models import AuditEvent, RegisteredModel
 from shared import schemas
+from shared.eval_settings import counted, measurements
 
 from .auth import ConsoleAuth, ConsoleDep, FormDep
 from .charts import bar_chart, plan_cells
@@ -151,8 +153,12 @@ def _adapter_page(
     adapter = api_adapters.get_adapter(adapter_id, session, auth.org)
     columns = _columns(adapter)
     metrics = sorted({k for _, m in columns if m for k, v in m.items() if isinstance(v, (int, float))})
+    # One measurement per table: columns that counted different tokens go in separate tables, and get no chart.
+    groups = measurements(dict(columns))
+    tables = [[(t, m) for t, m in columns if t in g] for g in groups] if len(groups) > 1 else [columns]
     chart_metric = next((m for m in ("perplexity", "accuracy", "loss") if m in metrics), None)
     present = [(t, m[chart_metric]) for t, m in columns if m and chart_metric in m] if chart_metric else []
+    present = present if len(groups) <= 1 else []
     chart = (
         bar_chart(
             [t for t, _ in present],
@@ -170,6 +176,9 @@ def _adapter_page(
         status,
         adapter=adapter,
         columns=columns,
+        tables=tables,
+        counts={t: counted(m) for t, m in columns if m},
+        benchmark_rows=table_rows(adapter.evaluation.benchmarks or {}),
         metrics=metrics,
         chart=chart,
         chart_metric=chart_metric,

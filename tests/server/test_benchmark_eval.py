@@ -4,6 +4,7 @@ job (POST /v1/adapters/{id}/benchmarks, `modelowner-server eval-adapter`), store
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from server_helpers import auth
@@ -62,6 +63,27 @@ def test_the_job_stores_one_lm_eval_table_for_m_and_the_plug_in(world):
     assert sorted(e.kind for e in rows) == ["benchmarks", "plug_in", "zero_shot"]
     bench = world.client.get(f"/v1/adapters/{world.adapter_id}", headers=auth(world.keys["admin"])).json()
     assert bench["evaluation"]["benchmarks"]["tasks"] == ["scaleot_analogy"]
+
+    # The console's adapter page shows the table to the adapter's owner, and nothing to another data owner.
+    client = world.client
+    client.cookies.clear()
+    sign_in(client, world.keys["alice"])
+    page = client.get(f"/console/adapters/{world.adapter_id}").text
+    table = page[page.index('<table id="benchmarks">') : page.index("</table>", page.index('id="benchmarks"'))]
+    assert "lm-evaluation-harness 0.4.13" in table and "scaleot_analogy" in table and "acc_norm" in table
+    assert "eval-adapter" not in page  # the how-to is for admins
+    client.cookies.clear()
+    sign_in(client, world.keys["bob"])
+    assert client.get(f"/console/adapters/{world.adapter_id}").status_code == 404
+    client.cookies.clear()
+
+
+def sign_in(client, key: str) -> None:
+    """Sign in to the console through its form (double-submit CSRF cookie)."""
+    page = client.get("/console/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = client.post("/console/login", data={"api_key": key, "csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303, r.text
 
 
 def test_data_owners_see_only_their_own_adapters_figures_and_cannot_start_a_run(world):

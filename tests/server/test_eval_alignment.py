@@ -9,6 +9,7 @@ import json
 import pytest
 from server_helpers import auth
 from sqlalchemy import func, select
+from test_benchmark_eval import sign_in
 
 from data_owner_client.output import columns, comparison_table, measurement_caption
 from data_owner_client.train import TrainConfig, resolve_device
@@ -85,6 +86,13 @@ def test_an_upload_without_settings_is_scored_with_the_servers_and_the_table_say
     first, second = text.split("\n\n")[1:]
     assert "emulator zero-shot" in first and "plug-in" not in first and "plug-in" in second
     assert "the server's (seq_len 32, max_examples 4); the upload carried none" in measurement_caption(old, adapter)
+    # The console's adapter page does the same: two tables and the note, no chart across measurements.
+    world.client.cookies.clear()
+    sign_in(world.client, world.keys["alice"])
+    page = world.client.get(f"/console/adapters/{adapter.id}").text
+    world.client.cookies.clear()
+    assert 'id="not-one-measurement"' in page and page.count('class="evaluation"') == 2 and "<svg" not in page
+    assert "the server&#39;s defaults (the upload carried no settings)" in page
 
 
 def test_settings_beyond_the_servers_caps_are_clamped_with_a_note(world, tuned, files, monkeypatch):
