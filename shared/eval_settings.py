@@ -10,6 +10,7 @@ records, conversations or questions) and so scored the same tokens. The client s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,7 @@ def resolve_eval_settings(
     return EvalSettings(seq_len, cap), "client", notes
 
 
-def counted(metrics: dict[str, Any] | None) -> int | None:
+def counted(metrics: Mapping[str, Any] | None) -> int | None:
     """What one evaluation counted: its tokens (perplexity kinds) or its questions (multiple choice)."""
     if not metrics:
         return None
@@ -77,7 +78,7 @@ def counted(metrics: dict[str, Any] | None) -> int | None:
     return None
 
 
-def measurements(columns: dict[str, dict[str, Any] | None]) -> list[list[str]]:
+def measurements(columns: Mapping[str, Mapping[str, Any] | None]) -> list[list[str]]:
     """The present columns grouped by what they counted, in column order: one group is one measurement."""
     groups: dict[int | None, list[str]] = {}
     for name, metrics in columns.items():

@@ -162,7 +162,8 @@ def benchmark_eval_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any
         model_row = s.get(RegisteredModel, adapter.model_id)
         if emu is None or model_row is None:
             raise JobFailure(f"the emulator or the model of adapter {adapter.id} was deleted")
-        spec, layers, lora = spec_from_json(emu.adapter_spec), list(emu.adapter_layers), issued_lora(emu.build_info)
+        spec, layers = spec_from_json(emu.adapter_spec or {}), list(emu.adapter_layers or [])
+        lora = issued_lora(emu.build_info)
         adapter_path, adapter_id = runner.storage.abs(adapter.path), adapter.id
     ctx.update(0.01, f"checking the tasks {', '.join(tasks)}", force=True)
     manager = task_manager(settings, tasks)
