@@ -72,6 +72,13 @@ MATRIX = [
     ("list adapters", "GET", "/v1/adapters", {}, (200, 200, 200, 401)),
     ("get adapter", "GET", "/v1/adapters/{adapter}", {}, (200, 200, 404, 401)),
     (
+        "benchmark (no tasks)",
+        "POST",
+        "/v1/adapters/{adapter}/benchmarks",
+        {"json": {"tasks": []}},
+        (422, 403, 403, 401),
+    ),
+    (
         "generate",
         "POST",
         "/v1/adapters/{adapter}/generate",
