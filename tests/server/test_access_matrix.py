@@ -158,9 +158,9 @@ def test_access(world, role, name, method, path, kwargs, expected):
 def test_listings_are_scoped(world):
     c = world.client
     assert c.get("/v1/models", headers=auth(world.keys["mallory"])).json() == {"models": []}
-    assert c.get("/v1/emulators", headers=auth(world.keys["mallory"])).json() == {"emulators": []}
-    assert c.get("/v1/adapters", headers=auth(world.keys["mallory"])).json() == {"adapters": []}
-    assert c.get("/v1/jobs", headers=auth(world.keys["mallory"])).json() == {"jobs": []}
+    for listing in ("emulators", "adapters", "jobs"):  # paged listings: empty, and no next page
+        page = c.get(f"/v1/{listing}", headers=auth(world.keys["mallory"])).json()
+        assert page[listing] == [] and page["next_cursor"] is None, page
     # bob is granted the same model: he sees it and its emulator, but none of alice's adapters or jobs.
     bob = auth(world.keys["bob"])
     assert [m["id"] for m in c.get("/v1/models", headers=bob).json()["models"]] == [world.model_id]
