@@ -90,6 +90,9 @@ def test_lm_eval_local_completions_equals_its_hf_model_on_the_same_weights(
 ):
     monkeypatch.chdir(REPO)  # the task YAMLs name their data files relative to the repository
     monkeypatch.setenv("OPENAI_API_KEY", world.keys["alice"])  # local-completions sends it as the bearer key
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # not the user's cache
     merged = tmp_path / "merged"
     in_process_model(world, tuned_adapter).save_pretrained(merged)
     _tokenizer(world).save_pretrained(merged)
