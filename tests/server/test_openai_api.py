@@ -350,6 +350,24 @@ def test_echo_scores_the_prompt_as_the_in_process_forward_pass(world, base_url):
     assert charged(world) - before == len(ids)
 
 
+def test_echo_of_multibyte_text_keeps_offsets_and_distinct_byte_tokens(world, base_url):
+    """A byte-level tokenizer splits "ü" and "☾" into several tokens: the tokens still join to the text (a
+    character's text sits on the token that completes it), and partial-character candidates are spelled
+    `bytes:\\xNN` so that no two share a top_logprobs key."""
+    prompt = "über ☾ moon"
+    r = client(world, base_url).completions.create(
+        model=world.adapter_id, prompt=prompt, max_tokens=0, echo=True, logprobs=5
+    )
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt == "".join(lp.tokens) and len(lp.tokens) == len(prompt.encode())
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert lp.tokens[:2] == ["", "ü"]  # ü is two bytes
+    for top, logprob in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True):
+        assert len(top) in (5, 6) and logprob in top.values()
+        assert not any("\ufffd" in k for k in top)  # 5 distinct keys (6 with the token): no collisions
+    assert any(k.startswith("bytes:\\x") for top in lp.top_logprobs[1:] for k in top)
+
+
 def test_token_id_prompts_in_a_batch_score_like_lm_eval_asks(world, base_url):
     """What lm-eval's local-completions sends for a log-likelihood: token-id prompts in a batch, echo,
     max_tokens 1, logprobs 1. Each choice scores its own prompt plus the greedy next token (its logprob and the
