@@ -523,4 +523,8 @@ def eval_adapter_cmd(
 def _with_err(value: float | None, err: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+
+    def num(x: float) -> str:
+        return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+    return num(value) + (f" ± {num(err)}" if err is not None else "")
