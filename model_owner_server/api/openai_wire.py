@@ -217,7 +217,10 @@ class CompletionRequest(_Common):
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
-        prompts: list[Prompt] = [v] if isinstance(v, str) else ([v] if v and isinstance(v[0], int) else list(v))  # type: ignore[list-item]
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            prompts: list[Prompt] = [v]  # type: ignore[list-item]  # one string or one token-id list
+        else:
+            prompts = list(v)  # type: ignore[arg-type]
         if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise ValueError(f"send 1 to {MAX_PROMPTS} prompts per request")
         if any(isinstance(p, list) and (not p or min(p) < 0) for p in prompts):
