@@ -152,7 +152,7 @@ def test_serve_process_end_to_end_and_restart(server, files, tmp_path):
     # A long job, killed hard mid-run: after the restart it is failed with a reason, not stuck "running".
     r = admin.post(f"/v1/models/{model_id}/importance", json={"steps": 1_000_000})
     long_id = r.json()["id"]
-    _wait_job(admin, long_id, lambda j: j["status"] == "running" and j["progress"] > 0.05)
+    _wait_job(admin, long_id, lambda j: j["status"] == "running" and (j.get("metrics") or {}).get("step", 0) >= 2)
     server.stop(signal.SIGKILL)
     server.start()
     job = admin.get(f"/v1/jobs/{long_id}").json()
@@ -162,7 +162,9 @@ def test_serve_process_end_to_end_and_restart(server, files, tmp_path):
     assert health["status"] == "ok" and health["database"] == "ok"
     # Ctrl-C while a job thread is inside torch: a clean exit (not std::terminate, exit 134), the job failed.
     r = admin.post(f"/v1/models/{model_id}/importance", json={"steps": 1_000_000})
-    _wait_job(admin, r.json()["id"], lambda j: j["status"] == "running" and j["progress"] > 0.05)
+    _wait_job(
+        admin, r.json()["id"], lambda j: j["status"] == "running" and (j.get("metrics") or {}).get("step", 0) >= 2
+    )
     assert server.stop(signal.SIGINT) == 0, server.log.read_text()[-2000:]
     server.start()
     job = admin.get(f"/v1/jobs/{r.json()['id']}").json()
