@@ -207,19 +207,30 @@ def test_admin_registers_grants_runs_stage1_and_builds_an_emulator(browser, srv,
 
 def _upload_adapter(srv: Server, who: str, emulator_id: str) -> str:
     """The data owner's side, over the REST API as `dataowner-client` does it: download, fine-tune (here: the
-    emulator's own adapter layers, nudged), upload with its emulator-side metrics."""
+    emulator's own adapter layers, nudged), score the emulator before and after on the server's eval file with
+    the server's evaluation settings (one measurement), upload with those metrics."""
     from shared.adapter import extract_adapter
+    from shared.data import load_dataset
     from shared.emulator_file import load_emulator
+    from shared.evaluation import evaluate
 
     with api(srv, who) as client:
         path = STATE["tmp"] / f"{who}.safetensors"
         path.write_bytes(client.get(f"/v1/emulators/{emulator_id}/file").content)
         loaded = load_emulator(path)
         tensors = {k: v * 1.01 for k, v in extract_adapter(loaded.model, loaded.plan.adapter_layers).items()}
-        metrics = {
-            "emulator_zero_shot": {"perplexity": 300.0, "loss": 5.7},
-            "emulator_fine_tuned": {"perplexity": 250.0, "loss": 5.5},
-        }
+        settings = client.get(f"/v1/emulators/{emulator_id}/upload-info").json()["eval_settings"]
+        data = load_dataset(srv.env["SCALEOT_DEFAULT_EVAL"])
+
+        def score() -> dict:
+            return evaluate(
+                loaded.model, loaded.tokenizer, data, seq_len=settings["seq_len"], max_examples=settings["max_examples"]
+            )
+
+        metrics = {"eval_settings": {k: settings[k] for k in ("seq_len", "max_examples")}}
+        metrics["emulator_zero_shot"] = score()
+        loaded.model.load_state_dict(tensors, strict=False)  # the "fine-tuned" adapter layers
+        metrics["emulator_fine_tuned"] = score()
         r = client.post(
             f"/v1/emulators/{emulator_id}/adapters",
             files={
