@@ -54,6 +54,7 @@ from benchmarks.harness import (
     run_emulator,
     run_reference,
     stage1,
+    train_config,
     write_json,
     zero_shot,
 )
@@ -193,9 +194,11 @@ def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, 
         for name, seed, steps in plan_rows:
             emu = emulators[name]
             layers = emu["adapter_layers"]
+            # The client's recipe is part of the key: a change of its defaults must not reuse old rows.
+            recipe = train_config(task, budget, seed, steps).hyperparameters()
             ref = cached(
                 work,
-                ["ref", model_id, data_key(task), layers, seed, steps, budget.seq_len],
+                ["ref", model_id, data_key(task), layers, seed, steps, budget.seq_len, recipe],
                 run_reference,
                 model,
                 tok,
@@ -208,7 +211,7 @@ def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, 
             )
             m = cached(
                 work,
-                ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len],
+                ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len, recipe],
                 run_emulator,
                 model,
                 tok,

@@ -28,3 +28,26 @@ def test_tiny_run_writes_rows_summary_and_targets(tmp_path):
     assert {t["status"] for t in data["targets"]} <= {"met", "missed", None}
     assert (tmp_path / "res" / "transfer_tiny.md").read_text().startswith("Profile `tiny`")
     assert result["fidelity_predicts_r"].keys() == {"ppl_ratio", "grad_cosine"}
+
+
+def test_recipe_table_gives_mean_and_spread_over_seeds():
+    """benchmarks/transfer_recipes.py's table: one line per recipe and budget, r as mean ± half the seed range,
+    and the plug-in's perplexity along the run from the stored eval losses."""
+    from benchmarks.transfer_recipes import markdown
+
+    def row(variant: str, seed: int, r: float) -> dict:
+        return {
+            "variant": variant,
+            "steps": 32,
+            "seed": seed,
+            "r": r,
+            "plug_in": 36.0,
+            "emulator_ft": 140.0,
+            "privacy_gap": 1.3,
+            "curve": {"16": math.log(37.0), "32": math.log(36.0)},
+        }
+
+    table = markdown({"rows": [row("top2", 0, 0.5), row("default", 0, 0.6), row("default", 1, 0.5)]})
+    lines = table.strip().splitlines()
+    assert lines[2].startswith("| default | 32 | 2 | 0.55 ± 0.05 | 36.00 |")  # the default first
+    assert lines[3].startswith("| top2 | 32 | 1 | 0.50 |") and "16: 37.00, 32: 36.00 (seed 0)" in lines[3]
