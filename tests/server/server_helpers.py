@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -81,6 +86,28 @@ def queue_url_for(backend: str) -> str | None:
             "(or unset SCALEOT_REQUIRE_REDIS to skip this case)"
         )
     return REDIS_URL
+
+
+@contextmanager
+def engine_full(engine: Any) -> Iterator[None]:
+    """Every generation slot and queue place of `engine` (a serving.GenerationEngine) held by a generation that
+    blocks until the block ends; then they are released (their slots free up as those generations finish)."""
+    release = threading.Event()
+
+    def blocked() -> Iterator[str]:
+        release.wait(30)
+        yield "x"
+
+    async def fill() -> list:
+        return [engine.open(blocked()) for _ in range(engine.concurrency + engine.queue_size)]
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(fill())
+        yield
+    finally:
+        release.set()
+        loop.close()
 
 
 def auth(key: str | None) -> dict[str, str]:

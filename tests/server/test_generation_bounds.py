@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import html
 import io
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from server_helpers import adapter_bytes, auth
+from server_helpers import adapter_bytes, auth, engine_full
 from transformers import PreTrainedModel
 
 from model_owner_server.api.routes.openai_compat import get_engine
@@ -227,28 +226,12 @@ def test_adapter_tensors_cache_is_bounded_in_bytes():
 @pytest.fixture
 def full_engine(world) -> Iterator[None]:
     """Every generation slot and queue place taken until the test ends; then wait until they are free."""
-    engine = get_engine(world.client)
-    release = threading.Event()
-
-    def blocked() -> Iterator[str]:
-        release.wait(30)
-        yield "x"
-
-    loop = asyncio.new_event_loop()
-
-    async def fill() -> list:
-        return [engine.open(blocked()) for _ in range(engine.concurrency + engine.queue_size)]
-
-    try:
-        loop.run_until_complete(fill())
+    with engine_full(get_engine(world.client)):
         yield
-    finally:
-        release.set()
-        deadline = time.monotonic() + 30
-        while _generate(world, world.adapter_id, n=1).status_code == 429:
-            assert time.monotonic() < deadline, "generation slots were not released"
-            time.sleep(0.02)
-        loop.close()
+    deadline = time.monotonic() + 30
+    while _generate(world, world.adapter_id, n=1).status_code == 429:
+        assert time.monotonic() < deadline, "generation slots were not released"
+        time.sleep(0.02)
 
 
 def _console(world, key: str) -> tuple[TestClient, str]:

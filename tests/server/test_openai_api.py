@@ -16,6 +16,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from server_helpers import engine_full
 
 from model_owner_server.api.routes.openai_compat import get_engine
 from model_owner_server.model_cache import load_full_model
@@ -237,28 +238,13 @@ def test_keys_and_other_organizations_adapters(world, base_url):
 
 
 def test_a_full_queue_is_a_429_and_other_requests_are_still_served(world, base_url):
-    engine = get_engine(world.client)  # anything with .app: the engine of the app uvicorn serves
-    release = threading.Event()
-
-    def blocked() -> Iterator[str]:
-        release.wait(30)
-        yield "x"
-
-    loop = asyncio.new_event_loop()
-
-    async def fill() -> list:
-        return [engine.open(blocked()) for _ in range(engine.concurrency + engine.queue_size)]
-
-    try:
-        loop.run_until_complete(fill())
+    with engine_full(get_engine(world.client)):  # anything with .app: the engine of the app uvicorn serves
         c = client(world, base_url)
         for stream in (False, True):
             with pytest.raises(openai.RateLimitError) as exc:
                 c.completions.create(model=world.adapter_id, prompt=PROMPT, max_tokens=2, stream=stream)
             assert error_of(exc.value)["code"] == "queue_full" and exc.value.response.headers["retry-after"]
         assert world.adapter_id in [m.id for m in c.models.list()]  # the event loop is not blocked
-    finally:
-        release.set()
     deadline = time.monotonic() + 30
     while True:  # the slots come back once the blocked generations end
         try:
@@ -267,7 +253,6 @@ def test_a_full_queue_is_a_429_and_other_requests_are_still_served(world, base_u
         except openai.RateLimitError:
             assert time.monotonic() < deadline, "generation slots were not released"
             time.sleep(0.05)
-    loop.close()
 
 
 def test_a_stream_whose_reader_leaves_frees_its_slot():
