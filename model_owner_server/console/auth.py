@@ -159,7 +159,9 @@ def current_console(request: Request, session: SessionDep, settings: SettingsDep
         raise LoginRequired(next_path, ended)
     if now - row.last_seen_at >= TOUCH_EVERY:  # the idle clock, refreshed at most once a minute
         touch(
-            session, update(ConsoleSession).where(ConsoleSession.token_hash == row.token_hash).values(last_seen_at=now)
+            session,
+            update(ConsoleSession).where(ConsoleSession.token_hash == row.token_hash).values(last_seen_at=now),
+            f"console:{row.token_hash}",
         )
     return ConsoleAuth(org=org, csrf_token=row.csrf_token)
 

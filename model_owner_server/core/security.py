@@ -14,11 +14,12 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -120,7 +121,7 @@ def check_api_key(session: Session, key: str) -> KeyCheck:
     if org is None:
         return KeyCheck(None, row, "unknown", "invalid API key")
     if row.last_used_at is None or now - row.last_used_at >= TOUCH_EVERY:
-        touch(session, update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
+        touch(session, update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now), f"key:{row.id}")
         set_committed_value(row, "last_used_at", now)  # not dirty: a GET must not flush a write (SQLite lock)
     return KeyCheck(org, row, "ok", "")
 
@@ -129,13 +130,32 @@ def organization_for_key(session: Session, key: str) -> Organization | None:
     return check_api_key(session, key).org
 
 
-def touch(session: Session, statement: Any) -> None:
-    """Run a bookkeeping UPDATE (a last-use time) in its own short transaction, so it is kept whether or not
-    the request commits; a failure is logged, never raised (it must not cost the caller its request)."""
-    bind = session.get_bind()
-    engine = bind if isinstance(bind, Engine) else bind.engine
+_touching: set[str] = set()  # bookkeeping writes in flight in this process, by what they update
+_touching_lock = threading.Lock()
+
+
+def touch(session: Session, statement: Any, what: str) -> None:
+    """Run a bookkeeping UPDATE (a last-use time) as its own short transaction on the request's own connection.
+
+    Its own transaction: it is kept whether or not the request commits, and a read-only request never holds the
+    write lock (SQLite) for its whole length. The request's own connection: a second pool checkout per request
+    would deadlock the pool as soon as more requests than connections arrive at once. Only one refresh of the
+    same `what` runs at a time in this process (a burst of requests with one key writes once). Never raises: a
+    failure is logged and costs the caller nothing. Skipped when the session holds pending changes (it never
+    commits a caller's work)."""
+    if session.new or session.dirty or session.deleted:
+        return
+    with _touching_lock:
+        if what in _touching:
+            return
+        _touching.add(what)
     try:
-        with engine.begin() as conn:
-            conn.execute(statement)
+        session.commit()  # ends the read transaction so far (nothing pending: checked above)
+        session.execute(statement)
+        session.commit()
     except Exception:
+        session.rollback()
         log.warning("could not record a last-use time", exc_info=True)
+    finally:
+        with _touching_lock:
+            _touching.discard(what)
