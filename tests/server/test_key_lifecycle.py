@@ -11,12 +11,14 @@ import secrets
 from datetime import timedelta
 
 import pytest
-from server_helpers import adapter_bytes, auth
-from sqlalchemy import select, update
+from fastapi.testclient import TestClient
+from server_helpers import adapter_bytes, auth, fast_settings
+from sqlalchemy import create_engine, select, update
 from typer.testing import CliRunner
 
 from model_owner_server import crud
 from model_owner_server.core.security import check_api_key
+from model_owner_server.main import create_app
 from model_owner_server.models import ApiKey, AuditEvent, ConsoleSession, GrantRow, Organization, utcnow
 
 
@@ -181,6 +183,34 @@ def test_last_used_is_recorded_at_most_once_a_minute(world):
         assert check_api_key(s, key).org is not None
         assert not s.dirty
     assert last_used() > first - timedelta(minutes=1)
+
+
+def test_the_last_use_refresh_needs_no_second_connection(tmp_path, new_database_url):
+    """A request must never hold one pooled connection while waiting for another: the last-use refresh of a key
+    once did, so N requests at once on a pool of N connections all waited the pool timeout and answered 500
+    (found by reliability.flood). With a pool of one connection a single request shows it."""
+    settings = fast_settings(tmp_path / "data", new_database_url())
+    app = create_app(settings)
+    with TestClient(app) as client:
+        with app.state.sessions() as s:
+            _, key = crud.create_org(s, "solo", "data-owner")
+            s.commit()
+        sqlite = settings.db_url.startswith("sqlite")
+        one = create_engine(
+            settings.db_url,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=3,
+            connect_args={"check_same_thread": False} if sqlite else {},
+        )
+        app.state.sessions.configure(bind=one)
+        try:
+            r = client.get("/v1/models", headers=auth(key))
+            assert r.status_code == 200, r.text
+            with app.state.sessions() as s:
+                assert s.execute(select(ApiKey.last_used_at).where(ApiKey.prefix == key[:10])).scalar_one()
+        finally:
+            one.dispose()
 
 
 # ---------------------------------------------------------------- grants
