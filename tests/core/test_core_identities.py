@@ -22,6 +22,22 @@ def logits(model, ids=IDS):
         return model(input_ids=ids, use_cache=False).logits
 
 
+def layer_inputs(model, ids=IDS) -> dict[int, torch.Tensor]:
+    """The hidden states entering each decoder layer (by index) in one forward pass."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def grab(i):
+        return lambda mod, args, kwargs: seen.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone())
+
+    hooks = [m.register_forward_pre_hook(grab(i), with_kwargs=True) for i, m in enumerate(decoder_layers(model))]
+    try:
+        logits(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def fresh_harmonizers(model, bottleneck=8, seed=0):
     torch.manual_seed(seed)
     return {i: Harmonizer(model.config.hidden_size, bottleneck) for i in range(len(decoder_layers(model)))}
@@ -93,8 +109,16 @@ def test_uniform_layerdrop_plan_and_emulator(family):
     assert plan.adapter_layers == [0, 1, 6, 7]
     assert len(plan.layers_with(Role.DROPPED)) == 2
     emu = build_emulator(model, plan)
-    assert logits(emu).shape == logits(model).shape
     assert sum(p.numel() for p in emu.parameters()) < sum(p.numel() for p in model.parameters())
+    # A dropped layer is the identity: the residual stream leaves it bit-identical to how it came in, and what
+    # comes in at the first drop is exactly the original model's stream there (the layers before it are intact).
+    emu_in, model_in = layer_inputs(emu), layer_inputs(model)
+    first = plan.layers_with(Role.DROPPED)[0]
+    assert torch.equal(emu_in[first], model_in[first])
+    for i in plan.layers_with(Role.DROPPED):
+        assert torch.equal(emu_in[i + 1], emu_in[i]), f"dropped layer {i} changed the hidden states"
+    assert not torch.equal(emu_in[first + 1], model_in[first + 1])  # the original layer does change them
+    assert not torch.equal(logits(emu), logits(model))
 
 
 def test_unsupported_architecture_names_what_is_missing():
