@@ -1,10 +1,9 @@
 """What the rows of the systems and serving benchmarks share: a measured row against its baseline and target,
-rounding, a free loopback port for a server the benchmark starts, and the CPU's name for the machine record."""
+rounding, and the CPU's name for the machine record."""
 
 from __future__ import annotations
 
 import platform
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,6 @@ def record(
 
 def rounded(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(float(x), nd)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a server this benchmark starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_name(default: str = "") -> str:

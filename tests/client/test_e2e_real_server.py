@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +21,7 @@ from typer.testing import CliRunner
 import model_owner_server.main  # noqa: F401 - a broken server import must fail these tests, not skip them
 from data_owner_client.cli import app
 from scaleot_samples.tiny import save_tiny_model_dir
+from tooling.procs import ServeProcess, wait_job
 
 from .conftest import TRAIN_TEXT
 
@@ -39,27 +38,10 @@ def _script(name: str) -> list[str]:
     return [found]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{cmd} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
-
-
-def _wait_job(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed"):
-            assert job["status"] == "succeeded", job
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 @pytest.fixture
@@ -89,40 +71,16 @@ def real_server(tmp_path: Path):
     model = json.loads(_run([*server, "register-model", "tiny", "--path", str(model_dir)], env, tmp_path).stdout)
     _run([*server, "grant", "acme", "tiny"], env, tmp_path)
 
-    port = _free_port()
-    with open(tmp_path / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            [*server, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start:\n{(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.2)
+    with ServeProcess(
+        env, tmp_path / "server.log", command=server, args=("--log-level", "warning"), cwd=tmp_path
+    ) as srv:
         yield {
-            "base": base,
+            "base": srv.url,
             "admin_key": admin_key,
             "owner_key": owner_key,
             "model_id": model["id"],
-            "log": tmp_path / "server.log",
+            "log": srv.log,
         }
-    finally:
-        proc.terminate()  # only the process this fixture started
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
@@ -134,7 +92,7 @@ def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
     ) as admin:
         r = admin.post(f"/v1/models/{real_server['model_id']}/importance", json={"steps": 2, "corpus": str(corpus)})
         assert r.status_code == 202, r.text
-        _wait_job(admin, r.json()["id"])
+        wait_job(admin, r.json()["id"], succeeded=True)
     with httpx.Client(
         base_url=base, headers={"Authorization": f"Bearer {real_server['owner_key']}"}, timeout=60
     ) as owner:
@@ -144,7 +102,7 @@ def test_tune_round_trip_against_the_real_server(real_server, tmp_path):
         assert r.status_code in (200, 202), r.text
         created = r.json()
         if created.get("job"):
-            _wait_job(owner, created["job"]["id"])
+            wait_job(owner, created["job"]["id"], succeeded=True)
         emulator_id = created["emulator"]["id"]
         # The model owner tells the data owner its key fingerprint out of band; here we read it.
         kid = owner.get("/v1/signing-keys").json()["keys"][0]["key_id"]

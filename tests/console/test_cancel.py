@@ -7,11 +7,11 @@ import secrets
 
 from fastapi.testclient import TestClient
 from server_helpers import auth, fast_settings
-from test_jobs import _wait
 
 from model_owner_server import crud
 from model_owner_server.main import create_app
 from model_owner_server.models import AuditEvent, ImportanceRun, JobRow
+from tooling.procs import wait_job
 
 
 def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, files):
@@ -34,8 +34,12 @@ def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, fil
         body = {"steps": 100_000, "corpus": str(files["corpus"])}
         first = client.post(f"/v1/models/{model_id}/importance", headers=h, json=body).json()
         second = client.post(f"/v1/models/{model_id}/importance", headers=h, json=body).json()
-        _wait(
-            client, first["id"], h, lambda j: j["status"] == "running" and j["metrics"].get("step", 0) >= 1, timeout=60
+        wait_job(
+            client,
+            first["id"],
+            lambda j: j["status"] == "running" and j["metrics"].get("step", 0) >= 1,
+            timeout=60,
+            headers=h,
         )
 
         # Another organization cannot see (so cannot cancel) the job.
@@ -46,7 +50,7 @@ def test_cancel_queued_running_and_finished_jobs(tmp_path, new_database_url, fil
 
         r = client.post(f"/v1/jobs/{first['id']}/cancel", headers=h)
         assert r.status_code == 202 and r.json()["status"] == "running" and r.json()["cancel_requested"], r.text
-        done = _wait(client, first["id"], h, lambda j: j["status"] != "running", timeout=30)
+        done = wait_job(client, first["id"], lambda j: j["status"] != "running", timeout=30, headers=h)
         assert done["status"] == "cancelled" and "cancelled" in done["error"], done
         assert done["metrics"]["step"] < 100_000  # it stopped early, at a step
 
@@ -83,13 +87,13 @@ def test_cancelled_emulator_build_leaves_no_file_and_can_be_rebuilt(tmp_path, ne
         run = client.post(
             f"/v1/models/{model_id}/importance", headers=h, json={"steps": 2, "corpus": str(files["corpus"])}
         ).json()
-        _wait(client, run["id"], h, lambda j: j["status"] == "succeeded", timeout=60)
+        wait_job(client, run["id"], lambda j: j["status"] == "succeeded", timeout=60, headers=h)
         body = {"model_id": model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.5}
         created = client.post("/v1/emulators", headers=h, json=body).json()
         job_id, emu_id = created["job"]["id"], created["emulator"]["id"]
-        _wait(client, job_id, h, lambda j: j["metrics"].get("step", 0) >= 1, timeout=60)  # calibrating
+        wait_job(client, job_id, lambda j: j["metrics"].get("step", 0) >= 1, timeout=60, headers=h)  # calibrating
         assert client.post(f"/v1/jobs/{job_id}/cancel", headers=h).status_code == 202
-        done = _wait(client, job_id, h, lambda j: j["status"] != "running", timeout=30)
+        done = wait_job(client, job_id, lambda j: j["status"] != "running", timeout=30, headers=h)
         assert done["status"] == "cancelled", done
         emu = client.get(f"/v1/emulators/{emu_id}", headers=h).json()
         assert emu["status"] == "failed" and "cancelled" in emu["error"] and emu["sha256"] is None
@@ -98,6 +102,9 @@ def test_cancelled_emulator_build_leaves_no_file_and_can_be_rebuilt(tmp_path, ne
         assert again.status_code == 202 and again.json()["emulator"]["id"] == emu_id
         assert again.json()["job"]["id"] != job_id
         rebuild = again.json()["job"]["id"]
-        _wait(client, rebuild, h, lambda j: j["status"] == "running", timeout=30)
+        wait_job(client, rebuild, lambda j: j["status"] == "running", timeout=30, headers=h)
         client.post(f"/v1/jobs/{rebuild}/cancel", headers=h)
-        assert _wait(client, rebuild, h, lambda j: j["status"] != "running", timeout=30)["status"] == "cancelled"
+        assert (
+            wait_job(client, rebuild, lambda j: j["status"] != "running", timeout=30, headers=h)["status"]
+            == "cancelled"
+        )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,9 @@ import httpx
 import pytest
 from browser import launch_chromium, screenshot_dir
 from server_helpers import adapter_bytes
-from test_serve_process import Server, _free_port
+from test_serve_process import Server
+
+from tooling.procs import small_server_env, wait_job
 
 STATE: dict = {}  # what earlier steps of the scenario made (keys, ids), for the later ones
 PHONE = {"width": 390, "height": 844}
@@ -28,24 +29,14 @@ PHONE = {"width": 390, "height": 844}
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, new_database_url, files):
     tmp = tmp_path_factory.mktemp("console")
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "SCALEOT_DATA_DIR": str(tmp / "data"),
-        "SCALEOT_DATABASE_URL": new_database_url(),
-        "SCALEOT_DEVICE": "cpu",
-        "SCALEOT_QUEUE_URL": "",
-        "SCALEOT_EMBEDDED_WORKER": "true",
-        "SCALEOT_IMPORTANCE_SEQ_LEN": "32",
-        "SCALEOT_IMPORTANCE_BATCH_SIZE": "2",
-        "SCALEOT_EVAL_SEQ_LEN": "32",
-        "SCALEOT_EVAL_MAX_EXAMPLES": "4",
-        "SCALEOT_EMULATOR_CALIBRATION_STEPS": "4",
-        "SCALEOT_DEFAULT_EVAL": str(files["eval"]),
-        "SCALEOT_HEARTBEAT_SECONDS": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    server = Server(env, _free_port(), tmp / "server.log")
+    env = small_server_env(
+        tmp / "data",
+        new_database_url(),
+        SCALEOT_EMULATOR_CALIBRATION_STEPS="4",
+        SCALEOT_DEFAULT_EVAL=str(files["eval"]),
+        OMP_NUM_THREADS="1",
+    )
+    server = Server(env, tmp / "server.log")
     STATE.update(
         admin=server.cli("create-org", "model-owner", "--role", "admin"),
         acme=server.cli("create-org", "acme", "--role", "data-owner"),
@@ -69,17 +60,6 @@ def shots(srv):
 
 def api(srv: Server, who: str) -> httpx.Client:
     return httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {STATE[who]}"}, timeout=60)
-
-
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] not in ("queued", "running"):
-            assert job["status"] == "succeeded", job
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def sign_in(browser, srv: Server, who: str, **context):
@@ -186,7 +166,7 @@ def test_admin_registers_grants_runs_stage1_and_builds_an_emulator(browser, srv,
     page.wait_for_url("**/console/emulators/emu_*")
     STATE["emulator_id"] = page.url.split("/")[-1].split("?")[0]
     with api(srv, "admin") as admin:
-        wait_job(admin, admin.get(f"/v1/emulators/{STATE['emulator_id']}").json()["job_id"])
+        wait_job(admin, admin.get(f"/v1/emulators/{STATE['emulator_id']}").json()["job_id"], timeout=90, succeeded=True)
         other_emu = admin.post("/v1/emulators", json={"model_id": other, "n_adapter": 2, "alpha": 0.5, "beta": 0.5})
         assert other_emu.status_code == 409  # tiny-b has no importance run: the API's message, as-is
     page.reload()
@@ -239,7 +219,7 @@ def _upload_adapter(srv: Server, who: str, emulator_id: str) -> str:
             },
         )
         assert r.status_code == 202, r.text
-        wait_job(client, r.json()["job"]["id"])
+        wait_job(client, r.json()["job"]["id"], timeout=90, succeeded=True)
         return r.json()["adapter"]["id"]
 
 

@@ -5,8 +5,9 @@ consistent afterwards. (Not marked `db`: it starts a server process; the Postgre
 
 from __future__ import annotations
 
-from reliability.harness import client, consistency_problems, wait_job
+from reliability.harness import client, consistency_problems
 from reliability.load import prepare, run_load, summary_table
+from tooling.procs import wait_jobs_settled
 
 
 def test_small_mixed_load_loses_nothing(tmp_path, new_database_url, files):
@@ -32,9 +33,7 @@ def test_small_mixed_load_loses_nothing(tmp_path, new_database_url, files):
         assert result["evaluations"].get("failed", 0) == 0, result["evaluations"]
         assert result["rss_peak_MiB"] > 0
         with client(srv.url, ctx["keys"]["admin"]) as admin:
-            for job in admin.get("/v1/jobs", params={"limit": 500}).json()["jobs"]:
-                if job["status"] in ("queued", "running"):
-                    wait_job(admin, job["id"], timeout=120)
+            wait_jobs_settled(admin, timeout=120)
             audit = admin.get("/v1/audit", params={"action": "download_emulator", "limit": 1}).json()
             assert audit["total"] >= result["downloads_ok"]
         assert consistency_problems(db_url, ctx["data_dir"]) == []

@@ -7,7 +7,6 @@ import os
 import secrets
 import socket
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -19,6 +18,7 @@ from model_owner_server.jobs import recovery
 from model_owner_server.jobs.runner import HANDLERS
 from model_owner_server.main import create_app
 from model_owner_server.models import JobRow, utcnow
+from tooling.procs import wait_job
 
 RELEASE = threading.Event()
 
@@ -39,16 +39,6 @@ def fake_kind(monkeypatch):
     RELEASE.clear()
     yield "fake"
     RELEASE.set()
-
-
-def _wait(client, job_id, headers, pred, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if pred(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached the expected state: {job}")
 
 
 @pytest.mark.parametrize("backend", QUEUE_BACKENDS)
@@ -72,12 +62,12 @@ def test_real_queue_runs_jobs_with_live_progress(tmp_path, new_database_url, fak
         for job in (ok, bad):
             client.app.state.queue.enqueue(job.id)
         h = auth(key)
-        running = _wait(client, ok.id, h, lambda j: j["status"] == "running" and j["progress"] == 0.25)
+        running = wait_job(client, ok.id, lambda j: j["status"] == "running" and j["progress"] == 0.25, headers=h)
         assert running["message"] == "first quarter" and running["metrics"] == {"loss": 1.5}
         RELEASE.set()
-        done = _wait(client, ok.id, h, lambda j: j["status"] == "succeeded")
+        done = wait_job(client, ok.id, lambda j: j["status"] == "succeeded", headers=h)
         assert done["progress"] == 1.0 and done["result"] == {"answer": 42} and done["metrics"]["loss"] == 0.5
-        failed = _wait(client, bad.id, h, lambda j: j["status"] == "failed")
+        failed = wait_job(client, bad.id, lambda j: j["status"] == "failed", headers=h)
         assert "failed on purpose" in failed["error"]
         with client.app.state.sessions() as s:
             assert s.get(JobRow, ok.id).worker_id.startswith(socket.gethostname())
@@ -93,7 +83,7 @@ def test_shutdown_fails_jobs_still_running(tmp_path, new_database_url, fake_kind
             job = crud.create_job(s, fake_kind, org, {})
             s.commit()
         client.app.state.queue.enqueue(job.id)
-        _wait(client, job.id, auth(key), lambda j: j["status"] == "running")
+        wait_job(client, job.id, lambda j: j["status"] == "running", headers=auth(key))
         sessions = client.app.state.sessions
     with sessions() as s:  # the app has shut down while the job was still waiting
         row = s.get(JobRow, job.id)
@@ -165,5 +155,5 @@ def test_queued_jobs_lost_by_the_queue_are_requeued_on_start(tmp_path, new_datab
     engine.dispose()
     RELEASE.set()
     with TestClient(create_app(settings)) as client:
-        done = _wait(client, job.id, auth(key), lambda j: j["status"] == "succeeded")
+        done = wait_job(client, job.id, lambda j: j["status"] == "succeeded", headers=auth(key))
         assert done["result"] == {"answer": 42}

@@ -15,7 +15,6 @@ import os
 import pickle
 import secrets
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from model_owner_server.jobs.queue import REGISTERED_TASK_NAME, JobQueue, make_h
 from model_owner_server.jobs.runner import HANDLERS
 from model_owner_server.jobs.serializer import JobSerializer, RejectedQueueMessage
 from model_owner_server.main import create_app
+from tooling.procs import wait_until
 
 DROPPED = "dropped a job-queue message that is not one of ours"
 
@@ -158,15 +158,6 @@ def test_queue_url_password_is_redacted(tmp_path):
 # ---------------------------------------------------------------- a real worker on a real queue
 
 
-def _wait(pred, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("backend", QUEUE_BACKENDS)
 def test_worker_drops_a_pickle_payload_and_keeps_running_jobs(tmp_path, new_database_url, monkeypatch, caplog, backend):
     monkeypatch.setitem(HANDLERS, "fake", lambda runner, ctx, params: {"ran": params["n"]})
@@ -195,8 +186,10 @@ def test_worker_drops_a_pickle_payload_and_keeps_running_jobs(tmp_path, new_data
                 return client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()["status"]
 
             for job in jobs:
-                _wait(lambda job=job: status(job.id) == "succeeded", what=f"job {job.id}")
-            _wait(lambda: DROPPED in caplog.text or marker.exists(), what="the worker to pop the payload")
+                wait_until(lambda job=job: status(job.id) == "succeeded", timeout=15, what=f"job {job.id}")
+            wait_until(
+                lambda: DROPPED in caplog.text or marker.exists(), timeout=15, what="the worker to pop the payload"
+            )
             assert not marker.exists(), "the worker unpickled a payload from the queue and ran its code"
             assert DROPPED in caplog.text
             assert queue.huey.pending_count() == 0  # popped and discarded, not left to retry
