@@ -149,15 +149,38 @@ def test_lora_targets_only_adapter_layer_linears(emulator):
 
 
 def test_lora_on_gpt2_conv1d(tmp_path, text_dataset):
+    """GPT-2's Conv1D stores its weight as (in, out): the server's merge of the exported LoRA (B @ A transposed)
+    computes what the trained, unmerged LoRA computes, and what the client's own merge computed."""
+    from peft import PeftModel
+
     path = tmp_path / "gpt2.safetensors"
     build_tiny_emulator(path, "emu_gpt2", "gpt2_model", family="gpt2")
     emu = load_emulator(path)
+    untouched = copy.deepcopy(emu.model)
     spec = adapter_spec(emu.model, emu.plan.adapter_layers)
+    assert spec and all(".h.0." in k or ".h.3." in k for k in spec)
     cfg = TrainConfig(method="lora", max_steps=2, lr=1e-2, batch_size=2, seq_len=32)
     lora = issue_lora(emu.model, emu.plan.adapter_layers)
-    res = tune_emulator(emu.model, emu.tokenizer, emu.plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False)
-    load_and_validate_adapter_file(res.adapter_file, file_spec(lora))
-    assert spec and all(".h.0." in k or ".h.3." in k for k in spec)
+    # attn.c_proj is a square Conv1D: there a missing transpose keeps the shape and only the values go wrong
+    assert any(m.conv1d and m.in_features == m.out_features for m in lora.modules.values())
+    res = tune_emulator(
+        emu.model, emu.tokenizer, emu.plan, text_dataset, cfg, CPU, tmp_path / "out", progress=False, lora=lora
+    )
+    tensors = load_and_validate_adapter_file(res.adapter_file, file_spec(lora))
+    assert all(tensors[k].abs().max() > 0 for k in tensors if k.endswith("lora_B.weight"))  # B trained off zero
+
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits
+
+    unmerged = PeftModel.from_pretrained(copy.deepcopy(untouched), tmp_path / "out")  # PEFT's LoRA forward
+    merged = copy.deepcopy(untouched)
+    merge_lora(merged, tensors, lora)  # what the server plugs in
+    assert not torch.allclose(logits(unmerged), logits(untouched), atol=1e-3)  # the LoRA changes the output
+    torch.testing.assert_close(logits(merged), logits(unmerged), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits(emu.model), logits(merged), rtol=1e-4, atol=1e-5)  # the client's merge
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -168,7 +191,12 @@ def test_low_precision_emulator_trains_in_fp32_and_exports_issued_dtype(
     model = emulator.model.to(dtype)
     spec = adapter_spec(model, emulator.plan.adapter_layers)
     lora = issue_lora(model, emulator.plan.adapter_layers)
-    cfg = TrainConfig(method=method, max_steps=2, lr=1e-2, batch_size=2, seq_len=32)
+    cfg = TrainConfig(method=method, max_steps=4, lr=1e-2, batch_size=2, seq_len=32)
+    during: list[set[torch.dtype]] = []  # every parameter's dtype at each optimizer step, LoRA's included
+
+    def on_step(step, loss):
+        during.append({p.dtype for p in model.parameters()})
+
     res = tune_emulator(
         model,
         emulator.tokenizer,
@@ -179,11 +207,16 @@ def test_low_precision_emulator_trains_in_fp32_and_exports_issued_dtype(
         tmp_path / "o",
         progress=False,
         lora=lora if method == "lora" else None,
+        on_step=on_step,
     )
+    assert during == [{torch.float32}] * 4  # trained in fp32 (CPU): bf16/fp16 AdamW updates would vanish
     assert {s.dtype for s in spec.values()} == {lora.dtype} == {DTYPE_NAMES[dtype]}
     load_and_validate_adapter_file(res.adapter_file, spec if method == "full" else file_spec(lora))
-    assert next(model.parameters()).dtype == dtype  # trained in fp32 (CPU), handed back in the issued dtype
-    assert res.train.losses[-1] < res.train.losses[0] + 1.0 and all(map(math.isfinite, res.train.losses))
+    assert next(model.parameters()).dtype == dtype  # handed back in the issued dtype
+    # It learned: 4 steps take the loss down by about 0.13; an optimizer that does nothing leaves it within 0.02.
+    assert all(map(math.isfinite, res.train.losses)) and res.train.losses[-1] < res.train.losses[0] - 0.05, (
+        res.train.losses
+    )
 
 
 # ---------------------------------------------------------------- checkpoints
