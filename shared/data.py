@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 
+from .tokens import sequence_start
+
 IGNORE_INDEX = -100  # label value ignored by the loss (torch / HF convention)
 
 Kind = Literal["text", "prompt_completion", "multiple_choice", "chat"]
@@ -315,10 +317,13 @@ def _eos_id(tokenizer) -> int:
 
 
 def pack_text_blocks(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
-    """Tokenise texts (no special tokens), join them with EOS, cut into full ``seq_len`` blocks.
+    """Tokenise texts, join them with EOS, cut into full ``seq_len`` blocks, each starting as the model expects.
 
-    The tail remainder is dropped; if there is less than one block, the one shorter block is returned
-    so small data still trains. Returns LongTensor [n_blocks, seq_len] (or [1, n] when short).
+    Where the tokenizer expects a BOS (:func:`shared.tokens.expects_bos`: Gemma, Llama, OPT, ...) every block
+    is ``[BOS] + (seq_len - 1)`` text tokens, so every text token is predicted once; otherwise (GPT-2, SmolLM2)
+    a block is ``seq_len`` text tokens and no special token is added. The tail remainder is dropped; if there
+    is less than one block, the one shorter block is returned so small data still trains. Returns LongTensor
+    [n_blocks, seq_len] (or [1, n] when short).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (a next-token loss needs two tokens); got {seq_len}")
@@ -330,30 +335,41 @@ def pack_text_blocks(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Ten
         ids.extend(_encode(tokenizer, t))
     if not any(x != eos for x in ids):
         raise DataError("the text has no tokens; give it some text")
-    n = len(ids) // seq_len
+    start = sequence_start(tokenizer)
+    body = seq_len - len(start)  # text tokens per block
+    n = len(ids) // body
     if n == 0:
-        return torch.tensor([ids], dtype=torch.long)
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+        return torch.tensor([start + ids], dtype=torch.long)
+    blocks = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    if start:
+        blocks = torch.cat([torch.tensor(start, dtype=torch.long).expand(n, len(start)), blocks], dim=1)
+    return blocks
 
 
 def encode_pair(tokenizer, prompt: str, completion: str, seq_len: int, add_eos: bool = True) -> Example:
-    """prompt + completion (+EOS) with labels only on the completion; fits ``seq_len``.
+    """[BOS] + prompt + completion (+EOS) with labels only on the completion; fits ``seq_len``.
 
-    Prompt and completion are tokenised separately so the prompt/completion boundary is exact (and
-    identical in training and scoring). Too long: the prompt is cut from the left; if the completion
-    alone does not fit, it is cut on the right, keeping one prompt token so its first token is scored.
+    The BOS is there only where the tokenizer expects one (:func:`shared.tokens.sequence_start`). Prompt and
+    completion are tokenised separately so the prompt/completion boundary is exact (and identical in training
+    and scoring). Too long: the prompt is cut from the left; if the completion alone does not fit, it is cut
+    on the right, keeping one prompt token (where there is room besides the BOS) so its first token is scored
+    in context.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2; got {seq_len}")
+    start = sequence_start(tokenizer)
+    room = seq_len - len(start)  # for prompt + completion
     p = _encode(tokenizer, prompt)
     c = _encode(tokenizer, completion) + ([_eos_id(tokenizer)] if add_eos else [])
-    if len(p) + len(c) > seq_len:
-        keep_c = min(len(c), seq_len - 1 if p else seq_len)
+    if len(p) + len(c) > room:
+        # Without a BOS the completion's first token needs one prompt token before it to be predicted at all;
+        # with one, the BOS is enough when nothing else fits (seq_len 2).
+        keep_c = min(len(c), max(room - 1, 1 if start else 0) if p else room)
         c = c[:keep_c]
-        p = p[len(p) - (seq_len - keep_c) :] if seq_len > keep_c else []
-    ids = torch.tensor(p + c, dtype=torch.long)
+        p = p[len(p) - (room - keep_c) :] if room > keep_c else []
+    ids = torch.tensor(start + p + c, dtype=torch.long)
     labels = ids.clone()
-    labels[: len(p)] = IGNORE_INDEX
+    labels[: len(start) + len(p)] = IGNORE_INDEX
     return Example(ids, labels)
 
 

@@ -3,15 +3,17 @@
 The client scores the emulator and the server scores the zero-shot model and the plug-in M' with
 these functions, so the numbers are comparable. Definitions:
 
-- text: token-weighted mean next-token NLL over packed ``seq_len`` blocks (the first token of each
-  block has no prediction); ``perplexity = exp(loss)``.
+- text: token-weighted mean next-token NLL over packed ``seq_len`` blocks; ``perplexity = exp(loss)``.
+  Position 0 of a block is never predicted, so ``tokens`` is ``seq_len - 1`` per full block either way.
+  Where the tokenizer expects a BOS (:mod:`shared.tokens`: Gemma, Llama, OPT) position 0 is that BOS and
+  every text token is predicted; otherwise (GPT-2, SmolLM2) it is the block's first text token.
 - prompt_completion: the same over completion tokens only (including the closing EOS, which is
-  also the training target).
+  also the training target), after the BOS where the tokenizer expects one.
 - chat: the same over the assistant turns' tokens only (their end-of-turn tokens included), the conversation
   rendered with the tokenizer's chat template (``assistant_loss``); conversations whose assistant turns
   start beyond ``seq_len`` are skipped and counted (``skipped``, present when not zero).
 - multiple_choice: lm-evaluation-harness ``acc`` (argmax over choices of the summed log-prob of the
-  continuation " choice" given the prompt) and ``acc_norm`` (that sum divided by the continuation's
+  continuation " choice" given the prompt, itself after the BOS where the tokenizer expects one) and ``acc_norm`` (that sum divided by the continuation's
   length in characters). Ties go to the first choice.
 """
 
