@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
@@ -30,6 +30,7 @@ from model_owner_server.models import (
     RegisteredModel,
     utcnow,
 )
+from shared.schemas import ComputeDType
 
 
 class NotFound(LookupError):
@@ -146,14 +147,22 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
         return json.loads(f.read(size))
 
 
-def register_model(session: Session, name: str, path: str | Path) -> RegisteredModel:
+COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDType)
+
+
+def register_model(session: Session, name: str, path: str | Path, compute_dtype: str = "auto") -> RegisteredModel:
+    """Register the HF folder `path` as `name`, computed in `compute_dtype` by every job (auto: the checkpoint's
+    own dtype on a GPU, float32 on CPU)."""
     name = name.strip()
     if not name:
         raise ValueError("model name must not be empty")
+    compute_dtype = (compute_dtype or "auto").strip().lower()
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     if session.execute(select(RegisteredModel).where(RegisteredModel.name == name)).scalar_one_or_none():
         raise Conflict(f"a model named {name!r} is already registered; pick another name")
     facts = inspect_model_folder(path)
-    model = RegisteredModel(name=name, **facts)
+    model = RegisteredModel(name=name, compute_dtype=compute_dtype, **facts)
     session.add(model)
     session.flush()
     return model

@@ -65,6 +65,10 @@ class LRUCache(Generic[V]):
                     self._sizes.pop(old, None)
             return value
 
+    def __contains__(self, key: Any) -> bool:
+        with self._lock:
+            return key in self._items
+
     def values(self) -> list[V]:
         with self._lock:
             return list(self._items.values())
@@ -212,7 +216,7 @@ _init_lock = threading.Lock()
 
 
 def full_models(capacity: int) -> LRUCache[tuple[Any, Any]]:
-    """(model, tokenizer) by (path, device)."""
+    """(model, tokenizer) by (path, device, compute dtype)."""
     global _full_models
     with _init_lock:
         if _full_models is None:
@@ -246,7 +250,21 @@ def adapter_tensors(max_mb: int = 512) -> LRUCache[Any]:
         return _adapter_tensors
 
 
-def load_full_model(path: str, device: str, capacity: int = 1) -> tuple[Any, Any]:
+def full_model_key(path: str, device: str, dtype: Any = None) -> tuple[str, str, str]:
+    """The cache key of M at `path` on `device` in `dtype` (None: float32, load_causal_lm's default)."""
+    return (str(path), str(device), str(dtype or "torch.float32"))
+
+
+def is_loaded(path: str, device: str, dtype: Any = None) -> bool:
+    """Whether M is in this process's cache already (a job that reuses it does not load it again)."""
+    return _full_models is not None and full_model_key(path, device, dtype) in _full_models
+
+
+def load_full_model(path: str, device: str, capacity: int = 1, dtype: Any = None) -> tuple[Any, Any]:
+    """M and its tokenizer in `dtype` (the model's registered compute dtype; None: float32), loaded once per
+    (path, device, dtype) and process."""
     from model_owner_server.scaleot.model_io import load_causal_lm
 
-    return full_models(capacity).get_or_load((path, device), lambda: load_causal_lm(path, device=device))
+    return full_models(capacity).get_or_load(
+        full_model_key(path, device, dtype), lambda: load_causal_lm(path, device=device, dtype=dtype)
+    )

@@ -99,6 +99,9 @@ class RegisteredModel(Base):
     # The model owner's emulator policy for this model (shared.schemas.EmulatorPolicy as JSON); None: the
     # server's default (Settings.emulator_policy). Enforced by model_owner_server/policy.py.
     emulator_policy: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # The dtype every job loads and computes M in: float32 | bfloat16 | float16, or auto (the checkpoint's own
+    # on a GPU, float32 on CPU; model_owner_server/jobs/resources.py). Emulator files keep their issued dtype.
+    compute_dtype: Mapped[str] = mapped_column(String(20), default="auto", server_default="auto")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -74,8 +74,9 @@ def not_servable(adapter: Any) -> str | None:
 
 def plug_for(session: Any, adapter: Any, settings: Any, storage: Any) -> tuple[Plug, Any, Any]:
     """(plug, M, tokenizer) for an adapter row: M and its tokenizer from the full-model cache (loaded once per
-    (path, device)); `plug` puts the adapter into a resident copy of M when a generation leases it, with its
-    tensors from the bounded adapter cache (read and checked against M at first use)."""
+    (path, device, the model's compute dtype)); `plug` puts the adapter into a resident copy of M when a
+    generation leases it, with its tensors from the bounded adapter cache (read and checked against M at first
+    use)."""
     from model_owner_server.model_cache import adapter_tensors, load_full_model
     from model_owner_server.models import EmulatorRow, RegisteredModel
     from model_owner_server.scaleot.plugin import check_adapter
@@ -84,7 +85,12 @@ def plug_for(session: Any, adapter: Any, settings: Any, storage: Any) -> tuple[P
 
     emu = session.get(EmulatorRow, adapter.emulator_id)
     model_row = session.get(RegisteredModel, adapter.model_id)
-    model, tokenizer = load_full_model(model_row.path, settings.resolved_device(), settings.model_cache_size)
+    from model_owner_server.jobs.resources import resolve_compute_dtype
+    from shared.device import resolve_device
+
+    device = str(resolve_device(str(settings.device)).device)
+    dtype = resolve_compute_dtype(getattr(model_row, "compute_dtype", None), model_row.path, device)
+    model, tokenizer = load_full_model(model_row.path, device, settings.model_cache_size, dtype)
     spec, lora, layers = spec_from_json(emu.adapter_spec), issued_lora(emu.build_info), list(emu.adapter_layers)
     path, key = storage.abs(adapter.path), (adapter.id, adapter.sha256)
 

@@ -18,6 +18,8 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["importance", "emulator", "evaluation", "benchmark_eval"]
 EmulatorStatus = Literal["building", "ready", "failed"]
 AdapterStatus = Literal["evaluating", "evaluated", "failed"]
+# The dtype the server computes a registered model in; auto: the checkpoint's own on a GPU, float32 on CPU.
+ComputeDType = Literal["auto", "float32", "bfloat16", "float16"]
 KeyStatus = Literal["active", "retired", "revoked"]
 Role = Literal["admin", "data-owner"]
 
@@ -83,6 +85,7 @@ class Model(_Response):
     family: str | None = None
     n_layers: int | None = None
     n_params: int | None = None
+    compute_dtype: ComputeDType = "auto"
     importance_ready: bool = False
     importance_job_id: str | None = None
     created_at: datetime
@@ -95,6 +98,11 @@ class ModelList(_Response):
 class ModelCreate(_Request):
     name: str = Field(min_length=1, max_length=200)
     path: str = Field(min_length=1, description="server-side local Hugging Face folder with safetensors")
+    compute_dtype: ComputeDType = Field(
+        default="auto",
+        description="dtype the server's jobs and serving compute the model in; auto: the checkpoint's own "
+        "(config.json torch_dtype) on a GPU, float32 on CPU, where bf16 matmuls are slow",
+    )
 
 
 class GrantCreate(_Request):

@@ -41,15 +41,21 @@ def register_model_cmd(
         help="local Hugging Face causal-LM folder: config.json, safetensors "
         "(one file, or shards with model.safetensors.index.json), tokenizer",
     ),
+    compute_dtype: str = typer.Option(
+        "auto",
+        "--compute-dtype",
+        help="dtype the server's jobs and serving compute the model in: float32, bfloat16, float16, or auto "
+        "(the checkpoint's own on a GPU, float32 on CPU, where bf16 matmuls are slow)",
+    ),
 ) -> None:
     """Register a local HF causal-LM folder of a supported family as a base model. Any checkpoint dtype
-    (float32, bfloat16, float16; the algorithm loads it in float32) and tied or untied embeddings.
+    (float32, bfloat16, float16) and tied or untied embeddings; the jobs compute it in --compute-dtype.
     A GGUF file: convert it first with import-gguf."""
     from model_owner_server import crud
 
     with db_session(load_settings()) as session:
         try:
-            model = crud.register_model(session, name, path)
+            model = crud.register_model(session, name, path, compute_dtype)
             session.commit()
         except (ValueError, crud.Conflict) as exc:
             fail(str(exc))
@@ -61,6 +67,7 @@ def register_model_cmd(
                     "family": model.family,
                     "n_layers": model.n_layers,
                     "n_params": model.n_params,
+                    "compute_dtype": model.compute_dtype,
                 },
                 indent=2,
             )
@@ -166,11 +173,13 @@ def audit_emulator_cmd(
     from tqdm import tqdm
 
     from model_owner_server import crud
+    from model_owner_server.jobs.resources import resolve_compute_dtype
     from model_owner_server.models import EmulatorRow, RegisteredModel
     from model_owner_server.privacy_audit import run_privacy_audit
     from model_owner_server.scaleot.attack import AttackConfig
     from model_owner_server.scaleot.model_io import load_causal_lm
     from model_owner_server.storage import Storage
+    from shared.device import DeviceError, resolve_device
 
     settings = load_settings()
     with db_session(settings) as session:
@@ -195,7 +204,12 @@ def audit_emulator_cmd(
         except ValueError as exc:
             fail(str(exc))
         model_row = session.get(RegisteredModel, emu.model_id)
-        model, tokenizer = load_causal_lm(model_row.path, device=settings.resolved_device())
+        try:
+            device = str(resolve_device(str(settings.device)).device)
+        except DeviceError as exc:
+            fail(f"SCALEOT_DEVICE={settings.device}: {exc}")
+        dtype = resolve_compute_dtype(model_row.compute_dtype, model_row.path, device)  # as the audit job does
+        model, tokenizer = load_causal_lm(model_row.path, device=device, dtype=dtype)
         bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
 
         def progress(fraction: float, message: str, metrics: dict) -> None:
@@ -211,7 +225,7 @@ def audit_emulator_cmd(
             seq_len=settings.importance_seq_len,
             max_blocks=settings.importance_max_blocks,
             val_blocks=settings.audit_val_blocks,
-            device=settings.resolved_device(),
+            device=device,
             progress=progress,
         )
         bar.update(100 - bar.n)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import typer
 
 from model_owner_server.cli.common import app, fail, load_settings
@@ -58,7 +61,15 @@ def _exit_past_busy_job_threads(code: int) -> None:
 
 
 @app.command("worker")
-def worker_cmd(threads: int = typer.Option(1, "--threads", help="jobs run at once in this process")) -> None:
+def worker_cmd(
+    threads: int = typer.Option(1, "--threads", help="jobs run at once in this process (CPU only; a GPU runs one)"),
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        help="where this worker's jobs run: cpu, cuda, cuda:N or auto (default: SCALEOT_DEVICE). "
+        "Several workers on one queue, one per GPU: `worker --device cuda:0`, `worker --device cuda:1`, ...",
+    ),
+) -> None:
     """Run job workers outside the API process (same SCALEOT_DATABASE_URL / SCALEOT_QUEUE_URL / data dir)."""
     import logging
 
@@ -70,9 +81,7 @@ def worker_cmd(threads: int = typer.Option(1, "--threads", help="jobs run at onc
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    settings = load_settings()
-    if settings.queue_url == "immediate":
-        fail("SCALEOT_QUEUE_URL=immediate runs jobs inside the server; a separate worker has nothing to do")
+    settings = worker_settings(device, threads)
     run_migrations(settings.db_url)
     sessions = make_session_factory(make_engine(settings.db_url))
     storage = Storage(settings.resolved_data_dir)
@@ -88,3 +97,36 @@ def worker_cmd(threads: int = typer.Option(1, "--threads", help="jobs run at onc
         fail_jobs_of_this_process(
             sessions, "interrupted: the worker was stopped before the job finished; submit the request again"
         )
+
+
+def worker_settings(device: str | None, threads: int) -> Any:
+    """The worker's settings with --device applied, checked before anything starts: the device exists here
+    (no silent CPU fallback when a GPU was asked for), and a GPU runs one job at a time."""
+    from pydantic import ValidationError
+
+    from shared.device import DeviceError, resolve_device
+
+    try:
+        settings = load_settings(device=device)
+    except ValidationError as exc:
+        fail(f"--device / SCALEOT_DEVICE {device!r}: {exc.errors()[0]['msg']}; use cpu, cuda, cuda:N or auto")
+    if settings.queue_url == "immediate":
+        fail("SCALEOT_QUEUE_URL=immediate runs jobs inside the server; a separate worker has nothing to do")
+    try:
+        choice = resolve_device(str(settings.device))
+    except DeviceError as exc:
+        fail(f"--device / SCALEOT_DEVICE={settings.device}: {exc}")
+    if choice.device.type == "cuda":
+        if threads > 1:
+            fail(
+                f"--threads {threads} would run {threads} jobs on one GPU at once (each holds M); run one worker "
+                "per GPU instead (`worker --device cuda:0`, `worker --device cuda:1`, ...) on the same queue"
+            )
+        import torch
+
+        index = choice.device.index if choice.device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            fail(f"--device {choice.device}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 ...)")
+        torch.cuda.set_device(index)  # anything allocated without an explicit device lands on this worker's GPU
+    logging.getLogger("scaleot.jobs").info("worker jobs run on %s", choice.device)
+    return settings

@@ -14,13 +14,20 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.models import AdapterRow, EmulatorRow, ImportanceRun, JobRow, utcnow
+
+if TYPE_CHECKING:
+    import torch
+
+    from model_owner_server.jobs.resources import MemoryMeter
 
 log = logging.getLogger("scaleot.jobs")
 _wid: tuple[int, str] | None = None
@@ -54,6 +61,10 @@ class JobContext:
         self._last_write = 0.0
         self._halt: Exception | None = None  # set by a flush that finds the task must stop (why_stop)
         self._lock = threading.Lock()
+        # Tasks measure their stages with stage(); the meter is made at the first one (it needs torch, which a
+        # job that measures nothing does not import) on the device the runner resolves.
+        self.memory: MemoryMeter | None = None
+        self.memory_device: Callable[[], str] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._beat, args=(heartbeat_seconds,), daemon=True, name=f"heartbeat-{job_id}"
@@ -87,6 +98,31 @@ class JobContext:
                 self._flush_locked()
             if self._halt is not None:
                 raise self._halt
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Measure the block's peak memory and time as stage `name` (stored in the job's result["memory"] and
+        shown live in its metrics)."""
+        meter = self._meter()
+        with meter.stage(name) if meter is not None else nullcontext():
+            yield
+        if meter is not None:
+            self.update(metrics={"memory": meter.record()})
+
+    def model_loaded(self, model: Any, dtype: torch.dtype, was_cached: bool) -> None:
+        """M is in memory in `dtype` (`was_cached`: the worker had it before this job): for the memory record."""
+        meter = self._meter()
+        if meter is not None:
+            from model_owner_server.jobs.resources import param_bytes
+
+            meter.model_loaded(param_bytes(model), dtype, was_cached)
+
+    def _meter(self) -> MemoryMeter | None:
+        if self.memory is None and self.memory_device is not None:
+            from model_owner_server.jobs.resources import MemoryMeter
+
+            self.memory = MemoryMeter(self.memory_device())
+        return self.memory
 
     def _flush_locked(self) -> None:
         values = {**self._pending, "heartbeat_at": utcnow(), "updated_at": utcnow()}

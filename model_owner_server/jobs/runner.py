@@ -8,7 +8,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +27,9 @@ from model_owner_server.jobs.context import (
 from model_owner_server.keyring import KeyRing
 from model_owner_server.models import EmulatorRow, JobRow, RegisteredModel, utcnow
 from model_owner_server.storage import Storage, is_disk_full
+
+if TYPE_CHECKING:  # torch is imported when a job runs, not when the API process imports the queue
+    import torch
 
 log = logging.getLogger("scaleot.jobs")
 
@@ -73,7 +76,10 @@ class JobRunner:
             with JobContext(job_id, self.sessions, self.settings.heartbeat_seconds) as ctx:
                 if handler is None:
                     raise JobFailure(f"unknown job kind {kind!r}")
+                ctx.memory_device = lambda: self.device
                 result = handler(self, ctx, params)
+                if ctx.memory is not None:  # its stages' peak memory and times (GET /v1/jobs/{id}: result.memory)
+                    result = {**result, "memory": ctx.memory.record()}
             with session_scope(self.sessions) as s:
                 mine = (JobRow.id == job_id, JobRow.worker_id == me, JobRow.status == "running")
                 s.execute(
@@ -145,12 +151,39 @@ class JobRunner:
     # helpers shared by the task bodies
     @property
     def device(self) -> str:
-        return self.settings.resolved_device()
+        """SCALEOT_DEVICE resolved (cpu, cuda, cuda:N, auto); a GPU that is not there fails the job saying so."""
+        from shared.device import DeviceError, resolve_device
 
-    def full_model(self, model_row: RegisteredModel) -> tuple[Any, Any]:
-        from model_owner_server.model_cache import load_full_model
+        try:
+            return str(resolve_device(str(self.settings.device)).device)
+        except DeviceError as exc:
+            raise JobFailure(f"SCALEOT_DEVICE={self.settings.device}: {exc}") from None
 
-        return load_full_model(model_row.path, self.device, self.settings.model_cache_size)
+    def compute_dtype(self, model_row: RegisteredModel) -> torch.dtype:
+        """The dtype M is loaded and computed in for this model on this worker (resources.resolve_compute_dtype)."""
+        from model_owner_server.jobs.resources import resolve_compute_dtype
+
+        return resolve_compute_dtype(getattr(model_row, "compute_dtype", None), model_row.path, self.device)
+
+    def full_model(self, model_row: RegisteredModel, ctx: JobContext | None = None, kind: str = "") -> tuple[Any, Any]:
+        """M (shared, never to be modified) and its tokenizer in the model's compute dtype, from the worker's
+        cache; refused up front on a GPU it would not fit for job `kind`. With `ctx`, measured as stage "load"."""
+        from model_owner_server.jobs.resources import DoesNotFit, check_fits, model_bytes
+        from model_owner_server.model_cache import is_loaded, load_full_model
+
+        device, dtype = self.device, self.compute_dtype(model_row)
+        cached = is_loaded(model_row.path, device, dtype)
+        resident = model_bytes(model_row.n_params or 0, dtype) if cached else 0
+        try:
+            check_fits(model_row.n_params, dtype, kind, device, resident)
+        except DoesNotFit as exc:
+            raise JobFailure(str(exc)) from None
+        if ctx is None:
+            return load_full_model(model_row.path, device, self.settings.model_cache_size, dtype)
+        with ctx.stage("load"):
+            model, tokenizer = load_full_model(model_row.path, device, self.settings.model_cache_size, dtype)
+        ctx.model_loaded(model, dtype, cached)
+        return model, tokenizer
 
 
 def fairest_queued_job(s: Session) -> str | None:

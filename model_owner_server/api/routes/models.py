@@ -4,12 +4,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, Response
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from model_owner_server import crud, policy
 from model_owner_server.api.deps import AdminDep, OrgDep, QueueDep, SessionDep, SettingsDep
 from model_owner_server.api.errors import ApiError
 from model_owner_server.api.serialize import job_out, model_out
-from model_owner_server.models import ImportanceRun
+from model_owner_server.models import ImportanceRun, RegisteredModel
 from shared import schemas
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -26,8 +27,10 @@ ERR = {
 def register_model(body: schemas.ModelCreate, session: SessionDep, admin: AdminDep) -> schemas.Model:
     """Register a server-side Hugging Face causal-LM folder (config.json + safetensors) as a base model."""
     try:
-        model = crud.register_model(session, body.name, body.path)
-        crud.audit(session, admin, "register_model", "model", model.id, name=model.name)
+        model = crud.register_model(session, body.name, body.path, body.compute_dtype)
+        crud.audit(
+            session, admin, "register_model", "model", model.id, name=model.name, compute_dtype=model.compute_dtype
+        )
         session.commit()
     except crud.Conflict:
         raise
@@ -36,19 +39,24 @@ def register_model(body: schemas.ModelCreate, session: SessionDep, admin: AdminD
         raise crud.Conflict(f"a model named {body.name!r} is already registered") from None
     except ValueError as exc:  # includes UnsupportedArchitectureError
         raise ApiError(422, "invalid_model", str(exc)) from None
-    return model_out(session, model)
+    return _model_out(session, model)
+
+
+def _model_out(session: Session, model: RegisteredModel) -> schemas.Model:
+    """serialize.model_out with the model's compute dtype (until model_out sets it itself)."""
+    return model_out(session, model).model_copy(update={"compute_dtype": model.compute_dtype})
 
 
 @router.get("", response_model=schemas.ModelList, responses=ERR)
 def list_models(session: SessionDep, org: OrgDep) -> schemas.ModelList:
     """Models your organization may use (admins: all)."""
     rows = session.execute(crud.visible_models(org)).scalars()
-    return schemas.ModelList(models=[model_out(session, m) for m in rows])
+    return schemas.ModelList(models=[_model_out(session, m) for m in rows])
 
 
 @router.get("/{model_id}", response_model=schemas.Model, responses=ERR)
 def get_model(model_id: str, session: SessionDep, org: OrgDep) -> schemas.Model:
-    return model_out(session, crud.get_visible_model(session, org, model_id))
+    return _model_out(session, crud.get_visible_model(session, org, model_id))
 
 
 @router.get("/{model_id}/emulator-policy", response_model=schemas.EmulatorPolicyOut, responses=ERR)

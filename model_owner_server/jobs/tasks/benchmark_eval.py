@@ -170,17 +170,19 @@ def benchmark_eval_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any
     check_tasks(manager, tasks)  # before the model is loaded: a typo costs a second
     tensors = load_adapter(adapter_path, spec, lora)
     ctx.update(0.05, "loading the full model", force=True)
-    model, tokenizer = runner.full_model(model_row)
+    model, tokenizer = runner.full_model(model_row, ctx, "benchmark_eval")
     started = time.monotonic()
     kw: dict[str, Any] = dict(limit=limit, num_fewshot=num_fewshot, batch_size=settings.eval_batch_size)
     ctx.update(0.1, "lm-eval on the full model zero-shot", force=True)
-    zero = run_tasks(model, tokenizer, manager, tasks, **kw)
+    with ctx.stage("zero_shot"):
+        zero = run_tasks(model, tokenizer, manager, tasks, **kw)
     ctx.update(0.5, "lm-eval on the plug-in", force=True)
-    plugged = plug_in(model, tensors, layers, spec, lora)
-    try:
-        plug = run_tasks(plugged, tokenizer, manager, tasks, **kw)
-    finally:
-        del plugged  # a standalone copy of M
+    with ctx.stage("plug_in"):
+        plugged = plug_in(model, tensors, layers, spec, lora)
+        try:
+            plug = run_tasks(plugged, tokenizer, manager, tasks, **kw)
+        finally:
+            del plugged  # a standalone copy of M
     record = {
         "harness": f"lm-evaluation-harness {_lm_eval_version()}",
         "tasks": tasks,
@@ -194,6 +196,7 @@ def benchmark_eval_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any
         "zero_shot": zero["figures"],
         "plug_in": plug["figures"],
         "seconds": round(time.monotonic() - started, 1),
+        "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)

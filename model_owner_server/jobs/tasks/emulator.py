@@ -37,8 +37,9 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
         dtype_name = (emu.build_info or {}).get("dtype", "float32")  # set by POST /v1/emulators
     dtype = emulator_dtype(dtype_name)
     ctx.update(0.05, "loading model", force=True)
-    model, tokenizer = runner.full_model(model_row)
-    importance = load_importance(run_path)
+    model, tokenizer = runner.full_model(model_row, ctx, "emulator")
+    compute = next(model.parameters()).dtype  # the model's compute dtype: calibration and fidelity run in it
+    importance = load_importance(run_path)  # float32 harmonizers; apply_plan casts them to M's dtype
     calibration = CalibrationConfig(
         steps=settings.emulator_calibration_steps,
         batch_size=settings.importance_batch_size,
@@ -63,26 +64,27 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
 
     ctx.update(0.1, "building emulator", force=True)
     out = storage.emulators / f"{emu_id}.safetensors"  # save_emulator writes a temp name and renames
-    info = make_emulator(
-        model,
-        tokenizer,
-        importance,
-        n_adapter,
-        alpha,
-        beta,
-        out,
-        placement=settings.emulator_placement,
-        calibration=calibration if train_blocks is not None else None,
-        calibration_blocks=train_blocks,
-        fidelity_blocks=(
-            val_blocks[: settings.emulator_fidelity_blocks]
-            if val_blocks is not None and settings.emulator_fidelity_blocks
-            else None
-        ),
-        calibration_progress=progress,
-        dtype=dtype,
-        extra_metadata={"model_id": model_id, "emulator_id": emu_id},
-    )
+    with ctx.stage("build"):  # plan, copy of M, calibration, fidelity figure, file
+        info = make_emulator(
+            model,
+            tokenizer,
+            importance,
+            n_adapter,
+            alpha,
+            beta,
+            out,
+            placement=settings.emulator_placement,
+            calibration=calibration if train_blocks is not None else None,
+            calibration_blocks=train_blocks,
+            fidelity_blocks=(
+                val_blocks[: settings.emulator_fidelity_blocks]
+                if val_blocks is not None and settings.emulator_fidelity_blocks
+                else None
+            ),
+            calibration_progress=progress,
+            dtype=dtype,
+            extra_metadata={"model_id": model_id, "emulator_id": emu_id},
+        )
 
     ctx.update(0.9, "describing adapter layers", force=True)  # then the privacy audit, when the policy wants one
     layers = list(info.plan.adapter_layers)
@@ -103,6 +105,7 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
             "placement": info.extra.get("placement"),
             "calibration": info.extra.get("calibration"),
             "dtype": dtype_name,
+            "compute_dtype": str(compute).removeprefix("torch."),
             "lora": issue_lora(model, layers, dtype=dtype).to_json(),
         },
     )
@@ -112,20 +115,21 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
     if audit:
         # Data owners get only audited emulators: measure the privacy gap now, so the emulator is issuable
         # (or withheld, with the figure that says why) the moment it is ready. Same audit as the admin's job.
-        fields["privacy"] = run_privacy_audit(
-            model,
-            tokenizer,
-            out,
-            AttackConfig(
-                kind=settings.audit_attack, steps=settings.audit_steps, batch_size=settings.importance_batch_size
-            ),
-            corpus=settings.audit_corpus,
-            seq_len=settings.importance_seq_len,
-            max_blocks=settings.importance_max_blocks,
-            val_blocks=settings.audit_val_blocks,
-            device=str(runner.device),
-            progress=lambda f, m, x: ctx.update(0.92 + 0.07 * f, f"privacy audit: {m}", x),
-        )
+        with ctx.stage("privacy_audit"):
+            fields["privacy"] = run_privacy_audit(
+                model,
+                tokenizer,
+                out,
+                AttackConfig(
+                    kind=settings.audit_attack, steps=settings.audit_steps, batch_size=settings.importance_batch_size
+                ),
+                corpus=settings.audit_corpus,
+                seq_len=settings.importance_seq_len,
+                max_blocks=settings.importance_max_blocks,
+                val_blocks=settings.audit_val_blocks,
+                device=str(runner.device),
+                progress=lambda f, m, x: ctx.update(0.92 + 0.07 * f, f"privacy audit: {m}", x),
+            )
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
         emu = s.get(EmulatorRow, emu_id)
@@ -141,4 +145,5 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
         "plan_summary": info.plan.summary(),
         "fidelity": info.extra.get("fidelity"),
         "privacy": fields.get("privacy"),
+        "compute_dtype": str(compute).removeprefix("torch."),
     }

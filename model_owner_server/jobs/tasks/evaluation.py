@@ -14,7 +14,7 @@ from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
 from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.models import AdapterRow, EmulatorRow, Evaluation, RegisteredModel
-from model_owner_server.scaleot.plugin import plug_in
+from model_owner_server.scaleot.plugin import check_adapter, layer_copy, write_adapter
 from shared.adapter import spec_from_json
 from shared.data import DataError, load_dataset
 from shared.eval_settings import EVAL_SETTINGS_KEY, EvalSettings, parse_eval_settings, resolve_eval_settings
@@ -46,7 +46,7 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
     except DataError as exc:
         raise _data_failure(exc, eval_path) from None
     ctx.update(0.05, "loading full model", force=True)
-    model, tokenizer = runner.full_model(model_row)
+    model, tokenizer = runner.full_model(model_row, ctx, "evaluation")
     kw = dict(
         seq_len=used.seq_len,
         batch_size=settings.eval_batch_size,
@@ -59,13 +59,19 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
 
     ctx.update(0.1, "evaluating the full model zero-shot", force=True)
     try:  # chat data is rendered here, with M's chat template (a model without one is refused)
-        zero = evaluate(model, tokenizer, dataset, progress=prog(0.1, 0.5, "zero-shot"), **kw)
+        with ctx.stage("zero_shot"):
+            zero = evaluate(model, tokenizer, dataset, progress=prog(0.1, 0.5, "zero-shot"), **kw)
     except DataError as exc:
         raise _data_failure(exc, eval_path) from None
     ctx.update(0.5, "plugging the adapter into the full model", {"zero_shot": zero}, force=True)
-    plugged = plug_in(model, tensors, layers, spec, lora)
-    plug = evaluate(plugged, tokenizer, dataset, progress=prog(0.55, 0.98, "plug-in"), **kw)
-    del plugged  # a standalone copy of M: freed now; generation uses the resident copies (model_cache)
+    with ctx.stage("plug_in"):
+        # M' = [A', E] sharing every tensor with M but the adapter layers (not a second copy of M): the same
+        # model plug_in would make (plugin.py), in M + adapter layers of memory.
+        check_adapter(model, tensors, layers, spec, lora)
+        plugged = layer_copy(model, layers)
+        write_adapter(plugged, model, tensors, layers, lora)
+        plug = evaluate(plugged, tokenizer, dataset, progress=prog(0.55, 0.98, "plug-in"), **kw)
+    del plugged
 
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
@@ -75,7 +81,14 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
             s.add(Evaluation(adapter_id=adapter_id, kind=kind, eval_source=eval_source, metrics=metrics))
         adapter = s.get(AdapterRow, adapter_id)
         adapter.status, adapter.error = "evaluated", None
-    return {"adapter_id": adapter_id, "zero_shot": zero, "plug_in": plug, "eval_source": eval_source}
+    compute = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {
+        "adapter_id": adapter_id,
+        "zero_shot": zero,
+        "plug_in": plug,
+        "eval_source": eval_source,
+        "compute_dtype": compute,
+    }
 
 
 def _eval_settings(settings: Any, client_metrics: dict[str, Any] | None) -> tuple[EvalSettings, str, list[str]]:

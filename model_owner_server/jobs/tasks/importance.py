@@ -10,6 +10,7 @@ from typing import Any
 
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
+from model_owner_server.jobs.resources import DoesNotFit, check_fits, dtype_name
 from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.models import ImportanceRun, RegisteredModel, utcnow
 from model_owner_server.scaleot.corpus import corpus_blocks
@@ -25,15 +26,23 @@ def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         model_row = s.get(RegisteredModel, params["model_id"])
         if model_row is None:
             raise JobFailure("the model was deleted")
-        model_path, run_id = model_row.path, params["run_id"]
-    ctx.update(0.01, "loading model", force=True)
+        model_path, run_id, n_params = model_row.path, params["run_id"], model_row.n_params
+        dtype = runner.compute_dtype(model_row)
+    try:
+        check_fits(n_params, dtype, "importance", runner.device)
+    except DoesNotFit as exc:
+        raise JobFailure(str(exc)) from None
+    ctx.update(0.01, f"loading model ({dtype_name(dtype)})", force=True)
     # A fresh copy, not the shared cache: stage 1 swaps layers in and out while it trains.
-    model, tokenizer = load_causal_lm(model_path, device=runner.device)
+    with ctx.stage("load"):
+        model, tokenizer = load_causal_lm(model_path, device=runner.device, dtype=dtype)
+    ctx.model_loaded(model, dtype, was_cached=False)
     ctx.update(0.03, "tokenising corpus")
     # Same data path as `modelowner-server estimate-importance` (DataError/ValueError name the file).
-    train, val = corpus_blocks(
-        tokenizer, params["corpus"], settings.importance_seq_len, max_blocks=settings.importance_max_blocks
-    )
+    with ctx.stage("tokenize"):
+        train, val = corpus_blocks(
+            tokenizer, params["corpus"], settings.importance_seq_len, max_blocks=settings.importance_max_blocks
+        )
     # Jobs queued before these knobs existed carry only steps: fall back to ImportanceConfig's defaults.
     knobs = {
         k: params[k] for k in ("warmup_steps", "rl_interval", "distill_weight", "hidden_weight", "seed") if k in params
@@ -62,12 +71,15 @@ def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         {"train_blocks": len(train), "val_blocks": len(val)},
         force=True,
     )
-    result = estimate_importance(model, train, val, cfg, progress=progress)
+    with ctx.stage("stage1"):
+        result = estimate_importance(model, train, val, cfg, progress=progress)
+    harmonizer_dtype = dtype_name(next(iter(result.harmonizers.values())).down.weight.dtype)
 
     ctx.update(0.96, "saving", force=True)
     tmp = storage.temp_path()
     try:
-        save_importance(result, tmp, extra={"model_id": params["model_id"], "corpus": params["corpus"]})
+        extra = {"model_id": params["model_id"], "corpus": params["corpus"], "compute_dtype": dtype_name(dtype)}
+        save_importance(result, tmp, extra=extra)
         final = storage.commit_dir(tmp, storage.importance / run_id)
     finally:
         storage.remove(tmp if tmp.exists() else None)
@@ -86,6 +98,9 @@ def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         "final_loss": final_loss,
         "seconds": round(result.seconds, 2),
         "n_harmonizer_params": result.n_harmonizer_params,
+        # The dtype M was loaded and run in, and the one the harmonizers were trained in (stored as float32).
+        "compute_dtype": dtype_name(dtype),
+        "harmonizer_dtype": harmonizer_dtype,
         # The loss / reward curve for the console; a long run keeps every k-th record (at most 400).
         "history": result.history[:: max(1, -(-len(result.history) // 400))],
     }

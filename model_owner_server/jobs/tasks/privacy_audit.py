@@ -33,25 +33,26 @@ def privacy_audit_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]
             "rebuild it with POST /v1/emulators"
         )
     ctx.update(0.01, "loading the full model", force=True)
-    model, tokenizer = runner.full_model(model_row)
+    model, tokenizer = runner.full_model(model_row, ctx, "privacy_audit")
     cfg = AttackConfig(
         kind=params["attack"],
         steps=int(params["steps"]),
         batch_size=settings.importance_batch_size,
         seed=int(params.get("seed", 0)),
     )
-    record = run_privacy_audit(
-        model,
-        tokenizer,
-        path,
-        cfg,
-        corpus=params.get("corpus"),
-        seq_len=settings.importance_seq_len,
-        max_blocks=settings.importance_max_blocks,
-        val_blocks=settings.audit_val_blocks,
-        device=str(runner.device),
-        progress=lambda f, m, x: ctx.update(f, m, x),
-    )
+    with ctx.stage("audit"):
+        record = run_privacy_audit(
+            model,
+            tokenizer,
+            path,
+            cfg,
+            corpus=params.get("corpus"),
+            seq_len=settings.importance_seq_len,
+            max_blocks=settings.importance_max_blocks,
+            val_blocks=settings.audit_val_blocks,
+            device=str(runner.device),
+            progress=lambda f, m, x: ctx.update(f, m, x),
+        )
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
         row = s.get(EmulatorRow, emu_id)
