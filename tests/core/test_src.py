@@ -10,6 +10,7 @@ from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
 from scaleot_samples.tiny import FAMILIES, tiny_model
 from shared.architectures import decoder_layers, family_for, projection_blocks
 from shared.emulator_model import projection_full_ranks, projection_weight
+from shared.layer_plan import Role
 from shared.modules import ConcatLinear, LowRankLinear, RankReducedLinear, src_rank
 
 
@@ -42,6 +43,7 @@ def test_src_touches_only_attention_projections(family):
     plan = scaleot_plan(torch.tensor([3.0, 0.0, 1.0, 2.0]), 1, 0.0, 0.5, model)
     emu = build_emulator(model, plan)
     fam = family_for(model.config)
+    assert plan.ranks and set(plan.ranks) == set(plan.layers_with(Role.FROZEN))  # every kept middle layer
     for i in plan.ranks:
         orig, new = decoder_layers(model)[i], decoder_layers(emu)[i]
         for proj in fam.projections:
@@ -49,9 +51,14 @@ def test_src_touches_only_attention_projections(family):
             assert isinstance(mod, (LowRankLinear, RankReducedLinear, ConcatLinear))
             w, _ = projection_weight(orig.get_submodule(proj.path), proj)
             parts = mod.parts if isinstance(mod, ConcatLinear) else [mod]
-            assert [p.rank for p in parts] == plan.ranks[i][proj.path]
             blocks = projection_blocks(proj, orig, w.shape[0])
             assert len(blocks) == len(parts) == (3 if proj.fused else 1)
+            # The planned rank is SRC's round((1 - beta) * full) of each block, and the stored weight has
+            # exactly that rank (measured, not read back from the module's own bookkeeping).
+            planned = [src_rank(min(len(rows), w.shape[1]), 0.5) for rows in blocks]
+            assert plan.ranks[i][proj.path] == planned
+            actual = [int(torch.linalg.matrix_rank(p.dense_weight().detach().double(), rtol=1e-4)) for p in parts]
+            assert actual == planned, (i, proj.path, actual, planned)
             assert torch.equal(torch.cat(blocks).sort().values, torch.arange(w.shape[0]))  # a partition of the rows
             for rows, p in zip(blocks, parts, strict=True):  # each block's error is its own discarded spectrum
                 wb = w[rows].double()
