@@ -24,23 +24,16 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import (
-    REPO,  # first: sets the thread and offline environment before torch loads
-)
-
-# isort: split
-import torch
-
-from benchmarks.harness import load_model, log, prepare_data
+# benchmarks.harness first: it sets the thread and offline environment before torch loads
+from benchmarks.harness import PROFILE_HELP, Budget, add_run_args, log, profile_of, start_run
 from benchmarks.results import environment, markdown_table, publish
-from data_owner_client.train import TrainConfig, resolve_device
+from data_owner_client.train import TrainConfig
 from data_owner_client.tune import tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.corpus import corpus_blocks
@@ -57,26 +50,11 @@ RESULT_NAME = "half_precision"
 LINKS_MBIT = (100, 1000)
 
 
-@dataclass(frozen=True)
-class Budget:
-    profile: str
-    seq_len: int = 128
-    stage1_warmup: int = 8  # local-regression warm start of the harmonizers (cheap)
-    stage1_steps: int = 2  # Dynamic LayerReplace steps: SHORT (the ranking is not what is measured here)
-    calibration_steps: int = 5
-    ft_steps: int = 16
-    seeds: tuple[int, ...] = (0, 1)
-    batch: int = 4
-    eval_blocks: int = 12
-    n_adapter: int = 4
-    bottleneck: int = 64
-    wiki_train_chars: int = 400_000  # the data files of the other benchmarks (harness.prepare_data, cached)
-    wiki_val_chars: int = 50_000
-    mc_train_questions: int = 2000
-
-
+# One emulator plan at a SHORT budget (the ranking is not what is measured here): a cheap stage 1 (8 local-
+# regression warm-up steps, 2 Dynamic LayerReplace steps), 5 calibration steps, 16 data-owner steps; the data
+# files are the other benchmarks' (harness.prepare_data, cached).
 PROFILES = {
-    "full": Budget("full"),
+    "full": Budget("full", stage1_warmup=8, stage1_steps=2, calibration_steps=5, ft_steps=16, text_eval_blocks=12),
     "tiny": Budget(
         "tiny",
         seq_len=32,
@@ -84,8 +62,8 @@ PROFILES = {
         stage1_steps=2,
         calibration_steps=2,
         ft_steps=3,
-        batch=2,
-        eval_blocks=4,
+        text_batch=2,
+        text_eval_blocks=4,
         n_adapter=2,
         bottleneck=8,
         wiki_train_chars=0,
@@ -143,9 +121,9 @@ def run_dtype(model, tok, name: str, path: Path, files: dict[str, Path], budget:
     train_ds, eval_ds = load_dataset(files["shakespeare_train"]), load_dataset(files["shakespeare_eval"])
     score = {
         "seq_len": budget.seq_len,
-        "batch_size": budget.batch,
+        "batch_size": budget.text_batch,
         "device": choice.device,
-        "max_examples": budget.eval_blocks,
+        "max_examples": budget.text_eval_blocks,
     }
     size = path.stat().st_size
     row: dict[str, Any] = {
@@ -169,7 +147,7 @@ def run_dtype(model, tok, name: str, path: Path, files: dict[str, Path], budget:
         cfg = TrainConfig(
             method="full",
             max_steps=budget.ft_steps,
-            batch_size=budget.batch,
+            batch_size=budget.text_batch,
             seq_len=budget.seq_len,
             seed=seed,
             save_every=10**9,
@@ -259,7 +237,7 @@ def markdown(doc: dict) -> str:
     budget = (
         f"Budget (SHORT, minutes on 2 cores): stage 1 {b['stage1_warmup']} warm-up + "
         f"{b['stage1_steps']} DL steps, {b['calibration_steps']} calibration steps, {b['ft_steps']} data-owner "
-        f"steps (whole layers), seeds {list(b['seeds'])}, {b['eval_blocks']} eval blocks of {b['seq_len']} "
+        f"steps (whole layers), seeds {list(b['seeds'])}, {b.get('text_eval_blocks', b.get('eval_blocks'))} eval blocks of {b['seq_len']} "
         f"tokens; {env['torch_threads']} torch threads, {env['seconds']:.0f} s in all"
         + (f" (load average {env['load_average']:.1f} at the start: cores shared)" if "load_average" in env else "")
         + ". Full model zero-shot "
@@ -304,35 +282,24 @@ def _reading(rows: dict[str, dict], cmp: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--work-dir", default=str(REPO / ".cache" / "benchmarks"))
-    p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--model-dir", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    add_run_args(p, {"tiny": PROFILE_HELP["tiny"]})
     args = p.parse_args(argv)
-    budget = PROFILES["tiny" if args.tiny else "full"]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(args.work_dir)
-    out = work / f"half_precision-{budget.profile}"
-    out.mkdir(parents=True, exist_ok=True)
-    choice = resolve_device("cpu")
+    budget = PROFILES[profile_of(args)]
     load = os.getloadavg()[0]  # the times are only comparable with the machine's load beside them
     t0 = time.perf_counter()
-    model, tok, model_id = load_model(
-        argparse.Namespace(model_dir=args.model_dir, work_dir=args.work_dir, device="cpu"), budget
-    )
-    model.requires_grad_(False)
-    files = prepare_data(work, budget)
+    run = start_run(args, budget)
+    model, tok, model_id, files, choice = run.model, run.tok, run.model_id, run.files, run.choice
+    out = run.work / f"half_precision-{budget.profile}"
+    out.mkdir(parents=True, exist_ok=True)
     paths = build_files(model, tok, files, budget, out)
     zero = evaluate(
         model,
         tok,
         load_dataset(files["shakespeare_eval"]),
         seq_len=budget.seq_len,
-        batch_size=budget.batch,
+        batch_size=budget.text_batch,
         device=choice.device,
-        max_examples=budget.eval_blocks,
+        max_examples=budget.text_eval_blocks,
     )["loss"]
     rows = {name: run_dtype(model, tok, name, path, files, budget, choice, out) for name, path in paths.items()}
     doc = {

@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import argparse
 import functools
 import gc
 import hashlib
@@ -36,7 +37,7 @@ if str(REPO) not in sys.path:
 
 import torch
 
-from data_owner_client.train import TrainConfig, train_layers_in_model
+from data_owner_client.train import TrainConfig, resolve_device, train_layers_in_model
 from data_owner_client.tune import TuneResult, tune_emulator
 from model_owner_server.scaleot.calibrate import CalibrationConfig
 from model_owner_server.scaleot.corpus import corpus_blocks
@@ -51,6 +52,42 @@ from shared.evaluation import evaluate
 
 SEED = 0  # data selection and the tiny model
 DOCS = REPO / "docs" / "benchmarks.md"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one benchmark run may spend: the one budget type of every benchmark here (each fixes its profiles,
+    full / quick / tiny, as instances; a field a benchmark does not use keeps its default)."""
+
+    profile: str
+    # the model owner: stage 1 on the Wikipedia excerpt, then the emulators
+    seq_len: int = 128
+    wiki_train_chars: int = 400_000
+    wiki_val_chars: int = 50_000
+    stage1_steps: int = 64
+    stage1_warmup: int = 10
+    stage1_seeds: tuple[int, ...] = (0, 1)  # the first builds the emulators
+    bottleneck: int = 64
+    calibration_steps: int = 50
+    n_adapter: int = 4
+    # the data owner: the tasks' data, batches, evaluation and tuning
+    ft_steps: int = 32
+    long_ft_steps: int = 128
+    seeds: tuple[int, ...] = (0, 1)  # data-owner seeds; the first is every row's, the others measure the spread
+    text_batch: int = 4
+    mc_batch: int = 8
+    text_eval_blocks: int = 24
+    mc_eval_questions: int = 100
+    mc_train_questions: int = 2000
+    rows: str = "full"  # transfer.py: which emulator rows run
+    # privacy_attack.py: the emulators attacked and the attacker's budget (attack_steps >= 4 x ft_steps)
+    alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    betas: tuple[float, ...] = (0.0, 0.5, 0.8)
+    attacks: tuple[str, ...] = ("heal-lora", "heal-all", "densify")
+    attack_steps: int = 48
+    attack_batch: int = 4
+    public_train_chars: int = 400_000
+    public_val_blocks: int = 16
 
 
 @dataclass
@@ -95,7 +132,7 @@ def _json_default(o: Any) -> Any:
 # ---------------------------------------------------------------- model and data
 
 
-def load_model(args, budget: Any) -> tuple[Any, Any, str]:
+def load_model(args: argparse.Namespace, budget: Budget) -> tuple[Any, Any, str]:
     """The tiny random LLaMA for the tiny profile, else SmolLM2-135M (prepared once into the work dir)."""
     if budget.profile == "tiny":
         from scaleot_samples.tiny import byte_tokenizer, tiny_model
@@ -109,7 +146,50 @@ def load_model(args, budget: Any) -> tuple[Any, Any, str]:
     return model, tok, "SmolLM2-135M-Instruct"
 
 
-def prepare_data(work: Path, budget: Any) -> dict[str, Path]:
+PROFILE_HELP = {"quick": "fewer rows, smaller budgets", "tiny": "random tiny LLaMA, synthetic data: seconds (tests)"}
+
+
+def add_run_args(p: argparse.ArgumentParser, profiles: dict[str, str] = PROFILE_HELP) -> None:
+    """The options every model benchmark takes: its profiles other than full (--quick / --tiny: name -> help),
+    where caches and results go, the model, the device and the torch threads."""
+    mode = p.add_mutually_exclusive_group()
+    for name, text in profiles.items():
+        mode.add_argument(f"--{name}", action="store_true", help=text)
+    p.add_argument("--work-dir", default=str(REPO / ".cache" / "benchmarks"), help="caches: stage 1, emulators, rows")
+    p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--model-dir", default=None, help="a model folder (default: SmolLM2-135M, prepared once)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+def profile_of(args: argparse.Namespace) -> str:
+    return "tiny" if getattr(args, "tiny", False) else "quick" if getattr(args, "quick", False) else "full"
+
+
+@dataclass
+class Run:
+    """What a benchmark run works with: the full model M, its tokenizer, the data files, caches and device."""
+
+    model: Any
+    tok: Any
+    model_id: str
+    files: dict[str, Path]
+    work: Path
+    choice: Any  # data_owner_client.train's device choice
+
+
+def start_run(args: argparse.Namespace, budget: Budget) -> Run:
+    """Threads, the work dir, M (frozen) and the data files of `budget`, from add_run_args' options."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model, tok, model_id = load_model(args, budget)
+    model.requires_grad_(False)
+    return Run(model, tok, model_id, prepare_data(work, budget), work, resolve_device(args.device))
+
+
+def prepare_data(work: Path, budget: Budget) -> dict[str, Path]:
     """Data files under work/data/<profile>; rewritten only when the settings that shape them change."""
     out = work / "data" / budget.profile
     settings = {
@@ -143,7 +223,7 @@ def prepare_data(work: Path, budget: Any) -> dict[str, Path]:
     return {n.split(".")[0]: out / n for n in names}
 
 
-def make_tasks(files: dict[str, Path], budget: Any, only: list[str]) -> list[Task]:
+def make_tasks(files: dict[str, Path], budget: Budget, only: list[str]) -> list[Task]:
     tasks = [
         Task(
             "shakespeare",
@@ -172,7 +252,7 @@ def make_tasks(files: dict[str, Path], budget: Any, only: list[str]) -> list[Tas
 # ---------------------------------------------------------------- model owner: stage 1 and emulators
 
 
-def stage1(model, tok, model_id: str, files: dict[str, Path], budget: Any, seed: int, work: Path):
+def stage1(model, tok, model_id: str, files: dict[str, Path], budget: Budget, seed: int, work: Path):
     """Stage 1 on the Wikipedia excerpt, through the product's estimate_importance; cached by its settings."""
     cfg = ImportanceConfig(
         steps=budget.stage1_steps, warmup_steps=budget.stage1_warmup, bottleneck=budget.bottleneck, seed=seed
@@ -215,7 +295,7 @@ class EmuSpec:
 
 
 def build_emulators(
-    model, tok, importance, stage1_key: str, specs: list[EmuSpec], files: dict[str, Path], budget: Any, work: Path
+    model, tok, importance, stage1_key: str, specs: list[EmuSpec], files: dict[str, Path], budget: Budget, work: Path
 ) -> dict[str, dict]:
     """Each spec through the product's make_emulator (calibration and fidelity included); cached per spec."""
     train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
@@ -271,14 +351,14 @@ def build_emulators(
 # ---------------------------------------------------------------- data owner and server
 
 
-def train_config(task: Task, budget: Any, seed: int, steps: int) -> TrainConfig:
+def train_config(task: Task, budget: Budget, seed: int, steps: int) -> TrainConfig:
     """The data owner's recipe: whole adapter layers, the client's defaults otherwise."""
     return TrainConfig(
         method="full", max_steps=steps, batch_size=task.batch, seq_len=budget.seq_len, seed=seed, save_every=10**9
     )
 
 
-def evaluate_task(model, tok, task: Task, budget: Any, choice: Any) -> dict[str, float]:
+def evaluate_task(model, tok, task: Task, budget: Budget, choice: Any) -> dict[str, float]:
     return evaluate(
         model,
         tok,
@@ -290,7 +370,7 @@ def evaluate_task(model, tok, task: Task, budget: Any, choice: Any) -> dict[str,
     )
 
 
-def zero_shot(model, tok, task: Task, budget: Any, choice: Any) -> dict[str, dict[str, float]]:
+def zero_shot(model, tok, task: Task, budget: Budget, choice: Any) -> dict[str, dict[str, float]]:
     """The full model before any tuning: the row every gain is measured from."""
     return {"zero_shot": evaluate_task(model, tok, task, budget, choice)}
 
@@ -305,7 +385,7 @@ def quality(task: Task, m: dict[str, float]) -> float:
     return -m["loss"] if task.metric == "perplexity" else m["accuracy"]
 
 
-def run_reference(model, tok, task: Task, budget: Any, choice, layers: list[int], seed: int, steps: int) -> dict:
+def run_reference(model, tok, task: Task, budget: Budget, choice, layers: list[int], seed: int, steps: int) -> dict:
     cfg = train_config(task, budget, seed, steps)
     m, res = train_layers_in_model(
         model, layers, training_examples(task.train, tok, cfg.seq_len), cfg, choice, pad_id=pad_id_for(tok)
@@ -339,7 +419,21 @@ def tune_on_task(
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def run_emulator(model, tok, task: Task, budget: Any, choice, emu: dict, seed: int, steps: int, work: Path) -> dict:
+def cached_zero_shot(run: Run, task: Task, budget: Budget) -> dict[str, float]:
+    """M's zero-shot metrics on `task` (cached)."""
+    key = ["zs", run.model_id, data_key(task), budget.seq_len]
+    return cached(run.work, key, zero_shot, run.model, run.tok, task, budget, run.choice)["zero_shot"]
+
+
+def cached_reference(run: Run, task: Task, budget: Budget, layers: list[int], seed: int, steps: int) -> dict:
+    """The same adapter layers tuned inside M with the client's default recipe (cached; the recipe is part of
+    the key, so a change of the client's defaults never reuses an old row)."""
+    recipe = train_config(task, budget, seed, steps).hyperparameters()
+    key = ["ref", run.model_id, data_key(task), layers, seed, steps, budget.seq_len, recipe]
+    return cached(run.work, key, run_reference, run.model, run.tok, task, budget, run.choice, layers, seed, steps)
+
+
+def run_emulator(model, tok, task: Task, budget: Budget, choice, emu: dict, seed: int, steps: int, work: Path) -> dict:
     loaded = load_emulator(emu["path"], device=choice.device)
     out_dir = work / "runs" / f"{task.name}-{Path(emu['path']).stem}-{seed}-{steps}"
     tr = tune_on_task(loaded.model, loaded, task, train_config(task, budget, seed, steps), choice, out_dir)

@@ -29,7 +29,7 @@ import gc
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,27 +43,30 @@ from benchmarks.harness import REPO, SEED  # first: sets the thread and offline 
 import torch
 
 from benchmarks.harness import (
+    PROFILE_HELP,
+    Budget,
     EmuSpec,
+    Run,
     Task,
+    add_run_args,
     build_emulators,
     cached,
+    cached_zero_shot,
     data_key,
     digest,
-    load_model,
     log,
     make_tasks,
-    prepare_data,
+    profile_of,
     quality,
     run_emulator,
     stage1,
+    start_run,
     train_config,
     tune_on_task,
     write_json,
-    zero_shot,
 )
 from benchmarks.privacy_attack_report import render, spread
 from benchmarks.results import environment, result_paths
-from data_owner_client.train import resolve_device
 from model_owner_server.scaleot.attack import AttackConfig, heal
 from model_owner_server.scaleot.corpus import corpus_blocks
 from shared.emulator_file import load_emulator
@@ -77,38 +80,10 @@ PUBLIC_CORPORA = {
 DOCS = REPO / "docs" / "benchmarks.md"
 
 
-@dataclass(frozen=True)
-class Budget:
-    profile: str
-    alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
-    betas: tuple[float, ...] = (0.0, 0.5, 0.8)
-    attacks: tuple[str, ...] = ("heal-lora", "heal-all", "densify")
-    seq_len: int = 128
-    # stage 1 and emulators: the transfer benchmark's settings, so both share the caches
-    stage1_steps: int = 64
-    stage1_warmup: int = 10
-    calibration_steps: int = 50
-    bottleneck: int = 64
-    n_adapter: int = 4
-    wiki_train_chars: int = 400_000
-    wiki_val_chars: int = 50_000
-    # the data owner's task budget, and the attacker's (attack_steps >= 4 x ft_steps at the same batch)
-    ft_steps: int = 12
-    attack_steps: int = 48
-    attack_batch: int = 4
-    public_train_chars: int = 400_000
-    public_val_blocks: int = 16
-    text_batch: int = 4
-    mc_batch: int = 8
-    text_eval_blocks: int = 16
-    mc_eval_questions: int = 100
-    mc_train_questions: int = 2000
-    seed: int = 0
-    spread_seeds: tuple[int, ...] = (1,)  # extra seeds for one emulator: the run-to-run spread of the figures
-
-
+# Stage 1 and the emulators: transfer.py's settings (Budget's defaults), so both share the caches. The data
+# owner's seed is seeds[0]; the other seeds rerun ScaleOT alpha 0.5 for the run-to-run spread of the figures.
 PROFILES = {
-    "full": Budget("full"),
+    "full": Budget("full", ft_steps=12, text_eval_blocks=16),
     "quick": Budget(  # an end-to-end check under 10 min: OT and ScaleOT at alpha 0.5 (densify needs beta > 0: full)
         "quick",
         alphas=(0.5,),
@@ -126,7 +101,7 @@ PROFILES = {
         mc_train_questions=400,
         wiki_train_chars=120_000,
         wiki_val_chars=20_000,
-        spread_seeds=(),
+        seeds=(0,),
     ),
     "tiny": Budget(
         "tiny",
@@ -234,27 +209,23 @@ def share_of_gain(task: Task, attacker: dict, plug: dict, zero_shot: dict) -> fl
 
 
 def run_rows(
-    model,
-    tok,
-    model_id,
+    run: Run,
     emulators: dict[str, dict],
     tasks: list[Task],
     budget: Budget,
-    choice,
     public: tuple,
-    work: Path,
     save,
     longer_multiples: tuple[int, ...] = (),
     longer_on: str = "scaleot_a0.5",
 ) -> list[dict]:
     rows: list[dict] = []
+    model, tok, choice, work = run.model, run.tok, run.choice, run.work
+    seed0 = budget.seeds[0]
     for task in tasks:
-        zs = cached(
-            work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget, choice
-        )["zero_shot"]
+        zs = cached_zero_shot(run, task, budget)
         log(f"== {task.name}: zero-shot {task.metric} {zs[task.metric]:.4g}")
-        plan = [(name, budget.seed) for name in emulators]
-        plan += [("scaleot_a0.5", s) for s in budget.spread_seeds if "scaleot_a0.5" in emulators]
+        plan = [(name, seed0) for name in emulators]
+        plan += [("scaleot_a0.5", s) for s in budget.seeds[1:] if "scaleot_a0.5" in emulators]
         for name, seed in plan:
             emu = emulators[name]
             base = cached(
@@ -282,7 +253,7 @@ def run_rows(
             helped = quality(task, attacks[best_kind]["attacker"]) > quality(task, eft)
             best = attacks[best_kind]["attacker"] if helped else eft
             longer = []  # the best attack again with more public text: does the gap shrink as the attacker spends?
-            for m in longer_multiples if (name, seed) == (longer_on, budget.seed) else ():
+            for m in longer_multiples if (name, seed) == (longer_on, seed0) else ():
                 steps = m * budget.ft_steps * budget.text_batch // budget.attack_batch
                 a = cached_attack(task, replace(budget, attack_steps=steps), choice, emu, best_kind, seed, public, work)
                 longer.append(
@@ -346,17 +317,14 @@ def run_rows(
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--quick", action="store_true", help="OT and ScaleOT at alpha 0.5, beta 0, small budgets (<10 min on 2 cores)"
+    add_run_args(
+        p,
+        {
+            "quick": "OT and ScaleOT at alpha 0.5, beta 0, small budgets (<10 min on 2 cores)",
+            "tiny": PROFILE_HELP["tiny"],
+        },
     )
-    mode.add_argument("--tiny", action="store_true", help="random tiny LLaMA (seconds; tests)")
-    p.add_argument("--work-dir", default=str(REPO / ".cache" / "benchmarks"))
-    p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--model-dir", default=None)
     p.add_argument("--tasks", default="shakespeare", help="shakespeare and/or analogy (comma-separated)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--docs", action="store_true", help="also write the table into docs/benchmarks.md")
     p.add_argument(
         "--longer",
@@ -372,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--emulators", default="", help="only these emulators (comma-separated names; default all)")
     args = p.parse_args(argv)
-    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    profile = profile_of(args)
     budget = PROFILES[profile]
     specs = emulator_specs(budget)
     names = [spec.name for spec in specs]
@@ -388,27 +356,20 @@ def main(argv: list[str] | None = None) -> dict:
         multiples = (0,)
     if any(m < 1 for m in multiples) or args.longer_on not in names:
         p.error(f"--longer takes positive integers (e.g. 16,32); --longer-on one of {', '.join(names)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(args.work_dir)
     name = RESULT_NAME if args.public == "pydoc" else f"{RESULT_NAME}_public_{args.public}"
     json_path, md_path, png_path = result_paths(Path(args.results_dir), name, profile)
-    choice = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tok, model_id = load_model(
-        argparse.Namespace(model_dir=args.model_dir, work_dir=args.work_dir, device=args.device), budget
-    )
-    model.requires_grad_(False)
-    files = prepare_data(work, budget)
+    run = start_run(args, budget)
+    model, tok, model_id, files, work = run.model, run.tok, run.model_id, run.files, run.work
     tasks = make_tasks(files, budget, [t.strip() for t in args.tasks.split(",") if t.strip()])
-    importance, info = stage1(model, tok, model_id, files, budget, budget.seed, work)
+    importance, info = stage1(model, tok, model_id, files, budget, budget.stage1_seeds[0], work)
     emulators = build_emulators(model, tok, importance, digest(info["scores"]), specs, files, budget, work)
     public = public_blocks(tok, work, budget, args.public)
     icfg = info["config"]
     stage1_tokens = (icfg["warmup_steps"] + icfg["steps"]) * icfg["batch_size"] * budget.seq_len
     attack_tokens = budget.attack_steps * budget.attack_batch * budget.seq_len
     result: dict[str, Any] = {
-        "meta": environment(profile, model_id, budget, choice.device),
+        "meta": environment(profile, model_id, budget, run.choice.device),
         "budgets": {
             "task_tokens": budget.ft_steps * budget.text_batch * budget.seq_len,
             "attack_tokens": attack_tokens,
@@ -429,9 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["meta"]["seconds"] = time.perf_counter() - t0
         write_json(json_path, result)
 
-    rows = run_rows(
-        model, tok, model_id, emulators, tasks, budget, choice, public, work, save, multiples, args.longer_on
-    )
+    rows = run_rows(run, emulators, tasks, budget, public, save, multiples, args.longer_on)
     result["spread"] = spread(rows)
     result["noise"] = max(0.02, 2 * result["spread"]["residual_gap"]) if result["spread"] else 0.02
     for r in rows:

@@ -18,6 +18,11 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
 from benchmarks.results import markdown_table, pyplot, update_docs_block
 
 
+def main_seed(budget: dict[str, Any]) -> int:
+    """The data owner's seed of every row: the budget's first seed (result files before issue 24: "seed")."""
+    return budget["seeds"][0] if "seeds" in budget else budget["seed"]
+
+
 def spread(rows: list[dict]) -> dict[str, Any] | None:
     """Run-to-run spread (half the max-min range over seeds) of the figures of the emulator run with several seeds."""
     seeds = [r for r in rows if r["emulator"] == "scaleot_a0.5" and r["task"] == "shakespeare"]
@@ -78,7 +83,7 @@ def markdown(result: dict) -> str:
         f"({result['budgets']['public_corpus'].split(' (')[0]}; "
         f"{result['budgets']['attack_tokens'] / result['budgets']['task_tokens']:.0f}× the task budget, "
         f"{result['budgets']['attack_share_of_stage1_tokens']:.0%} of stage 1's training tokens), then the same "
-        f"task fine-tune. Seed {b['seed']}; a gap within ±{noise:.3f} nats counts as closed "
+        f"task fine-tune. Seed {main_seed(b)}; a gap within ±{noise:.3f} nats counts as closed "
         + (
             f"(the larger of 0.02 and twice the residual gap's spread over seeds {result['spread']['seeds']} "
             f"on ScaleOT α=0.5, {result['spread']['residual_gap']:.3f})."
@@ -92,7 +97,7 @@ def markdown(result: dict) -> str:
         "",
     ]
     for task in sorted({r["task"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["task"] == task and r["seed"] == b["seed"]]
+        rows = [r for r in result["rows"] if r["task"] == task and r["seed"] == main_seed(b)]
         unit = "nats" if rows[0]["metric"] == "perplexity" else "points"
         lines += [f"Task {task} ({rows[0]['metric']}; zero-shot M {rows[0]['zero_shot']:.4g}):", ""]
         attacks = [a for a in b["attacks"] if any(a in r["attackers"] for r in rows)]
@@ -199,7 +204,9 @@ def plot(result: dict, path: Path) -> Path | None:
     plt = pyplot()
     if plt is None:
         return None
-    rows = [r for r in result["rows"] if r["task"] == "shakespeare" and r["seed"] == result["meta"]["budget"]["seed"]]
+    rows = [
+        r for r in result["rows"] if r["task"] == "shakespeare" and r["seed"] == main_seed(result["meta"]["budget"])
+    ]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5.5))

@@ -34,7 +34,6 @@ import io
 import platform
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from typing import Any
 from benchmarks.harness import REPO, log
 from benchmarks.measure import cpu_name
 from benchmarks.results import markdown_table, publish
-from tooling.procs import free_port
+from tooling.procs import uvicorn_in_thread
 
 MESSAGES = [
     {
@@ -91,7 +90,6 @@ def model_folder(tiny: bool, work: Path) -> tuple[Path, str]:
 @contextmanager
 def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
     """The app on loopback with an evaluated adapter; yields base_url, key, adapter id, app."""
-    import uvicorn
     from fastapi.testclient import TestClient
 
     from model_owner_server import crud
@@ -146,13 +144,7 @@ def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
         del full
         files = {"adapter": ("adapter.safetensors", io.BytesIO(save(tensors)))}
         adapter = _ok(c.post(f"/v1/emulators/{emu['id']}/adapters", headers=o, files=files))["adapter"]
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        try:
+        with uvicorn_in_thread(app) as port:
             with app.state.sessions() as s:  # the path as registered: the key of the server's model cache
                 model_path = s.get(RegisteredModel, model_id).path
             yield {
@@ -162,9 +154,6 @@ def served_world(model_dir: Path, root: Path) -> Iterator[dict[str, Any]]:
                 "settings": settings,
                 "model_path": model_path,
             }
-        finally:
-            server.should_exit = True
-            thread.join(10)
 
 
 def _ok(r: Any) -> dict[str, Any]:

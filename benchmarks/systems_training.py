@@ -29,7 +29,7 @@ def stage2(prof: Any, work: Path, args: argparse.Namespace) -> tuple[list[dict[s
     from model_owner_server.scaleot.model_io import load_causal_lm, prepare_smollm2
 
     if prof.smollm2:
-        # The same prepared folder benchmarks/privacy_utility.py uses by default (prepare_smollm2 is idempotent).
+        # The prepared folder the model benchmarks use by default (harness.load_model; prepare_smollm2 is idempotent).
         model_dir = (
             Path(args.model_dir) if args.model_dir else prepare_smollm2(REPO / ".cache" / "benchmarks" / "smollm2")
         )

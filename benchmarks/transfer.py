@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,60 +35,41 @@ from typing import Any
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
+import benchmarks.harness  # noqa: F401 - first: sets the thread and offline environment before torch loads
 
 # isort: split
 import torch
 
 from benchmarks.harness import (
+    Budget,
     EmuSpec,
+    Run,
+    Task,
+    add_run_args,
     build_emulators,
     cached,
+    cached_reference,
+    cached_zero_shot,
     data_key,
     digest,
-    load_model,
     log,
     make_tasks,
-    prepare_data,
+    profile_of,
     quality,
     run_emulator,
-    run_reference,
     stage1,
+    start_run,
     train_config,
     write_json,
-    zero_shot,
 )
+from benchmarks.results import result_paths
 from benchmarks.transfer_report import markdown, spearman, summarise, targets
-from data_owner_client.train import resolve_device
 
 RESULT_NAME = "transfer"
 
 
-@dataclass(frozen=True)
-class Budget:
-    profile: str
-    seq_len: int = 128
-    stage1_steps: int = 64
-    stage1_warmup: int = 10
-    stage1_seeds: tuple[int, ...] = (0, 1)  # the first builds the emulators; both give the ranking's stability
-    calibration_steps: int = 50
-    ft_steps: int = 32
-    long_ft_steps: int = 128
-    seeds: tuple[int, ...] = (0, 1)  # data-owner seeds for the main rows
-    text_batch: int = 4
-    mc_batch: int = 8
-    text_eval_blocks: int = 24
-    mc_eval_questions: int = 100
-    mc_train_questions: int = 2000
-    wiki_train_chars: int = 400_000
-    wiki_val_chars: int = 50_000
-    bottleneck: int = 64
-    n_adapter: int = 4
-    rows: str = "full"
-
-
 PROFILES = {
-    "full": Budget("full"),
+    "full": Budget("full"),  # the defaults: Budget's are this benchmark's settings
     "quick": Budget(
         "quick",
         stage1_steps=16,
@@ -161,27 +142,13 @@ LONG = {"scaleot_a0.5", "scaleot_a0.25"}
 TASK_B = {"scaleot_a0.5", "ot_a0.5", "crash_a0.5"}
 
 
-@dataclass
-class Row:
-    task: str
-    emulator: str
-    seed: int
-    steps: int
-    measured: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- stage 1 and emulators (model owner)
-
-
 # ---------------------------------------------------------------- rows (data owner + server)
 
 
-def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, save) -> list[dict]:
+def run_all(run: Run, emulators: dict[str, dict], tasks: list[Task], budget: Budget, save) -> list[dict]:
     rows: list[dict] = []
     for task in tasks:
-        zs = cached(
-            work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget, choice
-        )["zero_shot"]
+        zs = cached_zero_shot(run, task, budget)
         log(f"== {task.name}: zero-shot {task.metric} {zs[task.metric]:.4g}")
         plan_rows = [
             (name, seed, budget.ft_steps)
@@ -194,34 +161,21 @@ def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, 
         for name, seed, steps in plan_rows:
             emu = emulators[name]
             layers = emu["adapter_layers"]
-            # The client's recipe is part of the key: a change of its defaults must not reuse old rows.
+            ref = cached_reference(run, task, budget, layers, seed, steps)
             recipe = train_config(task, budget, seed, steps).hyperparameters()
-            ref = cached(
-                work,
-                ["ref", model_id, data_key(task), layers, seed, steps, budget.seq_len, recipe],
-                run_reference,
-                model,
-                tok,
-                task,
-                budget,
-                choice,
-                layers,
-                seed,
-                steps,
-            )
             m = cached(
-                work,
+                run.work,
                 ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len, recipe],
                 run_emulator,
-                model,
-                tok,
+                run.model,
+                run.tok,
                 task,
                 budget,
-                choice,
+                run.choice,
                 emu,
                 seed,
                 steps,
-                work,
+                run.work,
             )
             q0, qp, qr = quality(task, zs), quality(task, m["plug_in"]), quality(task, ref["reference"])
             r = (qp - q0) / (qr - q0) if abs(qr - q0) > 1e-9 else None
@@ -260,31 +214,15 @@ def run_all(model, tok, model_id, emulators, tasks, budget, choice, work: Path, 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true")
-    mode.add_argument("--tiny", action="store_true")
-    p.add_argument("--work-dir", default=str(REPO / ".cache" / "benchmarks"))
-    p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--model-dir", default=None)
+    add_run_args(p)
     p.add_argument("--tasks", default="shakespeare,analogy")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    profile = profile_of(args)
     budget = PROFILES[profile]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work, results = Path(args.work_dir), Path(args.results_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    suffix = "" if profile == "full" else f"_{profile}"
-    json_path, md_path = results / f"{RESULT_NAME}{suffix}.json", results / f"{RESULT_NAME}{suffix}.md"
-    choice = resolve_device(args.device)
+    json_path, md_path, _ = result_paths(Path(args.results_dir), RESULT_NAME, profile)
     t0 = time.perf_counter()
-    model, tok, model_id = load_model(
-        argparse.Namespace(model_dir=args.model_dir, work_dir=args.work_dir, device=args.device), budget
-    )
-    model.requires_grad_(False)
-    files = prepare_data(work, budget)
+    run = start_run(args, budget)
+    model, tok, model_id, files, work = run.model, run.tok, run.model_id, run.files, run.work
     tasks = make_tasks(files, budget, [t.strip() for t in args.tasks.split(",") if t.strip()])
 
     runs = [stage1(model, tok, model_id, files, budget, s, work) for s in budget.stage1_seeds]
@@ -317,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model_id,
         "budget": asdict(budget),
         "torch_threads": torch.get_num_threads(),
-        "device": str(choice.device),
+        "device": str(run.choice.device),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     result: dict[str, Any] = {"meta": meta, "stage1": stage1_rec, "emulators": emulators, "rows": [], "complete": False}
@@ -327,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         meta["seconds"] = time.perf_counter() - t0
         write_json(json_path, result)
 
-    rows = run_all(model, tok, model_id, emulators, tasks, budget, choice, work, save)
+    rows = run_all(run, emulators, tasks, budget, save)
     summary = summarise(rows, budget)
     main_a = [
         x

@@ -11,8 +11,10 @@ in-M gain: a recipe that makes the reference worse cannot raise its own r that w
 
   .venv/bin/python benchmarks/transfer_recipes.py                      # stage 1 + emulator (cached)
   .venv/bin/python benchmarks/transfer_recipes.py top2:32:0 top2:128:0  # rows (variant:steps:seed)
+  .venv/bin/python benchmarks/transfer_recipes.py --tiny default:3:0     # random tiny LLaMA, seconds (tests)
 
-Rows are cached under --work-dir like the benchmark's; the table goes to benchmarks/results/transfer_recipes.json.
+Rows are cached under --work-dir like the benchmark's (benchmarks/harness.py: the same setup, budget and
+caches as transfer.py); the table goes to benchmarks/results/transfer_recipes.json and .md.
 """
 
 from __future__ import annotations
@@ -34,29 +36,33 @@ from benchmarks.harness import REPO  # first: sets the thread and offline enviro
 import torch
 
 from benchmarks.harness import (
+    PROFILE_HELP,
+    Budget,
     EmuSpec,
+    Run,
+    Task,
+    add_run_args,
     build_emulators,
-    cached,
     cached_file,
+    cached_reference,
+    cached_zero_shot,
     data_key,
     digest,
     evaluate_task,
-    load_model,
     log,
     make_tasks,
-    prepare_data,
-    run_reference,
+    profile_of,
     stage1,
+    start_run,
     write_json,
-    zero_shot,
 )
+from benchmarks.results import result_paths
 from benchmarks.transfer import PROFILES
 from data_owner_client.train import (
     TrainConfig,
     add_lora,
     freeze_except_adapter,
     merge_lora,
-    resolve_device,
     set_seed,
     train,
 )
@@ -69,7 +75,7 @@ from shared.emulator_file import load_emulator
 from shared.modules import Harmonizer
 
 EMULATOR = "scaleot_a0.5"
-RESULTS = REPO / "benchmarks" / "results" / "transfer_recipes.json"
+RESULT_NAME = "transfer_recipes"
 
 # name -> (TrainConfig overrides, which adapter positions train: None = all four, else indices into the plan's
 # adapter_layers, e.g. (2, 3) = the top two)
@@ -99,26 +105,21 @@ def committed_stage1(model) -> tuple[ImportanceResult, str]:
     return result, digest(rec["scores"]) + "-identity-harmonizers"
 
 
-def setup(args: argparse.Namespace) -> tuple[Any, ...]:
-    budget = PROFILES["full"]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(args.work_dir)
-    model, tok, model_id = load_model(argparse.Namespace(model_dir=None, work_dir=str(work), device="cpu"), budget)
-    model.requires_grad_(False)
-    files = prepare_data(work, budget)
-    (task,) = make_tasks(files, budget, ["shakespeare"])
+def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
+    """transfer.py's full budget, M, Task A and its alpha = 0.5 ScaleOT emulator (all from the shared caches)."""
+    budget = PROFILES[profile_of(args)]
+    run = start_run(args, budget)
+    (task,) = make_tasks(run.files, budget, ["shakespeare"])
     spec = EmuSpec(EMULATOR, "ScaleOT α=0.5", "scaleot", 0.5)
     if args.committed_stage1:
-        importance, key = committed_stage1(model)
+        importance, key = committed_stage1(run.model)
     else:
-        importance, info = stage1(model, tok, model_id, files, budget, budget.stage1_seeds[0], work)
+        importance, info = stage1(run.model, run.tok, run.model_id, run.files, budget, budget.stage1_seeds[0], run.work)
         key = digest(info["scores"])
-    emu = build_emulators(model, tok, importance, key, [spec], files, budget, work)[EMULATOR]
-    choice = resolve_device("cpu")
-    zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget, choice)
-    log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs['zero_shot']}")
-    return model, tok, model_id, task, emu, budget, choice, work
+    emu = build_emulators(run.model, run.tok, importance, key, [spec], run.files, budget, run.work)[EMULATOR]
+    zs = cached_zero_shot(run, task, budget)
+    log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs}")
+    return run, task, emu, budget
 
 
 def run_variant(model, tok, task, emu: dict, budget, choice, name: str, steps: int, seed: int) -> dict:
@@ -189,28 +190,16 @@ def run_variant(model, tok, task, emu: dict, budget, choice, name: str, steps: i
     }
 
 
-def run_row(model, tok, model_id, task, emu, budget, choice, work: Path, name: str, steps: int, seed: int) -> None:
-    zs = cached(work, ["zs", model_id, data_key(task), budget.seq_len], zero_shot, model, tok, task, budget, choice)
-    ref = cached(
-        work,
-        ["ref", model_id, data_key(task), emu["adapter_layers"], seed, steps, budget.seq_len],
-        run_reference,
-        model,
-        tok,
-        task,
-        budget,
-        choice,
-        emu["adapter_layers"],
-        seed,
-        steps,
-    )
+def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name: str, steps: int, seed: int) -> None:
+    zs = {"zero_shot": cached_zero_shot(run, task, budget)}
+    ref = cached_reference(run, task, budget, emu["adapter_layers"], seed, steps)
     if name == "ref":
         log(f"reference {steps} steps seed {seed}: {ref['reference']}")
         return
     key = ["recipe", emu["sha256"], data_key(task), name, VARIANTS[name], seed, steps, 1]
     m = cached_file(
-        work / "rows" / f"{digest(key)}.json",
-        lambda: run_variant(model, tok, task, emu, budget, choice, name, steps, seed),
+        run.work / "rows" / f"{digest(key)}.json",
+        lambda: run_variant(run.model, run.tok, task, emu, budget, run.choice, name, steps, seed),
     )
     q0, qp, qr = -zs["zero_shot"]["loss"], -m["plug_in"]["loss"], -ref["reference"]["loss"]
     row = {
@@ -234,16 +223,16 @@ def run_row(model, tok, model_id, task, emu, budget, choice, work: Path, name: s
         f"zs {row['zero_shot']:.2f} emu FT {row['emulator_ft']:.1f} -> r {row['r']:.3f}; curve {row['curve']}"
     )
     rows = []
-    if RESULTS.is_file():  # other processes add rows too: read, replace this one, write
+    if results.is_file():  # other processes add rows too: read, replace this one, write
         rows = [
             r
-            for r in json.loads(RESULTS.read_text())["rows"]
+            for r in json.loads(results.read_text())["rows"]
             if (r["variant"], r["steps"], r["seed"]) != (name, steps, seed)
         ]
     rows.append(row)
     rows.sort(key=lambda r: (r["variant"], r["steps"], r["seed"]))
     fields = ("sha256", "plan", "adapter_layers", "fidelity")
-    write_json(RESULTS, {"emulator": {k: emu[k] for k in fields}, "rows": rows})
+    write_json(results, {"emulator": {k: emu[k] for k in fields}, "rows": rows})
 
 
 def markdown(result: dict) -> str:
@@ -271,9 +260,8 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(p, {"tiny": PROFILE_HELP["tiny"]})
     p.add_argument("jobs", nargs="*", help="NAME:STEPS:SEED (NAME a variant or 'ref'); none: only the setup")
-    p.add_argument("--work-dir", default=str(REPO / ".cache" / "benchmarks"))
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--committed-stage1",
         action="store_true",
@@ -281,15 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--report", action="store_true", help="only write the markdown table from the results JSON")
     args = p.parse_args(argv)
-    if args.report:
-        RESULTS.with_suffix(".md").write_text(markdown(json.loads(RESULTS.read_text())))
-        return
-    model, tok, model_id, task, emu, budget, choice, work = setup(args)
-    for job in args.jobs:
-        name, steps, seed = job.split(":")
-        run_row(model, tok, model_id, task, emu, budget, choice, work, name, int(steps), int(seed))
-    if RESULTS.is_file():
-        RESULTS.with_suffix(".md").write_text(markdown(json.loads(RESULTS.read_text())))
+    results = result_paths(Path(args.results_dir), RESULT_NAME, profile_of(args))[0]
+    if not args.report:
+        run, task, emu, budget = setup(args)
+        for job in args.jobs:
+            name, steps, seed = job.split(":")
+            run_row(run, task, emu, budget, results, name, int(steps), int(seed))
+    if results.is_file():
+        results.with_suffix(".md").write_text(markdown(json.loads(results.read_text())))
 
 
 if __name__ == "__main__":

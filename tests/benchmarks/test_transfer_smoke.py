@@ -51,3 +51,19 @@ def test_recipe_table_gives_mean_and_spread_over_seeds():
     lines = table.strip().splitlines()
     assert lines[2].startswith("| default | 32 | 2 | 0.55 ± 0.05 | 36.00 |")  # the default first
     assert lines[3].startswith("| top2 | 32 | 1 | 0.50 |") and "16: 37.00, 32: 36.00 (seed 0)" in lines[3]
+
+
+def test_tiny_recipe_rows_share_transfer_setup(tmp_path):
+    """benchmarks/transfer_recipes.py end to end on the tiny profile: transfer.py's budget and caches (through
+    benchmarks/harness.py), one row per variant, r against the same in-M reference."""
+    from benchmarks import transfer_recipes
+
+    args = ["--tiny", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "res")]
+    transfer_recipes.main([*args, "default:3:0", "top2:3:0"])
+    data = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows.keys() == {"default", "top2"}
+    assert len(rows["top2"]["train_layers"]) == 2 and len(rows["default"]["train_layers"]) == 4
+    assert rows["default"]["reference"] == rows["top2"]["reference"]  # one reference for every recipe
+    assert all(math.isfinite(r["r"]) and r["curve"] for r in rows.values())
+    assert (tmp_path / "res" / "transfer_recipes_tiny.md").read_text().startswith("| Recipe |")
