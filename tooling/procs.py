@@ -14,8 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -100,6 +102,28 @@ def wait_jobs_settled(http: httpx.Client, timeout: float = 300.0) -> None:
     for job in http.get("/v1/jobs", params={"limit": 500}).json()["jobs"]:
         if not job_finished(job):
             wait_job(http, job["id"], timeout=timeout)
+
+
+@contextmanager
+def uvicorn_in_thread(app: Any, *, timeout: float = 30.0, log_level: str = "warning") -> Iterator[int]:
+    """`app` behind a real uvicorn server on loopback, in a daemon thread of this process, with lifespan off
+    (the caller has started the app, e.g. through its TestClient); yields the port the OS gave it."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=0, lifespan="off", log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+
+    def alive() -> None:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn exited while starting")
+
+    try:
+        wait_until(lambda: server.started, timeout=timeout, interval=0.01, alive=alive, what="uvicorn to start")
+        yield int(server.servers[0].sockets[0].getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from tooling.procs import wait_until
 
 ADMIN_ORG, DATA_ORG = "model-owner", "acme-data"
 
@@ -104,14 +105,13 @@ class Invitation:
 
     @classmethod
     def load(cls, path: Path, wait_s: float = 0.0) -> Invitation:
-        deadline = time.monotonic() + wait_s
-        while not path.is_file():
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"no invitation at {path}: run the model-owner side first "
-                    "(`python scripts/demo.py --role model-owner ...`)"
-                )
-            time.sleep(2)
+        try:
+            wait_until(path.is_file, timeout=wait_s, interval=2, what=f"the invitation at {path}")
+        except TimeoutError:
+            raise DemoError(
+                f"no invitation at {path}: run the model-owner side first "
+                "(`python scripts/demo.py --role model-owner ...`)"
+            ) from None
         data = json.loads(path.read_text())
         return cls(
             **{k: data[k] for k in ("emulator_url", "api_key", "server_pubkey") if k in data},

@@ -8,17 +8,15 @@ failing evaluations. The real server is exercised by test_e2e_real_server.py.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import tempfile
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,6 +31,7 @@ from shared.evaluation import evaluate
 from shared.layer_plan import LayerPlan, Role
 from shared.lora import LoraSpec, is_lora, issue_lora, load_adapter, merge_lora
 from shared.signing import emulator_manifest, key_id, public_key_to_b64, sign_manifest
+from tooling.procs import uvicorn_in_thread
 
 API_KEY = "test-api-key"
 NOW = "2025-01-01T00:00:00Z"
@@ -358,24 +357,15 @@ class FakeServer:
 
     def __init__(self, state: FakeState):
         self.state = state
-        self.server = uvicorn.Server(
-            uvicorn.Config(make_app(state), host="127.0.0.1", port=0, log_level="critical", lifespan="off")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.app = make_app(state)
+        self._running = contextlib.ExitStack()
 
     def __enter__(self) -> FakeServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("fake server did not start")
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.port = self._running.enter_context(uvicorn_in_thread(self.app, timeout=10, log_level="critical"))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
+        self._running.close()
 
     @property
     def url(self) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from data_owner_client.cli import app
 from data_owner_client.errors import ExitCode
+from tooling.procs import free_port
 
 from .fake_server import API_KEY
 
@@ -19,10 +19,7 @@ TUNE_FAST = ["--max-steps", "2", "--batch-size", "2", "--seq-len", "32"]
 
 
 def _closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1/emulators/emu_x"
+    return f"http://127.0.0.1:{free_port()}/v1/emulators/emu_x"
 
 
 def test_help_documents_exit_codes(runner):

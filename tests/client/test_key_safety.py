@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import threading
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from data_owner_client.api import ServerClient
 from data_owner_client.cli import app
 from data_owner_client.errors import BadInputError, ExitCode
 from data_owner_client.key_safety import check_transport, is_loopback, key_fingerprint
+from tooling.procs import free_port
 
 from .fake_server import API_KEY
 
@@ -251,10 +251,7 @@ def test_another_key_or_another_port_of_the_same_host_is_not_a_new_host(runner, 
     )
     assert "WARNING" not in r.stderr and r.exit_code == ExitCode.SERVER, r.output  # 401 from the fake
     # Another port on the same host: the same machine, no question (the connection fails: nothing listens).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    r = _download(runner, f"http://127.0.0.1:{closed}/v1/emulators/emu_test")
+    r = _download(runner, f"http://127.0.0.1:{free_port()}/v1/emulators/emu_test")
     assert "WARNING" not in r.stderr and "cannot GET" in r.stderr, r.output
 
 

@@ -14,10 +14,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+
+from tooling.procs import wait_until
 
 from .conftest import DEMO, ROOT, subprocess_env
 
@@ -43,14 +44,17 @@ def _server_url(output: str) -> str:
 
 
 def _assert_stopped(url: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    def refused() -> bool:
         try:
             httpx.get(f"{url}/healthz", timeout=1)
         except httpx.HTTPError:
-            return
-        time.sleep(0.3)
-    pytest.fail(f"the demo's server at {url} is still answering after the demo ended")
+            return True
+        return False
+
+    try:
+        wait_until(refused, timeout=10, interval=0.3, what="the server to stop")
+    except TimeoutError:
+        pytest.fail(f"the demo's server at {url} is still answering after the demo ended")
 
 
 def test_tiny_demo_runs_the_two_party_story(tmp_path):

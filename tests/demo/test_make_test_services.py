@@ -14,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tooling.procs import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = ROOT / "scripts" / "test_services.py"
@@ -35,15 +36,8 @@ json.dump({"pg": os.environ["PG_URL"], "redis": os.environ["REDIS_URL"], "x": se
 """
 
 
-def dead_url_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def helper_args(*services: str) -> list[str]:
-    port = dead_url_port()
+    port = free_port()  # nothing listens there: the helper must start its own servers
     return [
         sys.executable,
         str(HELPER),
@@ -120,10 +114,11 @@ def test_terminating_the_run_stops_and_removes_the_servers(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the helper did not start the command"
-        time.sleep(0.05)
+
+    def alive() -> None:
+        assert proc.poll() is None, "the helper exited before it started the command"
+
+    wait_until(ready.exists, timeout=120, alive=alive, what="the helper to start the command")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

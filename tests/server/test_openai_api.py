@@ -6,8 +6,6 @@ seeded sampling, stop strings, top_p, bad input in OpenAI's error shape, and the
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +13,6 @@ from contextlib import contextmanager
 import openai
 import pytest
 import torch
-import uvicorn
 from server_helpers import engine_full
 
 from model_owner_server.api.routes.openai_compat import get_engine
@@ -23,6 +20,7 @@ from model_owner_server.model_cache import load_full_model
 from model_owner_server.models import AdapterRow, EmulatorRow, RegisteredModel
 from model_owner_server.scaleot.plugin import plug_in_file
 from model_owner_server.serving import EngineBusy, GenerationEngine
+from tooling.procs import uvicorn_in_thread
 
 PROMPT = "the quick brown fox"
 TEMPLATE = (
@@ -35,21 +33,8 @@ TEMPLATE = (
 def loopback_server(app) -> Iterator[str]:
     """`app` (already started by its TestClient, so lifespan off) behind a real uvicorn server on loopback;
     yields the OpenAI base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
+    with uvicorn_in_thread(app) as port:
         yield f"http://127.0.0.1:{port}/openai/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
