@@ -145,7 +145,7 @@ def test_header_reader_raises_only_validation_errors(data: bytes) -> None:
     except AdapterValidationError:
         return
     finally:
-        pass
+        path.unlink()  # rejected or not: the fuzzer writes hundreds of these
     # Accepted: the header really describes contiguous, non-overlapping tensors filling the file exactly.
     spans = sorted((e["data_offsets"][0], e["data_offsets"][1]) for e in header.values())
     pos = 0
@@ -154,7 +154,20 @@ def test_header_reader_raises_only_validation_errors(data: bytes) -> None:
         pos = end
     n = struct.unpack("<Q", data[:8])[0]
     assert 8 + n + pos == len(data)
-    path.unlink()
+
+
+def test_header_reader_accepts_a_valid_file() -> None:
+    """The fuzz test above passes if every input is refused; a real file must be read, offsets and all."""
+    path = _write(_valid_adapter_bytes({k: torch.ones(*v.shape) for k, v in SPEC.items()}))
+    try:
+        header = read_safetensors_header(path)
+    finally:
+        path.unlink()
+    assert {k: (e["dtype"], tuple(e["shape"])) for k, e in header.items() if k != "__metadata__"} == {
+        k: (v.dtype, v.shape) for k, v in SPEC.items()
+    }
+    spans = sorted(tuple(e["data_offsets"]) for k, e in header.items() if k != "__metadata__")
+    assert spans == [(0, 16), (16, 80)]  # 4 float32 values, then 16
 
 
 def _valid_adapter_bytes(values: dict[str, torch.Tensor]) -> bytes:
