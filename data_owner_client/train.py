@@ -19,22 +19,19 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from shared.architectures import decoder_layers, layer_prefix
 from shared.data import Example, collate
 from shared.device import DeviceChoice, DeviceError
 from shared.device import resolve_device as _resolve_device
 from shared.evaluation import lm_loss
 from shared.lora import DEFAULT_ALPHA, DEFAULT_R, linear_modules
-
-if TYPE_CHECKING:
-    pass
+from shared.training import train_only_layers
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import BadInputError
@@ -49,11 +46,13 @@ CHECKPOINT_DIR = "checkpoint"
 def resolve_device(
     requested: str = "auto", *, cuda_available: bool | None = None, bf16_supported: bool | None = None
 ) -> DeviceChoice:
-    """shared.device.resolve_device, with a bad --device reported as bad input (exit code 2)."""
+    """shared.device.resolve_device for the client's --device, a bad choice reported as bad input (exit code 2)."""
     try:
-        return _resolve_device(requested, cuda_available=cuda_available, bf16_supported=bf16_supported)
+        return _resolve_device(
+            requested, setting="--device", cuda_available=cuda_available, bf16_supported=bf16_supported
+        )
     except DeviceError as exc:
-        raise BadInputError(f"--{exc}") from None
+        raise BadInputError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- config
@@ -119,14 +118,8 @@ def set_seed(seed: int) -> None:
 
 
 def freeze_except_adapter(model: nn.Module, layers: list[int]) -> list[str]:
-    """requires_grad only on the adapter layers' parameters; returns their names."""
-    model.requires_grad_(False)
-    blocks = decoder_layers(model)
-    names = []
-    for i in layers:
-        blocks[i].requires_grad_(True)
-        names += [layer_prefix(model, i) + n for n, _ in blocks[i].named_parameters()]
-    return names
+    """requires_grad only on the adapter layers' parameters; returns their names (shared.training)."""
+    return train_only_layers(model, layers)
 
 
 def lora_targets(model: nn.Module, layers: list[int]) -> list[str]:

@@ -1,11 +1,13 @@
-"""Stage 1's knobs and their defaults: the one place the CLI (`estimate-importance`), the API schema
-(shared/schemas.py ImportanceRequest) and the library (model_owner_server.scaleot.importance, which re-exports
-this class) take them from. No torch here, so the CLI and the schema read it without loading the model stack;
-tests/core/test_defaults.py checks that all three agree."""
+"""The algorithm's knobs and their defaults: stage 1 (`ImportanceConfig`) and emulator calibration
+(`CalibrationConfig`). The one place the CLI (`estimate-importance`, `make-emulator`), the API schema
+(shared/schemas.py ImportanceRequest), the server's Settings and the library (model_owner_server.scaleot.importance
+and .calibrate, which re-export these classes) take them from. No torch here, so the CLI, the schema and the
+settings read it without loading the model stack; tests/core/test_defaults.py checks that they all agree."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 @dataclass
@@ -41,3 +43,19 @@ class ImportanceConfig:
         """Tolerant of records written by older versions (unknown keys such as group_size are ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class CalibrationConfig:
+    """Stage 2b: fitting an emulator's stand-ins (and optionally its kept layers) to M for its own plan."""
+
+    steps: int = 50  # 0 = no calibration
+    batch_size: int = ImportanceConfig.batch_size  # the server uses SCALEOT_IMPORTANCE_BATCH_SIZE for both
+    lr: float = 1e-3  # harmonizers
+    kept_lr: float = 0.0  # > 0: also adjust the kept (frozen / SRC) layers at this rate (OT-style compensation)
+    kl_weight: float = 1.0
+    hidden_weight: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

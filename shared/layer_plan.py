@@ -7,6 +7,14 @@ from enum import StrEnum
 from typing import Any
 
 
+def importance_order(scores: Any) -> list[int]:
+    """Layer indices, most important (highest stage-1 score S_i) first; ties broken by position.
+
+    The one ranking rule: the stage-1 result, the "importance" adapter placement and which layers become
+    harmonizers all read it. `scores` is any sequence of numbers (a list or a 1-D tensor)."""
+    return sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+
+
 class Role(StrEnum):
     ADAPTER = "adapter"  # original layer, sent uncompressed, trained by the data owner
     HARMONIZER = "harmonizer"  # replaced by its lightweight stand-in

@@ -11,6 +11,8 @@ import typer
 from model_owner_server.cli.common import app, fail, model_folder
 from model_owner_server.core.config import Settings
 from shared.importance_config import ImportanceConfig
+from shared.layer_plan import importance_order
+from shared.schemas import EmulatorCreate
 
 # Defaults live in one place: stage 1's knobs in ImportanceConfig (as the API's ImportanceRequest), the data and
 # device knobs in Settings (as the server's jobs use them); tests/core/test_defaults.py checks they agree.
@@ -132,7 +134,7 @@ def estimate_importance_cmd(
             bar.update(1)
             bar.set_postfix(loss=f"{p.loss:.3f}")
         elif p.phase == "rl":
-            top = sorted(range(len(p.scores)), key=lambda i: -p.scores[i])[:4]
+            top = importance_order(p.scores)[:4]
             bar.set_postfix(loss=f"{p.loss:.3f}", top=top)
 
     result = estimate_importance(m, train, val, cfg, progress)
@@ -195,7 +197,7 @@ def make_emulator_cmd(
         help="validation blocks for the fidelity figure (0: not measured)",
     ),
     dtype: str = typer.Option(
-        "float32",
+        EmulatorCreate.model_fields["dtype"].default,  # the API's default
         "--dtype",
         help="storage dtype: float32, bfloat16 or float16 (half the "
         "size; the data owner trains in fp32 and uploads in this dtype)",

@@ -14,7 +14,6 @@ full model survives them.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,8 +22,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from model_owner_server.scaleot.importance import lm_loss
-from shared.modules import LowRankLinear
+from shared.src import LowRankLinear
+from shared.training import optimizer_step, random_batch, warmup_cosine
+
+from .losses import lm_loss
 
 ATTACKS = ("heal-lora", "heal-all", "densify")
 DEFAULT_LR = {"heal-lora": 1e-3, "heal-all": 1e-4, "densify": 1e-4}
@@ -133,23 +134,13 @@ def heal(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
 
-    def lr_at(step: int) -> float:  # linear warm-up, then cosine to 10%
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, cfg.steps, cfg.warmup_steps, floor=0.1)  # linear warm-up, then cosine to 10%
     model.train()
     history: list[float] = []
     for step in range(cfg.steps):
-        ids = train_blocks[torch.randint(len(train_blocks), (cfg.batch_size,), generator=gen)].to(device)
+        ids = random_batch(train_blocks, cfg.batch_size, gen, device)
         loss = lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, clip=params, scheduler=sched)
         history.append(float(loss.detach()))
         if progress:
             progress(step + 1, cfg.steps, history[-1])
@@ -159,7 +150,7 @@ def heal(
     model.eval()
     result = AttackResult(
         cfg,
-        tokens=cfg.steps * cfg.batch_size * train_blocks.shape[1],
+        tokens=cfg.steps * min(cfg.batch_size, len(train_blocks)) * train_blocks.shape[1],
         seconds=time.perf_counter() - t0,
         loss_before=loss_before,
         loss_after=mean_lm_loss(model, val_blocks, cfg.batch_size),

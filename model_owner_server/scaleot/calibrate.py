@@ -16,30 +16,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from shared.architectures import decoder_layers
+from shared.importance_config import CalibrationConfig  # re-exported: the knobs live there, torch-free
 from shared.layer_plan import LayerPlan, Role
+from shared.training import optimizer_step, random_batch, train_only_layers, warmup_cosine
 
-from .importance import forward_with_hidden, hidden_nmse, lm_loss, logit_kl
-
-
-@dataclass
-class CalibrationConfig:
-    steps: int = 50  # 0 = no calibration
-    batch_size: int = 4
-    lr: float = 1e-3  # harmonizers
-    kept_lr: float = 0.0  # > 0: also adjust the kept (frozen / SRC) layers at this rate (OT-style compensation)
-    kl_weight: float = 1.0
-    hidden_weight: float = 1.0
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from .losses import forward_with_hidden, hidden_nmse, lm_loss, logit_kl
 
 
 @dataclass
@@ -86,12 +74,12 @@ def calibrate_emulator(
     for p in trainable:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    sched = warmup_cosine(opt, cfg.steps)  # cosine to 0
     positions = list(range(plan.n_layers))
     kl = nmse = torch.zeros(())
     try:
         for step in range(1, cfg.steps + 1):
-            ids = blocks[torch.randint(len(blocks), (min(cfg.batch_size, len(blocks)),), generator=gen)].to(device)
+            ids = random_batch(blocks, cfg.batch_size, gen, device)
             with torch.no_grad():
                 t_logits, t_hidden = forward_with_hidden(model, ids, positions)
             logits, hidden = forward_with_hidden(emu, ids, positions)
@@ -99,17 +87,11 @@ def calibrate_emulator(
             # The residual stream after every position: where each stand-in rejoins M, it should carry M's state.
             nmse = torch.stack([hidden_nmse(hidden[i], t_hidden[i]) for i in positions]).mean()
             loss = cfg.kl_weight * kl + cfg.hidden_weight * nmse
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, clip=trainable, scheduler=sched)
             if progress is not None:
                 progress(CalibrationProgress(step, cfg.steps, float(kl.detach()), float(nmse.detach())))
     finally:
-        emu.requires_grad_(False)
-        for i in plan.adapter_layers:
-            decoder_layers(emu)[i].requires_grad_(True)
+        train_only_layers(emu, plan.adapter_layers)  # as build_emulator left it
     return {
         "steps": cfg.steps,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -22,11 +22,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from shared.architectures import decoder_layers, family_for
+from shared.architectures import decoder_layers
 from shared.emulator_file import EmulatorFileInfo, count_params, save_emulator
-from shared.emulator_model import apply_plan, src_ranks
-from shared.layer_plan import LayerPlan, Role
+from shared.emulator_model import apply_plan
+from shared.layer_plan import LayerPlan, Role, importance_order
 from shared.modules import Harmonizer
+from shared.src import with_src_ranks
+from shared.training import train_only_layers
 
 from .calibrate import CalibrationConfig, calibrate_emulator, measure_fidelity
 from .corpus import corpus_blocks
@@ -41,7 +43,7 @@ def adapter_positions(
 ) -> list[int]:
     n = len(scores)
     if placement == "importance":
-        return sorted(sorted(range(n), key=lambda i: (-float(scores[i]), i))[:n_adapter])
+        return sorted(importance_order(scores)[:n_adapter])
     if placement == "sandwich":  # OT: the first ceil(N_a/2) and the last floor(N_a/2) layers
         head = (n_adapter + 1) // 2
         return sorted(set(range(head)) | set(range(n - (n_adapter - head), n)))
@@ -70,7 +72,8 @@ def scaleot_plan(
         raise ValueError(f"beta must be in [0, 1), got {beta}")
     roles = scaleot_roles(scores, n_adapter, alpha, placement)
     replaced = Role.HARMONIZER in roles
-    return _with_ranks(LayerPlan(roles, {}, "scaleot", n_adapter, alpha, beta, bottleneck if replaced else 0), model)
+    plan = LayerPlan(roles, {}, "scaleot", n_adapter, alpha, beta, bottleneck if replaced else 0)
+    return with_src_ranks(plan, model)
 
 
 def scaleot_roles(
@@ -79,8 +82,7 @@ def scaleot_roles(
     """Each layer's role in the ScaleOT plan; needs only the stage-1 scores (the API's policy check uses it)."""
     n = len(scores)
     adapter = set(adapter_positions(scores, n_adapter, placement))
-    order = sorted(range(n), key=lambda i: (-float(scores[i]), i))  # most important first; ties by position
-    rest = [i for i in order if i not in adapter][::-1]  # least important first
+    rest = [i for i in importance_order(scores) if i not in adapter][::-1]  # least important first
     harmonized = set(rest[: round(alpha * len(rest))])
     return [Role.ADAPTER if i in adapter else Role.HARMONIZER if i in harmonized else Role.FROZEN for i in range(n)]
 
@@ -127,15 +129,6 @@ def layer_sharing_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> tuple[
     return LayerPlan(roles, {}, "layer_sharing", drop.n_adapter, drop.alpha, 0.0, 0), sources
 
 
-def _with_ranks(plan: LayerPlan, model: nn.Module) -> LayerPlan:
-    """Fill the SRC ranks of frozen layers (beta > 0)."""
-    if plan.beta > 0:
-        layers = decoder_layers(model)
-        projections = family_for(model.config).projections
-        plan.ranks = {i: src_ranks(layers[i], projections, plan.beta) for i in plan.layers_with(Role.FROZEN)}
-    return plan
-
-
 def build_emulator(
     model: PreTrainedModel, plan: LayerPlan, harmonizers: dict[int, Harmonizer] | None = None
 ) -> PreTrainedModel:
@@ -147,9 +140,7 @@ def build_emulator(
     with torch.no_grad():
         apply_plan(emu, plan, hs, compress=True)
     emu.config = copy.deepcopy(emu.config)
-    emu.requires_grad_(False)
-    for i in plan.adapter_layers:
-        decoder_layers(emu)[i].requires_grad_(True)
+    train_only_layers(emu, plan.adapter_layers)
     return emu.eval()
 
 

@@ -29,7 +29,11 @@ from transformers import PreTrainedModel
 
 from shared.architectures import decoder_layers
 from shared.importance_config import ImportanceConfig  # re-exported: the knobs live there, torch-free
+from shared.layer_plan import importance_order
 from shared.modules import Harmonizer, HarmonizerLayer, count_params
+from shared.training import optimizer_step, random_batch
+
+from .losses import fidelity_loss, forward_with_hidden, lm_loss
 
 
 @dataclass
@@ -70,7 +74,7 @@ class ImportanceResult:
 
     def ranking(self) -> list[int]:
         """Layer indices, most important first; ties broken by position."""
-        return sorted(range(len(self.scores)), key=lambda i: (-float(self.scores[i]), i))
+        return importance_order(self.scores)
 
 
 def replace_probabilities(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -106,70 +110,6 @@ def swapped_layers(model: nn.Module, replacements: dict[int, nn.Module]) -> Iter
             layers[i] = mod
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def hidden_nmse(hidden: torch.Tensor, t_hidden: torch.Tensor) -> torch.Tensor:
-    """Per-token normalised MSE of hidden states against the full model's.
-
-    Normalised token by token: LLaMA-family residual streams carry "massive activations" (in SmolLM2 the
-    first position's norm is ~100x the others' after layer 11), which would otherwise be the whole loss."""
-    th = t_hidden.float()
-    return ((hidden.float() - th).pow(2).sum(-1) / th.pow(2).sum(-1).clamp_min(1e-6)).mean()
-
-
-def logit_kl(logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) per token, on temperature-scaled logits."""
-    t = temperature
-    return (
-        F.kl_div(
-            F.log_softmax(logits.float().flatten(0, 1) / t, -1),
-            F.log_softmax(t_logits.float().flatten(0, 1) / t, -1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        * t
-        * t
-    )
-
-
-def fidelity_loss(
-    logits: torch.Tensor, hidden: torch.Tensor, t_logits: torch.Tensor, t_hidden: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logit KL, hidden-state NMSE): how far a mixed network is from M."""
-    return logit_kl(logits, t_logits, temperature), hidden_nmse(hidden, t_hidden)
-
-
-def forward_with_hidden(
-    model: nn.Module, ids: torch.Tensor, positions: list[int] | None = None
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """(logits, {i: output of decoder position i}) in one forward; default: the last position only.
-
-    Hooks sit on whatever module fills each position (a harmonizer stand-in included); transformers'
-    own output_hidden_states only records its decoder-layer class and would skip stand-ins."""
-    layers = decoder_layers(model)
-    positions = [len(layers) - 1] if positions is None else positions
-    outs: dict[int, torch.Tensor] = {}
-    hooks = [
-        layers[i].register_forward_hook(
-            lambda mod, args, out, i=i: outs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-        )
-        for i in positions
-    ]
-    try:
-        logits = model(input_ids=ids, use_cache=False).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, outs
-
-
-def _batch(blocks: torch.Tensor, size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    idx = torch.randint(len(blocks), (min(size, len(blocks)),), generator=gen)
-    return blocks[idx].to(device)
-
-
 def _local_regression_step(model, stand_ins, ids, opt) -> float:
     """Warm start: capture each layer's input/output in one frozen forward, fit every H_i to its layer."""
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -191,9 +131,7 @@ def _local_regression_step(model, stand_ins, ids, opt) -> float:
     loss = torch.stack(
         [F.mse_loss(stand_ins[i](x), y) / y.var().clamp_min(1e-6) for i, (x, y) in captured.items()]
     ).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    optimizer_step(loss, opt)
     return float(loss.detach())
 
 
@@ -232,13 +170,13 @@ def estimate_importance(
 
     try:
         for warmup_done in range(1, cfg.warmup_steps + 1):
-            fit = _local_regression_step(model, stand_ins, _batch(train_blocks, cfg.batch_size, gen, device), opt)
+            fit = _local_regression_step(model, stand_ins, random_batch(train_blocks, cfg.batch_size, gen, device), opt)
             report(0, "warmup", fit, warmup_done=warmup_done)
         distill = cfg.distill_weight > 0 or cfg.hidden_weight > 0
         for step in range(1, cfg.steps + 1):
             # DL step: train the harmonizers of a sampled configuration through the frozen LLM.
             replaced = sample_replacement(scores, cfg.replace_fraction, gen)
-            ids = _batch(train_blocks, cfg.batch_size, gen, device)
+            ids = random_batch(train_blocks, cfg.batch_size, gen, device)
             if distill:
                 with torch.no_grad():
                     t_logits, t_hidden = forward_with_hidden(model, ids)
@@ -250,9 +188,7 @@ def estimate_importance(
                 kl, nmse = fidelity_loss(logits, hidden[last], t_logits, t_hidden[last], cfg.distill_temperature)
                 loss = loss + cfg.distill_weight * kl + cfg.hidden_weight * nmse
             if any(replaced):  # a configuration that replaced nothing has no harmonizer to train
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                optimizer_step(loss, opt)
             report(step, "dl", float(loss.detach()))
 
             if step % cfg.rl_interval == 0:
@@ -269,7 +205,7 @@ def estimate_importance(
 @torch.no_grad()
 def _rl_step(model, stand_ins, scores, val_blocks, cfg, gen, device) -> tuple[float, float]:
     """REINFORCE with a leave-one-out baseline on the scores (see the module docstring)."""
-    ids = _batch(val_blocks, cfg.val_batch_size, gen, device)  # one batch for all candidates: a fair comparison
+    ids = random_batch(val_blocks, cfg.val_batch_size, gen, device)  # one batch for all candidates: a fair comparison
     configs, losses = [], []
     for _ in range(cfg.n_candidates):
         replaced = sample_replacement(scores, cfg.replace_fraction, gen)

@@ -1,0 +1,68 @@
+"""The pieces every training loop of the project shares: stage 1 (scaleot/importance.py), calibration
+(scaleot/calibrate.py), the recovery attacks (scaleot/attack.py) and the data owner's fine-tuning
+(data_owner_client/train.py). The loops themselves differ (what trains, on what loss, with which schedule), so
+each keeps its own; what they have in common is here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from shared.architectures import decoder_layers, layer_prefix
+
+
+def random_batch(blocks: torch.Tensor, size: int, gen: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """`size` token blocks (rows of `blocks`, (N, T)) drawn uniformly with replacement from the seeded `gen`;
+    never more rows than there are blocks."""
+    idx = torch.randint(len(blocks), (min(size, len(blocks)),), generator=gen)
+    return blocks[idx].to(device)
+
+
+def train_only_layers(model: nn.Module, layers: Iterable[int]) -> list[str]:
+    """Freeze `model` except the decoder layers `layers` (the adapter layers); returns the trainable
+    parameters' full names. What the data owner trains, and what an emulator issues as trainable."""
+    model.requires_grad_(False)
+    blocks = decoder_layers(model)
+    names: list[str] = []
+    for i in layers:
+        blocks[i].requires_grad_(True)
+        names += [layer_prefix(model, i) + n for n, _ in blocks[i].named_parameters()]
+    return names
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int = 0, floor: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate factor: linear warm-up over `warmup_steps` ((s + 1) / warmup), then a cosine from 1 down
+    to `floor` at step `steps`. Calibration uses (warmup 0, floor 0), the recovery attacks (4, 0.1)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    clip: Iterable[torch.Tensor] | None = None,
+    max_grad_norm: float = 1.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    """One update: zero the gradients, backpropagate `loss`, clip the norm of `clip`'s gradients (when
+    given), step the optimizer, then the schedule (when given)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
