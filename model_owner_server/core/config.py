@@ -14,8 +14,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.importance_config import ImportanceConfig
+from shared.device import DEVICE_CHOICES, DEVICE_PATTERN
+from shared.importance_config import CalibrationConfig, ImportanceConfig
 from shared.schemas import EmulatorPolicy
+
+# The environment variable of `device` (env prefix SCALEOT_): error messages name it.
+DEVICE_SETTING = "SCALEOT_DEVICE"
 
 
 class Settings(BaseSettings):
@@ -54,7 +58,11 @@ class Settings(BaseSettings):
         description="cap for any request body other than "
         "an adapter upload (JSON bodies); larger ones get 413 before the body is read",
     )
-    device: Literal["cpu", "cuda", "auto"] = "auto"
+    device: str = Field(
+        default="auto",
+        description=f"where models run: {DEVICE_CHOICES} (auto: the GPU when CUDA is available, else the CPU); "
+        "a GPU that is not there is an error, never a silent fallback to the CPU",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str | None = Field(
@@ -79,10 +87,16 @@ class Settings(BaseSettings):
         default="sandwich", description="adapter positions: OT's first/last layers, the most important, or spread"
     )
     emulator_calibration_steps: int = Field(
-        default=50, ge=0, le=100_000, description="steps fitting each emulator's stand-ins to the full model (0: none)"
+        default=CalibrationConfig.steps,
+        ge=0,
+        le=100_000,
+        description="steps fitting each emulator's stand-ins to the full model (0: none)",
     )
     emulator_calibration_kept_lr: float = Field(
-        default=0.0, ge=0.0, le=1.0, description="> 0: calibration also adjusts the kept layers (OT-style compensation)"
+        default=CalibrationConfig.kept_lr,
+        ge=0.0,
+        le=1.0,
+        description="> 0: calibration also adjusts the kept layers (OT-style compensation)",
     )
     emulator_fidelity_blocks: int = Field(
         default=8, ge=0, le=1024, description="validation blocks for the fidelity figure (0: not measured)"
@@ -225,6 +239,16 @@ class Settings(BaseSettings):
         "(round-robin across organizations), not strictly the oldest queue message",
     )
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_form(cls, v: object) -> object:
+        """The form only (no torch here): whether the GPU exists is checked when a device is resolved."""
+        if isinstance(v, str):
+            v = v.strip().lower()
+            if not DEVICE_PATTERN.match(v):
+                raise ValueError(f"{DEVICE_SETTING}={v!r} is not a device; use {DEVICE_CHOICES}")
+        return v
+
     @field_validator("queue_url", "database_url", mode="before")
     @classmethod
     def _blank_is_none(cls, v: object) -> object:
@@ -252,11 +276,11 @@ class Settings(BaseSettings):
         return self.resolved_data_dir / "tmp"
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch  # local import: config must stay cheap for CLI --help
+        """The torch device for SCALEOT_DEVICE ("cpu", "cuda", "cuda:1"), through the one switch (shared.device):
+        `auto` picks the GPU when there is one; a GPU that is not there raises DeviceError naming the setting."""
+        from shared.device import resolve_device  # local import: torch stays out of CLI --help
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(resolve_device(self.device, setting=DEVICE_SETTING).device)
 
 
 def get_settings() -> Settings:

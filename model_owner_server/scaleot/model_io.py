@@ -24,10 +24,11 @@ class ModelLoadError(ValueError):
     """The folder is not a loadable local Hugging Face causal LM."""
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """The shared CPU/GPU switch (shared.device); a bad choice is a ModelLoadError with what to use instead."""
+def resolve_device(device: str = "auto", setting: str = "--device") -> torch.device:
+    """The shared CPU/GPU switch (shared.device) for the model owner's commands; a bad choice is a ModelLoadError
+    naming `setting` and what to use instead."""
     try:
-        return _resolve_device(device).device
+        return _resolve_device(device, setting=setting).device
     except DeviceError as exc:
         raise ModelLoadError(str(exc)) from None
 
