@@ -123,10 +123,11 @@ def _adapter_grad(net: nn.Module, layers: list[int], ids: torch.Tensor) -> tuple
 
 
 def measure_fidelity(
-    model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks: torch.Tensor, n_blocks: int = 8
+    model: nn.Module, emu: nn.Module, plan: LayerPlan, blocks: torch.Tensor, n_blocks: int | None = None
 ) -> dict[str, Any]:
-    """Perplexity ratio emulator / M and the adapter-gradient cosine (all adapter layers, and per layer) on
-    `n_blocks` held-out blocks; both with M's own adapter weights, i.e. what the data owner starts from."""
+    """Perplexity ratio emulator / M and the adapter-gradient cosine (all adapter layers, and per layer) on the
+    first `n_blocks` held-out blocks (None: all of them; the server passes SCALEOT_EMULATOR_FIDELITY_BLOCKS
+    blocks); both with M's own adapter weights, i.e. what the data owner starts from."""
     ids = blocks[:n_blocks].to(next(emu.parameters()).device)
     layers = plan.adapter_layers
     was = model.training, emu.training

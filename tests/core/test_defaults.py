@@ -1,5 +1,5 @@
-"""Each default lives in one place: stage 1's knobs in ImportanceConfig (shared/importance_config.py), the data
-and device knobs in Settings. The CLI (`estimate-importance`, `make-emulator`), the API schema
+"""Each default lives in one place: stage 1's and calibration's knobs in ImportanceConfig / CalibrationConfig
+(shared/importance_config.py), the data and device knobs in Settings. The CLI (`estimate-importance`, `make-emulator`), the API schema
 (ImportanceRequest) and the README read them, so they cannot drift apart again (the CLI used to say
 --rl-interval 4, --seq-len 256 and --device cpu where the API and the server said 2, 128 and auto)."""
 
@@ -13,8 +13,10 @@ import typer
 
 from model_owner_server.cli import app
 from model_owner_server.core.config import Settings
+from model_owner_server.scaleot import calibrate
 from model_owner_server.scaleot.importance import ImportanceConfig
-from shared.schemas import ImportanceRequest
+from shared.importance_config import CalibrationConfig
+from shared.schemas import EmulatorCreate, ImportanceRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ImportanceConfig()
@@ -79,3 +81,29 @@ def test_the_readme_states_the_library_defaults():
     assert stated, line
     for name, value in stated.items():
         assert float(value) == float(getattr(LIBRARY, name)), f"README says {name} ({value})"
+
+
+def test_calibration_defaults_are_the_library_and_the_servers():
+    """The emulator job builds its CalibrationConfig from Settings, `make-emulator` from its options: both must
+    start from the library's defaults (Settings used to repeat 50 steps and kept_lr 0 on its own)."""
+    library = CalibrationConfig()
+    assert calibrate.CalibrationConfig is CalibrationConfig  # the library's class is the torch-free one
+    assert setting("emulator_calibration_steps") == library.steps
+    assert setting("emulator_calibration_kept_lr") == library.kept_lr
+    assert setting("importance_batch_size") == library.batch_size == LIBRARY.batch_size
+    cli = cli_defaults("make-emulator")
+    assert cli["calibration_steps"] == library.steps and cli["kept_lr"] == library.kept_lr
+
+
+def test_make_emulator_storage_dtype_default_is_the_apis():
+    assert cli_defaults("make-emulator")["dtype"] == EmulatorCreate.model_fields["dtype"].default == "float32"
+
+
+def test_device_defaults_agree_between_the_server_and_both_clis():
+    """SCALEOT_DEVICE, `estimate-importance --device` and `dataowner-client tune --device` all default to auto
+    (the GPU when CUDA is there, else the CPU)."""
+    from data_owner_client.cli import app as client_app
+
+    tune = typer.main.get_command(client_app).commands["tune"]
+    client_device = next(p.default for p in tune.params if p.name == "device")
+    assert client_device == cli_defaults("estimate-importance")["device"] == setting("device") == "auto"
