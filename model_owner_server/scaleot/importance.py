@@ -1,4 +1,4 @@
-"""Stage 1: importance estimation with Dynamic LayerReplace (ScaleOT §2 of docs/scaleot-spec.md).
+"""Stage 1: importance estimation with Dynamic LayerReplace (docs/algorithm.md, "Stage 1").
 
 Every decoder layer i gets a harmonizer H_i and an importance score S_i (start 0). The LayerReplace policy
 replaces each layer independently with probability q_i = sigmoid(logit(f) - S_i) (f = `replace_fraction`, so
