@@ -12,7 +12,8 @@ on CUDA `torch.cuda.max_memory_allocated` (exact, per device); on CPU the reside
 sampled by a thread every few milliseconds, which is process-wide (another job or the API in the same process
 counts too; a dedicated worker process with one thread measures one job). `peak_bytes` is above what the
 process held when the job started, plus M's bytes if M was already in the worker's model cache then, so it is
-the job's own footprint with M included either way.
+the job's own footprint with M included either way. On CPU a checkpoint loaded in its own dtype is memory-
+mapped: its pages count from the stage whose first forward reads them, not from "load".
 
 Models that do not fit one GPU: refused before loading, with the memory the stage needs (`check_fits`), not
 spread over GPUs with device_map="auto": the emulator build deep-copies M and stage 1 swaps decoder layers in
