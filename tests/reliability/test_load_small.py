@@ -31,7 +31,9 @@ def test_small_mixed_load_loses_nothing(tmp_path, new_database_url, files):
         assert result["bad_downloads"] == 0
         assert result["downloads_ok"] >= 8 and result["uploads_accepted"] >= 2
         assert result["evaluations"].get("failed", 0) == 0, result["evaluations"]
-        assert result["rss_peak_MiB"] > 0
+        # The server imports torch and holds M: hundreds of MiB (docs/reliability.md: ~500). A sampler that reads
+        # the wrong process (a launcher, an exited pid) gives 0 to a few MiB.
+        assert result["rss_peak_MiB"] >= result["rss_before_MiB"] > 200, result
         with client(srv.url, ctx["keys"]["admin"]) as admin:
             wait_jobs_settled(admin, timeout=120)
             audit = admin.get("/v1/audit", params={"action": "download_emulator", "limit": 1}).json()
