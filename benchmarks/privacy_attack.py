@@ -70,7 +70,7 @@ from benchmarks.results import environment, result_paths
 from model_owner_server.scaleot.attack import AttackConfig, heal
 from model_owner_server.scaleot.corpus import corpus_blocks
 from shared.emulator_file import load_emulator
-from shared.modules import LowRankLinear
+from shared.src import LowRankLinear
 
 RESULT_NAME = "privacy_attack"
 PUBLIC_CORPORA = {

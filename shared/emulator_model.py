@@ -15,11 +15,6 @@ from shared.layer_plan import LayerPlan, Role
 from shared.modules import DroppedLayer, Harmonizer, HarmonizerLayer
 from shared.src import compress_projection
 
-# Re-exported for older importers (the SRC maths lives in shared/src.py).
-from shared.src import projection_full_ranks as projection_full_ranks
-from shared.src import projection_weight as projection_weight
-from shared.src import src_ranks as src_ranks
-
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")

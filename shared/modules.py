@@ -1,17 +1,11 @@
 """The small modules ScaleOT adds: the harmonizer and the decoder-layer stand-ins. SRC's modules are in
-shared/src.py (re-exported here for older importers)."""
+shared/src.py."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# Re-exported for older importers (the SRC modules live in shared/src.py).
-from shared.src import ConcatLinear as ConcatLinear
-from shared.src import LowRankLinear as LowRankLinear
-from shared.src import RankReducedLinear as RankReducedLinear
-from shared.src import src_rank as src_rank
 
 
 class Harmonizer(nn.Module):

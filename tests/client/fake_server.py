@@ -26,11 +26,12 @@ from shared.adapter import spec_from_json
 from shared.architectures import decoder_layers, family_for
 from shared.data import load_dataset
 from shared.emulator_file import save_emulator
-from shared.emulator_model import apply_plan, src_ranks
+from shared.emulator_model import apply_plan
 from shared.evaluation import evaluate
 from shared.layer_plan import LayerPlan, Role
 from shared.lora import LoraSpec, is_lora, issue_lora, load_adapter, merge_lora
 from shared.signing import emulator_manifest, key_id, public_key_to_b64, sign_manifest
+from shared.src import src_ranks
 from tooling.procs import uvicorn_in_thread
 
 API_KEY = "test-api-key"

@@ -10,7 +10,7 @@ from model_owner_server.scaleot.emulator import make_emulator
 from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
 from scaleot_samples.tiny import byte_tokenizer, tiny_model
 from shared.emulator_file import load_emulator
-from shared.modules import LowRankLinear
+from shared.src import LowRankLinear
 
 GEN = torch.Generator().manual_seed(0)
 STAGE1_TEXT = torch.randint(0, 256, (16, 16), generator=GEN)

@@ -17,7 +17,8 @@ from shared.adapter import adapter_spec, extract_adapter
 from shared.architectures import decoder_layers, family_for
 from shared.emulator_file import load_emulator
 from shared.layer_plan import Role
-from shared.modules import ConcatLinear, HarmonizerLayer
+from shared.modules import HarmonizerLayer
+from shared.src import ConcatLinear
 
 BLOCKS = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
 

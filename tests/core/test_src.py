@@ -9,9 +9,15 @@ import torch
 from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
 from scaleot_samples.tiny import FAMILIES, tiny_model
 from shared.architectures import decoder_layers, family_for, projection_blocks
-from shared.emulator_model import projection_full_ranks, projection_weight
 from shared.layer_plan import Role
-from shared.modules import ConcatLinear, LowRankLinear, RankReducedLinear, src_rank
+from shared.src import (
+    ConcatLinear,
+    LowRankLinear,
+    RankReducedLinear,
+    projection_full_ranks,
+    projection_weight,
+    src_rank,
+)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.25, 0.5, 0.8, 0.95])
