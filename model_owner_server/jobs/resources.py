@@ -162,8 +162,10 @@ class MemoryMeter:
     def model_loaded(self, n_bytes: int, dtype: torch.dtype, was_cached: bool) -> None:
         """M (of `n_bytes` in `dtype`) is in memory; `was_cached`: it was there before the job started."""
         self.model_bytes, self.compute_dtype = n_bytes, dtype_name(dtype)
-        if was_cached:
+        if was_cached and not self._resident:
             self._resident = n_bytes
+            for stage in self.stages.values():  # measured before we knew (the "load" that found M cached)
+                stage["peak_bytes"] += n_bytes
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
