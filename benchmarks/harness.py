@@ -22,6 +22,7 @@ import argparse
 import functools
 import gc
 import hashlib
+import inspect
 import json
 import shutil
 import sys
@@ -49,6 +50,7 @@ from shared.architectures import decoder_layers
 from shared.data import Dataset, load_dataset, pad_id_for, training_examples
 from shared.emulator_file import load_emulator
 from shared.evaluation import evaluate
+from shared.tokens import sequence_start
 
 SEED = 0  # data selection and the tiny model
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -79,6 +81,11 @@ class Budget:
     text_eval_blocks: int = 24
     mc_eval_questions: int = 100
     mc_train_questions: int = 2000
+    # Task C (instruction tuning): held-out prompts scored by response loss, and greedy answers by exact match
+    instruction_batch: int = 8
+    instruction_eval_max: int = 400  # more than the held-out prompts there are: all of them
+    exact_match_prompts: int = 64
+    exact_match_new_tokens: int = 24
     rows: str = "full"  # transfer.py: which emulator rows run
     # privacy_attack.py: the emulators attacked and the attacker's budget (attack_steps >= 4 x ft_steps)
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -92,14 +99,18 @@ class Budget:
 
 @dataclass
 class Task:
-    name: str  # "shakespeare" | "analogy"
+    name: str  # "shakespeare" | "analogy" | "instruction"
     title: str
-    metric: str  # "perplexity" | "accuracy"
+    metric: str  # "perplexity" (of the text, or of the responses only) | "accuracy"
     higher_is_better: bool
     train: Dataset
     eval: Dataset
     batch: int
     eval_max: int
+    # prompt/completion records whose answers are short enough to be scored by exact match of a greedy answer
+    exact_match: Dataset | None = None
+    exact_match_max: int = 0
+    exact_match_new_tokens: int = 24
 
 
 _T0 = time.perf_counter()
@@ -223,7 +234,26 @@ def prepare_data(work: Path, budget: Budget) -> dict[str, Path]:
     return {n.split(".")[0]: out / n for n in names}
 
 
+def instruction_files(out: Path) -> dict[str, Path]:
+    """Task C's files (scaleot_samples/instructions.py) in the data folder `out`; written once (the split is fixed
+    by the seed). Needs chatterbot-corpus; only asked for when the task runs."""
+    names = ["instruction_train.jsonl", "instruction_eval.jsonl", "instruction_eval_short.jsonl"]
+    marker = out / "instruction.json"
+    settings = {"package": "chatterbot-corpus==1.3.3", "eval_fraction": 0.2, "seed": SEED, "v": 1}
+    if not (
+        marker.is_file() and json.loads(marker.read_text()) == settings and all((out / n).is_file() for n in names)
+    ):
+        from scaleot_samples.instructions import write_instruction_files
+
+        log(f"writing instruction files into {out}")
+        write_instruction_files(out, settings["eval_fraction"], SEED)
+        write_json(marker, settings)
+    return {n.split(".")[0]: out / n for n in names}
+
+
 def make_tasks(files: dict[str, Path], budget: Budget, only: list[str]) -> list[Task]:
+    if "instruction" in only:
+        files = {**files, **instruction_files(files["wiki_train"].parent)}
     tasks = [
         Task(
             "shakespeare",
@@ -246,6 +276,26 @@ def make_tasks(files: dict[str, Path], budget: Budget, only: list[str]) -> list[
             budget.mc_eval_questions,
         ),
     ]
+    if "instruction" in only:
+        tasks.append(
+            Task(
+                "instruction",
+                "Task C: instruction tuning on chatterbot-corpus (response perplexity, lower is better; exact match "
+                "on held-out trivia)",
+                "perplexity",
+                False,
+                load_dataset(files["instruction_train"]),
+                load_dataset(files["instruction_eval"]),
+                budget.instruction_batch,
+                budget.instruction_eval_max,
+                load_dataset(files["instruction_eval_short"]),
+                budget.exact_match_prompts,
+                budget.exact_match_new_tokens,
+            )
+        )
+    unknown = set(only) - {t.name for t in tasks}
+    if unknown:
+        raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from shakespeare, analogy, instruction")
     return [t for t in tasks if t.name in only]
 
 
@@ -359,7 +409,8 @@ def train_config(task: Task, budget: Budget, seed: int, steps: int) -> TrainConf
 
 
 def evaluate_task(model, tok, task: Task, budget: Budget, choice: Any) -> dict[str, float]:
-    return evaluate(
+    """shared.evaluation.evaluate on the task's eval split, plus exact match where the task has short answers."""
+    out = evaluate(
         model,
         tok,
         task.eval,
@@ -368,6 +419,58 @@ def evaluate_task(model, tok, task: Task, budget: Budget, choice: Any) -> dict[s
         device=choice.device,
         max_examples=task.eval_max,
     )
+    if task.exact_match is not None and task.exact_match_max:
+        out["exact_match"] = exact_match(model, tok, task, budget.seq_len, choice.device)
+    return out
+
+
+def _forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    # HF models take use_cache (off: a fresh forward per token keeps this one loop valid for the emulator's
+    # modules too); plain modules may not.
+    params = inspect.signature(model.forward).parameters
+    kw = {"use_cache": False} if "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()) else {}
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).logits
+
+
+@torch.no_grad()
+def greedy_answer(model, tok, prompt: str, max_new_tokens: int, seq_len: int, device: Any) -> str:
+    """The model's greedy continuation of `prompt`, tokenised as training and scoring do (shared.data's
+    encode_pair: the BOS where the tokenizer expects one, the prompt cut from the left to fit), up to EOS or the
+    end of the line (the next line would be the next turn)."""
+    start = sequence_start(tok)
+    p = list(tok(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+    p = p[max(0, len(p) - (seq_len - len(start) - max_new_tokens)) :]
+    ids = torch.tensor([start + p], dtype=torch.long, device=device)
+    new: list[int] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            nxt = int(_forward_logits(model, ids)[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            if "\n" in tok.decode(new):
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    finally:
+        model.train(was_training)
+    return tok.decode(new).split("\n")[0].strip()
+
+
+def exact_match(model, tok, task: Task, seq_len: int, device: Any) -> float:
+    """Share of the task's first `exact_match_max` short-answer prompts whose greedy answer equals the
+    reference after SQuAD's normalisation (case, punctuation, articles)."""
+    from scaleot_samples.instructions import normalize_answer
+
+    assert task.exact_match is not None
+    records = task.exact_match.records[: task.exact_match_max]
+    hits = sum(
+        normalize_answer(greedy_answer(model, tok, prompt, task.exact_match_new_tokens, seq_len, device))
+        == normalize_answer(answer)
+        for prompt, answer in records
+    )
+    return hits / max(len(records), 1)
 
 
 def zero_shot(model, tok, task: Task, budget: Budget, choice: Any) -> dict[str, dict[str, float]]:
@@ -381,8 +484,11 @@ def data_key(task: Task) -> list[Any]:
 
 
 def quality(task: Task, m: dict[str, float]) -> float:
-    """What r is computed on: eval loss (nats) for text, accuracy for multiple choice (higher = better)."""
-    return -m["loss"] if task.metric == "perplexity" else m["accuracy"]
+    """What r is computed on: eval loss (nats) for text, the responses' loss for prompt/completion data, accuracy
+    for multiple choice (higher = better)."""
+    if task.metric == "perplexity":
+        return -(m["loss"] if "loss" in m else m["completion_loss"])
+    return m["accuracy"]
 
 
 def run_reference(model, tok, task: Task, budget: Budget, choice, layers: list[int], seed: int, steps: int) -> dict:
@@ -438,9 +544,12 @@ def run_emulator(model, tok, task: Task, budget: Budget, choice, emu: dict, seed
     out_dir = work / "runs" / f"{task.name}-{Path(emu['path']).stem}-{seed}-{steps}"
     tr = tune_on_task(loaded.model, loaded, task, train_config(task, budget, seed, steps), choice, out_dir)
     plugged = plug_in(model, tr.tensors, loaded.plan.adapter_layers)
+    emulator_ft = dict(tr.metrics["emulator_fine_tuned"])
+    if task.exact_match is not None and task.exact_match_max:  # what the data owner's own model answers
+        emulator_ft["exact_match"] = exact_match(loaded.model, tok, task, budget.seq_len, choice.device)
     out = {
         "emulator_zero_shot": tr.metrics["emulator_zero_shot"],
-        "emulator_ft": tr.metrics["emulator_fine_tuned"],
+        "emulator_ft": emulator_ft,
         "plug_in": evaluate_task(plugged, tok, task, budget, choice),
         "train_seconds": tr.train.seconds,
     }

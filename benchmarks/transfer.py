@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,10 @@ PROFILES = {
         wiki_train_chars=0,
         wiki_val_chars=0,
         bottleneck=8,
+        instruction_batch=4,
+        instruction_eval_max=16,
+        exact_match_prompts=4,
+        exact_match_new_tokens=6,
         rows="tiny",
     ),
 }
@@ -136,7 +140,7 @@ def emulator_specs(budget: Budget) -> list[EmuSpec]:
 
 
 # Which rows run with every seed / with the long budget / on which task (the rest: seed 0, Task A only; Task B
-# rows run with the first seed: a 2-core machine's budget).
+# and Task C rows run with the first seed: a 2-core machine's budget).
 MAIN = {"scaleot_a0.5", "ot_a0.5", "scaleot_a0.25"}
 LONG = {"scaleot_a0.5", "scaleot_a0.25"}
 TASK_B = {"scaleot_a0.5", "ot_a0.5", "crash_a0.5"}
@@ -178,6 +182,16 @@ def run_all(run: Run, emulators: dict[str, dict], tasks: list[Task], budget: Bud
                 run.work,
             )
             q0, qp, qr = quality(task, zs), quality(task, m["plug_in"]), quality(task, ref["reference"])
+            em = {
+                k: v["exact_match"]
+                for k, v in (
+                    ("zero_shot", zs),
+                    ("plug_in", m["plug_in"]),
+                    ("reference", ref["reference"]),
+                    ("emulator_ft", m["emulator_ft"]),
+                )
+                if "exact_match" in v
+            }
             r = (qp - q0) / (qr - q0) if abs(qr - q0) > 1e-9 else None
             qe = quality(task, m["emulator_ft"])
             row = {
@@ -200,6 +214,8 @@ def run_all(run: Run, emulators: dict[str, dict], tasks: list[Task], budget: Bud
                 "privacy_gap": (qp - qe) * (100 if task.metric == "accuracy" else 1),
                 "seconds": m["seconds"] + ref["seconds"],
             }
+            if em:  # Task C: greedy answers to held-out short-answer prompts, scored by exact match
+                row["exact_match"] = em
             rows.append(row)
             log(
                 f"  {name} seed {seed} {steps} steps: plug-in {row['plug_in']:.4g} ref {row['reference']:.4g} "
@@ -215,10 +231,20 @@ def run_all(run: Run, emulators: dict[str, dict], tasks: list[Task], budget: Bud
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_args(p)
-    p.add_argument("--tasks", default="shakespeare,analogy")
+    p.add_argument("--tasks", default="shakespeare,analogy,instruction", help="of shakespeare, analogy, instruction")
+    p.add_argument("--emulators", default=None, help="only these emulator rows (names as in emulator_specs)")
+    p.add_argument("--stage1-seeds", default=None, help="stage-1 seeds, e.g. 0 (default: the profile's)")
     args = p.parse_args(argv)
     profile = profile_of(args)
     budget = PROFILES[profile]
+    if args.stage1_seeds:
+        budget = replace(budget, stage1_seeds=tuple(int(x) for x in args.stage1_seeds.split(",")))
+    specs = emulator_specs(budget)
+    if args.emulators:
+        wanted = {x.strip() for x in args.emulators.split(",") if x.strip()}
+        if wanted - {s.name for s in specs}:
+            p.error(f"unknown emulator(s) {sorted(wanted - {s.name for s in specs})}")
+        specs = [s for s in specs if s.name in wanted]
     json_path, md_path, _ = result_paths(Path(args.results_dir), RESULT_NAME, profile)
     t0 = time.perf_counter()
     run = start_run(args, budget)
@@ -247,9 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         "scores_by_seed": scores,
         "min_pair_sum": round(float(pair.min()), 5),
     }
-    emulators = build_emulators(
-        model, tok, importance, digest(info["scores"]), emulator_specs(budget), files, budget, work
-    )
+    emulators = build_emulators(model, tok, importance, digest(info["scores"]), specs, files, budget, work)
     meta = {
         "profile": profile,
         "model": model_id,

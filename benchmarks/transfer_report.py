@@ -38,6 +38,8 @@ def summarise(rows: list[dict], budget: Any) -> list[dict]:
             k: sum(r[k] for r in rs) / len(rs)
             for k in ("plug_in", "reference", "emulator_zero_shot", "emulator_ft", "privacy_gap")
         }
+        ems = [r["exact_match"] for r in rs if r.get("exact_match")]
+        exact = {k: sum(e[k] for e in ems) / len(ems) for k in ems[0]} if ems else None
         out.append(
             {
                 "task": task,
@@ -57,6 +59,7 @@ def summarise(rows: list[dict], budget: Any) -> list[dict]:
                 "adapter_layers": rs[0]["adapter_layers"],
                 "size_ratio": rs[0]["size_ratio"],
                 "fidelity": rs[0]["fidelity"],
+                "exact_match": exact,  # Task C: mean over seeds of zero_shot / plug_in / reference / emulator_ft
             }
         )
     return out
@@ -116,6 +119,13 @@ def targets(summary: list[dict], stage1_spearman: float | None, stage1_s: float,
             f"{fmt(b5)} vs {fmt(s.get(('analogy', f'{base}_a0.5', ft)))}",
             _beats(b5, s.get(("analogy", f"{base}_a0.5", ft))),
         )
+    c5 = s.get(("instruction", "scaleot_a0.5", ft))
+    if c5:
+        add(
+            "Task C (instruction tuning): r ≥ 0.6 at α = 0.5",
+            fmt(c5),
+            None if c5["r_mean"] is None else c5["r_mean"] >= 0.6,
+        )
     a5 = s.get(("shakespeare", "scaleot_a0.5", ft))
     if a5:
         add(
@@ -151,12 +161,13 @@ def markdown(result: dict) -> str:
         f"Data-owner recipe: the client's defaults (AdamW lr 1e-4, cosine), {meta['budget']['ft_steps']} steps "
         f"(long rows {meta['budget']['long_ft_steps']}), seeds {list(meta['budget']['seeds'])} for the main rows. "
         f"r = (zero-shot − plug-in) / (zero-shot − the same layers tuned in M), in eval loss for Task A and "
-        f"accuracy for Task B; ± is half the range over seeds.",
+        f"accuracy for Task B, the responses' loss for Task C; ± is half the range over seeds.",
         "",
     ]
     for task, title in (
         ("shakespeare", "Task A: Shakespeare (perplexity; r on eval loss)"),
         ("analogy", "Task B: analogies (accuracy)"),
+        ("instruction", "Task C: instruction tuning, chatterbot-corpus (response perplexity; r on response loss)"),
     ):
         rows = [x for x in summary if x["task"] == task]
         if not rows:
@@ -188,6 +199,21 @@ def markdown(result: dict) -> str:
                 f"`{x['plan']}` |"
             )
         lines.append("")
+        ems = [x for x in rows if x.get("exact_match")]
+        if ems:
+            lines += [
+                "Exact match of greedy answers to held-out trivia prompts (SQuAD normalisation):",
+                "",
+                "| Emulator | Steps | Zero-shot M | Plug-in | Same layers in M | Emulator FT |",
+                "|---|---|---|---|---|---|",
+            ]
+            for x in ems:
+                e = x["exact_match"]
+                cells = " | ".join(
+                    f"{e[k]:.1%}" if k in e else "–" for k in ("zero_shot", "plug_in", "reference", "emulator_ft")
+                )
+                lines.append(f"| {x['emulator']} | {x['steps']} | {cells} |")
+            lines.append("")
     pred = result["fidelity_predicts_r"]
     lines += [
         f"Which fidelity figure predicts r (Spearman across the Task A {meta['budget']['ft_steps']}-step rows): "
