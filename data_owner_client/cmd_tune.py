@@ -14,7 +14,10 @@ from .cmd_emulator import fetch
 from .errors import BadInputError, ServerError
 from .options import Connection, EmulatorUrlOpt, Method, WaitOpt, connection_options, server_client
 from .output import await_evaluation, columns, evaluation_failure, handled, measurement_caption, note, report
+from .train_config import LR_FULL, LR_LORA, TrainConfig
 from .transfer import EmulatorRef, ServerClient, check_plan_matches, parse_emulator_url, upload_adapter
+
+D = TrainConfig()  # the recipe's defaults: every option below reads its default from here
 
 
 @connection_options("api_key", "server_pubkey", "trust_on_first_use", "cache_dir", "as_json", "progress")
@@ -44,17 +47,18 @@ def tune(
             help="full: train the adapter layers' weights; lora: LoRA on their linear modules, merged before export.",
         ),
     ] = Method.full,
-    epochs: Annotated[float, typer.Option(help="Passes over the training data (ignored with --max-steps).")] = 1.0,
+    epochs: Annotated[float, typer.Option(help="Passes over the training data (ignored with --max-steps).")] = D.epochs,
     max_steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (overrides --epochs).", show_default=False)
     ] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate (default 1e-4 full, 1e-3 lora).", show_default=False)
+        float | None,
+        typer.Option(help=f"Peak learning rate (default {LR_FULL:g} full, {LR_LORA:g} lora).", show_default=False),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order (runs are reproducible).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = D.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = D.grad_accum,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = D.seq_len,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order (runs are reproducible).")] = D.seed,
     device: Annotated[
         str, typer.Option(help="auto (CUDA with bf16 autocast when present, else CPU), cpu, cuda[:N].")
     ] = "auto",
@@ -65,22 +69,23 @@ def tune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
     scheduler: Annotated[
         str, typer.Option(help="LR schedule (transformers get_scheduler name): cosine, linear, ...")
-    ] = "cosine",
-    warmup_ratio: Annotated[float, typer.Option(help="Fraction of steps spent warming up the LR.")] = 0.05,
+    ] = D.scheduler,
+    warmup_ratio: Annotated[float, typer.Option(help="Fraction of steps spent warming up the LR.")] = D.warmup_ratio,
     lora_r: Annotated[
         int | None,
         typer.Option(
-            help="LoRA rank (--method lora; default: the emulator's issued rank, else 8).", show_default=False
+            help=f"LoRA rank (--method lora; default: the emulator's issued rank, else {D.lora_r}).", show_default=False
         ),
     ] = None,
     lora_alpha: Annotated[
         int | None,
         typer.Option(
-            help="LoRA alpha (--method lora; default: the emulator's issued alpha, else 16).", show_default=False
+            help=f"LoRA alpha (--method lora; default: the emulator's issued alpha, else {D.lora_alpha}).",
+            show_default=False,
         ),
     ] = None,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (--method lora).")] = 0.0,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (also on Ctrl-C).")] = 50,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (--method lora).")] = D.lora_dropout,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (also on Ctrl-C).")] = D.save_every,
     eval_max_examples: Annotated[
         int | None, typer.Option(help="Cap local evaluation examples.", show_default=False)
     ] = None,
@@ -100,7 +105,7 @@ def tune(
     from shared.lora import LoraSpec
 
     from .export import read_adapter
-    from .train import TrainConfig, resolve_device
+    from .train import resolve_device
     from .tune import tune_emulator
 
     with handled(conn.as_json):

@@ -17,9 +17,9 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,13 +30,14 @@ from shared.data import Example, collate
 from shared.device import DeviceChoice, DeviceError
 from shared.device import resolve_device as _resolve_device
 from shared.evaluation import lm_loss
-from shared.lora import DEFAULT_ALPHA, DEFAULT_R, linear_modules
+from shared.lora import linear_modules
 from shared.training import train_only_layers
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import BadInputError
+from .train_config import Method as Method  # re-exported: callers import the recipe with its loop
+from .train_config import TrainConfig as TrainConfig
 
-Method = Literal["full", "lora"]
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -56,58 +57,6 @@ def resolve_device(
 
 
 # ---------------------------------------------------------------- config
-
-
-@dataclass
-class TrainConfig:
-    method: Method = "full"
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    lr: float | None = None  # None: 1e-4 for full, 1e-3 for lora
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    seed: int = 0
-    scheduler: str = "cosine"  # any transformers.get_scheduler name: cosine, linear, constant_with_warmup, ...
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    # L2-SP: decoupled decay toward the issued (starting) weights, theta -= lr * anchor_decay * (theta - theta0)
-    anchor_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_r: int = DEFAULT_R
-    lora_alpha: int = DEFAULT_ALPHA
-    lora_dropout: float = 0.0
-    save_every: int = 50  # checkpoint every N optimizer steps (and on Ctrl-C)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.method in ("full", "lora"), f"--method must be full or lora, not {self.method!r}"),
-            (self.batch_size >= 1, "--batch-size must be >= 1"),
-            (self.grad_accum >= 1, "--grad-accum must be >= 1"),
-            (self.seq_len >= 2, "--seq-len must be >= 2"),
-            (self.epochs > 0, "--epochs must be > 0"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
-            (self.lr is None or self.lr > 0, "--lr must be > 0"),
-            (self.anchor_decay >= 0, "--anchor-decay must be >= 0"),
-            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-            (self.lora_r >= 1, "--lora-r must be >= 1"),
-            (self.save_every >= 1, "--save-every must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise BadInputError(message)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.method == "lora" else 1e-4)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["lr"] = self.learning_rate
-        if self.method != "lora":
-            for k in ("lora_r", "lora_alpha", "lora_dropout"):
-                d.pop(k)
-        return d
 
 
 def set_seed(seed: int) -> None:

@@ -1,5 +1,5 @@
-"""The algorithm's knobs and their defaults: stage 1 (`ImportanceConfig`) and emulator calibration
-(`CalibrationConfig`). The one place the CLI (`estimate-importance`, `make-emulator`), the API schema
+"""The algorithm's knobs and their defaults: stage 1 (`ImportanceConfig`), emulator calibration
+(`CalibrationConfig`) and the issued LoRA's rank and alpha (`LORA_R`, `LORA_ALPHA`). The one place the CLI (`estimate-importance`, `make-emulator`), the API schema
 (shared/schemas.py ImportanceRequest), the server's Settings and the library (model_owner_server.scaleot.importance
 and .calibrate, which re-export these classes) take them from. No torch here, so the CLI, the schema and the
 settings read it without loading the model stack; tests/core/test_defaults.py checks that they all agree."""
@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+# The LoRA an emulator issues (and the client's --method lora) when nobody names a rank: PEFT's own defaults.
+LORA_R = 8
+LORA_ALPHA = 16
 
 
 @dataclass

@@ -28,9 +28,10 @@ from shared.adapter import (
     validate_adapter_file,
 )
 from shared.architectures import decoder_layers, layer_prefix
+from shared.importance_config import LORA_ALPHA, LORA_R
 
-DEFAULT_R = 8
-DEFAULT_ALPHA = 16
+DEFAULT_R = LORA_R  # one source: shared/importance_config.py
+DEFAULT_ALPHA = LORA_ALPHA
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the model as base_model.model
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 

@@ -107,3 +107,25 @@ def test_device_defaults_agree_between_the_server_and_both_clis():
     tune = typer.main.get_command(client_app).commands["tune"]
     client_device = next(p.default for p in tune.params if p.name == "device")
     assert client_device == cli_defaults("estimate-importance")["device"] == setting("device") == "auto"
+
+
+def test_tune_cli_defaults_are_the_client_recipes():
+    """Every `dataowner-client tune` option that is a TrainConfig field defaults to TrainConfig's value (the CLI used
+    to repeat batch size 4, seq-len 256, seed 0, cosine, ... by hand); the issued LoRA's rank and alpha are the
+    server's and the client's one pair."""
+    from data_owner_client.cli import app as client_app
+    from data_owner_client.train_config import TrainConfig
+    from shared import lora
+    from shared.importance_config import LORA_ALPHA, LORA_R
+
+    tune = typer.main.get_command(client_app).commands["tune"]
+    cli = {p.name: p.default for p in tune.params if p.name}
+    recipe = dataclasses.asdict(TrainConfig())
+    shared_names = {"epochs", "batch_size", "grad_accum", "seq_len", "seed", "scheduler", "warmup_ratio"}
+    shared_names |= {"lora_dropout", "save_every", "max_steps", "lr"}
+    assert shared_names <= cli.keys() & recipe.keys()
+    assert {k: cli[k] for k in shared_names} == {k: recipe[k] for k in shared_names}
+    assert cli["method"] == recipe["method"] == "full"
+    assert (
+        (lora.DEFAULT_R, lora.DEFAULT_ALPHA) == (TrainConfig().lora_r, TrainConfig().lora_alpha) == (LORA_R, LORA_ALPHA)
+    )
