@@ -4,7 +4,7 @@ param, code}}` (OpenAIRoute turns every error on these routes into it, and only 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -44,7 +44,13 @@ _IGNORED = frozenset(
 
 class OpenAIError(Exception):
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str,
+        headers: Mapping[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
@@ -218,7 +224,7 @@ class CompletionRequest(_Common):
     @classmethod
     def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
         if isinstance(v, str) or (v and isinstance(v[0], int)):
-            prompts: list[Prompt] = [v]  # type: ignore[list-item]  # one string or one token-id list
+            prompts: list[Prompt] = [v]  # one string or one token-id list
         else:
             prompts = list(v)  # type: ignore[arg-type]
         if not 1 <= len(prompts) <= MAX_PROMPTS:

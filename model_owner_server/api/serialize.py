@@ -6,6 +6,8 @@ result under ERROR_DETAIL by jobs/context.fail_job) goes to admins only; others 
 
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -38,7 +40,7 @@ def job_out(job: JobRow, viewer: Organization | None = None) -> schemas.Job:
     return schemas.Job(
         id=job.id,
         kind=job.kind,
-        status=job.status,
+        status=cast(schemas.JobStatus, job.status),  # the column holds one of these (str in the ORM)
         progress=job.progress,
         message=job.message or "",
         metrics=job.metrics or {},
@@ -77,7 +79,7 @@ def emulator_out(emu: EmulatorRow, base: str) -> schemas.Emulator:
         n_adapter=emu.n_adapter,
         alpha=emu.alpha,
         beta=emu.beta,
-        status=emu.status,
+        status=cast(schemas.EmulatorStatus, emu.status),
         job_id=emu.job_id,
         sha256=emu.sha256,
         size_bytes=emu.size_bytes,
@@ -115,7 +117,7 @@ def adapter_out(session: Session, adapter: AdapterRow, viewer: Organization | No
         id=adapter.id,
         emulator_id=adapter.emulator_id,
         model_id=adapter.model_id,
-        status=adapter.status,
+        status=cast(schemas.AdapterStatus, adapter.status),
         sha256=adapter.sha256,
         size_bytes=adapter.size_bytes,
         method=adapter.method,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,8 +42,15 @@ class ReceivedPart:
     data: bytearray = field(default_factory=bytearray)  # text parts
     sha256: str = ""
     _fh: BinaryIO | None = None
-    _hash: hashlib._Hash = field(default_factory=hashlib.sha256)  # type: ignore[name-defined]
+    _hash: hashlib._Hash = field(default_factory=hashlib.sha256)
     complete: bool = False
+
+    @property
+    def file(self) -> Path:
+        """The temp file of a file part (`path`); a text part has none."""
+        if self.path is None:
+            raise ValueError(f"form part {self.name!r} is a text part, not a file")
+        return self.path
 
 
 def boundary_of(request: Request) -> bytes:
@@ -76,8 +84,8 @@ def check_content_length(request: Request, total_cap: int) -> None:
 
 
 async def receive_parts(
-    request: Request, specs: dict[str, PartSpec], total_cap: int, temp_path: callable
-) -> dict[str, ReceivedPart]:  # type: ignore[valid-type]
+    request: Request, specs: dict[str, PartSpec], total_cap: int, temp_path: Callable[[str], Path]
+) -> dict[str, ReceivedPart]:
     """Parse the body into parts; file parts land in temp files named by `temp_path(suffix)`.
 
     On any error the temp files created so far are removed before the exception propagates.
@@ -129,6 +137,7 @@ async def receive_parts(
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part = current[0]
+        assert part is not None, "the parser sends part data only between a part's headers and its end"
         chunk = data[start:end]
         part.size += len(chunk)
         spec = specs[part.name]

@@ -170,7 +170,9 @@ ConsoleDep = Annotated[ConsoleAuth, Depends(current_console)]
 
 
 def tokens_match(expected: str | None, given: object) -> bool:
-    return bool(expected) and isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
+    if not expected or not isinstance(given, str):
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 async def _form_with_token(request: Request, expected: str | None) -> dict[str, str]:

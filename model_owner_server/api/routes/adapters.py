@@ -30,7 +30,9 @@ from model_owner_server.models import AdapterRow, EmulatorRow, Organization, new
 from shared import schemas
 
 router = APIRouter(tags=["adapters"])
-ERR = {s: {"model": schemas.ErrorBody} for s in (400, 401, 403, 404, 409, 413, 415, 422, 503)}
+ERR: dict[int | str, dict[str, Any]] = {
+    s: {"model": schemas.ErrorBody} for s in (400, 401, 403, 404, 409, 413, 415, 422, 503)
+}
 EVAL_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
@@ -89,8 +91,9 @@ def _validate_files(
 
     try:
         # Streaming check: the tensors are loaded later by the evaluation job, not held by the request.
+        assert emu.adapter_spec is not None, "a ready emulator has its adapter_spec (the build job sets both)"
         kind = validate_upload(
-            parts["adapter"].path,
+            parts["adapter"].file,
             spec_from_json(emu.adapter_spec),
             issued_lora(emu.build_info),
             config,
@@ -103,9 +106,9 @@ def _validate_files(
     if "eval_data" in parts:
         name = parts["eval_data"].filename or "eval_data"
         try:
-            dataset = load_dataset(parts["eval_data"].path)
+            dataset = load_dataset(parts["eval_data"].file)
         except DataError as exc:
-            raise ApiError(422, "invalid_eval_data", str(exc).replace(str(parts["eval_data"].path), name)) from None
+            raise ApiError(422, "invalid_eval_data", str(exc).replace(str(parts["eval_data"].file), name)) from None
         except Exception as exc:
             raise ApiError(422, "invalid_eval_data", f"the eval file could not be read ({exc})") from None
         if dataset.kind == "chat" and not _has_chat_template(emulator_file):  # refused now, not by the job
@@ -246,11 +249,11 @@ def _store(
     adapter_id = new_id("adp")
     final_dir = storage.adapters / adapter_id
     try:
-        storage.commit_file(parts["adapter"].path, final_dir / "adapter.safetensors")
+        storage.commit_file(parts["adapter"].file, final_dir / "adapter.safetensors")
         eval_rel = None
         if "eval_data" in parts:
-            suffix = parts["eval_data"].path.suffix
-            eval_rel = storage.rel(storage.commit_file(parts["eval_data"].path, final_dir / f"eval{suffix}"))
+            suffix = parts["eval_data"].file.suffix
+            eval_rel = storage.rel(storage.commit_file(parts["eval_data"].file, final_dir / f"eval{suffix}"))
         method = str((config or {}).get("method") or "full")[:50]
         job = crud.create_job(session, "evaluation", org, {"adapter_id": adapter_id})
         adapter = AdapterRow(

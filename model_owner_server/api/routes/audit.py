@@ -20,7 +20,7 @@ from model_owner_server.models import AuditEvent, Organization
 from shared import schemas
 
 router = APIRouter(prefix="/v1", tags=["audit"])
-ERR = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 422)}
+ERR: dict[int | str, dict[str, Any]] = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 422)}
 
 
 class AuditEventOut(BaseModel):
@@ -91,7 +91,7 @@ def list_audit(
             AuditEventOut(
                 id=r.id,
                 org_id=r.org_id,
-                org_name=names.get(r.org_id),
+                org_name=names.get(r.org_id) if r.org_id is not None else None,  # server events have no org
                 action=r.action,
                 target_type=r.target_type,
                 target_id=r.target_id,

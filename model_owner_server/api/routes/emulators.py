@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,7 +25,7 @@ from model_owner_server.scaleot.emulator import scaleot_roles
 from shared import schemas
 
 router = APIRouter(prefix="/v1/emulators", tags=["emulators"])
-ERR = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 409, 416, 422)}
+ERR: dict[int | str, dict[str, Any]] = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 409, 416, 422)}
 CHUNK = 1 << 20
 
 
@@ -206,7 +207,7 @@ _RANGE = re.compile(r"\s*bytes\s*=\s*(?:(\d+)\s*)?-\s*(?:(\d+)\s*)?", re.IGNOREC
 MAX_RANGE_HEADER = 200  # one `bytes=first-last` range fits in 50 characters
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+def parse_range(header: str, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
     """One `bytes=` range -> (start, end inclusive); None = ignore the header (malformed, over-long or several
     ranges, which RFC 9110 lets a server answer with the full 200); "unsatisfiable" -> 416."""
     m = _RANGE.fullmatch(header) if len(header) <= MAX_RANGE_HEADER else None
@@ -252,6 +253,7 @@ def download_emulator(
     emu = crud.get_visible_emulator(session, org, emulator_id)
     _ready(emu)
     _issuable(session, settings, emu, org, f"the download of emulator {emu.id}")
+    assert emu.path is not None, "a ready emulator has its file (the build job sets both)"
     path = storage.abs(emu.path)
     size = path.stat().st_size
     etag = f'"{emu.sha256}"'

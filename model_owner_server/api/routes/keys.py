@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import APIRouter
 from sqlalchemy import select
 
@@ -17,7 +19,12 @@ def signing_keys(session: SessionDep, _org: OrgDep) -> schemas.SigningKeyList:
     rows = session.execute(select(SigningKeyRecord).order_by(SigningKeyRecord.created_at)).scalars()
     return schemas.SigningKeyList(
         keys=[
-            schemas.SigningKey(key_id=r.key_id, public_key=r.public_key, status=r.status, created_at=r.created_at)
+            schemas.SigningKey(
+                key_id=r.key_id,
+                public_key=r.public_key,
+                status=cast(schemas.KeyStatus, r.status),  # the column holds one of these (str in the ORM)
+                created_at=r.created_at,
+            )
             for r in rows
         ]
     )

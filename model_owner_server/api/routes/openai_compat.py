@@ -15,11 +15,11 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -50,7 +50,7 @@ from model_owner_server.serving import (
 log = logging.getLogger("scaleot.openai")
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"], route_class=OpenAIRoute)
-ERR = {
+ERR: dict[int | str, dict[str, Any]] = {
     s: {"description": "OpenAI error shape: {error: {message, type, param, code}}"} for s in (400, 401, 404, 409, 429)
 }
 _engine_lock = threading.Lock()
@@ -177,8 +177,8 @@ def _prepare(session: Any, org: Any, settings: Any, storage: Any, body: ChatRequ
         )
     adapter = crud.get_visible_adapter(session, org, body.model)
     quotas.check_tokens(session, org, settings)  # hourly token quota (api/quotas.py)
-    if (problem := not_servable(adapter)) is not None:
-        raise OpenAIError(409, problem, param="model", code="model_not_ready")
+    if (reason := not_servable(adapter)) is not None:
+        raise OpenAIError(409, reason, param="model", code="model_not_ready")
     plug, model, tokenizer = plug_for(session, adapter, settings, storage)
     if isinstance(body, ChatRequest):
         param, requested = "messages", body.max_completion_tokens or body.max_tokens
@@ -226,7 +226,8 @@ def _run_all(job: _Job, texts: list[list[str]]) -> Iterator[str]:
     """A non-streamed request's generations in turn, in its one engine slot; each one's text goes to `texts`.
     Yields "" at every token so the engine can stop it when the client leaves."""
     for generation, out in zip(job.generations, texts, strict=True):
-        with closing(generation.deltas()) as deltas:
+        # deltas() is a generator (serving.py annotates it as an Iterator): closing it stops the generation
+        with closing(cast("Generator[str, None, None]", generation.deltas())) as deltas:
             for delta in deltas:
                 out.append(delta)
                 yield ""
