@@ -63,7 +63,9 @@ def test_model_is_left_unchanged_and_runs_are_reproducible():
     a = estimate_importance(model, data, data, cfg)
     b = estimate_importance(model, data, data, cfg)
     assert torch.equal(a.scores, b.scores)
-    assert all(torch.equal(a.harmonizers[i].up.weight, b.harmonizers[i].up.weight) for i in a.harmonizers)
+    assert a.harmonizers and all(
+        torch.equal(a.harmonizers[i].up.weight, b.harmonizers[i].up.weight) for i in a.harmonizers
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert len(decoder_layers(model)) == 4 and type(decoder_layers(model)[0]).__name__ == "LlamaDecoderLayer"

@@ -88,4 +88,4 @@ def test_lora_is_refused_by_an_emulator_issued_without_one_or_for_other_layers(t
 def test_lora_spec_json_round_trip():
     lora = issue_lora(tiny_model("gpt2"), [0, 3], r=4, alpha=8, dtype=torch.bfloat16)
     assert LoraSpec.from_json(lora.to_json()) == lora and lora.dtype == "BF16" and lora.scaling == 2.0
-    assert all(m.conv1d for m in lora.modules.values())  # GPT-2's Conv1D: PEFT's fan_in_fan_out
+    assert lora.modules and all(m.conv1d for m in lora.modules.values())  # GPT-2's Conv1D: PEFT's fan_in_fan_out

@@ -190,7 +190,7 @@ def test_evaluation_scores_bos_blocks_and_counts_seq_len_minus_one_predictions(t
     model.seen.clear()
     mc = MultipleChoice("capital of France?", ["Paris", "Rome"], 0)
     evaluate(model, tok, Dataset(tmp_path / "m.jsonl", "multiple_choice", [mc]), seq_len=seq_len)
-    assert all(bool(row[0] == tok.bos_token_id) is bool(first) for batch in model.seen for row in batch)
+    assert model.seen and all(bool(row[0] == tok.bos_token_id) is bool(first) for batch in model.seen for row in batch)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma", "opt"])
