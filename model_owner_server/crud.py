@@ -199,7 +199,7 @@ def is_granted(session: Session, org: Organization, model_id: str) -> bool:
     )
 
 
-def visible_models(org: Organization) -> Select[tuple[RegisteredModel]]:
+def visible_models(org: Organization) -> Select[RegisteredModel]:
     q = select(RegisteredModel).order_by(RegisteredModel.created_at)
     if not org.is_admin:
         q = q.join(GrantRow, GrantRow.model_id == RegisteredModel.id).where(GrantRow.org_id == org.id)
@@ -241,7 +241,7 @@ def get_visible_job(session: Session, org: Organization, job_id: str) -> JobRow:
     return job
 
 
-def visible_jobs(org: Organization) -> Select[tuple[JobRow]]:
+def visible_jobs(org: Organization) -> Select[JobRow]:
     q = select(JobRow).order_by(JobRow.created_at.desc())
     return q if org.is_admin else q.where(JobRow.org_id == org.id)
 
@@ -256,7 +256,7 @@ def get_visible_emulator(session: Session, org: Organization, emulator_id: str) 
     return emu
 
 
-def visible_emulators(org: Organization) -> Select[tuple[EmulatorRow]]:
+def visible_emulators(org: Organization) -> Select[EmulatorRow]:
     q = select(EmulatorRow).order_by(EmulatorRow.created_at.desc())
     if not org.is_admin:
         q = q.join(GrantRow, GrantRow.model_id == EmulatorRow.model_id).where(GrantRow.org_id == org.id)
@@ -274,7 +274,7 @@ def get_visible_adapter(session: Session, org: Organization, adapter_id: str) ->
     return adapter
 
 
-def visible_adapters(org: Organization) -> Select[tuple[AdapterRow]]:
+def visible_adapters(org: Organization) -> Select[AdapterRow]:
     q = select(AdapterRow).order_by(AdapterRow.created_at.desc())
     if org.is_admin:
         return q
@@ -441,7 +441,7 @@ def delete_org(session: Session, org: Organization) -> list[str]:
 # ---------------------------------------------------------------- what the web console lists
 
 
-def visible_grants(org: Organization) -> Select[tuple[GrantRow, Organization]]:
+def visible_grants(org: Organization) -> Select[GrantRow, Organization]:
     """Grants with their organization: all for admins, a data owner's own otherwise."""
     q = (
         select(GrantRow, Organization)
@@ -451,7 +451,7 @@ def visible_grants(org: Organization) -> Select[tuple[GrantRow, Organization]]:
     return q if org.is_admin else q.where(GrantRow.org_id == org.id)
 
 
-def visible_importance_runs(org: Organization) -> Select[tuple[ImportanceRun]]:
+def visible_importance_runs(org: Organization) -> Select[ImportanceRun]:
     """Importance runs whose job the organization may see (so, like their scores over the API: admins)."""
     jobs = visible_jobs(org).order_by(None).with_only_columns(JobRow.id)
     return select(ImportanceRun).where(ImportanceRun.job_id.in_(jobs)).order_by(ImportanceRun.created_at.desc())

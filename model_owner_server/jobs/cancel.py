@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from model_owner_server.jobs.context import fail_job
+from model_owner_server.jobs.context import fail_job, rows_changed
 from model_owner_server.models import JobRow, utcnow
 
 CANCELLED_ERRORS = {
@@ -29,17 +29,19 @@ def request_cancel(session: Session, job: JobRow) -> bool:
     """
     from model_owner_server.crud import Conflict
 
-    if session.execute(
-        update(JobRow).where(JobRow.id == job.id, JobRow.status == "queued").values(status="cancelled")
-    ).rowcount:
+    if rows_changed(
+        session.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status == "queued").values(status="cancelled"))
+    ):
         session.refresh(job)
         fail_job(session, job, cancelled_error(job.kind), status="cancelled")
         return True
-    if session.execute(
-        update(JobRow)
-        .where(JobRow.id == job.id, JobRow.status == "running")
-        .values(cancel_requested_at=utcnow(), updated_at=utcnow())
-    ).rowcount:
+    if rows_changed(
+        session.execute(
+            update(JobRow)
+            .where(JobRow.id == job.id, JobRow.status == "running")
+            .values(cancel_requested_at=utcnow(), updated_at=utcnow())
+        )
+    ):
         session.refresh(job)
         return False
     session.refresh(job)

@@ -16,9 +16,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import CursorResult, Result, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from model_owner_server.core.db import session_scope
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("scaleot.jobs")
 _wid: tuple[int, str] | None = None
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """The rows an UPDATE changed (Session.execute is typed as returning a plain Result, which has no rowcount)."""
+    return cast("CursorResult[Any]", result).rowcount
 
 
 def worker_id() -> str:
@@ -132,7 +137,7 @@ class JobContext:
             with session_scope(self.sessions) as s:
                 mine = (JobRow.id == self.job_id, JobRow.status == "running", JobRow.worker_id == self.worker)
                 written = s.execute(update(JobRow).where(*mine, JobRow.cancel_requested_at.is_(None)).values(**values))
-                if not written.rowcount:  # rare path: only then look at why
+                if not rows_changed(written):  # rare path: only then look at why
                     self._halt = why_stop(s.get(JobRow, self.job_id), self.worker)
         except Exception:  # progress is best effort; the task itself must go on
             log.exception("could not record progress of job %s", self.job_id)

@@ -22,6 +22,7 @@ from model_owner_server.jobs.context import (
     JobFailure,
     fail_job,
     public_failure,
+    rows_changed,
     worker_id,
 )
 from model_owner_server.keyring import KeyRing
@@ -50,18 +51,20 @@ class JobRunner:
             claimed = 0
             for pick in self._fair_picks(s, job_id):
                 # Atomic claim: a duplicate delivery (or a job already failed by the reaper) is skipped.
-                claimed = s.execute(
-                    update(JobRow)
-                    .where(JobRow.id == pick, JobRow.status == "queued")
-                    .values(
-                        status="running",
-                        worker_id=me,
-                        started_at=utcnow(),
-                        heartbeat_at=utcnow(),
-                        updated_at=utcnow(),
-                        message="started",
+                claimed = rows_changed(
+                    s.execute(
+                        update(JobRow)
+                        .where(JobRow.id == pick, JobRow.status == "queued")
+                        .values(
+                            status="running",
+                            worker_id=me,
+                            started_at=utcnow(),
+                            heartbeat_at=utcnow(),
+                            updated_at=utcnow(),
+                            message="started",
+                        )
                     )
-                ).rowcount
+                )
                 if claimed:
                     job_id = pick
                     break

@@ -11,7 +11,7 @@ from typing import Any
 
 from model_owner_server import policy
 from model_owner_server.core.db import session_scope
-from model_owner_server.jobs.context import JobContext, still_ours
+from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
 from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.keyring import manifest_for
 from model_owner_server.models import EmulatorRow, ImportanceRun, RegisteredModel
@@ -30,8 +30,12 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
         emu = s.get(EmulatorRow, params["emulator_id"])
+        if emu is None:
+            raise JobFailure(f"emulator {params['emulator_id']} was deleted before it was built")
         model_row = s.get(RegisteredModel, emu.model_id)
         run = s.get(ImportanceRun, emu.importance_run_id)
+        if model_row is None or run is None or not run.path:
+            raise JobFailure(f"the model or the importance run of emulator {emu.id} was deleted; request it again")
         emu_id, model_id, n_adapter, alpha, beta = emu.id, emu.model_id, emu.n_adapter, emu.alpha, emu.beta
         run_path, corpus = storage.abs(run.path), run.corpus
         dtype_name = (emu.build_info or {}).get("dtype", "float32")  # set by POST /v1/emulators
@@ -133,6 +137,8 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
         emu = s.get(EmulatorRow, emu_id)
+        if emu is None:
+            raise JobFailure(f"emulator {emu_id} was deleted while it was being built; nothing was stored")
         for k, v in fields.items():
             setattr(emu, k, v)
         if runner.keyring is not None:  # a worker without the key leaves signing to the API (lazy)

@@ -28,8 +28,12 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
     settings, storage = runner.settings, runner.storage
     with session_scope(runner.sessions) as s:
         adapter = s.get(AdapterRow, params["adapter_id"])
+        if adapter is None:
+            raise JobFailure(f"adapter {params['adapter_id']} was deleted before it was evaluated")
         emu = s.get(EmulatorRow, adapter.emulator_id)
         model_row = s.get(RegisteredModel, adapter.model_id)
+        if emu is None or model_row is None or emu.adapter_spec is None or emu.adapter_layers is None:
+            raise JobFailure(f"the emulator or the model of adapter {adapter.id} was deleted; nothing to evaluate")
         spec, layers = spec_from_json(emu.adapter_spec), list(emu.adapter_layers)
         lora = issued_lora(emu.build_info)
         adapter_path = storage.abs(adapter.path)
@@ -76,10 +80,12 @@ def evaluation_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
         record = {**used.to_json(), "source": used_from, **({"notes": notes} if notes else {})}
-        for kind, metrics in (("zero_shot", zero), ("plug_in", plug)):
-            metrics = {**metrics, "settings": record}  # adapter_out shows it as evaluation.settings
+        for kind, figures in (("zero_shot", zero), ("plug_in", plug)):
+            metrics: dict[str, Any] = {**figures, "settings": record}  # adapter_out shows it as evaluation.settings
             s.add(Evaluation(adapter_id=adapter_id, kind=kind, eval_source=eval_source, metrics=metrics))
         adapter = s.get(AdapterRow, adapter_id)
+        if adapter is None:
+            raise JobFailure(f"adapter {adapter_id} was deleted while it was evaluated; nothing was stored")
         adapter.status, adapter.error = "evaluated", None
     compute = str(next(model.parameters()).dtype).removeprefix("torch.")
     return {

@@ -87,6 +87,8 @@ def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
     with session_scope(runner.sessions) as s:
         still_ours(s, ctx)
         run = s.get(ImportanceRun, run_id)
+        if run is None:
+            raise JobFailure(f"importance run {run_id} was deleted while it ran; nothing was recorded")
         run.status, run.path, run.scores, run.finished_at = "succeeded", storage.rel(final), scores, utcnow()
 
     final_loss = next((h["loss"] for h in reversed(result.history) if h["phase"] == "dl"), None)
