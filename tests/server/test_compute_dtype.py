@@ -2,9 +2,10 @@
 
 The plan test uses a tiny LLaMA whose ranking is clear by construction: layers 1 and 4 write 8x their random
 outputs into the residual stream, layers 2 and 3 write nothing (zero o_proj / down_proj, so they are the
-identity, and so is a fresh harmonizer). Replacing 1 or 4 moves the loss a lot, replacing 2 or 3 not at all, so
-the gap between their scores is several times what bf16 rounding moves a score, and the stage-1 ranking and the
-emulator plan must come out the same in bf16 as in float32.
+identity, and so is a fresh harmonizer). Replacing 1 or 4 moves the loss a lot (up or down: the weights are
+random), replacing 2 or 3 not at all, so a loud layer's score is far from a silent one's, several times farther
+than bf16 rounding moves a score, and the stage-1 ranking and the emulator plan must come out the same in bf16
+as in float32.
 """
 
 from __future__ import annotations
@@ -162,11 +163,10 @@ def test_bf16_model_computes_in_bf16_with_the_same_plan_as_fp32(app_client, rank
     assert seen == [torch.float32, torch.bfloat16]
     fp32, bf16 = results["float32"], results["bfloat16"]
     assert fp32["ranking"] == bf16["ranking"]
-    # the ranking is the constructed one: loud and silent layers on either side of a gap that is several times
-    # what bf16 moves a score
+    # the constructed ranking signal: every loud layer's score is far from every silent layer's, several times
+    # farther than bf16 moves a score
     gap = min(abs(fp32["scores"][a] - fp32["scores"][b]) for a in STRONG for b in SILENT)
     moved = max(abs(a - b) for a, b in zip(fp32["scores"], bf16["scores"], strict=True))
     assert moved < gap / 3, (fp32["scores"], bf16["scores"])
     assert plans["float32"]["roles"] == plans["bfloat16"]["roles"]
-    harmonized = {i for i, role in enumerate(plans["float32"]["roles"]) if role == "harmonizer"}
-    assert harmonized in (set(STRONG), set(SILENT)), plans["float32"]["roles"]
+    assert "harmonizer" in plans["float32"]["roles"]  # a real ScaleOT plan, with stand-ins
