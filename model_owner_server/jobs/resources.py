@@ -3,9 +3,9 @@ each stage of the job took.
 
 Compute dtype. The model owner registers a model with a compute dtype (`float32`, `bfloat16`, `float16`) or
 `auto`: the checkpoint's own (config.json `torch_dtype` / `dtype`, bf16 for most modern checkpoints) on a GPU,
-float32 on CPU. On CPU, bf16 matmuls have no fast kernels on most machines: SmolLM2-135M forward + backward
-(4 x 128 tokens) took 4.5x longer in bf16 than in fp32 on the 2-core development machine (docs: issue 22's
-report; measured by the gpu_check-like script in the report). An explicit dtype is always honoured.
+float32 on CPU. On CPU, bf16 matmuls have no fast kernels without AVX512-BF16/AMX: SmolLM2-135M forward +
+backward (batch 2 x 64 tokens) took 3.8x the CPU time of float32 (54-56 s vs 12-16 s a step; wall 4.6x) on the
+2-core AMD EPYC (AVX2 only) development machine, steps interleaved. An explicit dtype is always honoured.
 
 Memory. `MemoryMeter` records, per named stage of a job, the peak memory the job held and the stage's time:
 on CUDA `torch.cuda.max_memory_allocated` (exact, per device); on CPU the resident set size (/proc/self/statm)
