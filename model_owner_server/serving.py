@@ -23,7 +23,7 @@ import inspect
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -238,7 +238,7 @@ class Generation:
     def completion_tokens(self) -> int:
         return len(self._generated)
 
-    def deltas(self) -> Iterator[str]:
+    def deltas(self) -> Generator[str, None, None]:
         if self.lease is None:
             yield from self._deltas(self.model)
             return

@@ -66,6 +66,7 @@ def model_out(session: Session, model: RegisteredModel) -> schemas.Model:
         family=model.family,
         n_layers=model.n_layers,
         n_params=model.n_params,
+        compute_dtype=cast(schemas.ComputeDType, model.compute_dtype),  # validated at registration
         importance_ready=ready,
         importance_job_id=latest.job_id if latest else None,
         created_at=model.created_at,

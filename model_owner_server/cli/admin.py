@@ -179,7 +179,7 @@ def audit_emulator_cmd(
     from model_owner_server.scaleot.attack import AttackConfig
     from model_owner_server.scaleot.model_io import load_causal_lm
     from model_owner_server.storage import Storage
-    from shared.device import DeviceError, resolve_device
+    from shared.device import DeviceError
 
     settings = load_settings()
     with db_session(settings) as session:
@@ -205,9 +205,9 @@ def audit_emulator_cmd(
             fail(str(exc))
         model_row = session.get(RegisteredModel, emu.model_id)
         try:
-            device = str(resolve_device(str(settings.device)).device)
+            device = settings.resolved_device()
         except DeviceError as exc:
-            fail(f"SCALEOT_DEVICE={settings.device}: {exc}")
+            fail(str(exc))  # names SCALEOT_DEVICE and what to set instead
         dtype = resolve_compute_dtype(model_row.compute_dtype, model_row.path, device)  # as the audit job does
         model, tokenizer = load_causal_lm(model_row.path, device=device, dtype=dtype)
         bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")

@@ -113,9 +113,9 @@ def worker_settings(device: str | None, threads: int) -> Any:
     if settings.queue_url == "immediate":
         fail("SCALEOT_QUEUE_URL=immediate runs jobs inside the server; a separate worker has nothing to do")
     try:
-        choice = resolve_device(str(settings.device))
+        choice = resolve_device(str(settings.device), setting="--device" if device else "SCALEOT_DEVICE")
     except DeviceError as exc:
-        fail(f"--device / SCALEOT_DEVICE={settings.device}: {exc}")
+        fail(str(exc))  # names the option or variable it came from and what to set instead
     if choice.device.type == "cuda":
         if threads > 1:
             fail(

@@ -158,9 +158,9 @@ class JobRunner:
         from shared.device import DeviceError, resolve_device
 
         try:
-            return str(resolve_device(str(self.settings.device)).device)
+            return str(resolve_device(str(self.settings.device), setting="SCALEOT_DEVICE").device)
         except DeviceError as exc:
-            raise JobFailure(f"SCALEOT_DEVICE={self.settings.device}: {exc}") from None
+            raise JobFailure(str(exc)) from None  # names SCALEOT_DEVICE and what to set instead
 
     def compute_dtype(self, model_row: RegisteredModel) -> torch.dtype:
         """The dtype M is loaded and computed in for this model on this worker (resources.resolve_compute_dtype)."""

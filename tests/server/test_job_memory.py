@@ -97,6 +97,7 @@ def test_a_cuda_device_without_cuda_fails_jobs_and_workers_clearly(tmp_path, new
         job = client.get(f"/v1/jobs/{r.json()['id']}", headers=h).json()
     assert job["status"] == "failed"
     assert "SCALEOT_DEVICE=cuda" in job["error"] and "CUDA is not available" in job["error"]
+    assert job["error"].count("SCALEOT_DEVICE=cuda") == 1, job["error"]  # said once, not prefixed twice
 
     from model_owner_server.cli import app
 
@@ -104,4 +105,6 @@ def test_a_cuda_device_without_cuda_fails_jobs_and_workers_clearly(tmp_path, new
     monkeypatch.setenv("SCALEOT_DATABASE_URL", new_database_url())
     out = CliRunner().invoke(app, ["worker", "--device", "cuda"])
     assert out.exit_code == 2, out.output
-    assert "SCALEOT_DEVICE=cuda" in out.output and "CUDA is not available" in out.output and "cpu" in out.output
+    # the option the user typed is named (once), with what to use instead
+    assert "--device cuda" in out.output and "CUDA is not available" in out.output and "cpu" in out.output
+    assert out.output.count("cuda asks for a GPU") == 1, out.output

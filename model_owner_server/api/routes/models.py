@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Response
 from sqlalchemy.exc import IntegrityError
@@ -14,13 +15,7 @@ from model_owner_server.models import ImportanceRun, RegisteredModel
 from shared import schemas
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-ERR = {
-    401: {"model": schemas.ErrorBody},
-    403: {"model": schemas.ErrorBody},
-    404: {"model": schemas.ErrorBody},
-    409: {"model": schemas.ErrorBody},
-    422: {"model": schemas.ErrorBody},
-}
+ERR: dict[int | str, dict[str, Any]] = {s: {"model": schemas.ErrorBody} for s in (401, 403, 404, 409, 422)}
 
 
 @router.post("", status_code=201, response_model=schemas.Model, responses=ERR)
@@ -44,7 +39,7 @@ def register_model(body: schemas.ModelCreate, session: SessionDep, admin: AdminD
 
 def _model_out(session: Session, model: RegisteredModel) -> schemas.Model:
     """serialize.model_out with the model's compute dtype (until model_out sets it itself)."""
-    return model_out(session, model).model_copy(update={"compute_dtype": model.compute_dtype})
+    return model_out(session, model)
 
 
 @router.get("", response_model=schemas.ModelList, responses=ERR)

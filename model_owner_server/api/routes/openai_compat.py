@@ -15,11 +15,11 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -227,7 +227,7 @@ def _run_all(job: _Job, texts: list[list[str]]) -> Iterator[str]:
     Yields "" at every token so the engine can stop it when the client leaves."""
     for generation, out in zip(job.generations, texts, strict=True):
         # deltas() is a generator (serving.py annotates it as an Iterator): closing it stops the generation
-        with closing(cast("Generator[str, None, None]", generation.deltas())) as deltas:
+        with closing(generation.deltas()) as deltas:
             for delta in deltas:
                 out.append(delta)
                 yield ""
