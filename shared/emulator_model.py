@@ -7,6 +7,7 @@ code path means the state-dict names always agree.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -27,11 +28,14 @@ def apply_plan(
     harmonizers: dict[int, Harmonizer] | None = None,
     *,
     compress: bool = True,
+    standin_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """Rewrite `model` in place into the emulator structure of `plan` and return it.
 
     compress=True: SVD-compress real weights (model owner). compress=False: build shapes only (data owner,
-    followed by loading the file's tensors; shared/src.py). Harmonizer positions use `harmonizers[i]` or a fresh one.
+    followed by loading the file's tensors; shared/src.py). Harmonizer positions use `harmonizers[i]` or a fresh one,
+    in `standin_dtype` (None: the model's dtype). The model owner builds them in float32 to calibrate them (a
+    harmonizer computes in its own dtype and returns the model's) and casts the emulator when it saves it.
     """
     fam = family_for(model.config)
     layers = decoder_layers(model)
@@ -43,7 +47,7 @@ def apply_plan(
     for i, role in enumerate(plan.roles):
         if role == Role.HARMONIZER:
             h = harmonizers[i] if harmonizers is not None else Harmonizer(hidden, plan.bottleneck)
-            layers[i] = HarmonizerLayer(h).to(device=ref.device, dtype=ref.dtype)
+            layers[i] = HarmonizerLayer(h).to(device=ref.device, dtype=standin_dtype or ref.dtype)
         elif role == Role.DROPPED:
             layers[i] = DroppedLayer()
         elif role == Role.FROZEN and i in plan.ranks:

@@ -12,6 +12,8 @@ class Harmonizer(nn.Module):
     """Lightweight stand-in for one decoder layer: h + W_up(gelu(W_down(norm(h)))).
 
     W_up starts at zero, so a fresh harmonizer is exactly the identity (the residual stream passes through).
+    It computes in its own weights' dtype and returns the input's: float32 harmonizers train inside a bf16 model
+    (in bf16, an update of ~1e-3 to a LayerNorm weight of 1.0 rounds away; docs/algorithm.md).
     """
 
     def __init__(self, hidden: int, bottleneck: int = 64):
@@ -23,7 +25,8 @@ class Harmonizer(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        return h + self.up(F.gelu(self.down(self.norm(h))))
+        x = h.to(self.up.weight.dtype)  # no-op (the same tensor) when the dtypes agree
+        return (x + self.up(F.gelu(self.down(self.norm(x))))).to(h.dtype)
 
 
 class HarmonizerLayer(nn.Module):

@@ -5,7 +5,8 @@ an emulator that is far from M learns to repair the emulator, and that part does
 plan is fixed, the stand-ins (and optionally the kept frozen layers, as OT's distillation does) are fitted so
 that the emulator *with M's own adapter layers* reproduces M: KL to M's logits plus the normalised MSE of the
 residual stream after every position. The adapter layers are never touched (they are M's weights, which the
-data owner starts from and the server plugs back).
+data owner starts from and the server plugs back). What it trains is updated in float32: the harmonizers are
+float32 modules (make_emulator), anything else gets a float32 master copy (bf16 would round the updates away).
 
 `measure_fidelity` is the figure stored with every emulator: the perplexity ratio to M and the cosine between
 the adapter's gradients under the emulator and under M (GradOT / LLEOT: what transfers is the gradient).
@@ -53,6 +54,28 @@ def calibration_params(emu: nn.Module, plan: LayerPlan, cfg: CalibrationConfig) 
     return [g for g in groups if g["params"]]
 
 
+def float32_masters(
+    groups: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[tuple[nn.Parameter, torch.Tensor]]]:
+    """The optimizer groups over float32 master copies of the parameters that are not float32, and the
+    (parameter, master) pairs. Kept layers of a bf16 M train through these: an update of kept_lr (~1e-5) is
+    far below half a bf16 step of their weights and would round away. Float32 parameters (the harmonizers,
+    every parameter of a float32 M) are trained as they are."""
+    pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+    out = []
+    for g in groups:
+        params = []
+        for p in g["params"]:
+            if p.dtype == torch.float32:
+                params.append(p)
+            else:
+                master = p.detach().float().requires_grad_(True)
+                pairs.append((p, master))
+                params.append(master)
+        out.append({**g, "params": params})
+    return out, pairs
+
+
 def calibrate_emulator(
     model: nn.Module,
     emu: nn.Module,
@@ -70,9 +93,10 @@ def calibrate_emulator(
     gen = torch.Generator().manual_seed(cfg.seed)
     emu.requires_grad_(False).eval()
     model.eval()
-    trainable = [p for g in groups for p in g["params"]]
-    for p in trainable:
+    for p in (p for g in groups for p in g["params"]):
         p.requires_grad_(True)
+    groups, masters = float32_masters(groups)
+    trainable = [p for g in groups for p in g["params"]]  # what the optimizer updates, all float32
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.steps)  # cosine to 0
     positions = list(range(plan.n_layers))
@@ -87,7 +111,10 @@ def calibrate_emulator(
             # The residual stream after every position: where each stand-in rejoins M, it should carry M's state.
             nmse = torch.stack([hidden_nmse(hidden[i], t_hidden[i]) for i in positions]).mean()
             loss = cfg.kl_weight * kl + cfg.hidden_weight * nmse
-            optimizer_step(loss, opt, clip=trainable, scheduler=sched)
+            if masters:
+                _master_step(loss, opt, sched, trainable, masters)
+            else:
+                optimizer_step(loss, opt, clip=trainable, scheduler=sched)
             if progress is not None:
                 progress(CalibrationProgress(step, cfg.steps, float(kl.detach()), float(nmse.detach())))
     finally:
@@ -99,6 +126,30 @@ def calibrate_emulator(
         "final_nmse": float(nmse.detach()),
         "config": cfg.to_dict(),
     }
+
+
+def _master_step(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    trainable: list[torch.Tensor],
+    masters: list[tuple[nn.Parameter, torch.Tensor]],
+) -> None:
+    """optimizer_step with float32 masters: the low-precision gradients move to the masters, the optimizer
+    steps them, and the model's parameters take the masters' values rounded to their own dtype."""
+    opt.zero_grad(set_to_none=True)
+    for p, _ in masters:
+        p.grad = None
+    loss.backward()
+    for p, m in masters:
+        m.grad = None if p.grad is None else p.grad.float()
+        p.grad = None
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for p, m in masters:
+            p.copy_(m)
 
 
 def _adapter_grad(net: nn.Module, layers: list[int], ids: torch.Tensor) -> tuple[float, list[torch.Tensor]]:

@@ -130,15 +130,19 @@ def layer_sharing_plan(n_layers: int, n_dropped: int, n_edge: int = 2) -> tuple[
 
 
 def build_emulator(
-    model: PreTrainedModel, plan: LayerPlan, harmonizers: dict[int, Harmonizer] | None = None
+    model: PreTrainedModel,
+    plan: LayerPlan,
+    harmonizers: dict[int, Harmonizer] | None = None,
+    *,
+    standin_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
-    """A new emulator module for `plan` (M itself is untouched)."""
+    """A new emulator module for `plan` (M itself is untouched); harmonizers in `standin_dtype` (None: M's)."""
     if plan.layers_with(Role.HARMONIZER) and harmonizers is None:
         raise ValueError("this plan has harmonizer positions: pass the harmonizers from stage 1")
     emu = copy.deepcopy(model)
     hs = {i: copy.deepcopy(h) for i, h in (harmonizers or {}).items()}
     with torch.no_grad():
-        apply_plan(emu, plan, hs, compress=True)
+        apply_plan(emu, plan, hs, compress=True, standin_dtype=standin_dtype)
     emu.config = copy.deepcopy(emu.config)
     train_only_layers(emu, plan.adapter_layers)
     return emu.eval()
@@ -203,7 +207,10 @@ def make_emulator(
             plan, sources = layer_sharing_plan(n_layers, dropped, n_edge)
     else:
         raise ValueError(f"unknown emulator method {method!r}; use 'scaleot', 'uniform_layerdrop' or 'layer_sharing'")
-    emu = build_emulator(model, plan, harmonizers)
+    # The harmonizers stay float32 (as stage 1 trained them) until the file is written: calibration trains them,
+    # and in bf16 their small updates round away. Whatever else calibration trains gets float32 master weights.
+    compute = next(model.parameters()).dtype
+    emu = build_emulator(model, plan, harmonizers, standin_dtype=torch.float32)
     if sources:
         layers = decoder_layers(emu)
         for slot, src in sources.items():
@@ -217,10 +224,10 @@ def make_emulator(
         )
     if fidelity_blocks is not None:
         meta["fidelity"] = measure_fidelity(model, emu, plan, fidelity_blocks)
-    if dtype is not None:  # after calibration and the fidelity figure, which are float32 (bf16 rounding moves
-        cast(nn.Module, emu).to(
-            dtype
-        )  # the emulator's loss by < 0.01 nats on SmolLM2: docs/benchmarks.md, half-size emulators)
+    # Calibration and the fidelity figure ran in M's compute dtype (float32 stand-ins inside); the file gets the
+    # issued dtype, M's when none was asked (bf16 rounding of a float32 emulator moves its loss by < 0.01 nats on
+    # SmolLM2: docs/benchmarks.md, half-size emulators).
+    cast(nn.Module, emu).to(dtype or compute)
     sizes = {"full_model_params": count_params(model), "full_model_bytes": param_bytes(model)}
     info = save_emulator(emu, plan, tokenizer, output, {**sizes, **meta, **(extra_metadata or {})})
     info.extra.update(sizes)

@@ -128,8 +128,12 @@ def _local_regression_step(model, stand_ins, ids, opt) -> float:
         for h in hooks:
             h.remove()
     # Normalised MSE so layers with large activations do not dominate.
+    # In float32 (a no-op for a float32 M): the fit of a bf16 M's layers is measured without bf16 rounding.
     loss = torch.stack(
-        [F.mse_loss(stand_ins[i](x), y) / y.var().clamp_min(1e-6) for i, (x, y) in captured.items()]
+        [
+            F.mse_loss(stand_ins[i](x).float(), y.float()) / y.float().var().clamp_min(1e-6)
+            for i, (x, y) in captured.items()
+        ]
     ).mean()
     optimizer_step(loss, opt)
     return float(loss.detach())
@@ -148,9 +152,11 @@ def estimate_importance(
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     n_layers = len(decoder_layers(model))
-    dtype = next(model.parameters()).dtype
+    # float32 whatever M's dtype: in bf16 the harmonizers' small updates round away (a LayerNorm weight of 1.0
+    # never moves); Harmonizer.forward computes in float32 and hands M back its own dtype. Saved as float32.
     harmonizers = {
-        i: Harmonizer(model.config.hidden_size, cfg.bottleneck).to(device=device, dtype=dtype) for i in range(n_layers)
+        i: Harmonizer(model.config.hidden_size, cfg.bottleneck).to(device=device, dtype=torch.float32)
+        for i in range(n_layers)
     }
     stand_ins = {i: HarmonizerLayer(h) for i, h in harmonizers.items()}
     scores = torch.zeros(n_layers)

@@ -3,9 +3,9 @@
 The plan test uses a tiny LLaMA whose ranking is clear by construction: layers 1 and 4 write 8x their random
 outputs into the residual stream, layers 2 and 3 write nothing (zero o_proj / down_proj, so they are the
 identity, and so is a fresh harmonizer). Replacing 1 or 4 moves the loss a lot (up or down: the weights are
-random), replacing 2 or 3 not at all, so a loud layer's score is far from a silent one's, several times farther
-than bf16 rounding moves a score, and the stage-1 ranking and the emulator plan must come out the same in bf16
-as in float32.
+random), replacing 2 or 3 not at all, so each loud layer sits on the same side of each silent one in bf16 as in
+float32, and the stage-1 ranking of the layers the plan chooses from (1-4; sandwich placement puts the adapters
+at 0 and 5) and the emulator plan must come out the same.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def test_bf16_model_computes_in_bf16_with_the_same_plan_as_fp32(app_client, rank
         job = _stage1(client, h, model["id"], files["corpus"])
         results[dtype] = job["result"]
         assert job["result"]["compute_dtype"] == dtype
-        assert job["result"]["harmonizer_dtype"] == dtype  # trained in M's dtype
+        # float32 whatever M's dtype: bf16 would round a LayerNorm weight's updates away (test_bf16_standins)
+        assert job["result"]["harmonizer_dtype"] == "float32"
         assert job["result"]["memory"]["compute_dtype"] == dtype
         r = client.post(
             "/v1/emulators",
@@ -162,11 +163,14 @@ def test_bf16_model_computes_in_bf16_with_the_same_plan_as_fp32(app_client, rank
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # noqa: SIM118 (safe_open is not iterable)
     assert seen == [torch.float32, torch.bfloat16]
     fp32, bf16 = results["float32"], results["bfloat16"]
-    assert fp32["ranking"] == bf16["ranking"]
-    # the constructed ranking signal: every loud layer's score is far from every silent layer's, several times
-    # farther than bf16 moves a score
-    gap = min(abs(fp32["scores"][a] - fp32["scores"][b]) for a in STRONG for b in SILENT)
-    moved = max(abs(a - b) for a, b in zip(fp32["scores"], bf16["scores"], strict=True))
-    assert moved < gap / 3, (fp32["scores"], bf16["scores"])
+    # The ranking of the layers the plan chooses from (sandwich placement puts the adapters at 0 and 5 whatever
+    # their scores); among 0 and 5, whose order the construction leaves to chance, bf16 may differ.
+    middle = [i for i in fp32["ranking"] if i not in (0, 5)]
+    assert middle == [i for i in bf16["ranking"] if i not in (0, 5)], (fp32["ranking"], bf16["ranking"])
+    # the constructed signal: every loud layer is on the same side of every silent layer in both runs (how far
+    # a score moves is not bounded: a score that moves flips later sampled configurations, a chaotic trajectory)
+    for a in STRONG:
+        for b in SILENT:
+            assert (fp32["scores"][a] > fp32["scores"][b]) == (bf16["scores"][a] > bf16["scores"][b]), (a, b)
     assert plans["float32"]["roles"] == plans["bfloat16"]["roles"]
     assert "harmonizer" in plans["float32"]["roles"]  # a real ScaleOT plan, with stand-ins
