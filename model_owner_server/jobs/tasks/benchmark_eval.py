@@ -94,6 +94,39 @@ def check_tasks(manager: Any, tasks: list[str]) -> None:
             ) from None
 
 
+@lru_cache(maxsize=1)
+def one_bos_hflm() -> type:
+    """lm-eval's `HFLM` with one fix: a rolling window (perplexity tasks) starts with exactly one BOS.
+
+    lm-eval 0.4.13's `loglikelihood_rolling` encodes the document with the tokenizer's default encoding, which
+    for a BOS-adding tokenizer (Gemma, Llama, OPT) already starts with BOS, and then puts its prefix token (BOS)
+    in front again: the first window was [<bos>, <bos>, text...] and the second <bos> was scored as a target.
+    Here the document is encoded without special tokens while the rolling windows are built, so the prefix token
+    is the only BOS. Multiple-choice contexts (`_encode_pair`) and empty contexts (already encoded without special
+    tokens) are untouched: they get one BOS. A tokenizer whose default encoding adds nothing (GPT-2, SmolLM2)
+    encodes exactly as before."""
+    from lm_eval.models.huggingface import HFLM
+
+    class OneBosHFLM(HFLM):
+        _rolling = False
+
+        def tok_encode(
+            self, string: str, add_special_tokens: bool | None = None, *args: Any, **kwargs: Any
+        ) -> list[int]:
+            if self._rolling and add_special_tokens is None:
+                add_special_tokens = False  # the window's prefix token is the document's BOS
+            return super().tok_encode(string, add_special_tokens, *args, **kwargs)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self._rolling = True
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self._rolling = False
+
+    return OneBosHFLM
+
+
 def run_tasks(
     model: Any,
     tokenizer: Any,
@@ -106,9 +139,8 @@ def run_tasks(
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` on an already loaded model; returns per-task figures and sample counts."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = one_bos_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=list(tasks),
