@@ -43,7 +43,8 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
     ctx.update(0.05, "loading model", force=True)
     model, tokenizer = runner.full_model(model_row, ctx, "emulator")
     compute = next(model.parameters()).dtype  # the model's compute dtype: calibration and fidelity run in it
-    importance = load_importance(run_path)  # float32 harmonizers; apply_plan casts them to M's dtype
+    # float32 harmonizers: make_emulator keeps them float32 through calibration, then casts the file to the issued dtype
+    importance = load_importance(run_path)
     calibration = CalibrationConfig(
         steps=settings.emulator_calibration_steps,
         batch_size=settings.importance_batch_size,
