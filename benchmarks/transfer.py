@@ -13,7 +13,9 @@ Compared at the same depth (N_a = 4, the same number of non-adapter layers remov
   CRaSh-style layer sharing (the same slots run the nearest kept layer again; training-free)
 plus ablations (adapter placement, calibration off, SRC beta), a 128-step data owner, the fidelity figures
 stored with each emulator (perplexity ratio, adapter-gradient cosine) and which of them predicts r, and the
-stage-1 ranking's stability across two seeds.
+stage-1 ranking's stability across two seeds. Tasks: A, Shakespeare perplexity; B, 4-choice analogies; C,
+instruction tuning on chatterbot-corpus's prompt -> response pairs (r on the responses' loss, plus exact match of
+greedy answers to held-out trivia; needs `pip install --no-deps chatterbot-corpus==1.3.3`).
 
   .venv/bin/python benchmarks/transfer.py            # full run (docs/benchmarks.md)
   .venv/bin/python benchmarks/transfer.py --quick    # fewer rows, smaller budgets
