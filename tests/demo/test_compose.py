@@ -142,6 +142,15 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
     return _VAR.sub(sub, value)
 
 
+def every_profile() -> list[str]:
+    """`--profile P` for every profile a service of docker-compose.yml names (gpu, gpu2, ...), so Compose shows
+    all services, as the static reader does."""
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    names = sorted({p for svc in raw["services"].values() for p in (svc or {}).get("profiles") or []})
+    assert "gpu" in names, "docker-compose.yml lost its gpu profile"
+    return [arg for name in names for arg in ("--profile", name)]
+
+
 def static_config(settings: dict[str, str]) -> dict:
     """docker-compose.yml parsed (anchors, `<<` merges) and interpolated, every profile enabled."""
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
@@ -153,7 +162,7 @@ def static_config(settings: dict[str, str]) -> dict:
 def config(compose, env_dir) -> dict:
     if compose is None:
         return static_config(_settings(env_dir))
-    proc = _run(compose, env_dir, _settings(env_dir), "--profile", "gpu", "config")
+    proc = _run(compose, env_dir, _settings(env_dir), *every_profile(), "config")
     assert proc.returncode == 0, proc.stderr
     return yaml.safe_load(proc.stdout)
 
@@ -227,7 +236,7 @@ def test_static_reader_matches_compose(compose, env_dir):
     """The fallback reader (used without Compose) sees the same services and environment as Compose does."""
     if compose is None:
         pytest.skip("no Compose implementation to compare the fallback reader with")
-    proc = _run(compose, env_dir, _settings(env_dir), "--profile", "gpu", "config")
+    proc = _run(compose, env_dir, _settings(env_dir), *every_profile(), "config")
     assert proc.returncode == 0, proc.stderr
     real, ours = yaml.safe_load(proc.stdout)["services"], static_config(_settings(env_dir))["services"]
     assert set(real) == set(ours)
