@@ -24,15 +24,9 @@ tokenizer (the random Llama uses the byte tokenizer: its ids fit any vocabulary)
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 import argparse
 import gc
+import os
 import platform
 import sys
 import tempfile
@@ -40,10 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import REPO  # first: sets the thread and offline environment before torch loads
+
+# isort: split
 import torch
 
 from benchmarks.harness import Budget, log, prepare_data, write_json
