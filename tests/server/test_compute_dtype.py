@@ -89,6 +89,8 @@ def test_compute_dtype_is_registered_and_shown(app_client, files):
     assert listed["half"] == "bfloat16" and listed["plain"] == "auto"
     r = client.post("/v1/models", headers=h, json={"name": "x", "path": str(files["model"]), "compute_dtype": "int8"})
     assert r.status_code == 422 and "compute_dtype" in r.text
+    names = {m["name"] for m in client.get("/v1/models", headers=h).json()["models"]}
+    assert "x" not in names and names == set(listed)  # the refused registration stored nothing
 
 
 def test_register_model_cli_takes_the_compute_dtype(tmp_path, new_database_url, files, monkeypatch):
