@@ -143,8 +143,26 @@ def _json_default(o: Any) -> Any:
 # ---------------------------------------------------------------- model and data
 
 
+SMOLLM2_ID = "SmolLM2-135M-Instruct"
+
+
+def model_id_for(model_dir: Path | None) -> str:
+    """What names M in the cache keys (zero-shot, references, stage 1) and the result files: SmolLM2's id for the
+    default model and for any folder converted from SmolLM2's GGUF (so their caches stay shared), else the
+    folder's name and a digest of its config.json, so another model (e.g. Gemma-3-270M) never reads SmolLM2's
+    cached rows."""
+    if model_dir is None:
+        return SMOLLM2_ID
+    source = model_dir / "scaleot_source.json"
+    if source.is_file() and json.loads(source.read_text()).get("file", "").startswith(SMOLLM2_ID):
+        return SMOLLM2_ID
+    config = model_dir / "config.json"
+    return f"{model_dir.resolve().name}-{digest(json.loads(config.read_text()) if config.is_file() else None)}"
+
+
 def load_model(args: argparse.Namespace, budget: Budget) -> tuple[Any, Any, str]:
-    """The tiny random LLaMA for the tiny profile, else SmolLM2-135M (prepared once into the work dir)."""
+    """The tiny random LLaMA for the tiny profile, else SmolLM2-135M (prepared once into the work dir) or the
+    --model-dir folder; the third value is model_id_for's name of it."""
     if budget.profile == "tiny":
         from scaleot_samples.tiny import byte_tokenizer, tiny_model
 
@@ -154,7 +172,22 @@ def load_model(args: argparse.Namespace, budget: Budget) -> tuple[Any, Any, str]
     model_dir = Path(args.model_dir) if args.model_dir else prepare_smollm2(Path(args.work_dir) / "smollm2")
     log(f"model: {model_dir}")
     model, tok = load_causal_lm(model_dir, device=args.device)
-    return model, tok, "SmolLM2-135M-Instruct"
+    return model, tok, model_id_for(Path(args.model_dir) if args.model_dir else None)
+
+
+def block_start(tok, data: Dataset, seq_len: int) -> dict[str, Any]:
+    """Whether the data owner's training blocks of `data` (shared.data.training_examples, as tuning and the
+    references use them) start with the tokenizer's BOS where shared.tokens says they should (Gemma's do,
+    SmolLM2's do not); recorded with a run's results."""
+    examples = training_examples(data, tok, seq_len)
+    start = sequence_start(tok)
+    first = [int(e.input_ids[0]) for e in examples[:4]]
+    return {
+        "expects_bos": bool(start),
+        "bos_token_id": getattr(tok, "bos_token_id", None),
+        "first_tokens": first,
+        "blocks_start_as_expected": all(f == start[0] for f in first) if start else True,
+    }
 
 
 PROFILE_HELP = {"quick": "fewer rows, smaller budgets", "tiny": "random tiny LLaMA, synthetic data: seconds (tests)"}
