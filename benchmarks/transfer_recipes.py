@@ -12,6 +12,11 @@ in-M gain: a recipe that makes the reference worse cannot raise its own r that w
   .venv/bin/python benchmarks/transfer_recipes.py                      # stage 1 + emulator (cached)
   .venv/bin/python benchmarks/transfer_recipes.py top2:32:0 top2:128:0  # rows (variant:steps:seed)
   .venv/bin/python benchmarks/transfer_recipes.py --tiny default:3:0     # random tiny LLaMA, seconds (tests)
+  .venv/bin/python benchmarks/transfer_recipes.py --calibration grad1 default:32:0  # another calibration
+
+`--calibration NAME` (CALIBRATIONS) builds the same plan's emulator with other calibration knobs (its own
+cache entry; the stand-ins start from the same stage-1 harmonizers) and tags its rows with NAME; the data
+owner's side is unchanged, so its rows compare with the default calibration's row for row.
 
 Rows are cached under --work-dir like the benchmark's (benchmarks/harness.py: the same setup, budget and
 caches as transfer.py); the table goes to benchmarks/results/transfer_recipes.json and .md.
@@ -46,6 +51,7 @@ from benchmarks.harness import (
     cached_file,
     cached_reference,
     cached_zero_shot,
+    corpus_blocks,
     data_key,
     digest,
     evaluate_task,
@@ -66,6 +72,8 @@ from data_owner_client.train import (
     set_seed,
     train,
 )
+from model_owner_server.scaleot.calibrate import CalibrationConfig
+from model_owner_server.scaleot.emulator import make_emulator
 from model_owner_server.scaleot.importance import ImportanceConfig, ImportanceResult
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import extract_adapter
@@ -89,6 +97,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
     "top2": ({}, (2, 3)),
     "top2_lr3e-4": ({"lr": 3e-4}, (2, 3)),
     "bottom_lr0.1": ({"bottom_lr_scale": 0.1}, None),
+}
+
+# name -> CalibrationConfig overrides of the emulator the rows train on ("default": the benchmark's own emulator,
+# built by benchmarks/harness.py build_emulators exactly as transfer.py builds it)
+CALIBRATIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "grad1": {"grad_weight": 1.0},  # + the bottom adapters' gradient alignment (calibrate.py)
+    "grad3": {"grad_weight": 3.0},
 }
 
 
@@ -116,10 +132,53 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     else:
         importance, info = stage1(run.model, run.tok, run.model_id, run.files, budget, budget.stage1_seeds[0], run.work)
         key = digest(info["scores"])
-    emu = build_emulators(run.model, run.tok, importance, key, [spec], run.files, budget, run.work)[EMULATOR]
+    if args.calibration == "default":
+        emu = build_emulators(run.model, run.tok, importance, key, [spec], run.files, budget, run.work)[EMULATOR]
+    else:
+        emu = build_calibrated(run, importance, key, spec, budget, args.calibration)
+    emu["calibration_name"] = args.calibration
     zs = cached_zero_shot(run, task, budget)
     log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs}")
+    log(f"calibration {args.calibration}: {emu.get('calibration')}")
     return run, task, emu, budget
+
+
+def build_calibrated(run: Run, importance: ImportanceResult, stage1_key: str, spec: EmuSpec, budget: Budget, name: str):
+    """The spec's emulator as build_emulators makes it (same plan, calibration blocks, steps and fidelity
+    blocks) with CALIBRATIONS[name] on top of its CalibrationConfig; cached under its own key."""
+    overrides = CALIBRATIONS[name]
+    key = digest({"spec": spec.name, "stage1": stage1_key, "cal": budget.calibration_steps, "over": overrides})
+    path = run.work / "emulators" / f"{budget.profile}-{spec.name}-cal-{name}-{key}.safetensors"
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    train_b, val_b = corpus_blocks(run.tok, run.files["wiki_train"], budget.seq_len, val_corpus=run.files["wiki_val"])
+    t0 = time.perf_counter()
+    info = make_emulator(
+        run.model,
+        run.tok,
+        importance,
+        budget.n_adapter,
+        spec.alpha,
+        spec.beta,
+        path,
+        placement=spec.placement,
+        calibration=CalibrationConfig(steps=budget.calibration_steps, **overrides),
+        calibration_blocks=train_b,
+        fidelity_blocks=val_b[:8],
+        calibration_progress=lambda p: p.step % 5 or log(f"  calibration {name} {p}"),
+    )
+    rec = {
+        "path": str(path),
+        "sha256": info.sha256,
+        "plan": info.plan.summary(),
+        "adapter_layers": info.plan.adapter_layers,
+        "fidelity": info.extra.get("fidelity"),
+        "calibration": info.extra.get("calibration"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json(sidecar, rec)
+    return rec
 
 
 def run_variant(model, tok, task, emu: dict, budget, choice, name: str, steps: int, seed: int) -> dict:
@@ -196,6 +255,7 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
     if name == "ref":
         log(f"reference {steps} steps seed {seed}: {ref['reference']}")
         return
+    cal = emu.get("calibration_name", "default")
     key = ["recipe", emu["sha256"], data_key(task), name, VARIANTS[name], seed, steps, 1]
     m = cached_file(
         run.work / "rows" / f"{digest(key)}.json",
@@ -218,8 +278,11 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         "train_layers": m["train_layers"],
         "seconds": m["seconds"],
     }
+    if cal != "default":  # the rows of another calibration carry their emulator's figures
+        row["calibration"] = cal
+        row["emulator"] = {k: emu.get(k) for k in ("sha256", "fidelity", "calibration")}
     log(
-        f"{name} {steps} steps seed {seed}: plug-in {row['plug_in']:.2f} ref {row['reference']:.2f} "
+        f"[calibration {cal}] {name} {steps} steps seed {seed}: plug-in {row['plug_in']:.2f} ref {row['reference']:.2f} "
         f"zs {row['zero_shot']:.2f} emu FT {row['emulator_ft']:.1f} -> r {row['r']:.3f}; curve {row['curve']}"
     )
     rows = []
@@ -227,19 +290,24 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         rows = [
             r
             for r in json.loads(results.read_text())["rows"]
-            if (r["variant"], r["steps"], r["seed"]) != (name, steps, seed)
+            if (r["variant"], r["steps"], r["seed"], r.get("calibration", "default")) != (name, steps, seed, cal)
         ]
     rows.append(row)
-    rows.sort(key=lambda r: (r["variant"], r["steps"], r["seed"]))
+    rows.sort(key=lambda r: (r.get("calibration", "default"), r["variant"], r["steps"], r["seed"]))
     fields = ("sha256", "plan", "adapter_layers", "fidelity")
-    write_json(results, {"emulator": {k: emu[k] for k in fields}, "rows": rows})
+    header = {k: emu[k] for k in fields}  # the default calibration's emulator (other rows carry their own)
+    if cal != "default" and results.is_file():
+        header = json.loads(results.read_text()).get("emulator", header)
+    write_json(results, {"emulator": header, "rows": rows})
 
 
 def markdown(result: dict) -> str:
-    """The recipe table: one line per (variant, steps), r's mean and spread over seeds (half the range)."""
+    """The recipe table: one line per (variant, steps), r's mean and spread over seeds (half the range); rows on
+    an emulator of another calibration are named `variant (calibration NAME)`."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in result["rows"]:
-        groups.setdefault((r["variant"], r["steps"]), []).append(r)
+        label = r["variant"] if "calibration" not in r else f"{r['variant']} (calibration {r['calibration']})"
+        groups.setdefault((label, r["steps"]), []).append(r)
     lines = [
         "| Recipe | Steps | Seeds | r | Plug-in ppl | Emulator FT ppl | Privacy gap | Plug-in ppl along the run |",
         "|---|---|---|---|---|---|---|---|",
@@ -266,6 +334,12 @@ def main(argv: list[str] | None = None) -> None:
         "--committed-stage1",
         action="store_true",
         help="use the seed-0 stage-1 scores stored in benchmarks/results/transfer.json (identity harmonizers)",
+    )
+    p.add_argument(
+        "--calibration",
+        choices=sorted(CALIBRATIONS),
+        default="default",
+        help="the emulator's calibration variant (CALIBRATIONS; rows are tagged with it)",
     )
     p.add_argument("--report", action="store_true", help="only write the markdown table from the results JSON")
     args = p.parse_args(argv)

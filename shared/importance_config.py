@@ -59,7 +59,13 @@ class CalibrationConfig:
     kept_lr: float = 0.0  # > 0: also adjust the kept (frozen / SRC) layers at this rate (OT-style compensation)
     kl_weight: float = 1.0
     hidden_weight: float = 1.0
+    # > 0: also match M's backward signal where the bottom adapters hand over to the rest of the network (the
+    # per-token cosine of the LM loss's gradient w.r.t. that residual stream; calibrate.py says why this one).
+    grad_weight: float = 0.0
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["grad_weight"] == 0.0:  # records (and so emulator files) without the term read as before it existed
+            del d["grad_weight"]
+        return d

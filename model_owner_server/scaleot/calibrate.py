@@ -8,6 +8,23 @@ residual stream after every position. The adapter layers are never touched (they
 data owner starts from and the server plugs back). What it trains is updated in float32: the harmonizers are
 float32 modules (make_emulator), anything else gets a float32 master copy (bf16 would round the updates away).
 
+Forward matching fixes what the data owner's *top* adapters learn, not what the bottom ones learn. An adapter
+layer's parameter gradient is a function of its input and of the loss's gradient w.r.t. its output. For the
+top adapters everything after them is M's own layers, so once calibration matches their input (the hidden
+NMSE) their gradients match too. The bottom adapters see M's exact input, but the gradient that reaches them
+comes back through every stand-in, and matching the stand-ins' outputs does not match their backward (on
+SmolLM2 at alpha = 0.5 the bottom adapters' gradient cosine with M stays at -0.26 / 0.01 after calibration,
+while most of what transfers is learned there). `grad_weight` > 0 adds that missing term (GradOT / LLEOT):
+the gradient of the LM loss w.r.t. the residual stream where the leading adapter run hands over (after
+layer 1 for AA...), per token, should point where M's does. Since the layers below that point are M's own
+weights on M's input in both networks, this gradient determines the bottom adapters' parameter gradients
+exactly (chain rule through identical Jacobians), so matching it is the parameter-gradient match at the
+cost of one backward instead of a per-layer flattening; it is denser (one target per token, not one cosine
+per layer over the batch), so it should carry over better to the data owner's text than a batch-level
+cosine on public text. Cosine, not MSE: AdamW, the data owner's optimizer, is invariant to the gradient's
+overall scale. The cost is an extra backward through M and a double backward (create_graph) through the
+emulator per step; the stand-ins are trained through the second-order graph.
+
 `measure_fidelity` is the figure stored with every emulator: the perplexity ratio to M and the cosine between
 the adapter's gradients under the emulator and under M (GradOT / LLEOT: what transfers is the gradient).
 """
@@ -16,12 +33,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shared.architectures import decoder_layers
 from shared.importance_config import CalibrationConfig  # re-exported: the knobs live there, torch-free
@@ -30,6 +49,8 @@ from shared.training import optimizer_step, random_batch, train_only_layers, war
 
 from .losses import forward_with_hidden, hidden_nmse, lm_loss, logit_kl
 
+GradStore = list[torch.Tensor]
+
 
 @dataclass
 class CalibrationProgress:
@@ -37,6 +58,7 @@ class CalibrationProgress:
     total_steps: int
     kl: float
     nmse: float
+    grad_mismatch: float | None = None  # 1 - the junction gradient's cosine with M's (grad_weight > 0 only)
 
     @property
     def fraction(self) -> float:
@@ -100,32 +122,100 @@ def calibrate_emulator(
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.steps)  # cosine to 0
     positions = list(range(plan.n_layers))
+    junction = bottom_junction(plan) if cfg.grad_weight > 0 else None
+    if cfg.grad_weight > 0 and junction is None:
+        raise ValueError("grad_weight > 0 needs adapter layers at the bottom of the plan (layer 0 an adapter)")
     kl = nmse = torch.zeros(())
+    mismatch: torch.Tensor | None = None
     try:
         for step in range(1, cfg.steps + 1):
             ids = random_batch(blocks, cfg.batch_size, gen, device)
-            with torch.no_grad():
-                t_logits, t_hidden = forward_with_hidden(model, ids, positions)
-            logits, hidden = forward_with_hidden(emu, ids, positions)
+            if junction is None:
+                with torch.no_grad():
+                    t_logits, t_hidden = forward_with_hidden(model, ids, positions)
+                logits, hidden = forward_with_hidden(emu, ids, positions)
+            else:
+                t_logits, t_hidden, t_grad = _forward_with_junction_grad(model, ids, positions, junction)
+                logits, hidden, grad = _forward_with_junction_grad(emu, ids, positions, junction, create_graph=True)
+                mismatch = junction_grad_mismatch(grad, t_grad)
             kl = logit_kl(logits, t_logits)
             # The residual stream after every position: where each stand-in rejoins M, it should carry M's state.
             nmse = torch.stack([hidden_nmse(hidden[i], t_hidden[i]) for i in positions]).mean()
             loss = cfg.kl_weight * kl + cfg.hidden_weight * nmse
+            if mismatch is not None:
+                loss = loss + cfg.grad_weight * mismatch
             if masters:
                 _master_step(loss, opt, sched, trainable, masters)
             else:
                 optimizer_step(loss, opt, clip=trainable, scheduler=sched)
             if progress is not None:
-                progress(CalibrationProgress(step, cfg.steps, float(kl.detach()), float(nmse.detach())))
+                g = None if mismatch is None else float(mismatch.detach())
+                progress(CalibrationProgress(step, cfg.steps, float(kl.detach()), float(nmse.detach()), g))
     finally:
         train_only_layers(emu, plan.adapter_layers)  # as build_emulator left it
-    return {
+    out = {
         "steps": cfg.steps,
         "seconds": round(time.perf_counter() - t0, 2),
         "final_kl": float(kl.detach()),
         "final_nmse": float(nmse.detach()),
         "config": cfg.to_dict(),
     }
+    if mismatch is not None:
+        out["final_grad_mismatch"] = float(mismatch.detach())
+    return out
+
+
+def bottom_junction(plan: LayerPlan) -> int | None:
+    """The last layer of the plan's leading run of adapter layers (1 for `AA...`); None when layer 0 is not one.
+    Up to its output M and the emulator compute the same thing, so the gradient there fixes the bottom adapters'."""
+    junction = None
+    for i, role in enumerate(plan.roles):
+        if role != Role.ADAPTER:
+            break
+        junction = i
+    return junction
+
+
+@contextmanager
+def _leaf_output(net: nn.Module, position: int) -> Iterator[GradStore]:
+    """While open, decoder position `position` hands on a detached copy of its output that requires grad (a leaf
+    to take the loss's gradient at); the leaf of each forward is appended to the yielded list."""
+    store: GradStore = []
+
+    def hook(_mod: nn.Module, _args: Any, out: Any) -> Any:
+        hidden = out[0] if isinstance(out, tuple) else out
+        leaf = hidden.detach().requires_grad_(True)
+        store.append(leaf)
+        return (leaf, *out[1:]) if isinstance(out, tuple) else leaf
+
+    handle = decoder_layers(net)[position].register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def _forward_with_junction_grad(
+    net: nn.Module, ids: torch.Tensor, positions: list[int], junction: int, create_graph: bool = False
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
+    """forward_with_hidden plus the LM loss's gradient w.r.t. the residual stream after `junction` (N, T, H).
+    For M (create_graph False) everything comes back detached; for the emulator the gradient keeps its graph,
+    so a loss on it trains the stand-ins (a double backward). That needs SDPA's plain (math) attention: the fused
+    CPU kernel's backward has no derivative of its own."""
+    kernel = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
+    with torch.enable_grad(), kernel, _leaf_output(net, junction) as store:
+        logits, hidden = forward_with_hidden(net, ids, positions)
+        (grad,) = torch.autograd.grad(lm_loss(logits, ids), store[0], create_graph=create_graph)
+    if not create_graph:
+        return logits.detach(), {i: h.detach() for i, h in hidden.items()}, grad
+    return logits, hidden, grad
+
+
+def junction_grad_mismatch(grad: torch.Tensor, t_grad: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 1 - cosine(emulator's gradient, M's). The last position is left out: the loss does not
+    depend on its hidden state (nothing comes after it), so both gradients are zero there."""
+    cos = torch.nn.functional.cosine_similarity(grad[:, :-1].float(), t_grad[:, :-1].float(), dim=-1)
+    return 1 - cos.mean()
 
 
 def _master_step(
