@@ -104,7 +104,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
 CALIBRATIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "grad1": {"grad_weight": 1.0},  # + the bottom adapters' gradient alignment (calibrate.py)
-    "grad3": {"grad_weight": 3.0},
+    "grad10": {"grad_weight": 10.0},
 }
 
 
@@ -154,6 +154,11 @@ def build_calibrated(run: Run, importance: ImportanceResult, stage1_key: str, sp
         return json.loads(sidecar.read_text())
     train_b, val_b = corpus_blocks(run.tok, run.files["wiki_train"], budget.seq_len, val_corpus=run.files["wiki_val"])
     t0 = time.perf_counter()
+
+    def every_5_steps(p) -> None:
+        if p.step % 5 == 0:
+            log(f"  calibration {name} {p}")
+
     info = make_emulator(
         run.model,
         run.tok,
@@ -166,7 +171,7 @@ def build_calibrated(run: Run, importance: ImportanceResult, stage1_key: str, sp
         calibration=CalibrationConfig(steps=budget.calibration_steps, **overrides),
         calibration_blocks=train_b,
         fidelity_blocks=val_b[:8],
-        calibration_progress=lambda p: p.step % 5 or log(f"  calibration {name} {p}"),
+        calibration_progress=every_5_steps,
     )
     rec = {
         "path": str(path),
