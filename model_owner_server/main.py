@@ -29,7 +29,7 @@ from model_owner_server.api.routes import (
     openai_compat,
 )
 from model_owner_server.console import mount_console
-from model_owner_server.core.config import Settings
+from model_owner_server.core.config import DEVICE_SETTING, Settings
 from model_owner_server.core.db import make_engine, make_session_factory, run_migrations, session_scope
 from model_owner_server.janitor import sweep
 from model_owner_server.jobs.queue import JobQueue
@@ -82,7 +82,31 @@ def create_app(
     return app
 
 
+def check_embedded_worker(settings: Settings, run_worker: bool | None = None) -> None:
+    """Refuse (OneJobPerGPU) an embedded worker of more than one job thread on a GPU: the rule of the `worker`
+    command (jobs/resources.check_one_job_per_gpu). A device that cannot be resolved here is left to the jobs,
+    which fail with the DeviceError naming SCALEOT_DEVICE, as before."""
+    run_worker = settings.embedded_worker if run_worker is None else run_worker
+    if not run_worker or settings.queue_url == "immediate" or settings.worker_threads <= 1:
+        return
+    from model_owner_server.jobs.resources import check_one_job_per_gpu  # torch: only when it matters
+    from shared.device import DeviceError
+
+    try:
+        device = settings.resolved_device()
+    except DeviceError:
+        return
+    check_one_job_per_gpu(
+        device,
+        settings.worker_threads,
+        threads_setting=f"SCALEOT_WORKER_THREADS={settings.worker_threads} (with {DEVICE_SETTING}={settings.device})",
+        instead="set SCALEOT_WORKER_THREADS=1, or serve without the embedded worker (SCALEOT_EMBEDDED_WORKER=false "
+        "or `serve --no-worker`) and run one `modelowner-server worker --device cuda:N` per GPU on the same queue",
+    )
+
+
 def _startup(app: FastAPI, settings: Settings, migrate: bool, run_worker: bool) -> None:
+    check_embedded_worker(settings, run_worker)  # first: a refused setting changes nothing
     storage = Storage(settings.resolved_data_dir)
     storage.ensure_layout()
     if migrate:

@@ -27,9 +27,14 @@ def serve_cmd(
     import uvicorn
 
     from model_owner_server.core.db import run_migrations
-    from model_owner_server.main import create_app
+    from model_owner_server.jobs.resources import OneJobPerGPU
+    from model_owner_server.main import check_embedded_worker, create_app
 
     settings = load_settings(host=host, port=port, embedded_worker=worker)
+    try:
+        check_embedded_worker(settings)  # before migrations and the port: a refused setting changes nothing
+    except OneJobPerGPU as exc:
+        fail(str(exc))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     run_migrations(settings.db_url)
@@ -104,6 +109,7 @@ def worker_settings(device: str | None, threads: int) -> Any:
     (no silent CPU fallback when a GPU was asked for), and a GPU runs one job at a time."""
     from pydantic import ValidationError
 
+    from model_owner_server.jobs.resources import OneJobPerGPU, check_one_job_per_gpu
     from shared.device import DeviceError, resolve_device
 
     try:
@@ -116,12 +122,17 @@ def worker_settings(device: str | None, threads: int) -> Any:
         choice = resolve_device(str(settings.device), setting="--device" if device else "SCALEOT_DEVICE")
     except DeviceError as exc:
         fail(str(exc))  # names the option or variable it came from and what to set instead
+    try:
+        check_one_job_per_gpu(
+            choice.device,
+            threads,
+            threads_setting=f"--threads {threads}",
+            instead="run one worker per GPU instead (`worker --device cuda:0`, `worker --device cuda:1`, ...) "
+            "on the same queue",
+        )
+    except OneJobPerGPU as exc:
+        fail(str(exc))
     if choice.device.type == "cuda":
-        if threads > 1:
-            fail(
-                f"--threads {threads} would run {threads} jobs on one GPU at once (each holds M); run one worker "
-                "per GPU instead (`worker --device cuda:0`, `worker --device cuda:1`, ...) on the same queue"
-            )
         import torch
 
         index = choice.device.index if choice.device.index is not None else torch.cuda.current_device()

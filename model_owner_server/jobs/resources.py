@@ -61,6 +61,22 @@ class DoesNotFit(ValueError):
     """M would not fit the device for this stage; the message names the memory needed and what to do."""
 
 
+class OneJobPerGPU(ValueError):
+    """More than one job thread was asked for on a GPU; the message names the setting and what to do."""
+
+
+def check_one_job_per_gpu(device: str | torch.device, threads: int, *, threads_setting: str, instead: str) -> None:
+    """A GPU runs one job at a time (the `worker` command and `serve`'s embedded worker both ask here): every
+    job holds M on the device, and `check_fits` admits a job against the GPU's free memory as if it ran alone,
+    so `threads` > 1 job threads on one GPU could each pass the check and then run out of memory together.
+    `threads_setting` is how the user set the thread count (`--threads 2`, `SCALEOT_WORKER_THREADS=2`), `instead`
+    what to do instead. Raises OneJobPerGPU; CPU devices take any number of threads."""
+    if torch.device(device).type == "cuda" and threads > 1:
+        raise OneJobPerGPU(
+            f"{threads_setting} would run {threads} jobs on one GPU ({device}) at once (each holds M); {instead}"
+        )
+
+
 def checkpoint_dtype(model_path: str | Path) -> str | None:
     """The dtype the checkpoint declares in its config.json (`torch_dtype`, or `dtype` since transformers 5)."""
     try:
