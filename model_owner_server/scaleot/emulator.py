@@ -30,7 +30,7 @@ from shared.modules import Harmonizer
 from shared.src import with_src_ranks
 from shared.training import train_only_layers
 
-from .calibrate import CalibrationConfig, calibrate_emulator, measure_fidelity
+from .calibrate import CalibrationConfig, calibrate_emulator, calibration_params, measure_fidelity
 from .corpus import corpus_blocks
 from .importance import ImportanceResult
 
@@ -135,17 +135,99 @@ def build_emulator(
     harmonizers: dict[int, Harmonizer] | None = None,
     *,
     standin_dtype: torch.dtype | None = None,
+    share_weights: bool = False,
 ) -> PreTrainedModel:
-    """A new emulator module for `plan` (M itself is untouched); harmonizers in `standin_dtype` (None: M's)."""
+    """A new emulator module for `plan` (M itself is untouched); harmonizers in `standin_dtype` (None: M's).
+
+    share_weights=False: the emulator owns every tensor (a deep copy of M, then the plan applied).
+    share_weights=True (make_emulator): it holds only what differs from M. Every parameter and buffer the plan
+    keeps as it is (embeddings, head, final norm, adapter layers, the frozen layers' FFN and norms, and their
+    attention where SRC does not compress it) is a new Parameter (or tensor) over M's own storage, so it costs
+    no memory; the stand-ins and SRC factors are new tensors. Reading, forwards, gradients (autograd.grad or
+    .grad), requires_grad flags and `.to(dtype)` are safe on such an emulator; an in-place write into a shared
+    tensor (an optimizer step, copy_, load_state_dict) would write into M: give what will be written its own
+    storage first (`own_storage`)."""
     if plan.layers_with(Role.HARMONIZER) and harmonizers is None:
         raise ValueError("this plan has harmonizer positions: pass the harmonizers from stage 1")
-    emu = copy.deepcopy(model)
+    emu = copy.deepcopy(model, _shared_memo(model) if share_weights else None)
     hs = {i: copy.deepcopy(h) for i, h in (harmonizers or {}).items()}
     with torch.no_grad():
         apply_plan(emu, plan, hs, compress=True, standin_dtype=standin_dtype)
     emu.config = copy.deepcopy(emu.config)
     train_only_layers(emu, plan.adapter_layers)
     return emu.eval()
+
+
+def _shared_memo(model: nn.Module) -> dict[int, Any]:
+    """deepcopy's memo that maps each of M's parameters to a new Parameter over the same storage and each
+    buffer to a detached alias: the copy gets its own module objects (setattr, requires_grad and `.to` on it
+    never reach M) but no tensor data. The aliases share M's version counters, so an in-place write through
+    them shows in M's `_version` (what `_check_untouched` reads)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():  # deduplicated: tied weights map to one Parameter, so they stay tied
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach()
+    return memo
+
+
+def _storages(model: nn.Module) -> set[int]:
+    return {ptr for t in (*model.parameters(), *model.buffers()) if (ptr := t.untyped_storage().data_ptr())}
+
+
+def own_storage(emu: nn.Module, model: nn.Module, params: Sequence[nn.Parameter]) -> int:
+    """Give each of `params` (parameters of `emu`) that shares storage with `model` a new Parameter over its
+    own copy, in every place `emu` holds it (tied weights stay tied); returns how many were copied. The new
+    Parameters have their own version counters, so writing into them never reaches M."""
+    shared = _storages(model)
+    wanted = {id(p) for p in params if p.untyped_storage().data_ptr() in shared}
+    fresh: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for module in emu.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and id(p) in wanted:
+                    if id(p) not in fresh:
+                        fresh[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    module._parameters[name] = fresh[id(p)]
+    return len(fresh)
+
+
+def _copy_layer_into(dst: nn.Module, src: nn.Module) -> None:
+    """`dst.load_state_dict(src.state_dict())` without writing into dst's tensors (they may be M's): dst's
+    parameters and persistent buffers become new tensors holding copies of src's values."""
+    values = src.state_dict()
+    missing = set(dst.state_dict()) ^ set(values)
+    if missing:
+        raise ValueError(f"layers differ in their tensors: {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, value in values.items():
+            path, _, leaf = name.rpartition(".")
+            module = dst.get_submodule(path) if path else dst
+            old = getattr(module, leaf)
+            copied = value.detach().clone().to(dtype=old.dtype, device=old.device)
+            if leaf in module._parameters:
+                module._parameters[leaf] = nn.Parameter(copied, requires_grad=old.requires_grad)
+            else:
+                module._buffers[leaf] = copied
+
+
+def _versions(model: nn.Module) -> list[tuple[str, torch.Tensor, int]]:
+    out = []
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if not t.is_inference():  # inference tensors keep no version counter
+            out.append((name, t, t._version))
+    return out
+
+
+def _check_untouched(before: list[tuple[str, torch.Tensor, int]]) -> None:
+    """Raise if anything wrote into M's tensors in place since `before` (a shared tensor written by mistake)."""
+    written = [name for name, t, v in before if t._version != v]
+    if written:
+        raise RuntimeError(
+            f"the emulator build wrote into {len(written)} of the model's own tensors ({', '.join(written[:3])}"
+            f"{', ...' if len(written) > 3 else ''}); M in this process no longer holds the registered weights. "
+            "This is a bug: restart the worker to reload M, and report it"
+        )
 
 
 def build_blocks(
@@ -210,20 +292,26 @@ def make_emulator(
     # The harmonizers stay float32 (as stage 1 trained them) until the file is written: calibration trains them,
     # and in bf16 their small updates round away. Whatever else calibration trains gets float32 master weights.
     compute = next(model.parameters()).dtype
-    emu = build_emulator(model, plan, harmonizers, standin_dtype=torch.float32)
+    # Memory: M plus what differs. The emulator shares M's tensors wherever the plan keeps them as they are;
+    # what calibration writes into (stand-ins, kept layers when kept_lr > 0) and the layer-sharing slots get
+    # their own copies first, so nothing here writes into M (checked below through M's version counters).
+    versions = _versions(model)
+    emu = build_emulator(model, plan, harmonizers, standin_dtype=torch.float32, share_weights=True)
     if sources:
         layers = decoder_layers(emu)
         for slot, src in sources.items():
-            layers[slot].load_state_dict(decoder_layers(model)[src].state_dict())
+            _copy_layer_into(layers[slot], decoder_layers(model)[src])
     meta: dict[str, Any] = {"placement": placement if method == "scaleot" else "sandwich"}
     if calibration is not None and calibration.steps > 0:
         if calibration_blocks is None:
             raise ValueError("calibration needs calibration_blocks (task-agnostic token blocks)")
+        own_storage(emu, model, [p for g in calibration_params(emu, plan, calibration) for p in g["params"]])
         meta["calibration"] = calibrate_emulator(
             model, emu, plan, calibration_blocks, calibration, calibration_progress
         )
     if fidelity_blocks is not None:
         meta["fidelity"] = measure_fidelity(model, emu, plan, fidelity_blocks)
+    _check_untouched(versions)
     # Calibration and the fidelity figure ran in M's compute dtype (float32 stand-ins inside); the file gets the
     # issued dtype, M's when none was asked (bf16 rounding of a float32 emulator moves its loss by < 0.01 nats on
     # SmolLM2: docs/benchmarks.md, half-size emulators).
