@@ -6,7 +6,8 @@ tiny random LLaMA with --tiny) and each stage, through the product's own functio
 - stage 1: model_owner_server.scaleot.importance.estimate_importance (one DL step + one RL step of 2 candidates
   per step: rl_interval=1, n_candidates=2)
 - calibration: model_owner_server.scaleot.emulator.make_emulator with a CalibrationConfig (calibrate_emulator);
-  the stage's memory covers the whole build (the emulator copy, calibration, the file written)
+  the stage's memory covers the whole build (the emulator, which shares M's unchanged tensors, SRC, the
+  stand-ins, calibration, the file written)
 - client step: data_owner_client.train.train on the emulator file loaded as the data owner loads it
   (shared.emulator_file.load_emulator), full fine-tuning of the adapter layers
 - evaluation: shared.evaluation.evaluate on M (one batch per step)
@@ -20,6 +21,10 @@ tokenizer (the random Llama uses the byte tokenizer: its ids fit any vocabulary)
 
     .venv/bin/python -m benchmarks.scaling --tiny
     .venv/bin/python -m benchmarks.scaling --models smollm2,gemma270m,llama1b --dtype float32 --steps 1
+    .venv/bin/python -m benchmarks.scaling --models smollm2 --stages calibration --out benchmarks/results/x
+
+--stages runs a subset; a stage also runs (unreported) where a reported one needs its output: calibration needs
+stage 1's importance, the client step the emulator file that calibration writes.
 """
 
 from __future__ import annotations
@@ -107,7 +112,25 @@ def per_step(stamps: list[float], t0: float) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-def bench_model(name: str, dtype: torch.dtype, steps: int, seq_len: int, batch: int, new_tokens: int) -> dict:
+def needed_stages(stages: list[str]) -> list[str]:
+    """`stages` plus the stages whose output they need, in STAGES order."""
+    run = set(stages)
+    if "client_step" in run:
+        run.add("calibration")
+    if "calibration" in run:
+        run.add("stage1")
+    return [s for s in STAGES if s in run]
+
+
+def bench_model(
+    name: str,
+    dtype: torch.dtype,
+    steps: int,
+    seq_len: int,
+    batch: int,
+    new_tokens: int,
+    stages: list[str] | None = None,
+) -> dict:
     from data_owner_client.train import TrainConfig, freeze_except_adapter, resolve_device, set_seed, train
     from model_owner_server.jobs.resources import MemoryMeter, dtype_name, param_bytes
     from model_owner_server.scaleot.calibrate import CalibrationConfig
@@ -115,11 +138,14 @@ def bench_model(name: str, dtype: torch.dtype, steps: int, seq_len: int, batch: 
     from model_owner_server.scaleot.emulator import make_emulator
     from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
     from model_owner_server.serving import Generation, Sampling
+    from shared.architectures import decoder_layers
     from shared.data import load_dataset, pad_id_for, training_examples
     from shared.emulator_file import load_emulator
     from shared.evaluation import evaluate
 
     n = steps + 1  # one warm-up step, then the measured ones
+    report = list(stages or STAGES)
+    run = needed_stages(report)
     files = prepare_data(REPO / ".cache" / "benchmarks", Budget("tiny"))  # synthetic text: shapes, not quality
     t_load = time.perf_counter()
     model, tok, title = load(name, dtype)
@@ -139,110 +165,120 @@ def bench_model(name: str, dtype: torch.dtype, steps: int, seq_len: int, batch: 
     secs: dict[str, float] = {}
     notes: dict[str, str] = {}
 
-    stamps: list[float] = []
-    with meter.stage("stage1"):
-        t0 = time.perf_counter()
-        icfg = ImportanceConfig(
-            steps=n, batch_size=batch, val_batch_size=batch, rl_interval=1, n_candidates=2, bottleneck=64
-        )
-        importance = estimate_importance(
-            model,
-            train_b,
-            val_b,
-            icfg,
-            progress=lambda p: stamps.append(time.perf_counter()) if p.phase == "rl" else None,
-        )
-    secs["stage1"] = per_step(stamps, t0)
-    notes["stage1"] = "one DL step + one RL step (2 candidates), harmonizer bottleneck 64"
-    log(f"stage 1: {secs['stage1']:.2f} s/step")
+    n_layers = len(decoder_layers(model))
+    emu_bytes = emu_file_bytes = None
+    client_meter = MemoryMeter("cpu")  # started again before the client step (see there)
+    if "stage1" in run:
+        stamps: list[float] = []
+        with meter.stage("stage1"):
+            t0 = time.perf_counter()
+            icfg = ImportanceConfig(
+                steps=n, batch_size=batch, val_batch_size=batch, rl_interval=1, n_candidates=2, bottleneck=64
+            )
+            importance = estimate_importance(
+                model,
+                train_b,
+                val_b,
+                icfg,
+                progress=lambda p: stamps.append(time.perf_counter()) if p.phase == "rl" else None,
+            )
+        secs["stage1"] = per_step(stamps, t0)
+        notes["stage1"] = "one DL step + one RL step (2 candidates), harmonizer bottleneck 64"
+        log(f"stage 1: {secs['stage1']:.2f} s/step")
 
-    work = Path(tempfile.mkdtemp(prefix="scaling-"))
-    emu_path = work / "emulator.safetensors"
-    n_layers = importance.scores.numel()
-    n_adapter = 2 if n_layers >= 8 else 1
-    stamps = []
-    with meter.stage("calibration"):
-        t0 = time.perf_counter()
-        info = make_emulator(
-            model,
-            tok,
-            importance,
-            n_adapter,
-            0.5,
-            0.5,
-            emu_path,
-            calibration=CalibrationConfig(steps=n, batch_size=batch),
-            calibration_blocks=train_b,
-            calibration_progress=lambda p: stamps.append(time.perf_counter()),
+    if "calibration" in run:
+        work = Path(tempfile.mkdtemp(prefix="scaling-"))
+        emu_path = work / "emulator.safetensors"
+        n_adapter = 2 if n_layers >= 8 else 1
+        stamps = []
+        with meter.stage("calibration"):
+            t0 = time.perf_counter()
+            info = make_emulator(
+                model,
+                tok,
+                importance,
+                n_adapter,
+                0.5,
+                0.5,
+                emu_path,
+                calibration=CalibrationConfig(steps=n, batch_size=batch),
+                calibration_blocks=train_b,
+                calibration_progress=lambda p: stamps.append(time.perf_counter()),
+            )
+        secs["calibration"] = per_step(stamps, t0)
+        notes["calibration"] = (
+            f"n_adapter={n_adapter}, alpha=0.5, beta=0.5; memory: the whole build (emulator, calibration, file)"
         )
-    secs["calibration"] = per_step(stamps, t0)
-    notes["calibration"] = f"n_adapter={n_adapter}, alpha=0.5, beta=0.5; memory: the whole build incl. the copy"
-    log(f"calibration: {secs['calibration']:.2f} s/step; emulator {info.size_bytes / 2**20:.0f} MiB")
-    del importance
-    gc.collect()
+        emu_file_bytes = info.size_bytes
+        log(f"calibration: {secs['calibration']:.2f} s/step; emulator {emu_file_bytes / 2**20:.0f} MiB")
+        del importance
+        gc.collect()
 
-    # The data owner's process holds the emulator only: a meter started now counts its growth, without M.
-    client_meter = MemoryMeter("cpu")
-    stamps = []
-    with client_meter.stage("client_step"):
-        loaded = load_emulator(emu_path)
-        emu = loaded.model.to(dtype)
-        freeze_except_adapter(emu, loaded.plan.adapter_layers)
-        examples = training_examples(load_dataset(files["wiki_train"]), loaded.tokenizer, seq_len)
-        cfg = TrainConfig(method="full", max_steps=n, batch_size=batch, seq_len=seq_len, seed=0)
-        set_seed(0)
-        t0 = time.perf_counter()
-        train(
-            emu,
-            examples,
-            cfg,
-            resolve_device("cpu"),
-            pad_id=pad_id_for(loaded.tokenizer),
-            checkpoint_dir=None,
-            progress=False,
-            on_step=lambda step, loss: stamps.append(time.perf_counter()),
+    if "client_step" in run:
+        # The data owner's process holds the emulator only: a meter started now counts its growth, without M.
+        client_meter = MemoryMeter("cpu")
+        stamps = []
+        with client_meter.stage("client_step"):
+            loaded = load_emulator(emu_path)
+            emu = loaded.model.to(dtype)
+            freeze_except_adapter(emu, loaded.plan.adapter_layers)
+            examples = training_examples(load_dataset(files["wiki_train"]), loaded.tokenizer, seq_len)
+            cfg = TrainConfig(method="full", max_steps=n, batch_size=batch, seq_len=seq_len, seed=0)
+            set_seed(0)
+            t0 = time.perf_counter()
+            train(
+                emu,
+                examples,
+                cfg,
+                resolve_device("cpu"),
+                pad_id=pad_id_for(loaded.tokenizer),
+                checkpoint_dir=None,
+                progress=False,
+                on_step=lambda step, loss: stamps.append(time.perf_counter()),
+            )
+        secs["client_step"] = per_step(stamps, t0)
+        notes["client_step"] = "full fine-tuning of the adapter layers (AdamW); holds the emulator, not M"
+        log(f"client step: {secs['client_step']:.2f} s/step")
+        emu_bytes = param_bytes(emu)
+        del emu, loaded, examples
+        gc.collect()
+
+    if "evaluation" in run:
+        stamps = []
+        with meter.stage("evaluation"):
+            t0 = time.perf_counter()
+            evaluate(
+                model,
+                tok,
+                load_dataset(files["wiki_val"]),
+                seq_len=seq_len,
+                batch_size=batch,
+                max_examples=batch * n,
+                progress=lambda done, total: stamps.append(time.perf_counter()),
+            )
+        secs["evaluation"] = per_step(stamps, t0)
+        notes["evaluation"] = f"text perplexity, one batch of {batch} x {seq_len} tokens per step"
+        log(f"evaluation: {secs['evaluation']:.2f} s/batch")
+
+    if "serving" in run:
+        prompt = tok("The history of the city begins", add_special_tokens=False)["input_ids"]
+        with meter.stage("serving"):
+            warm = Generation(model, tok, prompt, Sampling(max_tokens=2, temperature=0.0, seed=0))
+            "".join(warm.deltas())
+            gen = Generation(model, tok, prompt, Sampling(max_tokens=new_tokens, temperature=0.0, seed=0))
+            t0 = time.perf_counter()
+            "".join(gen.deltas())
+            elapsed = time.perf_counter() - t0
+        produced = max(1, gen.completion_tokens + (gen.finish_reason == "stop"))
+        secs["serving"] = elapsed / produced
+        notes["serving"] = (
+            f"greedy, {produced} new tokens after a {len(prompt)}-token prompt (KV cache); s per token incl. prefill"
         )
-    secs["client_step"] = per_step(stamps, t0)
-    notes["client_step"] = "full fine-tuning of the adapter layers (AdamW); holds the emulator, not M"
-    log(f"client step: {secs['client_step']:.2f} s/step")
-    emu_bytes = param_bytes(emu)
-    del emu, loaded, examples
-    gc.collect()
-
-    stamps = []
-    with meter.stage("evaluation"):
-        t0 = time.perf_counter()
-        evaluate(
-            model,
-            tok,
-            load_dataset(files["wiki_val"]),
-            seq_len=seq_len,
-            batch_size=batch,
-            max_examples=batch * n,
-            progress=lambda done, total: stamps.append(time.perf_counter()),
-        )
-    secs["evaluation"] = per_step(stamps, t0)
-    notes["evaluation"] = f"text perplexity, one batch of {batch} x {seq_len} tokens per step"
-    log(f"evaluation: {secs['evaluation']:.2f} s/batch")
-
-    prompt = tok("The history of the city begins", add_special_tokens=False)["input_ids"]
-    with meter.stage("serving"):
-        warm = Generation(model, tok, prompt, Sampling(max_tokens=2, temperature=0.0, seed=0))
-        "".join(warm.deltas())
-        gen = Generation(model, tok, prompt, Sampling(max_tokens=new_tokens, temperature=0.0, seed=0))
-        t0 = time.perf_counter()
-        "".join(gen.deltas())
-        elapsed = time.perf_counter() - t0
-    produced = max(1, gen.completion_tokens + (gen.finish_reason == "stop"))
-    secs["serving"] = elapsed / produced
-    notes["serving"] = (
-        f"greedy, {produced} new tokens after a {len(prompt)}-token prompt (KV cache); s per token incl. prefill"
-    )
-    log(f"serving: {secs['serving']:.3f} s/token")
+        log(f"serving: {secs['serving']:.3f} s/token")
 
     rec_m, rec_c = meter.record(), client_meter.record()
     stages: dict[str, dict[str, Any]] = {}
-    for s in STAGES:
+    for s in report:
         m = (rec_c if s == "client_step" else rec_m)["stages"][s]
         stages[s] = {
             "seconds_per_step": round(secs[s], 4),
@@ -261,7 +297,7 @@ def bench_model(name: str, dtype: torch.dtype, steps: int, seq_len: int, batch: 
         "dtype": dtype_name(dtype),
         "model_bytes": m_bytes,
         "emulator_param_bytes": emu_bytes,
-        "emulator_file_bytes": info.size_bytes,
+        "emulator_file_bytes": emu_file_bytes,
         "load_seconds": round(load_s, 1),
         "memory_method": rec_m["method"],
         "stages": stages,
@@ -269,14 +305,15 @@ def bench_model(name: str, dtype: torch.dtype, steps: int, seq_len: int, batch: 
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | params | dtype | M bytes | " + " | ".join(STAGE_TITLES[s] for s in STAGES) + " |"
-    out = [head, "|" + "---|" * (4 + len(STAGES))]
+    shown = [s for s in STAGES if any(s in r["stages"] for r in rows)]
+    head = "| model | params | dtype | M bytes | " + " | ".join(STAGE_TITLES[s] for s in shown) + " |"
+    out = [head, "|" + "---|" * (4 + len(shown))]
     for r in rows:
         cells = []
-        for s in STAGES:
-            st = r["stages"][s]
+        for s in shown:
+            st = r["stages"].get(s)
             unit = "s/token" if s == "serving" else "s/step"
-            cells.append(f"{st['seconds_per_step']:.3g} {unit}; {st['over_model']:.2f}x")
+            cells.append("not run" if st is None else f"{st['seconds_per_step']:.3g} {unit}; {st['over_model']:.2f}x")
         out.append(
             f"| {r['title']} | {r['params'] / 1e6:.0f}M | {r['dtype']} | {r['model_bytes'] / 2**20:.0f} MiB | "
             + " | ".join(cells)
@@ -295,6 +332,7 @@ def write_results(out: Path, args: argparse.Namespace, seq_len: int, rows: list[
             "seq_len": seq_len,
             "batch": args.batch,
             "new_tokens": args.new_tokens,
+            "stages": args.stages,
             "threads": torch.get_num_threads(),
         },
         "machine": {
@@ -328,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated in the serving stage")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"comma list from {', '.join(STAGES)} (the stages a listed one needs run too, unreported)",
+    )
     p.add_argument("--out", default=None, help="path stem of .json/.md (default benchmarks/results/scaling[_tiny])")
     args = p.parse_args(argv)
     if args.out is None:
@@ -336,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    stages = [x.strip() for x in args.stages.split(",") if x.strip()]
+    if not stages or any(x not in STAGES for x in stages):
+        p.error(f"--stages: choose from {', '.join(STAGES)}")
+    args.stages = [x for x in STAGES if x in stages]
     names = ["tiny"] if args.tiny else [m.strip() for m in args.models.split(",") if m.strip()]
     for m in names:
         if m not in MODELS:
@@ -345,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     for m in names:
         try:
-            rows.append(bench_model(m, _DTYPES[args.dtype], args.steps, seq_len, args.batch, args.new_tokens))
+            rows.append(
+                bench_model(m, _DTYPES[args.dtype], args.steps, seq_len, args.batch, args.new_tokens, args.stages)
+            )
         except FileNotFoundError as e:
             log(f"skipping {m}: {e}")
             skipped[m] = str(e)
