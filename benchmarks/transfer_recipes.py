@@ -105,6 +105,7 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
     "default": {},
     "grad1": {"grad_weight": 1.0},  # + the bottom adapters' gradient alignment (calibrate.py)
     "grad10": {"grad_weight": 10.0},
+    "adapters10": {"grad_weight": 10.0, "grad_match": "adapters"},  # the parameter gradients themselves
 }
 
 

@@ -62,10 +62,11 @@ class CalibrationConfig:
     # > 0: also match M's backward signal where the bottom adapters hand over to the rest of the network (the
     # per-token cosine of the LM loss's gradient w.r.t. that residual stream; calibrate.py says why this one).
     grad_weight: float = 0.0
+    grad_match: str = "junction"  # or "adapters": the adapter layers' parameter gradients, per layer
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["grad_weight"] == 0.0:  # records (and so emulator files) without the term read as before it existed
-            del d["grad_weight"]
+            del d["grad_weight"], d["grad_match"]
         return d

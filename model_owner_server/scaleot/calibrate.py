@@ -25,6 +25,11 @@ cosine on public text. Cosine, not MSE: AdamW, the data owner's optimizer, is in
 overall scale. The cost is an extra backward through M and a double backward (create_graph) through the
 emulator per step; the stand-ins are trained through the second-order graph.
 
+`grad_match = "adapters"` is the direct form instead: 1 - the cosine between the adapter layers' parameter
+gradients under the emulator and under M, per adapter layer (the fidelity figure itself, top adapters
+included), at about the same cost. It asks for one direction per layer over the batch rather than one per
+token: a much smaller target for the stand-ins to reach, but only the batch's aggregate.
+
 `measure_fidelity` is the figure stored with every emulator: the perplexity ratio to M and the cosine between
 the adapter's gradients under the emulator and under M (GradOT / LLEOT: what transfers is the gradient).
 """
@@ -36,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -50,6 +55,7 @@ from shared.training import optimizer_step, random_batch, train_only_layers, war
 from .losses import forward_with_hidden, hidden_nmse, lm_loss, logit_kl
 
 GradStore = list[torch.Tensor]
+GRAD_MATCHES = ("junction", "adapters")  # CalibrationConfig.grad_match
 
 
 @dataclass
@@ -58,7 +64,7 @@ class CalibrationProgress:
     total_steps: int
     kl: float
     nmse: float
-    grad_mismatch: float | None = None  # 1 - the junction gradient's cosine with M's (grad_weight > 0 only)
+    grad_mismatch: float | None = None  # the gradient term (grad_weight > 0 only): 1 - cosine with M's
 
     @property
     def fraction(self) -> float:
@@ -122,22 +128,29 @@ def calibrate_emulator(
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = warmup_cosine(opt, cfg.steps)  # cosine to 0
     positions = list(range(plan.n_layers))
-    junction = bottom_junction(plan) if cfg.grad_weight > 0 else None
-    if cfg.grad_weight > 0 and junction is None:
+    if cfg.grad_match not in GRAD_MATCHES:
+        raise ValueError(f"grad_match must be one of {GRAD_MATCHES}, got {cfg.grad_match!r}")
+    junction = bottom_junction(plan)
+    if cfg.grad_weight > 0 and cfg.grad_match == "junction" and junction is None:
         raise ValueError("grad_weight > 0 needs adapter layers at the bottom of the plan (layer 0 an adapter)")
     kl = nmse = torch.zeros(())
     mismatch: torch.Tensor | None = None
     try:
         for step in range(1, cfg.steps + 1):
             ids = random_batch(blocks, cfg.batch_size, gen, device)
-            if junction is None:
+            if cfg.grad_weight == 0:
                 with torch.no_grad():
                     t_logits, t_hidden = forward_with_hidden(model, ids, positions)
                 logits, hidden = forward_with_hidden(emu, ids, positions)
-            else:
-                t_logits, t_hidden, t_grad = _forward_with_junction_grad(model, ids, positions, junction)
-                logits, hidden, grad = _forward_with_junction_grad(emu, ids, positions, junction, create_graph=True)
+            elif cfg.grad_match == "junction":
+                t_logits, t_hidden, t_grad = _forward_with_junction_grad(model, ids, positions, cast(int, junction))
+                logits, hidden, grad = _forward_with_junction_grad(emu, ids, positions, cast(int, junction), True)
                 mismatch = junction_grad_mismatch(grad, t_grad)
+            else:
+                layers = plan.adapter_layers
+                t_logits, t_hidden, t_grads = _forward_with_adapter_grads(model, ids, positions, layers)
+                logits, hidden, grads = _forward_with_adapter_grads(emu, ids, positions, layers, create_graph=True)
+                mismatch = adapter_grad_mismatch(grads, t_grads)
             kl = logit_kl(logits, t_logits)
             # The residual stream after every position: where each stand-in rejoins M, it should carry M's state.
             nmse = torch.stack([hidden_nmse(hidden[i], t_hidden[i]) for i in positions]).mean()
@@ -209,6 +222,39 @@ def _forward_with_junction_grad(
     if not create_graph:
         return logits.detach(), {i: h.detach() for i, h in hidden.items()}, grad
     return logits, hidden, grad
+
+
+def _forward_with_adapter_grads(
+    net: nn.Module, ids: torch.Tensor, positions: list[int], layers: list[int], create_graph: bool = False
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[torch.Tensor]]:
+    """forward_with_hidden plus the LM loss's gradient w.r.t. each adapter layer's parameters (flattened, one
+    tensor per layer); detached for M, with its graph for the emulator (as _forward_with_junction_grad)."""
+    params = [list(decoder_layers(net)[i].parameters()) for i in layers]
+    flat = [p for ps in params for p in ps]
+    flags = [p.requires_grad for p in flat]
+    kernel = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
+    try:
+        for p in flat:
+            p.requires_grad_(True)
+        with torch.enable_grad(), kernel:
+            logits, hidden = forward_with_hidden(net, ids, positions)
+            grads = torch.autograd.grad(lm_loss(logits, ids), flat, create_graph=create_graph)
+    finally:  # before the calibration's backward, so the adapter layers collect no gradient there
+        for p, f in zip(flat, flags, strict=True):
+            p.requires_grad_(f)
+    per_layer, k = [], 0
+    for ps in params:
+        per_layer.append(torch.cat([g.flatten().float() for g in grads[k : k + len(ps)]]))
+        k += len(ps)
+    if not create_graph:
+        return logits.detach(), {i: h.detach() for i, h in hidden.items()}, per_layer
+    return logits, hidden, per_layer
+
+
+def adapter_grad_mismatch(grads: list[torch.Tensor], t_grads: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over adapter layers of 1 - cosine(emulator's parameter gradient, M's)."""
+    cos = torch.nn.functional.cosine_similarity
+    return torch.stack([1 - cos(g, t, dim=0) for g, t in zip(grads, t_grads, strict=True)]).mean()
 
 
 def junction_grad_mismatch(grad: torch.Tensor, t_grad: torch.Tensor) -> torch.Tensor:

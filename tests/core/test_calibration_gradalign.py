@@ -14,6 +14,7 @@ from model_owner_server.scaleot.calibrate import (
     bottom_junction,
     calibrate_emulator,
     junction_grad_mismatch,
+    measure_fidelity,
 )
 from model_owner_server.scaleot.emulator import build_emulator, scaleot_plan
 from scaleot_samples.tiny import tiny_model
@@ -72,6 +73,25 @@ def test_the_term_lowers_the_gradient_mismatch_it_targets():
         after[w] = _mismatch(model, emu, plan)
         assert ("final_grad_mismatch" in info) == (w > 0)
     assert after[10.0] < after[0.0] < before, (before, after)
+
+
+def test_the_adapters_form_lowers_the_parameter_gradient_mismatch_on_its_batch():
+    """grad_match = "adapters": the adapter layers' parameter-gradient cosine with M (the fidelity figure) on the
+    calibration batch itself rises, and the adapter layers (M's weights) neither change nor keep a gradient."""
+    model, plan, hs = _setup()
+    blocks = _blocks(4, 3)  # one batch: every step sees it
+    emu = build_emulator(model, plan, copy.deepcopy(hs))
+    adapters = {
+        k: v.clone() for k, v in emu.state_dict().items() if k.startswith(("model.layers.0.", "model.layers.5."))
+    }
+    before = measure_fidelity(model, emu, plan, blocks)["grad_cosine"]
+    cfg = CalibrationConfig(steps=5, lr=1e-2, kl_weight=0, hidden_weight=0, grad_weight=1, grad_match="adapters")
+    info = calibrate_emulator(model, emu, plan, blocks, cfg)
+    assert measure_fidelity(model, emu, plan, blocks)["grad_cosine"] > before
+    assert info["config"]["grad_match"] == "adapters"
+    state = emu.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in adapters.items())
+    assert all(p.grad is None for i in plan.adapter_layers for p in emu.model.layers[i].parameters())
 
 
 def test_grad_weight_zero_is_the_calibration_without_the_term():
