@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -71,7 +72,7 @@ from benchmarks.harness import (
     train_config,
     zero_shot,
 )
-from benchmarks.results import environment, markdown_table, publish
+from benchmarks.results import environment, markdown_table, publish, result_paths
 from benchmarks.transfer import PROFILES
 from benchmarks.transfer_recipes import EMULATOR, committed_stage1
 from data_owner_client.train import train_layers_in_model
@@ -307,6 +308,13 @@ def markdown(doc: dict) -> str:
             f"{'within' if cmp['r_within_spread'] else 'OUTSIDE'} it, plug-in ppl "
             f"{'within' if cmp['ppl_within_spread'] else 'OUTSIDE'} it."
         )
+        here = {n: v for n, v in (cmp.get("spread_here") or {}).items() if v["r"] is not None}
+        if here:
+            extra.append(
+                "- Seed spread measured here (half the range over the seeds): "
+                + "; ".join(f"{n}: ±{v['r']:.3f} in r, ±{v['plug_in_ppl']:.3f} plug-in ppl" for n, v in here.items())
+                + "."
+            )
     head = (
         f"{meta['model']}, ScaleOT α = 0.5, N_a = {b['n_adapter']}, β = 0, plan from {doc['stage1']}, "
         f"{b['calibration_steps']} calibration steps, data owner {b['ft_steps']} steps (whole layers, client "
@@ -314,7 +322,19 @@ def markdown(doc: dict) -> str:
         f"{meta['torch_threads']} torch thread(s) on a shared CPU (load average {meta['load_average']:.1f} at the "
         f"start), {meta['seconds']:.0f} s in all."
     )
-    return "\n".join([head, "", *table, "", *extra, ""]) if extra else "\n".join([head, "", *table, ""])
+    extra.append(
+        "- Where each figure runs: M, calibration (float32 stand-ins), fidelity, plug-in, reference scoring and "
+        "zero-shot in the column's dtype; the emulator file is issued in it; the client upcasts a bf16 file to "
+        "float32 on CPU (emulator zero-shot scored and the 32 steps trained in float32), casts it back, and scores "
+        "the tuned emulator in bf16; the reference trains float32 weights of the column's M (the client's way) and "
+        "is cast back and scored in the column's dtype."
+    )
+    return "\n".join([head, "", *table, "", *extra, ""])
+
+
+def _spread(rows: list[dict], k: str) -> float | None:
+    vals = [r[k] for r in rows if r[k] is not None]
+    return (max(vals) - min(vals)) / 2 if len(vals) > 1 else None
 
 
 def compare(recs: dict[str, dict]) -> dict | None:
@@ -330,6 +350,10 @@ def compare(recs: dict[str, dict]) -> dict | None:
         "reference_ppl_diff": d["reference_ppl"],
         "zero_shot_ppl_diff": recs[other]["zero_shot"]["perplexity"] - recs["float32"]["zero_shot"]["perplexity"],
         "fp32_seed_spread": FP32_SPREAD,
+        # measured here when more than one seed ran: half the max-min range over seeds, per dtype
+        "spread_here": {
+            n: {k: _spread(list(rec["seeds"].values()), k) for k in ("r", "plug_in_ppl")} for n, rec in recs.items()
+        },
         "r_within_spread": abs(d["r"]) <= FP32_SPREAD["r"],
         "ppl_within_spread": abs(d["plug_in_ppl"]) <= FP32_SPREAD["ppl"],
     }
@@ -344,8 +368,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--native-reference", action="store_true", help="also the reference trained natively in bf16 (no masters)"
     )
+    p.add_argument("--report", action="store_true", help="only rewrite the markdown from the results JSON")
     args = p.parse_args(argv)
     profile = profile_of(args)
+    if args.report:
+        json_path, md_path, _ = result_paths(Path(args.results_dir), RESULT_NAME, profile)
+        doc = json.loads(json_path.read_text())
+        doc["comparison"] = compare(doc["dtypes"])
+        publish(Path(args.results_dir), RESULT_NAME, profile, doc, markdown(doc))
+        return doc
     budget = PROFILES[profile]
     if args.eval_blocks:
         budget = replace(budget, text_eval_blocks=args.eval_blocks)
