@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     profile = profile_of(args)
     if args.report:
-        json_path, md_path, _ = result_paths(Path(args.results_dir), RESULT_NAME, profile)
+        json_path = result_paths(Path(args.results_dir), RESULT_NAME, profile)[0]
         doc = json.loads(json_path.read_text())
         doc["comparison"] = compare(doc["dtypes"])
         publish(Path(args.results_dir), RESULT_NAME, profile, doc, markdown(doc))
