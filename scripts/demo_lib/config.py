@@ -37,6 +37,19 @@ class DemoConfig:
     chat_turns: int = 3  # question/answer exchanges per conversation
     model_name: str = "smollm2-135m"
     seed: int = 0
+    # Another base model than SmolLM2 (e.g. Gemma-3-270M): a prepared HF folder, or a GGUF file that the model
+    # owner converts with `modelowner-server import-gguf` into models/<model_name>; registered with
+    # compute_dtype when set (POST /v1/models, as `register-model --compute-dtype`).
+    model_dir: str | None = None
+    gguf: str | None = None
+    compute_dtype: str | None = None
+    calibration_steps: int | None = None  # SCALEOT_EMULATOR_CALIBRATION_STEPS for the server (None: its default)
+
+    @property
+    def model_title(self) -> str:
+        if self.tiny:
+            return "tiny random model"
+        return self.model_name if (self.model_dir or self.gguf) else "SmolLM2-135M"
 
     @classmethod
     def for_args(cls, args: argparse.Namespace) -> DemoConfig:
@@ -79,10 +92,22 @@ class DemoConfig:
             "eval_max_examples",
             "lr",
             "seed",
+            "model_name",
+            "compute_dtype",
+            "calibration_steps",
         ):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(cfg, name, value)
+        model_dir, gguf = getattr(args, "model_dir", None), getattr(args, "gguf", None)
+        if model_dir and gguf:
+            raise SystemExit("--model-dir and --gguf are alternatives: give one")
+        if (model_dir or gguf) and cfg.tiny:
+            raise SystemExit("--tiny uses its own random model: --model-dir / --gguf need the real demo")
+        cfg.model_dir = str(Path(model_dir).resolve()) if model_dir else None
+        cfg.gguf = str(Path(gguf).resolve()) if gguf else None
+        if (model_dir or gguf) and getattr(args, "model_name", None) is None:
+            cfg.model_name = Path(model_dir or gguf).name.removesuffix(".gguf").lower()
         return cfg
 
 

@@ -25,6 +25,20 @@ def model_owner_files(cfg: DemoConfig, owner_dir: Path) -> tuple[Path, Path]:
         ):
             save_tiny_model_dir(model_dir, "llama", n_layers=6, hidden=32, seed=cfg.seed, chat_template=True)
         say(f"  tiny random LLaMA (6 layers, ChatML chat template) in {model_dir}")
+    elif cfg.model_dir:
+        model_dir = Path(cfg.model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise DemoError(f"--model-dir {model_dir}: no config.json there")
+        say(f"  base model: {model_dir}")
+    elif cfg.gguf:
+        model_dir = models / cfg.model_name
+        # import-gguf into the same folder again is a no-op, so a rerun only checks it
+        run_cmd(
+            [*tool("modelowner-server"), "import-gguf", cfg.gguf, "--output", str(model_dir)],
+            env=clean_env(),
+            cwd=owner_dir,
+            capture=True,
+        )
     else:
         model_dir = models / cfg.model_name
         if (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors")):

@@ -74,6 +74,8 @@ class OwnerResult:
     emulator: dict[str, Any]
     importance: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    admin_key: str = ""  # the admin organization's key (the demo's optional evaluation job uses it)
+    benchmarks: dict[str, Any] = field(default_factory=dict)  # that job's table, when it ran
 
 
 def server_cli(
@@ -138,10 +140,14 @@ def model_owner_flow(
         model = existing[0]
         say(f"    model {cfg.model_name!r} is registered already ({model['id']})")
     else:  # the same as `modelowner-server register-model NAME --path DIR`
-        model = admin.call("POST", "/v1/models", {"name": cfg.model_name, "path": str(model_dir.resolve())})
+        body = {"name": cfg.model_name, "path": str(model_dir.resolve())}
+        if cfg.compute_dtype:  # = register-model --compute-dtype
+            body["compute_dtype"] = cfg.compute_dtype
+        model = admin.call("POST", "/v1/models", body)
         say(
             f"    -> {model['id']}: {model.get('family')}, {model.get('n_layers')} layers, "
             f"{(model.get('n_params') or 0) / 1e6:.1f}M parameters"
+            + (f", compute dtype {model['compute_dtype']}" if model.get("compute_dtype") else "")
         )
     admin.call("POST", f"/v1/models/{model['id']}/grants", {"org": data_org})  # = `modelowner-server grant`
 
@@ -220,7 +226,7 @@ def model_owner_flow(
         server_pubkey=active["public_key"],
         key_id=active["key_id"],
     )
-    return OwnerResult(invitation, model, emu, importance, timings)
+    return OwnerResult(invitation, model, emu, importance, timings, admin_key=state.get("admin_key", ""))
 
 
 def _key_works(server_url: str, key: str) -> bool:

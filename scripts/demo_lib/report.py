@@ -63,6 +63,7 @@ def build_report(
         "training": training,
         "metrics": rows,
         "chat": chat,
+        **({"benchmarks": owner.benchmarks} if owner and owner.benchmarks else {}),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(total_s, 1),
     }
@@ -151,6 +152,9 @@ def print_report(r: dict[str, Any]) -> None:
         say(f"{'':44}{'perplexity':>12}{'loss':>8}")
         for name, row in chat["metrics"].items():
             say(f"{name:44}{ppl(row)}{loss(row)}")
+    if r.get("benchmarks"):
+        say("")
+        say(f"evaluation job (lm-evaluation-harness on M and the plug-in): {r['benchmarks']}")
     say("")
     say(
         "time: "
