@@ -16,8 +16,9 @@ the job's own footprint with M included either way. On CPU a checkpoint loaded i
 mapped: its pages count from the stage whose first forward reads them, not from "load".
 
 Models that do not fit one GPU: refused before loading, with the memory the stage needs (`check_fits`), not
-spread over GPUs with device_map="auto": the emulator build deep-copies M and stage 1 swaps decoder layers in
-place, neither of which works on a model split across devices without changes to the algorithm.
+spread over GPUs with device_map="auto": the emulator build copies M's modules (sharing M's tensors where the plan
+keeps them) and stage 1 swaps decoder layers in place, neither of which has been made to work on a model split
+across devices.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDType)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Peak memory of a job kind as a multiple of M's bytes in its compute dtype (GPU fit check). What each holds:
-# importance: M + harmonizers (+ AdamW) + one batch's activations and the teacher's logits; emulator: M + the
-# emulator (a copy of M, smaller) + calibration's stand-in gradients and activations; evaluation and serving:
+# importance: M + harmonizers (+ AdamW) + one batch's activations and the teacher's logits; emulator: M + what
+# the emulator does not share with M (stand-ins, SRC factors, kept layers when calibration trains them) +
+# calibration's stand-in gradients and activations; evaluation and serving:
 # M + the adapter layers of one plugged copy; benchmark_eval: M + a standalone plugged copy; privacy_audit: M +
 # the emulator + the attack's training. Upper estimates for short sequences (<= 512 tokens, batch <= 8), set
 # above the peaks benchmarks/scaling.py measured (CPU resident memory / M's bytes, docs/benchmarks.md "Scaling"):
 # stage 1 up to 2.43x (SmolLM2 bf16), emulator build with calibration up to 3.48x, evaluation 1.43x, serving 1.09x.
+# Since the build shares M's tensors (a4a542f) its peak is lower (benchmarks/results/scaling_emulator_build.md:
+# SmolLM2 fp32 1.93x, bf16 2.63x, Gemma-3-270M fp32 2.08x, bf16 2.81x: calibration's activations do not halve
+# with M); the emulator factor is left at 3.5 (3.0 would still be above every measured peak).
 STAGE_FACTORS: dict[str, float] = {
     "importance": 2.5,
     "emulator": 3.5,
