@@ -33,6 +33,7 @@ import argparse
 import gc
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -167,6 +168,7 @@ def bench_model(
 
     n_layers = len(decoder_layers(model))
     emu_bytes = emu_file_bytes = None
+    work: Path | None = None  # the emulator file's folder, removed at the end
     client_meter = MemoryMeter("cpu")  # started again before the client step (see there)
     if "stage1" in run:
         stamps: list[float] = []
@@ -287,6 +289,8 @@ def bench_model(
             "holds_model": s != "client_step",
             "note": notes[s],
         }
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     del model
     gc.collect()
     return {
