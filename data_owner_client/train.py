@@ -253,10 +253,14 @@ def train_layers_in_model(
     model: nn.Module, layers: list[int], examples: list[Example], cfg: TrainConfig, choice: DeviceChoice, *, pad_id: int
 ) -> tuple[nn.Module, TrainResult]:
     """The same recipe on `layers` of a copy of a full model (M untouched): the reference an emulator's plug-in
-    is measured against (the transfer ratio), used by the benchmarks, the demo and the utility test."""
+    is measured against (the transfer ratio), used by the benchmarks, the demo and the utility test. Trained in
+    float32 and returned in M's dtype, as the client trains a low-precision emulator."""
     tuned = copy.deepcopy(model)
+    dtype = next(tuned.parameters()).dtype
+    if dtype != torch.float32:  # as tune_emulator: bf16/fp16 weights would round AdamW's updates away
+        tuned.float()
     freeze_except_adapter(tuned, layers)
     set_seed(cfg.seed)
     result = train(tuned, examples, cfg, choice, pad_id=pad_id, progress=False)
     tuned.requires_grad_(False)
-    return tuned, result
+    return tuned.to(dtype), result

@@ -314,3 +314,27 @@ def test_lr_scales_slow_down_only_the_named_layers(emulator_build, text_dataset)
     moved = {k for k in start if not torch.equal(start[k], after[k])}
     assert moved and not any(k.startswith(prefix) for k in moved)
     assert any(k.startswith(layer_prefix(emu.model, last)) for k in moved)
+
+
+def test_in_model_reference_of_a_bf16_model_trains_in_fp32_and_keeps_its_dtype(emulator_build, text_dataset):
+    """The benchmarks' reference (the same layers tuned inside M) trains a bf16 M as the client trains a bf16
+    emulator: float32 weights during training, M's dtype after. In bf16 directly, AdamW's small updates round
+    away and the reference (the transfer ratio's denominator) comes out too weak."""
+    from data_owner_client.train import train_layers_in_model
+
+    emu = load_emulator(emulator_build[0])
+    layers = emu.plan.adapter_layers
+    cfg = TrainConfig(max_steps=3, lr=1e-3, batch_size=4, seq_len=64, warmup_ratio=0.0)
+    examples = training_examples(text_dataset, emu.tokenizer, cfg.seq_len)
+    pad = pad_id_for(emu.tokenizer)
+    bf16 = copy.deepcopy(emu.model).to(torch.bfloat16)
+    start = {k: v.clone() for k, v in bf16.state_dict().items()}
+
+    tuned, _ = train_layers_in_model(bf16, layers, examples, cfg, CPU, pad_id=pad)
+    expect, _ = train_layers_in_model(copy.deepcopy(bf16).float(), layers, examples, cfg, CPU, pad_id=pad)
+    got = tuned.state_dict()
+    assert all(v.dtype == torch.bfloat16 for v in got.values())
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, start[k]) for k, v in bf16.state_dict().items())
+    moved = {k for k in got if not torch.equal(got[k], start[k])}
+    assert moved and all(k.startswith(tuple(layer_prefix(tuned, i) for i in layers)) for k in moved)
+    assert all(torch.equal(got[k], expect.state_dict()[k].to(torch.bfloat16)) for k in got)
