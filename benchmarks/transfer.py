@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--emulators", default=None, help="only these emulator rows (names as in emulator_specs)")
     p.add_argument("--stage1-seeds", default=None, help="stage-1 seeds, e.g. 0 (default: the profile's)")
+    p.add_argument("--stage1-steps", type=int, default=None, help="stage-1 DL steps (default: the profile's)")
+    p.add_argument("--stage1-warmup", type=int, default=None, help="stage-1 warm-up steps (default: the profile's)")
+    p.add_argument("--calibration-steps", type=int, default=None, help="emulator calibration (default: the profile's)")
     args = p.parse_args(argv)
     profile = "gemma270m" if getattr(args, "gemma270m", False) else profile_of(args)
     if profile == "gemma270m" and not args.model_dir:
@@ -286,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
     budget = PROFILES[profile]
     if args.stage1_seeds:
         budget = replace(budget, stage1_seeds=tuple(int(x) for x in args.stage1_seeds.split(",")))
+    for field in ("stage1_steps", "stage1_warmup", "calibration_steps"):  # part of the cache keys they shape
+        if getattr(args, field) is not None:
+            budget = replace(budget, **{field: getattr(args, field)})
     specs = emulator_specs(budget)
     if args.emulators:
         wanted = {x.strip() for x in args.emulators.split(",") if x.strip()}

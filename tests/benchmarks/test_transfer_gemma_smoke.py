@@ -66,13 +66,15 @@ def test_gemma_profile_runs_task_a_at_alpha_half_into_its_own_files(tmp_path, mo
     )
     res = tmp_path / "res"
     args = ["--gemma270m", "--model-dir", str(model_dir), "--work-dir", str(tmp_path / "work"), "--threads", "1"]
-    result = transfer.main([*args, "--results-dir", str(res)])
+    result = transfer.main([*args, "--results-dir", str(res), "--calibration-steps", "1"])
     data = json.loads((res / "transfer_gemma270m.json").read_text())
     assert data["complete"] is True and result["complete"] is True
     assert (res / "transfer_gemma270m.md").read_text().startswith("Profile `gemma270m`")
     assert not (res / "transfer.json").exists()
     meta = data["meta"]
     assert meta["model"] == harness.model_id_for(model_dir) and meta["budget"]["profile"] == "gemma270m"
+    assert meta["budget"]["calibration_steps"] == 1 and meta["budget"]["stage1_steps"] == small.stage1_steps
+    assert data["emulators"]["scaleot_a0.5"]["calibration"]["steps"] == 1  # the option reached the build
     assert meta["block_start"]["expects_bos"] is True and meta["block_start"]["blocks_start_as_expected"] is True
     assert set(data["emulators"]) == {"scaleot_a0.5"}
     rows = data["rows"]
