@@ -49,11 +49,22 @@ def tune(
     ] = Method.full,
     epochs: Annotated[float, typer.Option(help="Passes over the training data (ignored with --max-steps).")] = D.epochs,
     max_steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps (overrides --epochs).", show_default=False)
+        int | None,
+        typer.Option(
+            help="Optimizer steps (overrides --epochs). More steps keep improving the emulator's copy but not "
+            "always the full model: on SmolLM2's alpha=0.5 emulator at lr 1e-4 the plug-in was best after ~64 "
+            "steps and worse after 512 (docs/benchmarks.md).",
+            show_default=False,
+        ),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help=f"Peak learning rate (default {LR_FULL:g} full, {LR_LORA:g} lora).", show_default=False),
+        typer.Option(
+            help=f"Peak learning rate (default {LR_FULL:g} full, {LR_LORA:g} lora). Lower (3e-5) improves the "
+            "plug-in more slowly and evenly, ending where the default ends; full layers transferred more than "
+            "LoRA at 32 steps (docs/benchmarks.md).",
+            show_default=False,
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = D.batch_size,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = D.grad_accum,
