@@ -378,14 +378,27 @@ class EmuSpec:
 
 
 def build_emulators(
-    model, tok, importance, stage1_key: str, specs: list[EmuSpec], files: dict[str, Path], budget: Budget, work: Path
+    model,
+    tok,
+    importance,
+    stage1_key: str,
+    specs: list[EmuSpec],
+    files: dict[str, Path],
+    budget: Budget,
+    work: Path,
+    calibration: dict[str, Any] | None = None,
+    calibration_progress: Callable[[Any], None] | None = None,
 ) -> dict[str, dict]:
-    """Each spec through the product's make_emulator (calibration and fidelity included); cached per spec."""
+    """Each spec through the product's make_emulator (calibration and fidelity included); cached per spec.
+    `calibration`: CalibrationConfig fields on top of the budget's steps (a variant with its own cache key)."""
     train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
     n_layers = len(decoder_layers(model))
     out: dict[str, dict] = {}
     for spec in specs:
-        key = digest({"spec": asdict(spec), "stage1": stage1_key, "cal": budget.calibration_steps, "v": 2})
+        key_obj: dict[str, Any] = {"spec": asdict(spec), "stage1": stage1_key, "cal": budget.calibration_steps, "v": 2}
+        if calibration:  # the default keeps its old key (and cache)
+            key_obj["cal_over"] = calibration
+        key = digest(key_obj)
         path = work / "emulators" / f"{budget.profile}-{spec.name}-{key}.safetensors"
         sidecar = path.with_suffix(".json")
         if path.is_file() and sidecar.is_file():
@@ -393,7 +406,7 @@ def build_emulators(
             continue
         t0 = time.perf_counter()
         n_removed = round(spec.alpha * (n_layers - budget.n_adapter))
-        cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0)
+        cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0, **(calibration or {}))
         info = make_emulator(
             model,
             tok,
@@ -408,6 +421,7 @@ def build_emulators(
             calibration=cal,
             calibration_blocks=train_b,
             fidelity_blocks=val_b[:8],
+            calibration_progress=calibration_progress,
         )
         rec = {
             "path": str(path),

@@ -51,7 +51,6 @@ from benchmarks.harness import (
     cached_file,
     cached_reference,
     cached_zero_shot,
-    corpus_blocks,
     data_key,
     digest,
     evaluate_task,
@@ -72,8 +71,6 @@ from data_owner_client.train import (
     set_seed,
     train,
 )
-from model_owner_server.scaleot.calibrate import CalibrationConfig
-from model_owner_server.scaleot.emulator import make_emulator
 from model_owner_server.scaleot.importance import ImportanceConfig, ImportanceResult
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import extract_adapter
@@ -133,58 +130,20 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     else:
         importance, info = stage1(run.model, run.tok, run.model_id, run.files, budget, budget.stage1_seeds[0], run.work)
         key = digest(info["scores"])
-    if args.calibration == "default":
-        emu = build_emulators(run.model, run.tok, importance, key, [spec], run.files, budget, run.work)[EMULATOR]
-    else:
-        emu = build_calibrated(run, importance, key, spec, budget, args.calibration)
-    emu["calibration_name"] = args.calibration
-    zs = cached_zero_shot(run, task, budget)
-    log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs}")
-    log(f"calibration {args.calibration}: {emu.get('calibration')}")
-    return run, task, emu, budget
-
-
-def build_calibrated(run: Run, importance: ImportanceResult, stage1_key: str, spec: EmuSpec, budget: Budget, name: str):
-    """The spec's emulator as build_emulators makes it (same plan, calibration blocks, steps and fidelity
-    blocks) with CALIBRATIONS[name] on top of its CalibrationConfig; cached under its own key."""
-    overrides = CALIBRATIONS[name]
-    key = digest({"spec": spec.name, "stage1": stage1_key, "cal": budget.calibration_steps, "over": overrides})
-    path = run.work / "emulators" / f"{budget.profile}-{spec.name}-cal-{name}-{key}.safetensors"
-    sidecar = path.with_suffix(".json")
-    if path.is_file() and sidecar.is_file():
-        return json.loads(sidecar.read_text())
-    train_b, val_b = corpus_blocks(run.tok, run.files["wiki_train"], budget.seq_len, val_corpus=run.files["wiki_val"])
-    t0 = time.perf_counter()
+    name = args.calibration
 
     def every_5_steps(p) -> None:
         if p.step % 5 == 0:
             log(f"  calibration {name} {p}")
 
-    info = make_emulator(
-        run.model,
-        run.tok,
-        importance,
-        budget.n_adapter,
-        spec.alpha,
-        spec.beta,
-        path,
-        placement=spec.placement,
-        calibration=CalibrationConfig(steps=budget.calibration_steps, **overrides),
-        calibration_blocks=train_b,
-        fidelity_blocks=val_b[:8],
-        calibration_progress=every_5_steps,
-    )
-    rec = {
-        "path": str(path),
-        "sha256": info.sha256,
-        "plan": info.plan.summary(),
-        "adapter_layers": info.plan.adapter_layers,
-        "fidelity": info.extra.get("fidelity"),
-        "calibration": info.extra.get("calibration"),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    write_json(sidecar, rec)
-    return rec
+    emu = build_emulators(
+        run.model, run.tok, importance, key, [spec], run.files, budget, run.work, CALIBRATIONS[name], every_5_steps
+    )[EMULATOR]
+    emu["calibration_name"] = args.calibration
+    zs = cached_zero_shot(run, task, budget)
+    log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs}")
+    log(f"calibration {args.calibration}: {emu.get('calibration')}")
+    return run, task, emu, budget
 
 
 def run_variant(model, tok, task, emu: dict, budget, choice, name: str, steps: int, seed: int) -> dict:
