@@ -31,7 +31,7 @@ from shared.device import DeviceChoice, DeviceError
 from shared.device import resolve_device as _resolve_device
 from shared.evaluation import lm_loss
 from shared.lora import linear_modules
-from shared.training import train_only_layers
+from shared.training import gradient_checkpointing, train_only_layers
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import BadInputError
@@ -205,41 +205,42 @@ def train(
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(total=n_steps, initial=step, desc=f"train ({cfg.method})", disable=not progress, leave=False)
-    try:
-        while step < n_steps:
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(choice.device) for k, v in next(batches).items()}
-                with choice.autocast():
-                    loss = lm_loss(model, batch)
-                (loss / cfg.grad_accum).backward()
-                step_loss += float(loss.detach()) / cfg.grad_accum
-            if not math.isfinite(step_loss):
-                raise BadInputError(f"training diverged at step {step + 1} (loss {step_loss}); lower --lr")
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            if anchors:
-                with torch.no_grad():
-                    for p, p0, lr in zip(params, anchors, _param_lrs(optimizer, params), strict=True):
-                        p.sub_(p - p0, alpha=lr * cfg.anchor_decay)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if checkpoint_dir is not None and (step % cfg.save_every == 0 or step == n_steps):
+    with gradient_checkpointing(model, cfg.gradient_checkpointing):  # a no-op unless asked for
+        try:
+            while step < n_steps:
+                step_loss = 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = {k: v.to(choice.device) for k, v in next(batches).items()}
+                    with choice.autocast():
+                        loss = lm_loss(model, batch)
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += float(loss.detach()) / cfg.grad_accum
+                if not math.isfinite(step_loss):
+                    raise BadInputError(f"training diverged at step {step + 1} (loss {step_loss}); lower --lr")
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                if anchors:
+                    with torch.no_grad():
+                        for p, p0, lr in zip(params, anchors, _param_lrs(optimizer, params), strict=True):
+                            p.sub_(p - p0, alpha=lr * cfg.anchor_decay)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if checkpoint_dir is not None and (step % cfg.save_every == 0 or step == n_steps):
+                    save_checkpoint(checkpoint_dir, model, optimizer, step, losses, fingerprint)
+                if on_step is not None:
+                    on_step(step, step_loss)
+        except KeyboardInterrupt:
+            if checkpoint_dir is not None and step > resumed_from:
                 save_checkpoint(checkpoint_dir, model, optimizer, step, losses, fingerprint)
-            if on_step is not None:
-                on_step(step, step_loss)
-    except KeyboardInterrupt:
-        if checkpoint_dir is not None and step > resumed_from:
-            save_checkpoint(checkpoint_dir, model, optimizer, step, losses, fingerprint)
-        raise
-    finally:
-        bar.close()
-        model.eval()
+            raise
+        finally:
+            bar.close()
+            model.eval()
     return TrainResult(step, losses, time.perf_counter() - t0, resumed_from)
 
 

@@ -34,6 +34,8 @@ class TrainConfig:
     lora_alpha: int = LORA_ALPHA
     lora_dropout: float = 0.0
     save_every: int = 50  # checkpoint every N optimizer steps (and on Ctrl-C)
+    # Recompute each layer's activations in the backward pass (less memory, ~1 more forward); same result.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +61,7 @@ class TrainConfig:
 
     def hyperparameters(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("gradient_checkpointing")  # memory, not the recipe: a run may resume with or without it
         d["lr"] = self.learning_rate
         if self.method != "lora":
             for k in ("lora_r", "lora_alpha", "lora_dropout"):

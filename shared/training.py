@@ -7,9 +7,12 @@ each keeps its own; what they have in common is here, once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from shared.architectures import decoder_layers, layer_prefix
@@ -66,3 +69,39 @@ def optimizer_step(
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
+
+
+@contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """While open, every decoder position of `model` (M's layers, an emulator's stand-ins alike) keeps only its
+    input for the backward pass and recomputes its activations there: peak memory drops by the per-layer
+    activations, for about one more forward of compute. Applied to the layer modules directly rather than
+    through transformers' switch, which acts only in train mode and only on its own layer classes, while stage 1
+    and calibration train stand-ins inside an eval-mode M. Forwards without grad run as before; the modules are
+    as they were after the block (the instance attribute it adds is removed)."""
+    if not enabled:
+        yield
+        return
+    layers = list(decoder_layers(model))
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    for layer in layers:
+        layer.forward = _checkpointed(layer.forward)  # instance attribute: shadows the class's forward
+    if config is not None and use_cache is not None:
+        config.use_cache = False  # a KV cache filled twice (forward and recompute) would be wrong
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        if config is not None and use_cache is not None:
+            config.use_cache = use_cache
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run

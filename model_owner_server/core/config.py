@@ -98,6 +98,11 @@ class Settings(BaseSettings):
         le=1.0,
         description="> 0: calibration also adjusts the kept layers (OT-style compensation)",
     )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="stage 1 and calibration recompute layer activations in the backward pass instead of keeping "
+        "them: less memory for about one more forward per step, the same result",
+    )
     emulator_fidelity_blocks: int = Field(
         default=8, ge=0, le=1024, description="validation blocks for the fidelity figure (0: not measured)"
     )

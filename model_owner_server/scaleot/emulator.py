@@ -28,6 +28,7 @@ from shared.emulator_model import apply_plan
 from shared.layer_plan import LayerPlan, Role, importance_order
 from shared.modules import Harmonizer
 from shared.src import with_src_ranks
+from shared.training import gradient_checkpointing as checkpointed_layers
 from shared.training import train_only_layers
 
 from .calibrate import CalibrationConfig, calibrate_emulator, calibration_params, measure_fidelity
@@ -267,11 +268,13 @@ def make_emulator(
     dtype: torch.dtype | None = None,
     extra_metadata: dict[str, Any] | None = None,
     calibration_progress: Callable[[Any], None] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> EmulatorFileInfo:
     """Plan, build, (calibrate,) measure and save an emulator; the info carries sizes next to the full model's.
 
     `calibration` needs `calibration_blocks` (task-agnostic token blocks, e.g. stage 1's D^T); the fidelity
-    figure is measured on `fidelity_blocks` (e.g. stage 1's D^V) when given and stored in the file."""
+    figure is measured on `fidelity_blocks` (e.g. stage 1's D^V) when given and stored in the file.
+    `gradient_checkpointing` recomputes the emulator's layer activations in calibration's backward (less memory)."""
     n_layers = len(decoder_layers(model))
     sources: dict[int, int] = {}
     harmonizers = None
@@ -306,9 +309,10 @@ def make_emulator(
         if calibration_blocks is None:
             raise ValueError("calibration needs calibration_blocks (task-agnostic token blocks)")
         own_storage(emu, model, [p for g in calibration_params(emu, plan, calibration) for p in g["params"]])
-        meta["calibration"] = calibrate_emulator(
-            model, emu, plan, calibration_blocks, calibration, calibration_progress
-        )
+        with checkpointed_layers(emu, gradient_checkpointing):  # memory, not the result
+            meta["calibration"] = calibrate_emulator(
+                model, emu, plan, calibration_blocks, calibration, calibration_progress
+            )
     if fidelity_blocks is not None:
         meta["fidelity"] = measure_fidelity(model, emu, plan, fidelity_blocks)
     _check_untouched(versions)

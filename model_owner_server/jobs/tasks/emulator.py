@@ -87,6 +87,7 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
                 else None
             ),
             calibration_progress=progress,
+            gradient_checkpointing=settings.gradient_checkpointing,
             dtype=dtype,
             extra_metadata={"model_id": model_id, "emulator_id": emu_id},
         )

@@ -17,6 +17,7 @@ from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.importance import ImportanceConfig, estimate_importance
 from model_owner_server.scaleot.importance_io import save_importance
 from model_owner_server.scaleot.model_io import load_causal_lm
+from shared.training import gradient_checkpointing
 
 
 def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def importance_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -
         {"train_blocks": len(train), "val_blocks": len(val)},
         force=True,
     )
-    with ctx.stage("stage1"):
+    with ctx.stage("stage1"), gradient_checkpointing(model, settings.gradient_checkpointing):
         result = estimate_importance(model, train, val, cfg, progress=progress)
     harmonizer_dtype = dtype_name(next(iter(result.harmonizers.values())).down.weight.dtype)
 
