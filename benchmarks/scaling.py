@@ -131,6 +131,7 @@ def bench_model(
     batch: int,
     new_tokens: int,
     stages: list[str] | None = None,
+    checkpointing: bool = False,
 ) -> dict:
     from data_owner_client.train import TrainConfig, freeze_except_adapter, resolve_device, set_seed, train
     from model_owner_server.jobs.resources import MemoryMeter, dtype_name, param_bytes
@@ -143,6 +144,7 @@ def bench_model(
     from shared.data import load_dataset, pad_id_for, training_examples
     from shared.emulator_file import load_emulator
     from shared.evaluation import evaluate
+    from shared.training import gradient_checkpointing
 
     n = steps + 1  # one warm-up step, then the measured ones
     report = list(stages or STAGES)
@@ -172,7 +174,7 @@ def bench_model(
     client_meter = MemoryMeter("cpu")  # started again before the client step (see there)
     if "stage1" in run:
         stamps: list[float] = []
-        with meter.stage("stage1"):
+        with meter.stage("stage1"), gradient_checkpointing(model, checkpointing):
             t0 = time.perf_counter()
             icfg = ImportanceConfig(
                 steps=n, batch_size=batch, val_batch_size=batch, rl_interval=1, n_candidates=2, bottleneck=64
@@ -206,6 +208,7 @@ def bench_model(
                 calibration=CalibrationConfig(steps=n, batch_size=batch),
                 calibration_blocks=train_b,
                 calibration_progress=lambda p: stamps.append(time.perf_counter()),
+                gradient_checkpointing=checkpointing,
             )
         secs["calibration"] = per_step(stamps, t0)
         notes["calibration"] = (
@@ -225,7 +228,14 @@ def bench_model(
             emu = loaded.model.to(dtype)
             freeze_except_adapter(emu, loaded.plan.adapter_layers)
             examples = training_examples(load_dataset(files["wiki_train"]), loaded.tokenizer, seq_len)
-            cfg = TrainConfig(method="full", max_steps=n, batch_size=batch, seq_len=seq_len, seed=0)
+            cfg = TrainConfig(
+                method="full",
+                max_steps=n,
+                batch_size=batch,
+                seq_len=seq_len,
+                seed=0,
+                gradient_checkpointing=checkpointing,
+            )
             set_seed(0)
             t0 = time.perf_counter()
             train(
@@ -337,6 +347,7 @@ def write_results(out: Path, args: argparse.Namespace, seq_len: int, rows: list[
             "batch": args.batch,
             "new_tokens": args.new_tokens,
             "stages": args.stages,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "threads": torch.get_num_threads(),
         },
         "machine": {
@@ -351,7 +362,8 @@ def write_results(out: Path, args: argparse.Namespace, seq_len: int, rows: list[
     write_json(out.with_suffix(".json"), result)
     notes = (
         f"\n\nSettings: {args.dtype}, seq {seq_len}, batch {args.batch}, {args.steps} measured step(s) after 1 "
-        f"warm-up; {torch.get_num_threads()} torch threads on {os.cpu_count()} cores, load average at the end "
+        f"warm-up, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+        f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores, load average at the end "
         f"{os.getloadavg()[0]:.1f} (shared machine). Memory: peak RSS (MemoryMeter) / M's bytes; the client "
         "step holds the emulator only.\n"
     )
@@ -375,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(STAGES),
         help=f"comma list from {', '.join(STAGES)} (the stages a listed one needs run too, unreported)",
     )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="stage 1, calibration and the client step recompute activations in backward (the product's option)",
+    )
     p.add_argument("--out", default=None, help="path stem of .json/.md (default benchmarks/results/scaling[_tiny])")
     args = p.parse_args(argv)
     if args.out is None:
@@ -397,7 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     for m in names:
         try:
             rows.append(
-                bench_model(m, _DTYPES[args.dtype], args.steps, seq_len, args.batch, args.new_tokens, args.stages)
+                bench_model(
+                    m,
+                    _DTYPES[args.dtype],
+                    args.steps,
+                    seq_len,
+                    args.batch,
+                    args.new_tokens,
+                    args.stages,
+                    args.gradient_checkpointing,
+                )
             )
         except FileNotFoundError as e:
             log(f"skipping {m}: {e}")
