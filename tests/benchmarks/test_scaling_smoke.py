@@ -33,3 +33,12 @@ def test_tiny_run_records_every_stage(tmp_path):
             assert st["peak_bytes"] >= row["model_bytes"], name
     md = (tmp_path / "scaling.md").read_text()
     assert "| tiny-llama-8L-h64 |" in md and "stage 1 (estimate_importance)" in md
+
+
+def test_tiny_run_with_gradient_checkpointing_and_a_subset_of_stages(tmp_path):
+    _load().main(["--tiny", "--gradient-checkpointing", "--stages", "client_step", "--out", str(tmp_path / "gc")])
+    doc = json.loads((tmp_path / "gc.json").read_text())
+    assert doc["settings"]["gradient_checkpointing"] is True and doc["settings"]["stages"] == ["client_step"]
+    (row,) = doc["models"]
+    assert set(row["stages"]) == {"client_step"}  # stage 1 and calibration ran (it needs them), unreported
+    assert "gradient checkpointing on" in (tmp_path / "gc.md").read_text()
