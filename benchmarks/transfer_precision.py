@@ -11,10 +11,9 @@ Per dtype (ScaleOT alpha = 0.5, N_a = 4, beta = 0; the plan from the committed s
   data owner   harness.run_emulator: the client's tune_emulator on that file (a bf16 file is upcast to float32
                on CPU: scored zero-shot and trained in float32, cast back to bf16, scored fine-tuned in bf16,
                exported in bf16), then plug_in into M in the compute dtype, scored in the compute dtype
-  reference    the same adapter layers tuned inside M with the same recipe and seed, as the client tunes: M's
-               weights in the compute dtype, trained in float32 (for float32 this is harness.cached_reference
-               itself), the result cast to the compute dtype and scored in it. `--native-reference` adds the
-               harness's reference run as is on a bf16 M (AdamW straight on bf16 weights, no float32 masters)
+  reference    harness.cached_reference: the same adapter layers tuned inside M with the same recipe and seed,
+               as the client tunes a low-precision file (train_layers_in_model: float32 weights during
+               training, cast back to the compute dtype and scored in it)
   zero-shot    M in the compute dtype on the Task A eval blocks
 r = (zero-shot loss - plug-in loss) / (zero-shot loss - reference loss); privacy gap = emulator fine-tuned loss
 - plug-in loss (nats). Each part's wall time is kept (a row reused from the shared cache keeps the seconds of the
@@ -62,7 +61,6 @@ from benchmarks.harness import (
     cached_reference,
     data_key,
     digest,
-    evaluate_task,
     log,
     make_tasks,
     profile_of,
@@ -75,8 +73,6 @@ from benchmarks.harness import (
 from benchmarks.results import environment, markdown_table, publish, result_paths
 from benchmarks.transfer import PROFILES
 from benchmarks.transfer_recipes import EMULATOR, committed_stage1
-from data_owner_client.train import train_layers_in_model
-from shared.data import pad_id_for, training_examples
 from shared.emulator_file import EMULATOR_DTYPES
 
 RESULT_NAME = "transfer_precision"
@@ -102,26 +98,6 @@ def model_in(run: Run, args: argparse.Namespace, dtype: torch.dtype) -> Run:
     return replace(run, model=model, model_id=f"{run.model_id}@{str(dtype).removeprefix('torch.')}")
 
 
-def reference_as_client(model, tok, task: Task, budget: Budget, choice, layers: list[int], seed: int, steps: int):
-    """The in-M reference as the client trains a low-precision file: M's weights (in their compute dtype)
-    upcast to float32, the adapter layers trained (train_layers_in_model, the harness's recipe), cast back and
-    scored in the compute dtype."""
-    dtype = next(model.parameters()).dtype
-    cfg = train_config(task, budget, seed, steps)
-    m, res = train_layers_in_model(
-        copy.deepcopy(model).float(),
-        layers,
-        training_examples(task.train, tok, cfg.seq_len),
-        cfg,
-        choice,
-        pad_id=pad_id_for(tok),
-    )
-    m.to(dtype)
-    out = {"reference": evaluate_task(m, tok, task, budget, choice), "train_seconds": res.seconds}
-    del m
-    return out
-
-
 def _timed(work: Path, key: Any, fn, *args: Any) -> tuple[dict, bool]:
     """harness.cached, and whether the row came from the cache (its "seconds" are then the earlier run's)."""
     t0 = time.perf_counter()
@@ -129,7 +105,7 @@ def _timed(work: Path, key: Any, fn, *args: Any) -> tuple[dict, bool]:
     return rec, time.perf_counter() - t0 < 0.5 * rec.get("seconds", 0)
 
 
-def run_dtype(run: Run, task: Task, budget: Budget, importance, key: str, seeds: list[int], native_ref: bool) -> dict:
+def run_dtype(run: Run, task: Task, budget: Budget, importance, key: str, seeds: list[int]) -> dict:
     dtype = next(run.model.parameters()).dtype
     name = str(dtype).removeprefix("torch.")
     steps = budget.ft_steps
@@ -160,15 +136,9 @@ def run_dtype(run: Run, task: Task, budget: Budget, importance, key: str, seeds:
             run.model, run.tok, task, budget, run.choice, emu, seed, steps, run.work,
         )  # fmt: skip
         layers = emu["adapter_layers"]
-        if dtype == torch.float32:  # the client's recipe in float32 is the harness's reference itself
-            t0 = time.perf_counter()
-            ref = cached_reference(run, task, budget, layers, seed, steps)
-            c_ref = time.perf_counter() - t0 < 0.5 * ref["seconds"]
-        else:
-            ref, c_ref = _timed(
-                run.work, ["ref-as-client", run.model_id, data_key(task), layers, seed, steps, budget.seq_len, recipe],
-                reference_as_client, run.model, run.tok, task, budget, run.choice, layers, seed, steps,
-            )  # fmt: skip
+        t0 = time.perf_counter()
+        ref = cached_reference(run, task, budget, layers, seed, steps)
+        c_ref = time.perf_counter() - t0 < 0.5 * ref["seconds"]
         row = _row(zs, m, ref["reference"])
         row["seconds"] = {
             "tune_and_plug_in": {
@@ -195,19 +165,6 @@ def run_dtype(run: Run, task: Task, budget: Budget, importance, key: str, seeds:
         "seeds": out_seeds,
         "parts": parts,
     }
-    if native_ref and dtype != torch.float32:
-        seed = seeds[0]
-        t0 = time.perf_counter()
-        nat = cached_reference(run, task, budget, emu["adapter_layers"], seed, steps)
-        r_nat = _r(zs["loss"], out_seeds[str(seed)]["plug_in_loss"], nat["reference"]["loss"])
-        rec["native_reference"] = {
-            "seed": seed,
-            "reference": nat["reference"],
-            "r": r_nat,
-            "seconds": nat["seconds"],
-            "cached": time.perf_counter() - t0 < 0.5 * nat["seconds"],
-        }
-        log(f"[{name}] native {name} reference (no float32 masters): {nat['reference']} -> r {r_nat}")
     return rec
 
 
@@ -295,8 +252,8 @@ def markdown(doc: dict) -> str:
         nat = recs[n].get("native_reference")
         if nat:
             extra.append(
-                f"- {n} reference trained natively in {n} (the harness's run_reference on a {n} M: AdamW straight "
-                f"on {n} weights, no float32 masters), seed {nat['seed']}: ppl {nat['reference']['perplexity']:.3f}, "
+                f"- {n} reference trained natively in {n} (before 1e3464a, train_layers_in_model on a {n} M: AdamW on "
+                f"{n} weights, no float32 masters), seed {nat['seed']}: ppl {nat['reference']['perplexity']:.3f}, "
                 f"r against it {_fmt(nat['r'])} ({_secs(nat)})."
             )
     cmp = doc.get("comparison") or {}
@@ -365,9 +322,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, in order (float32 first)")
     p.add_argument("--seeds", default="0", help="data-owner seeds, e.g. 0,1")
     p.add_argument("--eval-blocks", type=int, default=None, help="Task A eval blocks (default: the profile's)")
-    p.add_argument(
-        "--native-reference", action="store_true", help="also the reference trained natively in bf16 (no masters)"
-    )
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the results JSON")
     args = p.parse_args(argv)
     profile = profile_of(args)
@@ -401,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for name in dtypes:
         rd = model_in(run, args, EMULATOR_DTYPES[name])
-        doc["dtypes"][name] = run_dtype(rd, task, budget, importance, key, seeds, args.native_reference)
+        doc["dtypes"][name] = run_dtype(rd, task, budget, importance, key, seeds)
         doc["comparison"] = compare(doc["dtypes"])
         doc["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
         md = markdown(doc)
