@@ -229,26 +229,48 @@ def _forward_with_adapter_grads(
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[torch.Tensor]]:
     """forward_with_hidden plus the LM loss's gradient w.r.t. each adapter layer's parameters (flattened, one
     tensor per layer); detached for M, with its graph for the emulator (as _forward_with_junction_grad)."""
+
+    def forward() -> tuple[torch.Tensor, tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+        logits, hidden = forward_with_hidden(net, ids, positions)
+        return lm_loss(logits, ids), (logits, hidden)
+
+    kernel = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
+    with kernel:
+        _, (logits, hidden), per_layer = _layer_grads(net, layers, forward, create_graph=create_graph)
+    if not create_graph:
+        return logits.detach(), {i: h.detach() for i, h in hidden.items()}, per_layer
+    return logits, hidden, per_layer
+
+
+def _layer_grads(
+    net: nn.Module,
+    layers: list[int],
+    forward: Callable[[], tuple[torch.Tensor, Any]],
+    *,
+    create_graph: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+    """Run `forward` (-> (loss, anything)) with the decoder layers `layers` trainable and return the loss, the
+    anything, and the loss's gradient w.r.t. each layer's parameters, flattened and concatenated per layer in
+    `dtype`. The layers' requires_grad flags are restored before returning, so a later backward (calibration's)
+    leaves them without .grad. Calibration's gradient term and the fidelity figure both measure this."""
     params = [list(decoder_layers(net)[i].parameters()) for i in layers]
     flat = [p for ps in params for p in ps]
     flags = [p.requires_grad for p in flat]
-    kernel = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
     try:
         for p in flat:
             p.requires_grad_(True)
-        with torch.enable_grad(), kernel:
-            logits, hidden = forward_with_hidden(net, ids, positions)
-            grads = torch.autograd.grad(lm_loss(logits, ids), flat, create_graph=create_graph)
-    finally:  # before the calibration's backward, so the adapter layers collect no gradient there
+        with torch.enable_grad():
+            loss, aux = forward()
+            grads = torch.autograd.grad(loss, flat, create_graph=create_graph)
+    finally:
         for p, f in zip(flat, flags, strict=True):
             p.requires_grad_(f)
     per_layer, k = [], 0
     for ps in params:
-        per_layer.append(torch.cat([g.flatten().float() for g in grads[k : k + len(ps)]]))
+        per_layer.append(torch.cat([g.flatten().to(dtype) for g in grads[k : k + len(ps)]]))
         k += len(ps)
-    if not create_graph:
-        return logits.detach(), {i: h.detach() for i, h in hidden.items()}, per_layer
-    return logits, hidden, per_layer
+    return loss, aux, per_layer
 
 
 def adapter_grad_mismatch(grads: list[torch.Tensor], t_grads: list[torch.Tensor]) -> torch.Tensor:
@@ -289,24 +311,10 @@ def _master_step(
 
 
 def _adapter_grad(net: nn.Module, layers: list[int], ids: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
-    blocks = decoder_layers(net)
-    params = [[p for p in blocks[i].parameters()] for i in layers]
-    flags = [[p.requires_grad for p in ps] for ps in params]
-    try:
-        for ps in params:
-            for p in ps:
-                p.requires_grad_(True)
-        loss = lm_loss(net(input_ids=ids, use_cache=False).logits, ids)
-        grads = torch.autograd.grad(loss, [p for ps in params for p in ps])
-    finally:
-        for ps, fs in zip(params, flags, strict=True):
-            for p, f in zip(ps, fs, strict=True):
-                p.requires_grad_(f)
-    out, k = [], 0
-    for ps in params:
-        out.append(torch.cat([g.flatten().double() for g in grads[k : k + len(ps)]]))
-        k += len(ps)
-    return float(loss.detach()), out
+    loss, _, grads = _layer_grads(
+        net, layers, lambda: (lm_loss(net(input_ids=ids, use_cache=False).logits, ids), None), dtype=torch.float64
+    )
+    return float(loss.detach()), grads
 
 
 def measure_fidelity(
