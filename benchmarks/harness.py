@@ -572,10 +572,23 @@ def tune_on_task(
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
+def zero_shot_record(run: Run, task: Task, budget: Budget) -> dict:
+    """M's zero-shot record on `task` (cached): {"zero_shot": metrics, "seconds": when first computed}."""
+    key = ["zs", run.model_id, data_key(task), budget.seq_len]
+    return cached(run.work, key, zero_shot, run.model, run.tok, task, budget, run.choice)
+
+
 def cached_zero_shot(run: Run, task: Task, budget: Budget) -> dict[str, float]:
     """M's zero-shot metrics on `task` (cached)."""
-    key = ["zs", run.model_id, data_key(task), budget.seq_len]
-    return cached(run.work, key, zero_shot, run.model, run.tok, task, budget, run.choice)["zero_shot"]
+    return zero_shot_record(run, task, budget)["zero_shot"]
+
+
+def cached_emulator_run(run: Run, task: Task, budget: Budget, emu: dict, seed: int, steps: int) -> dict:
+    """run_emulator (the data owner's tune on `emu`, the plug-in, their scores), cached under the emulator file,
+    the data, the seed, the budget and the client's recipe."""
+    recipe = train_config(task, budget, seed, steps).hyperparameters()
+    key = ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len, recipe]
+    return cached(run.work, key, run_emulator, run.model, run.tok, task, budget, run.choice, emu, seed, steps, run.work)
 
 
 def cached_reference(run: Run, task: Task, budget: Budget, layers: list[int], seed: int, steps: int) -> dict:

@@ -55,19 +55,16 @@ from benchmarks.harness import (
     add_run_args,
     block_start,
     build_emulators,
-    cached,
+    cached_emulator_run,
     cached_reference,
     cached_zero_shot,
-    data_key,
     digest,
     log,
     make_tasks,
     profile_of,
     quality,
-    run_emulator,
     stage1,
     start_run,
-    train_config,
     write_json,
 )
 from benchmarks.results import result_paths
@@ -205,21 +202,7 @@ def run_all(run: Run, emulators: dict[str, dict], tasks: list[Task], budget: Bud
             emu = emulators[name]
             layers = emu["adapter_layers"]
             ref = cached_reference(run, task, budget, layers, seed, steps)
-            recipe = train_config(task, budget, seed, steps).hyperparameters()
-            m = cached(
-                run.work,
-                ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len, recipe],
-                run_emulator,
-                run.model,
-                run.tok,
-                task,
-                budget,
-                run.choice,
-                emu,
-                seed,
-                steps,
-                run.work,
-            )
+            m = cached_emulator_run(run, task, budget, emu, seed, steps)
             q0, qp, qr = quality(task, zs), quality(task, m["plug_in"]), quality(task, ref["reference"])
             em = {
                 k: v["exact_match"]

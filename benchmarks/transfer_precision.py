@@ -57,18 +57,15 @@ from benchmarks.harness import (
     Task,
     add_run_args,
     build_emulators,
-    cached,
+    cached_emulator_run,
     cached_reference,
-    data_key,
     digest,
     log,
     make_tasks,
     profile_of,
-    run_emulator,
     stage1,
     start_run,
-    train_config,
-    zero_shot,
+    zero_shot_record,
 )
 from benchmarks.results import environment, markdown_table, publish, result_paths
 from benchmarks.transfer import PROFILES
@@ -98,11 +95,9 @@ def model_in(run: Run, args: argparse.Namespace, dtype: torch.dtype) -> Run:
     return replace(run, model=model, model_id=f"{run.model_id}@{str(dtype).removeprefix('torch.')}")
 
 
-def _timed(work: Path, key: Any, fn, *args: Any) -> tuple[dict, bool]:
-    """harness.cached, and whether the row came from the cache (its "seconds" are then the earlier run's)."""
-    t0 = time.perf_counter()
-    rec = cached(work, key, fn, *args)
-    return rec, time.perf_counter() - t0 < 0.5 * rec.get("seconds", 0)
+def _was_cached(t0: float, rec: dict) -> bool:
+    """Whether `rec` came from the cache: fetching it took far less than the seconds it records."""
+    return time.perf_counter() - t0 < 0.5 * rec.get("seconds", 0)
 
 
 def run_dtype(run: Run, task: Task, budget: Budget, importance, key: str, seeds: list[int]) -> dict:
@@ -110,19 +105,17 @@ def run_dtype(run: Run, task: Task, budget: Budget, importance, key: str, seeds:
     name = str(dtype).removeprefix("torch.")
     steps = budget.ft_steps
     parts: dict[str, Any] = {}
-    # 1. zero-shot M (harness.cached_zero_shot's key, called through cached for its seconds)
-    zs_rec, c = _timed(
-        run.work, ["zs", run.model_id, data_key(task), budget.seq_len], zero_shot, run.model, run.tok, task, budget,
-        run.choice,
-    )  # fmt: skip
+    # 1. zero-shot M (the record harness.cached_zero_shot reads, for its seconds)
+    t0 = time.perf_counter()
+    zs_rec = zero_shot_record(run, task, budget)
     zs = zs_rec["zero_shot"]
-    parts["zero_shot"] = {"seconds": zs_rec["seconds"], "cached": c}
+    parts["zero_shot"] = {"seconds": zs_rec["seconds"], "cached": _was_cached(t0, zs_rec)}
     log(f"[{name}] zero-shot loss {zs['loss']:.4f} ppl {zs['perplexity']:.3f} ({zs_rec['seconds']:.0f} s)")
     # 2. the emulator, built and calibrated in the compute dtype, issued in it
     stage1_key = key if dtype == torch.float32 else f"{key}@{name}"
     t0 = time.perf_counter()
     emu = build_emulators(run.model, run.tok, importance, stage1_key, [SPEC], run.files, budget, run.work)[EMULATOR]
-    parts["emulator_build"] = {"seconds": emu["seconds"], "cached": time.perf_counter() - t0 < 0.5 * emu["seconds"]}
+    parts["emulator_build"] = {"seconds": emu["seconds"], "cached": _was_cached(t0, emu)}
     if emu["calibration"]:
         parts["calibration"] = {"seconds": emu["calibration"].get("seconds")}
     file_dtype = _file_dtype(emu["path"])
@@ -130,15 +123,12 @@ def run_dtype(run: Run, task: Task, budget: Budget, importance, key: str, seeds:
     # 3. per seed: the data owner's tune + plug-in (harness.run_emulator under transfer.py's key), the reference
     out_seeds: dict[str, Any] = {}
     for seed in seeds:
-        recipe = train_config(task, budget, seed, steps).hyperparameters()
-        m, c_emu = _timed(
-            run.work, ["emu", emu["sha256"], data_key(task), seed, steps, budget.seq_len, recipe], run_emulator,
-            run.model, run.tok, task, budget, run.choice, emu, seed, steps, run.work,
-        )  # fmt: skip
-        layers = emu["adapter_layers"]
         t0 = time.perf_counter()
-        ref = cached_reference(run, task, budget, layers, seed, steps)
-        c_ref = time.perf_counter() - t0 < 0.5 * ref["seconds"]
+        m = cached_emulator_run(run, task, budget, emu, seed, steps)
+        c_emu = _was_cached(t0, m)
+        t0 = time.perf_counter()
+        ref = cached_reference(run, task, budget, emu["adapter_layers"], seed, steps)
+        c_ref = _was_cached(t0, ref)
         row = _row(zs, m, ref["reference"])
         row["seconds"] = {
             "tune_and_plug_in": {
