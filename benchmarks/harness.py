@@ -377,6 +377,16 @@ class EmuSpec:
     calibrate: bool = True
 
 
+# name -> CalibrationConfig overrides for an emulator variant (benchmarks' --calibration; "default": the budget's
+# own calibration, built exactly as transfer.py builds it, under its old cache key)
+CALIBRATIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "grad1": {"grad_weight": 1.0},  # + the bottom adapters' gradient alignment at the junction (calibrate.py)
+    "grad10": {"grad_weight": 10.0},
+    "adapters10": {"grad_weight": 10.0, "grad_match": "adapters"},  # the adapters' parameter gradients themselves
+}
+
+
 def build_emulators(
     model,
     tok,

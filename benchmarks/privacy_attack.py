@@ -43,6 +43,7 @@ from benchmarks.harness import REPO, SEED  # first: sets the thread and offline 
 import torch
 
 from benchmarks.harness import (
+    CALIBRATIONS,
     PROFILE_HELP,
     Budget,
     EmuSpec,
@@ -339,6 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="the attacker's public text: pydoc (far from the task) or the Shakespeare works the task does not use",
     )
     p.add_argument("--emulators", default="", help="only these emulators (comma-separated names; default all)")
+    p.add_argument(
+        "--calibration",
+        choices=sorted(CALIBRATIONS),
+        default="default",
+        help="the ScaleOT emulators' calibration variant (harness.CALIBRATIONS); results get a _cal_NAME suffix",
+    )
     args = p.parse_args(argv)
     profile = profile_of(args)
     budget = PROFILES[profile]
@@ -357,13 +364,20 @@ def main(argv: list[str] | None = None) -> dict:
     if any(m < 1 for m in multiples) or args.longer_on not in names:
         p.error(f"--longer takes positive integers (e.g. 16,32); --longer-on one of {', '.join(names)}")
     name = RESULT_NAME if args.public == "pydoc" else f"{RESULT_NAME}_public_{args.public}"
+    if args.calibration != "default":  # a variant's table beside the default's, never over it
+        name += f"_cal_{args.calibration}"
     json_path, md_path, png_path = result_paths(Path(args.results_dir), name, profile)
     t0 = time.perf_counter()
     run = start_run(args, budget)
     model, tok, model_id, files, work = run.model, run.tok, run.model_id, run.files, run.work
     tasks = make_tasks(files, budget, [t.strip() for t in args.tasks.split(",") if t.strip()])
     importance, info = stage1(model, tok, model_id, files, budget, budget.stage1_seeds[0], work)
-    emulators = build_emulators(model, tok, importance, digest(info["scores"]), specs, files, budget, work)
+    emulators = build_emulators(
+        model, tok, importance, digest(info["scores"]), specs, files, budget, work, CALIBRATIONS[args.calibration]
+    )
+    if args.calibration != "default":
+        for emu in emulators.values():
+            emu["calibration_name"] = args.calibration
     public = public_blocks(tok, work, budget, args.public)
     icfg = info["config"]
     stage1_tokens = (icfg["warmup_steps"] + icfg["steps"]) * icfg["batch_size"] * budget.seq_len

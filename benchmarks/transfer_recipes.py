@@ -41,6 +41,7 @@ from benchmarks.harness import REPO  # first: sets the thread and offline enviro
 import torch
 
 from benchmarks.harness import (
+    CALIBRATIONS,
     PROFILE_HELP,
     Budget,
     EmuSpec,
@@ -94,15 +95,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
     "top2": ({}, (2, 3)),
     "top2_lr3e-4": ({"lr": 3e-4}, (2, 3)),
     "bottom_lr0.1": ({"bottom_lr_scale": 0.1}, None),
-}
-
-# name -> CalibrationConfig overrides of the emulator the rows train on ("default": the benchmark's own emulator,
-# built by benchmarks/harness.py build_emulators exactly as transfer.py builds it)
-CALIBRATIONS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "grad1": {"grad_weight": 1.0},  # + the bottom adapters' gradient alignment (calibrate.py)
-    "grad10": {"grad_weight": 10.0},
-    "adapters10": {"grad_weight": 10.0, "grad_match": "adapters"},  # the parameter gradients themselves
 }
 
 

@@ -187,6 +187,17 @@ def make_emulator_cmd(
     kept_lr: float = typer.Option(
         setting("emulator_calibration_kept_lr"), "--kept-lr", help="> 0: calibration also adjusts the kept layers"
     ),
+    grad_weight: float = typer.Option(
+        setting("emulator_calibration_grad_weight"),
+        "--grad-weight",
+        help="> 0: calibration also aligns the adapter layers' gradients with the full model's (better transfer, "
+        "about 2.4x the calibration time)",
+    ),
+    grad_match: str = typer.Option(
+        setting("emulator_calibration_grad_match"),
+        "--grad-match",
+        help="adapters (the adapter layers' parameter gradients) or junction (the gradient above the bottom adapters)",
+    ),
     seq_len: int = typer.Option(setting("importance_seq_len"), "--seq-len", help="token block length"),
     max_blocks: int = typer.Option(
         setting("importance_max_blocks"), "--max-blocks", help="calibration blocks kept from the corpus"
@@ -206,7 +217,7 @@ def make_emulator_cmd(
     """Stage 2: build an emulator at (N_a, alpha, beta) from a stage-1 run, calibrated for its plan."""
     from tqdm import tqdm
 
-    from model_owner_server.scaleot.calibrate import CalibrationConfig
+    from model_owner_server.scaleot.calibrate import GRAD_MATCHES, CalibrationConfig
     from model_owner_server.scaleot.emulator import build_blocks, make_emulator
     from model_owner_server.scaleot.importance_io import load_importance
     from model_owner_server.scaleot.model_io import load_causal_lm
@@ -216,6 +227,8 @@ def make_emulator_cmd(
         storage_dtype = emulator_dtype(dtype)  # before the model loads: a typo fails in a second
     except ValueError as exc:
         fail(f"--dtype: {exc}")
+    if grad_match not in GRAD_MATCHES:
+        fail(f"--grad-match: {grad_match!r} is not one of {', '.join(GRAD_MATCHES)}")
     if method == "scaleot" and importance is None:
         fail("--importance DIR is required for --method scaleot (run estimate-importance first)")
     m, tok = load_causal_lm(model_folder(model))
@@ -235,7 +248,13 @@ def make_emulator_cmd(
         if blocks is None and calibrate:
             fail("calibration needs task-agnostic text: pass --corpus FILE (or --calibration-steps 0)")
         cal = (
-            CalibrationConfig(steps=calibration_steps, batch_size=setting("importance_batch_size"), kept_lr=kept_lr)
+            CalibrationConfig(
+                steps=calibration_steps,
+                batch_size=setting("importance_batch_size"),
+                kept_lr=kept_lr,
+                grad_weight=grad_weight,
+                grad_match=grad_match,
+            )
             if calibrate
             else None
         )
@@ -274,6 +293,7 @@ def make_emulator_cmd(
                 "full_model_bytes": full_b,
                 "size_ratio": round(info.size_bytes / full_b, 4),
                 "fidelity": info.extra.get("fidelity"),
+                "calibration": info.extra.get("calibration"),
             },
             indent=2,
         )

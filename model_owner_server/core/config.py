@@ -98,6 +98,18 @@ class Settings(BaseSettings):
         le=1.0,
         description="> 0: calibration also adjusts the kept layers (OT-style compensation)",
     )
+    emulator_calibration_grad_weight: float = Field(
+        default=CalibrationConfig.grad_weight,
+        ge=0.0,
+        le=1000.0,
+        description="> 0: calibration also aligns the adapter layers' gradients with M's (about 2.4x the "
+        "calibration time; raises transfer to the full model, docs/benchmarks.md)",
+    )
+    emulator_calibration_grad_match: Literal["adapters", "junction"] = Field(
+        default=CalibrationConfig.grad_match,  # type: ignore[arg-type]
+        description="what the gradient term matches: the adapters' parameter gradients, or the gradient where "
+        "the bottom adapters hand over to the rest of the network",
+    )
     gradient_checkpointing: bool = Field(
         default=False,
         description="stage 1 and calibration recompute layer activations in the backward pass instead of keeping "

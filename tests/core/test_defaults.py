@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import typer
@@ -67,6 +68,8 @@ def test_make_emulator_cli_defaults_are_the_servers():
     assert cli["placement"] == setting("emulator_placement")
     assert cli["calibration_steps"] == setting("emulator_calibration_steps")
     assert cli["kept_lr"] == setting("emulator_calibration_kept_lr")
+    assert cli["grad_weight"] == setting("emulator_calibration_grad_weight")
+    assert cli["grad_match"] == setting("emulator_calibration_grad_match")
     assert cli["seq_len"] == setting("importance_seq_len")
     assert cli["max_blocks"] == setting("importance_max_blocks")
     assert cli["fidelity_blocks"] == setting("emulator_fidelity_blocks")
@@ -90,6 +93,11 @@ def test_calibration_defaults_are_the_library_and_the_servers():
     assert calibrate.CalibrationConfig is CalibrationConfig  # the library's class is the torch-free one
     assert setting("emulator_calibration_steps") == library.steps
     assert setting("emulator_calibration_kept_lr") == library.kept_lr
+    assert setting("emulator_calibration_grad_weight") == library.grad_weight
+    assert setting("emulator_calibration_grad_match") == library.grad_match
+    assert set(typing.get_args(Settings.model_fields["emulator_calibration_grad_match"].annotation)) == set(
+        calibrate.GRAD_MATCHES
+    )
     assert setting("importance_batch_size") == library.batch_size == LIBRARY.batch_size
     cli = cli_defaults("make-emulator")
     assert cli["calibration_steps"] == library.steps and cli["kept_lr"] == library.kept_lr

@@ -49,6 +49,8 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
         steps=settings.emulator_calibration_steps,
         batch_size=settings.importance_batch_size,
         kept_lr=settings.emulator_calibration_kept_lr,
+        grad_weight=settings.emulator_calibration_grad_weight,
+        grad_match=settings.emulator_calibration_grad_match,
     )
     # Calibration and the fidelity figure use the stage-1 corpus (task-agnostic, the model owner's own).
     blocks = build_blocks(
