@@ -387,6 +387,25 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+# CalibrationConfig's fields (but steps) when cache keys were introduced: a build's key lists what differs from
+# these, so a change of the library's defaults gives new keys and the same calibration always the same key.
+KEY_BASE_CALIBRATION: dict[str, Any] = {
+    "batch_size": 4,
+    "lr": 1e-3,
+    "kept_lr": 0.0,
+    "kl_weight": 1.0,
+    "hidden_weight": 1.0,
+    "grad_weight": 0.0,
+    "grad_match": "junction",
+    "seed": 0,
+}
+
+
+def calibration_key(cal: CalibrationConfig) -> dict[str, Any]:
+    fields = asdict(cal)
+    return {k: fields[k] for k, v in KEY_BASE_CALIBRATION.items() if fields[k] != v}
+
+
 def build_emulators(
     model,
     tok,
@@ -405,9 +424,10 @@ def build_emulators(
     n_layers = len(decoder_layers(model))
     out: dict[str, dict] = {}
     for spec in specs:
+        cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0, **(calibration or {}))
         key_obj: dict[str, Any] = {"spec": asdict(spec), "stage1": stage1_key, "cal": budget.calibration_steps, "v": 2}
-        if calibration:  # the default keeps its old key (and cache)
-            key_obj["cal_over"] = calibration
+        if cal_over := calibration_key(cal):  # the key names the calibration built, not the knobs asked for
+            key_obj["cal_over"] = cal_over
         key = digest(key_obj)
         path = work / "emulators" / f"{budget.profile}-{spec.name}-{key}.safetensors"
         sidecar = path.with_suffix(".json")
@@ -416,7 +436,6 @@ def build_emulators(
             continue
         t0 = time.perf_counter()
         n_removed = round(spec.alpha * (n_layers - budget.n_adapter))
-        cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0, **(calibration or {}))
         info = make_emulator(
             model,
             tok,

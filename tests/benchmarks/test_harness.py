@@ -43,3 +43,15 @@ def test_record_keeps_details_apart():
         "details": {"reps": 3},
     }
     assert rounded(None) is None and rounded(1.23456, 2) == 1.23
+
+
+def test_an_emulator_cache_key_names_the_calibration_built_not_the_knobs_asked():
+    """Each named calibration keys as it always did; the same calibration asked another way (its knobs spelled out
+    as the library's default) gets the same key, so a change of the library's defaults cannot reuse a stale file."""
+    from benchmarks.harness import CALIBRATIONS, KEY_BASE_CALIBRATION, calibration_key
+    from shared.importance_config import CalibrationConfig
+
+    for overrides in CALIBRATIONS.values():
+        for steps in (0, 50):
+            assert calibration_key(CalibrationConfig(steps=steps, **overrides)) == overrides
+    assert calibration_key(CalibrationConfig(**KEY_BASE_CALIBRATION)) == {}
