@@ -377,14 +377,16 @@ class EmuSpec:
     calibrate: bool = True
 
 
-# name -> CalibrationConfig overrides for an emulator variant (benchmarks' --calibration; "default": the budget's
-# own calibration, built exactly as transfer.py builds it, under its old cache key)
+# name -> CalibrationConfig overrides for an emulator variant (benchmarks' --calibration). "adapters10" is the
+# library's default since issue 21 (DEFAULT_CALIBRATION: what build_emulators builds when given none); "outputs"
+# the default before it. Results written before the names existed hold "outputs" emulators.
 CALIBRATIONS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "grad1": {"grad_weight": 1.0},  # + the bottom adapters' gradient alignment at the junction (calibrate.py)
-    "grad10": {"grad_weight": 10.0},
-    "adapters10": {"grad_weight": 10.0, "grad_match": "adapters"},  # the adapters' parameter gradients themselves
+    "outputs": {"grad_weight": 0.0},  # logit KL + hidden NMSE only
+    "grad1": {"grad_weight": 1.0, "grad_match": "junction"},  # + the gradient at the bottom adapters' junction
+    "grad10": {"grad_weight": 10.0, "grad_match": "junction"},
+    "adapters10": {"grad_weight": 10.0, "grad_match": "adapters"},  # + the adapters' parameter gradients
 }
+DEFAULT_CALIBRATION = "adapters10"
 
 
 # CalibrationConfig's fields (but steps) when cache keys were introduced: a build's key lists what differs from
@@ -403,6 +405,8 @@ KEY_BASE_CALIBRATION: dict[str, Any] = {
 
 def calibration_key(cal: CalibrationConfig) -> dict[str, Any]:
     fields = asdict(cal)
+    if cal.grad_weight == 0:  # with the term off its form changes nothing
+        fields["grad_match"] = KEY_BASE_CALIBRATION["grad_match"]
     return {k: fields[k] for k, v in KEY_BASE_CALIBRATION.items() if fields[k] != v}
 
 

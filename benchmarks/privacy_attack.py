@@ -44,6 +44,7 @@ import torch
 
 from benchmarks.harness import (
     CALIBRATIONS,
+    DEFAULT_CALIBRATION,
     PROFILE_HELP,
     Budget,
     EmuSpec,
@@ -343,8 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--calibration",
         choices=sorted(CALIBRATIONS),
-        default="default",
-        help="the ScaleOT emulators' calibration variant (harness.CALIBRATIONS); results get a _cal_NAME suffix",
+        default=DEFAULT_CALIBRATION,
+        help="the ScaleOT emulators' calibration (harness.CALIBRATIONS; default: the library's); another one's "
+        "results get a _cal_NAME suffix",
     )
     args = p.parse_args(argv)
     profile = profile_of(args)
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     if any(m < 1 for m in multiples) or args.longer_on not in names:
         p.error(f"--longer takes positive integers (e.g. 16,32); --longer-on one of {', '.join(names)}")
     name = RESULT_NAME if args.public == "pydoc" else f"{RESULT_NAME}_public_{args.public}"
-    if args.calibration != "default":  # a variant's table beside the default's, never over it
+    if args.calibration != DEFAULT_CALIBRATION:  # a variant's table beside the default's, never over it
         name += f"_cal_{args.calibration}"
     json_path, md_path, png_path = result_paths(Path(args.results_dir), name, profile)
     t0 = time.perf_counter()
@@ -375,9 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
     emulators = build_emulators(
         model, tok, importance, digest(info["scores"]), specs, files, budget, work, CALIBRATIONS[args.calibration]
     )
-    if args.calibration != "default":
-        for emu in emulators.values():
-            emu["calibration_name"] = args.calibration
+    for emu in emulators.values():
+        emu["calibration_name"] = args.calibration
     public = public_blocks(tok, work, budget, args.public)
     icfg = info["config"]
     stage1_tokens = (icfg["warmup_steps"] + icfg["steps"]) * icfg["batch_size"] * budget.seq_len

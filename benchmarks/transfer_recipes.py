@@ -14,9 +14,10 @@ in-M gain: a recipe that makes the reference worse cannot raise its own r that w
   .venv/bin/python benchmarks/transfer_recipes.py --tiny default:3:0     # random tiny LLaMA, seconds (tests)
   .venv/bin/python benchmarks/transfer_recipes.py --calibration grad1 default:32:0  # another calibration
 
-`--calibration NAME` (CALIBRATIONS) builds the same plan's emulator with other calibration knobs (its own
-cache entry; the stand-ins start from the same stage-1 harmonizers) and tags its rows with NAME; the data
-owner's side is unchanged, so its rows compare with the default calibration's row for row.
+`--calibration NAME` (harness.CALIBRATIONS; default: the library's, adapters10) builds the same plan's emulator
+with those calibration knobs (its own cache entry; the stand-ins start from the same stage-1 harmonizers) and
+tags its rows with NAME (rows without a tag were measured on "outputs", the default before issue 21); the data
+owner's side is unchanged, so rows of two calibrations compare row for row.
 
 Rows are cached under --work-dir like the benchmark's (benchmarks/harness.py: the same setup, budget and
 caches as transfer.py); the table goes to benchmarks/results/transfer_recipes.json and .md.
@@ -42,6 +43,7 @@ import torch
 
 from benchmarks.harness import (
     CALIBRATIONS,
+    DEFAULT_CALIBRATION,
     PROFILE_HELP,
     Budget,
     EmuSpec,
@@ -212,7 +214,7 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
     if name == "ref":
         log(f"reference {steps} steps seed {seed}: {ref['reference']}")
         return
-    cal = emu.get("calibration_name", "default")
+    cal = emu.get("calibration_name", DEFAULT_CALIBRATION)
     key = ["recipe", emu["sha256"], data_key(task), name, VARIANTS[name], seed, steps, 1]
     m = cached_file(
         run.work / "rows" / f"{digest(key)}.json",
@@ -235,9 +237,8 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         "train_layers": m["train_layers"],
         "seconds": m["seconds"],
     }
-    if cal != "default":  # the rows of another calibration carry their emulator's figures
-        row["calibration"] = cal
-        row["emulator"] = {k: emu.get(k) for k in ("sha256", "fidelity", "calibration")}
+    row["calibration"] = cal  # every row names its emulator's calibration and carries its figures
+    row["emulator"] = {k: emu.get(k) for k in ("sha256", "fidelity", "calibration")}
     log(
         f"[calibration {cal}] {name} {steps} steps seed {seed}: plug-in {row['plug_in']:.2f} ref {row['reference']:.2f} "
         f"zs {row['zero_shot']:.2f} emu FT {row['emulator_ft']:.1f} -> r {row['r']:.3f}; curve {row['curve']}"
@@ -247,29 +248,31 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         rows = [
             r
             for r in json.loads(results.read_text())["rows"]
-            if (r["variant"], r["steps"], r["seed"], r.get("calibration", "default")) != (name, steps, seed, cal)
+            if (r["variant"], r["steps"], r["seed"], calibration_of(r)) != (name, steps, seed, cal)
         ]
     rows.append(row)
-    rows.sort(key=lambda r: (r.get("calibration", "default"), r["variant"], r["steps"], r["seed"]))
-    fields = ("sha256", "plan", "adapter_layers", "fidelity")
-    header = {k: emu[k] for k in fields}  # the default calibration's emulator (other rows carry their own)
-    if cal != "default" and results.is_file():
-        header = json.loads(results.read_text()).get("emulator", header)
+    rows.sort(key=lambda r: (calibration_of(r), r["variant"], r["steps"], r["seed"]))
+    header = {k: emu[k] for k in ("plan", "adapter_layers")}  # the plan every row shares
     write_json(results, {"emulator": header, "rows": rows})
+
+
+def calibration_of(row: dict) -> str:
+    """A row's calibration name; rows from before the tag were measured on the "outputs" emulator."""
+    return row.get("calibration", "outputs")
 
 
 def markdown(result: dict) -> str:
     """The recipe table: one line per (variant, steps), r's mean and spread over seeds (half the range); rows on
-    an emulator of another calibration are named `variant (calibration NAME)`."""
+    each emulator's calibration are named `variant (calibration NAME)`."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in result["rows"]:
-        label = r["variant"] if "calibration" not in r else f"{r['variant']} (calibration {r['calibration']})"
+        label = f"{r['variant']} (calibration {calibration_of(r)})"
         groups.setdefault((label, r["steps"]), []).append(r)
     lines = [
         "| Recipe | Steps | Seeds | r | Plug-in ppl | Emulator FT ppl | Privacy gap | Plug-in ppl along the run |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (name, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "default", kv[0][0])):
+    for (name, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rv = [r["r"] for r in rs]
         mean = sum(rv) / len(rv)
         r_txt = f"{mean:.2f} ± {(max(rv) - min(rv)) / 2:.2f}" if len(rv) > 1 else f"{mean:.2f}"
@@ -295,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--calibration",
         choices=sorted(CALIBRATIONS),
-        default="default",
-        help="the emulator's calibration variant (CALIBRATIONS; rows are tagged with it)",
+        default=DEFAULT_CALIBRATION,
+        help="the emulator's calibration (harness.CALIBRATIONS; default: the library's; rows are tagged with it)",
     )
     p.add_argument("--report", action="store_true", help="only write the markdown table from the results JSON")
     args = p.parse_args(argv)

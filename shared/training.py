@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shared.architectures import decoder_layers, layer_prefix
 
@@ -102,6 +103,45 @@ def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        # The recompute runs in the backward pass, outside the caller's context: give it the attention kernels
+        # the forward had (calibration's gradient term forces the math kernel, the only one with a double
+        # backward; another kernel in the recompute saves other tensors and checkpoint refuses the mismatch).
+        backends = _active_sdpa_backends()
+        return torch.utils.checkpoint.checkpoint(
+            forward,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (nullcontext(), _Kernels(backends)),
+            **kwargs,
+        )
 
     return run
+
+
+class _Kernels:
+    """sdpa_kernel(backends) as a reusable context: checkpoint re-enters one object per recompute (one per
+    backward pass; calibration's gradient term runs two), and sdpa_kernel's own context is single-use."""
+
+    def __init__(self, backends: list[SDPBackend]) -> None:
+        self.backends = backends
+        self.open: list[Any] = []
+
+    def __enter__(self) -> None:
+        ctx = sdpa_kernel(self.backends)
+        ctx.__enter__()
+        self.open.append(ctx)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.open.pop().__exit__(*exc)
+
+
+def _active_sdpa_backends() -> list[SDPBackend]:
+    """The scaled-dot-product-attention kernels allowed now (sdpa_kernel sets these global switches)."""
+    flags = torch.backends.cuda
+    allowed = {
+        SDPBackend.MATH: flags.math_sdp_enabled(),
+        SDPBackend.FLASH_ATTENTION: flags.flash_sdp_enabled(),
+        SDPBackend.EFFICIENT_ATTENTION: flags.mem_efficient_sdp_enabled(),
+        SDPBackend.CUDNN_ATTENTION: flags.cudnn_sdp_enabled(),
+    }
+    return [backend for backend, on in allowed.items() if on]

@@ -257,6 +257,9 @@ def _layer_grads(
     params = [list(decoder_layers(net)[i].parameters()) for i in layers]
     flat = [p for ps in params for p in ps]
     flags = [p.requires_grad for p in flat]
+    # Under gradient checkpointing these layers would recompute in a later backward with their flags restored,
+    # save other tensors than their forward did, and checkpoint refuses that: they keep their activations.
+    checkpointed = {i: decoder_layers(net)[i].__dict__.pop("forward", None) for i in layers}
     try:
         for p in flat:
             p.requires_grad_(True)
@@ -266,6 +269,9 @@ def _layer_grads(
     finally:
         for p, f in zip(flat, flags, strict=True):
             p.requires_grad_(f)
+        for i, fwd in checkpointed.items():
+            if fwd is not None:
+                decoder_layers(net)[i].forward = fwd
     per_layer, k = [], 0
     for ps in params:
         per_layer.append(torch.cat([g.flatten().to(dtype) for g in grads[k : k + len(ps)]]))

@@ -63,12 +63,13 @@ def test_recipe_table_gives_mean_and_spread_over_seeds():
             "curve": {"16": math.log(37.0), "32": math.log(36.0)},
         }
 
-    other = {**row("default", 0, 0.7), "calibration": "grad1"}
+    other = {**row("default", 0, 0.7), "calibration": "adapters10"}
     table = markdown({"rows": [row("top2", 0, 0.5), row("default", 0, 0.6), row("default", 1, 0.5), other]})
     lines = table.strip().splitlines()
-    assert lines[2].startswith("| default | 32 | 2 | 0.55 ± 0.05 | 36.00 |")  # the default first
-    assert lines[3].startswith("| default (calibration grad1) | 32 | 1 | 0.70 |")  # not averaged with it
-    assert lines[4].startswith("| top2 | 32 | 1 | 0.50 |") and "16: 37.00, 32: 36.00 (seed 0)" in lines[4]
+    assert lines[2].startswith("| default (calibration adapters10) | 32 | 1 | 0.70 |")  # not averaged with
+    assert lines[3].startswith("| default (calibration outputs) | 32 | 2 | 0.55 ± 0.05 | 36.00 |")  # untagged rows
+    assert lines[4].startswith("| top2 (calibration outputs) | 32 | 1 | 0.50 |")
+    assert "16: 37.00, 32: 36.00 (seed 0)" in lines[4]
 
 
 def test_tiny_recipe_rows_share_transfer_setup(tmp_path):
@@ -85,14 +86,16 @@ def test_tiny_recipe_rows_share_transfer_setup(tmp_path):
     assert rows["default"]["reference"] == rows["top2"]["reference"]  # one reference for every recipe
     assert all(math.isfinite(r["r"]) and r["curve"] for r in rows.values())
     assert (tmp_path / "res" / "transfer_recipes_tiny.md").read_text().startswith("| Recipe |")
-    # Another calibration: its own emulator (the term on), its rows tagged next to the default's, same reference.
-    transfer_recipes.main([*args, "--calibration", "grad1", "default:3:0"])
+    assert {r["calibration"] for r in rows.values()} == {"adapters10"}  # the library's default, named
+    assert rows["default"]["emulator"]["calibration"]["config"]["grad_match"] == "adapters"
+    # Another calibration: its own emulator (the term off), its rows tagged next to the default's, same reference.
+    transfer_recipes.main([*args, "--calibration", "outputs", "default:3:0"])
     data = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())
-    tagged = [r for r in data["rows"] if r.get("calibration") == "grad1"]
+    tagged = [r for r in data["rows"] if r["calibration"] == "outputs"]
     assert len(tagged) == 1 and len(data["rows"]) == 3  # the default calibration's rows are kept
     (row,) = tagged
-    assert row["emulator"]["sha256"] != data["emulator"]["sha256"]
-    assert row["emulator"]["calibration"]["config"]["grad_weight"] == 1.0
-    assert "final_grad_mismatch" in row["emulator"]["calibration"]
+    assert row["emulator"]["sha256"] != rows["default"]["emulator"]["sha256"]
+    assert "grad_weight" not in row["emulator"]["calibration"]["config"]
+    assert "final_grad_mismatch" not in row["emulator"]["calibration"]
     assert row["reference"] == rows["default"]["reference"]
-    assert "| default (calibration grad1) | 3 | 1 |" in (tmp_path / "res" / "transfer_recipes_tiny.md").read_text()
+    assert "| default (calibration outputs) | 3 | 1 |" in (tmp_path / "res" / "transfer_recipes_tiny.md").read_text()

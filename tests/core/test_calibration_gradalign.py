@@ -4,6 +4,7 @@ w.r.t. the residual stream after the bottom adapters should point where M's does
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -69,7 +70,8 @@ def test_the_term_lowers_the_gradient_mismatch_it_targets():
     for w in (0.0, 10.0):
         emu = build_emulator(model, plan, copy.deepcopy(hs))
         before = _mismatch(model, emu, plan)
-        info = calibrate_emulator(model, emu, plan, blocks, CalibrationConfig(steps=5, lr=1e-2, grad_weight=w))
+        cfg = CalibrationConfig(steps=5, lr=1e-2, grad_weight=w, grad_match="junction")
+        info = calibrate_emulator(model, emu, plan, blocks, cfg)
         after[w] = _mismatch(model, emu, plan)
         assert ("final_grad_mismatch" in info) == (w > 0)
     assert after[10.0] < after[0.0] < before, (before, after)
@@ -95,15 +97,16 @@ def test_the_adapters_form_lowers_the_parameter_gradient_mismatch_on_its_batch()
 
 
 def test_grad_weight_zero_is_the_calibration_without_the_term():
-    """Off, the term leaves no trace: the record has the keys it always had, and a run equals a run whose config
-    never names grad_weight, bit for bit."""
+    """Off (grad_weight 0: the calibration before issue 21), the term leaves no trace: the record has the keys it
+    had before the term existed, and which grad_match is named does not matter, bit for bit."""
     model, plan, hs = _setup()
     emus = [build_emulator(model, plan, copy.deepcopy(hs)) for _ in range(2)]
     seen: list = []
     info = calibrate_emulator(
         model, emus[0], plan, _blocks(16, 3), CalibrationConfig(steps=3, grad_weight=0.0), seen.append
     )
-    calibrate_emulator(model, emus[1], plan, _blocks(16, 3), CalibrationConfig(steps=3))
+    off = CalibrationConfig(steps=3, grad_weight=0.0, grad_match="junction")
+    calibrate_emulator(model, emus[1], plan, _blocks(16, 3), off)
     assert "grad_weight" not in info["config"] and "final_grad_mismatch" not in info
     assert {p.grad_mismatch for p in seen} == {None}
     a, b = (e.state_dict() for e in emus)
@@ -116,4 +119,17 @@ def test_the_term_needs_bottom_adapters():
     top_only = plan("FAHHAF")
     emu = build_emulator(model, top_only, copy.deepcopy(hs))
     with pytest.raises(ValueError, match="bottom"):
-        calibrate_emulator(model, emu, top_only, _blocks(8, 3), CalibrationConfig(steps=1, grad_weight=1.0))
+        calibrate_emulator(
+            model, emu, top_only, _blocks(8, 3), CalibrationConfig(steps=1, grad_weight=1.0, grad_match="junction")
+        )
+
+
+def test_the_default_is_the_adapters_form_and_needs_no_bottom_adapters():
+    """The default calibration (issue 21) matches the adapter layers' parameter gradients, so it also calibrates
+    a plan whose adapters are not at the bottom (placement "importance" can give one)."""
+    assert (CalibrationConfig().grad_weight, CalibrationConfig().grad_match) == (10.0, "adapters")
+    model, _, hs = _setup()
+    top_only = plan("FAHHAF")
+    emu = build_emulator(model, top_only, copy.deepcopy(hs))
+    info = calibrate_emulator(model, emu, top_only, _blocks(8, 3), CalibrationConfig(steps=2))
+    assert info["config"]["grad_match"] == "adapters" and math.isfinite(info["final_grad_mismatch"])

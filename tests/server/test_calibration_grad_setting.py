@@ -57,6 +57,7 @@ def test_the_gradient_term_settings_reach_the_build(tmp_path, new_database_url, 
     assert recorded["config"]["grad_weight"] == 10.0 and recorded["config"]["grad_match"] == "adapters"
     assert recorded["final_grad_mismatch"] is not None
 
+
 def test_an_unknown_grad_match_is_refused(tmp_path):
     with pytest.raises(ValidationError, match="emulator_calibration_grad_match"):
         Settings(data_dir=tmp_path, emulator_calibration_grad_match="everything")

@@ -108,7 +108,14 @@ def test_the_servers_setting_reads_from_the_environment(monkeypatch, tmp_path):
     assert Settings(data_dir=tmp_path).gradient_checkpointing is False
 
 
-def test_calibration_under_checkpointing_writes_the_same_emulator(tmp_path):
+@pytest.mark.parametrize(
+    "term",
+    [{}, {"grad_weight": 10.0, "grad_match": "junction"}, {"grad_weight": 0.0}],
+    ids=["default-adapters-term", "junction-term", "no-term"],
+)
+def test_calibration_under_checkpointing_writes_the_same_emulator(tmp_path, term):
+    """Also with the gradient term's double backward: its attention kernel and the adapter layers' flags differ
+    between the forward and a backward's recompute unless the checkpoint keeps them (shared/training.py)."""
     from safetensors.torch import load_file
 
     from model_owner_server.scaleot.calibrate import CalibrationConfig
@@ -134,7 +141,7 @@ def test_calibration_under_checkpointing_writes_the_same_emulator(tmp_path):
             0.5,
             0.0,
             path,
-            calibration=CalibrationConfig(steps=3, batch_size=2, seed=0),
+            calibration=CalibrationConfig(steps=3, batch_size=2, seed=0, **term),
             calibration_blocks=_ids(8, 16, seed=1),
             gradient_checkpointing=enabled,
         )
