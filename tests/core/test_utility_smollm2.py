@@ -113,6 +113,7 @@ def test_adapter_tuned_on_the_emulator_transfers_to_the_full_model(smollm2, tmp_
     )
     zero, ref = loss(model), loss(in_m)
     r = (zero - plug) / (zero - ref)
+    print(f"zero-shot {zero:.4f} plug-in {plug:.4f} (4x: {plug_4x:.4f}) in M {ref:.4f} r {r:.3f}")  # pytest -rP
     assert ref < zero, f"tuning the adapter layers in M did not help (zero-shot {zero:.4f}, in M {ref:.4f})"
     assert r >= FLOOR, (
         f"transfer ratio r = {r:.3f} < {FLOOR} (zero-shot {zero:.4f}, plug-in {plug:.4f}, "
