@@ -62,6 +62,20 @@ STAGE_FACTORS: dict[str, float] = {
 }
 
 
+# Calibration's activations grow with a step's tokens, not with M's bytes (so the emulator factor above cannot
+# cover them on a small model with a large vocabulary): per token, about k float32 values per (layer x hidden +
+# vocabulary entry). k measured on SmolLM2 from batch 1 vs 4 x 128 tokens (benchmarks/results/
+# scaling_calibration_gradterm_*.md): 19 (float32) / 15 (bfloat16) with the gradient term, whose double backward
+# keeps the whole graph; about 6.5 without it (float32, 128 vs 1024 tokens). Set above both.
+CALIBRATION_VALUES_PER_TOKEN: dict[bool, float] = {True: 24.0, False: 8.0}
+
+
+def calibration_activation_bytes(config: Any, tokens: int, gradient_term: bool) -> int:
+    """Upper estimate of one calibration step's activations for a model `config` (a transformers config)."""
+    width = int(config.num_hidden_layers) * int(config.hidden_size) + int(config.vocab_size)
+    return int(tokens * width * 4 * CALIBRATION_VALUES_PER_TOKEN[gradient_term])
+
+
 class DoesNotFit(ValueError):
     """M would not fit the device for this stage; the message names the memory needed and what to do."""
 
@@ -121,20 +135,28 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 
 def check_fits(
-    n_params: int | None, dtype: torch.dtype, kind: str, device: str | torch.device, resident_bytes: int = 0
+    n_params: int | None,
+    dtype: torch.dtype,
+    kind: str,
+    device: str | torch.device,
+    resident_bytes: int = 0,
+    activation_bytes: int = 0,
 ) -> None:
-    """On a GPU, refuse (DoesNotFit) before loading when M x the stage's factor exceeds the device's free memory.
+    """On a GPU, refuse (DoesNotFit) before loading when M x the stage's factor (+ `activation_bytes` the job
+    estimated for itself, e.g. calibration_activation_bytes) exceeds the device's free memory.
     `resident_bytes`: M's bytes already on the device (a cached copy the job reuses). CPU: no check."""
     dev = torch.device(device)
     if dev.type != "cuda" or not n_params:
         return
-    need = int(model_bytes(n_params, dtype) * STAGE_FACTORS.get(kind, 2.5)) - resident_bytes
+    need = int(model_bytes(n_params, dtype) * STAGE_FACTORS.get(kind, 2.5)) + activation_bytes - resident_bytes
     free, total = torch.cuda.mem_get_info(dev)
     if need > free:
         gib = 1024**3
         raise DoesNotFit(
             f"the {kind} job needs about {need / gib:.1f} GiB on {dev} ({n_params / 1e9:.2f}B parameters in "
-            f"{dtype_name(dtype)} x {STAGE_FACTORS.get(kind, 2.5)}), but only {free / gib:.1f} of "
+            f"{dtype_name(dtype)} x {STAGE_FACTORS.get(kind, 2.5)}"
+            + (f" + {activation_bytes / gib:.1f} GiB of activations" if activation_bytes else "")
+            + f"), but only {free / gib:.1f} of "
             f"{total / gib:.1f} GiB are free. Run it on a GPU with more memory (SCALEOT_DEVICE=cuda:N), "
             "register the model in a smaller compute dtype (bfloat16), or free the GPU; models larger than "
             "one GPU are not split across GPUs"

@@ -168,9 +168,12 @@ class JobRunner:
 
         return resolve_compute_dtype(getattr(model_row, "compute_dtype", None), model_row.path, self.device)
 
-    def full_model(self, model_row: RegisteredModel, ctx: JobContext | None = None, kind: str = "") -> tuple[Any, Any]:
+    def full_model(
+        self, model_row: RegisteredModel, ctx: JobContext | None = None, kind: str = "", activation_bytes: int = 0
+    ) -> tuple[Any, Any]:
         """M (shared, never to be modified) and its tokenizer in the model's compute dtype, from the worker's
-        cache; refused up front on a GPU it would not fit for job `kind`. With `ctx`, measured as stage "load"."""
+        cache; refused up front on a GPU it would not fit for job `kind` (plus the `activation_bytes` the job
+        estimated for its steps). With `ctx`, measured as stage "load"."""
         from model_owner_server.jobs.resources import DoesNotFit, check_fits, model_bytes
         from model_owner_server.model_cache import is_loaded, load_full_model
 
@@ -178,7 +181,7 @@ class JobRunner:
         cached = is_loaded(model_row.path, device, dtype)
         resident = model_bytes(model_row.n_params or 0, dtype) if cached else 0
         try:
-            check_fits(model_row.n_params, dtype, kind, device, resident)
+            check_fits(model_row.n_params, dtype, kind, device, resident, activation_bytes)
         except DoesNotFit as exc:
             raise JobFailure(str(exc)) from None
         if ctx is None:

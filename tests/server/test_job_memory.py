@@ -108,3 +108,25 @@ def test_a_cuda_device_without_cuda_fails_jobs_and_workers_clearly(tmp_path, new
     # the option the user typed is named (once), with what to use instead
     assert "--device cuda" in out.output and "CUDA is not available" in out.output and "cpu" in out.output
     assert out.output.count("cuda asks for a GPU") == 1, out.output
+
+
+def test_calibration_activations_are_counted_on_top_of_the_model_factor(monkeypatch):
+    """The emulator job's GPU fit check adds calibration's activations, which grow with the step's tokens (not M's
+    bytes); with them, M x the factor covers the peaks measured on SmolLM2 at the service's batch (4 x 128) with
+    the gradient term (benchmarks/results/scaling_calibration_gradterm_*_b4.md: bf16 10.09x, fp32 6.68x)."""
+    from types import SimpleNamespace
+
+    from model_owner_server.jobs.resources import STAGE_FACTORS, calibration_activation_bytes
+
+    smollm2 = SimpleNamespace(num_hidden_layers=30, hidden_size=576, vocab_size=49152)
+    mib = 1024**2
+    for dtype_bytes, m_mib, measured in ((2, 257, 10.09), (4, 513, 6.68)):
+        planned = m_mib * mib * STAGE_FACTORS["emulator"] + calibration_activation_bytes(smollm2, 4 * 128, True)
+        assert planned >= measured * m_mib * mib, (dtype_bytes, planned / (m_mib * mib))
+    off = calibration_activation_bytes(smollm2, 512, False)
+    assert 0 < off < calibration_activation_bytes(smollm2, 512, True)
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (50 * gib, 80 * gib))
+    check_fits(7_000_000_000, torch.bfloat16, "emulator", "cuda:0")  # 45.6 GiB: fits
+    with pytest.raises(DoesNotFit, match=r"x 3.5 \+ 8.0 GiB of activations"):
+        check_fits(7_000_000_000, torch.bfloat16, "emulator", "cuda:0", activation_bytes=8 * gib)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from transformers import AutoConfig
+
 from model_owner_server import policy
 from model_owner_server.core.db import session_scope
 from model_owner_server.jobs.context import JobContext, JobFailure, still_ours
+from model_owner_server.jobs.resources import calibration_activation_bytes
 from model_owner_server.jobs.runner import JobRunner
 from model_owner_server.keyring import manifest_for
 from model_owner_server.models import EmulatorRow, ImportanceRun, RegisteredModel
@@ -40,11 +44,6 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
         run_path, corpus = storage.abs(run.path), run.corpus
         dtype_name = (emu.build_info or {}).get("dtype", "float32")  # set by POST /v1/emulators
     dtype = emulator_dtype(dtype_name)
-    ctx.update(0.05, "loading model", force=True)
-    model, tokenizer = runner.full_model(model_row, ctx, "emulator")
-    compute = next(model.parameters()).dtype  # the model's compute dtype: calibration and fidelity run in it
-    # float32 harmonizers: make_emulator keeps them float32 through calibration, then casts the file to the issued dtype
-    importance = load_importance(run_path)
     calibration = CalibrationConfig(
         steps=settings.emulator_calibration_steps,
         batch_size=settings.importance_batch_size,
@@ -52,6 +51,16 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
         grad_weight=settings.emulator_calibration_grad_weight,
         grad_match=settings.emulator_calibration_grad_match,
     )
+    ctx.update(0.05, "loading model", force=True)
+    activations = 0
+    if calibration.steps > 0 and torch.device(runner.device).type == "cuda":  # the GPU fit check counts them
+        config = AutoConfig.from_pretrained(model_row.path, local_files_only=True)
+        tokens = calibration.batch_size * settings.importance_seq_len
+        activations = calibration_activation_bytes(config, tokens, calibration.grad_weight > 0)
+    model, tokenizer = runner.full_model(model_row, ctx, "emulator", activations)
+    compute = next(model.parameters()).dtype  # the model's compute dtype: calibration and fidelity run in it
+    # float32 harmonizers: make_emulator keeps them float32 through calibration, then casts the file to the issued dtype
+    importance = load_importance(run_path)
     # Calibration and the fidelity figure use the stage-1 corpus (task-agnostic, the model owner's own).
     blocks = build_blocks(
         tokenizer,
