@@ -36,9 +36,9 @@ pytestmark = [
 ]
 
 SEQ = 64
-FLOOR = 0.20  # measured 0.35 on the development machine (see the test's docstring); margin for noise
-# Issue 21: 4x the data owner's steps must not make the plug-in worse. Measured: 4.5930 after 32 steps, 4.5569
-# after 128 (0.036 nats better), so "not worse" (no slack) keeps that margin below the measurement.
+FLOOR = 0.20  # measured 0.35-0.38 on the development machine (see the test's docstring); margin for noise
+# Issue 21: 4x the data owner's steps must not make the plug-in worse. Measured: 4.5918 after 32 steps, 4.5125
+# after 128 (0.079 nats better; 0.036 before the gradient term), so "not worse" (no slack) keeps that margin.
 MORE_STEPS_SLACK = 0.0
 
 
@@ -60,7 +60,9 @@ def one_thread():
 def test_adapter_tuned_on_the_emulator_transfers_to_the_full_model(smollm2, tmp_path, one_thread):
     """Measured on the development machine: r = 0.352 (zero-shot 4.679, plug-in 4.599, in M 4.451; a 24-step
     stage 1 gave r = 0.12: the floor also guards the stage-1 ranking). Re-measured 2026-12-06 with the 4x-steps
-    check: zero-shot 4.6788, plug-in 4.5930 (32 steps) and 4.5569 (128 steps), in M 4.4509, r = 0.377."""
+    check: zero-shot 4.6788, plug-in 4.5930 (32 steps) and 4.5569 (128 steps), in M 4.4509, r = 0.377. With the
+    calibration's gradient term as the default (issue 21): zero-shot 4.6789, plug-in 4.5918 (32 steps) and
+    4.5125 (128 steps), in M 4.4509, r = 0.382."""
     torch.manual_seed(0)
     model, tok = smollm2
     model.requires_grad_(False)
