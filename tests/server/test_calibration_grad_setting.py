@@ -16,6 +16,22 @@ from model_owner_server.main import create_app
 REAL_MAKE = emulator_task.make_emulator
 
 
+def _model_with_stage1(client: TestClient, files) -> tuple[dict, str]:
+    """An admin's headers and a registered model whose stage 1 has run (what POST /v1/emulators needs)."""
+    with client.app.state.sessions() as s:
+        _, key = crud.create_org(s, "owner", "admin")
+        s.commit()
+    h = auth(key)
+    model_id = client.post("/v1/models", headers=h, json={"name": "m", "path": str(files["model"])}).json()["id"]
+    r = client.post(
+        f"/v1/models/{model_id}/importance",
+        headers=h,
+        json={"steps": 4, "corpus": str(files["corpus"]), "rl_interval": 2, "seed": 0},
+    )
+    assert client.get(f"/v1/jobs/{r.json()['id']}", headers=h).json()["status"] == "succeeded"
+    return h, model_id
+
+
 @pytest.mark.db
 def test_the_gradient_term_settings_reach_the_build(tmp_path, new_database_url, files, monkeypatch):
     seen = []
@@ -34,17 +50,7 @@ def test_the_gradient_term_settings_reach_the_build(tmp_path, new_database_url, 
         emulator_calibration_grad_match="adapters",
     )
     with TestClient(create_app(settings)) as client:
-        with client.app.state.sessions() as s:
-            _, key = crud.create_org(s, "owner", "admin")
-            s.commit()
-        h = auth(key)
-        model_id = client.post("/v1/models", headers=h, json={"name": "m", "path": str(files["model"])}).json()["id"]
-        r = client.post(
-            f"/v1/models/{model_id}/importance",
-            headers=h,
-            json={"steps": 4, "corpus": str(files["corpus"]), "rl_interval": 2, "seed": 0},
-        )
-        assert client.get(f"/v1/jobs/{r.json()['id']}", headers=h).json()["status"] == "succeeded"
+        h, model_id = _model_with_stage1(client, files)
         r = client.post(
             "/v1/emulators", headers=h, json={"model_id": model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.0}
         )
@@ -93,17 +99,7 @@ def test_on_a_gpu_the_emulator_job_counts_calibrations_activations(
 
     monkeypatch.setattr(JobRunner, "full_model", spy)
     with TestClient(create_app(settings)) as client:
-        with client.app.state.sessions() as s:
-            _, key = crud.create_org(s, "owner", "admin")
-            s.commit()
-        h = auth(key)
-        model_id = client.post("/v1/models", headers=h, json={"name": "m", "path": str(files["model"])}).json()["id"]
-        r = client.post(
-            f"/v1/models/{model_id}/importance",
-            headers=h,
-            json={"steps": 4, "corpus": str(files["corpus"]), "rl_interval": 2, "seed": 0},
-        )
-        assert client.get(f"/v1/jobs/{r.json()['id']}", headers=h).json()["status"] == "succeeded"
+        h, model_id = _model_with_stage1(client, files)
         monkeypatch.setattr(JobRunner, "device", property(lambda self: "cuda:0"))
         body = {"model_id": model_id, "n_adapter": 2, "alpha": 0.5, "beta": 0.0}
         emu = client.post("/v1/emulators", headers=h, json=body).json()["emulator"]
