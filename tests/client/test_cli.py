@@ -431,3 +431,18 @@ def test_upload_reads_a_folder_written_by_an_older_client(runner, fake, client_e
     upload = fake.state.uploads[0]
     assert upload["adapter_bytes"] == (out / "adapter_layers.safetensors").read_bytes()
     assert upload["metrics"] == {"emulator_fine_tuned": {"loss": 1.0}} and upload["adapter_config"]["method"] == "full"
+
+
+def test_tune_anchor_decay_reaches_the_recipe_and_a_negative_one_is_refused(
+    runner, fake, client_env, train_file, tmp_path
+):
+    """--anchor-decay (L2-SP toward the issued weights, issue 21) is the recipe's, recorded with the adapter; a
+    negative value fails before any download or training and writes nothing."""
+    base = ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST, "--no-upload"]
+    bad = tmp_path / "bad"
+    r = runner.invoke(app, [*base, "--anchor-decay", "-1", "--out", str(bad)])
+    assert r.exit_code != 0 and "--anchor-decay must be >= 0" in r.output and not bad.exists()
+    r = runner.invoke(app, [*base, "--anchor-decay", "100", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "o" / "scaleot_adapter.json").read_text())
+    assert record["hyperparameters"]["anchor_decay"] == 100.0
