@@ -385,6 +385,9 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
     "grad1": {"grad_weight": 1.0, "grad_match": "junction"},  # + the gradient at the bottom adapters' junction
     "grad10": {"grad_weight": 10.0, "grad_match": "junction"},
     "adapters10": {"grad_weight": 10.0, "grad_match": "adapters"},  # + the adapters' parameter gradients
+    "adapters10_s200": {"grad_weight": 10.0, "grad_match": "adapters", "steps": 200},  # the same, 4x the steps
+    # the same, fitted along simulated data-owner trajectories (calibrate.py: drift_lr)
+    "adapters10_drift": {"grad_weight": 10.0, "grad_match": "adapters", "drift_lr": 3e-4, "drift_reset": 25},
 }
 DEFAULT_CALIBRATION = "adapters10"
 
@@ -399,6 +402,8 @@ KEY_BASE_CALIBRATION: dict[str, Any] = {
     "hidden_weight": 1.0,
     "grad_weight": 0.0,
     "grad_match": "junction",
+    "drift_lr": 0.0,
+    "drift_reset": 25,
     "seed": 0,
 }
 
@@ -427,9 +432,11 @@ def build_emulators(
     train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
     n_layers = len(decoder_layers(model))
     out: dict[str, dict] = {}
+    over = dict(calibration or {})
+    steps = over.pop("steps", budget.calibration_steps)  # a variant may set its own number of steps
     for spec in specs:
-        cal = CalibrationConfig(steps=budget.calibration_steps if spec.calibrate else 0, **(calibration or {}))
-        key_obj: dict[str, Any] = {"spec": asdict(spec), "stage1": stage1_key, "cal": budget.calibration_steps, "v": 2}
+        cal = CalibrationConfig(steps=steps if spec.calibrate else 0, **over)
+        key_obj: dict[str, Any] = {"spec": asdict(spec), "stage1": stage1_key, "cal": steps, "v": 2}
         if cal_over := calibration_key(cal):  # the key names the calibration built, not the knobs asked for
             key_obj["cal_over"] = cal_over
         key = digest(key_obj)

@@ -65,10 +65,22 @@ class CalibrationConfig:
     # 0.60 to 0.66 at 32 data-owner steps and 0.34 to 0.47 at 128, for ~2.4x the calibration time; 0 = off.
     grad_weight: float = 10.0
     grad_match: str = "adapters"
+    # > 0: calibrate along the data owner's trajectory, not only at M's adapter weights (calibrate.py says why):
+    # between calibration steps the adapter layers take a fine-tuning step at this AdamW rate through the
+    # emulator (on the calibration text), and the stand-ins are fitted to M *with those adapter weights*; every
+    # `drift_reset` steps the adapters go back to M's. M's own weights are never written. 0 = off.
+    drift_lr: float = 0.0
+    drift_reset: int = 25
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.drift_lr < 0 or self.drift_reset < 1:
+            raise ValueError(f"drift_lr must be >= 0 and drift_reset >= 1, got {self.drift_lr}, {self.drift_reset}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["grad_weight"] == 0.0:  # records (and so emulator files) without the term read as before it existed
             del d["grad_weight"], d["grad_match"]
+        if d["drift_lr"] == 0.0:  # likewise without the drift
+            del d["drift_lr"], d["drift_reset"]
         return d

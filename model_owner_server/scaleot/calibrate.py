@@ -30,16 +30,27 @@ gradients under the emulator and under M, per adapter layer (the fidelity figure
 included), at about the same cost. It asks for one direction per layer over the batch rather than one per
 token: a much smaller target for the stand-ins to reach, but only the batch's aggregate.
 
+Every one of those terms fits the emulator at one point: M's own adapter weights, where the data owner starts.
+The data owner then moves away from it, and the further it goes the less the emulator's response to the move
+is M's: after 64-128 steps most of what it learns repairs the emulator (docs/benchmarks.md: the plug-in stops
+improving). `drift_lr` > 0 fits the stand-ins along such a trajectory instead: between calibration steps the
+adapter layers take one AdamW step of plain LM fine-tuning through the emulator (what a data owner does, on
+the calibration text), and the next calibration step matches the emulator to M *carrying those adapter
+weights*; every `drift_reset` steps they go back to M's. The moves it simulates are the emulator's own descent
+directions, i.e. the repair moves themselves, and the stand-ins learn to answer them as M does. M is never
+written: it is matched through a view whose adapter layers share a private copy with the emulator's.
+
 `measure_fidelity` is the figure stored with every emulator: the perplexity ratio to M and the cosine between
 the adapter's gradients under the emulator and under M (GradOT / LLEOT: what transfers is the gradient).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -135,8 +146,18 @@ def calibrate_emulator(
         raise ValueError("grad_weight > 0 needs adapter layers at the bottom of the plan (layer 0 an adapter)")
     kl = nmse = torch.zeros(())
     mismatch: torch.Tensor | None = None
+    drift: _Drift | None = None
+    stack = ExitStack()
     try:
+        if cfg.drift_lr > 0:  # from here on "model" is the view of M that carries the drifting adapters
+            model, params = stack.enter_context(_drifting_adapters(model, emu, plan.adapter_layers))
+            drift = _Drift(emu, plan.adapter_layers, params, cfg.drift_lr)
         for step in range(1, cfg.steps + 1):
+            if drift is not None and step > 1:  # the data owner's next step, or back to M's weights
+                if (step - 1) % cfg.drift_reset == 0:
+                    drift.reset()
+                else:
+                    drift.step(random_batch(blocks, cfg.batch_size, gen, device))
             ids = random_batch(blocks, cfg.batch_size, gen, device)
             if cfg.grad_weight == 0:
                 with torch.no_grad():
@@ -165,6 +186,7 @@ def calibrate_emulator(
                 g = None if mismatch is None else float(mismatch.detach())
                 progress(CalibrationProgress(step, cfg.steps, float(kl.detach()), float(nmse.detach()), g))
     finally:
+        stack.close()  # the emulator's adapter layers are M's tensors again
         train_only_layers(emu, plan.adapter_layers)  # as build_emulator left it
     out = {
         "steps": cfg.steps,
@@ -176,6 +198,76 @@ def calibrate_emulator(
     if mismatch is not None:
         out["final_grad_mismatch"] = float(mismatch.detach())
     return out
+
+
+@contextmanager
+def _drifting_adapters(
+    model: nn.Module, emu: nn.Module, layers: list[int]
+) -> Iterator[tuple[nn.Module, list[nn.Parameter]]]:
+    """A view of M (new module objects over M's tensors) whose adapter layers hold, like the emulator's, one
+    private copy of M's adapter weights: what moves the emulator's adapters moves the view's, and M is never
+    written. On exit the emulator's adapter parameters are M's tensors again (shared or its own, as before)."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
+    memo.update({id(b): b.detach() for b in model.buffers()})
+    view = copy.deepcopy(model, memo)
+    # New Parameter objects (own storage, own version counter: M's _version never sees the writes), each held by
+    # the emulator's and the view's module in the same place; the emulator's old ones are put back on exit.
+    swapped: list[tuple[dict[str, Any], str, nn.Parameter]] = []
+    fresh: list[nn.Parameter] = []
+    try:
+        for i in layers:
+            e_mods, v_mods = list(decoder_layers(emu)[i].modules()), list(decoder_layers(view)[i].modules())
+            if len(e_mods) != len(v_mods):
+                raise ValueError("the emulator's adapter layers are not M's layers")
+            for em, vm in zip(e_mods, v_mods, strict=True):
+                for name, p in list(em._parameters.items()):
+                    if p is None:
+                        continue
+                    if vm._parameters.get(name) is None or vm._parameters[name].shape != p.shape:
+                        raise ValueError("the emulator's adapter layers are not M's layers")
+                    own = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    swapped.append((em._parameters, name, p))
+                    em._parameters[name] = vm._parameters[name] = own
+                    fresh.append(own)
+        yield view, fresh
+    finally:
+        for params, name, p in swapped:
+            params[name] = p
+
+
+class _Drift:
+    """The simulated data owner of `drift_lr` calibration: AdamW (the client's optimizer, gradient clipped at
+    1.0 like its default) on the adapter layers through the emulator, float32 masters, from M's weights."""
+
+    def __init__(self, emu: nn.Module, layers: list[int], params: list[nn.Parameter], lr: float) -> None:
+        self.emu, self.layers, self.params, self.lr = emu, layers, params, lr
+        self.start = [p.detach().float().clone() for p in params]
+        self.reset()
+
+    def reset(self) -> None:
+        self.masters = [s.clone().requires_grad_(True) for s in self.start]
+        self.opt = torch.optim.AdamW(self.masters, lr=self.lr, weight_decay=0.0)
+        self._write()
+
+    def step(self, ids: torch.Tensor) -> float:
+        emu = self.emu
+        loss, _, per_layer = _layer_grads(
+            emu, self.layers, lambda: (lm_loss(emu(input_ids=ids, use_cache=False).logits, ids), None)
+        )
+        flat = torch.cat(per_layer)
+        k = 0
+        for m in self.masters:
+            m.grad = flat[k : k + m.numel()].view_as(m).clone()
+            k += m.numel()
+        torch.nn.utils.clip_grad_norm_(self.masters, 1.0)
+        self.opt.step()
+        self._write()
+        return float(loss.detach())
+
+    def _write(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters, strict=True):
+                p.copy_(m)
 
 
 def bottom_junction(plan: LayerPlan) -> int | None:

@@ -51,12 +51,14 @@ def test_an_emulator_cache_key_names_the_calibration_built_not_the_knobs_asked()
     from benchmarks.harness import CALIBRATIONS, DEFAULT_CALIBRATION, KEY_BASE_CALIBRATION, calibration_key
     from shared.importance_config import CalibrationConfig
 
-    keys = {name: calibration_key(CalibrationConfig(steps=50, **over)) for name, over in CALIBRATIONS.items()}
+    keys = {name: calibration_key(CalibrationConfig(**{"steps": 50, **over})) for name, over in CALIBRATIONS.items()}
     assert keys == {  # as they were keyed before the library's default changed (caches stay valid)
         "outputs": {},
         "grad1": {"grad_weight": 1.0},
         "grad10": {"grad_weight": 10.0},
         "adapters10": {"grad_weight": 10.0, "grad_match": "adapters"},
+        "adapters10_s200": {"grad_weight": 10.0, "grad_match": "adapters"},  # its steps key apart (build_emulators)
+        "adapters10_drift": {"grad_weight": 10.0, "grad_match": "adapters", "drift_lr": 3e-4},
     }
     assert calibration_key(CalibrationConfig(**KEY_BASE_CALIBRATION)) == {}
     assert calibration_key(CalibrationConfig()) == keys[DEFAULT_CALIBRATION]  # the default built either way
