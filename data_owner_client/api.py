@@ -4,7 +4,9 @@ server's JSON errors and transport failures turned into `ServerError`, redirects
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Iterator
+import sys
+import time
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -135,8 +137,56 @@ class ServerBearer(httpx.Auth):
         yield request
 
 
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The 429's `Retry-After` in seconds (the server sends whole seconds), or None when absent or not a number."""
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+class RetryingClient(httpx.Client):
+    """httpx.Client that waits out a short 429 and sends the request again: the server's rate limits (a token
+    bucket that refills in seconds) and a full generation queue answer 429 with `Retry-After`, and a command that
+    dies on the first one makes a busy server look broken. At most `retries` retries, each only when Retry-After
+    is at most `max_wait` seconds (an hourly quota's wait is reported, not slept through) and the body can be
+    sent again (bytes, not a stream: an upload's 429 is reported with the command to run again)."""
+
+    def __init__(
+        self, *, retries: int = 3, max_wait: float = 30.0, sleep: Callable[[float], None] = time.sleep, **kw: Any
+    ) -> None:
+        super().__init__(**kw)
+        self.retries, self.max_wait, self.sleep = retries, max_wait, sleep
+
+    def send(self, request: httpx.Request, **kw: Any) -> httpx.Response:
+        attempt = 0
+        replayable = isinstance(request.stream, httpx.ByteStream)  # before sending: reading a body may replace it
+        while True:
+            response = super().send(request, **kw)
+            wait = retry_after_seconds(response) if response.status_code == 429 else None
+            if (
+                wait is None
+                or attempt >= self.retries
+                or wait > self.max_wait
+                or not replayable
+            ):
+                return response
+            response.read()  # the error body, so the connection goes back to the pool
+            response.close()
+            attempt += 1
+            print(
+                f"the server is busy (429 for {request.method} {request.url.path}); retrying in {wait:g} s "
+                f"({attempt}/{self.retries})",
+                file=sys.stderr,
+            )
+            self.sleep(wait)
+
+
 class ServerClient:
-    """Thin httpx wrapper: bearer auth, JSON errors -> ServerError, transport errors -> ServerError.
+    """Thin httpx wrapper: bearer auth, JSON errors -> ServerError, transport errors -> ServerError, a short 429
+    waited out and retried (RetryingClient).
 
     With an API key it refuses (BadInputError) a server reached over plain http that is not loopback, unless
     `insecure`; the key is sent only to the server's origin, and redirects are never followed.
@@ -150,12 +200,16 @@ class ServerClient:
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
         insecure: bool = False,
+        retry_429: int = 3,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.server = server.rstrip("/")
         if api_key:
             check_transport(self.server, insecure=insecure)
         # Redirects are not followed: the API key must only go to the server the user named.
-        self.http = httpx.Client(
+        self.http = RetryingClient(
+            retries=retry_429,
+            sleep=sleep,
             auth=ServerBearer(self.server, api_key) if api_key else None,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport,

@@ -210,6 +210,8 @@ def _drifting_adapters(
     memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
     memo.update({id(b): b.detach() for b in model.buffers()})
     view = copy.deepcopy(model, memo)
+    for layer in decoder_layers(view):  # a copied instance forward (a checkpoint wrapper) would run M's own layer
+        layer.__dict__.pop("forward", None)
     # New Parameter objects (own storage, own version counter: M's _version never sees the writes), each held by
     # the emulator's and the view's module in the same place; the emulator's old ones are put back on exit.
     swapped: list[tuple[dict[str, Any], str, nn.Parameter]] = []

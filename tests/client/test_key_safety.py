@@ -9,6 +9,7 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
+from typing import Any
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from data_owner_client import options
+from data_owner_client import api, options
 from data_owner_client.api import ServerClient
 from data_owner_client.cli import app
 from data_owner_client.errors import BadInputError, ExitCode
@@ -54,7 +55,13 @@ def network(monkeypatch: pytest.MonkeyPatch) -> _Seen:
             kwargs["transport"] = httpx.MockTransport(seen.handler)
             super().__init__(**kwargs)  # type: ignore[arg-type]
 
+    class Retrying(api.RetryingClient):  # the server client's own subclass of the real httpx.Client
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs["transport"] = httpx.MockTransport(seen.handler)
+            super().__init__(**kwargs)
+
     monkeypatch.setattr(httpx, "Client", Client)
+    monkeypatch.setattr(api, "RetryingClient", Retrying)
     return seen
 
 

@@ -110,8 +110,8 @@ def test_the_servers_setting_reads_from_the_environment(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "term",
-    [{}, {"grad_weight": 10.0, "grad_match": "junction"}, {"grad_weight": 0.0}],
-    ids=["default-adapters-term", "junction-term", "no-term"],
+    [{}, {"grad_weight": 10.0, "grad_match": "junction"}, {"grad_weight": 0.0}, {"drift_lr": 1e-2, "drift_reset": 2}],
+    ids=["default-adapters-term", "junction-term", "no-term", "drift"],
 )
 def test_calibration_under_checkpointing_writes_the_same_emulator(tmp_path, term):
     """Also with the gradient term's double backward: its attention kernel and the adapter layers' flags differ
