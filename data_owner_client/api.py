@@ -166,12 +166,7 @@ class RetryingClient(httpx.Client):
         while True:
             response = super().send(request, **kw)
             wait = retry_after_seconds(response) if response.status_code == 429 else None
-            if (
-                wait is None
-                or attempt >= self.retries
-                or wait > self.max_wait
-                or not replayable
-            ):
+            if wait is None or attempt >= self.retries or wait > self.max_wait or not replayable:
                 return response
             response.read()  # the error body, so the connection goes back to the pool
             response.close()
