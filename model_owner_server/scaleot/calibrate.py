@@ -225,7 +225,8 @@ def _drifting_adapters(
                 for name, p in list(em._parameters.items()):
                     if p is None:
                         continue
-                    if vm._parameters.get(name) is None or vm._parameters[name].shape != p.shape:
+                    twin = vm._parameters.get(name)
+                    if twin is None or twin.shape != p.shape:
                         raise ValueError("the emulator's adapter layers are not M's layers")
                     own = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
                     swapped.append((em._parameters, name, p))
