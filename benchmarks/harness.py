@@ -388,6 +388,7 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
     "adapters10_s200": {"grad_weight": 10.0, "grad_match": "adapters", "steps": 200},  # the same, 4x the steps
     # the same, fitted along simulated data-owner trajectories (calibrate.py: drift_lr)
     "adapters10_drift": {"grad_weight": 10.0, "grad_match": "adapters", "drift_lr": 3e-4, "drift_reset": 25},
+    "adapters10_drift1e-4": {"grad_weight": 10.0, "grad_match": "adapters", "drift_lr": 1e-4, "drift_reset": 25},
 }
 DEFAULT_CALIBRATION = "adapters10"
 

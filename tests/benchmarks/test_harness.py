@@ -59,6 +59,7 @@ def test_an_emulator_cache_key_names_the_calibration_built_not_the_knobs_asked()
         "adapters10": {"grad_weight": 10.0, "grad_match": "adapters"},
         "adapters10_s200": {"grad_weight": 10.0, "grad_match": "adapters"},  # its steps key apart (build_emulators)
         "adapters10_drift": {"grad_weight": 10.0, "grad_match": "adapters", "drift_lr": 3e-4},
+        "adapters10_drift1e-4": {"grad_weight": 10.0, "grad_match": "adapters", "drift_lr": 1e-4},
     }
     assert calibration_key(CalibrationConfig(**KEY_BASE_CALIBRATION)) == {}
     assert calibration_key(CalibrationConfig()) == keys[DEFAULT_CALIBRATION]  # the default built either way
