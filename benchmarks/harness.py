@@ -440,6 +440,8 @@ def build_emulators(
         key_obj: dict[str, Any] = {"spec": asdict(spec), "stage1": stage1_key, "cal": steps, "v": 2}
         if cal_over := calibration_key(cal):  # the key names the calibration built, not the knobs asked for
             key_obj["cal_over"] = cal_over
+        if budget.n_adapter != Budget.n_adapter:  # keys written before N_a varied stay valid
+            key_obj["n_adapter"] = budget.n_adapter
         key = digest(key_obj)
         path = work / "emulators" / f"{budget.profile}-{spec.name}-{key}.safetensors"
         sidecar = path.with_suffix(".json")

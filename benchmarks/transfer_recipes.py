@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ from data_owner_client.train import (
     set_seed,
     train,
 )
+from model_owner_server.scaleot.emulator import PLACEMENTS
 from model_owner_server.scaleot.importance import ImportanceConfig, ImportanceResult
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import extract_adapter
@@ -116,9 +118,11 @@ def committed_stage1(model) -> tuple[ImportanceResult, str]:
 def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     """transfer.py's full budget, M, Task A and its alpha = 0.5 ScaleOT emulator (all from the shared caches)."""
     budget = PROFILES[profile_of(args)]
+    if args.n_adapter is not None:
+        budget = replace(budget, n_adapter=args.n_adapter)
     run = start_run(args, budget)
     (task,) = make_tasks(run.files, budget, ["shakespeare"])
-    spec = EmuSpec(EMULATOR, "ScaleOT α=0.5", "scaleot", 0.5)
+    spec = EmuSpec(EMULATOR, "ScaleOT α=0.5", "scaleot", 0.5, placement=args.placement)
     if args.committed_stage1:
         importance, key = committed_stage1(run.model)
     else:
@@ -134,6 +138,7 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
         run.model, run.tok, importance, key, [spec], run.files, budget, run.work, CALIBRATIONS[name], every_5_steps
     )[EMULATOR]
     emu["calibration_name"] = args.calibration
+    emu["plan_name"] = plan_name(args.placement, budget.n_adapter)
     zs = cached_zero_shot(run, task, budget)
     log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs}")
     log(f"calibration {args.calibration}: {emu.get('calibration')}")
@@ -215,6 +220,7 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         log(f"reference {steps} steps seed {seed}: {ref['reference']}")
         return
     cal = emu.get("calibration_name", DEFAULT_CALIBRATION)
+    plan = emu.get("plan_name", DEFAULT_PLAN)
     key = ["recipe", emu["sha256"], data_key(task), name, VARIANTS[name], seed, steps, 1]
     m = cached_file(
         run.work / "rows" / f"{digest(key)}.json",
@@ -238,7 +244,9 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         "seconds": m["seconds"],
     }
     row["calibration"] = cal  # every row names its emulator's calibration and carries its figures
-    row["emulator"] = {k: emu.get(k) for k in ("sha256", "fidelity", "calibration")}
+    row["emulator"] = {k: emu.get(k) for k in ("sha256", "fidelity", "calibration", "plan", "adapter_layers")}
+    if plan != DEFAULT_PLAN:  # rows without it are the default plan's
+        row["plan"] = plan
     log(
         f"[calibration {cal}] {name} {steps} steps seed {seed}: plug-in {row['plug_in']:.2f} ref {row['reference']:.2f} "
         f"zs {row['zero_shot']:.2f} emu FT {row['emulator_ft']:.1f} -> r {row['r']:.3f}; curve {row['curve']}"
@@ -248,12 +256,26 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         rows = [
             r
             for r in json.loads(results.read_text())["rows"]
-            if (r["variant"], r["steps"], r["seed"], calibration_of(r)) != (name, steps, seed, cal)
+            if (r["variant"], r["steps"], r["seed"], calibration_of(r), plan_of(r)) != (name, steps, seed, cal, plan)
         ]
     rows.append(row)
-    rows.sort(key=lambda r: (calibration_of(r), r["variant"], r["steps"], r["seed"]))
-    header = {k: emu[k] for k in ("plan", "adapter_layers")}  # the plan every row shares
+    rows.sort(key=lambda r: (plan_of(r), calibration_of(r), r["variant"], r["steps"], r["seed"]))
+    header = json.loads(results.read_text())["emulator"] if results.is_file() else None
+    if header is None or plan == DEFAULT_PLAN:  # the default plan's (other plans' rows carry their own)
+        header = {k: emu[k] for k in ("plan", "adapter_layers")}
     write_json(results, {"emulator": header, "rows": rows})
+
+
+def plan_name(placement: str, n_adapter: int) -> str:
+    return f"{placement}, N_a {n_adapter}"
+
+
+DEFAULT_PLAN = plan_name("sandwich", 4)
+
+
+def plan_of(row: dict) -> str:
+    """A row's plan (placement, N_a); rows without the tag are the default plan's."""
+    return row.get("plan", DEFAULT_PLAN)
 
 
 def calibration_of(row: dict) -> str:
@@ -267,6 +289,8 @@ def markdown(result: dict) -> str:
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in result["rows"]:
         label = f"{r['variant']} (calibration {calibration_of(r)})"
+        if plan_of(r) != DEFAULT_PLAN:
+            label = f"{r['variant']} (calibration {calibration_of(r)}; {plan_of(r)})"
         groups.setdefault((label, r["steps"]), []).append(r)
     lines = [
         "| Recipe | Steps | Seeds | r | Plug-in ppl | Emulator FT ppl | Privacy gap | Plug-in ppl along the run |",
@@ -301,6 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_CALIBRATION,
         help="the emulator's calibration (harness.CALIBRATIONS; default: the library's; rows are tagged with it)",
     )
+    p.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="sandwich",
+        help="where the adapter layers go (make_emulator's placement; rows of another plan are tagged with it)",
+    )
+    p.add_argument("--n-adapter", type=int, default=None, help="adapter layers N_a (default: the budget's, 4)")
     p.add_argument("--report", action="store_true", help="only write the markdown table from the results JSON")
     args = p.parse_args(argv)
     results = result_paths(Path(args.results_dir), RESULT_NAME, profile_of(args))[0]
