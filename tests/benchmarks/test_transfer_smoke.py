@@ -99,3 +99,14 @@ def test_tiny_recipe_rows_share_transfer_setup(tmp_path):
     assert "final_grad_mismatch" not in row["emulator"]["calibration"]
     assert row["reference"] == rows["default"]["reference"]
     assert "| default (calibration outputs) | 3 | 1 |" in (tmp_path / "res" / "transfer_recipes_tiny.md").read_text()
+    # Another plan (N_a 2): its own emulator and its own reference (other layers tuned in M), rows tagged with it.
+    transfer_recipes.main([*args, "--n-adapter", "2", "default:3:0"])
+    data = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())
+    (na2,) = [r for r in data["rows"] if r.get("plan") == "sandwich, N_a 2"]
+    assert len(data["rows"]) == 4 and len(na2["train_layers"]) == 2
+    assert na2["emulator"]["adapter_layers"] == na2["train_layers"]
+    assert na2["emulator"]["sha256"] != rows["default"]["emulator"]["sha256"]
+    assert na2["reference"] != rows["default"]["reference"]
+    assert data["emulator"]["adapter_layers"] == rows["default"]["train_layers"]  # the header: the default plan's
+    md = (tmp_path / "res" / "transfer_recipes_tiny.md").read_text()
+    assert "| default (calibration adapters10; sandwich, N_a 2) | 3 | 1 |" in md
