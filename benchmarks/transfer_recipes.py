@@ -251,17 +251,17 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         f"[calibration {cal}] {name} {steps} steps seed {seed}: plug-in {row['plug_in']:.2f} ref {row['reference']:.2f} "
         f"zs {row['zero_shot']:.2f} emu FT {row['emulator_ft']:.1f} -> r {row['r']:.3f}; curve {row['curve']}"
     )
-    rows = []
-    if results.is_file():  # other processes add rows too: read, replace this one, write
-        rows = [
-            r
-            for r in json.loads(results.read_text())["rows"]
-            if (r["variant"], r["steps"], r["seed"], calibration_of(r), plan_of(r)) != (name, steps, seed, cal, plan)
-        ]
+    # other processes add rows too: read, replace this one, write
+    old = json.loads(results.read_text()) if results.is_file() else {"emulator": None, "rows": []}
+    rows = [
+        r
+        for r in old["rows"]
+        if (r["variant"], r["steps"], r["seed"], calibration_of(r), plan_of(r)) != (name, steps, seed, cal, plan)
+    ]
     rows.append(row)
     rows.sort(key=lambda r: (plan_of(r), calibration_of(r), r["variant"], r["steps"], r["seed"]))
-    header = json.loads(results.read_text())["emulator"] if results.is_file() else None
-    if header is None or plan == DEFAULT_PLAN:  # the default plan's (other plans' rows carry their own)
+    header = old["emulator"]  # the default plan's (other plans' rows carry their own)
+    if header is None or plan == DEFAULT_PLAN:
         header = {k: emu[k] for k in ("plan", "adapter_layers")}
     write_json(results, {"emulator": header, "rows": rows})
 
@@ -288,9 +288,8 @@ def markdown(result: dict) -> str:
     each emulator's calibration are named `variant (calibration NAME)`."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in result["rows"]:
-        label = f"{r['variant']} (calibration {calibration_of(r)})"
-        if plan_of(r) != DEFAULT_PLAN:
-            label = f"{r['variant']} (calibration {calibration_of(r)}; {plan_of(r)})"
+        plan = "" if plan_of(r) == DEFAULT_PLAN else f"; {plan_of(r)}"
+        label = f"{r['variant']} (calibration {calibration_of(r)}{plan})"
         groups.setdefault((label, r["steps"]), []).append(r)
     lines = [
         "| Recipe | Steps | Seeds | r | Plug-in ppl | Emulator FT ppl | Privacy gap | Plug-in ppl along the run |",

@@ -152,7 +152,8 @@ class RetryingClient(httpx.Client):
     bucket that refills in seconds) and a full generation queue answer 429 with `Retry-After`, and a command that
     dies on the first one makes a busy server look broken. At most `retries` retries, each only when Retry-After
     is at most `max_wait` seconds (an hourly quota's wait is reported, not slept through) and the body can be
-    sent again (bytes, not a stream: an upload's 429 is reported with the command to run again)."""
+    sent again (bytes, not a stream: an adapter upload streams its files, so its 429 is reported with the
+    server's "retry in N s")."""
 
     def __init__(
         self, *, retries: int = 3, max_wait: float = 30.0, sleep: Callable[[float], None] = time.sleep, **kw: Any

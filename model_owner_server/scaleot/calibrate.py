@@ -210,9 +210,9 @@ def _drifting_adapters(
     """A view of M (new module objects over M's tensors) whose adapter layers hold, like the emulator's, one
     private copy of M's adapter weights: what moves the emulator's adapters moves the view's, and M is never
     written. On exit the emulator's adapter parameters are M's tensors again (shared or its own, as before)."""
-    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
-    memo.update({id(b): b.detach() for b in model.buffers()})
-    view = copy.deepcopy(model, memo)
+    from .emulator import shared_memo  # here: emulator.py imports this module
+
+    view = copy.deepcopy(model, shared_memo(model))
     for layer in decoder_layers(view):  # a copied instance forward (a checkpoint wrapper) would run M's own layer
         layer.__dict__.pop("forward", None)
     # New Parameter objects (own storage, own version counter: M's _version never sees the writes), each held by
@@ -255,9 +255,9 @@ class _Drift:
         self.opt = torch.optim.AdamW(self.masters, lr=self.lr, weight_decay=0.0)
         self._write()
 
-    def step(self, ids: torch.Tensor) -> float:
+    def step(self, ids: torch.Tensor) -> None:
         emu = self.emu
-        loss, _, per_layer = _layer_grads(
+        _, _, per_layer = _layer_grads(
             emu, self.layers, lambda: (lm_loss(emu(input_ids=ids, use_cache=False).logits, ids), None)
         )
         flat = torch.cat(per_layer)
@@ -268,7 +268,6 @@ class _Drift:
         torch.nn.utils.clip_grad_norm_(self.masters, 1.0)
         self.opt.step()
         self._write()
-        return float(loss.detach())
 
     def _write(self) -> None:
         with torch.no_grad():

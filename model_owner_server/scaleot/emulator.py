@@ -150,7 +150,7 @@ def build_emulator(
     storage first (`own_storage`)."""
     if plan.layers_with(Role.HARMONIZER) and harmonizers is None:
         raise ValueError("this plan has harmonizer positions: pass the harmonizers from stage 1")
-    emu = copy.deepcopy(model, _shared_memo(model) if share_weights else None)
+    emu = copy.deepcopy(model, shared_memo(model) if share_weights else None)
     hs = {i: copy.deepcopy(h) for i, h in (harmonizers or {}).items()}
     with torch.no_grad():
         apply_plan(emu, plan, hs, compress=True, standin_dtype=standin_dtype)
@@ -159,7 +159,7 @@ def build_emulator(
     return emu.eval()
 
 
-def _shared_memo(model: nn.Module) -> dict[int, Any]:
+def shared_memo(model: nn.Module) -> dict[int, Any]:
     """deepcopy's memo that maps each of M's parameters to a new Parameter over the same storage and each
     buffer to a detached alias: the copy gets its own module objects (setattr, requires_grad and `.to` on it
     never reach M) but no tensor data. The aliases share M's version counters, so an in-place write through

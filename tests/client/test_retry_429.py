@@ -65,14 +65,20 @@ def test_a_429_that_cannot_be_waited_out_is_reported(answers, why):
     assert len(seen) == min(len(answers), 4) and len(slept) == len(seen) - 1
 
 
-def test_a_streamed_body_is_not_sent_twice():
+@pytest.mark.parametrize("how", ["generator", "multipart-file"])
+def test_a_streamed_body_is_not_sent_twice(how, tmp_path):
+    """A generator body, and a multipart upload of an open file (how upload.py sends an adapter)."""
     seen, slept = [], []
 
     def body():
         yield b"chunk"
 
-    with _client([(429, "1")], seen, slept) as c:
-        r = c.http.post(c.url("/v1/adapters"), content=body())
+    (tmp_path / "a.safetensors").write_bytes(b"tensor bytes")
+    with _client([(429, "1")], seen, slept) as c, open(tmp_path / "a.safetensors", "rb") as f:
+        if how == "generator":
+            r = c.http.post(c.url("/v1/adapters"), content=body())
+        else:
+            r = c.http.post(c.url("/v1/adapters"), files={"adapter": ("a.safetensors", f)}, data={"name": "a"})
     assert r.status_code == 429 and len(seen) == 1 and slept == []
 
 
