@@ -389,6 +389,10 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
     # the same, fitted along simulated data-owner trajectories (calibrate.py: drift_lr)
     "adapters10_drift": {"grad_weight": 10.0, "grad_match": "adapters", "drift_lr": 3e-4, "drift_reset": 25},
     "adapters10_drift1e-4": {"grad_weight": 10.0, "grad_match": "adapters", "drift_lr": 1e-4, "drift_reset": 25},
+    # stand-ins with token mixing (shared/modules.py CausalMix: a causal attention of that many heads)
+    "adapters10_mix2": {"grad_weight": 10.0, "grad_match": "adapters", "mix_heads": 2},
+    "adapters10_mix4": {"grad_weight": 10.0, "grad_match": "adapters", "mix_heads": 4},
+    "outputs_mix2": {"grad_weight": 0.0, "mix_heads": 2},
 }
 DEFAULT_CALIBRATION = "adapters10"
 
@@ -435,6 +439,7 @@ def build_emulators(
     out: dict[str, dict] = {}
     over = dict(calibration or {})
     steps = over.pop("steps", budget.calibration_steps)  # a variant may set its own number of steps
+    mix_heads = over.pop("mix_heads", 0)  # and the stand-ins' form (make_emulator's, not calibration's)
     for spec in specs:
         cal = CalibrationConfig(steps=steps if spec.calibrate else 0, **over)
         key_obj: dict[str, Any] = {"spec": asdict(spec), "stage1": stage1_key, "cal": steps, "v": 2}
@@ -442,6 +447,8 @@ def build_emulators(
             key_obj["cal_over"] = cal_over
         if budget.n_adapter != Budget.n_adapter:  # keys written before N_a varied stay valid
             key_obj["n_adapter"] = budget.n_adapter
+        if mix_heads and spec.method == "scaleot":
+            key_obj["mix_heads"] = mix_heads
         key = digest(key_obj)
         path = work / "emulators" / f"{budget.profile}-{spec.name}-{key}.safetensors"
         sidecar = path.with_suffix(".json")
@@ -465,6 +472,7 @@ def build_emulators(
             calibration_blocks=train_b,
             fidelity_blocks=val_b[:8],
             calibration_progress=calibration_progress,
+            mix_heads=mix_heads if spec.method == "scaleot" else 0,
         )
         rec = {
             "path": str(path),

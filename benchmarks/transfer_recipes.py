@@ -122,7 +122,11 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
         budget = replace(budget, n_adapter=args.n_adapter)
     run = start_run(args, budget)
     (task,) = make_tasks(run.files, budget, ["shakespeare"])
-    spec = EmuSpec(EMULATOR, "ScaleOT α=0.5", "scaleot", 0.5, placement=args.placement)
+    # α = 0.5, β = 0 key as they always did
+    emu_name = EMULATOR if args.alpha == 0.5 else f"scaleot_a{args.alpha:g}"
+    emu_name += f"_b{args.beta:g}" if args.beta else ""
+    label = f"ScaleOT α={args.alpha:g}" + (f" β={args.beta:g}" if args.beta else "")
+    spec = EmuSpec(emu_name, label, "scaleot", args.alpha, args.beta, placement=args.placement)
     if args.committed_stage1:
         importance, key = committed_stage1(run.model)
     else:
@@ -136,9 +140,9 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
 
     emu = build_emulators(
         run.model, run.tok, importance, key, [spec], run.files, budget, run.work, CALIBRATIONS[name], every_5_steps
-    )[EMULATOR]
+    )[emu_name]
     emu["calibration_name"] = args.calibration
-    emu["plan_name"] = plan_name(args.placement, budget.n_adapter)
+    emu["plan_name"] = plan_name(args.placement, budget.n_adapter, args.alpha, args.beta)
     zs = cached_zero_shot(run, task, budget)
     log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs}")
     log(f"calibration {args.calibration}: {emu.get('calibration')}")
@@ -266,8 +270,12 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
     write_json(results, {"emulator": header, "rows": rows})
 
 
-def plan_name(placement: str, n_adapter: int) -> str:
-    return f"{placement}, N_a {n_adapter}"
+def plan_name(placement: str, n_adapter: int, alpha: float = 0.5, beta: float = 0.0) -> str:
+    """The plan a row was measured on; α and β are named only where they are not the benchmark's 0.5 and 0
+    (the rows written before they varied)."""
+    return (
+        f"{placement}, N_a {n_adapter}" + (f", α {alpha:g}" if alpha != 0.5 else "") + (f", β {beta:g}" if beta else "")
+    )
 
 
 DEFAULT_PLAN = plan_name("sandwich", 4)
@@ -331,6 +339,15 @@ def main(argv: list[str] | None = None) -> None:
         help="where the adapter layers go (make_emulator's placement; rows of another plan are tagged with it)",
     )
     p.add_argument("--n-adapter", type=int, default=None, help="adapter layers N_a (default: the budget's, 4)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="share of the non-adapter layers replaced (rows of another α are tagged)",
+    )
+    p.add_argument(
+        "--beta", type=float, default=0.0, help="SRC: share of attention rank removed in frozen layers (tagged too)"
+    )
     p.add_argument("--report", action="store_true", help="only write the markdown table from the results JSON")
     args = p.parse_args(argv)
     results = result_paths(Path(args.results_dir), RESULT_NAME, profile_of(args))[0]

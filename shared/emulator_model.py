@@ -33,9 +33,10 @@ def apply_plan(
     """Rewrite `model` in place into the emulator structure of `plan` and return it.
 
     compress=True: SVD-compress real weights (model owner). compress=False: build shapes only (data owner,
-    followed by loading the file's tensors; shared/src.py). Harmonizer positions use `harmonizers[i]` or a fresh one,
-    in `standin_dtype` (None: the model's dtype). The model owner builds them in float32 to calibrate them (a
-    harmonizer computes in its own dtype and returns the model's) and casts the emulator when it saves it.
+    followed by loading the file's tensors; shared/src.py). Harmonizer positions use `harmonizers[i]` (given a
+    fresh token mixer where the plan has one and it lacks it) or a fresh one, in `standin_dtype` (None: the
+    model's dtype). The model owner builds them in float32 to calibrate them (a harmonizer computes in its own
+    dtype and returns the model's) and casts the emulator when it saves it.
     """
     fam = family_for(model.config)
     layers = decoder_layers(model)
@@ -46,7 +47,12 @@ def apply_plan(
     projections = {p.path: p for p in fam.projections}
     for i, role in enumerate(plan.roles):
         if role == Role.HARMONIZER:
-            h = harmonizers[i] if harmonizers is not None else Harmonizer(hidden, plan.bottleneck)
+            if harmonizers is None:
+                h = Harmonizer(hidden, plan.bottleneck, plan.mix_heads, plan.mix_head_dim)
+            else:
+                h = harmonizers[i]
+                if plan.mix_heads and h.mix is None:  # stage 1 trains MLP stand-ins; the plan adds the mixer
+                    h.add_mix(plan.mix_heads, plan.mix_head_dim, torch.Generator().manual_seed(i))
             layers[i] = HarmonizerLayer(h).to(device=ref.device, dtype=standin_dtype or ref.dtype)
         elif role == Role.DROPPED:
             layers[i] = DroppedLayer()

@@ -33,6 +33,9 @@ class LayerPlan:
     alpha: float = 0.0
     beta: float = 0.0
     bottleneck: int = 0  # harmonizer width (0 when there are no harmonizers)
+    # The stand-ins' token mixing (shared/modules.py CausalMix): heads and head width; 0 = MLP-only stand-ins.
+    mix_heads: int = 0
+    mix_head_dim: int = 0
 
     @property
     def n_layers(self) -> int:
@@ -49,6 +52,8 @@ class LayerPlan:
         d = asdict(self)
         d["roles"] = [r.value for r in self.roles]
         d["ranks"] = {str(i): v for i, v in self.ranks.items()}  # JSON keys are strings
+        if not self.mix_heads:  # plans without mixing serialise as before it existed (same files, same digests)
+            del d["mix_heads"], d["mix_head_dim"]
         return d
 
     @classmethod
@@ -64,9 +69,18 @@ class LayerPlan:
                 alpha=float(d.get("alpha", 0.0)),
                 beta=float(d.get("beta", 0.0)),
                 bottleneck=int(d.get("bottleneck", 0)),
+                mix_heads=int(d.get("mix_heads", 0)),
+                mix_head_dim=int(d.get("mix_head_dim", 0)),
             )
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed layer plan: {exc}") from exc
+
+    def __post_init__(self) -> None:
+        if self.mix_heads < 0 or (self.mix_heads and (self.mix_head_dim < 2 or self.mix_head_dim % 2)):
+            raise ValueError(
+                f"token mixing needs mix_heads >= 0 and an even mix_head_dim >= 2 "
+                f"(got {self.mix_heads} x {self.mix_head_dim})"
+            )
 
     def summary(self) -> str:
         """Compact one-character-per-layer picture: A adapter, H harmonizer, F frozen, f frozen+SRC, . dropped."""

@@ -198,6 +198,11 @@ def make_emulator_cmd(
         "--grad-match",
         help="adapters (the adapter layers' parameter gradients) or junction (the gradient above the bottom adapters)",
     ),
+    mix_heads: int = typer.Option(
+        setting("emulator_mix_heads"),
+        "--mix-heads",
+        help="scaleot: > 0 gives each stand-in a causal attention of this many heads (token mixing); 0: MLP only",
+    ),
     seq_len: int = typer.Option(setting("importance_seq_len"), "--seq-len", help="token block length"),
     max_blocks: int = typer.Option(
         setting("importance_max_blocks"), "--max-blocks", help="calibration blocks kept from the corpus"
@@ -274,6 +279,7 @@ def make_emulator_cmd(
             fidelity_blocks=blocks[1][:fidelity_blocks] if blocks and fidelity_blocks > 0 else None,
             calibration_progress=progress,
             dtype=storage_dtype,
+            mix_heads=mix_heads if method == "scaleot" else 0,
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))

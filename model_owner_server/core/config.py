@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         description="what the gradient term matches: the adapters' parameter gradients, or the gradient where "
         "the bottom adapters hand over to the rest of the network",
     )
+    emulator_mix_heads: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="> 0: each stand-in also gets a causal attention of this many heads of the model's head width "
+        "(token mixing, trained by calibration; docs/benchmarks.md); 0: MLP-only stand-ins",
+    )
     gradient_checkpointing: bool = Field(
         default=False,
         description="stage 1 and calibration recompute layer activations in the backward pass instead of keeping "

@@ -63,7 +63,9 @@ def scaleot_plan(
     model: nn.Module,
     bottleneck: int = 64,
     placement: str = DEFAULT_PLACEMENT,
+    mix_heads: int = 0,
 ) -> LayerPlan:
+    """`mix_heads` > 0 gives each stand-in a causal attention of that many heads of M's head width (CausalMix)."""
     n = len(scores)
     if not 1 <= n_adapter <= n:
         raise ValueError(f"n_adapter must be between 1 and the number of layers ({n}), got {n_adapter}")
@@ -71,10 +73,29 @@ def scaleot_plan(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
+    if mix_heads < 0:
+        raise ValueError(f"mix_heads must be >= 0, got {mix_heads}")
     roles = scaleot_roles(scores, n_adapter, alpha, placement)
     replaced = Role.HARMONIZER in roles
-    plan = LayerPlan(roles, {}, "scaleot", n_adapter, alpha, beta, bottleneck if replaced else 0)
+    mix = mix_heads if replaced else 0
+    plan = LayerPlan(
+        roles,
+        {},
+        "scaleot",
+        n_adapter,
+        alpha,
+        beta,
+        bottleneck if replaced else 0,
+        mix,
+        model_head_dim(model) if mix else 0,
+    )
     return with_src_ranks(plan, model)
+
+
+def model_head_dim(model: nn.Module) -> int:
+    """M's attention head width: what a stand-in's token mixer uses per head."""
+    cfg: Any = model.config
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 def scaleot_roles(
@@ -269,19 +290,24 @@ def make_emulator(
     extra_metadata: dict[str, Any] | None = None,
     calibration_progress: Callable[[Any], None] | None = None,
     gradient_checkpointing: bool = False,
+    mix_heads: int = 0,
 ) -> EmulatorFileInfo:
     """Plan, build, (calibrate,) measure and save an emulator; the info carries sizes next to the full model's.
 
     `calibration` needs `calibration_blocks` (task-agnostic token blocks, e.g. stage 1's D^T); the fidelity
     figure is measured on `fidelity_blocks` (e.g. stage 1's D^V) when given and stored in the file.
-    `gradient_checkpointing` recomputes the emulator's layer activations in calibration's backward (less memory)."""
+    `gradient_checkpointing` recomputes the emulator's layer activations in calibration's backward (less memory).
+    `mix_heads` > 0 (ScaleOT only): the stand-ins get a cheap causal attention (shared/modules.py CausalMix)
+    next to their MLP, trained by calibration from a zero output."""
     n_layers = len(decoder_layers(model))
     sources: dict[int, int] = {}
     harmonizers = None
     if method == "scaleot":
         if importance is None:
             raise ValueError("ScaleOT emulators need a stage-1 importance run")
-        plan = scaleot_plan(importance.scores, n_adapter, alpha, beta, model, importance.config.bottleneck, placement)
+        plan = scaleot_plan(
+            importance.scores, n_adapter, alpha, beta, model, importance.config.bottleneck, placement, mix_heads
+        )
         harmonizers = importance.harmonizers
     elif method in ("uniform_layerdrop", "layer_sharing"):
         n_edge = baseline_edge(n_layers, n_adapter, method)

@@ -110,3 +110,20 @@ def test_tiny_recipe_rows_share_transfer_setup(tmp_path):
     assert data["emulator"]["adapter_layers"] == rows["default"]["train_layers"]  # the header: the default plan's
     md = (tmp_path / "res" / "transfer_recipes_tiny.md").read_text()
     assert "| default (calibration adapters10; sandwich, N_a 2) | 3 | 1 |" in md
+    # Stand-ins with token mixing: their own emulator (the mixers in its file), rows tagged with the calibration.
+    transfer_recipes.main([*args, "--calibration", "adapters10_mix2", "default:3:0"])
+    data = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())
+    (mix,) = [r for r in data["rows"] if r["calibration"] == "adapters10_mix2"]
+    assert mix["emulator"]["sha256"] != rows["default"]["emulator"]["sha256"]
+    assert mix["reference"] == rows["default"]["reference"]
+    # Another alpha: its own emulator, tagged with it, the same adapter layers and so the same reference.
+    transfer_recipes.main([*args, "--alpha", "0.25", "default:3:0"])
+    data = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())
+    (a25,) = [r for r in data["rows"] if r.get("plan") == "sandwich, N_a 4, α 0.25"]
+    assert a25["emulator"]["plan"] != rows["default"]["emulator"]["plan"]
+    assert a25["reference"] == rows["default"]["reference"]
+    # SRC: β names its plan too, and keeps the layers and so the reference.
+    transfer_recipes.main([*args, "--beta", "0.5", "default:3:0"])
+    data = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())
+    (b5,) = [r for r in data["rows"] if r.get("plan") == "sandwich, N_a 4, β 0.5"]
+    assert "f" in b5["emulator"]["plan"] and b5["reference"] == rows["default"]["reference"]

@@ -70,6 +70,7 @@ def test_make_emulator_cli_defaults_are_the_servers():
     assert cli["kept_lr"] == setting("emulator_calibration_kept_lr")
     assert cli["grad_weight"] == setting("emulator_calibration_grad_weight")
     assert cli["grad_match"] == setting("emulator_calibration_grad_match")
+    assert cli["mix_heads"] == setting("emulator_mix_heads")
     assert cli["seq_len"] == setting("importance_seq_len")
     assert cli["max_blocks"] == setting("importance_max_blocks")
     assert cli["fidelity_blocks"] == setting("emulator_fidelity_blocks")

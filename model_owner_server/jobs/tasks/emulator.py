@@ -99,6 +99,7 @@ def emulator_job(runner: JobRunner, ctx: JobContext, params: dict[str, Any]) -> 
             ),
             calibration_progress=progress,
             gradient_checkpointing=settings.gradient_checkpointing,
+            mix_heads=settings.emulator_mix_heads,
             dtype=dtype,
             extra_metadata={"model_id": model_id, "emulator_id": emu_id},
         )
