@@ -80,7 +80,7 @@ from model_owner_server.scaleot.importance import ImportanceConfig, ImportanceRe
 from model_owner_server.scaleot.plugin import plug_in
 from shared.adapter import extract_adapter
 from shared.architectures import layer_prefix
-from shared.data import pad_id_for, training_examples
+from shared.data import load_dataset, pad_id_for, training_examples
 from shared.emulator_file import load_emulator
 from shared.modules import Harmonizer
 
@@ -99,6 +99,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
     "top2": ({}, (2, 3)),
     "top2_lr3e-4": ({"lr": 3e-4}, (2, 3)),
     "bottom_lr0.1": ({"bottom_lr_scale": 0.1}, None),
+    # "Repair first": the adapters are first trained through the emulator on public text (the benchmark's Wikipedia
+    # excerpt) for that many steps, then on the task. `derepair`: the upload is the issued weights plus only the
+    # task's part of the change (W_task - W_repaired): what the adapters learnt to repair the emulator never
+    # reaches M. `repair`: the same start, the final weights uploaded as they are (separates the two effects).
+    "derepair128": ({"repair_steps": 128, "subtract_repair": True}, None),
+    "repair128": ({"repair_steps": 128, "subtract_repair": False}, None),
+    "derepair32": ({"repair_steps": 32, "subtract_repair": True}, None),
 }
 
 
@@ -121,7 +128,7 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     if args.n_adapter is not None:
         budget = replace(budget, n_adapter=args.n_adapter)
     run = start_run(args, budget)
-    (task,) = make_tasks(run.files, budget, ["shakespeare"])
+    (task,) = [t for t in make_tasks(run.files, budget, [args.task]) if t.name == args.task]
     # α = 0.5, β = 0 key as they always did
     emu_name = EMULATOR if args.alpha == 0.5 else f"scaleot_a{args.alpha:g}"
     emu_name += f"_b{args.beta:g}" if args.beta else ""
@@ -143,16 +150,22 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     )[emu_name]
     emu["calibration_name"] = args.calibration
     emu["plan_name"] = plan_name(args.placement, budget.n_adapter, args.alpha, args.beta)
+    if task.name != "shakespeare":  # rows of another task are tagged with it like those of another plan
+        emu["plan_name"] += f", task {task.name}"
     zs = cached_zero_shot(run, task, budget)
     log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs}")
     log(f"calibration {args.calibration}: {emu.get('calibration')}")
     return run, task, emu, budget
 
 
-def run_variant(model, tok, task, emu: dict, budget, choice, name: str, steps: int, seed: int) -> dict:
+def run_variant(
+    model, tok, task, emu: dict, budget, choice, name: str, steps: int, seed: int, public: Path | None = None
+) -> dict:
     overrides, train_positions = VARIANTS[name]
     overrides = dict(overrides)
     bottom_scale = overrides.pop("bottom_lr_scale", None)
+    repair_steps = overrides.pop("repair_steps", 0)
+    subtract_repair = overrides.pop("subtract_repair", False)
     cfg = TrainConfig(
         **{
             "method": "full",
@@ -175,10 +188,25 @@ def run_variant(model, tok, task, emu: dict, budget, choice, name: str, steps: i
         freeze_except_adapter(net, train_layers)
     curve: dict[int, float] = {}
     marks = {s for s in (8, 16, 32, 64, 128, 256, 512) if s < steps}
+    issued = extract_adapter(net, layers)
+    repaired = issued
+    if repair_steps:
+        if public is None:
+            raise ValueError(f"{name} needs public text")
+        public_examples = training_examples(load_dataset(public), tok, cfg.seq_len)
+        train(
+            net, public_examples, replace(cfg, max_steps=repair_steps), choice, pad_id=pad_id_for(tok), progress=False
+        )
+        repaired = extract_adapter(net, layers)
+
+    def upload(m) -> dict[str, torch.Tensor]:
+        tensors = extract_adapter(merge_lora(m) if cfg.method == "lora" else m, layers)
+        if subtract_repair:
+            tensors = {k: issued[k] + (v - repaired[k]) for k, v in tensors.items()}
+        return tensors
 
     def plug_loss(m) -> float:
-        tensors = extract_adapter(merge_lora(m) if cfg.method == "lora" else m, layers)
-        return evaluate_task(plug_in(model, tensors, layers), tok, task, budget, choice)["loss"]
+        return nll(evaluate_task(plug_in(model, upload(m), layers), tok, task, budget, choice))
 
     def on_step(step: int, _loss: float) -> None:
         if step in marks and cfg.method != "lora":  # merging LoRA mid-run would end it
@@ -201,10 +229,10 @@ def run_variant(model, tok, task, emu: dict, budget, choice, name: str, steps: i
     )
     net = merge_lora(net)
     net.requires_grad_(False)
-    tensors = extract_adapter(net, layers)
+    tensors = upload(net)
     plugged = evaluate_task(plug_in(model, tensors, layers), tok, task, budget, choice)
     emu_ft = evaluate_task(net, tok, task, budget, choice)
-    curve[steps] = round(plugged["loss"], 4)
+    curve[steps] = round(nll(plugged), 4)
     return {
         "plug_in": plugged,
         "emulator_ft": emu_ft,
@@ -215,6 +243,11 @@ def run_variant(model, tok, task, emu: dict, budget, choice, name: str, steps: i
         "train_layers": train_layers,
         "wall": round(time.perf_counter() - t0, 1),
     }
+
+
+def nll(scores: dict[str, Any]) -> float:
+    """The mean loss in nats of an evaluation: Task A's "loss", Task C's response loss (its log perplexity)."""
+    return float(scores["loss"]) if "loss" in scores else math.log(scores["perplexity"])
 
 
 def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name: str, steps: int, seed: int) -> None:
@@ -228,20 +261,22 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
     key = ["recipe", emu["sha256"], data_key(task), name, VARIANTS[name], seed, steps, 1]
     m = cached_file(
         run.work / "rows" / f"{digest(key)}.json",
-        lambda: run_variant(run.model, run.tok, task, emu, budget, run.choice, name, steps, seed),
+        lambda: run_variant(
+            run.model, run.tok, task, emu, budget, run.choice, name, steps, seed, run.files.get("wiki_train")
+        ),
     )
-    q0, qp, qr = -zs["zero_shot"]["loss"], -m["plug_in"]["loss"], -ref["reference"]["loss"]
+    q0, qp, qr = -nll(zs["zero_shot"]), -nll(m["plug_in"]), -nll(ref["reference"])
     row = {
         "variant": name,
         "steps": steps,
         "seed": seed,
         "r": (qp - q0) / (qr - q0),
         "plug_in": m["plug_in"]["perplexity"],
-        "plug_in_loss": m["plug_in"]["loss"],
+        "plug_in_loss": nll(m["plug_in"]),
         "reference": ref["reference"]["perplexity"],
         "zero_shot": zs["zero_shot"]["perplexity"],
         "emulator_ft": m["emulator_ft"]["perplexity"],
-        "privacy_gap": m["emulator_ft"]["loss"] - m["plug_in"]["loss"],
+        "privacy_gap": nll(m["emulator_ft"]) - nll(m["plug_in"]),
         "curve": m["curve"],
         "hyperparameters": m["hyperparameters"],
         "train_layers": m["train_layers"],
@@ -251,6 +286,13 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
     row["emulator"] = {k: emu.get(k) for k in ("sha256", "fidelity", "calibration", "plan", "adapter_layers")}
     if plan != DEFAULT_PLAN:  # rows without it are the default plan's
         row["plan"] = plan
+    if "exact_match" in m["plug_in"]:  # Task C: greedy answers of held-out trivia prompts
+        row["exact_match"] = {
+            "zero_shot": zs["zero_shot"].get("exact_match"),
+            "plug_in": m["plug_in"]["exact_match"],
+            "reference": ref["reference"].get("exact_match"),
+            "emulator_ft": m["emulator_ft"].get("exact_match"),
+        }
     log(
         f"[calibration {cal}] {name} {steps} steps seed {seed}: plug-in {row['plug_in']:.2f} ref {row['reference']:.2f} "
         f"zs {row['zero_shot']:.2f} emu FT {row['emulator_ft']:.1f} -> r {row['r']:.3f}; curve {row['curve']}"
@@ -344,6 +386,12 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.5,
         help="share of the non-adapter layers replaced (rows of another α are tagged)",
+    )
+    p.add_argument(
+        "--task",
+        choices=["shakespeare", "instruction"],
+        default="shakespeare",
+        help="Task A (default) or Task C, instruction tuning (r on the responses' loss; rows are tagged)",
     )
     p.add_argument(
         "--beta", type=float, default=0.0, help="SRC: share of attention rank removed in frozen layers (tagged too)"

@@ -127,3 +127,9 @@ def test_tiny_recipe_rows_share_transfer_setup(tmp_path):
     data = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())
     (b5,) = [r for r in data["rows"] if r.get("plan") == "sandwich, N_a 4, β 0.5"]
     assert "f" in b5["emulator"]["plan"] and b5["reference"] == rows["default"]["reference"]
+    # "Repair first" recipes: public text through the emulator, then the task; derepair uploads only the task's part.
+    transfer_recipes.main([*args, "derepair32:3:0", "repair128:3:0"])
+    data = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())
+    both = {r["variant"]: r for r in data["rows"] if r["variant"] in ("derepair32", "repair128")}
+    assert both.keys() == {"derepair32", "repair128"} and all(math.isfinite(r["r"]) for r in both.values())
+    assert both["derepair32"]["plug_in"] != both["repair128"]["plug_in"]
