@@ -19,8 +19,6 @@ class CausalMix(nn.Module):
     in every architecture. The output projection starts at zero: a fresh mixer adds nothing.
     """
 
-    inv_freq: torch.Tensor  # (head_dim / 2,) rotary frequencies, a non-persistent buffer (never in a file)
-
     def __init__(self, hidden: int, heads: int, head_dim: int, rope_base: float = 10000.0):
         super().__init__()
         if heads < 1 or head_dim < 2 or head_dim % 2:
@@ -30,13 +28,14 @@ class CausalMix(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, hidden, bias=False)
         nn.init.zeros_(self.out.weight)
-        self.register_buffer(
-            "inv_freq", rope_base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False
-        )
+        self.rope_base = rope_base
 
     def _rope(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) -> (B, H, T, D), rotated by position
+        # Frequencies in float32 every call, not a buffer: a buffer would be cast with a bf16 emulator and rotate
+        # differently for the data owner than in the model owner's float32 calibration.
+        d = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim
         t = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
-        ang = torch.outer(t, self.inv_freq.to(x.device))  # (T, D/2)
+        ang = torch.outer(t, self.rope_base**-d)  # (T, D/2)
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)

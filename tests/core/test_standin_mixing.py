@@ -96,6 +96,10 @@ def test_rope_makes_the_mixer_see_relative_order():
     c = torch.randn(1, 1, HIDDEN)
     # the same set of earlier tokens in another order: without positions the last output would be identical
     assert not torch.allclose(mix(torch.cat([a, b, c], 1))[:, -1], mix(torch.cat([b, a, c], 1))[:, -1])
+    # the rotary frequencies are no buffer, so casting a bf16 emulator leaves them float32: the same rotation
+    assert not list(mix.buffers())
+    x = torch.randn(1, 40, HIDDEN)
+    assert torch.allclose(mix.to(torch.bfloat16)(x.bfloat16()).float(), mix.float()(x), atol=0.1)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
