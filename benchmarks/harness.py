@@ -393,6 +393,8 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
     "adapters10_mix2": {"grad_weight": 10.0, "grad_match": "adapters", "mix_heads": 2},
     "adapters10_mix4": {"grad_weight": 10.0, "grad_match": "adapters", "mix_heads": 4},
     "outputs_mix2": {"grad_weight": 0.0, "mix_heads": 2},
+    # the kept (frozen) layers also calibrated (OT-style compensation; what SRC's rank-reduced layers may need)
+    "adapters10_kept1e-4": {"grad_weight": 10.0, "grad_match": "adapters", "kept_lr": 1e-4},
 }
 DEFAULT_CALIBRATION = "adapters10"
 

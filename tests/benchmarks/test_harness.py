@@ -66,6 +66,7 @@ def test_an_emulator_cache_key_names_the_calibration_built_not_the_knobs_asked()
         "adapters10_mix2": {"grad_weight": 10.0, "grad_match": "adapters"},  # its mix_heads key apart
         "adapters10_mix4": {"grad_weight": 10.0, "grad_match": "adapters"},
         "outputs_mix2": {},
+        "adapters10_kept1e-4": {"grad_weight": 10.0, "grad_match": "adapters", "kept_lr": 1e-4},
     }
     assert calibration_key(CalibrationConfig(**KEY_BASE_CALIBRATION)) == {}
     assert calibration_key(CalibrationConfig()) == keys[DEFAULT_CALIBRATION]  # the default built either way
