@@ -474,7 +474,7 @@ def build_emulators(
             calibration_blocks=train_b,
             fidelity_blocks=val_b[:8],
             calibration_progress=calibration_progress,
-            mix_heads=mix_heads if spec.method == "scaleot" else 0,
+            mix_heads=mix_heads,  # make_emulator gives only ScaleOT stand-ins a mixer
         )
         rec = {
             "path": str(path),

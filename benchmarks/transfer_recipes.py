@@ -132,7 +132,8 @@ def committed_stage1(model) -> tuple[ImportanceResult, str]:
 
 
 def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
-    """transfer.py's full budget, M, Task A and its alpha = 0.5 ScaleOT emulator (all from the shared caches)."""
+    """transfer.py's full budget, M, the task (Task A unless --task) and its ScaleOT emulator (α = 0.5, β = 0 unless
+    asked; all from the shared caches)."""
     budget = PROFILES[profile_of(args)]
     if args.n_adapter is not None:
         budget = replace(budget, n_adapter=args.n_adapter)

@@ -279,7 +279,7 @@ def make_emulator_cmd(
             fidelity_blocks=blocks[1][:fidelity_blocks] if blocks and fidelity_blocks > 0 else None,
             calibration_progress=progress,
             dtype=storage_dtype,
-            mix_heads=mix_heads if method == "scaleot" else 0,
+            mix_heads=mix_heads,  # used by the scaleot plan only (the baselines have no stand-ins)
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
