@@ -34,6 +34,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,8 @@ from data_owner_client.train import (
     set_seed,
     train,
 )
+from model_owner_server.scaleot.calibrate import CalibrationConfig, calibrate_emulator
+from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import PLACEMENTS
 from model_owner_server.scaleot.importance import ImportanceConfig, ImportanceResult
 from model_owner_server.scaleot.plugin import plug_in
@@ -111,10 +114,22 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
     "derepair128": ({"repair_steps": 128, "subtract_repair": True}, None),
     "repair128": ({"repair_steps": 128, "subtract_repair": False}, None),
     "derepair32": ({"repair_steps": 32, "subtract_repair": True}, None),
+    # Ensembles: the adapters train through several emulators of the same plan in turn (one per step); the others'
+    # stand-ins are those of the named calibrations (same kept layers, so the data owner learns nothing more of M).
+    # What an adapter learns to repair one emulator's stand-ins is not what repairs another's; the task is shared.
+    "ensemble_seed1": ({"ensemble": ("adapters10_seed1",)}, None),
+    "ensemble_seed12": ({"ensemble": ("adapters10_seed1", "adapters10_seed2")}, None),
+    "ensemble_outputs": ({"ensemble": ("outputs",)}, None),
+    # Refreshed emulators (rounds): every N data-owner steps the model owner re-fits the stand-ins (the default
+    # calibration, warm-started, that many steps on its public text) so that the emulator carrying the data owner's
+    # *current* adapter weights reproduces M carrying them. Calibration fits the emulator at one point, the issued
+    # weights; the plug-in stops improving once the adapters have moved away from it (docs/benchmarks.md).
+    "refresh8": ({"refresh_every": 8, "refresh_steps": 12}, None),
+    "refresh32": ({"refresh_every": 32, "refresh_steps": 12}, None),
 }
 
 
-def committed_stage1(model) -> tuple[ImportanceResult, str]:
+def committed_stage1(model, init_seed: int = 0) -> tuple[ImportanceResult, str]:
     """Stage 1's seed-0 scores as benchmarks/results/transfer.json holds them, with fresh (identity) harmonizers:
     the same alpha = 0.5 plan without re-running stage 1 (about 7 min on an idle 2-core machine); calibration
     then starts from the identity instead of stage 1's harmonizers. Its own cache key, so the benchmark's real
@@ -128,7 +143,7 @@ def committed_stage1(model) -> tuple[ImportanceResult, str]:
     torch.manual_seed(cfg.seed)
     harmonizers = {i: Harmonizer(hidden, cfg.bottleneck).requires_grad_(False) for i in range(len(rec["scores"]))}
     result = ImportanceResult(torch.tensor(rec["scores"], dtype=torch.float32), harmonizers, cfg)
-    return result, digest(rec["scores"]) + "-identity-harmonizers-seeded"
+    return result, digest(rec["scores"]) + "-identity-harmonizers-seeded" + (f"-init{init_seed}" if init_seed else "")
 
 
 def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
@@ -139,26 +154,7 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
         budget = replace(budget, n_adapter=args.n_adapter)
     run = start_run(args, budget)
     (task,) = [t for t in make_tasks(run.files, budget, [args.task]) if t.name == args.task]
-    # α = 0.5, β = 0 key as they always did
-    emu_name = EMULATOR if args.alpha == 0.5 else f"scaleot_a{args.alpha:g}"
-    emu_name += f"_b{args.beta:g}" if args.beta else ""
-    label = f"ScaleOT α={args.alpha:g}" + (f" β={args.beta:g}" if args.beta else "")
-    spec = EmuSpec(emu_name, label, "scaleot", args.alpha, args.beta, placement=args.placement)
-    if args.committed_stage1:
-        importance, key = committed_stage1(run.model)
-    else:
-        importance, info = stage1(run.model, run.tok, run.model_id, run.files, budget, budget.stage1_seeds[0], run.work)
-        key = digest(info["scores"])
-    name = args.calibration
-
-    def every_5_steps(p) -> None:
-        if p.step % 5 == 0:
-            log(f"  calibration {name} {p}")
-
-    emu = build_emulators(
-        run.model, run.tok, importance, key, [spec], run.files, budget, run.work, CALIBRATIONS[name], every_5_steps
-    )[emu_name]
-    emu["calibration_name"] = args.calibration
+    emu = build_emulator(run, budget, args, args.calibration)
     emu["plan_name"] = plan_name(args.placement, budget.n_adapter, args.alpha, args.beta)
     if task.name != "shakespeare":  # rows of another task are tagged with it like those of another plan
         emu["plan_name"] += f", task {task.name}"
@@ -168,11 +164,75 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     return run, task, emu, budget
 
 
+def build_emulator(run: Run, budget: Budget, args: argparse.Namespace, name: str) -> dict:
+    """The plan's ScaleOT emulator calibrated as CALIBRATIONS[name] (cached); a calibration with its own `seed`
+    also starts from its own draw of the identity stand-ins (--committed-stage1)."""
+    # α = 0.5, β = 0 key as they always did
+    emu_name = EMULATOR if args.alpha == 0.5 else f"scaleot_a{args.alpha:g}"
+    emu_name += f"_b{args.beta:g}" if args.beta else ""
+    label = f"ScaleOT α={args.alpha:g}" + (f" β={args.beta:g}" if args.beta else "")
+    spec = EmuSpec(emu_name, label, "scaleot", args.alpha, args.beta, placement=args.placement)
+    if args.committed_stage1:
+        importance, key = committed_stage1(run.model, CALIBRATIONS[name].get("seed", 0))
+    else:
+        importance, info = stage1(run.model, run.tok, run.model_id, run.files, budget, budget.stage1_seeds[0], run.work)
+        key = digest(info["scores"])
+
+    def every_5_steps(p) -> None:
+        if p.step % 5 == 0:
+            log(f"  calibration {name} {p}")
+
+    emu = build_emulators(
+        run.model, run.tok, importance, key, [spec], run.files, budget, run.work, CALIBRATIONS[name], every_5_steps
+    )[emu_name]
+    emu["calibration_name"] = name
+    return emu
+
+
+def standin_swapper(
+    net: torch.nn.Module, adapter_layers: list[int], others: list[dict], device
+) -> Callable[[int], None]:
+    """For an ensemble: `use(i)` loads member i's stand-ins into `net` (0: net's own). Only the tensors in which
+    the members differ are held; they must share the plan and the kept layers, never the trained ones."""
+    live = net.state_dict(keep_vars=True)
+    members = []
+    for o in others:
+        loaded = load_emulator(o["path"], device=device)
+        if loaded.plan.adapter_layers != adapter_layers or set(loaded.model.state_dict()) != set(live):
+            raise ValueError(f"ensemble member {o['path']} has another plan")
+        members.append(loaded.model.state_dict())
+    keys = {k for sd in members for k, v in sd.items() if not torch.equal(v, live[k])}
+    trained = tuple(layer_prefix(net, i) for i in adapter_layers)
+    if any(k.startswith(trained) for k in keys):
+        raise ValueError("ensemble members differ in the adapter layers")
+    states = [{k: live[k].detach().clone() for k in keys}] + [{k: sd[k] for k in keys} for sd in members]
+
+    def use(i: int) -> None:
+        with torch.no_grad():
+            for k, v in states[i].items():
+                live[k].copy_(v)
+
+    return use
+
+
 def run_variant(
-    model, tok, task, emu: dict, budget, choice, name: str, steps: int, seed: int, public: Path | None = None
+    model,
+    tok,
+    task,
+    emu: dict,
+    budget,
+    choice,
+    name: str,
+    steps: int,
+    seed: int,
+    public: Path | None = None,
+    others: list[dict] | None = None,
 ) -> dict:
     overrides, train_positions = VARIANTS[name]
     overrides = dict(overrides)
+    overrides.pop("ensemble", None)  # its members come as `others`
+    refresh_every = overrides.pop("refresh_every", 0)
+    refresh_steps = overrides.pop("refresh_steps", 0)
     bottom_scale = overrides.pop("bottom_lr_scale", None)
     repair_steps = overrides.pop("repair_steps", 0)
     subtract_repair = overrides.pop("subtract_repair", False)
@@ -196,6 +256,22 @@ def run_variant(
         net = add_lora(net, train_layers, cfg)
     else:
         freeze_except_adapter(net, train_layers)
+    use = standin_swapper(net, layers, others, choice.device) if others else None
+    refreshes: list[dict] = []
+    if refresh_every:
+        if public is None:
+            raise ValueError(f"{name} needs public text")
+        blocks = corpus_blocks(tok, public, budget.seq_len)[0]
+        base = CalibrationConfig(**{**CALIBRATIONS[DEFAULT_CALIBRATION], "steps": refresh_steps})
+
+    def refresh(step: int) -> None:
+        """The model owner's round: M carrying the current adapter weights teaches the emulator carrying them."""
+        teacher = plug_in(model, extract_adapter(net, layers), layers)
+        info = calibrate_emulator(teacher, net, loaded.plan, blocks, replace(base, seed=step))
+        refreshes.append({"step": step, **{k: info[k] for k in ("seconds", "final_kl", "final_nmse")}})
+        log(f"  refresh at step {step}: {refreshes[-1]}")
+        del teacher
+
     curve: dict[int, float] = {}
     marks = {s for s in (8, 16, 32, 64, 128, 256, 512) if s < steps}
     issued = extract_adapter(net, layers)
@@ -222,6 +298,11 @@ def run_variant(
         if step in marks and cfg.method != "lora":  # merging LoRA mid-run would end it
             curve[step] = round(plug_loss(net), 4)
             net.train()
+        if use is not None:  # the next step through the next member
+            use(step % (len(others or []) + 1))
+        if refresh_every and step % refresh_every == 0 and step < steps:
+            refresh(step)
+            net.train()
 
     layer_scale = None
     if bottom_scale is not None:  # the two bottom adapter layers, whose gradients disagree with M's
@@ -237,6 +318,8 @@ def run_variant(
         on_step=on_step,
         lr_scales=layer_scale,
     )
+    if use is not None:
+        use(0)  # the data owner's copy is measured on the emulator it was issued
     net = merge_lora(net)
     net.requires_grad_(False)
     tensors = upload(net)
@@ -252,10 +335,21 @@ def run_variant(
         "hyperparameters": cfg.hyperparameters(),
         "train_layers": train_layers,
         "wall": round(time.perf_counter() - t0, 1),
+        **({"refreshes": refreshes} if refreshes else {}),
     }
 
 
-def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name: str, steps: int, seed: int) -> None:
+def run_row(
+    run: Run,
+    task: Task,
+    emu: dict,
+    budget: Budget,
+    results: Path,
+    name: str,
+    steps: int,
+    seed: int,
+    others: list[dict] | None = None,
+) -> None:
     zs = {"zero_shot": cached_zero_shot(run, task, budget)}
     ref = cached_reference(run, task, budget, emu["adapter_layers"], seed, steps)
     if name == "ref":
@@ -264,10 +358,12 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
     cal = emu.get("calibration_name", DEFAULT_CALIBRATION)
     plan = emu.get("plan_name", DEFAULT_PLAN)
     key = ["recipe", emu["sha256"], data_key(task), name, VARIANTS[name], seed, steps, 1]
+    if others:  # an ensemble's row names its members' files too
+        key.append([o["sha256"] for o in others])
     m = cached_file(
         run.work / "rows" / f"{digest(key)}.json",
         lambda: run_variant(
-            run.model, run.tok, task, emu, budget, run.choice, name, steps, seed, run.files.get("wiki_train")
+            run.model, run.tok, task, emu, budget, run.choice, name, steps, seed, run.files.get("wiki_train"), others
         ),
     )
     q0, qp, qr = quality(task, zs["zero_shot"]), quality(task, m["plug_in"]), quality(task, ref["reference"])
@@ -287,8 +383,14 @@ def run_row(run: Run, task: Task, emu: dict, budget: Budget, results: Path, name
         "train_layers": m["train_layers"],
         "seconds": m["seconds"],
     }
+    if "refreshes" in m:  # the model owner's rounds: when, and what each cost
+        row["refreshes"] = m["refreshes"]
     row["calibration"] = cal  # every row names its emulator's calibration and carries its figures
     row["emulator"] = {k: emu.get(k) for k in ("sha256", "fidelity", "calibration", "plan", "adapter_layers")}
+    if others:
+        row["ensemble"] = [
+            {"calibration": o["calibration_name"], "sha256": o["sha256"], "fidelity": o["fidelity"]} for o in others
+        ]
     if plan != DEFAULT_PLAN:  # rows without it are the default plan's
         row["plan"] = plan
     if "exact_match" in m["plug_in"]:  # Task C: greedy answers of held-out trivia prompts
@@ -408,7 +510,9 @@ def main(argv: list[str] | None = None) -> None:
         run, task, emu, budget = setup(args)
         for job in args.jobs:
             name, steps, seed = job.split(":")
-            run_row(run, task, emu, budget, results, name, int(steps), int(seed))
+            members = VARIANTS[name][0].get("ensemble", ()) if name != "ref" else ()
+            others = [build_emulator(run, budget, args, m) for m in members]
+            run_row(run, task, emu, budget, results, name, int(steps), int(seed), others)
     if results.is_file():
         results.with_suffix(".md").write_text(markdown(json.loads(results.read_text())))
 

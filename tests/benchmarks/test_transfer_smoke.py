@@ -3,6 +3,7 @@ the fidelity figures and the stage-1 stability come out, and the outputs are wel
 
 import json
 import math
+import shutil
 
 import torch
 
@@ -150,3 +151,54 @@ def test_committed_stage1_is_seeded():
     for i, h in a.harmonizers.items():
         for (name, x), y in zip(h.state_dict().items(), b.harmonizers[i].state_dict().values(), strict=True):
             assert torch.equal(x, y), (i, name)
+
+
+def test_tiny_ensemble_recipe_trains_through_every_member(tmp_path):
+    """transfer_recipes' ensembles: the row names its other member (another emulator of the same plan), and the
+    swapper loads each member's stand-ins into the trained network, back to the issued ones with `use(0)`."""
+    import torch
+
+    from benchmarks import transfer_recipes
+    from shared.emulator_file import load_emulator
+
+    args = ["--tiny", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "res")]
+    transfer_recipes.main([*args, "ensemble_seed1:3:0"])
+    (row,) = json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())["rows"]
+    (member,) = row["ensemble"]
+    assert member["calibration"] == "adapters10_seed1" and member["sha256"] != row["emulator"]["sha256"]
+    assert math.isfinite(row["r"]) and len(row["train_layers"]) == 4
+
+    paths = {
+        json.loads(p.read_text())["sha256"]: p.with_suffix(".safetensors")
+        for p in (tmp_path / "work" / "emulators").glob("*.json")
+    }
+    first, second = (load_emulator(paths[s]) for s in (row["emulator"]["sha256"], member["sha256"]))
+    ids = torch.arange(12).reshape(1, 12)
+    logits = [e.model(input_ids=ids).logits for e in (first, second)]
+    assert not torch.allclose(logits[0], logits[1])  # two calibrations, two functions
+    use = transfer_recipes.standin_swapper(
+        first.model, first.plan.adapter_layers, [{"path": str(paths[member["sha256"]])}], "cpu"
+    )
+    use(1)
+    assert torch.allclose(first.model(input_ids=ids).logits, logits[1], atol=1e-6)
+    use(0)
+    assert torch.equal(first.model(input_ids=ids).logits, logits[0])
+
+
+def test_tiny_refresh_recipe_recalibrates_between_rounds(tmp_path):
+    """transfer_recipes' rounds: every N data-owner steps the stand-ins are re-fitted to M carrying the current
+    adapter weights; the row records each refresh (step, cost, fit) and the run is seeded (same row twice)."""
+    from benchmarks import transfer_recipes
+
+    args = ["--tiny", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "res")]
+    transfer_recipes.main([*args, "refresh8:17:0", "default:17:0"])
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())["rows"]}
+    assert [f["step"] for f in rows["refresh8"]["refreshes"]] == [8, 16]
+    assert all(math.isfinite(f["final_kl"]) for f in rows["refresh8"]["refreshes"])
+    assert "refreshes" not in rows["default"]
+    assert rows["refresh8"]["reference"] == rows["default"]["reference"]
+    # Same seed, fresh cache: the same figures (the refreshes' calibration batches are seeded too).
+    shutil.rmtree(tmp_path / "work" / "rows")
+    transfer_recipes.main([*args, "refresh8:17:0"])
+    again = {r["variant"]: r for r in json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())["rows"]}
+    assert again["refresh8"]["plug_in"] == rows["refresh8"]["plug_in"]
