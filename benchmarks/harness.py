@@ -284,6 +284,21 @@ def instruction_files(out: Path) -> dict[str, Path]:
     return {n.split(".")[0]: out / n for n in names}
 
 
+def domain_files(out: Path, budget: Budget) -> dict[str, Path]:
+    """Calibration text of Task A's domain that is not Task A's data: other Shakespeare works than the task's train
+    and eval works, as many characters as the general calibration text (written once)."""
+    path = out / "shakespeare_public.txt"
+    marker = out / "shakespeare_public.json"
+    settings = {"chars": budget.wiki_train_chars, "task_works": [4, 1], "seed": SEED, "v": 1}
+    if not (marker.is_file() and json.loads(marker.read_text()) == settings and path.is_file()):
+        from scaleot_samples import corpora
+
+        log(f"writing {path}")
+        corpora.write_shakespeare_public(path, budget.wiki_train_chars, 4, 1, SEED)
+        write_json(marker, settings)
+    return {"shakespeare_public": path}
+
+
 def make_tasks(files: dict[str, Path], budget: Budget, only: list[str]) -> list[Task]:
     if "instruction" in only:
         files = {**files, **instruction_files(files["wiki_train"].parent)}
@@ -399,6 +414,9 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
     # members of transfer_recipes' ensembles
     "adapters10_seed1": {"grad_weight": 10.0, "grad_match": "adapters", "seed": 1},
     "adapters10_seed2": {"grad_weight": 10.0, "grad_match": "adapters", "seed": 2},
+    # calibrated on text of Task A's domain that is not its data (other Shakespeare works than the task's)
+    "adapters10_domain": {"grad_weight": 10.0, "grad_match": "adapters", "corpus": "shakespeare_public"},
+    "outputs_domain": {"grad_weight": 0.0, "corpus": "shakespeare_public"},
 }
 DEFAULT_CALIBRATION = "adapters10"
 
@@ -440,12 +458,15 @@ def build_emulators(
 ) -> dict[str, dict]:
     """Each spec through the product's make_emulator (calibration and fidelity included); cached per spec.
     `calibration`: CalibrationConfig fields on top of the budget's steps (a variant with its own cache key)."""
-    train_b, val_b = corpus_blocks(tok, files["wiki_train"], budget.seq_len, val_corpus=files["wiki_val"])
     n_layers = len(decoder_layers(model))
     out: dict[str, dict] = {}
     over = dict(calibration or {})
     steps = over.pop("steps", budget.calibration_steps)  # a variant may set its own number of steps
     mix_heads = over.pop("mix_heads", 0)  # and the stand-ins' form (make_emulator's, not calibration's)
+    corpus = over.pop("corpus", "wiki_train")  # and its text (fidelity is always measured on the general one)
+    if corpus == "shakespeare_public":
+        files = {**files, **domain_files(files["wiki_train"].parent, budget)}
+    train_b, val_b = corpus_blocks(tok, files[corpus], budget.seq_len, val_corpus=files["wiki_val"])
     for spec in specs:
         cal = CalibrationConfig(steps=steps if spec.calibrate else 0, **over)
         key_obj: dict[str, Any] = {"spec": asdict(spec), "stage1": stage1_key, "cal": steps, "v": 2}
@@ -455,6 +476,8 @@ def build_emulators(
             key_obj["n_adapter"] = budget.n_adapter
         if mix_heads and spec.method == "scaleot":
             key_obj["mix_heads"] = mix_heads
+        if corpus != "wiki_train":
+            key_obj["corpus"] = corpus
         key = digest(key_obj)
         path = work / "emulators" / f"{budget.profile}-{spec.name}-{key}.safetensors"
         sidecar = path.with_suffix(".json")

@@ -305,6 +305,23 @@ def write_shakespeare_files(
     }
 
 
+def write_shakespeare_public(
+    path: str | Path, max_chars: int, n_train_works: int = 4, n_eval_works: int = 1, seed: int = 0
+) -> Path:
+    """Shakespeare that is *not* the task's: the works write_shakespeare_files did not pick (same arguments), in a
+    seeded order, whole works until `max_chars`. What a model owner could calibrate an emulator on for a data owner
+    who says its domain is Elizabethan drama, without seeing a line of that data owner's text."""
+    task = {name for name, _ in _task_works(n_train_works, n_eval_works, seed)}
+    others = [(n, t) for n, t in _shakespeare_cached() if n not in task]
+    random.Random(seed + 1).shuffle(others)
+    picked: list[str] = []
+    for _, text in others:
+        if sum(map(len, picked)) >= max_chars:
+            break
+        picked.append(text)
+    return _write(Path(path), "\n\n".join(picked)[:max_chars])
+
+
 def analogy_split(seed: int = 0) -> tuple[list[MultipleChoice], list[MultipleChoice]]:
     """Train and eval analogy questions, shuffled, split by the asked pair (see write_analogy_files)."""
     qs = analogy_questions(seed)

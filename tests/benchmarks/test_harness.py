@@ -51,8 +51,8 @@ def test_an_emulator_cache_key_names_the_calibration_built_not_the_knobs_asked()
     from benchmarks.harness import CALIBRATIONS, DEFAULT_CALIBRATION, KEY_BASE_CALIBRATION, calibration_key
     from shared.importance_config import CalibrationConfig
 
-    def config(over: dict) -> CalibrationConfig:  # mix_heads is the stand-ins' form, keyed by build_emulators
-        return CalibrationConfig(**{"steps": 50, **{k: v for k, v in over.items() if k != "mix_heads"}})
+    def config(over: dict) -> CalibrationConfig:  # mix_heads (the stand-ins' form) and corpus: build_emulators's keys
+        return CalibrationConfig(**{"steps": 50, **{k: v for k, v in over.items() if k not in ("mix_heads", "corpus")}})
 
     keys = {name: calibration_key(config(over)) for name, over in CALIBRATIONS.items()}
     assert keys == {  # as they were keyed before the library's default changed (caches stay valid)
@@ -67,6 +67,10 @@ def test_an_emulator_cache_key_names_the_calibration_built_not_the_knobs_asked()
         "adapters10_mix4": {"grad_weight": 10.0, "grad_match": "adapters"},
         "outputs_mix2": {},
         "adapters10_kept1e-4": {"grad_weight": 10.0, "grad_match": "adapters", "kept_lr": 1e-4},
+        "adapters10_seed1": {"grad_weight": 10.0, "grad_match": "adapters", "seed": 1},
+        "adapters10_seed2": {"grad_weight": 10.0, "grad_match": "adapters", "seed": 2},
+        "adapters10_domain": {"grad_weight": 10.0, "grad_match": "adapters"},  # its corpus key apart
+        "outputs_domain": {},
     }
     assert calibration_key(CalibrationConfig(**KEY_BASE_CALIBRATION)) == {}
     assert calibration_key(CalibrationConfig()) == keys[DEFAULT_CALIBRATION]  # the default built either way

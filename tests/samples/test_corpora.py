@@ -150,3 +150,18 @@ def test_write_public_files_refuses_an_unknown_source(tmp_path):
     with pytest.raises(ValueError, match="pydoc or shakespeare"):
         corpora.write_public_files(tmp_path, source="wikipedia")
     assert not any(tmp_path.iterdir())
+
+
+@needs_shakespeare
+def test_shakespeare_public_is_the_domain_without_the_task(tmp_path):
+    """The domain calibration text: other Shakespeare works than Task A's train and eval works, capped."""
+    files = corpora.write_shakespeare_files(tmp_path, n_train_works=4, n_eval_works=1, seed=0)
+    public = corpora.write_shakespeare_public(tmp_path / "public.txt", 300_000, 4, 1, seed=0).read_text()
+    assert len(public) == 300_000
+    task_text = files["shakespeare_train"].read_text() + files["shakespeare_eval"].read_text()
+    for title, text in corpora.shakespeare_works().items():
+        body = text[2000:2400]  # past the title page, a passage only that work has
+        assert not (body in public and body in task_text), title
+    assert any(text[2000:2400] in public for text in corpora.shakespeare_works().values())
+    again = corpora.write_shakespeare_public(tmp_path / "again.txt", 300_000, 4, 1, seed=0).read_text()
+    assert again == public
