@@ -23,6 +23,11 @@ with those calibration knobs (its own cache entry; the stand-ins start from the 
 tags its rows with NAME (rows without a tag were measured on "outputs", the default before issue 21); the data
 owner's side is unchanged, so rows of two calibrations compare row for row.
 
+Two recipes reach past the data owner's side (measured for issue 21, docs/benchmarks.md): `ensemble_*` trains the
+adapters through several emulators of the same plan in turn (their stand-ins from other calibrations), and
+`refresh*` has the model owner re-fit the stand-ins to M carrying the data owner's current adapters every N steps
+(rounds). `--calibration adapters10_domain` / `outputs_domain` calibrate on other Shakespeare works than the task's.
+
 Rows are cached under --work-dir like the benchmark's (benchmarks/harness.py: the same setup, budget and
 caches as transfer.py); the table goes to benchmarks/results/transfer_recipes.json and .md.
 """
