@@ -410,8 +410,7 @@ CALIBRATIONS: dict[str, dict[str, Any]] = {
     "outputs_mix2": {"grad_weight": 0.0, "mix_heads": 2},
     # the kept (frozen) layers also calibrated (OT-style compensation; what SRC's rank-reduced layers may need)
     "adapters10_kept1e-4": {"grad_weight": 10.0, "grad_match": "adapters", "kept_lr": 1e-4},
-    # the default drawn again: other calibration batches (and, with --committed-stage1, other initial stand-ins);
-    # members of transfer_recipes' ensembles
+    # the default with other calibration batches (the same initial stand-ins); members of transfer_recipes' ensembles
     "adapters10_seed1": {"grad_weight": 10.0, "grad_match": "adapters", "seed": 1},
     "adapters10_seed2": {"grad_weight": 10.0, "grad_match": "adapters", "seed": 2},
     # calibrated on text of Task A's domain that is not its data (other Shakespeare works than the task's)

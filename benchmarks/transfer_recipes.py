@@ -134,7 +134,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
 }
 
 
-def committed_stage1(model, init_seed: int = 0) -> tuple[ImportanceResult, str]:
+def committed_stage1(model) -> tuple[ImportanceResult, str]:
     """Stage 1's seed-0 scores as benchmarks/results/transfer.json holds them, with fresh (identity) harmonizers:
     the same alpha = 0.5 plan without re-running stage 1 (about 7 min on an idle 2-core machine); calibration
     then starts from the identity instead of stage 1's harmonizers. Its own cache key, so the benchmark's real
@@ -148,7 +148,7 @@ def committed_stage1(model, init_seed: int = 0) -> tuple[ImportanceResult, str]:
     torch.manual_seed(cfg.seed)
     harmonizers = {i: Harmonizer(hidden, cfg.bottleneck).requires_grad_(False) for i in range(len(rec["scores"]))}
     result = ImportanceResult(torch.tensor(rec["scores"], dtype=torch.float32), harmonizers, cfg)
-    return result, digest(rec["scores"]) + "-identity-harmonizers-seeded" + (f"-init{init_seed}" if init_seed else "")
+    return result, digest(rec["scores"]) + "-identity-harmonizers-seeded"
 
 
 def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
@@ -170,15 +170,15 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
 
 
 def build_emulator(run: Run, budget: Budget, args: argparse.Namespace, name: str) -> dict:
-    """The plan's ScaleOT emulator calibrated as CALIBRATIONS[name] (cached); a calibration with its own `seed`
-    also starts from its own draw of the identity stand-ins (--committed-stage1)."""
+    """The plan's ScaleOT emulator calibrated as CALIBRATIONS[name] (cached; the stand-ins start from the same
+    stage-1 harmonizers whatever the calibration, its own `seed` included)."""
     # α = 0.5, β = 0 key as they always did
     emu_name = EMULATOR if args.alpha == 0.5 else f"scaleot_a{args.alpha:g}"
     emu_name += f"_b{args.beta:g}" if args.beta else ""
     label = f"ScaleOT α={args.alpha:g}" + (f" β={args.beta:g}" if args.beta else "")
     spec = EmuSpec(emu_name, label, "scaleot", args.alpha, args.beta, placement=args.placement)
     if args.committed_stage1:
-        importance, key = committed_stage1(run.model, CALIBRATIONS[name].get("seed", 0))
+        importance, key = committed_stage1(run.model)
     else:
         importance, info = stage1(run.model, run.tok, run.model_id, run.files, budget, budget.stage1_seeds[0], run.work)
         key = digest(info["scores"])
