@@ -372,22 +372,25 @@ def run_row(
         ),
     )
     q0, qp, qr = quality(task, zs["zero_shot"]), quality(task, m["plug_in"]), quality(task, ref["reference"])
+    figure = "perplexity" if task.metric == "perplexity" else "accuracy"  # Task B: accuracy (higher is better)
     row = {
         "variant": name,
         "steps": steps,
         "seed": seed,
         "r": (qp - q0) / (qr - q0),
-        "plug_in": m["plug_in"]["perplexity"],
+        "plug_in": m["plug_in"][figure],
         "plug_in_loss": -qp,
-        "reference": ref["reference"]["perplexity"],
-        "zero_shot": zs["zero_shot"]["perplexity"],
-        "emulator_ft": m["emulator_ft"]["perplexity"],
+        "reference": ref["reference"][figure],
+        "zero_shot": zs["zero_shot"][figure],
+        "emulator_ft": m["emulator_ft"][figure],
         "privacy_gap": qp - quality(task, m["emulator_ft"]),
         "curve": m["curve"],
         "hyperparameters": m["hyperparameters"],
         "train_layers": m["train_layers"],
         "seconds": m["seconds"],
     }
+    if figure == "accuracy":  # plug_in_loss, privacy_gap and the curve hold -accuracy / accuracy differences
+        row["metric"] = "accuracy"
     if "refreshes" in m:  # the model owner's rounds: when, and what each cost
         row["refreshes"] = m["refreshes"]
     row["calibration"] = cal  # every row names its emulator's calibration and carries its figures
@@ -463,10 +466,13 @@ def markdown(result: dict) -> str:
         r_txt = f"{mean:.2f} ± {(max(rv) - min(rv)) / 2:.2f}" if len(rv) > 1 else f"{mean:.2f}"
         avg = {k: sum(r[k] for r in rs) / len(rs) for k in ("plug_in", "emulator_ft", "privacy_gap")}
         curve = rs[0]["curve"]
-        along = ", ".join(f"{k}: {math.exp(v):.2f}" for k, v in sorted(curve.items(), key=lambda kv: int(kv[0])))
+        accuracy = rs[0].get("metric") == "accuracy"  # the curve holds -accuracy, not a loss
+        shown = (lambda v: -v) if accuracy else math.exp
+        along = ", ".join(f"{k}: {shown(v):.2f}" for k, v in sorted(curve.items(), key=lambda kv: int(kv[0])))
+        gap = f"{avg['privacy_gap']:.2f} accuracy" if accuracy else f"{avg['privacy_gap']:.2f} nats"
         lines.append(
             f"| {name} | {steps} | {len(rs)} | {r_txt} | {avg['plug_in']:.2f} | {avg['emulator_ft']:.1f} | "
-            f"{avg['privacy_gap']:.2f} nats | {along} (seed {rs[0]['seed']}) |"
+            f"{gap} | {along} (seed {rs[0]['seed']}) |"
         )
     return "\n".join(lines) + "\n"
 
@@ -501,9 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--task",
-        choices=["shakespeare", "instruction"],
+        choices=["shakespeare", "analogy", "instruction"],
         default="shakespeare",
-        help="Task A (default) or Task C, instruction tuning (r on the responses' loss; rows are tagged)",
+        help="Task A (default), Task B (analogies, r on accuracy) or Task C, instruction tuning (r on the responses' "
+        "loss); rows of another task are tagged",
     )
     p.add_argument(
         "--beta", type=float, default=0.0, help="SRC: share of attention rank removed in frozen layers (tagged too)"

@@ -73,6 +73,11 @@ def test_recipe_table_gives_mean_and_spread_over_seeds():
     assert lines[3].startswith("| default (calibration outputs) | 32 | 2 | 0.55 ± 0.05 | 36.00 |")  # untagged rows
     assert lines[4].startswith("| top2 (calibration outputs) | 32 | 1 | 0.50 |")
     assert "16: 37.00, 32: 36.00 (seed 0)" in lines[4]
+    # Task B rows: accuracies, the curve shown as accuracy (it holds -accuracy) and the gap in accuracy
+    mc = {**row("default", 0, 0.2), "plan": "sandwich, N_a 4, task analogy", "metric": "accuracy"}
+    mc.update(plug_in=0.67, emulator_ft=0.6, privacy_gap=0.07, curve={"16": -0.59, "32": -0.67})
+    (line,) = [x for x in markdown({"rows": [mc]}).splitlines() if "task analogy" in x]
+    assert "| 0.67 | 0.6 | 0.07 accuracy | 16: 0.59, 32: 0.67 (seed 0) |" in line
 
 
 def test_tiny_recipe_rows_share_transfer_setup(tmp_path):
