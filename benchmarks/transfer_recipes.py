@@ -520,10 +520,14 @@ def main(argv: list[str] | None = None) -> None:
     results = result_paths(Path(args.results_dir), RESULT_NAME, profile_of(args))[0]
     if not args.report:
         run, task, emu, budget = setup(args)
+        built: dict[str, dict] = {}  # ensemble members, built (or read from the cache) once per run
         for job in args.jobs:
             name, steps, seed = job.split(":")
             members = VARIANTS[name][0].get("ensemble", ()) if name != "ref" else ()
-            others = [build_emulator(run, budget, args, m) for m in members]
+            for m in members:
+                if m not in built:
+                    built[m] = build_emulator(run, budget, args, m)
+            others = [built[m] for m in members]
             run_row(run, task, emu, budget, results, name, int(steps), int(seed), others)
     if results.is_file():
         results.with_suffix(".md").write_text(markdown(json.loads(results.read_text())))

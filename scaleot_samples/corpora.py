@@ -308,18 +308,12 @@ def write_shakespeare_files(
 def write_shakespeare_public(
     path: str | Path, max_chars: int, n_train_works: int = 4, n_eval_works: int = 1, seed: int = 0
 ) -> Path:
-    """Shakespeare that is *not* the task's: the works write_shakespeare_files did not pick (same arguments), in a
-    seeded order, whole works until `max_chars`. What a model owner could calibrate an emulator on for a data owner
-    who says its domain is Elizabethan drama, without seeing a line of that data owner's text."""
-    task = {name for name, _ in _task_works(n_train_works, n_eval_works, seed)}
-    others = [(n, t) for n, t in _shakespeare_cached() if n not in task]
+    """The works write_shakespeare_files did not pick (same arguments; other_shakespeare_text's), in a seeded order,
+    cut at `max_chars`. What a model owner could calibrate an emulator on for a data owner who says its domain is
+    Elizabethan drama, without seeing a line of that data owner's text."""
+    others = _other_works(n_train_works, n_eval_works, seed)
     random.Random(seed + 1).shuffle(others)
-    picked: list[str] = []
-    for _, text in others:
-        if sum(map(len, picked)) >= max_chars:
-            break
-        picked.append(text)
-    return _write(Path(path), "\n\n".join(picked)[:max_chars])
+    return _write(Path(path), "\n\n".join(text for _, text in others)[:max_chars])
 
 
 def analogy_split(seed: int = 0) -> tuple[list[MultipleChoice], list[MultipleChoice]]:
@@ -383,8 +377,13 @@ def write_corpus_files(
 def other_shakespeare_text(n_train_works: int = 4, n_eval_works: int = 1, seed: int = 0) -> str:
     """Every work that write_shakespeare_files(..., seed) does *not* pick: public text in the task's own domain,
     disjoint from its train and eval works (the strongest public corpus a Shakespeare data owner could use)."""
+    return "\n\n".join(text for _, text in _other_works(n_train_works, n_eval_works, seed))
+
+
+def _other_works(n_train_works: int, n_eval_works: int, seed: int) -> list[tuple[str, str]]:
+    """The (name, text) works the seeded Shakespeare task does not use, in file-name order."""
     picked = {name for name, _ in _task_works(n_train_works, n_eval_works, seed)}
-    return "\n\n".join(text for name, text in _shakespeare_cached() if name not in picked)
+    return [(name, text) for name, text in _shakespeare_cached() if name not in picked]
 
 
 def write_public_files(
