@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
 
 from benchmarks import transfer
@@ -188,6 +189,14 @@ def test_tiny_ensemble_recipe_trains_through_every_member(tmp_path):
     assert torch.allclose(first.model(input_ids=ids).logits, logits[1], atol=1e-6)
     use(0)
     assert torch.equal(first.model(input_ids=ids).logits, logits[0])
+    # A member of another plan, or one that differs in the trained layers, is refused before anything is swapped.
+    member_file = [{"path": str(paths[member["sha256"]])}]
+    with pytest.raises(ValueError, match="another plan"):
+        transfer_recipes.standin_swapper(first.model, first.plan.adapter_layers[:2], member_file, "cpu")
+    with torch.no_grad():
+        next(first.model.model.layers[first.plan.adapter_layers[0]].parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="differ in the adapter layers"):
+        transfer_recipes.standin_swapper(first.model, first.plan.adapter_layers, member_file, "cpu")
 
 
 def test_tiny_refresh_recipe_recalibrates_between_rounds(tmp_path):
