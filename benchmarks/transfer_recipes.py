@@ -112,6 +112,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
     "top2": ({}, (2, 3)),
     "top2_lr3e-4": ({"lr": 3e-4}, (2, 3)),
     "bottom_lr0.1": ({"bottom_lr_scale": 0.1}, None),
+    # Sharpness-aware minimisation (TrainConfig.sam_rho): a flat minimum on the emulator should sit lower in M's
+    # landscape, which differs from the emulator's by a smooth shift, than a sharp one. One Adam step at lr 1e-4
+    # moves the four adapter layers (14 M parameters) by about 0.4 in norm; the radii bracket that.
+    "sam0.5": ({"sam_rho": 0.5}, None),
+    "sam2": ({"sam_rho": 2.0}, None),
     # "Repair first": the adapters are first trained through the emulator on public text (the benchmark's Wikipedia
     # excerpt) for that many steps, then on the task. `derepair`: the upload is the issued weights plus only the
     # task's part of the change (W_task - W_repaired): what the adapters learnt to repair the emulator never
@@ -134,21 +139,26 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
 }
 
 
-def committed_stage1(model) -> tuple[ImportanceResult, str]:
-    """Stage 1's seed-0 scores as benchmarks/results/transfer.json holds them, with fresh (identity) harmonizers:
-    the same alpha = 0.5 plan without re-running stage 1 (about 7 min on an idle 2-core machine); calibration
-    then starts from the identity instead of stage 1's harmonizers. Its own cache key, so the benchmark's real
-    stage-1 emulator is never confused with it."""
+def committed_stage1(model, stage1_seed: int = 0) -> tuple[ImportanceResult, str]:
+    """Stage 1's scores of seed `stage1_seed` as benchmarks/results/transfer.json holds them (seed 0's are the
+    table's plan), with fresh (identity) harmonizers: the same plan without re-running stage 1 (about 7 min on an
+    idle 2-core machine); calibration then starts from the identity instead of stage 1's harmonizers. Its own
+    cache key, so the benchmark's real stage-1 emulator is never confused with it. Another stage-1 seed changes
+    only the scores, hence which layers are replaced: the stand-ins start from the same seeded draw."""
     rec = json.loads((REPO / "benchmarks" / "results" / "transfer.json").read_text())["stage1"]
+    by_seed = rec["scores_by_seed"]
+    if not 0 <= stage1_seed < len(by_seed):
+        raise ValueError(f"transfer.json holds stage-1 scores of seeds 0..{len(by_seed) - 1}, not {stage1_seed}")
+    scores = by_seed[stage1_seed]
     cfg = ImportanceConfig.from_dict(rec["config"])
     hidden = model.config.hidden_size
     # Seeded as stage 1 seeds them: the down projections are random (the up ones zero, so the function is the
     # identity either way), and calibration's first gradients depend on them. Unseeded, two builds of the "same"
     # emulator differed (ppl ratio 13.0 vs 14.9); the key names the seeded form so old files are not reused.
     torch.manual_seed(cfg.seed)
-    harmonizers = {i: Harmonizer(hidden, cfg.bottleneck).requires_grad_(False) for i in range(len(rec["scores"]))}
-    result = ImportanceResult(torch.tensor(rec["scores"], dtype=torch.float32), harmonizers, cfg)
-    return result, digest(rec["scores"]) + "-identity-harmonizers-seeded"
+    harmonizers = {i: Harmonizer(hidden, cfg.bottleneck).requires_grad_(False) for i in range(len(scores))}
+    result = ImportanceResult(torch.tensor(scores, dtype=torch.float32), harmonizers, cfg)
+    return result, digest(scores) + "-identity-harmonizers-seeded"
 
 
 def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
@@ -160,7 +170,7 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     run = start_run(args, budget)
     (task,) = [t for t in make_tasks(run.files, budget, [args.task]) if t.name == args.task]
     emu = build_emulator(run, budget, args, args.calibration)
-    emu["plan_name"] = plan_name(args.placement, budget.n_adapter, args.alpha, args.beta)
+    emu["plan_name"] = plan_name(args.placement, budget.n_adapter, args.alpha, args.beta, args.stage1_seed)
     if task.name != "shakespeare":  # rows of another task are tagged with it like those of another plan
         emu["plan_name"] += f", task {task.name}"
     zs = cached_zero_shot(run, task, budget)
@@ -178,7 +188,9 @@ def build_emulator(run: Run, budget: Budget, args: argparse.Namespace, name: str
     label = f"ScaleOT α={args.alpha:g}" + (f" β={args.beta:g}" if args.beta else "")
     spec = EmuSpec(emu_name, label, "scaleot", args.alpha, args.beta, placement=args.placement)
     if args.committed_stage1:
-        importance, key = committed_stage1(run.model)
+        importance, key = committed_stage1(run.model, args.stage1_seed)
+    elif args.stage1_seed:
+        raise SystemExit("--stage1-seed needs --committed-stage1 (it picks stored scores; it does not run stage 1)")
     else:
         importance, info = stage1(run.model, run.tok, run.model_id, run.files, budget, budget.stage1_seeds[0], run.work)
         key = digest(info["scores"])
@@ -427,11 +439,14 @@ def run_row(
     write_json(results, {"emulator": header, "rows": rows})
 
 
-def plan_name(placement: str, n_adapter: int, alpha: float = 0.5, beta: float = 0.0) -> str:
-    """The plan a row was measured on; α and β are named only where they are not the benchmark's 0.5 and 0
-    (the rows written before they varied)."""
+def plan_name(placement: str, n_adapter: int, alpha: float = 0.5, beta: float = 0.0, stage1_seed: int = 0) -> str:
+    """The plan a row was measured on; α, β and the stage-1 seed are named only where they are not the
+    benchmark's 0.5, 0 and 0 (the rows written before they varied)."""
     return (
-        f"{placement}, N_a {n_adapter}" + (f", α {alpha:g}" if alpha != 0.5 else "") + (f", β {beta:g}" if beta else "")
+        f"{placement}, N_a {n_adapter}"
+        + (f", α {alpha:g}" if alpha != 0.5 else "")
+        + (f", β {beta:g}" if beta else "")
+        + (f", stage-1 seed {stage1_seed}" if stage1_seed else "")
     )
 
 
@@ -485,6 +500,12 @@ def main(argv: list[str] | None = None) -> None:
         "--committed-stage1",
         action="store_true",
         help="use the seed-0 stage-1 scores stored in benchmarks/results/transfer.json (identity harmonizers)",
+    )
+    p.add_argument(
+        "--stage1-seed",
+        type=int,
+        default=0,
+        help="with --committed-stage1: the plan from that stage-1 seed's stored scores (rows are tagged with it)",
     )
     p.add_argument(
         "--calibration",

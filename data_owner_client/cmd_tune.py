@@ -75,6 +75,13 @@ def tune(
             "held the adapter back (r 0.29) (docs/benchmarks.md).",
         ),
     ] = D.anchor_decay,
+    sam_rho: Annotated[
+        float,
+        typer.Option(
+            help="Sharpness-aware minimisation radius (0: off; > 0 doubles the compute per step): the adapter "
+            "settles where the emulator's loss is flat, which may carry over better to M (docs/benchmarks.md).",
+        ),
+    ] = D.sam_rho,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = D.batch_size,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = D.grad_accum,
     seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = D.seq_len,
@@ -156,6 +163,7 @@ def tune(
             save_every=save_every,
             gradient_checkpointing=gradient_checkpointing,
             anchor_decay=anchor_decay,
+            sam_rho=sam_rho,
             **lora_opts,
         )
         choice = resolve_device(device)

@@ -209,14 +209,16 @@ def train(
         try:
             while step < n_steps:
                 step_loss = 0.0
-                for _ in range(cfg.grad_accum):
-                    batch = {k: v.to(choice.device) for k, v in next(batches).items()}
+                micro = [{k: v.to(choice.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+                for batch in micro:
                     with choice.autocast():
                         loss = lm_loss(model, batch)
                     (loss / cfg.grad_accum).backward()
                     step_loss += float(loss.detach()) / cfg.grad_accum
                 if not math.isfinite(step_loss):
                     raise BadInputError(f"training diverged at step {step + 1} (loss {step_loss}); lower --lr")
+                if cfg.sam_rho > 0:
+                    _sam_gradient(model, params, micro, cfg, choice)
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -242,6 +244,33 @@ def train(
             bar.close()
             model.eval()
     return TrainResult(step, losses, time.perf_counter() - t0, resumed_from)
+
+
+def _sam_gradient(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    micro: list[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    choice: DeviceChoice,
+) -> None:
+    """Replace the gradients in `params` (taken at theta) by those at theta + rho * g / |g| on the same
+    micro-batches (Foret et al., 2021); the weights are restored before the optimizer steps."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = cfg.sam_rho / (float(norm) + 1e-12)
+    theta = [p.detach().clone() for p in params]  # restored by copy: adding and subtracting the shift rounds
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(g, alpha=scale)
+    for p in params:
+        p.grad = None
+    for batch in micro:
+        with choice.autocast():
+            loss = lm_loss(model, batch)
+        (loss / cfg.grad_accum).backward()
+    with torch.no_grad():
+        for p, t in zip(params, theta, strict=True):
+            p.copy_(t)
 
 
 def _param_lrs(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[float]:

@@ -29,6 +29,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     # L2-SP: decoupled decay toward the issued (starting) weights, theta -= lr * anchor_decay * (theta - theta0)
     anchor_decay: float = 0.0
+    # SAM (sharpness-aware minimisation): each step takes the gradient at theta + sam_rho * g / |g|, the worst
+    # nearby point, so the adapter settles where the loss is flat; 0: off (one backward per micro-batch, not two).
+    sam_rho: float = 0.0
     max_grad_norm: float = 1.0
     lora_r: int = LORA_R
     lora_alpha: int = LORA_ALPHA
@@ -47,6 +50,7 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (self.lr is None or self.lr > 0, "--lr must be > 0"),
             (self.anchor_decay >= 0, "--anchor-decay must be >= 0"),
+            (self.sam_rho >= 0, "--sam-rho must be >= 0"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.lora_r >= 1, "--lora-r must be >= 1"),
             (self.save_every >= 1, "--save-every must be >= 1"),
@@ -62,6 +66,8 @@ class TrainConfig:
     def hyperparameters(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("gradient_checkpointing")  # memory, not the recipe: a run may resume with or without it
+        if not self.sam_rho:  # off: named only when on, so records and checkpoints from before it stay valid
+            d.pop("sam_rho")
         d["lr"] = self.learning_rate
         if self.method != "lora":
             for k in ("lora_r", "lora_alpha", "lora_dropout"):

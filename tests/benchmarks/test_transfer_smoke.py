@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks import transfer
+from benchmarks.harness import REPO
 
 
 def test_tiny_run_writes_rows_summary_and_targets(tmp_path):
@@ -157,6 +158,27 @@ def test_committed_stage1_is_seeded():
     for i, h in a.harmonizers.items():
         for (name, x), y in zip(h.state_dict().items(), b.harmonizers[i].state_dict().values(), strict=True):
             assert torch.equal(x, y), (i, name)
+
+
+def test_committed_stage1_of_another_seed_changes_only_the_scores():
+    """--stage1-seed picks that seed's stored scores (another plan: the Spearman question of issue 21), keeps seed
+    0's key for seed 0, draws the same initial stand-ins, tags its rows, and refuses a seed that is not stored."""
+
+    from benchmarks.transfer_recipes import DEFAULT_PLAN, committed_stage1, plan_name
+    from scaleot_samples.tiny import tiny_model
+
+    stored = json.loads((REPO / "benchmarks" / "results" / "transfer.json").read_text())["stage1"]
+    model = tiny_model("llama", 4, 32, 0)
+    (s0, key0), (s1, key1) = committed_stage1(model), committed_stage1(model, 1)
+    assert s0.scores.tolist() == pytest.approx(stored["scores"]) and key0 == committed_stage1(model, 0)[1]
+    assert s1.scores.tolist() == pytest.approx(stored["scores_by_seed"][1]) and key1 != key0
+    for i, h in s0.harmonizers.items():
+        other = s1.harmonizers[i].state_dict().values()
+        assert all(torch.equal(x, y) for x, y in zip(h.state_dict().values(), other, strict=True))
+    assert plan_name("sandwich", 4, stage1_seed=0) == DEFAULT_PLAN
+    assert plan_name("sandwich", 4, stage1_seed=1) == DEFAULT_PLAN + ", stage-1 seed 1"
+    with pytest.raises(ValueError, match=r"seeds 0\.\.1"):
+        committed_stage1(model, 2)
 
 
 def test_tiny_ensemble_recipe_trains_through_every_member(tmp_path):

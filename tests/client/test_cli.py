@@ -446,3 +446,16 @@ def test_tune_anchor_decay_reaches_the_recipe_and_a_negative_one_is_refused(
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "o" / "scaleot_adapter.json").read_text())
     assert record["hyperparameters"]["anchor_decay"] == 100.0
+
+
+def test_tune_sam_rho_reaches_the_recipe_and_a_negative_one_is_refused(runner, fake, client_env, train_file, tmp_path):
+    """--sam-rho (sharpness-aware minimisation, issue 21) is the recipe's and recorded with the adapter; a negative
+    radius fails before any download or training and writes nothing."""
+    base = ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST, "--no-upload"]
+    bad = tmp_path / "bad"
+    r = runner.invoke(app, [*base, "--sam-rho", "-1", "--out", str(bad)])
+    assert r.exit_code != 0 and "--sam-rho must be >= 0" in r.output and not bad.exists()
+    r = runner.invoke(app, [*base, "--sam-rho", "0.5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "o" / "scaleot_adapter.json").read_text())
+    assert record["hyperparameters"]["sam_rho"] == 0.5

@@ -14,6 +14,7 @@ from data_owner_client.errors import BadInputError
 from data_owner_client.train import (
     DeviceChoice,
     TrainConfig,
+    _sam_gradient,
     add_lora,
     freeze_except_adapter,
     lora_targets,
@@ -23,8 +24,9 @@ from data_owner_client.train import (
 from data_owner_client.tune import tune_emulator
 from shared.adapter import DTYPE_NAMES, adapter_spec, load_and_validate_adapter_file
 from shared.architectures import layer_prefix
-from shared.data import load_dataset, pad_id_for, training_examples
+from shared.data import collate, load_dataset, pad_id_for, training_examples
 from shared.emulator_file import load_emulator
+from shared.evaluation import lm_loss
 from shared.lora import check_peft_config, file_spec, issue_lora, merge_lora
 
 from .conftest import TRAIN_TEXT
@@ -338,3 +340,37 @@ def test_in_model_reference_of_a_bf16_model_trains_in_fp32_and_keeps_its_dtype(e
     moved = {k for k in got if not torch.equal(got[k], start[k])}
     assert moved and all(k.startswith(tuple(layer_prefix(tuned, i) for i in layers)) for k in moved)
     assert all(torch.equal(got[k], expect.state_dict()[k].to(torch.bfloat16)) for k in got)
+
+
+def test_sam_takes_the_gradient_at_the_worst_nearby_point_and_restores_the_weights(emulator_build, text_dataset):
+    """SAM (--sam-rho, issue 21): the step's gradient is the one at theta + rho * g / |g| on the same micro-batches,
+    computed here by hand, and the weights the optimizer then steps from are theta itself, bit for bit."""
+    emu = load_emulator(emulator_build[0])
+    freeze_except_adapter(emu.model, emu.plan.adapter_layers)
+    cfg = TrainConfig(max_steps=1, batch_size=4, seq_len=64, sam_rho=0.5)
+    examples = training_examples(text_dataset, emu.tokenizer, cfg.seq_len)
+    batch = collate(examples[:4], pad_id_for(emu.tokenizer))
+    params = [p for p in emu.model.parameters() if p.requires_grad]
+    theta = [p.detach().clone() for p in params]
+    lm_loss(emu.model, batch).backward()
+    g = [p.grad.clone() for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in g]))
+    twin = copy.deepcopy(emu.model)  # the same network moved by hand to the worst nearby point
+    with torch.no_grad():
+        for p, x in zip((p for p in twin.parameters() if p.requires_grad), g, strict=True):
+            p.add_(x * (0.5 / norm))
+    lm_loss(twin, batch).backward()
+    expected = [p.grad for p in twin.parameters() if p.requires_grad]
+    _sam_gradient(emu.model, params, [batch], cfg, CPU)
+    assert all(torch.equal(p, t) for p, t in zip(params, theta, strict=True))  # weights restored exactly
+    assert all(torch.allclose(p.grad, e, atol=1e-6) for p, e in zip(params, expected, strict=True))
+    assert not all(torch.allclose(p.grad, x, atol=1e-6) for p, x in zip(params, g, strict=True))  # not the plain g
+
+
+def test_sam_is_named_in_the_recipe_only_when_on_and_a_negative_radius_is_refused():
+    """Off (the default), the recipe record is what it was before the option, so old checkpoints still resume and
+    old benchmark rows keep their keys; on, it is recorded; a negative radius is a clear error."""
+    assert "sam_rho" not in TrainConfig().hyperparameters()
+    assert TrainConfig(sam_rho=0.5).hyperparameters()["sam_rho"] == 0.5
+    with pytest.raises(BadInputError, match="--sam-rho"):
+        TrainConfig(sam_rho=-0.1)
