@@ -115,6 +115,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
     # Sharpness-aware minimisation (TrainConfig.sam_rho): a flat minimum on the emulator should sit lower in M's
     # landscape, which differs from the emulator's by a smooth shift, than a sharp one. One Adam step at lr 1e-4
     # moves the four adapter layers (14 M parameters) by about 0.4 in norm; the radii bracket that.
+    # A diagnostic of the plateau, not a recipe: the default run, then M scored with the upload's change from the
+    # issued weights scaled (x0.5, x1.5, x2) and with only the bottom or only the top adapters' change. Is what
+    # stops transferring a direction (scaling cannot help) or a size, and in which layers does it sit?
+    "probe": ({"probe": True}, None),
     "sam0.5": ({"sam_rho": 0.5}, None),
     "sam2": ({"sam_rho": 2.0}, None),
     # "Repair first": the adapters are first trained through the emulator on public text (the benchmark's Wikipedia
@@ -253,6 +257,7 @@ def run_variant(
     bottom_scale = overrides.pop("bottom_lr_scale", None)
     repair_steps = overrides.pop("repair_steps", 0)
     subtract_repair = overrides.pop("subtract_repair", False)
+    probe = overrides.pop("probe", False)
     cfg = TrainConfig(
         **{
             "method": "full",
@@ -343,6 +348,7 @@ def run_variant(
     plugged = evaluate_task(plug_in(model, tensors, layers), tok, task, budget, choice)
     emu_ft = evaluate_task(net, tok, task, budget, choice)
     curve[steps] = round(-quality(task, plugged), 4)
+    probes = probe_upload(model, tok, task, budget, choice, layers, issued, tensors) if probe else None
     return {
         "plug_in": plugged,
         "emulator_ft": emu_ft,
@@ -353,7 +359,28 @@ def run_variant(
         "train_layers": train_layers,
         "wall": round(time.perf_counter() - t0, 1),
         **({"refreshes": refreshes} if refreshes else {}),
+        **({"probes": probes} if probes else {}),
     }
+
+
+def probe_upload(model, tok, task, budget, choice, layers: list[int], issued: dict, tensors: dict) -> dict[str, float]:
+    """The task's loss of M carrying variations of the upload: its change from the issued weights scaled, and the
+    change of the bottom or of the top half of the adapter layers alone (the other half as issued)."""
+    half = len(layers) // 2
+    prefixes = {
+        "bottom_only": tuple(layer_prefix(model, i) for i in layers[:half]),
+        "top_only": tuple(layer_prefix(model, i) for i in layers[half:]),
+    }
+    variants = {
+        f"scale_{lam:g}": {k: issued[k] + lam * (v - issued[k]) for k, v in tensors.items()} for lam in (0.5, 1.5, 2.0)
+    }
+    for name, keep in prefixes.items():
+        variants[name] = {k: v if k.startswith(keep) else issued[k] for k, v in tensors.items()}
+    out = {}
+    for name, t in variants.items():
+        out[name] = round(-quality(task, evaluate_task(plug_in(model, t, layers), tok, task, budget, choice)), 4)
+        log(f"  probe {name}: {out[name]}")
+    return out
 
 
 def run_row(
@@ -405,6 +432,8 @@ def run_row(
         row["metric"] = "accuracy"
     if "refreshes" in m:  # the model owner's rounds: when, and what each cost
         row["refreshes"] = m["refreshes"]
+    if "probes" in m:  # the task's loss of M with variations of the upload (the `probe` diagnostic)
+        row["probes"] = m["probes"]
     row["calibration"] = cal  # every row names its emulator's calibration and carries its figures
     row["emulator"] = {k: emu.get(k) for k in ("sha256", "fidelity", "calibration", "plan", "adapter_layers")}
     if others:

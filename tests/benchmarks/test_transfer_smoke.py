@@ -238,3 +238,18 @@ def test_tiny_refresh_recipe_recalibrates_between_rounds(tmp_path):
     transfer_recipes.main([*args, "refresh8:17:0"])
     again = {r["variant"]: r for r in json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())["rows"]}
     assert again["refresh8"]["plug_in"] == rows["refresh8"]["plug_in"]
+
+
+def test_tiny_probe_scores_variations_of_the_same_upload(tmp_path):
+    """The `probe` diagnostic trains the default recipe (the same plug-in as `default`, same seed) and also scores
+    M with the upload's change scaled and with one half of the adapter layers' change alone."""
+    from benchmarks import transfer_recipes
+
+    args = ["--tiny", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "res")]
+    transfer_recipes.main([*args, "probe:3:0", "default:3:0"])
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "res" / "transfer_recipes_tiny.json").read_text())["rows"]}
+    probes = rows["probe"]["probes"]
+    assert probes.keys() == {"scale_0.5", "scale_1.5", "scale_2", "bottom_only", "top_only"}
+    assert rows["probe"]["plug_in"] == rows["default"]["plug_in"] and "probes" not in rows["default"]
+    assert all(math.isfinite(v) for v in probes.values()) and len(set(probes.values())) == len(probes)
+    assert rows["probe"]["plug_in_loss"] not in probes.values()
