@@ -264,13 +264,17 @@ def _sam_gradient(
             p.add_(g, alpha=scale)
     for p in params:
         p.grad = None
+    shifted_loss = 0.0
     for batch in micro:
         with choice.autocast():
             loss = lm_loss(model, batch)
         (loss / cfg.grad_accum).backward()
+        shifted_loss += float(loss.detach())
     with torch.no_grad():
         for p, t in zip(params, theta, strict=True):
             p.copy_(t)
+    if not math.isfinite(shifted_loss):
+        raise BadInputError(f"training diverged at the SAM point (loss {shifted_loss}); lower --sam-rho or --lr")
 
 
 def _param_lrs(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> list[float]:
