@@ -112,13 +112,16 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
     "top2": ({}, (2, 3)),
     "top2_lr3e-4": ({"lr": 3e-4}, (2, 3)),
     "bottom_lr0.1": ({"bottom_lr_scale": 0.1}, None),
-    # Sharpness-aware minimisation (TrainConfig.sam_rho): a flat minimum on the emulator should sit lower in M's
-    # landscape, which differs from the emulator's by a smooth shift, than a sharp one. One Adam step at lr 1e-4
-    # moves the four adapter layers (14 M parameters) by about 0.4 in norm; the radii bracket that.
     # A diagnostic of the plateau, not a recipe: the default run, then M scored with the upload's change from the
     # issued weights scaled (x0.5, x1.5, x2) and with only the bottom or only the top adapters' change. Is what
     # stops transferring a direction (scaling cannot help) or a size, and in which layers does it sit?
     "probe": ({"probe": True}, None),
+    # Sharpness-aware minimisation (TrainConfig.sam_rho): a flat minimum on the emulator should sit lower in M's
+    # landscape, which differs from the emulator's by a smooth shift, than a sharp one. One Adam step at lr 1e-4
+    # moves the four adapter layers (14 M parameters) by about 0.4 in norm, but the SAM shift follows g / |g| and
+    # so sits in the few coordinates with large gradients: 0.5 and 2 already stop the training (measured).
+    "sam0.01": ({"sam_rho": 0.01}, None),
+    "sam0.05": ({"sam_rho": 0.05}, None),
     "sam0.5": ({"sam_rho": 0.5}, None),
     "sam2": ({"sam_rho": 2.0}, None),
     # "Repair first": the adapters are first trained through the emulator on public text (the benchmark's Wikipedia
