@@ -31,7 +31,7 @@ from typing import Any
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import REPO, add_run_args, log, profile_of, start_run, write_json  # first: environment
+from benchmarks.harness import REPO, add_run_args, log, profile_of, stage1, start_run, write_json  # first: environment
 
 # isort: split
 import torch
@@ -130,6 +130,22 @@ def stability(scores_by_seed: list[list[float]], costs: list[float], n_adapter: 
     }
 
 
+def seed_agreement(scores_by_seed: list[list[float]], candidates: list[int]) -> dict:
+    """Spearman over the replaceable layers between every pair of seeds, and, with four or more seeds, between
+    the mean ranks of two disjoint pairs (0, 1) and (2, 3): how stable a stage 1 averaged over two seeds is."""
+    sub = [[s[i] for i in candidates] for s in scores_by_seed]
+    pairs = {f"{a}-{b}": spearman(sub[a], sub[b]) for a in range(len(sub)) for b in range(a + 1, len(sub))}
+    out: dict[str, Any] = {"pairs": pairs}
+    if len(sub) >= 4:
+
+        def mean_rank(seeds: tuple[int, ...]) -> list[float]:
+            rk = [torch.tensor(sub[k]).argsort().argsort().double() for k in seeds]
+            return (sum(rk) / len(rk)).tolist()
+
+        out["mean_of_0_1_vs_mean_of_2_3"] = spearman(mean_rank((0, 1)), mean_rank((2, 3)))
+    return out
+
+
 def measured_r(results_dir: Path) -> dict[str, list[dict]]:
     """r of the default recipe on each stage-1 seed's plan, from transfer_recipes.json (Task A, α = 0.5)."""
     path = results_dir / "transfer_recipes.json"
@@ -177,6 +193,18 @@ def markdown(res: dict) -> str:
         f"| the cheapest by leave-one-out | {st['loo_plan']['replaced']} | "
         f"{st['loo_plan']['replaced_loo_cost_sum']:.3f} | not measured |"
     )
+    agree = res["seed_agreement"]
+    lines += [
+        "",
+        "Spearman over the replaceable layers between stage-1 seeds: "
+        + ", ".join(f"{k}: {v:.2f}" for k, v in agree["pairs"].items())
+        + (
+            f"; between the mean ranks of seeds 0, 1 and of seeds 2, 3: {agree['mean_of_0_1_vs_mean_of_2_3']:.2f}"
+            if "mean_of_0_1_vs_mean_of_2_3" in agree
+            else ""
+        )
+        + ".",
+    ]
     lines.append("")
     lines.append(
         f"Replaced by both seeds' plans: {st['replaced_by_both']}; by one only: {st['replaced_by_one']}. "
@@ -190,10 +218,26 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_args(p, {"tiny": "a random-init tiny model and made-up scores (seconds; the test)"})
+    p.add_argument(
+        "--stage1-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run stage 1 with these seeds (cached under --work-dir) and compare all seeds' rankings",
+    )
+    p.add_argument(
+        "--stage1-only", action="store_true", help="only run (or find cached) the --stage1-seeds; write nothing"
+    )
     args = p.parse_args(argv)
     profile = profile_of(args)
     budget = PROFILES[profile]
     run = start_run(args, budget)
+    extra = [
+        stage1(run.model, run.tok, run.model_id, run.files, budget, seed, run.work)[1]["scores"]
+        for seed in args.stage1_seeds
+    ]
+    if args.stage1_only:
+        return
     _, blocks = corpus_blocks(run.tok, run.files["wiki_train"], budget.seq_len, val_corpus=run.files["wiki_val"])
     blocks = blocks[:N_BLOCKS]
     n = len(decoder_layers(run.model))
@@ -214,8 +258,10 @@ def main(argv: list[str] | None = None) -> None:
         "n_blocks": len(blocks),
         "loo_costs": costs,
         "stability": stability(scores_by_seed, costs, budget.n_adapter, 0.5),
+        "stage1_seeds": [0, 1, *args.stage1_seeds],
         "measured_r": measured_r(results_dir) if profile != "tiny" else {},
     }
+    res["seed_agreement"] = seed_agreement([*scores_by_seed, *extra], res["stability"]["candidates"])
     json_path, md_path, _ = result_paths(results_dir, RESULT_NAME, profile)
     write_json(json_path, res)
     md_path.write_text(markdown(res))

@@ -46,8 +46,9 @@ def test_stability_compares_the_seeds_on_the_replaceable_layers_only():
 
 def test_tiny_run_writes_the_tables(tmp_path):
     args = ["--tiny", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "res")]
-    stage1_stability.main(args)
+    stage1_stability.main([*args, "--stage1-seeds", "2", "3"])
     res = json.loads((tmp_path / "res" / "stage1_stability_tiny.json").read_text())
     assert len(res["loo_costs"]) == 8 and set(res["stability"]["thirds"]) == {"costliest", "middle", "cheapest"}
     md = (tmp_path / "res" / "stage1_stability_tiny.md").read_text()
-    assert "| seed 0: `AA" in md and "Leave-one-out cost per layer" in md
+    assert "| seed 0: `AA" in md and "Leave-one-out cost per layer" in md and "seeds 2, 3" in md
+    assert set(res["seed_agreement"]["pairs"]) == {"0-1", "0-2", "0-3", "1-2", "1-3", "2-3"}
