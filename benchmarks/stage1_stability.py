@@ -157,7 +157,13 @@ def measured_r(results_dir: Path) -> dict[str, list[dict]]:
         seed = plans.get(row.get("plan", "sandwich, N_a 4"))
         if seed and row["variant"] in ("default", "probe") and row.get("calibration") == "adapters10":
             out.setdefault(seed, []).append(
-                {"steps": row["steps"], "seed": row["seed"], "r": row["r"], "emulator": row["emulator"]["fidelity"]}
+                {
+                    "steps": row["steps"],
+                    "seed": row["seed"],
+                    "r": row["r"],
+                    "sha256": row["emulator"]["sha256"],
+                    "ppl_ratio": row["emulator"]["fidelity"]["ppl_ratio"],
+                }
             )
     return out
 
@@ -186,8 +192,18 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|",
     ]
     for seed, p in st["plans"].items():
-        rs = sorted(res["measured_r"].get(seed, []), key=lambda r: (r["steps"], r["seed"]))
-        r_txt = "; ".join(f"{r['steps']} steps seed {r['seed']}: {r['r']:.3f}" for r in rs) or "not measured"
+        builds: dict[str, list[dict]] = {}  # rows per emulator build (another session's rebuild differs slightly)
+        for r in res["measured_r"].get(seed, []):
+            builds.setdefault(r["sha256"], []).append(r)
+        r_txt = "<br>".join(
+            f"build {sha[:8]} (ppl ratio {rs[0]['ppl_ratio']:.2f}): "
+            + ", ".join(
+                f"{r['steps']} steps seed {r['seed']}: {r['r']:.3f}"
+                for r in sorted(rs, key=lambda r: (r["steps"], r["seed"]))
+            )
+            for sha, rs in builds.items()
+        )
+        r_txt = r_txt or "not measured"
         lines.append(f"| {seed}: `{p['plan']}` | {p['replaced']} | {p['replaced_loo_cost_sum']:.3f} | {r_txt} |")
     lines.append(
         f"| the cheapest by leave-one-out | {st['loo_plan']['replaced']} | "
