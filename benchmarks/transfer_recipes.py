@@ -146,17 +146,20 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[int, ...] | None]] = {
 }
 
 
-def committed_stage1(model, stage1_seed: int = 0) -> tuple[ImportanceResult, str]:
+def committed_stage1(model, stage1_seed: int = 0, scores: list[float] | None = None) -> tuple[ImportanceResult, str]:
     """Stage 1's scores of seed `stage1_seed` as benchmarks/results/transfer.json holds them (seed 0's are the
     table's plan), with fresh (identity) harmonizers: the same plan without re-running stage 1 (about 7 min on an
     idle 2-core machine); calibration then starts from the identity instead of stage 1's harmonizers. Its own
     cache key, so the benchmark's real stage-1 emulator is never confused with it. Another stage-1 seed changes
-    only the scores, hence which layers are replaced: the stand-ins start from the same seeded draw."""
+    only the scores, hence which layers are replaced: the stand-ins start from the same seeded draw; so do
+    `scores` given outright (--plan-scores: e.g. the leave-one-out costs of benchmarks/stage1_stability.py)."""
     rec = json.loads((REPO / "benchmarks" / "results" / "transfer.json").read_text())["stage1"]
     by_seed = rec["scores_by_seed"]
     if not 0 <= stage1_seed < len(by_seed):
         raise ValueError(f"transfer.json holds stage-1 scores of seeds 0..{len(by_seed) - 1}, not {stage1_seed}")
-    scores = by_seed[stage1_seed]
+    scores = by_seed[stage1_seed] if scores is None else scores
+    if len(scores) != len(by_seed[0]):
+        raise ValueError(f"{len(scores)} plan scores for a model of {len(by_seed[0])} layers")
     cfg = ImportanceConfig.from_dict(rec["config"])
     hidden = model.config.hidden_size
     # Seeded as stage 1 seeds them: the down projections are random (the up ones zero, so the function is the
@@ -178,12 +181,27 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     (task,) = [t for t in make_tasks(run.files, budget, [args.task]) if t.name == args.task]
     emu = build_emulator(run, budget, args, args.calibration)
     emu["plan_name"] = plan_name(args.placement, budget.n_adapter, args.alpha, args.beta, args.stage1_seed)
+    if args.plan_scores:
+        emu["plan_name"] += f", scores {Path(args.plan_scores).stem}"
     if task.name != "shakespeare":  # rows of another task are tagged with it like those of another plan
         emu["plan_name"] += f", task {task.name}"
     zs = cached_zero_shot(run, task, budget)
     log(f"emulator {emu['plan']} sha {emu['sha256'][:12]} fidelity {emu['fidelity']}; zero-shot {zs}")
     log(f"calibration {args.calibration}: {emu.get('calibration')}")
     return run, task, emu, budget
+
+
+def plan_scores(path: str | None) -> list[float] | None:
+    """--plan-scores: a JSON file holding a list of per-layer scores, or an object with one under "scores" or
+    "loo_costs" (benchmarks/results/stage1_stability.json)."""
+    if path is None:
+        return None
+    obj = json.loads(Path(path).read_text())
+    if isinstance(obj, dict):
+        obj = obj.get("scores", obj.get("loo_costs"))
+    if not isinstance(obj, list) or not all(isinstance(x, int | float) for x in obj):
+        raise SystemExit(f"--plan-scores {path}: expected a list of numbers, or one under 'scores' or 'loo_costs'")
+    return [float(x) for x in obj]
 
 
 def build_emulator(run: Run, budget: Budget, args: argparse.Namespace, name: str) -> dict:
@@ -195,9 +213,9 @@ def build_emulator(run: Run, budget: Budget, args: argparse.Namespace, name: str
     label = f"ScaleOT α={args.alpha:g}" + (f" β={args.beta:g}" if args.beta else "")
     spec = EmuSpec(emu_name, label, "scaleot", args.alpha, args.beta, placement=args.placement)
     if args.committed_stage1:
-        importance, key = committed_stage1(run.model, args.stage1_seed)
-    elif args.stage1_seed:
-        raise SystemExit("--stage1-seed needs --committed-stage1 (it picks stored scores; it does not run stage 1)")
+        importance, key = committed_stage1(run.model, args.stage1_seed, plan_scores(args.plan_scores))
+    elif args.stage1_seed or args.plan_scores:
+        raise SystemExit("--stage1-seed and --plan-scores need --committed-stage1 (they do not run stage 1)")
     else:
         importance, info = stage1(run.model, run.tok, run.model_id, run.files, budget, budget.stage1_seeds[0], run.work)
         key = digest(info["scores"])
@@ -538,6 +556,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="with --committed-stage1: the plan from that stage-1 seed's stored scores (rows are tagged with it)",
+    )
+    p.add_argument(
+        "--plan-scores",
+        default=None,
+        help="with --committed-stage1: the plan from these per-layer scores (a JSON list, or a file with 'scores' or "
+        "'loo_costs', e.g. benchmarks/results/stage1_stability.json); rows are tagged with the file's name",
     )
     p.add_argument(
         "--calibration",

@@ -253,3 +253,25 @@ def test_tiny_probe_scores_variations_of_the_same_upload(tmp_path):
     assert rows["probe"]["plug_in"] == rows["default"]["plug_in"] and "probes" not in rows["default"]
     assert all(math.isfinite(v) for v in probes.values()) and len(set(probes.values())) == len(probes)
     assert rows["probe"]["plug_in_loss"] not in probes.values()
+
+
+def test_plan_scores_from_a_file_make_the_plan(tmp_path):
+    """--plan-scores: scores given outright (a list, or stage1_stability.json's leave-one-out costs) replace the
+    stored ones with the same initial stand-ins; a wrong length or a malformed file is refused."""
+    from benchmarks.transfer_recipes import committed_stage1, plan_scores
+    from scaleot_samples.tiny import tiny_model
+
+    n = len(json.loads((REPO / "benchmarks" / "results" / "transfer.json").read_text())["stage1"]["scores"])
+    costs = [float(i % 7) for i in range(n)]
+    (tmp_path / "loo.json").write_text(json.dumps({"loo_costs": costs, "base_loss": 3.6}))
+    (tmp_path / "list.json").write_text(json.dumps(costs))
+    (tmp_path / "bad.json").write_text(json.dumps({"loo_costs": ["x"]}))
+    assert plan_scores(str(tmp_path / "loo.json")) == costs == plan_scores(str(tmp_path / "list.json"))
+    assert plan_scores(None) is None
+    with pytest.raises(SystemExit, match="expected a list of numbers"):
+        plan_scores(str(tmp_path / "bad.json"))
+    model = tiny_model("llama", 4, 32, 0)
+    given, key = committed_stage1(model, scores=costs)
+    assert given.scores.tolist() == costs and key != committed_stage1(model)[1]
+    with pytest.raises(ValueError, match="3 plan scores"):
+        committed_stage1(model, scores=[1.0, 2.0, 3.0])
