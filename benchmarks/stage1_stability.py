@@ -31,7 +31,17 @@ from typing import Any
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import REPO, add_run_args, log, profile_of, stage1, start_run, write_json  # first: environment
+from benchmarks.harness import (
+    REPO,
+    add_run_args,
+    cached_file,
+    digest,
+    log,
+    profile_of,
+    stage1,
+    start_run,
+    write_json,
+)  # first: environment
 
 # isort: split
 import torch
@@ -131,18 +141,24 @@ def stability(scores_by_seed: list[list[float]], costs: list[float], n_adapter: 
 
 
 def seed_agreement(scores_by_seed: list[list[float]], candidates: list[int]) -> dict:
-    """Spearman over the replaceable layers between every pair of seeds, and, with four or more seeds, between
-    the mean ranks of two disjoint pairs (0, 1) and (2, 3): how stable a stage 1 averaged over two seeds is."""
-    sub = [[s[i] for i in candidates] for s in scores_by_seed]
-    pairs = {f"{a}-{b}": spearman(sub[a], sub[b]) for a in range(len(sub)) for b in range(a + 1, len(sub))}
-    out: dict[str, Any] = {"pairs": pairs}
-    if len(sub) >= 4:
-
-        def mean_rank(seeds: tuple[int, ...]) -> list[float]:
-            rk = [torch.tensor(sub[k]).argsort().argsort().double() for k in seeds]
-            return (sum(rk) / len(rk)).tolist()
-
-        out["mean_of_0_1_vs_mean_of_2_3"] = spearman(mean_rank((0, 1)), mean_rank((2, 3)))
+    """Spearman between every pair of seeds, and, with four or more seeds, between the mean ranks of two disjoint
+    pairs (0, 1) and (2, 3): how stable a stage 1 averaged over two seeds would be. "all_layers" is the issue's
+    figure (the whole ranking); "replaceable" leaves out the sandwich's fixed adapters, which every seed puts near
+    the top and which raise the agreement without deciding anything."""
+    out: dict[str, Any] = {}
+    for label, sub in (
+        ("all_layers", scores_by_seed),
+        ("replaceable", [[s[i] for i in candidates] for s in scores_by_seed]),
+    ):
+        n = len(sub)
+        part: dict[str, Any] = {
+            "pairs": {f"{a}-{b}": spearman(sub[a], sub[b]) for a in range(n) for b in range(a + 1, n)}
+        }
+        if n >= 4:
+            ranked = [torch.tensor(x).argsort().argsort().double() for x in sub]
+            first, second = ((ranked[0] + ranked[1]) / 2).tolist(), ((ranked[2] + ranked[3]) / 2).tolist()
+            part["mean_of_0_1_vs_mean_of_2_3"] = spearman(first, second)
+        out[label] = part
     return out
 
 
@@ -152,7 +168,11 @@ def measured_r(results_dir: Path) -> dict[str, list[dict]]:
     if not path.is_file():
         return {}
     out: dict[str, list[dict]] = {}
-    plans = {"sandwich, N_a 4": "seed 0", "sandwich, N_a 4, stage-1 seed 1": "seed 1"}
+    plans = {
+        "sandwich, N_a 4": "seed 0",
+        "sandwich, N_a 4, stage-1 seed 1": "seed 1",
+        f"sandwich, N_a 4, scores {RESULT_NAME}": "leave-one-out",  # --plan-scores this file
+    }
     for row in json.loads(path.read_text())["rows"]:
         seed = plans.get(row.get("plan", "sandwich, N_a 4"))
         if seed and row["variant"] in ("default", "probe") and row.get("calibration") == "adapters10":
@@ -166,6 +186,22 @@ def measured_r(results_dir: Path) -> dict[str, list[dict]]:
                 }
             )
     return out
+
+
+def r_cell(rows: list[dict]) -> str:
+    """A plan's measured r, grouped by emulator build (another session's rebuild differs slightly)."""
+    builds: dict[str, list[dict]] = {}
+    for r in rows:
+        builds.setdefault(r["sha256"], []).append(r)
+    txt = "<br>".join(
+        f"build {sha[:8]} (ppl ratio {rs[0]['ppl_ratio']:.2f}): "
+        + ", ".join(
+            f"{r['steps']} steps seed {r['seed']}: {r['r']:.3f}"
+            for r in sorted(rs, key=lambda r: (r["steps"], r["seed"]))
+        )
+        for sha, rs in builds.items()
+    )
+    return txt or "not measured"
 
 
 def markdown(res: dict) -> str:
@@ -192,35 +228,24 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|",
     ]
     for seed, p in st["plans"].items():
-        builds: dict[str, list[dict]] = {}  # rows per emulator build (another session's rebuild differs slightly)
-        for r in res["measured_r"].get(seed, []):
-            builds.setdefault(r["sha256"], []).append(r)
-        r_txt = "<br>".join(
-            f"build {sha[:8]} (ppl ratio {rs[0]['ppl_ratio']:.2f}): "
-            + ", ".join(
-                f"{r['steps']} steps seed {r['seed']}: {r['r']:.3f}"
-                for r in sorted(rs, key=lambda r: (r["steps"], r["seed"]))
-            )
-            for sha, rs in builds.items()
-        )
-        r_txt = r_txt or "not measured"
+        r_txt = r_cell(res["measured_r"].get(seed, []))
         lines.append(f"| {seed}: `{p['plan']}` | {p['replaced']} | {p['replaced_loo_cost_sum']:.3f} | {r_txt} |")
     lines.append(
         f"| the cheapest by leave-one-out | {st['loo_plan']['replaced']} | "
-        f"{st['loo_plan']['replaced_loo_cost_sum']:.3f} | not measured |"
+        f"{st['loo_plan']['replaced_loo_cost_sum']:.3f} | {r_cell(res['measured_r'].get('leave-one-out', []))} |"
     )
-    agree = res["seed_agreement"]
-    lines += [
-        "",
-        "Spearman over the replaceable layers between stage-1 seeds: "
-        + ", ".join(f"{k}: {v:.2f}" for k, v in agree["pairs"].items())
-        + (
-            f"; between the mean ranks of seeds 0, 1 and of seeds 2, 3: {agree['mean_of_0_1_vs_mean_of_2_3']:.2f}"
-            if "mean_of_0_1_vs_mean_of_2_3" in agree
-            else ""
-        )
-        + ".",
-    ]
+    for label, agree in res["seed_agreement"].items():
+        lines += [
+            "",
+            f"Spearman between stage-1 seeds ({label.replace('_', ' ')}): "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in agree["pairs"].items())
+            + (
+                f"; between the mean ranks of seeds 0, 1 and of seeds 2, 3: {agree['mean_of_0_1_vs_mean_of_2_3']:.2f}"
+                if "mean_of_0_1_vs_mean_of_2_3" in agree
+                else ""
+            )
+            + ".",
+        ]
     lines.append("")
     lines.append(
         f"Replaced by both seeds' plans: {st['replaced_by_both']}; by one only: {st['replaced_by_one']}. "
@@ -264,7 +289,13 @@ def main(argv: list[str] | None = None) -> None:
             "scores_by_seed"
         ]
     log(f"leave-one-out over {n} layers on {len(blocks)} blocks")
-    base, costs = leave_one_out_costs(run.model, blocks)
+    key = digest(["loo", run.model_id, blocks.tolist()])  # cached: the same blocks of the same M give the same costs
+    loo = cached_file(
+        run.work / "rows" / f"{key}.json",
+        lambda: dict(zip(("base", "costs"), leave_one_out_costs(run.model, blocks), strict=True)),
+        ndigits=None,
+    )
+    base, costs = loo["base"], loo["costs"]
     if not all(math.isfinite(c) for c in costs):
         raise SystemExit(f"a leave-one-out loss is not finite: {costs}")
     results_dir = Path(args.results_dir)

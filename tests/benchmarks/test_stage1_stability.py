@@ -51,4 +51,6 @@ def test_tiny_run_writes_the_tables(tmp_path):
     assert len(res["loo_costs"]) == 8 and set(res["stability"]["thirds"]) == {"costliest", "middle", "cheapest"}
     md = (tmp_path / "res" / "stage1_stability_tiny.md").read_text()
     assert "| seed 0: `AA" in md and "Leave-one-out cost per layer" in md and "seeds 2, 3" in md
-    assert set(res["seed_agreement"]["pairs"]) == {"0-1", "0-2", "0-3", "1-2", "1-3", "2-3"}
+    for part in ("all_layers", "replaceable"):
+        assert set(res["seed_agreement"][part]["pairs"]) == {"0-1", "0-2", "0-3", "1-2", "1-3", "2-3"}
+        assert -1 <= res["seed_agreement"][part]["mean_of_0_1_vs_mean_of_2_3"] <= 1
