@@ -79,8 +79,9 @@ def tune(
         float,
         typer.Option(
             help="Sharpness-aware minimisation radius (0: off; > 0 doubles the compute per step): the adapter "
-            "settles where the emulator's loss is flat. On SmolLM2 it transferred no better at any radius tried "
-            "(32 steps: r 0.65 at 0.01, 0.60 at 0.05, 0.15 at 0.5, against 0.66 off) (docs/benchmarks.md).",
+            "settles where the emulator's loss is flat. On SmolLM2 no radius tried transferred better beyond the seed "
+            "spread (r at 32 steps 0.647 at 0.01, 0.602 at 0.05, 0.149 at 0.5, against 0.655 off; at 128 steps "
+            "0.47 at 0.01 against 0.46) (docs/benchmarks.md).",
         ),
     ] = D.sam_rho,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = D.batch_size,
