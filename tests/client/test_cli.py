@@ -433,29 +433,23 @@ def test_upload_reads_a_folder_written_by_an_older_client(runner, fake, client_e
     assert upload["metrics"] == {"emulator_fine_tuned": {"loss": 1.0}} and upload["adapter_config"]["method"] == "full"
 
 
-def test_tune_anchor_decay_reaches_the_recipe_and_a_negative_one_is_refused(
-    runner, fake, client_env, train_file, tmp_path
+@pytest.mark.parametrize(
+    ("option", "good", "key"),
+    [
+        ("--anchor-decay", "100", "anchor_decay"),  # L2-SP toward the issued weights (issue 21)
+        ("--sam-rho", "0.5", "sam_rho"),  # sharpness-aware minimisation (issue 21)
+    ],
+)
+def test_tune_recipe_option_reaches_the_recipe_and_a_negative_one_is_refused(
+    runner, fake, client_env, train_file, tmp_path, option, good, key
 ):
-    """--anchor-decay (L2-SP toward the issued weights, issue 21) is the recipe's, recorded with the adapter; a
-    negative value fails before any download or training and writes nothing."""
+    """A recipe option of issue 21 is the recipe's, recorded with the adapter; a negative value fails before any
+    download or training and writes nothing."""
     base = ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST, "--no-upload"]
     bad = tmp_path / "bad"
-    r = runner.invoke(app, [*base, "--anchor-decay", "-1", "--out", str(bad)])
-    assert r.exit_code != 0 and "--anchor-decay must be >= 0" in r.output and not bad.exists()
-    r = runner.invoke(app, [*base, "--anchor-decay", "100", "--out", str(tmp_path / "o")])
+    r = runner.invoke(app, [*base, option, "-1", "--out", str(bad)])
+    assert r.exit_code != 0 and f"{option} must be >= 0" in r.output and not bad.exists()
+    r = runner.invoke(app, [*base, option, good, "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "o" / "scaleot_adapter.json").read_text())
-    assert record["hyperparameters"]["anchor_decay"] == 100.0
-
-
-def test_tune_sam_rho_reaches_the_recipe_and_a_negative_one_is_refused(runner, fake, client_env, train_file, tmp_path):
-    """--sam-rho (sharpness-aware minimisation, issue 21) is the recipe's and recorded with the adapter; a negative
-    radius fails before any download or training and writes nothing."""
-    base = ["tune", "--emulator-url", fake.emulator_url, "--data", str(train_file), *TUNE_FAST, "--no-upload"]
-    bad = tmp_path / "bad"
-    r = runner.invoke(app, [*base, "--sam-rho", "-1", "--out", str(bad)])
-    assert r.exit_code != 0 and "--sam-rho must be >= 0" in r.output and not bad.exists()
-    r = runner.invoke(app, [*base, "--sam-rho", "0.5", "--out", str(tmp_path / "o")])
-    assert r.exit_code == 0, r.output
-    record = json.loads((tmp_path / "o" / "scaleot_adapter.json").read_text())
-    assert record["hyperparameters"]["sam_rho"] == 0.5
+    assert record["hyperparameters"][key] == float(good)
