@@ -32,6 +32,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (
+    DEFAULT_CALIBRATION,
     REPO,
     add_run_args,
     cached_file,
@@ -48,7 +49,9 @@ import torch
 
 from benchmarks.results import result_paths
 from benchmarks.transfer import PROFILES
+from benchmarks.transfer_recipes import DEFAULT_PLAN, calibration_of, plan_name, plan_of
 from benchmarks.transfer_report import spearman
+from model_owner_server.scaleot.attack import mean_lm_loss
 from model_owner_server.scaleot.corpus import corpus_blocks
 from model_owner_server.scaleot.emulator import scaleot_roles
 from shared.architectures import decoder_layers
@@ -59,15 +62,6 @@ N_BLOCKS = 16  # Wikipedia validation blocks for the leave-one-out losses
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
-    """M's mean next-token loss over the token blocks (N, T), one block at a time."""
-    total = 0.0
-    for ids in blocks:
-        total += float(model(input_ids=ids[None], labels=ids[None], use_cache=False).loss)
-    return total / len(blocks)
-
-
-@torch.no_grad()
 def leave_one_out_costs(model: torch.nn.Module, blocks: torch.Tensor) -> tuple[float, list[float]]:
     """(M's loss, the loss rise when each decoder layer alone is skipped): a skipped layer returns its input."""
 
@@ -75,12 +69,12 @@ def leave_one_out_costs(model: torch.nn.Module, blocks: torch.Tensor) -> tuple[f
         hidden = args[0] if args else kwargs["hidden_states"]
         return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
 
-    base = mean_loss(model, blocks)
+    base = mean_lm_loss(model, blocks)
     costs = []
     for layer in decoder_layers(model):
         handle = layer.register_forward_hook(skip, with_kwargs=True)
         try:
-            costs.append(mean_loss(model, blocks) - base)
+            costs.append(mean_lm_loss(model, blocks) - base)
         finally:
             handle.remove()
     return base, costs
@@ -89,6 +83,12 @@ def leave_one_out_costs(model: torch.nn.Module, blocks: torch.Tensor) -> tuple[f
 def ranks(order: list[int]) -> dict[int, int]:
     """{layer: its place in `order`} (0: first)."""
     return {layer: place for place, layer in enumerate(order)}
+
+
+def replaced_layers(scores: list[float], n_adapter: int, alpha: float) -> tuple[str, list[int]]:
+    """The α plan of `scores` (one letter per layer, as the emulator's plan string) and the layers it replaces."""
+    roles = scaleot_roles(scores, n_adapter, alpha)
+    return "".join(role.name[0] for role in roles), [i for i, role in enumerate(roles) if role == Role.HARMONIZER]
 
 
 def stability(scores_by_seed: list[list[float]], costs: list[float], n_adapter: int, alpha: float) -> dict:
@@ -116,22 +116,18 @@ def stability(scores_by_seed: list[list[float]], costs: list[float], n_adapter: 
         }
     plans = {}
     for seed, s in enumerate((s0, s1)):
-        roles = scaleot_roles(s, n_adapter, alpha)
-        replaced = [i for i, role in enumerate(roles) if role == Role.HARMONIZER]
+        plan, replaced = replaced_layers(s, n_adapter, alpha)
         plans[f"seed {seed}"] = {
-            "plan": "".join(role.name[0] for role in roles),
+            "plan": plan,
             "replaced": replaced,
             "replaced_loo_cost_sum": sum(costs[i] for i in replaced),
         }
     a, b = set(plans["seed 0"]["replaced"]), set(plans["seed 1"]["replaced"])
     # The plan that replaces the cheapest layers by leave-one-out (the same adapters): a reference point.
-    loo_roles = scaleot_roles([float(c) for c in costs], n_adapter, alpha)
-    loo_replaced = [i for i, role in enumerate(loo_roles) if role == Role.HARMONIZER]
+    loo_replaced = replaced_layers([float(c) for c in costs], n_adapter, alpha)[1]
     return {
-        "spearman_seed0_seed1": spearman(s0, s1),
         "spearman_with_loo": {"seed 0": spearman(s0, costs), "seed 1": spearman(s1, costs)},
         "candidates": candidates,
-        "spearman_seed0_seed1_candidates": spearman([s0[i] for i in candidates], [s1[i] for i in candidates]),
         "thirds": thirds,
         "plans": plans,
         "replaced_by_both": sorted(a & b),
@@ -168,14 +164,14 @@ def measured_r(results_dir: Path) -> dict[str, list[dict]]:
     if not path.is_file():
         return {}
     out: dict[str, list[dict]] = {}
-    plans = {
-        "sandwich, N_a 4": "seed 0",
-        "sandwich, N_a 4, stage-1 seed 1": "seed 1",
-        f"sandwich, N_a 4, scores {RESULT_NAME}": "leave-one-out",  # --plan-scores this file
+    plans = {  # the tags transfer_recipes.setup gives these plans' rows
+        DEFAULT_PLAN: "seed 0",
+        plan_name("sandwich", 4, stage1_seed=1): "seed 1",
+        plan_name("sandwich", 4, scores_file=f"{RESULT_NAME}.json"): "leave-one-out",  # --plan-scores this file
     }
     for row in json.loads(path.read_text())["rows"]:
-        seed = plans.get(row.get("plan", "sandwich, N_a 4"))
-        if seed and row["variant"] in ("default", "probe") and row.get("calibration") == "adapters10":
+        seed = plans.get(plan_of(row))
+        if seed and row["variant"] in ("default", "probe") and calibration_of(row) == DEFAULT_CALIBRATION:
             out.setdefault(seed, []).append(
                 {
                     "steps": row["steps"],
@@ -205,12 +201,12 @@ def r_cell(rows: list[dict]) -> str:
 
 
 def markdown(res: dict) -> str:
-    st = res["stability"]
+    st, agree = res["stability"], res["seed_agreement"]
     lines = [
         f"M's Wikipedia loss {res['base_loss']:.4f} over {res['n_blocks']} blocks; Spearman between the two seeds' "
-        f"scores {st['spearman_seed0_seed1']:.2f}; with the leave-one-out costs: seed 0 "
+        f"scores {agree['all_layers']['pairs']['0-1']:.2f}; with the leave-one-out costs: seed 0 "
         f"{st['spearman_with_loo']['seed 0']:.2f}, seed 1 {st['spearman_with_loo']['seed 1']:.2f}; between the seeds "
-        f"over the {len(st['candidates'])} layers a plan may replace: {st['spearman_seed0_seed1_candidates']:.2f}.",
+        f"over the {len(st['candidates'])} layers a plan may replace: {agree['replaceable']['pairs']['0-1']:.2f}.",
         "",
         "| Third of the replaceable layers, by leave-one-out cost | Layers | Cost range (nats) | Median gap between neighbours | "
         "Mean rank difference between seeds |",
@@ -234,14 +230,14 @@ def markdown(res: dict) -> str:
         f"| the cheapest by leave-one-out | {st['loo_plan']['replaced']} | "
         f"{st['loo_plan']['replaced_loo_cost_sum']:.3f} | {r_cell(res['measured_r'].get('leave-one-out', []))} |"
     )
-    for label, agree in res["seed_agreement"].items():
+    for label, part in agree.items():
         lines += [
             "",
             f"Spearman between stage-1 seeds ({label.replace('_', ' ')}): "
-            + ", ".join(f"{k}: {v:.2f}" for k, v in agree["pairs"].items())
+            + ", ".join(f"{k}: {v:.2f}" for k, v in part["pairs"].items())
             + (
-                f"; between the mean ranks of seeds 0, 1 and of seeds 2, 3: {agree['mean_of_0_1_vs_mean_of_2_3']:.2f}"
-                if "mean_of_0_1_vs_mean_of_2_3" in agree
+                f"; between the mean ranks of seeds 0, 1 and of seeds 2, 3: {part['mean_of_0_1_vs_mean_of_2_3']:.2f}"
+                if "mean_of_0_1_vs_mean_of_2_3" in part
                 else ""
             )
             + ".",
@@ -289,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
             "scores_by_seed"
         ]
     log(f"leave-one-out over {n} layers on {len(blocks)} blocks")
-    key = digest(["loo", run.model_id, blocks.tolist()])  # cached: the same blocks of the same M give the same costs
+    # cached: the same blocks of the same M give the same costs (2: measured with attack.mean_lm_loss)
+    key = digest(["loo", 2, run.model_id, blocks.tolist()])
     loo = cached_file(
         run.work / "rows" / f"{key}.json",
         lambda: dict(zip(("base", "costs"), leave_one_out_costs(run.model, blocks), strict=True)),

@@ -180,9 +180,9 @@ def setup(args: argparse.Namespace) -> tuple[Run, Task, dict, Budget]:
     run = start_run(args, budget)
     (task,) = [t for t in make_tasks(run.files, budget, [args.task]) if t.name == args.task]
     emu = build_emulator(run, budget, args, args.calibration)
-    emu["plan_name"] = plan_name(args.placement, budget.n_adapter, args.alpha, args.beta, args.stage1_seed)
-    if args.plan_scores:
-        emu["plan_name"] += f", scores {Path(args.plan_scores).stem}"
+    emu["plan_name"] = plan_name(
+        args.placement, budget.n_adapter, args.alpha, args.beta, args.stage1_seed, args.plan_scores
+    )
     if task.name != "shakespeare":  # rows of another task are tagged with it like those of another plan
         emu["plan_name"] += f", task {task.name}"
     zs = cached_zero_shot(run, task, budget)
@@ -489,14 +489,22 @@ def run_row(
     write_json(results, {"emulator": header, "rows": rows})
 
 
-def plan_name(placement: str, n_adapter: int, alpha: float = 0.5, beta: float = 0.0, stage1_seed: int = 0) -> str:
-    """The plan a row was measured on; α, β and the stage-1 seed are named only where they are not the
-    benchmark's 0.5, 0 and 0 (the rows written before they varied)."""
+def plan_name(
+    placement: str,
+    n_adapter: int,
+    alpha: float = 0.5,
+    beta: float = 0.0,
+    stage1_seed: int = 0,
+    scores_file: str | None = None,
+) -> str:
+    """The plan a row was measured on; α, β, the stage-1 seed and a --plan-scores file (by its name) are named
+    only where they are not the benchmark's 0.5, 0, 0 and none (the rows written before they varied)."""
     return (
         f"{placement}, N_a {n_adapter}"
         + (f", α {alpha:g}" if alpha != 0.5 else "")
         + (f", β {beta:g}" if beta else "")
         + (f", stage-1 seed {stage1_seed}" if stage1_seed else "")
+        + (f", scores {Path(scores_file).stem}" if scores_file else "")
     )
 
 

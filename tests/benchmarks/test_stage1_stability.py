@@ -9,21 +9,22 @@ import math
 import torch
 
 from benchmarks import stage1_stability
+from model_owner_server.scaleot.attack import mean_lm_loss
 from scaleot_samples.tiny import tiny_model
 
 
 def test_leave_one_out_skips_exactly_one_layer_and_restores_the_model():
     model = tiny_model("llama", 4, 32, 0).eval()
     blocks = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
-    before = stage1_stability.mean_loss(model, blocks)
+    before = mean_lm_loss(model, blocks)
     base, costs = stage1_stability.leave_one_out_costs(model, blocks)
-    assert base == before == stage1_stability.mean_loss(model, blocks)  # every hook removed
+    assert base == before == mean_lm_loss(model, blocks)  # every hook removed
     assert len(costs) == 4 and all(math.isfinite(c) and c != 0 for c in costs)
     # Skipping layer 2 by hand (its forward returns its input) gives the same rise.
     layer = model.model.layers[2]
     layer.forward = lambda hidden_states, *a, **k: hidden_states
     try:
-        assert math.isclose(stage1_stability.mean_loss(model, blocks) - base, costs[2], rel_tol=1e-5)
+        assert math.isclose(mean_lm_loss(model, blocks) - base, costs[2], rel_tol=1e-5)
     finally:
         del layer.forward
 
@@ -33,7 +34,10 @@ def test_stability_compares_the_seeds_on_the_replaceable_layers_only():
     same = [c + 10 for c in costs]
     st = stage1_stability.stability([same, same], costs, n_adapter=4, alpha=0.5)
     assert st["candidates"] == [2, 3, 4, 5, 6, 7]
-    assert math.isclose(st["spearman_seed0_seed1"], 1.0) and math.isclose(st["spearman_with_loo"]["seed 0"], 1.0)
+    agree = stage1_stability.seed_agreement([same, same], st["candidates"])
+    assert math.isclose(agree["all_layers"]["pairs"]["0-1"], 1.0) and math.isclose(
+        st["spearman_with_loo"]["seed 0"], 1.0
+    )
     assert all(t["mean_abs_rank_difference"] == 0 for t in st["thirds"].values())
     assert st["thirds"]["costliest"]["layers"] == [2, 7] and st["thirds"]["cheapest"]["layers"] == [6, 3]
     assert st["plans"]["seed 0"]["replaced"] == [3, 5, 6] == st["loo_plan"]["replaced"] and not st["replaced_by_one"]

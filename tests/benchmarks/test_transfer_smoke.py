@@ -177,6 +177,7 @@ def test_committed_stage1_of_another_seed_changes_only_the_scores():
         assert all(torch.equal(x, y) for x, y in zip(h.state_dict().values(), other, strict=True))
     assert plan_name("sandwich", 4, stage1_seed=0) == DEFAULT_PLAN
     assert plan_name("sandwich", 4, stage1_seed=1) == DEFAULT_PLAN + ", stage-1 seed 1"
+    assert plan_name("sandwich", 4, scores_file="x/loo.json") == DEFAULT_PLAN + ", scores loo"
     with pytest.raises(ValueError, match=r"seeds 0\.\.1"):
         committed_stage1(model, 2)
 
