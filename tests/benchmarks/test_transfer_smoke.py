@@ -276,3 +276,15 @@ def test_plan_scores_from_a_file_make_the_plan(tmp_path):
     assert given.scores.tolist() == costs and key != committed_stage1(model)[1]
     with pytest.raises(ValueError, match="3 plan scores"):
         committed_stage1(model, scores=[1.0, 2.0, 3.0])
+
+
+def test_plan_options_without_committed_stage1_are_refused(tmp_path):
+    """--stage1-seed and --plan-scores pick stored or given scores; without --committed-stage1 (which would run
+    stage 1 instead) they are a clear error, and no emulator is built."""
+    from benchmarks import transfer_recipes
+
+    args = ["--tiny", "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "res")]
+    for extra in (["--stage1-seed", "1"], ["--plan-scores", str(tmp_path / "x.json")]):
+        with pytest.raises(SystemExit, match="need --committed-stage1"):
+            transfer_recipes.main([*args, *extra])
+    assert not (tmp_path / "work" / "emulators").exists()

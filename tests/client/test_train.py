@@ -374,3 +374,20 @@ def test_sam_is_named_in_the_recipe_only_when_on_and_a_negative_radius_is_refuse
     assert TrainConfig(sam_rho=0.5).hyperparameters()["sam_rho"] == 0.5
     with pytest.raises(BadInputError, match="--sam-rho"):
         TrainConfig(sam_rho=-0.1)
+
+
+def test_sam_point_that_diverges_stops_with_a_clear_error_and_leaves_the_weights_as_they_were(
+    emulator_build, text_dataset
+):
+    """A radius so large that the shifted loss is not finite is a BadInputError naming --sam-rho, raised after the
+    weights are restored: the adapter is the one the step started from, not the shifted one."""
+    emu = load_emulator(emulator_build[0])
+    freeze_except_adapter(emu.model, emu.plan.adapter_layers)
+    cfg = TrainConfig(max_steps=1, batch_size=4, seq_len=64, sam_rho=1e38)
+    batch = collate(training_examples(text_dataset, emu.tokenizer, cfg.seq_len)[:4], pad_id_for(emu.tokenizer))
+    params = [p for p in emu.model.parameters() if p.requires_grad]
+    theta = [p.detach().clone() for p in params]
+    lm_loss(emu.model, batch).backward()
+    with pytest.raises(BadInputError, match="--sam-rho"):
+        _sam_gradient(emu.model, params, [batch], cfg, CPU)
+    assert all(torch.equal(p, t) for p, t in zip(params, theta, strict=True))
